@@ -1,0 +1,366 @@
+//! The `memtrack` command: thin glue over `memtrack-reader` and the preload shim.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use memtrack_reader::{human_bytes, Capture, Summary};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const EXAMPLES: &str = "\
+EXAMPLES:
+    memtrack run -o svc.cap -- ./my-service --port 8080
+    memtrack summary svc.cap
+    memtrack summary svc.cap --json | jq .peak_bytes
+
+EXIT CODES:
+    run: the command's own exit code (128+N when it was killed by signal N)
+    others: 0 ok, 1 a check failed, 2 an error";
+
+#[derive(Parser)]
+#[command(name = "memtrack", version, about = "Track every native allocation of a program; report peak heap, leaks and where they came from", after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a command with every allocation recorded into a capture file.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack run -- ./my-service --port 8080\n    memtrack run -o svc.cap --force -- python3 app.py"
+    )]
+    Run {
+        /// Capture file to write [default: memtrack-<command>.<pid>.cap in the current directory]
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Overwrite the output file if it exists.
+        #[arg(long)]
+        force: bool,
+        /// The command and its arguments.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<OsString>,
+    },
+    /// Peak heap, leaks at exit, totals.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack summary svc.cap\n    memtrack summary svc.cap --json"
+    )]
+    Summary {
+        /// The capture file.
+        file: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every record and event in order (for debugging captures).
+    #[command(hide = true)]
+    Dump { file: PathBuf },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run {
+            output,
+            force,
+            command,
+        } => cmd_run(output, force, command),
+        Cmd::Summary { file, json } => cmd_summary(&file, json).map(|()| 0),
+        Cmd::Dump { file } => cmd_dump(&file).map(|()| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("memtrack: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Finds `libmemtrack.so`: `MEMTRACK_PRELOAD`, else beside this executable.
+fn find_preload() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MEMTRACK_PRELOAD") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!(
+                "MEMTRACK_PRELOAD names {}, which is not a file",
+                p.display()
+            );
+        }
+        return Ok(std::path::absolute(&p)?);
+    }
+    let exe = std::env::current_exe().context("cannot locate the memtrack executable")?;
+    let lib = exe.with_file_name("libmemtrack.so");
+    if !lib.is_file() {
+        bail!(
+            "libmemtrack.so not found beside {} (build the whole workspace with `cargo build --release`, or set MEMTRACK_PRELOAD)",
+            exe.display()
+        );
+    }
+    Ok(lib)
+}
+
+fn is_python(cmd: &Path) -> bool {
+    let name = cmd.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.strip_prefix("python")
+        .is_some_and(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+}
+
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward_signal(sig: libc::c_int) {
+    let pid = CHILD.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+fn cmd_run(output: Option<PathBuf>, force: bool, command: Vec<OsString>) -> Result<u8> {
+    let lib = find_preload()?;
+    let program = PathBuf::from(&command[0]);
+    let out = match output {
+        Some(o) => {
+            let o = std::path::absolute(&o)
+                .with_context(|| format!("bad output path {}", o.display()))?;
+            if o.exists() {
+                if !force {
+                    bail!(
+                        "{} already exists; pass --force to overwrite it",
+                        o.display()
+                    );
+                }
+                std::fs::remove_file(&o)
+                    .with_context(|| format!("cannot remove {}", o.display()))?;
+            }
+            o
+        }
+        None => {
+            let name = program
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "cmd".into());
+            std::env::current_dir()?.join(format!("memtrack-{name}.%p.cap"))
+        }
+    };
+    if out.to_string_lossy().contains("%p") && output_is_template_conflict(&out) {
+        bail!("the output name may not contain %p twice");
+    }
+    let mut preload = lib.as_os_str().to_os_string();
+    if let Some(existing) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+        preload.push(":");
+        preload.push(existing);
+    }
+    let mut cmd = std::process::Command::new(&command[0]);
+    cmd.args(&command[1..])
+        .env("LD_PRELOAD", preload)
+        .env("MEMTRACK_OUTPUT", &out)
+        .env("MEMTRACK_LAUNCHER_PID", std::process::id().to_string());
+    if is_python(&program) && std::env::var_os("PYTHONMALLOC").is_none() {
+        eprintln!("memtrack: setting PYTHONMALLOC=malloc so that Python objects are allocated through malloc");
+        cmd.env("PYTHONMALLOC", "malloc");
+    }
+    // Ctrl-C reaches the whole foreground process group, the command included: memtrack waits
+    // for it to shut down. SIGTERM and SIGHUP sent to memtrack alone are passed on.
+    // SAFETY: installing handlers that only call async-signal-safe kill.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+        libc::signal(
+            libc::SIGTERM,
+            forward_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGHUP,
+            forward_signal as *const () as libc::sighandler_t,
+        );
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => bail!("cannot run {}: {e}", program.display()),
+    };
+    CHILD.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
+    let status = child.wait().context("waiting for the command")?;
+    let code = match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(c), _) => c as u8,
+        (None, Some(sig)) => (128 + sig) as u8,
+        _ => 1,
+    };
+    let cap = PathBuf::from(out.to_string_lossy().replace("%p", &child.id().to_string()));
+    if cap.is_file() {
+        let shown = cap
+            .strip_prefix(std::env::current_dir()?)
+            .unwrap_or(&cap)
+            .display()
+            .to_string();
+        eprintln!("memtrack: capture written to {shown}");
+        eprintln!("memtrack: report on it with:");
+        eprintln!("    memtrack summary {shown}");
+    } else {
+        eprintln!(
+            "memtrack: no capture was written to {}: the program may be statically linked (LD_PRELOAD cannot reach it) or it may have cleared LD_PRELOAD",
+            cap.display()
+        );
+    }
+    Ok(code)
+}
+
+fn output_is_template_conflict(out: &Path) -> bool {
+    out.to_string_lossy().matches("%p").count() > 1
+}
+
+fn cmd_summary(file: &Path, json: bool) -> Result<()> {
+    let cap = Capture::open(file)?;
+    let s = cap.summary()?;
+    if json {
+        let mut v = serde_json::to_value(&s)?;
+        v["capture"] = serde_json::Value::String(file.display().to_string());
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    print_summary(file, &cap, &s);
+    Ok(())
+}
+
+/// `1234567` -> `1,234,567`.
+fn grouped(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn bytes(n: u64) -> String {
+    if n < 1024 {
+        format!("{} bytes", grouped(n))
+    } else {
+        format!("{} bytes ({})", grouped(n), human_bytes(n))
+    }
+}
+
+fn print_summary(file: &Path, cap: &Capture, s: &Summary) {
+    println!("memtrack summary of {}", file.display());
+    let cmdline = if s.argv.is_empty() {
+        s.executable.clone()
+    } else {
+        s.argv.join(" ")
+    };
+    println!("  command:        {cmdline} (pid {})", s.pid);
+    println!(
+        "  duration:       {:.3} s, {} thread{}, {} events",
+        s.duration_seconds,
+        s.threads,
+        if s.threads == 1 { "" } else { "s" },
+        grouped(s.events)
+    );
+    if s.complete {
+        println!(
+            "  capture:        complete (ended by {})",
+            s.end_reason.unwrap_or("exit")
+        );
+    } else {
+        println!(
+            "  capture:        INCOMPLETE: cut off after {:.3} s (the process was killed or crashed); read up to its last complete record",
+            s.duration_seconds
+        );
+    }
+    println!(
+        "  peak heap:      {} in {} allocations, at {:.3} s",
+        bytes(s.peak_bytes),
+        grouped(s.peak_allocations),
+        s.peak_time_seconds
+    );
+    let leak_word = if s.complete {
+        "leaked at exit:"
+    } else {
+        "live at cut-off:"
+    };
+    println!(
+        "  {leak_word:<16}{} in {} allocations",
+        bytes(s.leaked_bytes),
+        grouped(s.leaked_allocations)
+    );
+    println!(
+        "  allocated:      {} in {} calls",
+        bytes(s.total_bytes),
+        grouped(s.total_allocations)
+    );
+    println!("  frees:          {}", grouped(s.total_frees));
+    if s.unmatched_frees > 0 || s.overlapping_allocations > 0 || s.corrupt_chunks > 0 {
+        println!(
+            "  note:           {} frees of blocks allocated before recording began, {} allocations over a live block, {} damaged chunks",
+            grouped(s.unmatched_frees),
+            grouped(s.overlapping_allocations),
+            s.corrupt_chunks
+        );
+    }
+    for w in &cap.warnings {
+        if let memtrack_reader::Warning::BadRecord {
+            offset,
+            kind,
+            error,
+        } = w
+        {
+            println!("  warning:        record of type {kind} at offset {offset} skipped: {error}");
+        }
+    }
+}
+
+fn cmd_dump(file: &Path) -> Result<()> {
+    use std::io::Write;
+    let cap = Capture::open(file)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    writeln!(out, "{:?}", cap.header)?;
+    for m in &cap.modules {
+        writeln!(out, "modules at seq {}: {} modules", m.seq, m.modules.len())?;
+        for x in &m.modules {
+            writeln!(
+                out,
+                "  {:#x} {} build-id {}",
+                x.base,
+                x.path,
+                x.build_id
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            )?;
+        }
+    }
+    let mut stacks = memtrack_reader::StackTable::default();
+    let events: Vec<_> = cap.events(&mut stacks).collect();
+    for ev in events {
+        write!(
+            out,
+            "{:>8} {:>10} tid {:>7} {:?}",
+            ev.seq, ev.time, ev.tid, ev.kind
+        )?;
+        if let memtrack_reader::EventKind::Alloc { stack, .. } = ev.kind {
+            write!(
+                out,
+                " [{}]",
+                stacks
+                    .frames(stack)
+                    .iter()
+                    .map(|a| format!("{a:#x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )?;
+        }
+        writeln!(out)?;
+    }
+    writeln!(out, "end: {:?}; warnings: {:?}", cap.end, cap.warnings)?;
+    Ok(())
+}

@@ -1,0 +1,648 @@
+//! The memtrack capture format, shared by the writer (`memtrack-tracker`) and the reader
+//! (`memtrack-reader`).
+//!
+//! **What**: a capture is a header followed by framed records (`type`, `length`, payload).
+//! **Why**: framing lets a reader skip record types it does not know and stop cleanly at a
+//! torn tail when the traced process was killed mid-write. **How**: integers are LEB128
+//! varints, addresses and times are deltas inside an events chunk, stacks are ids of nodes
+//! in a trie. The full layout is in `FORMAT.md` beside this crate.
+//!
+//! This crate has no dependencies on the hot path beyond plain slices: the tracker encodes
+//! into a `Vec<u8>` it already owns.
+//!
+//! ```
+//! use memtrack_format::{put_uvarint, Cursor};
+//! let mut buf = Vec::new();
+//! put_uvarint(&mut buf, 300);
+//! let mut cur = Cursor::new(&buf);
+//! assert_eq!(cur.uvarint().unwrap(), 300);
+//! ```
+
+/// First eight bytes of every capture.
+pub const MAGIC: &[u8; 8] = b"MEMTRACK";
+/// Format version written by this crate. Readers accept every version up to this one.
+pub const FORMAT_VERSION: u16 = 1;
+/// Size of the fixed part of the header: magic, version (u16 LE), header body length (u32 LE).
+pub const FIXED_HEADER_LEN: usize = 14;
+
+/// Record types. Records are only ever added; a reader skips types it does not know.
+pub mod record {
+    /// A chunk of events of one thread: see [`crate::ChunkHeader`] and [`crate::op`].
+    pub const EVENTS: u8 = 1;
+    /// The set of loaded modules at a point in time: see [`crate::ModulesRecord`].
+    pub const MODULES: u8 = 2;
+    /// The traced process (or image, before exec) finished its capture: see [`crate::EndRecord`].
+    pub const END: u8 = 3;
+}
+
+/// Operation codes inside an events chunk. Every event op is followed by the sequence delta
+/// and the time delta, then its own fields.
+pub mod op {
+    /// Allocation ops are `ALLOC_BASE + kind` for `kind` in [`crate::AllocKind`].
+    pub const ALLOC_BASE: u8 = 0x00;
+    /// free(): a block released.
+    pub const FREE: u8 = 0x20;
+    /// First half of a realloc of a non-NULL pointer: the old block is released. The next event
+    /// of the same thread is the allocation half (`ALLOC_BASE + Realloc`) or `REALLOC_FAILED`.
+    pub const REALLOC_FREE: u8 = 0x21;
+    /// The realloc whose first half was recorded failed: the old block is live again.
+    pub const REALLOC_FAILED: u8 = 0x22;
+    /// Not an event: defines a stack trie node (`id`, `parent`, `ip`).
+    pub const STACK_NODE: u8 = 0x30;
+}
+
+/// Which function handed out a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum AllocKind {
+    Malloc = 0,
+    Calloc = 1,
+    Realloc = 2,
+    ReallocArray = 3,
+    PosixMemalign = 4,
+    AlignedAlloc = 5,
+    Memalign = 6,
+    Valloc = 7,
+    Pvalloc = 8,
+    /// Rust `GlobalAlloc::alloc` / `alloc_zeroed` through `memtrack_tracker::Tracker`.
+    RustAlloc = 9,
+}
+
+impl AllocKind {
+    pub const ALL: [AllocKind; 10] = [
+        AllocKind::Malloc,
+        AllocKind::Calloc,
+        AllocKind::Realloc,
+        AllocKind::ReallocArray,
+        AllocKind::PosixMemalign,
+        AllocKind::AlignedAlloc,
+        AllocKind::Memalign,
+        AllocKind::Valloc,
+        AllocKind::Pvalloc,
+        AllocKind::RustAlloc,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<AllocKind> {
+        Self::ALL.get(v as usize).copied()
+    }
+
+    /// The C name of the function.
+    pub fn name(self) -> &'static str {
+        match self {
+            AllocKind::Malloc => "malloc",
+            AllocKind::Calloc => "calloc",
+            AllocKind::Realloc => "realloc",
+            AllocKind::ReallocArray => "reallocarray",
+            AllocKind::PosixMemalign => "posix_memalign",
+            AllocKind::AlignedAlloc => "aligned_alloc",
+            AllocKind::Memalign => "memalign",
+            AllocKind::Valloc => "valloc",
+            AllocKind::Pvalloc => "pvalloc",
+            AllocKind::RustAlloc => "rust_alloc",
+        }
+    }
+
+    /// True for the kinds whose allocation half follows a `REALLOC_FREE` of a non-NULL pointer.
+    pub fn is_realloc(self) -> bool {
+        matches!(self, AllocKind::Realloc | AllocKind::ReallocArray)
+    }
+}
+
+/// Errors from decoding. The reader wraps them with the file name.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("unexpected end of data")]
+    Truncated,
+    #[error("varint longer than 10 bytes")]
+    BadVarint,
+    #[error("not a memtrack capture (bad magic)")]
+    BadMagic,
+    #[error("format version {0} is newer than this reader ({FORMAT_VERSION})")]
+    UnsupportedVersion(u16),
+    #[error("invalid UTF-8 in a string field")]
+    BadString,
+    #[error("unknown op code {0:#04x} in an events chunk")]
+    BadOp(u8),
+}
+
+// ---------------------------------------------------------------- encoding
+
+/// Appends `v` as an unsigned LEB128 varint.
+#[inline]
+pub fn put_uvarint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+/// Appends `v` zigzag-encoded, so small negative deltas stay small.
+#[inline]
+pub fn put_ivarint(buf: &mut Vec<u8>, v: i64) {
+    put_uvarint(buf, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+/// Appends a length-prefixed byte string.
+pub fn put_bytes(buf: &mut Vec<u8>, b: &[u8]) {
+    put_uvarint(buf, b.len() as u64);
+    buf.extend_from_slice(b);
+}
+
+/// Appends a framed record: type byte, payload length varint, payload.
+pub fn put_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
+    buf.push(kind);
+    put_uvarint(buf, payload.len() as u64);
+    buf.extend_from_slice(payload);
+}
+
+/// Largest encoded size of one record frame prefix (type + length varint).
+pub const MAX_FRAME_PREFIX: usize = 11;
+
+// ---------------------------------------------------------------- decoding
+
+/// A cursor over encoded bytes. Every read fails with [`FormatError::Truncated`] rather than
+/// panicking when the data ends early.
+#[derive(Clone, Debug)]
+pub struct Cursor<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(data: &'a [u8]) -> Self {
+        Cursor { data, pos: 0 }
+    }
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+    pub fn remaining(&self) -> usize {
+        self.data.len() - self.pos
+    }
+    pub fn is_empty(&self) -> bool {
+        self.pos >= self.data.len()
+    }
+    pub fn rest(&self) -> &'a [u8] {
+        &self.data[self.pos..]
+    }
+
+    #[inline]
+    pub fn u8(&mut self) -> Result<u8, FormatError> {
+        let b = *self.data.get(self.pos).ok_or(FormatError::Truncated)?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    #[inline]
+    pub fn uvarint(&mut self) -> Result<u64, FormatError> {
+        let mut v: u64 = 0;
+        let mut shift = 0u32;
+        loop {
+            let b = self.u8()?;
+            if shift == 63 && b > 1 {
+                return Err(FormatError::BadVarint);
+            }
+            v |= ((b & 0x7f) as u64) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+            shift += 7;
+            if shift > 63 {
+                return Err(FormatError::BadVarint);
+            }
+        }
+    }
+
+    #[inline]
+    pub fn ivarint(&mut self) -> Result<i64, FormatError> {
+        let u = self.uvarint()?;
+        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], FormatError> {
+        if self.remaining() < n {
+            return Err(FormatError::Truncated);
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+
+    pub fn len_bytes(&mut self) -> Result<&'a [u8], FormatError> {
+        let n = self.uvarint()?;
+        if n > self.remaining() as u64 {
+            return Err(FormatError::Truncated);
+        }
+        self.bytes(n as usize)
+    }
+
+    pub fn string(&mut self) -> Result<String, FormatError> {
+        // Paths and argv are bytes on Unix; keep them readable rather than failing.
+        Ok(String::from_utf8_lossy(self.len_bytes()?).into_owned())
+    }
+}
+
+// ---------------------------------------------------------------- header
+
+/// The capture header, written once at the start of the file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    pub version: u16,
+    pub pid: u32,
+    /// Wall-clock time of the start, nanoseconds since the Unix epoch.
+    pub start_unix_ns: u64,
+    /// Nanoseconds per time unit of event times (events store times relative to the start).
+    pub clock_unit_ns: u64,
+    /// CLOCK_MONOTONIC at the start, nanoseconds: times are relative to it. An image started by
+    /// `exec` continues the same capture on the same clock.
+    pub start_mono_ns: u64,
+    pub executable: String,
+    pub argv: Vec<String>,
+    /// Pointer width in bytes and the machine (ELF `e_machine`), for offline symbolization.
+    pub pointer_size: u8,
+    pub machine: u16,
+}
+
+impl Header {
+    /// Encodes the whole header, fixed part included.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        put_uvarint(&mut body, self.pid as u64);
+        put_uvarint(&mut body, self.start_unix_ns);
+        put_uvarint(&mut body, self.clock_unit_ns);
+        put_uvarint(&mut body, self.start_mono_ns);
+        put_bytes(&mut body, self.executable.as_bytes());
+        put_uvarint(&mut body, self.argv.len() as u64);
+        for a in &self.argv {
+            put_bytes(&mut body, a.as_bytes());
+        }
+        body.push(self.pointer_size);
+        put_uvarint(&mut body, self.machine as u64);
+        let mut out = Vec::with_capacity(FIXED_HEADER_LEN + body.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Decodes a header; returns it and the offset of the first record.
+    pub fn decode(data: &[u8]) -> Result<(Header, usize), FormatError> {
+        if data.len() < 8 {
+            return Err(if MAGIC.starts_with(data) {
+                FormatError::Truncated
+            } else {
+                FormatError::BadMagic
+            });
+        }
+        if &data[..8] != MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        if data.len() < FIXED_HEADER_LEN {
+            return Err(FormatError::Truncated);
+        }
+        let version = u16::from_le_bytes([data[8], data[9]]);
+        if version == 0 || version > FORMAT_VERSION {
+            return Err(FormatError::UnsupportedVersion(version));
+        }
+        let len = u32::from_le_bytes([data[10], data[11], data[12], data[13]]) as usize;
+        let end = FIXED_HEADER_LEN
+            .checked_add(len)
+            .filter(|&e| e <= data.len())
+            .ok_or(FormatError::Truncated)?;
+        let mut c = Cursor::new(&data[FIXED_HEADER_LEN..end]);
+        let pid = c.uvarint()? as u32;
+        let start_unix_ns = c.uvarint()?;
+        let clock_unit_ns = c.uvarint()?.max(1);
+        let start_mono_ns = c.uvarint()?;
+        let executable = c.string()?;
+        let argc = c.uvarint()?;
+        let mut argv = Vec::new();
+        for _ in 0..argc {
+            argv.push(c.string()?);
+        }
+        let pointer_size = c.u8()?;
+        let machine = c.uvarint()? as u16;
+        // Fields added in later versions follow; this reader ignores what it does not know.
+        Ok((
+            Header {
+                version,
+                pid,
+                start_unix_ns,
+                clock_unit_ns,
+                start_mono_ns,
+                executable,
+                argv,
+                pointer_size,
+                machine,
+            },
+            end,
+        ))
+    }
+}
+
+// ---------------------------------------------------------------- records
+
+/// A framed record as found in the file.
+#[derive(Clone, Copy, Debug)]
+pub struct RawRecord<'a> {
+    pub kind: u8,
+    pub payload: &'a [u8],
+    /// Offset of the record's first byte in the file.
+    pub offset: usize,
+}
+
+/// Outcome of reading the next record frame.
+#[derive(Debug)]
+pub enum Next<'a> {
+    Record(RawRecord<'a>),
+    /// Clean end of data exactly at a record boundary.
+    End,
+    /// The data ends inside a record: the tail was torn (process killed mid-write).
+    Torn {
+        offset: usize,
+    },
+}
+
+/// Reads the record frame starting at `offset`.
+pub fn next_record(data: &[u8], offset: usize) -> Next<'_> {
+    if offset >= data.len() {
+        return Next::End;
+    }
+    let mut c = Cursor::new(&data[offset..]);
+    let kind = match c.u8() {
+        Ok(k) => k,
+        Err(_) => return Next::Torn { offset },
+    };
+    let len = match c.uvarint() {
+        Ok(l) => l,
+        Err(_) => return Next::Torn { offset },
+    };
+    if kind == 0 || len > c.remaining() as u64 {
+        // A zero type byte is never written: it is the zero fill of a torn or preallocated tail.
+        return Next::Torn { offset };
+    }
+    let start = offset + c.pos();
+    Next::Record(RawRecord {
+        kind,
+        payload: &data[start..start + len as usize],
+        offset,
+    })
+}
+
+/// The fixed fields at the start of an `EVENTS` payload. Every chunk starts its deltas from
+/// these values, so each chunk decodes on its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChunkHeader {
+    /// Kernel thread id of the thread whose events these are.
+    pub tid: u32,
+    /// Sequence number before the chunk's first event (its first delta is relative to this).
+    pub base_seq: u64,
+    /// Time (in clock units since start) before the first event.
+    pub base_time: u64,
+}
+
+impl ChunkHeader {
+    pub fn encode(&self, buf: &mut Vec<u8>) {
+        put_uvarint(buf, self.tid as u64);
+        put_uvarint(buf, self.base_seq);
+        put_uvarint(buf, self.base_time);
+    }
+    pub fn decode(c: &mut Cursor<'_>) -> Result<ChunkHeader, FormatError> {
+        Ok(ChunkHeader {
+            tid: c.uvarint()? as u32,
+            base_seq: c.uvarint()?,
+            base_time: c.uvarint()?,
+        })
+    }
+}
+
+/// One loaded module (shared object or executable) as mapped in the traced process.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Module {
+    pub path: String,
+    /// Load bias: runtime address = `base + p_vaddr`.
+    pub base: u64,
+    /// GNU build-id note, empty when the module has none.
+    pub build_id: Vec<u8>,
+    pub segments: Vec<Segment>,
+}
+
+/// A `PT_LOAD` segment of a module, in the module's own (unrelocated) addresses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Segment {
+    pub vaddr: u64,
+    pub memsz: u64,
+    /// `PF_X` = 1, `PF_W` = 2, `PF_R` = 4.
+    pub flags: u32,
+}
+
+/// The full set of loaded modules, recorded at start and after every change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModulesRecord {
+    /// Sequence number at the time of the snapshot; events after it see this set.
+    pub seq: u64,
+    pub time: u64,
+    pub modules: Vec<Module>,
+}
+
+impl ModulesRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_uvarint(&mut b, self.seq);
+        put_uvarint(&mut b, self.time);
+        put_uvarint(&mut b, self.modules.len() as u64);
+        for m in &self.modules {
+            put_bytes(&mut b, m.path.as_bytes());
+            put_uvarint(&mut b, m.base);
+            put_bytes(&mut b, &m.build_id);
+            put_uvarint(&mut b, m.segments.len() as u64);
+            for s in &m.segments {
+                put_uvarint(&mut b, s.vaddr);
+                put_uvarint(&mut b, s.memsz);
+                put_uvarint(&mut b, s.flags as u64);
+            }
+        }
+        b
+    }
+    pub fn decode(payload: &[u8]) -> Result<ModulesRecord, FormatError> {
+        let mut c = Cursor::new(payload);
+        let seq = c.uvarint()?;
+        let time = c.uvarint()?;
+        let n = c.uvarint()?;
+        let mut modules = Vec::new();
+        for _ in 0..n {
+            let path = c.string()?;
+            let base = c.uvarint()?;
+            let build_id = c.len_bytes()?.to_vec();
+            let ns = c.uvarint()?;
+            let mut segments = Vec::new();
+            for _ in 0..ns {
+                segments.push(Segment {
+                    vaddr: c.uvarint()?,
+                    memsz: c.uvarint()?,
+                    flags: c.uvarint()? as u32,
+                });
+            }
+            modules.push(Module {
+                path,
+                base,
+                build_id,
+                segments,
+            });
+        }
+        Ok(ModulesRecord { seq, time, modules })
+    }
+}
+
+/// Why a capture ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum EndReason {
+    /// `exit`, return from `main`, or the end of a `memtrack_tracker::start` session.
+    Exit = 0,
+    /// `_exit` / `_Exit`.
+    ImmediateExit = 1,
+    /// The image is being replaced by `exec`.
+    Exec = 2,
+    Other = 255,
+}
+
+/// The last record of a capture that ended cleanly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndRecord {
+    /// The sequence number following the last event.
+    pub seq: u64,
+    pub time: u64,
+    pub reason: EndReason,
+}
+
+impl EndRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_uvarint(&mut b, self.seq);
+        put_uvarint(&mut b, self.time);
+        b.push(self.reason as u8);
+        b
+    }
+    pub fn decode(payload: &[u8]) -> Result<EndRecord, FormatError> {
+        let mut c = Cursor::new(payload);
+        let seq = c.uvarint()?;
+        let time = c.uvarint()?;
+        let reason = match c.u8()? {
+            0 => EndReason::Exit,
+            1 => EndReason::ImmediateExit,
+            2 => EndReason::Exec,
+            _ => EndReason::Other,
+        };
+        Ok(EndRecord { seq, time, reason })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_round_trip_at_the_edges() {
+        let values = [0u64, 1, 127, 128, 16383, 16384, u32::MAX as u64, u64::MAX];
+        let mut buf = Vec::new();
+        for v in values {
+            put_uvarint(&mut buf, v);
+        }
+        for v in [0i64, -1, 1, -64, 64, i64::MIN, i64::MAX] {
+            put_ivarint(&mut buf, v);
+        }
+        let mut c = Cursor::new(&buf);
+        for v in values {
+            assert_eq!(c.uvarint().unwrap(), v);
+        }
+        for v in [0i64, -1, 1, -64, 64, i64::MIN, i64::MAX] {
+            assert_eq!(c.ivarint().unwrap(), v);
+        }
+        assert!(c.is_empty());
+        assert_eq!(c.uvarint(), Err(FormatError::Truncated));
+    }
+
+    #[test]
+    fn overlong_varint_is_an_error() {
+        let buf = [0xffu8; 11];
+        assert_eq!(Cursor::new(&buf).uvarint(), Err(FormatError::BadVarint));
+    }
+
+    #[test]
+    fn header_round_trips_and_rejects_bad_magic_and_versions() {
+        let h = Header {
+            version: FORMAT_VERSION,
+            pid: 42,
+            start_unix_ns: 1_700_000_000_000_000_000,
+            clock_unit_ns: 1000,
+            start_mono_ns: 123,
+            executable: "/bin/true".into(),
+            argv: vec!["true".into(), "--x".into()],
+            pointer_size: 8,
+            machine: 62,
+        };
+        let enc = h.encode();
+        let (d, end) = Header::decode(&enc).unwrap();
+        assert_eq!(d, h);
+        assert_eq!(end, enc.len());
+        assert_eq!(Header::decode(b"NOTMTRAK....."), Err(FormatError::BadMagic));
+        assert_eq!(
+            Header::decode(&enc[..enc.len() - 1]),
+            Err(FormatError::Truncated)
+        );
+        let mut newer = enc.clone();
+        newer[8] = 99;
+        assert_eq!(
+            Header::decode(&newer),
+            Err(FormatError::UnsupportedVersion(99))
+        );
+    }
+
+    #[test]
+    fn torn_record_is_detected_and_unknown_records_skip() {
+        let mut buf = Vec::new();
+        put_record(&mut buf, 200, b"future record type");
+        put_record(&mut buf, record::END, &[1, 2, 0]);
+        let full = buf.len();
+        put_record(&mut buf, record::EVENTS, &[0u8; 40]);
+        buf.truncate(full + 20);
+        let Next::Record(r) = next_record(&buf, 0) else {
+            panic!()
+        };
+        assert_eq!((r.kind, r.payload), (200, &b"future record type"[..]));
+        let off = r.offset + 2 + r.payload.len();
+        let Next::Record(r2) = next_record(&buf, off) else {
+            panic!()
+        };
+        assert_eq!(r2.kind, record::END);
+        assert!(matches!(next_record(&buf, full), Next::Torn { offset } if offset == full));
+        assert!(matches!(next_record(&buf[..full], full), Next::End));
+    }
+
+    #[test]
+    fn modules_and_end_round_trip() {
+        let m = ModulesRecord {
+            seq: 7,
+            time: 9,
+            modules: vec![Module {
+                path: "/lib/libc.so.6".into(),
+                base: 0x7f00_0000_0000,
+                build_id: vec![1, 2, 3],
+                segments: vec![Segment {
+                    vaddr: 0x1000,
+                    memsz: 0x2000,
+                    flags: 5,
+                }],
+            }],
+        };
+        assert_eq!(ModulesRecord::decode(&m.encode()).unwrap(), m);
+        let e = EndRecord {
+            seq: 5,
+            time: 6,
+            reason: EndReason::Exec,
+        };
+        assert_eq!(EndRecord::decode(&e.encode()).unwrap(), e);
+    }
+}

@@ -1,0 +1,242 @@
+//! Replaying events: the live set, the peak, leaks and totals.
+
+use crate::capture::{Capture, Event, EventKind, ReadError};
+use crate::stacks::StackTable;
+use memtrack_format::EndReason;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+#[derive(Default, Clone, Copy)]
+struct AddrHasher(u64);
+impl Hasher for AddrHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+    #[inline]
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(v as u64)
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<AddrHasher>>;
+
+#[derive(Clone, Copy, Debug)]
+struct Live {
+    size: u64,
+    stack: u32,
+}
+
+/// Bytes and allocation count attributed to one stack.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SiteTotal {
+    pub stack: u32,
+    pub bytes: u64,
+    pub allocations: u64,
+}
+
+/// The state of the heap while events are replayed.
+#[derive(Default)]
+pub struct Replay {
+    live: Map<u64, Live>,
+    pending_realloc: Map<u32, (u64, Live)>,
+    pub live_bytes: u64,
+    pub peak_bytes: u64,
+    pub peak_allocations: u64,
+    pub peak_seq: u64,
+    pub peak_time: u64,
+    pub total_allocations: u64,
+    pub total_bytes: u64,
+    pub total_frees: u64,
+    /// Frees of addresses that were not live (allocated before recording began, or their
+    /// allocation was lost with a torn tail).
+    pub unmatched_frees: u64,
+    /// Allocations at an address that was still live: the free in between was lost.
+    pub overlapping_allocations: u64,
+    pub events: u64,
+    pub last_seq: u64,
+    pub last_time: u64,
+}
+
+impl Replay {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    #[inline]
+    fn insert(&mut self, addr: u64, l: Live) {
+        if let Some(old) = self.live.insert(addr, l) {
+            self.overlapping_allocations += 1;
+            self.live_bytes -= old.size;
+        }
+        self.live_bytes += l.size;
+    }
+
+    /// Applies one event.
+    #[inline]
+    pub fn apply(&mut self, ev: &Event) {
+        self.events += 1;
+        self.last_seq = ev.seq;
+        self.last_time = ev.time;
+        match ev.kind {
+            EventKind::Alloc {
+                kind,
+                addr,
+                size,
+                stack,
+            } => {
+                if kind.is_realloc() {
+                    self.pending_realloc.remove(&ev.tid);
+                }
+                self.total_allocations += 1;
+                self.total_bytes += size;
+                self.insert(addr, Live { size, stack });
+                if self.live_bytes > self.peak_bytes {
+                    self.peak_bytes = self.live_bytes;
+                    self.peak_allocations = self.live.len() as u64;
+                    self.peak_seq = ev.seq;
+                    self.peak_time = ev.time;
+                }
+            }
+            EventKind::Free { addr } => match self.live.remove(&addr) {
+                Some(l) => {
+                    self.live_bytes -= l.size;
+                    self.total_frees += 1;
+                }
+                None => self.unmatched_frees += 1,
+            },
+            EventKind::ReallocFree { addr } => match self.live.remove(&addr) {
+                Some(l) => {
+                    self.live_bytes -= l.size;
+                    self.pending_realloc.insert(ev.tid, (addr, l));
+                }
+                None => self.unmatched_frees += 1,
+            },
+            EventKind::ReallocFailed => {
+                if let Some((addr, l)) = self.pending_realloc.remove(&ev.tid) {
+                    self.insert(addr, l);
+                }
+            }
+        }
+    }
+
+    /// Number of allocations live now.
+    pub fn live_allocations(&self) -> u64 {
+        self.live.len() as u64
+    }
+
+    /// The live allocations grouped by stack, largest first.
+    pub fn live_by_stack(&self) -> Vec<SiteTotal> {
+        let mut by: Map<u32, SiteTotal> = Map::default();
+        for l in self.live.values() {
+            let e = by.entry(l.stack).or_insert(SiteTotal {
+                stack: l.stack,
+                ..Default::default()
+            });
+            e.bytes += l.size;
+            e.allocations += 1;
+        }
+        let mut v: Vec<SiteTotal> = by.into_values().collect();
+        v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));
+        v
+    }
+}
+
+/// The figures of `memtrack summary`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub pid: u32,
+    pub executable: String,
+    pub argv: Vec<String>,
+    pub peak_bytes: u64,
+    pub peak_allocations: u64,
+    pub peak_time_seconds: f64,
+    pub leaked_bytes: u64,
+    pub leaked_allocations: u64,
+    pub total_allocations: u64,
+    pub total_bytes: u64,
+    pub total_frees: u64,
+    pub threads: usize,
+    pub duration_seconds: f64,
+    pub complete: bool,
+    /// How the capture ended: "exit", "_exit", "exec", or null when it was cut off.
+    pub end_reason: Option<&'static str>,
+    pub events: u64,
+    pub unmatched_frees: u64,
+    pub overlapping_allocations: u64,
+    pub corrupt_chunks: usize,
+}
+
+impl Capture {
+    /// Replays the events with seq <= `until` (all of them for `u64::MAX`).
+    pub fn replay_until(&self, until: u64) -> (Replay, StackTable, usize) {
+        let mut stacks = StackTable::default();
+        let mut r = Replay::new();
+        let mut it = self.events(&mut stacks);
+        for ev in it.by_ref() {
+            if ev.seq > until {
+                break;
+            }
+            r.apply(&ev);
+        }
+        let errors = it.errors;
+        (r, stacks, errors)
+    }
+
+    /// Replays the whole capture.
+    pub fn replay(&self) -> (Replay, StackTable, usize) {
+        self.replay_until(u64::MAX)
+    }
+
+    /// Peak, leaks and totals.
+    pub fn summary(&self) -> Result<Summary, ReadError> {
+        let (r, _stacks, errors) = self.replay();
+        Ok(self.summarize(&r, errors))
+    }
+
+    /// Builds the summary from a finished replay.
+    pub fn summarize(&self, r: &Replay, corrupt_chunks: usize) -> Summary {
+        let end_time = self
+            .end
+            .map(|e| e.time)
+            .unwrap_or(0)
+            .max(r.last_time)
+            .max(self.last_chunk_time);
+        Summary {
+            pid: self.header.pid,
+            executable: self.header.executable.clone(),
+            argv: self.header.argv.clone(),
+            peak_bytes: r.peak_bytes,
+            peak_allocations: r.peak_allocations,
+            peak_time_seconds: self.seconds(r.peak_time),
+            leaked_bytes: r.live_bytes,
+            leaked_allocations: r.live_allocations(),
+            total_allocations: r.total_allocations,
+            total_bytes: r.total_bytes,
+            total_frees: r.total_frees,
+            threads: self.threads,
+            duration_seconds: self.seconds(end_time),
+            complete: self.complete(),
+            end_reason: self
+                .end
+                .filter(|_| self.complete())
+                .map(|e| match e.reason {
+                    EndReason::Exit => "exit",
+                    EndReason::ImmediateExit => "_exit",
+                    EndReason::Exec => "exec",
+                    EndReason::Other => "other",
+                }),
+            events: r.events,
+            unmatched_frees: r.unmatched_frees,
+            overlapping_allocations: r.overlapping_allocations,
+            corrupt_chunks,
+        }
+    }
+}

@@ -1,0 +1,644 @@
+//! Bodies of the `LD_PRELOAD` hooks. `memtrack-preload` exports the C symbols and calls these.
+//!
+//! The real functions come from `dlsym(RTLD_NEXT, ..)`, so a program that links another
+//! allocator keeps it. `dlsym` itself may call `calloc` before it returns: such calls, and any
+//! made while the table is being filled, are served from a static bootstrap pool whose blocks
+//! are never handed to the real `free`.
+
+use crate::guard::IgnoreAllocs;
+use crate::recorder::{self, Config, Ev, ACTIVE, DISABLED, INITIALIZING, STATE, UNINIT};
+use memtrack_format::{AllocKind, EndReason, Header, FORMAT_VERSION};
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+
+// ---------------------------------------------------------------- real functions
+
+const MALLOC: usize = 0;
+const FREE: usize = 1;
+const CALLOC: usize = 2;
+const REALLOC: usize = 3;
+const REALLOCARRAY: usize = 4;
+const POSIX_MEMALIGN: usize = 5;
+const ALIGNED_ALLOC: usize = 6;
+const MEMALIGN: usize = 7;
+const VALLOC: usize = 8;
+const PVALLOC: usize = 9;
+const USABLE_SIZE: usize = 10;
+const DLCLOSE: usize = 11;
+const EXECVE: usize = 12;
+const EXECV: usize = 13;
+const EXECVP: usize = 14;
+const EXECVPE: usize = 15;
+const FEXECVE: usize = 16;
+const EXIT_: usize = 17;
+const EXIT_UPPER: usize = 18;
+const NREAL: usize = 19;
+
+const NAMES: [&CStr; NREAL] = [
+    c"malloc",
+    c"free",
+    c"calloc",
+    c"realloc",
+    c"reallocarray",
+    c"posix_memalign",
+    c"aligned_alloc",
+    c"memalign",
+    c"valloc",
+    c"pvalloc",
+    c"malloc_usable_size",
+    c"dlclose",
+    c"execve",
+    c"execv",
+    c"execvp",
+    c"execvpe",
+    c"fexecve",
+    c"_exit",
+    c"_Exit",
+];
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NONE: AtomicUsize = AtomicUsize::new(0);
+static REAL: [AtomicUsize; NREAL] = [NONE; NREAL];
+static RESOLVE: AtomicU8 = AtomicU8::new(0);
+
+#[cold]
+fn resolve() {
+    if RESOLVE
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return;
+    }
+    for (i, name) in NAMES.iter().enumerate() {
+        // SAFETY: dlsym with a valid NUL-terminated name.
+        let f = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+        REAL[i].store(f as usize, Ordering::Release);
+    }
+    RESOLVE.store(2, Ordering::Release);
+}
+
+#[inline(always)]
+fn real(i: usize) -> usize {
+    let f = REAL[i].load(Ordering::Acquire);
+    if f != 0 {
+        return f;
+    }
+    resolve();
+    REAL[i].load(Ordering::Acquire)
+}
+
+macro_rules! real_fn {
+    ($i:expr, $t:ty) => {{
+        let f = real($i);
+        // SAFETY: REAL[$i] holds the address dlsym returned for NAMES[$i], whose C signature
+        // is $t; zero (not resolved yet) is checked by every caller before the call.
+        (f != 0).then(|| unsafe { std::mem::transmute::<usize, $t>(f) })
+    }};
+}
+
+type Malloc = unsafe extern "C" fn(usize) -> *mut c_void;
+type Free = unsafe extern "C" fn(*mut c_void);
+type Calloc = unsafe extern "C" fn(usize, usize) -> *mut c_void;
+type Realloc = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
+type ReallocArray = unsafe extern "C" fn(*mut c_void, usize, usize) -> *mut c_void;
+type PosixMemalign = unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> c_int;
+type Memalign = unsafe extern "C" fn(usize, usize) -> *mut c_void;
+type UsableSize = unsafe extern "C" fn(*mut c_void) -> usize;
+type Dlclose = unsafe extern "C" fn(*mut c_void) -> c_int;
+type Execve =
+    unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+type Execv = unsafe extern "C" fn(*const c_char, *const *const c_char) -> c_int;
+type Fexecve = unsafe extern "C" fn(c_int, *const *const c_char, *const *const c_char) -> c_int;
+type Exit = unsafe extern "C" fn(c_int) -> !;
+
+// ---------------------------------------------------------------- bootstrap pool
+
+const POOL_SIZE: usize = 1 << 20;
+#[repr(C, align(64))]
+struct Pool(std::cell::UnsafeCell<[u8; POOL_SIZE]>);
+// SAFETY: disjoint ranges are handed out by an atomic bump pointer.
+unsafe impl Sync for Pool {}
+static POOL: Pool = Pool(std::cell::UnsafeCell::new([0; POOL_SIZE]));
+static POOL_NEXT: AtomicUsize = AtomicUsize::new(0);
+const POOL_HDR: usize = 16;
+
+fn pool_base() -> usize {
+    POOL.0.get() as usize
+}
+
+fn in_pool(p: *mut c_void) -> bool {
+    let a = p as usize;
+    a >= pool_base() && a < pool_base() + POOL_SIZE
+}
+
+#[cold]
+fn pool_alloc(size: usize, align: usize) -> *mut c_void {
+    let align = align.max(16);
+    let mut cur = POOL_NEXT.load(Ordering::Relaxed);
+    loop {
+        let start = (pool_base() + cur + POOL_HDR).next_multiple_of(align);
+        let end = match start.checked_add(size) {
+            Some(e) if e <= pool_base() + POOL_SIZE => e,
+            _ => return std::ptr::null_mut(),
+        };
+        match POOL_NEXT.compare_exchange(
+            cur,
+            end - pool_base(),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => {
+                // SAFETY: [start - 8, end) lies inside the pool range just reserved.
+                unsafe { *((start - 8) as *mut usize) = size };
+                return start as *mut c_void;
+            }
+            Err(now) => cur = now,
+        }
+    }
+}
+
+fn pool_size(p: *mut c_void) -> usize {
+    // SAFETY: every pool pointer has its size stored in the 8 bytes before it.
+    unsafe { *((p as usize - 8) as *const usize) }
+}
+
+// ---------------------------------------------------------------- initialisation
+
+static CONSTRUCTED: AtomicBool = AtomicBool::new(false);
+
+/// Decides, once, whether this process records. Called lazily from the first hook (the program
+/// may allocate before any constructor has run) and from the library constructor.
+#[cold]
+fn init() -> bool {
+    if STATE
+        .compare_exchange(UNINIT, INITIALIZING, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return STATE.load(Ordering::Acquire) == ACTIVE;
+    }
+    let Some(g) = IgnoreAllocs::enter() else {
+        STATE.store(UNINIT, Ordering::Release);
+        return false;
+    };
+    resolve();
+    let next = match open_from_env() {
+        Some(true) => ACTIVE,
+        Some(false) => DISABLED,
+        // The environment is not readable yet (very early in start-up): decide later.
+        None if !CONSTRUCTED.load(Ordering::Acquire) => UNINIT,
+        None => DISABLED,
+    };
+    STATE.store(next, Ordering::Release);
+    drop(g);
+    next == ACTIVE
+}
+
+fn getenv(name: &CStr) -> Option<&'static CStr> {
+    // SAFETY: getenv with a NUL-terminated name; the result lives as long as the environment.
+    let p = unsafe { libc::getenv(name.as_ptr()) };
+    // SAFETY: non-null results of getenv are NUL-terminated strings.
+    (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) })
+}
+
+fn stderr_line(msg: &str) {
+    // SAFETY: plain write of a byte slice to fd 2.
+    unsafe { libc::write(2, msg.as_ptr() as *const c_void, msg.len()) };
+}
+
+/// Some(true): recording; Some(false): not wanted here; None: environment not readable yet.
+fn open_from_env() -> Option<bool> {
+    let out = getenv(c"MEMTRACK_OUTPUT")?;
+    // SAFETY: getpid/getppid have no preconditions.
+    let (pid, ppid) = unsafe { (libc::getpid(), libc::getppid()) };
+    if let Some(launcher) = getenv(c"MEMTRACK_LAUNCHER_PID") {
+        // Only the process `memtrack run` started records; its exec'd descendants run untracked.
+        if launcher.to_str().ok().and_then(|s| s.parse::<i32>().ok()) != Some(ppid) {
+            return Some(false);
+        }
+    }
+    let path = out.to_string_lossy().replace("%p", &pid.to_string());
+    let cpath = std::ffi::CString::new(path.clone()).ok()?;
+    // SAFETY: open with a valid path; O_EXCL: the first process to claim the name records.
+    let fd = unsafe {
+        libc::open(
+            cpath.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+            0o644 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        // SAFETY: errno of this thread.
+        let e = unsafe { *libc::__errno_location() };
+        if e != libc::EEXIST {
+            stderr_line(&format!(
+                "memtrack: cannot create capture {path}: {}\n",
+                std::io::Error::from_raw_os_error(e)
+            ));
+        }
+        return Some(false);
+    }
+    let start_mono = recorder::now_mono_ns();
+    let header = Header {
+        version: FORMAT_VERSION,
+        pid: pid as u32,
+        start_unix_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0),
+        clock_unit_ns: recorder::CLOCK_UNIT_NS,
+        start_mono_ns: start_mono,
+        executable: std::fs::read_link("/proc/self/exe")
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        argv: std::fs::read("/proc/self/cmdline")
+            .map(|b| {
+                b.split(|&c| c == 0)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| String::from_utf8_lossy(s).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default(),
+        pointer_size: 8,
+        machine: 62,
+    };
+    if !crate::writer::write_all(fd, &header.encode()) {
+        return Some(false);
+    }
+    Some(recorder::start(
+        Config {
+            fd,
+            pid: pid as u32,
+            skip_own_module: true,
+        },
+        start_mono,
+    ))
+}
+
+extern "C" fn atfork_child() {
+    // The child has one thread and copies of locks other threads may have held: it stops
+    // recording and never touches the parent's capture.
+    STATE.store(DISABLED, Ordering::Release);
+}
+
+/// The library constructor: decide about recording if no hook has yet, start the writer.
+pub fn constructor() {
+    CONSTRUCTED.store(true, Ordering::Release);
+    resolve();
+    if STATE.load(Ordering::Acquire) == UNINIT {
+        init();
+    }
+    if STATE.load(Ordering::Acquire) == ACTIVE {
+        recorder::start_writer();
+        // SAFETY: registers a handler that only stores to an atomic.
+        unsafe { libc::pthread_atfork(None, None, Some(atfork_child)) };
+    }
+}
+
+/// The library destructor: runs late in `exit` (libraries are finalised in reverse order of
+/// initialisation, and this one is initialised first), after the program's atexit handlers.
+pub fn destructor() {
+    recorder::finish(EndReason::Exit);
+}
+
+// ---------------------------------------------------------------- recording helpers
+
+#[inline(always)]
+fn recording() -> bool {
+    match STATE.load(Ordering::Relaxed) {
+        ACTIVE => true,
+        UNINIT => init(),
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn rec(ev: Ev) {
+    if recording() {
+        if let Some(_g) = IgnoreAllocs::enter() {
+            recorder::record(ev);
+        }
+    }
+}
+
+#[inline(always)]
+fn after_alloc(kind: AllocKind, p: *mut c_void, size: usize) {
+    if !p.is_null() {
+        rec(Ev::Alloc(kind, p as u64, size as u64));
+    }
+}
+
+// ---------------------------------------------------------------- the hooks
+
+/// # Safety
+/// C `malloc` contract.
+#[inline]
+pub unsafe fn malloc(size: usize) -> *mut c_void {
+    let Some(f) = real_fn!(MALLOC, Malloc) else {
+        return pool_alloc(size, 16);
+    };
+    // SAFETY: forwarding the caller's arguments to the real function.
+    let p = unsafe { f(size) };
+    after_alloc(AllocKind::Malloc, p, size);
+    p
+}
+
+/// # Safety
+/// C `free` contract.
+#[inline]
+pub unsafe fn free(p: *mut c_void) {
+    if p.is_null() || in_pool(p) {
+        return;
+    }
+    // Recorded before the block goes back: no other thread can be handed it first.
+    rec(Ev::Free(p as u64));
+    if let Some(f) = real_fn!(FREE, Free) {
+        // SAFETY: forwarding a pointer the program obtained from the real allocator.
+        unsafe { f(p) }
+    }
+}
+
+/// # Safety
+/// C `calloc` contract.
+#[inline]
+pub unsafe fn calloc(n: usize, m: usize) -> *mut c_void {
+    let Some(f) = real_fn!(CALLOC, Calloc) else {
+        // The pool is zero-initialised static memory, never reused.
+        return n
+            .checked_mul(m)
+            .map_or(std::ptr::null_mut(), |s| pool_alloc(s, 16));
+    };
+    // SAFETY: forwarding.
+    let p = unsafe { f(n, m) };
+    after_alloc(AllocKind::Calloc, p, n.wrapping_mul(m));
+    p
+}
+
+#[cold]
+unsafe fn realloc_from_pool(p: *mut c_void, size: usize) -> *mut c_void {
+    // SAFETY: malloc contract; copies at most the old block's size.
+    unsafe {
+        let q = malloc(size);
+        if !q.is_null() {
+            std::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, size.min(pool_size(p)));
+        }
+        q
+    }
+}
+
+/// realloc and reallocarray share this: `size` is None when `n * m` overflowed.
+#[inline]
+unsafe fn realloc_common(
+    kind: AllocKind,
+    p: *mut c_void,
+    size: Option<usize>,
+    call: impl FnOnce() -> *mut c_void,
+) -> *mut c_void {
+    if p.is_null() {
+        let q = call();
+        after_alloc(kind, q, size.unwrap_or(0));
+        return q;
+    }
+    if size == Some(0) {
+        // glibc frees the block and returns NULL.
+        rec(Ev::Free(p as u64));
+        let q = call();
+        after_alloc(kind, q, 0);
+        return q;
+    }
+    let tracking = recording();
+    if tracking {
+        rec(Ev::ReallocFree(p as u64));
+    }
+    let q = call();
+    if tracking {
+        if q.is_null() {
+            rec(Ev::ReallocFailed);
+        } else {
+            rec(Ev::Alloc(kind, q as u64, size.unwrap_or(0) as u64));
+        }
+    }
+    q
+}
+
+/// # Safety
+/// C `realloc` contract.
+#[inline]
+pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+    if in_pool(p) {
+        // SAFETY: p came from the pool.
+        return unsafe { realloc_from_pool(p, size) };
+    }
+    let Some(f) = real_fn!(REALLOC, Realloc) else {
+        return pool_alloc(size, 16);
+    };
+    // SAFETY: forwarding.
+    unsafe { realloc_common(AllocKind::Realloc, p, Some(size), || f(p, size)) }
+}
+
+/// # Safety
+/// C `reallocarray` contract.
+#[inline]
+pub unsafe fn reallocarray(p: *mut c_void, n: usize, m: usize) -> *mut c_void {
+    if in_pool(p) {
+        return match n.checked_mul(m) {
+            // SAFETY: p came from the pool.
+            Some(s) => unsafe { realloc_from_pool(p, s) },
+            None => std::ptr::null_mut(),
+        };
+    }
+    let Some(f) = real_fn!(REALLOCARRAY, ReallocArray) else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: forwarding.
+    unsafe { realloc_common(AllocKind::ReallocArray, p, n.checked_mul(m), || f(p, n, m)) }
+}
+
+/// # Safety
+/// C `posix_memalign` contract.
+#[inline]
+pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+    let Some(f) = real_fn!(POSIX_MEMALIGN, PosixMemalign) else {
+        let p = pool_alloc(size, align);
+        if p.is_null() {
+            return libc::ENOMEM;
+        }
+        // SAFETY: out is the caller's valid out-pointer.
+        unsafe { *out = p };
+        return 0;
+    };
+    // SAFETY: forwarding.
+    let rc = unsafe { f(out, align, size) };
+    if rc == 0 {
+        // SAFETY: on success the real function stored the block in *out.
+        after_alloc(AllocKind::PosixMemalign, unsafe { *out }, size);
+    }
+    rc
+}
+
+macro_rules! aligned_hook {
+    ($name:ident, $idx:expr, $kind:expr) => {
+        /// # Safety
+        /// The C function's contract.
+        #[inline]
+        pub unsafe fn $name(align: usize, size: usize) -> *mut c_void {
+            let Some(f) = real_fn!($idx, Memalign) else {
+                return pool_alloc(size, align);
+            };
+            // SAFETY: forwarding.
+            let p = unsafe { f(align, size) };
+            after_alloc($kind, p, size);
+            p
+        }
+    };
+}
+aligned_hook!(aligned_alloc, ALIGNED_ALLOC, AllocKind::AlignedAlloc);
+aligned_hook!(memalign, MEMALIGN, AllocKind::Memalign);
+
+macro_rules! page_hook {
+    ($name:ident, $idx:expr, $kind:expr) => {
+        /// # Safety
+        /// The C function's contract.
+        #[inline]
+        pub unsafe fn $name(size: usize) -> *mut c_void {
+            let Some(f) = real_fn!($idx, Malloc) else {
+                return pool_alloc(size, 4096);
+            };
+            // SAFETY: forwarding.
+            let p = unsafe { f(size) };
+            after_alloc($kind, p, size);
+            p
+        }
+    };
+}
+page_hook!(valloc, VALLOC, AllocKind::Valloc);
+page_hook!(pvalloc, PVALLOC, AllocKind::Pvalloc);
+
+/// # Safety
+/// C `malloc_usable_size` contract.
+pub unsafe fn malloc_usable_size(p: *mut c_void) -> usize {
+    if p.is_null() {
+        return 0;
+    }
+    if in_pool(p) {
+        return pool_size(p);
+    }
+    match real_fn!(USABLE_SIZE, UsableSize) {
+        // SAFETY: forwarding.
+        Some(f) => unsafe { f(p) },
+        None => 0,
+    }
+}
+
+/// # Safety
+/// C `dlclose` contract.
+pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
+    let Some(f) = real_fn!(DLCLOSE, Dlclose) else {
+        return -1;
+    };
+    let active = STATE.load(Ordering::Acquire) == ACTIVE;
+    let rec = recorder::recorder().filter(|_| active);
+    if let Some(r) = rec {
+        // Stop unwinding through tables that may be unmapped, before they are.
+        let _g = IgnoreAllocs::enter();
+        r.invalidate_modules();
+    }
+    // SAFETY: forwarding.
+    let rc = unsafe { f(handle) };
+    if let Some(r) = rec {
+        if let Some(_g) = IgnoreAllocs::enter() {
+            r.refresh_modules();
+        }
+    }
+    rc
+}
+
+fn before_exec() {
+    recorder::finish(EndReason::Exec);
+}
+
+/// # Safety
+/// C `execve` contract.
+pub unsafe fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    let Some(f) = real_fn!(EXECVE, Execve) else {
+        return -1;
+    };
+    before_exec();
+    // SAFETY: forwarding.
+    let rc = unsafe { f(path, argv, envp) };
+    recorder::resume();
+    rc
+}
+
+macro_rules! exec2_hook {
+    ($name:ident, $idx:expr) => {
+        /// # Safety
+        /// The C function's contract.
+        pub unsafe fn $name(path: *const c_char, argv: *const *const c_char) -> c_int {
+            let Some(f) = real_fn!($idx, Execv) else {
+                return -1;
+            };
+            before_exec();
+            // SAFETY: forwarding.
+            let rc = unsafe { f(path, argv) };
+            recorder::resume();
+            rc
+        }
+    };
+}
+exec2_hook!(execv, EXECV);
+exec2_hook!(execvp, EXECVP);
+
+/// # Safety
+/// C `execvpe` contract.
+pub unsafe fn execvpe(
+    file: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    let Some(f) = real_fn!(EXECVPE, Execve) else {
+        return -1;
+    };
+    before_exec();
+    // SAFETY: forwarding.
+    let rc = unsafe { f(file, argv, envp) };
+    recorder::resume();
+    rc
+}
+
+/// # Safety
+/// C `fexecve` contract.
+pub unsafe fn fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+    let Some(f) = real_fn!(FEXECVE, Fexecve) else {
+        return -1;
+    };
+    before_exec();
+    // SAFETY: forwarding.
+    let rc = unsafe { f(fd, argv, envp) };
+    recorder::resume();
+    rc
+}
+
+/// # Safety
+/// C `_exit` contract.
+pub unsafe fn exit_now(status: c_int, upper: bool) -> ! {
+    recorder::finish(EndReason::ImmediateExit);
+    let f = if upper {
+        real_fn!(EXIT_UPPER, Exit)
+    } else {
+        real_fn!(EXIT_, Exit)
+    };
+    match f {
+        // SAFETY: forwarding.
+        Some(f) => unsafe { f(status) },
+        // SAFETY: the raw syscall ends the process whatever the libc state.
+        None => unsafe {
+            libc::syscall(libc::SYS_exit_group, status as libc::c_long);
+            std::process::abort()
+        },
+    }
+}

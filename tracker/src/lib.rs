@@ -1,0 +1,35 @@
+//! memtrack's recording core.
+//!
+//! **What**: records every allocation and free of the process it runs in, with the native
+//! stack of each allocation, into a capture file in the `memtrack-format` layout.
+//! **Why**: the report side needs exact, ordered events to rebuild the heap at any point
+//! (peak, exit) and to attribute it to call paths.
+//! **How**: each thread appends varint-encoded events to its own buffer under an uncontended
+//! spin flag; full buffers go to one writer thread over a bounded crossbeam channel, and the
+//! writer also collects buffers that have sat for more than ~150 ms, so a killed process loses
+//! at most the last quarter second. A global sequence number, taken before a block is handed
+//! back to the allocator and after one is obtained, orders events across threads. Stacks are
+//! unwound from DWARF CFI with a per-thread rule cache and interned in a trie.
+//!
+//! This crate exports no `malloc`: the `memtrack-preload` cdylib holds the `extern "C"` hooks
+//! and forwards them to [`interpose`].
+//!
+//! ```
+//! // Nothing is recorded until a capture is started; the guard type works at any time.
+//! let g = memtrack_tracker::IgnoreAllocs::enter();
+//! assert!(g.is_some());
+//! assert!(memtrack_tracker::IgnoreAllocs::enter().is_none());
+//! drop(g);
+//! assert!(!memtrack_tracker::IgnoreAllocs::active());
+//! ```
+
+mod guard;
+pub mod interpose;
+mod recorder;
+mod stacks;
+pub mod unwind;
+mod writer;
+
+pub use guard::IgnoreAllocs;
+pub use memtrack_format::{AllocKind, EndReason};
+pub use recorder::{finish, is_recording};

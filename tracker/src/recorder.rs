@@ -1,0 +1,728 @@
+//! Global recording state, per-thread buffers and the event encoder.
+
+use crate::guard::IgnoreAllocs;
+use crate::stacks::{StackCache, Trie};
+use crate::unwind::{self, LoadedModule, Skip, Unw, UnwCache, MAX_FRAMES};
+use crate::writer::{self, Msg};
+use crossbeam_channel::{Receiver, Sender};
+use memtrack_format::{
+    op, put_ivarint, put_uvarint, record, AllocKind, ChunkHeader, EndReason, ModulesRecord,
+    MAX_FRAME_PREFIX,
+};
+use std::cell::{Cell, UnsafeCell};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+pub(crate) const UNINIT: u8 = 0;
+pub(crate) const INITIALIZING: u8 = 1;
+pub(crate) const ACTIVE: u8 = 2;
+/// Off for good (no capture wanted, a forked child, an error).
+pub(crate) const DISABLED: u8 = 3;
+/// The capture was finished; `exec` failing can resume it.
+pub(crate) const FINISHED: u8 = 4;
+
+pub(crate) static STATE: AtomicU8 = AtomicU8::new(UNINIT);
+
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// The global event order. Kept on its own cache line: every event touches it.
+static SEQ: Padded<AtomicU64> = Padded(AtomicU64::new(1));
+
+/// Time unit of event times in the capture: microseconds.
+pub(crate) const CLOCK_UNIT_NS: u64 = 1000;
+/// A thread hands its buffer to the writer once it holds this many bytes.
+const FLUSH_AT: usize = 64 * 1024;
+const BUF_CAPACITY: usize = FLUSH_AT + 4096;
+
+/// True when events of this process are being recorded.
+pub fn is_recording() -> bool {
+    STATE.load(Ordering::Acquire) == ACTIVE
+}
+
+pub(crate) struct Recorder {
+    pub fd: i32,
+    start_mono_ns: u64,
+    pub tx: Sender<Msg>,
+    rx: Mutex<Option<Receiver<Msg>>>,
+    pool_tx: Sender<Vec<u8>>,
+    pool_rx: Receiver<Vec<u8>>,
+    pub writer_started: AtomicBool,
+    pub registry: Mutex<Vec<Arc<ThreadState>>>,
+    trie: Mutex<Trie>,
+    modules: Mutex<ModuleSet>,
+    unw_gen: AtomicU64,
+    skip: Mutex<Skip>,
+    orphan: Mutex<Option<Box<OwnerState>>>,
+    thread_key: libc::pthread_key_t,
+}
+
+struct ModuleSet {
+    list: Vec<LoadedModule>,
+    /// None while a `dlclose` is in progress: stacks are not unwound through stale tables.
+    unw: Option<Arc<Unw>>,
+}
+
+static RECORDER: OnceLock<Recorder> = OnceLock::new();
+
+pub(crate) fn recorder() -> Option<&'static Recorder> {
+    RECORDER.get()
+}
+
+pub(crate) fn now_mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Recorder {
+    #[inline]
+    pub fn now_units(&self) -> u64 {
+        now_mono_ns().saturating_sub(self.start_mono_ns) / CLOCK_UNIT_NS
+    }
+
+    pub fn recycle(&self, mut buf: Vec<u8>) {
+        if buf.capacity() >= FLUSH_AT && buf.capacity() <= 2 * BUF_CAPACITY {
+            buf.clear();
+            let _ = self.pool_tx.try_send(buf);
+        }
+    }
+
+    fn fresh_buffer(&self) -> Vec<u8> {
+        self.pool_rx
+            .try_recv()
+            .unwrap_or_else(|_| Vec::with_capacity(BUF_CAPACITY))
+    }
+
+    /// Encodes the current module set as a framed `MODULES` record.
+    fn modules_record(&self, list: &[LoadedModule]) -> Vec<u8> {
+        let rec = ModulesRecord {
+            seq: SEQ.0.load(Ordering::Relaxed),
+            time: self.now_units(),
+            modules: list.iter().map(|m| m.info.clone()).collect(),
+        };
+        let mut out = Vec::new();
+        memtrack_format::put_record(&mut out, record::MODULES, &rec.encode());
+        out
+    }
+
+    /// Hands a framed record to the writer, or keeps it for later while no writer runs yet.
+    fn send_raw(&self, bytes: Vec<u8>) {
+        if self.writer_started.load(Ordering::Acquire) {
+            send(self, Msg::Raw(bytes));
+        } else {
+            // Before the writer starts (allocations before constructors), write synchronously:
+            // the process is still single-threaded then.
+            writer::write_all(self.fd, &bytes);
+        }
+    }
+
+    /// Re-reads the module list and publishes a new unwinder.
+    pub fn refresh_modules(&self) {
+        let list = unwind::enumerate_modules();
+        let unw = Arc::new(unwind::build_unwinder(&list));
+        let rec = self.modules_record(&list);
+        if let Ok(mut m) = self.modules.lock() {
+            m.list = list;
+            m.unw = Some(unw);
+        }
+        self.unw_gen.fetch_add(1, Ordering::Release);
+        self.send_raw(rec);
+    }
+
+    /// Called before a module may be unmapped.
+    pub fn invalidate_modules(&self) {
+        if let Ok(mut m) = self.modules.lock() {
+            m.unw = None;
+        }
+        self.unw_gen.fetch_add(1, Ordering::Release);
+    }
+
+    fn knows_address(&self, addr: u64) -> bool {
+        self.modules
+            .lock()
+            .map(|m| m.list.iter().any(|x| addr >= x.start && addr < x.end))
+            .unwrap_or(true)
+    }
+}
+
+/// How a capture is started.
+pub(crate) struct Config {
+    pub fd: i32,
+    pub pid: u32,
+    pub skip_own_module: bool,
+}
+
+/// Sets up recording into `cfg.fd`, whose header the caller has written. Runs inside the guard.
+pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
+    let modules = unwind::enumerate_modules();
+    let skip = if cfg.skip_own_module {
+        let (lo, hi) = unwind::own_module_range(&modules);
+        Skip::Range(lo, hi)
+    } else {
+        Skip::Count(0)
+    };
+    let unw = Arc::new(unwind::build_unwinder(&modules));
+    let (tx, rx) = crossbeam_channel::bounded(64);
+    let (pool_tx, pool_rx) = crossbeam_channel::bounded(64);
+    let mut key: libc::pthread_key_t = 0;
+    // SAFETY: key is a valid out-pointer; the destructor is an extern "C" fn that never unwinds.
+    if unsafe { libc::pthread_key_create(&mut key, Some(thread_exit)) } != 0 {
+        return false;
+    }
+    let rec = Recorder {
+        fd: cfg.fd,
+        start_mono_ns,
+        tx,
+        rx: Mutex::new(Some(rx)),
+        pool_tx,
+        pool_rx,
+        writer_started: AtomicBool::new(false),
+        registry: Mutex::new(Vec::new()),
+        trie: Mutex::new(Trie::default()),
+        modules: Mutex::new(ModuleSet {
+            list: Vec::new(),
+            unw: Some(unw),
+        }),
+        unw_gen: AtomicU64::new(1),
+        skip: Mutex::new(skip),
+        orphan: Mutex::new(None),
+        thread_key: key,
+    };
+    let _ = cfg.pid;
+    if RECORDER.set(rec).is_err() {
+        return false;
+    }
+    let Some(rec) = RECORDER.get() else {
+        return false;
+    };
+    let first = rec.modules_record(&modules);
+    writer::write_all(rec.fd, &first);
+    if let Ok(mut m) = rec.modules.lock() {
+        m.list = modules;
+    }
+    true
+}
+
+/// Starts the writer thread, once. A raw pthread rather than `std::thread`: std's thread start
+/// allocates (and registers TLS destructors on the parent) before our closure could enter the
+/// guard. Signals are blocked in it so the program's handlers run on the program's threads.
+pub(crate) fn start_writer() {
+    let Some(rec) = recorder() else { return };
+    let Some(rx) = rec.rx.lock().ok().and_then(|mut r| r.take()) else {
+        return;
+    };
+    let _g = IgnoreAllocs::enter();
+    let arg = Box::into_raw(Box::new(rx)) as *mut libc::c_void;
+    // SAFETY: attr and the sigsets are initialised before use; `arg` is owned by the new thread
+    // (or reclaimed below when creation fails).
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setstacksize(&mut attr, 512 * 1024);
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        let mut tid: libc::pthread_t = 0;
+        let rc = libc::pthread_create(&mut tid, &attr, writer_entry, arg);
+        libc::pthread_attr_destroy(&mut attr);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        if rc == 0 {
+            rec.writer_started.store(true, Ordering::Release);
+        } else {
+            drop(Box::from_raw(arg as *mut Receiver<Msg>));
+        }
+    }
+}
+
+extern "C" fn writer_entry(arg: *mut libc::c_void) -> *mut libc::c_void {
+    IgnoreAllocs::forever();
+    // SAFETY: `arg` is the Box made in `start_writer`, handed to this thread alone.
+    let rx = unsafe { Box::from_raw(arg as *mut Receiver<Msg>) };
+    if let Some(rec) = recorder() {
+        writer::run(rec, *rx);
+    }
+    std::ptr::null_mut()
+}
+
+/// Sends to the writer without crossbeam's blocking path, which would give the calling
+/// (program) thread a thread-local with a destructor that frees outside the guard.
+pub(crate) fn send(rec: &Recorder, mut m: Msg) {
+    let mut waited = 0u32;
+    loop {
+        match rec.tx.try_send(m) {
+            Ok(()) => return,
+            Err(crossbeam_channel::TrySendError::Full(back)) => {
+                m = back;
+                waited += 1;
+                // Back-pressure: the writer is behind. Give up after ~10 s rather than hang.
+                if waited > 200_000 {
+                    return;
+                }
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- per-thread state
+
+/// The part of a thread's state the writer may take: the chunk being filled.
+pub(crate) struct ChunkBuf {
+    pub data: Vec<u8>,
+    pub open: bool,
+    pub opened_ns: u64,
+    last_seq: u64,
+    last_time: u64,
+    last_addr: u64,
+}
+
+impl ChunkBuf {
+    fn new(data: Vec<u8>) -> Self {
+        ChunkBuf {
+            data,
+            open: false,
+            opened_ns: 0,
+            last_seq: 0,
+            last_time: 0,
+            last_addr: 0,
+        }
+    }
+
+    /// Frames the open chunk and returns it as (buffer, offset of its first byte).
+    pub fn take_framed(&mut self, replacement: Vec<u8>) -> Option<(Vec<u8>, usize)> {
+        if !self.open {
+            return None;
+        }
+        self.open = false;
+        let mut data = std::mem::replace(&mut self.data, replacement);
+        let payload_len = data.len() - MAX_FRAME_PREFIX;
+        let mut prefix = Vec::with_capacity(MAX_FRAME_PREFIX);
+        prefix.push(record::EVENTS);
+        put_uvarint(&mut prefix, payload_len as u64);
+        let start = MAX_FRAME_PREFIX - prefix.len();
+        data[start..MAX_FRAME_PREFIX].copy_from_slice(&prefix);
+        Some((data, start))
+    }
+
+    /// Takes the next sequence number and time and opens the chunk if needed.
+    #[inline]
+    fn begin_event(&mut self, rec: &Recorder, tid: u32) -> (u64, u64) {
+        let seq = SEQ.0.fetch_add(1, Ordering::Relaxed);
+        let time = rec.now_units();
+        if !self.open {
+            self.data.clear();
+            self.data.resize(MAX_FRAME_PREFIX, 0);
+            ChunkHeader {
+                tid,
+                base_seq: seq,
+                base_time: time,
+            }
+            .encode(&mut self.data);
+            self.open = true;
+            self.opened_ns = now_mono_ns();
+            self.last_seq = seq;
+            self.last_time = time;
+            self.last_addr = 0;
+        }
+        (seq, time)
+    }
+
+    #[inline]
+    fn put_event_head(&mut self, opcode: u8, seq: u64, time: u64, addr: u64) {
+        let d = &mut self.data;
+        d.push(opcode);
+        put_uvarint(d, seq - self.last_seq);
+        put_uvarint(d, time.saturating_sub(self.last_time));
+        put_ivarint(d, addr.wrapping_sub(self.last_addr) as i64);
+        self.last_seq = seq;
+        self.last_time = time.max(self.last_time);
+        self.last_addr = addr;
+    }
+}
+
+/// Only the owning thread touches this (or the orphan path, under its mutex).
+pub(crate) struct OwnerState {
+    unw: Option<Arc<Unw>>,
+    unw_gen: u64,
+    cache: Box<UnwCache>,
+    stacks: StackCache,
+    stack_hi: u64,
+    new_nodes: Vec<(u32, u32, u64)>,
+    frames: Box<[u64; MAX_FRAMES]>,
+}
+
+impl OwnerState {
+    fn new() -> Self {
+        OwnerState {
+            unw: None,
+            unw_gen: 0,
+            cache: Box::new(UnwCache::new()),
+            stacks: StackCache::new(),
+            stack_hi: unwind::current_stack_top(),
+            new_nodes: Vec::new(),
+            frames: Box::new([0; MAX_FRAMES]),
+        }
+    }
+
+    /// Unwinds the current stack and interns it; new trie nodes land in `self.new_nodes`.
+    fn stack_id(&mut self, rec: &Recorder) -> u32 {
+        let gen = rec.unw_gen.load(Ordering::Acquire);
+        if gen != self.unw_gen {
+            self.unw = rec.modules.lock().ok().and_then(|m| m.unw.clone());
+            self.unw_gen = gen;
+        }
+        let Some(unw) = self.unw.clone() else {
+            return 0;
+        };
+        let skip = rec.skip.lock().map(|s| *s).unwrap_or(Skip::Count(0));
+        let (mut n, complete) = unwind::capture(
+            &unw,
+            &mut self.cache,
+            self.stack_hi,
+            skip,
+            &mut self.frames[..],
+        );
+        if !complete && n > 0 {
+            // The walk stopped in code the unwinder does not know: possibly a module loaded
+            // since the last refresh (dlopen). Refresh once and unwind again.
+            if let Some(newer) = refresh_if_new_module(rec, self.frames[n - 1]) {
+                self.unw_gen = rec.unw_gen.load(Ordering::Acquire);
+                n = unwind::capture(
+                    &newer,
+                    &mut self.cache,
+                    self.stack_hi,
+                    skip,
+                    &mut self.frames[..],
+                )
+                .0;
+                self.unw = Some(newer);
+            }
+        }
+        let frames = &self.frames[..n];
+        if let Some(id) = self.stacks.get(frames) {
+            return id;
+        }
+        let id = match rec.trie.lock() {
+            Ok(mut t) => t.intern(frames, &mut self.new_nodes),
+            Err(_) => 0,
+        };
+        self.stacks.insert(frames, id);
+        id
+    }
+}
+
+#[repr(C)]
+struct DlFindObject {
+    flags: u64,
+    map_start: *mut libc::c_void,
+    map_end: *mut libc::c_void,
+    link_map: *mut libc::c_void,
+    eh_frame: *mut libc::c_void,
+    reserved: [u64; 7],
+}
+
+type DlFindObjectFn = unsafe extern "C" fn(*mut libc::c_void, *mut DlFindObject) -> libc::c_int;
+
+/// glibc 2.35+'s lock-free `_dl_find_object`, if present.
+fn dl_find_object() -> Option<DlFindObjectFn> {
+    static F: OnceLock<usize> = OnceLock::new();
+    let f = *F.get_or_init(|| {
+        // SAFETY: dlsym with a NUL-terminated name; RTLD_DEFAULT searches the global scope.
+        unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"_dl_find_object".as_ptr()) as usize }
+    });
+    // SAFETY: a non-null result is the address of `_dl_find_object`, of this signature.
+    (f != 0).then(|| unsafe { std::mem::transmute::<usize, DlFindObjectFn>(f) })
+}
+
+/// When `addr` lies in a loaded module that the current module list lacks, refreshes the list
+/// and returns the new unwinder.
+fn refresh_if_new_module(rec: &Recorder, addr: u64) -> Option<Arc<Unw>> {
+    if rec.knows_address(addr) {
+        return None;
+    }
+    // Without `_dl_find_object` (glibc < 2.35) a new module is only seen at the next dlclose.
+    let find = dl_find_object()?;
+    let mut res = DlFindObject {
+        flags: 0,
+        map_start: std::ptr::null_mut(),
+        map_end: std::ptr::null_mut(),
+        link_map: std::ptr::null_mut(),
+        eh_frame: std::ptr::null_mut(),
+        reserved: [0; 7],
+    };
+    // SAFETY: lock-free lookup that only fills `res`.
+    if unsafe { find(addr as *mut libc::c_void, &mut res) } != 0 {
+        return None;
+    }
+    rec.refresh_modules();
+    rec.modules.lock().ok().and_then(|m| m.unw.clone())
+}
+
+pub(crate) struct ThreadState {
+    lock: AtomicBool,
+    buf: UnsafeCell<ChunkBuf>,
+    pub dead: AtomicBool,
+    tid: u32,
+    owner: UnsafeCell<OwnerState>,
+}
+
+// SAFETY: `buf` is only touched under `lock`; `owner` only by the owning thread.
+unsafe impl Sync for ThreadState {}
+// SAFETY: as above; the state moves between threads only inside an Arc.
+unsafe impl Send for ThreadState {}
+
+pub(crate) struct BufGuard<'a> {
+    ts: &'a ThreadState,
+}
+
+impl std::ops::Deref for BufGuard<'_> {
+    type Target = ChunkBuf;
+    fn deref(&self) -> &ChunkBuf {
+        // SAFETY: the lock is held for the guard's lifetime.
+        unsafe { &*self.ts.buf.get() }
+    }
+}
+impl std::ops::DerefMut for BufGuard<'_> {
+    fn deref_mut(&mut self) -> &mut ChunkBuf {
+        // SAFETY: the lock is held for the guard's lifetime.
+        unsafe { &mut *self.ts.buf.get() }
+    }
+}
+impl Drop for BufGuard<'_> {
+    fn drop(&mut self) {
+        self.ts.lock.store(false, Ordering::Release);
+    }
+}
+
+impl ThreadState {
+    #[inline]
+    fn lock(&self) -> BufGuard<'_> {
+        while self
+            .lock
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+        BufGuard { ts: self }
+    }
+
+    pub fn try_lock(&self) -> Option<BufGuard<'_>> {
+        self.lock
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+            .then_some(BufGuard { ts: self })
+    }
+}
+
+const EXITED: *const ThreadState = std::ptr::dangling::<ThreadState>();
+
+thread_local! {
+    static CURRENT: Cell<*const ThreadState> = const { Cell::new(std::ptr::null()) };
+}
+
+fn current_thread(rec: &'static Recorder) -> Option<&'static ThreadState> {
+    let p = CURRENT.with(|c| c.get());
+    if p == EXITED {
+        return None;
+    }
+    if !p.is_null() {
+        // SAFETY: a live ThreadState stays allocated while CURRENT points to it (the Arc
+        // reference given up by `into_raw` is dropped only in `thread_exit`).
+        return Some(unsafe { &*p });
+    }
+    let ts = Arc::new(ThreadState {
+        lock: AtomicBool::new(false),
+        buf: UnsafeCell::new(ChunkBuf::new(rec.fresh_buffer())),
+        dead: AtomicBool::new(false),
+        // SAFETY: gettid has no preconditions.
+        tid: unsafe { libc::gettid() } as u32,
+        owner: UnsafeCell::new(OwnerState::new()),
+    });
+    if let Ok(mut r) = rec.registry.lock() {
+        r.push(ts.clone());
+    } else {
+        return None;
+    }
+    let raw = Arc::into_raw(ts);
+    CURRENT.with(|c| c.set(raw));
+    // SAFETY: the key was created in `start`; the value is our own pointer.
+    unsafe { libc::pthread_setspecific(rec.thread_key, raw as *const libc::c_void) };
+    // SAFETY: just stored; see above.
+    Some(unsafe { &*raw })
+}
+
+/// pthread key destructor: the thread is exiting. Hand its buffer to the writer; later events of
+/// this thread (other TLS destructors) take the orphan path.
+unsafe extern "C" fn thread_exit(p: *mut libc::c_void) {
+    let _g = IgnoreAllocs::enter();
+    CURRENT.with(|c| c.set(EXITED));
+    if p.is_null() {
+        return;
+    }
+    // SAFETY: `p` is the pointer from `Arc::into_raw` in `current_thread`; this drops that ref.
+    let ts = unsafe { Arc::from_raw(p as *const ThreadState) };
+    if let Some(rec) = recorder() {
+        let taken = ts.lock().take_framed(Vec::new());
+        ts.dead.store(true, Ordering::Release);
+        if let Some((data, start)) = taken {
+            hand_off(rec, data, start);
+        }
+    }
+}
+
+fn hand_off(rec: &Recorder, data: Vec<u8>, start: usize) {
+    if rec.writer_started.load(Ordering::Acquire) {
+        send(rec, Msg::Chunk(data, start));
+    } else {
+        writer::write_all(rec.fd, &data[start..]);
+    }
+}
+
+// ---------------------------------------------------------------- recording entry points
+
+/// What to record.
+#[derive(Clone, Copy)]
+pub(crate) enum Ev {
+    Alloc(AllocKind, u64, u64),
+    Free(u64),
+    ReallocFree(u64),
+    ReallocFailed,
+}
+
+/// Records one event for the calling thread. The caller holds the guard.
+#[inline]
+pub(crate) fn record(ev: Ev) {
+    let Some(rec) = recorder() else { return };
+    match current_thread(rec) {
+        Some(ts) => {
+            // SAFETY: only this thread touches its owner state.
+            let owner = unsafe { &mut *ts.owner.get() };
+            let stack = match ev {
+                Ev::Alloc(..) => owner.stack_id(rec),
+                _ => 0,
+            };
+            let full = {
+                let mut b = ts.lock();
+                encode(rec, &mut b, ts.tid, ev, stack, &mut owner.new_nodes);
+                if b.data.len() >= FLUSH_AT && rec.writer_started.load(Ordering::Relaxed) {
+                    b.take_framed(rec.fresh_buffer())
+                } else {
+                    None
+                }
+            };
+            if let Some((data, start)) = full {
+                hand_off(rec, data, start);
+            }
+        }
+        None => record_orphan(rec, ev),
+    }
+}
+
+fn encode(
+    rec: &Recorder,
+    b: &mut ChunkBuf,
+    tid: u32,
+    ev: Ev,
+    stack: u32,
+    nodes: &mut Vec<(u32, u32, u64)>,
+) {
+    let (seq, time) = b.begin_event(rec, tid);
+    for &(id, parent, ip) in nodes.iter() {
+        b.data.push(op::STACK_NODE);
+        put_uvarint(&mut b.data, id as u64);
+        put_uvarint(&mut b.data, parent as u64);
+        put_uvarint(&mut b.data, ip);
+    }
+    nodes.clear();
+    match ev {
+        Ev::Alloc(kind, addr, size) => {
+            b.put_event_head(op::ALLOC_BASE + kind as u8, seq, time, addr);
+            put_uvarint(&mut b.data, size);
+            put_uvarint(&mut b.data, stack as u64);
+        }
+        Ev::Free(addr) => b.put_event_head(op::FREE, seq, time, addr),
+        Ev::ReallocFree(addr) => b.put_event_head(op::REALLOC_FREE, seq, time, addr),
+        Ev::ReallocFailed => {
+            let last = b.last_addr;
+            b.put_event_head(op::REALLOC_FAILED, seq, time, last)
+        }
+    }
+}
+
+/// Events of a thread that has no state (exiting, after its destructor ran): each becomes a
+/// one-event chunk of its own.
+#[cold]
+fn record_orphan(rec: &Recorder, ev: Ev) {
+    let Ok(mut guard) = rec.orphan.lock() else {
+        return;
+    };
+    let owner = guard.get_or_insert_with(|| Box::new(OwnerState::new()));
+    owner.stack_hi = unwind::current_stack_top();
+    let stack = match ev {
+        Ev::Alloc(..) => owner.stack_id(rec),
+        _ => 0,
+    };
+    let mut b = ChunkBuf::new(Vec::with_capacity(128));
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() } as u32;
+    encode(rec, &mut b, tid, ev, stack, &mut owner.new_nodes);
+    if let Some((data, start)) = b.take_framed(Vec::new()) {
+        drop(guard);
+        hand_off(rec, data, start);
+    }
+}
+
+// ---------------------------------------------------------------- ending
+
+/// Finishes the capture: every thread's buffered events are written, then an `END` record.
+/// Later events are not recorded. Safe to call more than once; only the first call acts.
+pub fn finish(reason: EndReason) {
+    if STATE
+        .compare_exchange(ACTIVE, FINISHED, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return;
+    }
+    let Some(rec) = recorder() else { return };
+    let g = IgnoreAllocs::enter();
+    if rec.writer_started.load(Ordering::Acquire) {
+        let done = Arc::new(AtomicBool::new(false));
+        send(rec, Msg::Finish(reason, done.clone()));
+        // Bounded wait: a writer stuck on a full disk must not hang the program's exit.
+        for _ in 0..100_000 {
+            if done.load(Ordering::Acquire) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    } else {
+        writer::finish_inline(rec, reason);
+    }
+    drop(g);
+}
+
+/// After a failed `exec`: recording goes on in the same capture.
+pub(crate) fn resume() {
+    let _ = STATE.compare_exchange(FINISHED, ACTIVE, Ordering::AcqRel, Ordering::Acquire);
+}
+
+pub(crate) fn end_record(rec: &Recorder, reason: EndReason) -> Vec<u8> {
+    let end = memtrack_format::EndRecord {
+        seq: SEQ.0.load(Ordering::Relaxed),
+        time: rec.now_units(),
+        reason,
+    };
+    let mut out = Vec::new();
+    memtrack_format::put_record(&mut out, record::END, &end.encode());
+    out
+}

@@ -1,0 +1,113 @@
+//! Stack interning: a global trie of (parent node, return address) -> node id, with a
+//! per-thread map from whole stacks to their leaf node so a repeated stack costs one lookup.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A small multiplicative hasher for addresses (keys are not attacker-controlled).
+#[derive(Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+const K: u64 = 0x517c_c1b7_2722_0a95;
+
+impl Hasher for FastHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.write_u64(u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])));
+        }
+        for &b in chunks.remainder() {
+            self.write_u64(b as u64);
+        }
+    }
+    #[inline]
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(K);
+    }
+    #[inline]
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(v as u64);
+    }
+    #[inline]
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
+/// The process-wide stack trie. Node 0 is the empty stack.
+#[derive(Default)]
+pub struct Trie {
+    nodes: FastMap<(u32, u64), u32>,
+    next: u32,
+}
+
+impl Trie {
+    /// Interns `frames` (leaf first). New nodes are appended to `new_nodes` as
+    /// `(id, parent, ip)`, in an order where a parent always precedes its children.
+    pub fn intern(&mut self, frames: &[u64], new_nodes: &mut Vec<(u32, u32, u64)>) -> u32 {
+        let mut parent = 0u32;
+        for &ip in frames.iter().rev() {
+            let next = &mut self.next;
+            parent = *self.nodes.entry((parent, ip)).or_insert_with(|| {
+                *next += 1;
+                new_nodes.push((*next, parent, ip));
+                *next
+            });
+        }
+        parent
+    }
+}
+
+/// Per-thread cache of whole stacks to leaf node ids; cleared when it grows past a bound so the
+/// tracker's memory stays bounded whatever the run length.
+pub struct StackCache {
+    map: FastMap<Box<[u64]>, u32>,
+}
+
+const STACK_CACHE_MAX: usize = 1 << 14;
+
+impl StackCache {
+    pub fn new() -> Self {
+        StackCache {
+            map: FastMap::default(),
+        }
+    }
+    #[inline]
+    pub fn get(&self, frames: &[u64]) -> Option<u32> {
+        self.map.get(frames).copied()
+    }
+    pub fn insert(&mut self, frames: &[u64], id: u32) {
+        if self.map.len() >= STACK_CACHE_MAX {
+            self.map.clear();
+        }
+        self.map.insert(frames.into(), id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_prefixes_share_nodes() {
+        let mut t = Trie::default();
+        let mut new = Vec::new();
+        let a = t.intern(&[3, 2, 1], &mut new);
+        assert_eq!(new, vec![(1, 0, 1), (2, 1, 2), (3, 2, 3)]);
+        new.clear();
+        let b = t.intern(&[4, 2, 1], &mut new);
+        assert_eq!(new, vec![(4, 2, 4)]);
+        new.clear();
+        assert_eq!(t.intern(&[3, 2, 1], &mut new), a);
+        assert!(new.is_empty());
+        assert_ne!(a, b);
+        assert_eq!(t.intern(&[], &mut new), 0);
+    }
+}

@@ -1,0 +1,136 @@
+//! The writer thread: the only place that writes events to the capture file.
+
+use crate::guard::IgnoreAllocs;
+use crate::recorder::{self, now_mono_ns, Recorder, DISABLED, STATE};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use memtrack_format::EndReason;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) enum Msg {
+    /// A framed events chunk starting at the given offset of the buffer.
+    Chunk(Vec<u8>, usize),
+    /// A framed record.
+    Raw(Vec<u8>),
+    /// Write everything buffered, then `END`, then acknowledge.
+    Finish(EndReason, Arc<AtomicBool>),
+}
+
+/// Buffers older than this are collected by the writer even when not full, so a killed
+/// process loses at most ~250 ms of events.
+const MAX_AGE_NS: u64 = 150_000_000;
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
+
+/// Writes all of `bytes` to `fd`. On a write error recording stops (the file stays readable up
+/// to its last complete record) and one line goes to stderr.
+pub(crate) fn write_all(fd: i32, mut bytes: &[u8]) -> bool {
+    while !bytes.is_empty() {
+        // SAFETY: bytes is a valid slice; fd is the capture file opened by the tracker.
+        let n = unsafe { libc::write(fd, bytes.as_ptr() as *const libc::c_void, bytes.len()) };
+        if n < 0 {
+            // SAFETY: errno of this thread.
+            let e = unsafe { *libc::__errno_location() };
+            if e == libc::EINTR {
+                continue;
+            }
+            if STATE.swap(DISABLED, Ordering::AcqRel) != DISABLED {
+                let msg = b"memtrack: writing the capture failed; recording stopped\n";
+                // SAFETY: plain write of a static message to stderr.
+                unsafe { libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len()) };
+            }
+            return false;
+        }
+        bytes = &bytes[n as usize..];
+    }
+    true
+}
+
+pub(crate) fn run(rec: &'static Recorder, rx: Receiver<Msg>) {
+    IgnoreAllocs::forever();
+    let mut last_sweep = now_mono_ns();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(m) => handle(rec, &rx, m),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let now = now_mono_ns();
+        if now.saturating_sub(last_sweep) >= SWEEP_EVERY.as_nanos() as u64 {
+            sweep(rec, false);
+            last_sweep = now;
+        }
+    }
+}
+
+fn handle(rec: &Recorder, rx: &Receiver<Msg>, m: Msg) {
+    match m {
+        Msg::Chunk(data, start) => {
+            write_all(rec.fd, &data[start..]);
+            rec.recycle(data);
+        }
+        Msg::Raw(bytes) => {
+            write_all(rec.fd, &bytes);
+        }
+        Msg::Finish(reason, ack) => {
+            drain(rec, rx);
+            sweep(rec, true);
+            drain(rec, rx);
+            write_all(rec.fd, &recorder::end_record(rec, reason));
+            ack.store(true, Ordering::Release);
+        }
+    }
+}
+
+/// Writes what is queued now (not what arrives meanwhile, so it always ends).
+fn drain(rec: &Recorder, rx: &Receiver<Msg>) {
+    for _ in 0..rx.len() {
+        match rx.try_recv() {
+            Ok(m) => handle(rec, rx, m),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Collects buffers that are old enough (all non-empty ones when `force`) and forgets the
+/// states of threads that have exited and been emptied.
+pub(crate) fn sweep(rec: &Recorder, force: bool) {
+    let mut taken = Vec::new();
+    if let Ok(mut reg) = rec.registry.lock() {
+        let now = now_mono_ns();
+        reg.retain(|ts| {
+            let mut guard = ts.try_lock();
+            // At the end, wait briefly for a thread that is in the middle of an event.
+            let mut tries = 0;
+            while force && guard.is_none() && tries < 1000 {
+                std::thread::yield_now();
+                guard = ts.try_lock();
+                tries += 1;
+            }
+            let Some(mut b) = guard else { return true };
+            if b.open && (force || now.saturating_sub(b.opened_ns) >= MAX_AGE_NS) {
+                let dead = ts.dead.load(Ordering::Acquire);
+                let replacement = if dead {
+                    Vec::new()
+                } else {
+                    Vec::with_capacity(4096)
+                };
+                if let Some(t) = b.take_framed(replacement) {
+                    taken.push(t);
+                }
+            }
+            !ts.dead.load(Ordering::Acquire) || b.open
+        });
+    }
+    for (data, start) in taken {
+        write_all(rec.fd, &data[start..]);
+        rec.recycle(data);
+    }
+}
+
+/// `finish` when no writer thread was ever started.
+pub(crate) fn finish_inline(rec: &Recorder, reason: EndReason) {
+    sweep(rec, true);
+    write_all(rec.fd, &recorder::end_record(rec, reason));
+}
