@@ -202,8 +202,7 @@ fn cmd_run(output: Option<PathBuf>, force: bool, command: Vec<OsString>) -> Resu
             .display()
             .to_string();
         eprintln!("memtrack: capture written to {shown}");
-        eprintln!("memtrack: report on it with:");
-        eprintln!("    memtrack summary {shown}");
+        eprintln!("memtrack: report on it with: memtrack summary {shown}");
     } else {
         eprintln!(
             "memtrack: no capture was written to {}: the program may be statically linked (LD_PRELOAD cannot reach it) or it may have cleared LD_PRELOAD",
@@ -259,6 +258,9 @@ fn print_summary(file: &Path, cap: &Capture, s: &Summary) {
         s.argv.join(" ")
     };
     println!("  command:        {cmdline} (pid {})", s.pid);
+    if !s.exec_chain.is_empty() {
+        println!("  exec chain:     {}", s.exec_chain.join("  ->  "));
+    }
     println!(
         "  duration:       {:.3} s, {} thread{}, {} events",
         s.duration_seconds,

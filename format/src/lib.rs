@@ -33,6 +33,10 @@ pub mod record {
     pub const MODULES: u8 = 2;
     /// The traced process (or image, before exec) finished its capture: see [`crate::EndRecord`].
     pub const END: u8 = 3;
+    /// A new program image after `exec` continues the capture: the payload is a complete
+    /// [`crate::Header`] (magic included) of the new image. Its events follow, with sequence
+    /// numbers above every earlier one; blocks live before the exec are gone.
+    pub const IMAGE: u8 = 4;
 }
 
 /// Operation codes inside an events chunk. Every event op is followed by the sequence delta
@@ -508,34 +512,64 @@ pub enum EndReason {
     Other = 255,
 }
 
-/// The last record of a capture that ended cleanly.
+/// The last record of a capture that ended cleanly. Fixed width (a 2-byte frame prefix and a
+/// 21-byte payload), so an image started by `exec` can find it at the end of the file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EndRecord {
     /// The sequence number following the last event.
     pub seq: u64,
     pub time: u64,
     pub reason: EndReason,
+    /// The next unused stack node id: an image started by `exec` numbers its nodes from here.
+    pub next_stack_id: u32,
 }
 
+/// Encoded size of an `END` record, frame included.
+pub const END_RECORD_LEN: usize = 2 + END_PAYLOAD_LEN;
+const END_PAYLOAD_LEN: usize = 21;
+
 impl EndRecord {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::new();
-        put_uvarint(&mut b, self.seq);
-        put_uvarint(&mut b, self.time);
+    /// The whole framed record.
+    pub fn encode_framed(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(END_RECORD_LEN);
+        b.push(record::END);
+        b.push(END_PAYLOAD_LEN as u8);
+        b.extend_from_slice(&self.seq.to_le_bytes());
+        b.extend_from_slice(&self.time.to_le_bytes());
         b.push(self.reason as u8);
+        b.extend_from_slice(&self.next_stack_id.to_le_bytes());
         b
     }
     pub fn decode(payload: &[u8]) -> Result<EndRecord, FormatError> {
-        let mut c = Cursor::new(payload);
-        let seq = c.uvarint()?;
-        let time = c.uvarint()?;
-        let reason = match c.u8()? {
+        if payload.len() < END_PAYLOAD_LEN {
+            return Err(FormatError::Truncated);
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(payload[i..i + 8].try_into().unwrap_or([0; 8]));
+        let reason = match payload[16] {
             0 => EndReason::Exit,
             1 => EndReason::ImmediateExit,
             2 => EndReason::Exec,
             _ => EndReason::Other,
         };
-        Ok(EndRecord { seq, time, reason })
+        let next_stack_id = u32::from_le_bytes(payload[17..21].try_into().unwrap_or([0; 4]));
+        Ok(EndRecord {
+            seq: u64_at(0),
+            time: u64_at(8),
+            reason,
+            next_stack_id,
+        })
+    }
+    /// The `END` record that closes `file_tail`, if the data ends with one.
+    pub fn from_tail(file_tail: &[u8]) -> Option<EndRecord> {
+        let n = file_tail.len();
+        if n < END_RECORD_LEN {
+            return None;
+        }
+        let rec = &file_tail[n - END_RECORD_LEN..];
+        if rec[0] != record::END || rec[1] as usize != END_PAYLOAD_LEN {
+            return None;
+        }
+        EndRecord::decode(&rec[2..]).ok()
     }
 }
 
@@ -604,7 +638,7 @@ mod tests {
     fn torn_record_is_detected_and_unknown_records_skip() {
         let mut buf = Vec::new();
         put_record(&mut buf, 200, b"future record type");
-        put_record(&mut buf, record::END, &[1, 2, 0]);
+        put_record(&mut buf, record::END, &[0u8; 21]);
         let full = buf.len();
         put_record(&mut buf, record::EVENTS, &[0u8; 40]);
         buf.truncate(full + 20);

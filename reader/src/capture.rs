@@ -60,8 +60,12 @@ pub struct Capture {
     pub warnings: Vec<Warning>,
     /// Number of distinct threads with events.
     pub threads: usize,
-    /// The largest sequence number and time seen in any chunk's header (time in clock units).
+    /// The largest time seen in any chunk's header (clock units).
     pub last_chunk_time: u64,
+    /// Headers of the program images that followed the first one through `exec`.
+    pub images: Vec<Header>,
+    /// Sequence numbers at which an `exec` replaced the image: blocks live before are gone.
+    pub exec_boundaries: Vec<u64>,
 }
 
 /// One event, in global order.
@@ -127,6 +131,8 @@ impl Capture {
             warnings: Vec::new(),
             threads: 0,
             last_chunk_time: 0,
+            images: Vec::new(),
+            exec_boundaries: Vec::new(),
         };
         cap.index(data, first);
         cap.map = map;
@@ -176,7 +182,16 @@ impl Capture {
                     Err(e) => self.warnings.push(bad(e)),
                 },
                 record::END => match EndRecord::decode(r.payload) {
-                    Ok(e) => self.end = Some(e),
+                    Ok(e) => {
+                        if e.reason == memtrack_format::EndReason::Exec {
+                            self.exec_boundaries.push(e.seq);
+                        }
+                        self.end = Some(e);
+                    }
+                    Err(e) => self.warnings.push(bad(e)),
+                },
+                record::IMAGE => match Header::decode(r.payload) {
+                    Ok((h, _)) => self.images.push(h),
                     Err(e) => self.warnings.push(bad(e)),
                 },
                 _ => {} // a record type from a newer writer: skipped
@@ -185,6 +200,11 @@ impl Capture {
         self.threads = tids.len();
         // Stable: chunks of one thread never overlap in sequence numbers.
         self.chunks.sort_by_key(|c| c.header.base_seq);
+    }
+
+    /// The header of the image that ran last (the launched program, or what it exec'd into).
+    pub fn last_image(&self) -> &Header {
+        self.images.last().unwrap_or(&self.header)
     }
 
     pub fn path(&self) -> &Path {

@@ -127,6 +127,13 @@ impl Replay {
         }
     }
 
+    /// The program image was replaced by exec: its heap is gone (not leaked).
+    pub fn exec_reset(&mut self) {
+        self.live.clear();
+        self.pending_realloc.clear();
+        self.live_bytes = 0;
+    }
+
     /// Number of allocations live now.
     pub fn live_allocations(&self) -> u64 {
         self.live.len() as u64
@@ -153,8 +160,11 @@ impl Replay {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Summary {
     pub pid: u32,
+    /// The program that ran last (after any exec).
     pub executable: String,
     pub argv: Vec<String>,
+    /// Command lines of every program image, in order, when the process exec'd.
+    pub exec_chain: Vec<String>,
     pub peak_bytes: u64,
     pub peak_allocations: u64,
     pub peak_time_seconds: f64,
@@ -180,9 +190,13 @@ impl Capture {
         let mut stacks = StackTable::default();
         let mut r = Replay::new();
         let mut it = self.events(&mut stacks);
+        let mut boundaries = self.exec_boundaries.iter().copied().peekable();
         for ev in it.by_ref() {
             if ev.seq > until {
                 break;
+            }
+            while boundaries.next_if(|&b| ev.seq >= b).is_some() {
+                r.exec_reset();
             }
             r.apply(&ev);
         }
@@ -211,8 +225,16 @@ impl Capture {
             .max(self.last_chunk_time);
         Summary {
             pid: self.header.pid,
-            executable: self.header.executable.clone(),
-            argv: self.header.argv.clone(),
+            executable: self.last_image().executable.clone(),
+            argv: self.last_image().argv.clone(),
+            exec_chain: if self.images.is_empty() {
+                Vec::new()
+            } else {
+                std::iter::once(&self.header)
+                    .chain(&self.images)
+                    .map(|h| h.argv.join(" "))
+                    .collect()
+            },
             peak_bytes: r.peak_bytes,
             peak_allocations: r.peak_allocations,
             peak_time_seconds: self.seconds(r.peak_time),

@@ -142,7 +142,6 @@ fn every_function_exact() {
 
 /// The full every_function run, reallocarray included.
 #[test]
-#[ignore = "tracker bug: glibc's reallocarray calls realloc through the PLT, so each reallocarray is recorded twice (a Realloc and a ReallocArray event at the same address): total_allocations 15 instead of 13, total_bytes 19392 instead of 19200, overlapping_allocations 2, unmatched_frees 1"]
 fn every_function_with_reallocarray() {
     let work = Work::new("every_function_full");
     let exe = work.compile("every_function.c");

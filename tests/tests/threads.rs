@@ -220,7 +220,6 @@ fn threads_exact() {
 
 /// The threads capture should hold no free of a block it never saw allocated.
 #[test]
-#[ignore = "tracker bug: at thread exit, Rust std's TLS destructor runner frees the std::thread::Thread handle that the tracker's own hand-off (crossbeam try_send -> waker notify -> thread::current()) allocated inside the guard; the free runs outside the guard and is recorded, so about every other run reports unmatched_frees >= 1"]
 fn threads_no_unmatched_frees() {
     let work = Work::new("threads_unmatched");
     let exe = work.compile("threads.c");

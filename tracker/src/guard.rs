@@ -28,6 +28,14 @@ impl IgnoreAllocs {
         Some(IgnoreAllocs { errno })
     }
 
+    /// Takes the current `errno` as the one to restore: call it right after the real allocator
+    /// returned, so the program sees the allocator's errno and not ours.
+    #[inline]
+    pub fn keep_errno(&mut self) {
+        // SAFETY: __errno_location always returns this thread's valid errno slot.
+        self.errno = unsafe { *libc::__errno_location() };
+    }
+
     /// Marks the calling thread as the tracker's own for the rest of its life (writer thread).
     pub fn forever() {
         IN_TRACKER.with(|g| g.set(true));

@@ -227,18 +227,6 @@ fn open_from_env() -> Option<bool> {
             0o644 as libc::c_uint,
         )
     };
-    if fd < 0 {
-        // SAFETY: errno of this thread.
-        let e = unsafe { *libc::__errno_location() };
-        if e != libc::EEXIST {
-            stderr_line(&format!(
-                "memtrack: cannot create capture {path}: {}\n",
-                std::io::Error::from_raw_os_error(e)
-            ));
-        }
-        return Some(false);
-    }
-    let start_mono = recorder::now_mono_ns();
     let header = Header {
         version: FORMAT_VERSION,
         pid: pid as u32,
@@ -247,7 +235,7 @@ fn open_from_env() -> Option<bool> {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0),
         clock_unit_ns: recorder::CLOCK_UNIT_NS,
-        start_mono_ns: start_mono,
+        start_mono_ns: recorder::now_mono_ns(),
         executable: std::fs::read_link("/proc/self/exe")
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default(),
@@ -262,17 +250,83 @@ fn open_from_env() -> Option<bool> {
         pointer_size: 8,
         machine: 62,
     };
-    if !crate::writer::write_all(fd, &header.encode()) {
-        return Some(false);
-    }
-    Some(recorder::start(
-        Config {
+    if fd >= 0 {
+        if !crate::writer::write_all(fd, &header.encode()) {
+            return Some(false);
+        }
+        let cfg = Config {
             fd,
-            pid: pid as u32,
             skip_own_module: true,
-        },
-        start_mono,
-    ))
+            first_seq: 1,
+            first_stack_id: 1,
+        };
+        return Some(recorder::start(cfg, header.start_mono_ns));
+    }
+    // SAFETY: errno of this thread.
+    let e = unsafe { *libc::__errno_location() };
+    if e == libc::EEXIST {
+        // Either this process's previous image, which ended with exec: continue its capture;
+        // or another process's capture: leave it alone and run untracked.
+        return Some(continue_after_exec(&path, header));
+    }
+    stderr_line(&format!(
+        "memtrack: cannot create capture {path}: {}\n",
+        std::io::Error::from_raw_os_error(e)
+    ));
+    Some(false)
+}
+
+/// Appends this image to the capture its previous image (same pid) finished with `END(exec)`.
+fn continue_after_exec(path: &str, mut header: Header) -> bool {
+    use memtrack_format::{put_record, record, EndRecord, END_RECORD_LEN};
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut head = vec![0u8; 1 << 20];
+    let n = f.read(&mut head).unwrap_or(0);
+    head.truncate(n);
+    let Ok((old, _)) = Header::decode(&head) else {
+        return false;
+    };
+    if old.pid != header.pid {
+        return false;
+    }
+    let mut tail = [0u8; END_RECORD_LEN];
+    if f.seek(SeekFrom::End(-(END_RECORD_LEN as i64))).is_err() || f.read_exact(&mut tail).is_err()
+    {
+        return false;
+    }
+    let Some(end) = EndRecord::from_tail(&tail).filter(|e| e.reason == EndReason::Exec) else {
+        return false;
+    };
+    let Ok(cpath) = std::ffi::CString::new(path) else {
+        return false;
+    };
+    // SAFETY: open with a valid path.
+    let fd = unsafe {
+        libc::open(
+            cpath.as_ptr(),
+            libc::O_WRONLY | libc::O_APPEND | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    // Times stay relative to the capture's start, on the same monotonic clock.
+    header.start_mono_ns = old.start_mono_ns;
+    let mut image = Vec::new();
+    put_record(&mut image, record::IMAGE, &header.encode());
+    if !crate::writer::write_all(fd, &image) {
+        return false;
+    }
+    let cfg = Config {
+        fd,
+        skip_own_module: true,
+        first_seq: end.seq,
+        first_stack_id: end.next_stack_id,
+    };
+    recorder::start(cfg, old.start_mono_ns)
 }
 
 extern "C" fn atfork_child() {
@@ -303,28 +357,26 @@ pub fn destructor() {
 
 // ---------------------------------------------------------------- recording helpers
 
+/// Entered at the top of a hook: `Some` when this call is to be recorded. The guard is held
+/// across the real call, so allocation functions the real one calls through the PLT (glibc's
+/// `reallocarray` calls `realloc`) are not recorded a second time.
 #[inline(always)]
-fn recording() -> bool {
+fn enter() -> Option<IgnoreAllocs> {
     match STATE.load(Ordering::Relaxed) {
-        ACTIVE => true,
-        UNINIT => init(),
-        _ => false,
+        ACTIVE => IgnoreAllocs::enter(),
+        UNINIT if init() => IgnoreAllocs::enter(),
+        _ => None,
     }
 }
 
+/// After the real call: record the block it handed out, if any, keeping its errno.
 #[inline(always)]
-fn rec(ev: Ev) {
-    if recording() {
-        if let Some(_g) = IgnoreAllocs::enter() {
-            recorder::record(ev);
+fn done_alloc(g: Option<IgnoreAllocs>, kind: AllocKind, p: *mut c_void, size: usize) {
+    if let Some(mut g) = g {
+        g.keep_errno();
+        if !p.is_null() {
+            recorder::record(Ev::Alloc(kind, p as u64, size as u64));
         }
-    }
-}
-
-#[inline(always)]
-fn after_alloc(kind: AllocKind, p: *mut c_void, size: usize) {
-    if !p.is_null() {
-        rec(Ev::Alloc(kind, p as u64, size as u64));
     }
 }
 
@@ -337,9 +389,10 @@ pub unsafe fn malloc(size: usize) -> *mut c_void {
     let Some(f) = real_fn!(MALLOC, Malloc) else {
         return pool_alloc(size, 16);
     };
+    let g = enter();
     // SAFETY: forwarding the caller's arguments to the real function.
     let p = unsafe { f(size) };
-    after_alloc(AllocKind::Malloc, p, size);
+    done_alloc(g, AllocKind::Malloc, p, size);
     p
 }
 
@@ -350,12 +403,17 @@ pub unsafe fn free(p: *mut c_void) {
     if p.is_null() || in_pool(p) {
         return;
     }
-    // Recorded before the block goes back: no other thread can be handed it first.
-    rec(Ev::Free(p as u64));
-    if let Some(f) = real_fn!(FREE, Free) {
-        // SAFETY: forwarding a pointer the program obtained from the real allocator.
-        unsafe { f(p) }
+    let Some(f) = real_fn!(FREE, Free) else {
+        return;
+    };
+    let g = enter();
+    if g.is_some() {
+        // Recorded before the block goes back: no other thread can be handed it first.
+        recorder::record(Ev::Free(p as u64));
     }
+    // SAFETY: forwarding a pointer the program obtained from the real allocator.
+    unsafe { f(p) };
+    drop(g);
 }
 
 /// # Safety
@@ -368,9 +426,10 @@ pub unsafe fn calloc(n: usize, m: usize) -> *mut c_void {
             .checked_mul(m)
             .map_or(std::ptr::null_mut(), |s| pool_alloc(s, 16));
     };
+    let g = enter();
     // SAFETY: forwarding.
     let p = unsafe { f(n, m) };
-    after_alloc(AllocKind::Calloc, p, n.wrapping_mul(m));
+    done_alloc(g, AllocKind::Calloc, p, n.wrapping_mul(m));
     p
 }
 
@@ -388,34 +447,29 @@ unsafe fn realloc_from_pool(p: *mut c_void, size: usize) -> *mut c_void {
 
 /// realloc and reallocarray share this: `size` is None when `n * m` overflowed.
 #[inline]
-unsafe fn realloc_common(
+fn realloc_common(
     kind: AllocKind,
     p: *mut c_void,
     size: Option<usize>,
     call: impl FnOnce() -> *mut c_void,
 ) -> *mut c_void {
-    if p.is_null() {
-        let q = call();
-        after_alloc(kind, q, size.unwrap_or(0));
-        return q;
-    }
-    if size == Some(0) {
-        // glibc frees the block and returns NULL.
-        rec(Ev::Free(p as u64));
-        let q = call();
-        after_alloc(kind, q, 0);
-        return q;
-    }
-    let tracking = recording();
-    if tracking {
-        rec(Ev::ReallocFree(p as u64));
+    let g = enter();
+    let recording = g.is_some();
+    if recording && !p.is_null() {
+        if size == Some(0) {
+            // glibc frees the block and returns NULL.
+            recorder::record(Ev::Free(p as u64));
+        } else {
+            recorder::record(Ev::ReallocFree(p as u64));
+        }
     }
     let q = call();
-    if tracking {
-        if q.is_null() {
-            rec(Ev::ReallocFailed);
-        } else {
-            rec(Ev::Alloc(kind, q as u64, size.unwrap_or(0) as u64));
+    if let Some(mut g) = g {
+        g.keep_errno();
+        if !q.is_null() {
+            recorder::record(Ev::Alloc(kind, q as u64, size.unwrap_or(0) as u64));
+        } else if !p.is_null() && size != Some(0) {
+            recorder::record(Ev::ReallocFailed);
         }
     }
     q
@@ -433,7 +487,7 @@ pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
         return pool_alloc(size, 16);
     };
     // SAFETY: forwarding.
-    unsafe { realloc_common(AllocKind::Realloc, p, Some(size), || f(p, size)) }
+    realloc_common(AllocKind::Realloc, p, Some(size), || unsafe { f(p, size) })
 }
 
 /// # Safety
@@ -451,7 +505,9 @@ pub unsafe fn reallocarray(p: *mut c_void, n: usize, m: usize) -> *mut c_void {
         return std::ptr::null_mut();
     };
     // SAFETY: forwarding.
-    unsafe { realloc_common(AllocKind::ReallocArray, p, n.checked_mul(m), || f(p, n, m)) }
+    realloc_common(AllocKind::ReallocArray, p, n.checked_mul(m), || unsafe {
+        f(p, n, m)
+    })
 }
 
 /// # Safety
@@ -467,12 +523,16 @@ pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -
         unsafe { *out = p };
         return 0;
     };
+    let g = enter();
     // SAFETY: forwarding.
     let rc = unsafe { f(out, align, size) };
-    if rc == 0 {
-        // SAFETY: on success the real function stored the block in *out.
-        after_alloc(AllocKind::PosixMemalign, unsafe { *out }, size);
-    }
+    // SAFETY: on success the real function stored the block in *out.
+    let p = if rc == 0 {
+        unsafe { *out }
+    } else {
+        std::ptr::null_mut()
+    };
+    done_alloc(g, AllocKind::PosixMemalign, p, size);
     rc
 }
 
@@ -485,9 +545,10 @@ macro_rules! aligned_hook {
             let Some(f) = real_fn!($idx, Memalign) else {
                 return pool_alloc(size, align);
             };
+            let g = enter();
             // SAFETY: forwarding.
             let p = unsafe { f(align, size) };
-            after_alloc($kind, p, size);
+            done_alloc(g, $kind, p, size);
             p
         }
     };
@@ -504,9 +565,10 @@ macro_rules! page_hook {
             let Some(f) = real_fn!($idx, Malloc) else {
                 return pool_alloc(size, 4096);
             };
+            let g = enter();
             // SAFETY: forwarding.
             let p = unsafe { f(size) };
-            after_alloc($kind, p, size);
+            done_alloc(g, $kind, p, size);
             p
         }
     };

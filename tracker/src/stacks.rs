@@ -49,6 +49,19 @@ pub struct Trie {
 }
 
 impl Trie {
+    /// A trie whose first new node gets id `first` (an image after exec continues the ids).
+    pub fn starting_at(first: u32) -> Self {
+        Trie {
+            nodes: FastMap::default(),
+            next: first.max(1) - 1,
+        }
+    }
+
+    /// The id the next new node will get.
+    pub fn next_id(&self) -> u32 {
+        self.next + 1
+    }
+
     /// Interns `frames` (leaf first). New nodes are appended to `new_nodes` as
     /// `(id, parent, ip)`, in an order where a parent always precedes its children.
     pub fn intern(&mut self, frames: &[u64], new_nodes: &mut Vec<(u32, u32, u64)>) -> u32 {

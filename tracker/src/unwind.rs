@@ -260,7 +260,10 @@ pub fn capture(
         );
     }
     let mut read_stack = |addr: u64| {
-        if addr >= sp && addr.checked_add(8).is_some_and(|e| e <= stack_hi) && addr.is_multiple_of(8) {
+        if addr >= sp
+            && addr.checked_add(8).is_some_and(|e| e <= stack_hi)
+            && addr.is_multiple_of(8)
+        {
             // SAFETY: [sp, stack_hi) is this thread's live stack, mapped and readable.
             Ok(unsafe { std::ptr::read(addr as *const u64) })
         } else {

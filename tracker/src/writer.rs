@@ -1,8 +1,8 @@
 //! The writer thread: the only place that writes events to the capture file.
 
 use crate::guard::IgnoreAllocs;
-use crate::recorder::{self, now_mono_ns, Recorder, DISABLED, STATE};
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crate::recorder::{self, Recorder, DISABLED, STATE};
+use crossbeam_channel::{Receiver, TryRecvError};
 use memtrack_format::EndReason;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
@@ -20,7 +20,7 @@ pub(crate) enum Msg {
 
 /// Buffers older than this are collected by the writer even when not full, so a killed
 /// process loses at most ~250 ms of events.
-const MAX_AGE_NS: u64 = 150_000_000;
+const MAX_AGE_US: u64 = 150_000;
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
 /// Writes all of `bytes` to `fd`. On a write error recording stops (the file stays readable up
@@ -49,15 +49,27 @@ pub(crate) fn write_all(fd: i32, mut bytes: &[u8]) -> bool {
 
 pub(crate) fn run(rec: &'static Recorder, rx: Receiver<Msg>) {
     IgnoreAllocs::forever();
-    let mut last_sweep = now_mono_ns();
+    let mut last_sweep = rec.tick();
     loop {
-        match rx.recv_timeout(Duration::from_millis(50)) {
-            Ok(m) => handle(rec, &rx, m),
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+        // Polled, never a blocking receive: a blocked receiver makes crossbeam's senders look up
+        // `std::thread::current()`, which gives program threads a handle that std frees at thread
+        // exit, outside the guard, as if the program had freed an unknown block.
+        let mut got = false;
+        loop {
+            match rx.try_recv() {
+                Ok(m) => {
+                    handle(rec, &rx, m);
+                    got = true;
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
+            }
         }
-        let now = now_mono_ns();
-        if now.saturating_sub(last_sweep) >= SWEEP_EVERY.as_nanos() as u64 {
+        if !got {
+            std::thread::sleep(recorder::TICK);
+        }
+        let now = rec.tick();
+        if now.saturating_sub(last_sweep) >= SWEEP_EVERY.as_micros() as u64 {
             sweep(rec, false);
             last_sweep = now;
         }
@@ -98,7 +110,7 @@ fn drain(rec: &Recorder, rx: &Receiver<Msg>) {
 pub(crate) fn sweep(rec: &Recorder, force: bool) {
     let mut taken = Vec::new();
     if let Ok(mut reg) = rec.registry.lock() {
-        let now = now_mono_ns();
+        let now = rec.event_time();
         reg.retain(|ts| {
             let mut guard = ts.try_lock();
             // At the end, wait briefly for a thread that is in the middle of an event.
@@ -109,7 +121,7 @@ pub(crate) fn sweep(rec: &Recorder, force: bool) {
                 tries += 1;
             }
             let Some(mut b) = guard else { return true };
-            if b.open && (force || now.saturating_sub(b.opened_ns) >= MAX_AGE_NS) {
+            if b.open && (force || now.saturating_sub(b.opened_at) >= MAX_AGE_US) {
                 let dead = ts.dead.load(Ordering::Acquire);
                 let replacement = if dead {
                     Vec::new()
