@@ -676,7 +676,14 @@ mod tests {
             seq: 5,
             time: 6,
             reason: EndReason::Exec,
+            next_stack_id: 77,
         };
-        assert_eq!(EndRecord::decode(&e.encode()).unwrap(), e);
+        let framed = e.encode_framed();
+        assert_eq!(framed.len(), END_RECORD_LEN);
+        assert_eq!(EndRecord::decode(&framed[2..]).unwrap(), e);
+        let mut file = b"whatever came before".to_vec();
+        file.extend_from_slice(&framed);
+        assert_eq!(EndRecord::from_tail(&file), Some(e));
+        assert_eq!(EndRecord::from_tail(&file[..file.len() - 1]), None);
     }
 }
