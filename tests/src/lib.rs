@@ -573,22 +573,11 @@ pub fn assert_stack_starts_in(
     }
 }
 
-/// Removes memtrack's own messages from the stderr of `memtrack run`: lines that start with
-/// `memtrack:`, and indented lines right after such a line (the command it suggests,
-/// `    memtrack summary FILE`, is printed as an indented continuation).
+/// Removes memtrack's own messages (lines that start with `memtrack:`) from the stderr of
+/// `memtrack run`.
 pub fn strip_memtrack_lines(stderr: &str) -> String {
-    let mut out = String::new();
-    let mut in_message = false;
-    for line in stderr.split_inclusive('\n') {
-        if line.starts_with("memtrack:") {
-            in_message = true;
-            continue;
-        }
-        if in_message && line.starts_with(' ') {
-            continue;
-        }
-        in_message = false;
-        out.push_str(line);
-    }
-    out
+    stderr
+        .split_inclusive('\n')
+        .filter(|l| !l.starts_with("memtrack:"))
+        .collect()
 }

@@ -127,8 +127,7 @@ fn immediate_exit_is_a_complete_capture() {
 
 #[test]
 fn strip_memtrack_lines_keeps_the_programs_lines() {
-    let s =
-        "a\nmemtrack: capture written to x\nmemtrack: report on it with:\n    memtrack summary x\n";
+    let s = "a\nmemtrack: capture written to x\nmemtrack: report on it with: memtrack summary x\n";
     assert_eq!(strip_memtrack_lines(s), "a\n");
     assert_eq!(
         strip_memtrack_lines("  indented\nmemtrack: x\nb\n  c\n"),

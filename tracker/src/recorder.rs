@@ -60,6 +60,8 @@ pub(crate) struct Recorder {
 
 struct ModuleSet {
     list: Vec<LoadedModule>,
+    /// Address ranges of `list`, shared with the threads for a lock-free check.
+    ranges: Arc<[(u64, u64)]>,
     /// None while a `dlclose` is in progress: stacks are not unwound through stale tables.
     unw: Option<Arc<Unw>>,
 }
@@ -148,6 +150,7 @@ impl Recorder {
         let unw = Arc::new(unwind::build_unwinder(&list));
         let rec = self.modules_record(&list);
         if let Ok(mut m) = self.modules.lock() {
+            m.ranges = ranges_of(&list);
             m.list = list;
             m.unw = Some(unw);
         }
@@ -162,13 +165,10 @@ impl Recorder {
         }
         self.unw_gen.fetch_add(1, Ordering::Release);
     }
+}
 
-    fn knows_address(&self, addr: u64) -> bool {
-        self.modules
-            .lock()
-            .map(|m| m.list.iter().any(|x| addr >= x.start && addr < x.end))
-            .unwrap_or(true)
-    }
+fn ranges_of(list: &[LoadedModule]) -> Arc<[(u64, u64)]> {
+    list.iter().map(|m| (m.start, m.end)).collect()
 }
 
 /// How a capture is started.
@@ -209,6 +209,7 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         trie: Mutex::new(Trie::starting_at(cfg.first_stack_id)),
         modules: Mutex::new(ModuleSet {
             list: Vec::new(),
+            ranges: ranges_of(&modules),
             unw: Some(unw),
         }),
         unw_gen: AtomicU64::new(1),
@@ -375,6 +376,12 @@ impl ChunkBuf {
 /// Only the owning thread touches this (or the orphan path, under its mutex).
 pub(crate) struct OwnerState {
     unw: Option<Arc<Unw>>,
+    ranges: Arc<[(u64, u64)]>,
+    /// The outermost frame of the last stack, known to lie in a recorded module (`_start` or
+    /// `clone3` for nearly every stack): checking it again costs one comparison.
+    known_outer: u64,
+    /// An outermost frame that no loaded module holds (JIT code): not looked up again.
+    unknown_outer: u64,
     unw_gen: u64,
     cache: Box<UnwCache>,
     stacks: StackCache,
@@ -387,6 +394,9 @@ impl OwnerState {
     fn new() -> Self {
         OwnerState {
             unw: None,
+            ranges: Arc::new([]),
+            known_outer: 0,
+            unknown_outer: 0,
             unw_gen: 0,
             cache: Box::new(UnwCache::new()),
             stacks: StackCache::new(),
@@ -400,8 +410,12 @@ impl OwnerState {
     fn stack_id(&mut self, rec: &Recorder) -> u32 {
         let gen = rec.unw_gen.load(Ordering::Acquire);
         if gen != self.unw_gen {
-            self.unw = rec.modules.lock().ok().and_then(|m| m.unw.clone());
+            if let Ok(m) = rec.modules.lock() {
+                self.unw = m.unw.clone();
+                self.ranges = m.ranges.clone();
+            }
             self.unw_gen = gen;
+            self.known_outer = 0;
         }
         let Some(unw) = self.unw.clone() else {
             return 0;
@@ -414,11 +428,21 @@ impl OwnerState {
             skip,
             &mut self.frames[..],
         );
-        if !complete && n > 0 {
-            // The walk stopped in code the unwinder does not know: possibly a module loaded
-            // since the last refresh (dlopen). Refresh once and unwind again.
-            if let Some(newer) = refresh_if_new_module(rec, self.frames[n - 1]) {
+        let _ = complete; // framehop may end "cleanly" on an unknown frame: check it instead.
+        let outer = if n > 0 { self.frames[n - 1] } else { 0 };
+        if outer != 0 && outer != self.known_outer && outer != self.unknown_outer {
+            if self
+                .ranges
+                .iter()
+                .any(|&(lo, hi)| outer >= lo && outer < hi)
+            {
+                self.known_outer = outer;
+            } else if let Some(newer) = refresh_if_new_module(rec, outer) {
+                // A module loaded since the last refresh (dlopen): unwind again through it.
                 self.unw_gen = rec.unw_gen.load(Ordering::Acquire);
+                if let Ok(m) = rec.modules.lock() {
+                    self.ranges = m.ranges.clone();
+                }
                 n = unwind::capture(
                     &newer,
                     &mut self.cache,
@@ -428,6 +452,8 @@ impl OwnerState {
                 )
                 .0;
                 self.unw = Some(newer);
+            } else {
+                self.unknown_outer = outer;
             }
         }
         let frames = &self.frames[..n];
@@ -469,9 +495,6 @@ fn dl_find_object() -> Option<DlFindObjectFn> {
 /// When `addr` lies in a loaded module that the current module list lacks, refreshes the list
 /// and returns the new unwinder.
 fn refresh_if_new_module(rec: &Recorder, addr: u64) -> Option<Arc<Unw>> {
-    if rec.knows_address(addr) {
-        return None;
-    }
     // Without `_dl_find_object` (glibc < 2.35) a new module is only seen at the next dlclose.
     let find = dl_find_object()?;
     let mut res = DlFindObject {

@@ -1,0 +1,112 @@
+//! The `memtrack` command's contract: output names, overwrite protection, errors, Python.
+
+use memtrack_tests::*;
+use std::process::Command;
+
+fn memtrack(args: &[&str], dir: &std::path::Path) -> Run {
+    let mut cmd = Command::new(&binaries().memtrack);
+    cmd.args(args).current_dir(dir);
+    let out = cmd.output().expect("memtrack runs");
+    Run {
+        status: out.status,
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn run_refuses_to_overwrite_without_force_and_names_default_output() {
+    let work = Work::new("cli_run");
+    let exe = work.compile("errno_check.c");
+    let exe_s = exe.to_str().unwrap();
+    std::fs::write(work.path("taken.cap"), b"precious").unwrap();
+    let r = memtrack(&["run", "-o", "taken.cap", "--", exe_s], work.dir());
+    assert_eq!(r.code(), Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("taken.cap") && r.stderr.contains("--force"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(std::fs::read(work.path("taken.cap")).unwrap(), b"precious");
+
+    let r = memtrack(
+        &["run", "-o", "taken.cap", "--force", "--", exe_s],
+        work.dir(),
+    );
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    assert!(open_capture(&work.path("taken.cap")).complete());
+
+    // Default name: memtrack-<command>.<pid>.cap in the current directory.
+    let r = memtrack(&["run", "--", exe_s], work.dir());
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    let names: Vec<String> = std::fs::read_dir(work.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("memtrack-errno_check."))
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let pid = names[0]
+        .strip_prefix("memtrack-errno_check.")
+        .and_then(|n| n.strip_suffix(".cap"))
+        .and_then(|p| p.parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("unexpected name {}", names[0]));
+    let cap = open_capture(&work.path(&names[0]));
+    assert_eq!(cap.header.pid, pid);
+    assert!(
+        r.stderr.contains(&names[0]),
+        "run names the capture: {}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("memtrack summary"), "{}", r.stderr);
+}
+
+#[test]
+fn summary_errors_name_the_file_and_exit_2() {
+    let work = Work::new("cli_errors");
+    let missing = memtrack(&["summary", "nope.cap"], work.dir());
+    assert_eq!(missing.code(), Some(2));
+    assert!(missing.stderr.contains("nope.cap"), "{}", missing.stderr);
+
+    std::fs::write(work.path("text.cap"), b"hello, not a capture\n").unwrap();
+    let bad = memtrack(&["summary", "text.cap"], work.dir());
+    assert_eq!(bad.code(), Some(2));
+    assert!(
+        bad.stderr.contains("text.cap") && bad.stderr.contains("not a memtrack capture"),
+        "{}",
+        bad.stderr
+    );
+
+    std::fs::write(work.path("empty.cap"), b"").unwrap();
+    let empty = memtrack(&["summary", "empty.cap"], work.dir());
+    assert_eq!(empty.code(), Some(2));
+    assert!(empty.stderr.contains("empty.cap"), "{}", empty.stderr);
+    assert!(!empty.stderr.contains("panicked"), "{}", empty.stderr);
+}
+
+#[test]
+fn python_gets_pythonmalloc_unless_set() {
+    let Ok(out) = Command::new("python3").arg("-c").arg("pass").output() else {
+        eprintln!("no python3 here: skipped");
+        return;
+    };
+    assert!(out.status.success());
+    let work = Work::new("cli_python");
+    let script = "import os; print(os.environ.get('PYTHONMALLOC'))";
+    let r = memtrack(
+        &["run", "-o", "py.cap", "--", "python3", "-c", script],
+        work.dir(),
+    );
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    assert_eq!(r.stdout_text(), "malloc\n");
+    assert!(r.stderr.contains("PYTHONMALLOC=malloc"), "{}", r.stderr);
+    let s = open_capture(&work.path("py.cap")).summary().unwrap();
+    assert!(s.complete && s.total_allocations > 1000, "{s:?}");
+
+    let mut cmd = Command::new(&binaries().memtrack);
+    cmd.args(["run", "-o", "py2.cap", "--", "python3", "-c", script])
+        .env("PYTHONMALLOC", "pymalloc")
+        .current_dir(work.dir());
+    let out = cmd.output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "pymalloc\n");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("setting PYTHONMALLOC"));
+}

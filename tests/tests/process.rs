@@ -1,0 +1,231 @@
+//! Process life: errno, exit from a thread, exec, dlopen'ed code, deep stacks.
+
+use memtrack_reader::EventKind;
+use memtrack_tests::*;
+use std::process::Command;
+
+#[test]
+fn errno_is_preserved_and_failed_calls_count_nothing() {
+    let work = Work::new("errno");
+    let exe = work.compile("errno_check.c");
+    assert_eq!(run_plain(&exe, &[] as &[&str]).code(), Some(0), "plain run");
+    let t = run_traced(&work, "errno.cap", &exe, &[] as &[&str]);
+    assert_eq!(
+        t.run.code(),
+        Some(0),
+        "errno check failed under memtrack: {:?}",
+        t.run
+    );
+    assert_figures(
+        &t.capture,
+        Figures {
+            peak_bytes: 100,
+            peak_allocations: 1,
+            leaked_bytes: 0,
+            leaked_allocations: 0,
+            total_allocations: 3,
+            total_bytes: 264,
+            total_frees: 3,
+        },
+    );
+}
+
+#[test]
+fn exit_from_a_second_thread_ends_the_capture_cleanly() {
+    let work = Work::new("exit_thread");
+    let exe = work.compile("exit_from_thread.c");
+    let t = run_traced(&work, "exit.cap", &exe, &[] as &[&str]);
+    assert_eq!(t.run.code(), Some(3), "{:?}", t.run);
+    let json = summary_json(&t.capture);
+    assert!(json_bool(&json, "complete"), "{json}");
+    assert_eq!(json["end_reason"], "exit", "{json}");
+
+    let cap = open_capture(&t.capture);
+    let (replay, stacks, _) = cap.replay();
+    let sites: Vec<_> = replay
+        .live_by_stack()
+        .into_iter()
+        .filter(|s| {
+            let m = exe_module(&cap, &exe);
+            let range = function_range(&exe, "leak_in_thread");
+            module_frames(&stacks, s.stack, m)
+                .first()
+                .copied()
+                .flatten()
+                .is_some_and(|rel| range.contains(&rel))
+        })
+        .collect();
+    // gcc may unroll the loop: up to four call sites, 4000 bytes in 4 blocks between them.
+    let bytes: u64 = sites.iter().map(|s| s.bytes).sum();
+    let blocks: u64 = sites.iter().map(|s| s.allocations).sum();
+    assert_eq!((bytes, blocks), (4000, 4), "{sites:?}");
+    for s in &sites {
+        assert_stack_starts_in(&cap, &stacks, s.stack, &exe, &["leak_in_thread", "body"]);
+    }
+}
+
+#[test]
+fn exec_continues_the_capture_into_the_new_image() {
+    let work = Work::new("exec");
+    let exe = work.compile("exec_chain.c");
+    let t = run_traced_ok(&work, "exec.cap", &exe, &["first"]);
+    let json = assert_figures(
+        &t.capture,
+        Figures {
+            peak_bytes: 2300,
+            peak_allocations: 2,
+            leaked_bytes: 2000,
+            leaked_allocations: 1,
+            total_allocations: 4,
+            total_bytes: 2900,
+            total_frees: 2,
+        },
+    );
+    assert!(json_bool(&json, "complete"), "{json}");
+    assert_eq!(json["end_reason"], "exit", "{json}");
+    let chain: Vec<String> = json["exec_chain"]
+        .as_array()
+        .expect("exec_chain")
+        .iter()
+        .map(|v| v.as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(chain.len(), 2, "{json}");
+    assert!(
+        chain[0].ends_with(" first") && chain[1].ends_with(" second"),
+        "{chain:?}"
+    );
+    assert_eq!(json["argv"][1], "second", "{json}");
+
+    // Each image's allocations carry stacks in that image's own functions.
+    let cap = open_capture(&t.capture);
+    assert_eq!(cap.images.len(), 1);
+    assert_eq!(cap.exec_boundaries.len(), 1);
+    let mut stacks = memtrack_reader::StackTable::default();
+    let allocs: Vec<_> = cap
+        .events(&mut stacks)
+        .filter_map(|e| match e.kind {
+            EventKind::Alloc { size, stack, .. } => Some((e.seq, size, stack)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        allocs.iter().map(|a| a.1).collect::<Vec<_>>(),
+        [500, 100, 2000, 300]
+    );
+    assert!(allocs[2].0 >= cap.exec_boundaries[0]);
+    assert!(allocs[1].0 < cap.exec_boundaries[0]);
+    // The second image's stack ids continue above the first image's.
+    assert!(allocs[2].2 > allocs[0].2, "{allocs:?}");
+    let second_modules = cap
+        .modules
+        .iter()
+        .rev()
+        .find(|m| m.seq >= cap.exec_boundaries[0])
+        .expect("the new image records its modules");
+    let exe_mod = &second_modules.modules[0];
+    let range = function_range(&exe, "second_alloc");
+    let frames = stacks.frames(allocs[2].2);
+    let rel = frames[0].wrapping_sub(exe_mod.base);
+    assert!(
+        range.contains(&rel),
+        "{frames:#x?} base {:#x}",
+        exe_mod.base
+    );
+}
+
+fn deep_stack_frames(depth: u32) -> (Vec<u64>, usize) {
+    let work = Work::new(&format!("deep{depth}"));
+    let exe = work.compile("deep_stack.c");
+    let t = run_traced_ok(&work, "deep.cap", &exe, &[depth.to_string()]);
+    let cap = open_capture(&t.capture);
+    let (replay, stacks, _) = cap.replay();
+    let live = replay.live_by_stack();
+    let site = live
+        .iter()
+        .find(|s| s.bytes == 64)
+        .unwrap_or_else(|| panic!("{live:?}"));
+    let module = exe_module(&cap, &exe);
+    let descend = function_range(&exe, "descend");
+    let frames = module_frames(&stacks, site.stack, module);
+    let in_descend = frames
+        .iter()
+        .filter(|f| f.is_some_and(|rel| descend.contains(&rel)))
+        .count();
+    assert_stack_starts_in(
+        &cap,
+        &stacks,
+        site.stack,
+        &exe,
+        &["bottom_alloc", "descend"],
+    );
+    (stacks.frames(site.stack), in_descend)
+}
+
+#[test]
+fn deep_stacks_are_kept_whole_up_to_256_frames() {
+    // bottom_alloc + 200 x descend + main + __libc_start_call_main + __libc_start_main + _start
+    let (frames, in_descend) = deep_stack_frames(200);
+    assert_eq!(in_descend, 200);
+    assert_eq!(frames.len(), 205, "{frames:#x?}");
+    // Deeper stacks are cut at 256 frames, innermost kept.
+    let (frames, in_descend) = deep_stack_frames(400);
+    assert_eq!(frames.len(), 256);
+    assert_eq!(in_descend, 255);
+}
+
+#[test]
+fn code_loaded_with_dlopen_is_unwound_and_its_module_recorded() {
+    let work = Work::new("dlopen");
+    let lib = work.path("libfixture.so");
+    let out = Command::new("gcc")
+        .args(["-O1", "-g", "-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(fixtures_dir().join("dlopen_lib.c"))
+        .output()
+        .expect("gcc");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exe = work.compile("dlopen_main.c");
+    let t = run_traced_ok(&work, "dl.cap", &exe, &[lib.to_str().unwrap()]);
+    let cap = open_capture(&t.capture);
+    let (_, stacks, _) = cap.replay();
+    let lib_site = function_range(&lib, "lib_site");
+    let lib_alloc = function_range(&lib, "lib_alloc");
+    let call_lib = function_range(&exe, "call_lib");
+    let exe_mod = exe_module(&cap, &exe);
+    let mut stacks_owned = memtrack_reader::StackTable::default();
+    let mut found = Vec::new();
+    for ev in cap.events(&mut stacks_owned) {
+        let EventKind::Alloc { size, stack, .. } = ev.kind else {
+            continue;
+        };
+        if size != 4096 && size != 8192 {
+            continue;
+        }
+        // The module set in force for this event: the last snapshot at or before it that
+        // includes the library.
+        let snapshot = cap
+            .modules
+            .iter()
+            .filter(|m| m.seq <= ev.seq)
+            .filter_map(|m| m.modules.iter().find(|x| x.path.ends_with("libfixture.so")))
+            .last()
+            .unwrap_or_else(|| panic!("no module record with libfixture.so before seq {}", ev.seq));
+        let frames = stacks.frames(stack);
+        let rel0 = frames[0].wrapping_sub(snapshot.base);
+        let rel1 = frames[1].wrapping_sub(snapshot.base);
+        let rel2 = frames[2].wrapping_sub(exe_mod.base);
+        assert!(
+            lib_site.contains(&rel0),
+            "frame 0 {frames:#x?}, lib base {:#x}",
+            snapshot.base
+        );
+        assert!(lib_alloc.contains(&rel1), "frame 1 {frames:#x?}");
+        assert!(call_lib.contains(&rel2), "frame 2 {frames:#x?}");
+        found.push(size);
+    }
+    assert_eq!(found, [4096, 8192]);
+}
