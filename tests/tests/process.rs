@@ -211,8 +211,8 @@ fn code_loaded_with_dlopen_is_unwound_and_its_module_recorded() {
             .modules
             .iter()
             .filter(|m| m.seq <= ev.seq)
-            .filter_map(|m| m.modules.iter().find(|x| x.path.ends_with("libfixture.so")))
-            .last()
+            .rev()
+            .find_map(|m| m.modules.iter().find(|x| x.path.ends_with("libfixture.so")))
             .unwrap_or_else(|| panic!("no module record with libfixture.so before seq {}", ev.seq));
         let frames = stacks.frames(stack);
         let rel0 = frames[0].wrapping_sub(snapshot.base);
