@@ -244,6 +244,9 @@ impl Capture {
     }
 }
 
+/// Stack node ids are dense; one past this is damage (it would make the table absurdly big).
+const MAX_STACK_ID: u64 = 1 << 27;
+
 /// Decoding state of one chunk.
 struct ChunkCursor<'a> {
     c: Cursor<'a>,
@@ -268,8 +271,9 @@ impl<'a> ChunkCursor<'a> {
 
     #[inline]
     fn head(&mut self) -> Result<(u64, u64, u64), FormatError> {
-        self.seq += self.c.uvarint()?;
-        self.time += self.c.uvarint()?;
+        // Wrapping: damaged input must not panic (a damaged value just yields odd figures).
+        self.seq = self.seq.wrapping_add(self.c.uvarint()?);
+        self.time = self.time.wrapping_add(self.c.uvarint()?);
         self.addr = self.addr.wrapping_add(self.c.ivarint()? as u64);
         Ok((self.seq, self.time, self.addr))
     }
@@ -284,10 +288,13 @@ impl<'a> ChunkCursor<'a> {
             let opcode = self.c.u8()?;
             let kind = match opcode {
                 op::STACK_NODE => {
-                    let id = self.c.uvarint()? as u32;
-                    let parent = self.c.uvarint()? as u32;
+                    let id = self.c.uvarint()?;
+                    let parent = self.c.uvarint()?;
                     let ip = self.c.uvarint()?;
-                    stacks.insert(id, parent, ip);
+                    if id > MAX_STACK_ID || parent >= id {
+                        return Err(FormatError::BadOp(op::STACK_NODE));
+                    }
+                    stacks.insert(id as u32, parent as u32, ip);
                     continue;
                 }
                 op::FREE => {

@@ -74,9 +74,10 @@ impl Replay {
     fn insert(&mut self, addr: u64, l: Live) {
         if let Some(old) = self.live.insert(addr, l) {
             self.overlapping_allocations += 1;
-            self.live_bytes -= old.size;
+            self.live_bytes = self.live_bytes.saturating_sub(old.size);
         }
-        self.live_bytes += l.size;
+        // Saturating: sizes from a damaged capture must not overflow (a real heap cannot).
+        self.live_bytes = self.live_bytes.saturating_add(l.size);
     }
 
     /// Applies one event.
@@ -96,7 +97,7 @@ impl Replay {
                     self.pending_realloc.remove(&ev.tid);
                 }
                 self.total_allocations += 1;
-                self.total_bytes += size;
+                self.total_bytes = self.total_bytes.saturating_add(size);
                 self.insert(addr, Live { size, stack });
                 if self.live_bytes > self.peak_bytes {
                     self.peak_bytes = self.live_bytes;
@@ -107,14 +108,14 @@ impl Replay {
             }
             EventKind::Free { addr } => match self.live.remove(&addr) {
                 Some(l) => {
-                    self.live_bytes -= l.size;
+                    self.live_bytes = self.live_bytes.saturating_sub(l.size);
                     self.total_frees += 1;
                 }
                 None => self.unmatched_frees += 1,
             },
             EventKind::ReallocFree { addr } => match self.live.remove(&addr) {
                 Some(l) => {
-                    self.live_bytes -= l.size;
+                    self.live_bytes = self.live_bytes.saturating_sub(l.size);
                     self.pending_realloc.insert(ev.tid, (addr, l));
                 }
                 None => self.unmatched_frees += 1,

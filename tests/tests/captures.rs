@@ -1,0 +1,167 @@
+//! Old captures keep reading, and damaged captures never panic the reader.
+
+use memtrack_reader::Capture;
+use memtrack_tests::*;
+use std::path::PathBuf;
+
+fn kept(name: &str) -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("captures")
+        .join(name)
+}
+
+fn figures(cap: &Capture) -> Figures {
+    Figures::from_summary(&cap.summary().expect("summary"))
+}
+
+#[test]
+fn version_1_captures_still_read_exactly() {
+    let cases = [
+        (
+            "v1-every-function.cap",
+            Figures {
+                peak_bytes: 14022,
+                peak_allocations: 10,
+                leaked_bytes: 3350,
+                leaked_allocations: 5,
+                total_allocations: 13,
+                total_bytes: 19200,
+                total_frees: 5,
+            },
+            1,
+        ),
+        (
+            "v1-threads.cap",
+            Figures {
+                peak_bytes: 3968,
+                peak_allocations: 37,
+                leaked_bytes: 1558,
+                leaked_allocations: 8,
+                total_allocations: 105,
+                total_bytes: 9494,
+                total_frees: 97,
+            },
+            5,
+        ),
+        (
+            "v1-exec-chain.cap",
+            Figures {
+                peak_bytes: 2300,
+                peak_allocations: 2,
+                leaked_bytes: 2000,
+                leaked_allocations: 1,
+                total_allocations: 4,
+                total_bytes: 2900,
+                total_frees: 2,
+            },
+            1,
+        ),
+    ];
+    for (name, expected, threads) in cases {
+        let cap = Capture::open(kept(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(cap.header.version, 1, "{name}");
+        assert!(cap.complete(), "{name}");
+        assert_eq!(cap.threads, threads, "{name}");
+        assert_eq!(figures(&cap), expected, "{name}");
+        let s = cap.summary().unwrap();
+        assert_eq!(
+            (
+                s.unmatched_frees,
+                s.overlapping_allocations,
+                s.corrupt_chunks
+            ),
+            (0, 0, 0)
+        );
+        // And through the command line.
+        assert_eq!(
+            Figures::from_json(&summary_json(&kept(name))),
+            expected,
+            "{name}"
+        );
+    }
+}
+
+/// Cut at every byte: the reader never panics; before the end of the header it is a clear
+/// error naming the file; after it, an incomplete capture whose figures never exceed the whole.
+#[test]
+fn a_capture_cut_at_any_byte_reads_up_to_its_last_complete_record() {
+    let work = Work::new("truncate");
+    for name in [
+        "v1-every-function.cap",
+        "v1-threads.cap",
+        "v1-exec-chain.cap",
+    ] {
+        let full = std::fs::read(kept(name)).unwrap();
+        let whole = figures(&Capture::open(kept(name)).unwrap());
+        let path = work.path(name);
+        let mut last_events = 0;
+        for cut in 0..full.len() {
+            std::fs::write(&path, &full[..cut]).unwrap();
+            match Capture::open(&path) {
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(name), "{name} cut at {cut}: {msg}");
+                }
+                Ok(cap) => {
+                    let s = cap.summary().unwrap();
+                    // Cut right after the END record the first image wrote at exec: a capture
+                    // that ended by exec (the new image may simply not have been traced).
+                    let ended_by_exec = s.end_reason == Some("exec");
+                    assert!(
+                        !cap.complete() || ended_by_exec,
+                        "{name} cut at {cut} claims to be complete"
+                    );
+                    assert!(
+                        s.total_allocations <= whole.total_allocations,
+                        "{name} @{cut}"
+                    );
+                    assert!(s.total_bytes <= whole.total_bytes, "{name} @{cut}");
+                    assert!(s.total_frees <= whole.total_frees, "{name} @{cut}");
+                    // More of the file never means fewer events.
+                    assert!(s.events >= last_events, "{name} @{cut}");
+                    last_events = s.events;
+                }
+            }
+        }
+    }
+}
+
+/// Flip bytes anywhere: opening and replaying may report damage, but never panics or hangs.
+#[test]
+fn damaged_bytes_never_panic_the_reader() {
+    let work = Work::new("damage");
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for name in [
+        "v1-every-function.cap",
+        "v1-threads.cap",
+        "v1-exec-chain.cap",
+    ] {
+        let full = std::fs::read(kept(name)).unwrap();
+        let path = work.path(name);
+        for round in 0..400 {
+            let mut data = full.clone();
+            let flips = 1 + (rnd() % 4) as usize;
+            for _ in 0..flips {
+                let at = (rnd() as usize) % data.len();
+                data[at] = match rnd() % 3 {
+                    0 => data[at] ^ (1 << (rnd() % 8)),
+                    1 => 0xff,
+                    _ => rnd() as u8,
+                };
+            }
+            std::fs::write(&path, &data).unwrap();
+            let result = std::panic::catch_unwind(|| {
+                if let Ok(cap) = Capture::open(&path) {
+                    let _ = cap.summary();
+                }
+            });
+            assert!(result.is_ok(), "{name}, round {round}: the reader panicked");
+        }
+    }
+}
