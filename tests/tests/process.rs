@@ -229,3 +229,59 @@ fn code_loaded_with_dlopen_is_unwound_and_its_module_recorded() {
     }
     assert_eq!(found, [4096, 8192]);
 }
+
+#[test]
+fn vfork_children_do_not_end_the_parents_capture() {
+    let work = Work::new("vfork");
+    let exe = work.compile("vfork_exec.c");
+    let t = run_traced_ok(&work, "vfork.cap", &exe, &[] as &[&str]);
+    let json = summary_json(&t.capture);
+    assert!(json_bool(&json, "complete"), "{json}");
+    assert_eq!(json["end_reason"], "exit", "{json}");
+    let cap = open_capture(&t.capture);
+    let (replay, stacks, _) = cap.replay();
+    let module = exe_module(&cap, &exe);
+    let site = function_range(&exe, "parent_alloc");
+    let mut mine: Vec<u64> = replay
+        .live_by_stack()
+        .into_iter()
+        .filter(|s| {
+            module_frames(&stacks, s.stack, module)
+                .first()
+                .copied()
+                .flatten()
+                .is_some_and(|rel| site.contains(&rel))
+        })
+        .map(|s| s.bytes)
+        .collect();
+    mine.sort();
+    assert_eq!(
+        mine,
+        [100, 200],
+        "both of the parent's blocks, the second made after the children"
+    );
+}
+
+#[test]
+fn a_program_that_closes_every_descriptor_never_gets_capture_bytes() {
+    let work = Work::new("close_fds");
+    let exe = work.compile("close_fds.c");
+    let log = work.path("program.log");
+    let t = run_traced(&work, "fds.cap", &exe, &[log.to_str().unwrap()]);
+    assert_eq!(t.run.code(), Some(0), "{:?}", t.run);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines = text.lines().count();
+    assert!(lines > 100, "{lines} lines");
+    assert!(
+        text.lines().all(|l| l == "log line"),
+        "the program's log holds foreign bytes"
+    );
+    // The capture holds what was recorded until the descriptor went away.
+    let cap = open_capture(&t.capture);
+    assert!(!cap.complete());
+    assert!(
+        t.run.stderr.contains("closed the capture file"),
+        "{}",
+        t.run.stderr
+    );
+}

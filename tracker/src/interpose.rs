@@ -615,8 +615,16 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
     rc
 }
 
+/// True in the process that records, false in a vfork child sharing its memory.
+fn is_owner() -> bool {
+    // SAFETY: getpid has no preconditions.
+    recorder::recorder().is_some_and(|r| r.pid == unsafe { libc::getpid() })
+}
+
 fn before_exec() {
-    recorder::finish(EndReason::Exec);
+    if is_owner() {
+        recorder::finish(EndReason::Exec);
+    }
 }
 
 /// # Safety
@@ -688,7 +696,9 @@ pub unsafe fn fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const
 /// # Safety
 /// C `_exit` contract.
 pub unsafe fn exit_now(status: c_int, upper: bool) -> ! {
-    recorder::finish(EndReason::ImmediateExit);
+    if is_owner() {
+        recorder::finish(EndReason::ImmediateExit);
+    }
     let f = if upper {
         real_fn!(EXIT_UPPER, Exit)
     } else {

@@ -42,7 +42,13 @@ pub fn is_recording() -> bool {
 }
 
 pub(crate) struct Recorder {
-    pub fd: i32,
+    fd: i32,
+    /// (st_dev, st_ino) of the capture: a program that closes every descriptor and opens
+    /// another file that gets our number must never receive capture bytes.
+    file_id: (u64, u64),
+    /// The process that owns this recorder: a vfork child shares its memory but must not end
+    /// its capture.
+    pub pid: i32,
     start_mono_ns: u64,
     pub tx: Sender<Msg>,
     rx: Mutex<Option<Receiver<Msg>>>,
@@ -89,7 +95,27 @@ pub(crate) fn now_mono_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+fn file_id(fd: i32) -> Option<(u64, u64)> {
+    // SAFETY: st is a valid out-pointer for fstat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a descriptor number; fails cleanly when it is closed.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+}
+
 impl Recorder {
+    /// Writes framed bytes to the capture, if the descriptor still is the capture.
+    pub fn write(&self, bytes: &[u8]) -> bool {
+        if file_id(self.fd) != Some(self.file_id) {
+            if STATE.swap(DISABLED, Ordering::AcqRel) != DISABLED {
+                let msg = b"memtrack: the program closed the capture file's descriptor; recording stopped\n";
+                // SAFETY: plain write of a static message to stderr.
+                unsafe { libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len()) };
+            }
+            return false;
+        }
+        writer::write_all(self.fd, bytes)
+    }
+
     /// The precise time, in clock units since the start.
     pub fn now_units(&self) -> u64 {
         now_mono_ns().saturating_sub(self.start_mono_ns) / CLOCK_UNIT_NS
@@ -140,7 +166,7 @@ impl Recorder {
         } else {
             // Before the writer starts (allocations before constructors), write synchronously:
             // the process is still single-threaded then.
-            writer::write_all(self.fd, &bytes);
+            self.write(&bytes);
         }
     }
 
@@ -197,8 +223,23 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
     if unsafe { libc::pthread_key_create(&mut key, Some(thread_exit)) } != 0 {
         return false;
     }
+    // Out of the way of the program's own low descriptor numbers.
+    // SAFETY: fcntl/close on the descriptor we own.
+    let fd = unsafe {
+        let high = libc::fcntl(cfg.fd, libc::F_DUPFD_CLOEXEC, 512);
+        if high >= 0 {
+            libc::close(cfg.fd);
+            high
+        } else {
+            cfg.fd
+        }
+    };
+    let Some(id) = file_id(fd) else { return false };
     let rec = Recorder {
-        fd: cfg.fd,
+        fd,
+        file_id: id,
+        // SAFETY: getpid has no preconditions.
+        pid: unsafe { libc::getpid() },
         start_mono_ns,
         tx,
         rx: Mutex::new(Some(rx)),
@@ -225,7 +266,7 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         return false;
     };
     let first = rec.modules_record(&modules);
-    writer::write_all(rec.fd, &first);
+    rec.write(&first);
     if let Ok(mut m) = rec.modules.lock() {
         m.list = modules;
     }
@@ -630,7 +671,7 @@ fn hand_off(rec: &Recorder, data: Vec<u8>, start: usize) {
     if rec.writer_started.load(Ordering::Acquire) {
         send(rec, Msg::Chunk(data, start));
     } else {
-        writer::write_all(rec.fd, &data[start..]);
+        rec.write(&data[start..]);
     }
 }
 

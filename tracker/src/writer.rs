@@ -79,17 +79,17 @@ pub(crate) fn run(rec: &'static Recorder, rx: Receiver<Msg>) {
 fn handle(rec: &Recorder, rx: &Receiver<Msg>, m: Msg) {
     match m {
         Msg::Chunk(data, start) => {
-            write_all(rec.fd, &data[start..]);
+            rec.write(&data[start..]);
             rec.recycle(data);
         }
         Msg::Raw(bytes) => {
-            write_all(rec.fd, &bytes);
+            rec.write(&bytes);
         }
         Msg::Finish(reason, ack) => {
             drain(rec, rx);
             sweep(rec, true);
             drain(rec, rx);
-            write_all(rec.fd, &recorder::end_record(rec, reason));
+            rec.write(&recorder::end_record(rec, reason));
             ack.store(true, Ordering::Release);
         }
     }
@@ -136,7 +136,7 @@ pub(crate) fn sweep(rec: &Recorder, force: bool) {
         });
     }
     for (data, start) in taken {
-        write_all(rec.fd, &data[start..]);
+        rec.write(&data[start..]);
         rec.recycle(data);
     }
 }
@@ -144,5 +144,5 @@ pub(crate) fn sweep(rec: &Recorder, force: bool) {
 /// `finish` when no writer thread was ever started.
 pub(crate) fn finish_inline(rec: &Recorder, reason: EndReason) {
     sweep(rec, true);
-    write_all(rec.fd, &recorder::end_record(rec, reason));
+    rec.write(&recorder::end_record(rec, reason));
 }
