@@ -7,6 +7,7 @@
 
 use crate::guard::IgnoreAllocs;
 use crate::recorder::{self, Config, Ev, ACTIVE, DISABLED, INITIALIZING, STATE, UNINIT};
+pub use crate::unwind::Caller;
 use memtrack_format::{AllocKind, EndReason, Header, FORMAT_VERSION};
 use std::ffi::CStr;
 use std::os::raw::{c_char, c_int, c_void};
@@ -371,11 +372,17 @@ fn enter() -> Option<IgnoreAllocs> {
 
 /// After the real call: record the block it handed out, if any, keeping its errno.
 #[inline(always)]
-fn done_alloc(g: Option<IgnoreAllocs>, kind: AllocKind, p: *mut c_void, size: usize) {
+fn done_alloc(
+    g: Option<IgnoreAllocs>,
+    kind: AllocKind,
+    p: *mut c_void,
+    size: usize,
+    caller: Caller,
+) {
     if let Some(mut g) = g {
         g.keep_errno();
         if !p.is_null() {
-            recorder::record(Ev::Alloc(kind, p as u64, size as u64));
+            recorder::record(Ev::Alloc(kind, p as u64, size as u64), Some(caller));
         }
     }
 }
@@ -385,14 +392,14 @@ fn done_alloc(g: Option<IgnoreAllocs>, kind: AllocKind, p: *mut c_void, size: us
 /// # Safety
 /// C `malloc` contract.
 #[inline]
-pub unsafe fn malloc(size: usize) -> *mut c_void {
+pub unsafe fn malloc(size: usize, caller: Caller) -> *mut c_void {
     let Some(f) = real_fn!(MALLOC, Malloc) else {
         return pool_alloc(size, 16);
     };
     let g = enter();
     // SAFETY: forwarding the caller's arguments to the real function.
     let p = unsafe { f(size) };
-    done_alloc(g, AllocKind::Malloc, p, size);
+    done_alloc(g, AllocKind::Malloc, p, size, caller);
     p
 }
 
@@ -409,7 +416,7 @@ pub unsafe fn free(p: *mut c_void) {
     let g = enter();
     if g.is_some() {
         // Recorded before the block goes back: no other thread can be handed it first.
-        recorder::record(Ev::Free(p as u64));
+        recorder::record(Ev::Free(p as u64), None);
     }
     // SAFETY: forwarding a pointer the program obtained from the real allocator.
     unsafe { f(p) };
@@ -419,7 +426,7 @@ pub unsafe fn free(p: *mut c_void) {
 /// # Safety
 /// C `calloc` contract.
 #[inline]
-pub unsafe fn calloc(n: usize, m: usize) -> *mut c_void {
+pub unsafe fn calloc(n: usize, m: usize, caller: Caller) -> *mut c_void {
     let Some(f) = real_fn!(CALLOC, Calloc) else {
         // The pool is zero-initialised static memory, never reused.
         return n
@@ -429,15 +436,15 @@ pub unsafe fn calloc(n: usize, m: usize) -> *mut c_void {
     let g = enter();
     // SAFETY: forwarding.
     let p = unsafe { f(n, m) };
-    done_alloc(g, AllocKind::Calloc, p, n.wrapping_mul(m));
+    done_alloc(g, AllocKind::Calloc, p, n.wrapping_mul(m), caller);
     p
 }
 
 #[cold]
-unsafe fn realloc_from_pool(p: *mut c_void, size: usize) -> *mut c_void {
+unsafe fn realloc_from_pool(p: *mut c_void, size: usize, caller: Caller) -> *mut c_void {
     // SAFETY: malloc contract; copies at most the old block's size.
     unsafe {
-        let q = malloc(size);
+        let q = malloc(size, caller);
         if !q.is_null() {
             std::ptr::copy_nonoverlapping(p as *const u8, q as *mut u8, size.min(pool_size(p)));
         }
@@ -451,6 +458,7 @@ fn realloc_common(
     kind: AllocKind,
     p: *mut c_void,
     size: Option<usize>,
+    caller: Caller,
     call: impl FnOnce() -> *mut c_void,
 ) -> *mut c_void {
     let g = enter();
@@ -458,18 +466,21 @@ fn realloc_common(
     if recording && !p.is_null() {
         if size == Some(0) {
             // glibc frees the block and returns NULL.
-            recorder::record(Ev::Free(p as u64));
+            recorder::record(Ev::Free(p as u64), None);
         } else {
-            recorder::record(Ev::ReallocFree(p as u64));
+            recorder::record(Ev::ReallocFree(p as u64), None);
         }
     }
     let q = call();
     if let Some(mut g) = g {
         g.keep_errno();
         if !q.is_null() {
-            recorder::record(Ev::Alloc(kind, q as u64, size.unwrap_or(0) as u64));
+            recorder::record(
+                Ev::Alloc(kind, q as u64, size.unwrap_or(0) as u64),
+                Some(caller),
+            );
         } else if !p.is_null() && size != Some(0) {
-            recorder::record(Ev::ReallocFailed);
+            recorder::record(Ev::ReallocFailed, None);
         }
     }
     q
@@ -478,26 +489,28 @@ fn realloc_common(
 /// # Safety
 /// C `realloc` contract.
 #[inline]
-pub unsafe fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
+pub unsafe fn realloc(p: *mut c_void, size: usize, caller: Caller) -> *mut c_void {
     if in_pool(p) {
         // SAFETY: p came from the pool.
-        return unsafe { realloc_from_pool(p, size) };
+        return unsafe { realloc_from_pool(p, size, caller) };
     }
     let Some(f) = real_fn!(REALLOC, Realloc) else {
         return pool_alloc(size, 16);
     };
     // SAFETY: forwarding.
-    realloc_common(AllocKind::Realloc, p, Some(size), || unsafe { f(p, size) })
+    realloc_common(AllocKind::Realloc, p, Some(size), caller, || unsafe {
+        f(p, size)
+    })
 }
 
 /// # Safety
 /// C `reallocarray` contract.
 #[inline]
-pub unsafe fn reallocarray(p: *mut c_void, n: usize, m: usize) -> *mut c_void {
+pub unsafe fn reallocarray(p: *mut c_void, n: usize, m: usize, caller: Caller) -> *mut c_void {
     if in_pool(p) {
         return match n.checked_mul(m) {
             // SAFETY: p came from the pool.
-            Some(s) => unsafe { realloc_from_pool(p, s) },
+            Some(s) => unsafe { realloc_from_pool(p, s, caller) },
             None => std::ptr::null_mut(),
         };
     }
@@ -505,15 +518,24 @@ pub unsafe fn reallocarray(p: *mut c_void, n: usize, m: usize) -> *mut c_void {
         return std::ptr::null_mut();
     };
     // SAFETY: forwarding.
-    realloc_common(AllocKind::ReallocArray, p, n.checked_mul(m), || unsafe {
-        f(p, n, m)
-    })
+    realloc_common(
+        AllocKind::ReallocArray,
+        p,
+        n.checked_mul(m),
+        caller,
+        || unsafe { f(p, n, m) },
+    )
 }
 
 /// # Safety
 /// C `posix_memalign` contract.
 #[inline]
-pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
+pub unsafe fn posix_memalign(
+    out: *mut *mut c_void,
+    align: usize,
+    size: usize,
+    caller: Caller,
+) -> c_int {
     let Some(f) = real_fn!(POSIX_MEMALIGN, PosixMemalign) else {
         let p = pool_alloc(size, align);
         if p.is_null() {
@@ -532,7 +554,7 @@ pub unsafe fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -
     } else {
         std::ptr::null_mut()
     };
-    done_alloc(g, AllocKind::PosixMemalign, p, size);
+    done_alloc(g, AllocKind::PosixMemalign, p, size, caller);
     rc
 }
 
@@ -541,14 +563,14 @@ macro_rules! aligned_hook {
         /// # Safety
         /// The C function's contract.
         #[inline]
-        pub unsafe fn $name(align: usize, size: usize) -> *mut c_void {
+        pub unsafe fn $name(align: usize, size: usize, caller: Caller) -> *mut c_void {
             let Some(f) = real_fn!($idx, Memalign) else {
                 return pool_alloc(size, align);
             };
             let g = enter();
             // SAFETY: forwarding.
             let p = unsafe { f(align, size) };
-            done_alloc(g, $kind, p, size);
+            done_alloc(g, $kind, p, size, caller);
             p
         }
     };
@@ -561,14 +583,14 @@ macro_rules! page_hook {
         /// # Safety
         /// The C function's contract.
         #[inline]
-        pub unsafe fn $name(size: usize) -> *mut c_void {
+        pub unsafe fn $name(size: usize, caller: Caller) -> *mut c_void {
             let Some(f) = real_fn!($idx, Malloc) else {
                 return pool_alloc(size, 4096);
             };
             let g = enter();
             // SAFETY: forwarding.
             let p = unsafe { f(size) };
-            done_alloc(g, $kind, p, size);
+            done_alloc(g, $kind, p, size, caller);
             p
         }
     };

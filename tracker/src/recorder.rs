@@ -2,7 +2,7 @@
 
 use crate::guard::IgnoreAllocs;
 use crate::stacks::{StackCache, Trie};
-use crate::unwind::{self, LoadedModule, Skip, Unw, UnwCache, MAX_FRAMES};
+use crate::unwind::{self, Caller, LoadedModule, Skip, Unw, UnwCache, MAX_FRAMES};
 use crate::writer::{self, Msg};
 use crossbeam_channel::{Receiver, Sender};
 use memtrack_format::{
@@ -447,8 +447,9 @@ impl OwnerState {
         }
     }
 
-    /// Unwinds the current stack and interns it; new trie nodes land in `self.new_nodes`.
-    fn stack_id(&mut self, rec: &Recorder) -> u32 {
+    /// Unwinds the stack (from `caller` when the hook captured it, else from here, dropping the
+    /// tracker's own frames) and interns it; new trie nodes land in `self.new_nodes`.
+    fn stack_id(&mut self, rec: &Recorder, caller: Option<Caller>) -> u32 {
         let gen = rec.unw_gen.load(Ordering::Acquire);
         if gen != self.unw_gen {
             if let Ok(m) = rec.modules.lock() {
@@ -458,18 +459,16 @@ impl OwnerState {
             self.unw_gen = gen;
             self.known_outer = 0;
         }
-        let Some(unw) = self.unw.clone() else {
+        let skip = rec.skip;
+        let walk = |unw: &Unw, cache: &mut UnwCache, hi: u64, frames: &mut [u64]| match caller {
+            Some(c) => unwind::capture_from(unw, cache, hi, c, frames).0,
+            None => unwind::capture(unw, cache, hi, skip, frames).0,
+        };
+        let Some(unw) = self.unw.as_deref() else {
             return 0;
         };
-        let skip = rec.skip;
-        let (mut n, complete) = unwind::capture(
-            &unw,
-            &mut self.cache,
-            self.stack_hi,
-            skip,
-            &mut self.frames[..],
-        );
-        let _ = complete; // framehop may end "cleanly" on an unknown frame: check it instead.
+        // framehop may end "cleanly" on a frame of unknown code: check the outermost frame.
+        let mut n = walk(unw, &mut self.cache, self.stack_hi, &mut self.frames[..]);
         let outer = if n > 0 { self.frames[n - 1] } else { 0 };
         if outer != 0 && outer != self.known_outer && outer != self.unknown_outer {
             if self
@@ -484,14 +483,7 @@ impl OwnerState {
                 if let Ok(m) = rec.modules.lock() {
                     self.ranges = m.ranges.clone();
                 }
-                n = unwind::capture(
-                    &newer,
-                    &mut self.cache,
-                    self.stack_hi,
-                    skip,
-                    &mut self.frames[..],
-                )
-                .0;
+                n = walk(&newer, &mut self.cache, self.stack_hi, &mut self.frames[..]);
                 self.unw = Some(newer);
             } else {
                 self.unknown_outer = outer;
@@ -688,14 +680,14 @@ pub(crate) enum Ev {
 
 /// Records one event for the calling thread. The caller holds the guard.
 #[inline]
-pub(crate) fn record(ev: Ev) {
+pub(crate) fn record(ev: Ev, caller: Option<Caller>) {
     let Some(rec) = recorder() else { return };
     match current_thread(rec) {
         Some(ts) => {
             // SAFETY: only this thread touches its owner state.
             let owner = unsafe { &mut *ts.owner.get() };
             let stack = match ev {
-                Ev::Alloc(..) => owner.stack_id(rec),
+                Ev::Alloc(..) => owner.stack_id(rec, caller),
                 _ => 0,
             };
             let full = {
@@ -711,7 +703,7 @@ pub(crate) fn record(ev: Ev) {
                 hand_off(rec, data, start);
             }
         }
-        None => record_orphan(rec, ev),
+        None => record_orphan(rec, ev, caller),
     }
 }
 
@@ -749,14 +741,14 @@ fn encode(
 /// Events of a thread that has no state (exiting, after its destructor ran): each becomes a
 /// one-event chunk of its own.
 #[cold]
-fn record_orphan(rec: &Recorder, ev: Ev) {
+fn record_orphan(rec: &Recorder, ev: Ev, caller: Option<Caller>) {
     let Ok(mut guard) = rec.orphan.lock() else {
         return;
     };
     let owner = guard.get_or_insert_with(|| Box::new(OwnerState::new()));
     owner.stack_hi = unwind::current_stack_top();
     let stack = match ev {
-        Ev::Alloc(..) => owner.stack_id(rec),
+        Ev::Alloc(..) => owner.stack_id(rec, caller),
         _ => 0,
     };
     let mut b = ChunkBuf::new(Vec::with_capacity(128));

@@ -6,13 +6,56 @@
 use memtrack_tracker::interpose as ip;
 use std::os::raw::{c_char, c_int, c_void};
 
-/// # Safety
-/// C `malloc`.
-#[no_mangle]
-pub unsafe extern "C" fn malloc(size: usize) -> *mut c_void {
-    // SAFETY: same contract.
-    unsafe { ip::malloc(size) }
+// Allocation functions are naked trampolines: on entry `[rsp]` is the return address into the
+// program and `rsp + 8` its stack pointer after the return, and rbp is still the caller's. They
+// pass these as extra arguments to the hook, so the stack walk starts at the program's caller of
+// malloc and never steps through the tracker's own frames (a third of the frames of a typical
+// stack). A tail jump: the hook returns straight to the program.
+
+macro_rules! trampoline {
+    ($(#[$doc:meta])* $name:ident => $imp:ident ( $($arg:ident : $ty:ty),* ) -> $ret:ty,
+     regs: $ip:literal, $sp:literal, $bp:literal, body: $body:expr) => {
+        $(#[$doc])*
+        /// # Safety
+        /// The C function's contract.
+        #[unsafe(naked)]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            core::arch::naked_asm!(
+                concat!("mov ", $ip, ", [rsp]"),
+                concat!("lea ", $sp, ", [rsp + 8]"),
+                concat!("mov ", $bp, ", rbp"),
+                "jmp {imp}",
+                imp = sym $imp,
+            )
+        }
+
+        unsafe extern "C" fn $imp($($arg: $ty,)* ip: u64, sp: u64, bp: u64) -> $ret {
+            let caller = ip::Caller { ip, sp, bp };
+            // SAFETY: the program's call, forwarded with the same contract.
+            unsafe { $body(caller) }
+        }
+    };
 }
+
+trampoline!(malloc => malloc_imp(size: usize) -> *mut c_void,
+    regs: "rsi", "rdx", "rcx", body: |c| ip::malloc(size, c));
+trampoline!(valloc => valloc_imp(size: usize) -> *mut c_void,
+    regs: "rsi", "rdx", "rcx", body: |c| ip::valloc(size, c));
+trampoline!(pvalloc => pvalloc_imp(size: usize) -> *mut c_void,
+    regs: "rsi", "rdx", "rcx", body: |c| ip::pvalloc(size, c));
+trampoline!(calloc => calloc_imp(n: usize, m: usize) -> *mut c_void,
+    regs: "rdx", "rcx", "r8", body: |c| ip::calloc(n, m, c));
+trampoline!(realloc => realloc_imp(p: *mut c_void, size: usize) -> *mut c_void,
+    regs: "rdx", "rcx", "r8", body: |c| ip::realloc(p, size, c));
+trampoline!(aligned_alloc => aligned_alloc_imp(align: usize, size: usize) -> *mut c_void,
+    regs: "rdx", "rcx", "r8", body: |c| ip::aligned_alloc(align, size, c));
+trampoline!(memalign => memalign_imp(align: usize, size: usize) -> *mut c_void,
+    regs: "rdx", "rcx", "r8", body: |c| ip::memalign(align, size, c));
+trampoline!(reallocarray => reallocarray_imp(p: *mut c_void, n: usize, m: usize) -> *mut c_void,
+    regs: "rcx", "r8", "r9", body: |c| ip::reallocarray(p, n, m, c));
+trampoline!(posix_memalign => posix_memalign_imp(out: *mut *mut c_void, align: usize, size: usize) -> c_int,
+    regs: "rcx", "r8", "r9", body: |c| ip::posix_memalign(out, align, size, c));
 
 /// # Safety
 /// C `free`.
@@ -28,70 +71,6 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
 pub unsafe extern "C" fn cfree(p: *mut c_void) {
     // SAFETY: same contract.
     unsafe { ip::free(p) }
-}
-
-/// # Safety
-/// C `calloc`.
-#[no_mangle]
-pub unsafe extern "C" fn calloc(n: usize, m: usize) -> *mut c_void {
-    // SAFETY: same contract.
-    unsafe { ip::calloc(n, m) }
-}
-
-/// # Safety
-/// C `realloc`.
-#[no_mangle]
-pub unsafe extern "C" fn realloc(p: *mut c_void, size: usize) -> *mut c_void {
-    // SAFETY: same contract.
-    unsafe { ip::realloc(p, size) }
-}
-
-/// # Safety
-/// C `reallocarray`.
-#[no_mangle]
-pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: usize, m: usize) -> *mut c_void {
-    // SAFETY: same contract.
-    unsafe { ip::reallocarray(p, n, m) }
-}
-
-/// # Safety
-/// C `posix_memalign`.
-#[no_mangle]
-pub unsafe extern "C" fn posix_memalign(out: *mut *mut c_void, align: usize, size: usize) -> c_int {
-    // SAFETY: same contract.
-    unsafe { ip::posix_memalign(out, align, size) }
-}
-
-/// # Safety
-/// C `aligned_alloc`.
-#[no_mangle]
-pub unsafe extern "C" fn aligned_alloc(align: usize, size: usize) -> *mut c_void {
-    // SAFETY: same contract.
-    unsafe { ip::aligned_alloc(align, size) }
-}
-
-/// # Safety
-/// C `memalign`.
-#[no_mangle]
-pub unsafe extern "C" fn memalign(align: usize, size: usize) -> *mut c_void {
-    // SAFETY: same contract.
-    unsafe { ip::memalign(align, size) }
-}
-
-/// # Safety
-/// C `valloc`.
-#[no_mangle]
-pub unsafe extern "C" fn valloc(size: usize) -> *mut c_void {
-    // SAFETY: same contract.
-    unsafe { ip::valloc(size) }
-}
-
-/// # Safety
-/// C `pvalloc`.
-#[no_mangle]
-pub unsafe extern "C" fn pvalloc(size: usize) -> *mut c_void {
-    // SAFETY: same contract.
-    unsafe { ip::pvalloc(size) }
 }
 
 /// # Safety
