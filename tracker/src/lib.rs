@@ -28,6 +28,7 @@ pub mod interpose;
 mod recorder;
 mod stacks;
 pub mod unwind;
+mod walker;
 mod writer;
 
 pub use guard::IgnoreAllocs;

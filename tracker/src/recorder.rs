@@ -1,8 +1,9 @@
 //! Global recording state, per-thread buffers and the event encoder.
 
 use crate::guard::IgnoreAllocs;
-use crate::stacks::{StackCache, Trie};
+use crate::stacks::Trie;
 use crate::unwind::{self, Caller, LoadedModule, Skip, Unw, UnwCache, MAX_FRAMES};
+use crate::walker::Walker;
 use crate::writer::{self, Msg};
 use crossbeam_channel::{Receiver, Sender};
 use memtrack_format::{
@@ -424,11 +425,9 @@ pub(crate) struct OwnerState {
     /// An outermost frame that no loaded module holds (JIT code): not looked up again.
     unknown_outer: u64,
     unw_gen: u64,
-    cache: Box<UnwCache>,
-    stacks: StackCache,
+    walker: Walker,
     stack_hi: u64,
     new_nodes: Vec<(u32, u32, u64)>,
-    frames: Box<[u64; MAX_FRAMES]>,
 }
 
 impl OwnerState {
@@ -439,11 +438,9 @@ impl OwnerState {
             known_outer: 0,
             unknown_outer: 0,
             unw_gen: 0,
-            cache: Box::new(UnwCache::new()),
-            stacks: StackCache::new(),
+            walker: Walker::new(),
             stack_hi: unwind::current_stack_top(),
             new_nodes: Vec::new(),
-            frames: Box::new([0; MAX_FRAMES]),
         }
     }
 
@@ -458,47 +455,62 @@ impl OwnerState {
             }
             self.unw_gen = gen;
             self.known_outer = 0;
+            self.walker.invalidate();
         }
-        let skip = rec.skip;
-        let walk = |unw: &Unw, cache: &mut UnwCache, hi: u64, frames: &mut [u64]| match caller {
-            Some(c) => unwind::capture_from(unw, cache, hi, c, frames).0,
-            None => unwind::capture(unw, cache, hi, skip, frames).0,
-        };
-        let Some(unw) = self.unw.as_deref() else {
+        let Some(unw) = self.unw.clone() else {
             return 0;
         };
+        let (id, outer) = self.walk(rec, &unw, caller);
         // framehop may end "cleanly" on a frame of unknown code: check the outermost frame.
-        let mut n = walk(unw, &mut self.cache, self.stack_hi, &mut self.frames[..]);
-        let outer = if n > 0 { self.frames[n - 1] } else { 0 };
-        if outer != 0 && outer != self.known_outer && outer != self.unknown_outer {
-            if self
-                .ranges
-                .iter()
-                .any(|&(lo, hi)| outer >= lo && outer < hi)
-            {
-                self.known_outer = outer;
-            } else if let Some(newer) = refresh_if_new_module(rec, outer) {
-                // A module loaded since the last refresh (dlopen): unwind again through it.
-                self.unw_gen = rec.unw_gen.load(Ordering::Acquire);
-                if let Ok(m) = rec.modules.lock() {
-                    self.ranges = m.ranges.clone();
-                }
-                n = walk(&newer, &mut self.cache, self.stack_hi, &mut self.frames[..]);
-                self.unw = Some(newer);
-            } else {
-                self.unknown_outer = outer;
-            }
-        }
-        let frames = &self.frames[..n];
-        if let Some(id) = self.stacks.get(frames) {
+        if outer == 0 || outer == self.known_outer || outer == self.unknown_outer {
             return id;
         }
-        let id = match rec.trie.lock() {
-            Ok(mut t) => t.intern(frames, &mut self.new_nodes),
+        if self
+            .ranges
+            .iter()
+            .any(|&(lo, hi)| outer >= lo && outer < hi)
+        {
+            self.known_outer = outer;
+            return id;
+        }
+        let Some(newer) = refresh_if_new_module(rec, outer) else {
+            self.unknown_outer = outer;
+            return id;
+        };
+        // A module loaded since the last refresh (dlopen): unwind again through it.
+        self.unw_gen = rec.unw_gen.load(Ordering::Acquire);
+        if let Ok(m) = rec.modules.lock() {
+            self.ranges = m.ranges.clone();
+        }
+        self.walker.invalidate();
+        self.unw = Some(newer.clone());
+        self.walk(rec, &newer, caller).0
+    }
+
+    fn walk(&mut self, rec: &Recorder, unw: &Unw, caller: Option<Caller>) -> (u32, u64) {
+        let new_nodes = &mut self.new_nodes;
+        let mut intern = |parent: u32, ip: u64| match rec.trie.lock() {
+            Ok(mut t) => t.intern_node(parent, ip, new_nodes),
             Err(_) => 0,
         };
-        self.stacks.insert(frames, id);
-        id
+        match caller {
+            Some(c) => {
+                let w = self.walker.walk(unw, self.stack_hi, c, &mut intern);
+                (w.node, w.outer)
+            }
+            None => {
+                let mut frames = [0u64; MAX_FRAMES];
+                let (n, _) = unwind::capture(
+                    unw,
+                    &mut UnwCache::new(),
+                    self.stack_hi,
+                    rec.skip,
+                    &mut frames,
+                );
+                let outer = if n > 0 { frames[n - 1] } else { 0 };
+                (self.walker.intern_frames(&frames[..n], &mut intern), outer)
+            }
+        }
     }
 }
 
@@ -747,6 +759,8 @@ fn record_orphan(rec: &Recorder, ev: Ev, caller: Option<Caller>) {
     };
     let owner = guard.get_or_insert_with(|| Box::new(OwnerState::new()));
     owner.stack_hi = unwind::current_stack_top();
+    // Shared by exiting threads: never reuse another thread's walk.
+    owner.walker.invalidate();
     let stack = match ev {
         Ev::Alloc(..) => owner.stack_id(rec, caller),
         _ => 0,

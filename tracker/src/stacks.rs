@@ -62,45 +62,28 @@ impl Trie {
         self.next + 1
     }
 
-    /// Interns `frames` (leaf first). New nodes are appended to `new_nodes` as
-    /// `(id, parent, ip)`, in an order where a parent always precedes its children.
+    /// Interns one node: the child `ip` of `parent`. A new node is appended to `new_nodes`.
+    pub fn intern_node(
+        &mut self,
+        parent: u32,
+        ip: u64,
+        new_nodes: &mut Vec<(u32, u32, u64)>,
+    ) -> u32 {
+        let next = &mut self.next;
+        *self.nodes.entry((parent, ip)).or_insert_with(|| {
+            *next += 1;
+            new_nodes.push((*next, parent, ip));
+            *next
+        })
+    }
+
+    /// Interns `frames` (leaf first).
+    #[cfg(test)]
     pub fn intern(&mut self, frames: &[u64], new_nodes: &mut Vec<(u32, u32, u64)>) -> u32 {
-        let mut parent = 0u32;
-        for &ip in frames.iter().rev() {
-            let next = &mut self.next;
-            parent = *self.nodes.entry((parent, ip)).or_insert_with(|| {
-                *next += 1;
-                new_nodes.push((*next, parent, ip));
-                *next
-            });
-        }
-        parent
-    }
-}
-
-/// Per-thread cache of whole stacks to leaf node ids; cleared when it grows past a bound so the
-/// tracker's memory stays bounded whatever the run length.
-pub struct StackCache {
-    map: FastMap<Box<[u64]>, u32>,
-}
-
-const STACK_CACHE_MAX: usize = 1 << 14;
-
-impl StackCache {
-    pub fn new() -> Self {
-        StackCache {
-            map: FastMap::default(),
-        }
-    }
-    #[inline]
-    pub fn get(&self, frames: &[u64]) -> Option<u32> {
-        self.map.get(frames).copied()
-    }
-    pub fn insert(&mut self, frames: &[u64], id: u32) {
-        if self.map.len() >= STACK_CACHE_MAX {
-            self.map.clear();
-        }
-        self.map.insert(frames.into(), id);
+        frames
+            .iter()
+            .rev()
+            .fold(0, |parent, &ip| self.intern_node(parent, ip, new_nodes))
     }
 }
 
