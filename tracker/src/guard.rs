@@ -1,57 +1,83 @@
-//! The one guard type for "do not record our own allocations" (dhat-rs `IgnoreAllocs`).
+//! The one guard type for "do not record our own allocations" (dhat-rs `IgnoreAllocs`), and the
+//! thread's tracker state pointer, kept together so a hook reads thread-local storage once.
 
 use std::cell::Cell;
+
+pub(crate) struct Tls {
+    in_tracker: Cell<bool>,
+    /// This thread's recorder state (`recorder::ThreadState`), null before its first event.
+    pub(crate) current: Cell<*const ()>,
+}
 
 thread_local! {
     // Const-initialised and without Drop: a plain TLS slot, so touching it never allocates
     // and never registers a destructor (it is read inside malloc).
-    static IN_TRACKER: Cell<bool> = const { Cell::new(false) };
+    static TLS: Tls = const { Tls { in_tracker: Cell::new(false), current: Cell::new(std::ptr::null()) } };
 }
 
-/// While alive, allocations made by this thread are passed through unrecorded. It also
-/// saves `errno` on entry and restores it on drop, so recording never changes what the
-/// program sees.
+/// While alive, allocations made by this thread are passed through unrecorded.
 pub struct IgnoreAllocs {
-    errno: i32,
+    tls: *const Tls,
 }
 
 impl IgnoreAllocs {
     /// Enters the tracker; `None` when this thread is already inside it.
     #[inline]
     pub fn enter() -> Option<IgnoreAllocs> {
-        let was = IN_TRACKER.with(|g| g.replace(true));
+        let tls = TLS.with(|t| t as *const Tls);
+        // SAFETY: the pointer is this thread's TLS slot, valid for the thread's life.
+        let was = unsafe { (*tls).in_tracker.replace(true) };
+        // Not `then_some`: it would build (and drop) a guard even when the flag was set, and
+        // the drop would clear the flag of the guard that holds it.
         if was {
-            return None;
+            None
+        } else {
+            Some(IgnoreAllocs { tls })
         }
-        // SAFETY: __errno_location always returns this thread's valid errno slot.
-        let errno = unsafe { *libc::__errno_location() };
-        Some(IgnoreAllocs { errno })
     }
 
-    /// Takes the current `errno` as the one to restore: call it right after the real allocator
-    /// returned, so the program sees the allocator's errno and not ours.
+    /// This thread's TLS, read through the guard that is already held.
     #[inline]
-    pub fn keep_errno(&mut self) {
-        // SAFETY: __errno_location always returns this thread's valid errno slot.
-        self.errno = unsafe { *libc::__errno_location() };
+    pub(crate) fn tls(&self) -> &Tls {
+        // SAFETY: see `enter`; the guard never leaves its thread (it is !Send: raw pointer).
+        unsafe { &*self.tls }
     }
 
     /// Marks the calling thread as the tracker's own for the rest of its life (writer thread).
     pub fn forever() {
-        IN_TRACKER.with(|g| g.set(true));
+        TLS.with(|t| t.in_tracker.set(true));
     }
 
     #[inline]
     pub fn active() -> bool {
-        IN_TRACKER.with(|g| g.get())
+        TLS.with(|t| t.in_tracker.get())
     }
 }
 
 impl Drop for IgnoreAllocs {
     #[inline]
     fn drop(&mut self) {
-        // SAFETY: as in `enter`.
-        unsafe { *libc::__errno_location() = self.errno };
-        IN_TRACKER.with(|g| g.set(false));
+        self.tls().in_tracker.set(false);
+    }
+}
+
+/// Saves `errno` and restores it on drop. Wrapped around the tracker's slow paths (syscalls,
+/// contended locks, thread set-up) so that recording never changes what the program sees; the
+/// per-event fast path makes no call that could set errno.
+pub(crate) struct SaveErrno(i32);
+
+impl SaveErrno {
+    #[inline]
+    pub(crate) fn new() -> SaveErrno {
+        // SAFETY: __errno_location always returns this thread's valid errno slot.
+        SaveErrno(unsafe { *libc::__errno_location() })
+    }
+}
+
+impl Drop for SaveErrno {
+    #[inline]
+    fn drop(&mut self) {
+        // SAFETY: as in `new`.
+        unsafe { *libc::__errno_location() = self.0 };
     }
 }

@@ -5,7 +5,7 @@
 //! made while the table is being filled, are served from a static bootstrap pool whose blocks
 //! are never handed to the real `free`.
 
-use crate::guard::IgnoreAllocs;
+use crate::guard::{IgnoreAllocs, SaveErrno};
 use crate::recorder::{self, Config, Ev, ACTIVE, DISABLED, INITIALIZING, STATE, UNINIT};
 pub use crate::unwind::Caller;
 use memtrack_format::{AllocKind, EndReason, Header, FORMAT_VERSION};
@@ -182,6 +182,7 @@ fn init() -> bool {
         STATE.store(UNINIT, Ordering::Release);
         return false;
     };
+    let _errno = SaveErrno::new();
     resolve();
     let next = match open_from_env() {
         Some(true) => ACTIVE,
@@ -379,10 +380,9 @@ fn done_alloc(
     size: usize,
     caller: Caller,
 ) {
-    if let Some(mut g) = g {
-        g.keep_errno();
+    if let Some(g) = g {
         if !p.is_null() {
-            recorder::record(Ev::Alloc(kind, p as u64, size as u64), Some(caller));
+            recorder::record(Ev::Alloc(kind, p as u64, size as u64), Some(caller), &g);
         }
     }
 }
@@ -414,9 +414,9 @@ pub unsafe fn free(p: *mut c_void) {
         return;
     };
     let g = enter();
-    if g.is_some() {
+    if let Some(g) = &g {
         // Recorded before the block goes back: no other thread can be handed it first.
-        recorder::record(Ev::Free(p as u64), None);
+        recorder::record(Ev::Free(p as u64), None, g);
     }
     // SAFETY: forwarding a pointer the program obtained from the real allocator.
     unsafe { f(p) };
@@ -462,25 +462,21 @@ fn realloc_common(
     call: impl FnOnce() -> *mut c_void,
 ) -> *mut c_void {
     let g = enter();
-    let recording = g.is_some();
-    if recording && !p.is_null() {
+    if let (Some(g), false) = (&g, p.is_null()) {
         if size == Some(0) {
             // glibc frees the block and returns NULL.
-            recorder::record(Ev::Free(p as u64), None);
+            recorder::record(Ev::Free(p as u64), None, g);
         } else {
-            recorder::record(Ev::ReallocFree(p as u64), None);
+            recorder::record(Ev::ReallocFree(p as u64), None, g);
         }
     }
     let q = call();
-    if let Some(mut g) = g {
-        g.keep_errno();
+    if let Some(g) = &g {
         if !q.is_null() {
-            recorder::record(
-                Ev::Alloc(kind, q as u64, size.unwrap_or(0) as u64),
-                Some(caller),
-            );
+            let ev = Ev::Alloc(kind, q as u64, size.unwrap_or(0) as u64);
+            recorder::record(ev, Some(caller), g);
         } else if !p.is_null() && size != Some(0) {
-            recorder::record(Ev::ReallocFailed, None);
+            recorder::record(Ev::ReallocFailed, None, g);
         }
     }
     q
@@ -625,12 +621,14 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
     if let Some(r) = rec {
         // Stop unwinding through tables that may be unmapped, before they are.
         let _g = IgnoreAllocs::enter();
+        let _errno = SaveErrno::new();
         r.invalidate_modules();
     }
     // SAFETY: forwarding.
     let rc = unsafe { f(handle) };
     if let Some(r) = rec {
         if let Some(_g) = IgnoreAllocs::enter() {
+            let _errno = SaveErrno::new();
             r.refresh_modules();
         }
     }

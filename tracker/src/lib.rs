@@ -19,6 +19,7 @@
 //! let g = memtrack_tracker::IgnoreAllocs::enter();
 //! assert!(g.is_some());
 //! assert!(memtrack_tracker::IgnoreAllocs::enter().is_none());
+//! assert!(memtrack_tracker::IgnoreAllocs::active(), "a refused nested enter keeps the guard");
 //! drop(g);
 //! assert!(!memtrack_tracker::IgnoreAllocs::active());
 //! ```

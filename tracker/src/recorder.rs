@@ -1,6 +1,6 @@
 //! Global recording state, per-thread buffers and the event encoder.
 
-use crate::guard::IgnoreAllocs;
+use crate::guard::{IgnoreAllocs, SaveErrno};
 use crate::stacks::Trie;
 use crate::unwind::{self, Caller, LoadedModule, Skip, Unw, UnwCache, MAX_FRAMES};
 use crate::walker::Walker;
@@ -10,7 +10,7 @@ use memtrack_format::{
     op, put_ivarint, put_uvarint, record, AllocKind, ChunkHeader, EndReason, ModulesRecord,
     MAX_FRAME_PREFIX,
 };
-use std::cell::{Cell, UnsafeCell};
+use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -449,6 +449,7 @@ impl OwnerState {
     fn stack_id(&mut self, rec: &Recorder, caller: Option<Caller>) -> u32 {
         let gen = rec.unw_gen.load(Ordering::Acquire);
         if gen != self.unw_gen {
+            let _errno = SaveErrno::new();
             if let Ok(m) = rec.modules.lock() {
                 self.unw = m.unw.clone();
                 self.ranges = m.ranges.clone();
@@ -473,6 +474,7 @@ impl OwnerState {
             self.known_outer = outer;
             return id;
         }
+        let _errno = SaveErrno::new();
         let Some(newer) = refresh_if_new_module(rec, outer) else {
             self.unknown_outer = outer;
             return id;
@@ -489,9 +491,13 @@ impl OwnerState {
 
     fn walk(&mut self, rec: &Recorder, unw: &Unw, caller: Option<Caller>) -> (u32, u64) {
         let new_nodes = &mut self.new_nodes;
-        let mut intern = |parent: u32, ip: u64| match rec.trie.lock() {
-            Ok(mut t) => t.intern_node(parent, ip, new_nodes),
-            Err(_) => 0,
+        let mut intern = |parent: u32, ip: u64| {
+            // A contended lock may sleep in futex(), which sets errno.
+            let _errno = SaveErrno::new();
+            match rec.trie.lock() {
+                Ok(mut t) => t.intern_node(parent, ip, new_nodes),
+                Err(_) => 0,
+            }
         };
         match caller {
             Some(c) => {
@@ -617,12 +623,9 @@ impl ThreadState {
 
 const EXITED: *const ThreadState = std::ptr::dangling::<ThreadState>();
 
-thread_local! {
-    static CURRENT: Cell<*const ThreadState> = const { Cell::new(std::ptr::null()) };
-}
-
-fn current_thread(rec: &'static Recorder) -> Option<&'static ThreadState> {
-    let p = CURRENT.with(|c| c.get());
+#[inline]
+fn current_thread(rec: &'static Recorder, g: &IgnoreAllocs) -> Option<&'static ThreadState> {
+    let p = g.tls().current.get() as *const ThreadState;
     if p == EXITED {
         return None;
     }
@@ -631,6 +634,12 @@ fn current_thread(rec: &'static Recorder) -> Option<&'static ThreadState> {
         // reference given up by `into_raw` is dropped only in `thread_exit`).
         return Some(unsafe { &*p });
     }
+    new_thread_state(rec, g)
+}
+
+#[cold]
+fn new_thread_state(rec: &'static Recorder, g: &IgnoreAllocs) -> Option<&'static ThreadState> {
+    let _errno = SaveErrno::new();
     let ts = Arc::new(ThreadState {
         lock: AtomicBool::new(false),
         buf: UnsafeCell::new(ChunkBuf::new(rec.fresh_buffer())),
@@ -645,7 +654,7 @@ fn current_thread(rec: &'static Recorder) -> Option<&'static ThreadState> {
         return None;
     }
     let raw = Arc::into_raw(ts);
-    CURRENT.with(|c| c.set(raw));
+    g.tls().current.set(raw as *const ());
     // SAFETY: the key was created in `start`; the value is our own pointer.
     unsafe { libc::pthread_setspecific(rec.thread_key, raw as *const libc::c_void) };
     // SAFETY: just stored; see above.
@@ -655,8 +664,11 @@ fn current_thread(rec: &'static Recorder) -> Option<&'static ThreadState> {
 /// pthread key destructor: the thread is exiting. Hand its buffer to the writer; later events of
 /// this thread (other TLS destructors) take the orphan path.
 unsafe extern "C" fn thread_exit(p: *mut libc::c_void) {
-    let _g = IgnoreAllocs::enter();
-    CURRENT.with(|c| c.set(EXITED));
+    let Some(g) = IgnoreAllocs::enter() else {
+        return;
+    };
+    let _errno = SaveErrno::new();
+    g.tls().current.set(EXITED as *const ());
     if p.is_null() {
         return;
     }
@@ -672,6 +684,7 @@ unsafe extern "C" fn thread_exit(p: *mut libc::c_void) {
 }
 
 fn hand_off(rec: &Recorder, data: Vec<u8>, start: usize) {
+    let _errno = SaveErrno::new();
     if rec.writer_started.load(Ordering::Acquire) {
         send(rec, Msg::Chunk(data, start));
     } else {
@@ -692,9 +705,9 @@ pub(crate) enum Ev {
 
 /// Records one event for the calling thread. The caller holds the guard.
 #[inline]
-pub(crate) fn record(ev: Ev, caller: Option<Caller>) {
+pub(crate) fn record(ev: Ev, caller: Option<Caller>, g: &IgnoreAllocs) {
     let Some(rec) = recorder() else { return };
-    match current_thread(rec) {
+    match current_thread(rec, g) {
         Some(ts) => {
             // SAFETY: only this thread touches its owner state.
             let owner = unsafe { &mut *ts.owner.get() };
@@ -754,6 +767,7 @@ fn encode(
 /// one-event chunk of its own.
 #[cold]
 fn record_orphan(rec: &Recorder, ev: Ev, caller: Option<Caller>) {
+    let _errno = SaveErrno::new();
     let Ok(mut guard) = rec.orphan.lock() else {
         return;
     };
@@ -788,6 +802,7 @@ pub fn finish(reason: EndReason) {
     }
     let Some(rec) = recorder() else { return };
     let g = IgnoreAllocs::enter();
+    let errno = SaveErrno::new();
     if rec.writer_started.load(Ordering::Acquire) {
         let done = Arc::new(AtomicBool::new(false));
         send(rec, Msg::Finish(reason, done.clone()));
@@ -801,6 +816,7 @@ pub fn finish(reason: EndReason) {
     } else {
         writer::finish_inline(rec, reason);
     }
+    drop(errno);
     drop(g);
 }
 
