@@ -18,10 +18,12 @@
 //! assert_eq!(cur.uvarint().unwrap(), 300);
 //! ```
 
+pub mod chunk;
+
 /// First eight bytes of every capture.
 pub const MAGIC: &[u8; 8] = b"MEMTRACK";
 /// Format version written by this crate. Readers accept every version up to this one.
-pub const FORMAT_VERSION: u16 = 1;
+pub const FORMAT_VERSION: u16 = 2;
 /// Size of the fixed part of the header: magic, version (u16 LE), header body length (u32 LE).
 pub const FIXED_HEADER_LEN: usize = 14;
 
@@ -37,6 +39,9 @@ pub mod record {
     /// [`crate::Header`] (magic included) of the new image. Its events follow, with sequence
     /// numbers above every earlier one; blocks live before the exec are gone.
     pub const IMAGE: u8 = 4;
+    /// A chunk of one thread's events in the compact encoding (columns, zstd): see
+    /// [`crate::chunk`]. The writer turns every `EVENTS` chunk into one of these.
+    pub const EVENTS_Z: u8 = 5;
 }
 
 /// Operation codes inside an events chunk. Every event op is followed by the sequence delta
@@ -127,6 +132,8 @@ pub enum FormatError {
     BadString,
     #[error("unknown op code {0:#04x} in an events chunk")]
     BadOp(u8),
+    #[error("a compressed events chunk does not decompress")]
+    Compression,
 }
 
 // ---------------------------------------------------------------- encoding

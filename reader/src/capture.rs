@@ -2,6 +2,7 @@
 
 use crate::stacks::StackTable;
 use memmap2::Mmap;
+use memtrack_format::chunk::{CompactEvents, Item, Op, StreamEvents};
 use memtrack_format::{
     next_record, op, record, AllocKind, ChunkHeader, Cursor, EndRecord, FormatError, Header,
     ModulesRecord, Next,
@@ -47,6 +48,8 @@ pub struct ChunkRef {
     pub ops_offset: usize,
     pub end: usize,
     pub header: ChunkHeader,
+    /// The compact encoding (`EVENTS_Z`) rather than the stream encoding (`EVENTS`).
+    pub compact: bool,
 }
 
 /// An opened capture: the header, the record index, and the mapped bytes.
@@ -160,7 +163,7 @@ impl Capture {
                 error: e.to_string(),
             };
             match r.kind {
-                record::EVENTS => {
+                record::EVENTS | record::EVENTS_Z => {
                     let mut c = Cursor::new(r.payload);
                     match ChunkHeader::decode(&mut c) {
                         Ok(h) => {
@@ -170,6 +173,7 @@ impl Capture {
                                 ops_offset: payload_off + c.pos(),
                                 end: off,
                                 header: h,
+                                compact: r.kind == record::EVENTS_Z,
                             });
                             // A later END is only final if no events follow it (exec that failed).
                             self.end = None;
@@ -247,86 +251,77 @@ impl Capture {
 /// Stack node ids are dense; one past this is damage (it would make the table absurdly big).
 const MAX_STACK_ID: u64 = 1 << 27;
 
+enum Decoder<'a> {
+    Stream(StreamEvents<'a>),
+    Compact(Box<CompactEvents>),
+    /// A chunk that could not be opened (damaged): no events.
+    Broken,
+}
+
 /// Decoding state of one chunk.
 struct ChunkCursor<'a> {
-    c: Cursor<'a>,
+    dec: Decoder<'a>,
     tid: u32,
-    seq: u64,
-    time: u64,
-    addr: u64,
     pending: Option<Event>,
 }
 
 impl<'a> ChunkCursor<'a> {
     fn new(data: &'a [u8], ch: &ChunkRef) -> Self {
+        let ops = &data[ch.ops_offset..ch.end];
+        let dec = if ch.compact {
+            match CompactEvents::new(ops, &ch.header) {
+                Ok(z) => Decoder::Compact(Box::new(z)),
+                Err(_) => Decoder::Broken,
+            }
+        } else {
+            Decoder::Stream(StreamEvents::new(ops, &ch.header))
+        };
         ChunkCursor {
-            c: Cursor::new(&data[ch.ops_offset..ch.end]),
+            dec,
             tid: ch.header.tid,
-            seq: ch.header.base_seq,
-            time: ch.header.base_time,
-            addr: 0,
             pending: None,
         }
-    }
-
-    #[inline]
-    fn head(&mut self) -> Result<(u64, u64, u64), FormatError> {
-        // Wrapping: damaged input must not panic (a damaged value just yields odd figures).
-        self.seq = self.seq.wrapping_add(self.c.uvarint()?);
-        self.time = self.time.wrapping_add(self.c.uvarint()?);
-        self.addr = self.addr.wrapping_add(self.c.ivarint()? as u64);
-        Ok((self.seq, self.time, self.addr))
     }
 
     /// Decodes up to the next event; stack nodes on the way go to `stacks`.
     #[inline]
     fn advance(&mut self, stacks: &mut StackTable) -> Result<Option<Event>, FormatError> {
         loop {
-            if self.c.is_empty() {
-                return Ok(None);
-            }
-            let opcode = self.c.u8()?;
-            let kind = match opcode {
-                op::STACK_NODE => {
-                    let id = self.c.uvarint()?;
-                    let parent = self.c.uvarint()?;
-                    let ip = self.c.uvarint()?;
+            let item = match &mut self.dec {
+                Decoder::Stream(s) => s.next_item()?,
+                Decoder::Compact(z) => z.next_item()?,
+                Decoder::Broken => return Err(FormatError::Compression),
+            };
+            let Some(item) = item else { return Ok(None) };
+            let (seq, time, op) = match item {
+                Item::Node { id, parent, ip } => {
                     if id > MAX_STACK_ID || parent >= id {
                         return Err(FormatError::BadOp(op::STACK_NODE));
                     }
                     stacks.insert(id as u32, parent as u32, ip);
                     continue;
                 }
-                op::FREE => {
-                    let (_, _, addr) = self.head()?;
-                    EventKind::Free { addr }
-                }
-                op::REALLOC_FREE => {
-                    let (_, _, addr) = self.head()?;
-                    EventKind::ReallocFree { addr }
-                }
-                op::REALLOC_FAILED => {
-                    self.head()?;
-                    EventKind::ReallocFailed
-                }
-                o if o < op::FREE => {
-                    let kind =
-                        AllocKind::from_u8(o - op::ALLOC_BASE).ok_or(FormatError::BadOp(o))?;
-                    let (_, _, addr) = self.head()?;
-                    let size = self.c.uvarint()?;
-                    let stack = self.c.uvarint()? as u32;
-                    EventKind::Alloc {
-                        kind,
-                        addr,
-                        size,
-                        stack,
-                    }
-                }
-                o => return Err(FormatError::BadOp(o)),
+                Item::Event { seq, time, op } => (seq, time, op),
+            };
+            let kind = match op {
+                Op::Alloc {
+                    kind,
+                    addr,
+                    size,
+                    stack,
+                } => EventKind::Alloc {
+                    kind,
+                    addr,
+                    size,
+                    stack: stack as u32,
+                },
+                Op::Free { addr } => EventKind::Free { addr },
+                Op::ReallocFree { addr } => EventKind::ReallocFree { addr },
+                Op::ReallocFailed => EventKind::ReallocFailed,
             };
             return Ok(Some(Event {
-                seq: self.seq,
-                time: self.time,
+                seq,
+                time,
                 tid: self.tid,
                 kind,
             }));

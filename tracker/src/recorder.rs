@@ -34,7 +34,7 @@ static SEQ: Padded<AtomicU64> = Padded(AtomicU64::new(1));
 /// Time unit of event times in the capture: microseconds.
 pub(crate) const CLOCK_UNIT_NS: u64 = 1000;
 /// A thread hands its buffer to the writer once it holds this many bytes.
-const FLUSH_AT: usize = 64 * 1024;
+const FLUSH_AT: usize = 256 * 1024;
 const BUF_CAPACITY: usize = FLUSH_AT + 4096;
 
 /// True when events of this process are being recorded.
@@ -50,6 +50,9 @@ pub(crate) struct Recorder {
     /// The process that owns this recorder: a vfork child shares its memory but must not end
     /// its capture.
     pub pid: i32,
+    /// Turns the threads' chunks into the compact encoding; used by the writer thread only
+    /// (or by `finish` when no writer was ever started).
+    compactor: Mutex<memtrack_format::chunk::Compactor>,
     start_mono_ns: u64,
     pub tx: Sender<Msg>,
     rx: Mutex<Option<Receiver<Msg>>>,
@@ -115,6 +118,22 @@ impl Recorder {
             return false;
         }
         writer::write_all(self.fd, bytes)
+    }
+
+    /// Writes a framed `EVENTS` chunk, transcoded into the compact encoding.
+    pub fn write_chunk(&self, framed: &[u8]) -> bool {
+        use memtrack_format::{next_record, Next};
+        let Next::Record(r) = next_record(framed, 0) else {
+            return self.write(framed);
+        };
+        let mut out = Vec::with_capacity(framed.len() / 3);
+        let compacted = self
+            .compactor
+            .lock()
+            .map(|mut c| c.compact(r.payload, 1, &mut out).is_ok())
+            .unwrap_or(false);
+        // A chunk that cannot be transcoded (never expected) is kept as it is.
+        self.write(if compacted { &out } else { framed })
     }
 
     /// The precise time, in clock units since the start.
@@ -241,6 +260,7 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         file_id: id,
         // SAFETY: getpid has no preconditions.
         pid: unsafe { libc::getpid() },
+        compactor: Mutex::new(memtrack_format::chunk::Compactor::new()),
         start_mono_ns,
         tx,
         rx: Mutex::new(Some(rx)),
@@ -688,7 +708,7 @@ fn hand_off(rec: &Recorder, data: Vec<u8>, start: usize) {
     if rec.writer_started.load(Ordering::Acquire) {
         send(rec, Msg::Chunk(data, start));
     } else {
-        rec.write(&data[start..]);
+        rec.write_chunk(&data[start..]);
     }
 }
 

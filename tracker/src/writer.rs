@@ -79,7 +79,7 @@ pub(crate) fn run(rec: &'static Recorder, rx: Receiver<Msg>) {
 fn handle(rec: &Recorder, rx: &Receiver<Msg>, m: Msg) {
     match m {
         Msg::Chunk(data, start) => {
-            rec.write(&data[start..]);
+            rec.write_chunk(&data[start..]);
             rec.recycle(data);
         }
         Msg::Raw(bytes) => {
@@ -136,7 +136,7 @@ pub(crate) fn sweep(rec: &Recorder, force: bool) {
         });
     }
     for (data, start) in taken {
-        rec.write(&data[start..]);
+        rec.write_chunk(&data[start..]);
         rec.recycle(data);
     }
 }
