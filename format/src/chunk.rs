@@ -352,10 +352,7 @@ impl CompactEvents {
     #[inline]
     fn uv(&mut self, c: usize) -> Result<u64, FormatError> {
         let col = &mut self.cols[c];
-        let mut cur = Cursor::new(&self.block[col.pos..col.end]);
-        let v = cur.uvarint()?;
-        col.pos += cur.pos();
-        Ok(v)
+        crate::read_uvarint(&self.block, &mut col.pos, col.end)
     }
 
     #[inline]

@@ -167,6 +167,23 @@ pub fn put_record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
     buf.extend_from_slice(payload);
 }
 
+/// Reads an unsigned varint from `buf[*pos..end]` (the compact decoder's columns).
+#[inline]
+pub fn read_uvarint(buf: &[u8], pos: &mut usize, end: usize) -> Result<u64, FormatError> {
+    let end = end.min(buf.len());
+    if *pos < end {
+        let b = buf[*pos];
+        if b < 0x80 {
+            *pos += 1;
+            return Ok(b as u64);
+        }
+    }
+    let mut c = Cursor::new(&buf[(*pos).min(end)..end]);
+    let v = c.uvarint_slow()?;
+    *pos += c.pos();
+    Ok(v)
+}
+
 /// Largest encoded size of one record frame prefix (type + length varint).
 pub const MAX_FRAME_PREFIX: usize = 11;
 
@@ -206,6 +223,18 @@ impl<'a> Cursor<'a> {
 
     #[inline]
     pub fn uvarint(&mut self) -> Result<u64, FormatError> {
+        // Most values fit one byte.
+        if let Some(&b) = self.data.get(self.pos) {
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(b as u64);
+            }
+        }
+        self.uvarint_slow()
+    }
+
+    #[cold]
+    fn uvarint_slow(&mut self) -> Result<u64, FormatError> {
         let mut v: u64 = 0;
         let mut shift = 0u32;
         loop {

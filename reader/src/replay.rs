@@ -16,7 +16,10 @@ impl Hasher for AddrHasher {
     }
     #[inline]
     fn write_u64(&mut self, v: u64) {
-        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        // Folded multiply: good low bits (hashbrown's bucket index) and high bits (its tag), even
+        // for 16-byte-aligned addresses whose low bits are all zero.
+        let m = ((self.0 ^ v) as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = (m as u64) ^ ((m >> 64) as u64);
     }
     #[inline]
     fn write_u32(&mut self, v: u32) {
@@ -186,22 +189,52 @@ pub struct Summary {
 }
 
 impl Capture {
-    /// Replays the events with seq <= `until` (all of them for `u64::MAX`).
+    /// Replays the events with seq <= `until` (all of them for `u64::MAX`). Two threads: one
+    /// decodes and merges the chunks into batches, the other applies them, so the two halves of
+    /// the work overlap; at most a few batches are in flight.
     pub fn replay_until(&self, until: u64) -> (Replay, StackTable, usize) {
-        let mut stacks = StackTable::default();
+        const BATCH: usize = 16 * 1024;
         let mut r = Replay::new();
-        let mut it = self.events(&mut stacks);
-        let mut boundaries = self.exec_boundaries.iter().copied().peekable();
-        for ev in it.by_ref() {
-            if ev.seq > until {
-                break;
+        let (stacks, errors) = std::thread::scope(|scope| {
+            let (tx, rx) = crossbeam_channel::bounded::<Vec<Event>>(4);
+            let (back_tx, back_rx) = crossbeam_channel::bounded::<Vec<Event>>(6);
+            let decoder = scope.spawn(move || {
+                let mut stacks = StackTable::default();
+                let mut it = self.events(&mut stacks);
+                let mut batch = Vec::with_capacity(BATCH);
+                for ev in it.by_ref() {
+                    if ev.seq > until {
+                        break;
+                    }
+                    batch.push(ev);
+                    if batch.len() == BATCH {
+                        let fresh = back_rx
+                            .try_recv()
+                            .unwrap_or_else(|_| Vec::with_capacity(BATCH));
+                        if tx.send(std::mem::replace(&mut batch, fresh)).is_err() {
+                            break;
+                        }
+                    }
+                }
+                if !batch.is_empty() {
+                    let _ = tx.send(batch);
+                }
+                let errors = it.errors;
+                (stacks, errors)
+            });
+            let mut boundaries = self.exec_boundaries.iter().copied().peekable();
+            for mut batch in rx {
+                for ev in &batch {
+                    while boundaries.next_if(|&b| ev.seq >= b).is_some() {
+                        r.exec_reset();
+                    }
+                    r.apply(ev);
+                }
+                batch.clear();
+                let _ = back_tx.try_send(batch);
             }
-            while boundaries.next_if(|&b| ev.seq >= b).is_some() {
-                r.exec_reset();
-            }
-            r.apply(&ev);
-        }
-        let errors = it.errors;
+            decoder.join().unwrap_or_default()
+        });
         (r, stacks, errors)
     }
 

@@ -35,7 +35,9 @@ impl Hasher for FastHasher {
     }
     #[inline]
     fn finish(&self) -> u64 {
-        self.0
+        // Fold, so the low bits (the table index) depend on every input bit.
+        let m = (self.0 as u128).wrapping_mul(K as u128);
+        (m as u64) ^ ((m >> 64) as u64)
     }
 }
 

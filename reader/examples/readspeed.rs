@@ -1,0 +1,30 @@
+//! Times the reader's phases on a capture: `cargo run --release --example readspeed -- FILE`.
+use std::time::Instant;
+
+fn main() {
+    let path = std::env::args().nth(1).expect("usage: readspeed FILE");
+    let t = Instant::now();
+    let cap = memtrack_reader::Capture::open(&path).expect("open");
+    println!(
+        "open+index: {:?} ({} chunks)",
+        t.elapsed(),
+        cap.chunks.len()
+    );
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut stacks = memtrack_reader::StackTable::default();
+        let n = cap.events(&mut stacks).count();
+        let e = t.elapsed();
+        println!(
+            "decode+merge: {e:?}, {n} events, {:.1} M/s",
+            n as f64 / e.as_secs_f64() / 1e6
+        );
+        let t = Instant::now();
+        let (r, _, _) = cap.replay();
+        let e = t.elapsed();
+        println!(
+            "replay: {e:?}, {:.1} M/s",
+            r.events as f64 / e.as_secs_f64() / 1e6
+        );
+    }
+}
