@@ -138,19 +138,36 @@ pub enum FormatError {
 
 // ---------------------------------------------------------------- encoding
 
+/// Where encoded bytes go: a `Vec<u8>`, or the tracker's own buffers.
+pub trait ByteSink {
+    fn push_byte(&mut self, b: u8);
+    fn push_slice(&mut self, s: &[u8]);
+}
+
+impl ByteSink for Vec<u8> {
+    #[inline]
+    fn push_byte(&mut self, b: u8) {
+        self.push(b);
+    }
+    #[inline]
+    fn push_slice(&mut self, s: &[u8]) {
+        self.extend_from_slice(s);
+    }
+}
+
 /// Appends `v` as an unsigned LEB128 varint.
 #[inline]
-pub fn put_uvarint(buf: &mut Vec<u8>, mut v: u64) {
+pub fn put_uvarint<S: ByteSink + ?Sized>(buf: &mut S, mut v: u64) {
     while v >= 0x80 {
-        buf.push((v as u8) | 0x80);
+        buf.push_byte((v as u8) | 0x80);
         v >>= 7;
     }
-    buf.push(v as u8);
+    buf.push_byte(v as u8);
 }
 
 /// Appends `v` zigzag-encoded, so small negative deltas stay small.
 #[inline]
-pub fn put_ivarint(buf: &mut Vec<u8>, v: i64) {
+pub fn put_ivarint<S: ByteSink + ?Sized>(buf: &mut S, v: i64) {
     put_uvarint(buf, ((v << 1) ^ (v >> 63)) as u64);
 }
 
@@ -443,7 +460,7 @@ pub struct ChunkHeader {
 }
 
 impl ChunkHeader {
-    pub fn encode(&self, buf: &mut Vec<u8>) {
+    pub fn encode<S: ByteSink + ?Sized>(&self, buf: &mut S) {
         put_uvarint(buf, self.tid as u64);
         put_uvarint(buf, self.base_seq);
         put_uvarint(buf, self.base_time);

@@ -26,6 +26,7 @@
 
 mod guard;
 pub mod interpose;
+mod mapbuf;
 mod recorder;
 mod stacks;
 pub mod unwind;

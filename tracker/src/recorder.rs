@@ -1,14 +1,15 @@
 //! Global recording state, per-thread buffers and the event encoder.
 
 use crate::guard::{IgnoreAllocs, SaveErrno};
+use crate::mapbuf::MapBuf;
 use crate::stacks::Trie;
 use crate::unwind::{self, Caller, LoadedModule, Skip, Unw, UnwCache, MAX_FRAMES};
 use crate::walker::Walker;
 use crate::writer::{self, Msg};
 use crossbeam_channel::{Receiver, Sender};
 use memtrack_format::{
-    op, put_ivarint, put_uvarint, record, AllocKind, ChunkHeader, EndReason, ModulesRecord,
-    MAX_FRAME_PREFIX,
+    op, put_ivarint, put_uvarint, record, AllocKind, ByteSink, ChunkHeader, EndReason,
+    ModulesRecord, MAX_FRAME_PREFIX,
 };
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -35,7 +36,6 @@ static SEQ: Padded<AtomicU64> = Padded(AtomicU64::new(1));
 pub(crate) const CLOCK_UNIT_NS: u64 = 1000;
 /// A thread hands its buffer to the writer once it holds this many bytes.
 const FLUSH_AT: usize = 256 * 1024;
-const BUF_CAPACITY: usize = FLUSH_AT + 4096;
 
 /// True when events of this process are being recorded.
 pub fn is_recording() -> bool {
@@ -56,8 +56,8 @@ pub(crate) struct Recorder {
     start_mono_ns: u64,
     pub tx: Sender<Msg>,
     rx: Mutex<Option<Receiver<Msg>>>,
-    pool_tx: Sender<Vec<u8>>,
-    pool_rx: Receiver<Vec<u8>>,
+    pool_tx: Sender<MapBuf>,
+    pool_rx: Receiver<MapBuf>,
     pub writer_started: AtomicBool,
     pub registry: Mutex<Vec<Arc<ThreadState>>>,
     trie: Mutex<Trie>,
@@ -154,17 +154,14 @@ impl Recorder {
         CLOCK.0.load(Ordering::Relaxed)
     }
 
-    pub fn recycle(&self, mut buf: Vec<u8>) {
-        if buf.capacity() >= FLUSH_AT && buf.capacity() <= 2 * BUF_CAPACITY {
-            buf.clear();
-            let _ = self.pool_tx.try_send(buf);
-        }
+    pub fn recycle(&self, mut buf: MapBuf) {
+        buf.clear();
+        let _ = self.pool_tx.try_send(buf);
     }
 
-    fn fresh_buffer(&self) -> Vec<u8> {
-        self.pool_rx
-            .try_recv()
-            .unwrap_or_else(|_| Vec::with_capacity(BUF_CAPACITY))
+    /// A buffer from the pool, or a new mapping (None only when the kernel refuses memory).
+    pub fn fresh_buffer(&self) -> Option<MapBuf> {
+        self.pool_rx.try_recv().ok().or_else(MapBuf::new)
     }
 
     /// Encodes the current module set as a framed `MODULES` record.
@@ -362,7 +359,9 @@ pub(crate) fn send(rec: &Recorder, mut m: Msg) {
 
 /// The part of a thread's state the writer may take: the chunk being filled.
 pub(crate) struct ChunkBuf {
-    pub data: Vec<u8>,
+    /// None when no buffer could be mapped: events are then dropped (and counted as lost by the
+    /// reader's consistency checks) rather than risking the program.
+    pub data: Option<MapBuf>,
     pub open: bool,
     /// Event time (clock units) when the chunk was opened.
     pub opened_at: u64,
@@ -372,7 +371,7 @@ pub(crate) struct ChunkBuf {
 }
 
 impl ChunkBuf {
-    fn new(data: Vec<u8>) -> Self {
+    fn new(data: Option<MapBuf>) -> Self {
         ChunkBuf {
             data,
             open: false,
@@ -384,18 +383,26 @@ impl ChunkBuf {
     }
 
     /// Frames the open chunk and returns it as (buffer, offset of its first byte).
-    pub fn take_framed(&mut self, replacement: Vec<u8>) -> Option<(Vec<u8>, usize)> {
+    pub fn take_framed(&mut self, replacement: Option<MapBuf>) -> Option<(MapBuf, usize)> {
         if !self.open {
             return None;
         }
         self.open = false;
-        let mut data = std::mem::replace(&mut self.data, replacement);
+        let mut data = std::mem::replace(&mut self.data, replacement)?;
         let payload_len = data.len() - MAX_FRAME_PREFIX;
-        let mut prefix = Vec::with_capacity(MAX_FRAME_PREFIX);
-        prefix.push(record::EVENTS);
-        put_uvarint(&mut prefix, payload_len as u64);
-        let start = MAX_FRAME_PREFIX - prefix.len();
-        data[start..MAX_FRAME_PREFIX].copy_from_slice(&prefix);
+        let mut prefix = [0u8; MAX_FRAME_PREFIX];
+        let mut n = 1;
+        prefix[0] = record::EVENTS;
+        let mut v = payload_len as u64;
+        while v >= 0x80 {
+            prefix[n] = (v as u8) | 0x80;
+            v >>= 7;
+            n += 1;
+        }
+        prefix[n] = v as u8;
+        n += 1;
+        let start = MAX_FRAME_PREFIX - n;
+        data.as_mut_slice()[start..MAX_FRAME_PREFIX].copy_from_slice(&prefix[..n]);
         Some((data, start))
     }
 
@@ -405,14 +412,15 @@ impl ChunkBuf {
         let seq = SEQ.0.fetch_add(1, Ordering::Relaxed);
         let time = rec.event_time();
         if !self.open {
-            self.data.clear();
-            self.data.resize(MAX_FRAME_PREFIX, 0);
-            ChunkHeader {
-                tid,
-                base_seq: seq,
-                base_time: time,
+            if let Some(d) = self.data.as_mut() {
+                d.zeroed(MAX_FRAME_PREFIX);
+                ChunkHeader {
+                    tid,
+                    base_seq: seq,
+                    base_time: time,
+                }
+                .encode(d);
             }
-            .encode(&mut self.data);
             self.open = true;
             self.opened_at = time;
             self.last_seq = seq;
@@ -424,11 +432,12 @@ impl ChunkBuf {
 
     #[inline]
     fn put_event_head(&mut self, opcode: u8, seq: u64, time: u64, addr: u64) {
-        let d = &mut self.data;
-        d.push(opcode);
-        put_uvarint(d, seq - self.last_seq);
-        put_uvarint(d, time.saturating_sub(self.last_time));
-        put_ivarint(d, addr.wrapping_sub(self.last_addr) as i64);
+        if let Some(d) = self.data.as_mut() {
+            d.push_byte(opcode);
+            put_uvarint(d, seq - self.last_seq);
+            put_uvarint(d, time.saturating_sub(self.last_time));
+            put_ivarint(d, addr.wrapping_sub(self.last_addr) as i64);
+        }
         self.last_seq = seq;
         self.last_time = time.max(self.last_time);
         self.last_addr = addr;
@@ -695,7 +704,7 @@ unsafe extern "C" fn thread_exit(p: *mut libc::c_void) {
     // SAFETY: `p` is the pointer from `Arc::into_raw` in `current_thread`; this drops that ref.
     let ts = unsafe { Arc::from_raw(p as *const ThreadState) };
     if let Some(rec) = recorder() {
-        let taken = ts.lock().take_framed(Vec::new());
+        let taken = ts.lock().take_framed(None);
         ts.dead.store(true, Ordering::Release);
         if let Some((data, start)) = taken {
             hand_off(rec, data, start);
@@ -703,12 +712,13 @@ unsafe extern "C" fn thread_exit(p: *mut libc::c_void) {
     }
 }
 
-fn hand_off(rec: &Recorder, data: Vec<u8>, start: usize) {
+fn hand_off(rec: &Recorder, data: MapBuf, start: usize) {
     let _errno = SaveErrno::new();
     if rec.writer_started.load(Ordering::Acquire) {
         send(rec, Msg::Chunk(data, start));
     } else {
-        rec.write_chunk(&data[start..]);
+        rec.write_chunk(&data.as_slice()[start..]);
+        rec.recycle(data);
     }
 }
 
@@ -735,15 +745,29 @@ pub(crate) fn record(ev: Ev, caller: Option<Caller>, g: &IgnoreAllocs) {
                 Ev::Alloc(..) => owner.stack_id(rec, caller),
                 _ => 0,
             };
-            let full = {
+            let (before, full) = {
                 let mut b = ts.lock();
-                encode(rec, &mut b, ts.tid, ev, stack, &mut owner.new_nodes);
-                if b.data.len() >= FLUSH_AT && rec.writer_started.load(Ordering::Relaxed) {
+                // A chunk too full for this event is handed over first (never expected: chunks
+                // are handed over at FLUSH_AT, far below the buffer's size).
+                let room = event_room(owner.new_nodes.len());
+                let before = if b.open && b.data.as_ref().is_some_and(|d| d.spare() < room) {
                     b.take_framed(rec.fresh_buffer())
                 } else {
                     None
-                }
+                };
+                encode(rec, &mut b, ts.tid, ev, stack, &mut owner.new_nodes);
+                let full = if b.data.as_ref().is_some_and(|d| d.len() >= FLUSH_AT)
+                    && rec.writer_started.load(Ordering::Relaxed)
+                {
+                    b.take_framed(rec.fresh_buffer())
+                } else {
+                    None
+                };
+                (before, full)
             };
+            if let Some((data, start)) = before {
+                hand_off(rec, data, start);
+            }
             if let Some((data, start)) = full {
                 hand_off(rec, data, start);
             }
@@ -761,18 +785,22 @@ fn encode(
     nodes: &mut Vec<(u32, u32, u64)>,
 ) {
     let (seq, time) = b.begin_event(rec, tid);
-    for &(id, parent, ip) in nodes.iter() {
-        b.data.push(op::STACK_NODE);
-        put_uvarint(&mut b.data, id as u64);
-        put_uvarint(&mut b.data, parent as u64);
-        put_uvarint(&mut b.data, ip);
+    if let Some(d) = b.data.as_mut() {
+        for &(id, parent, ip) in nodes.iter() {
+            d.push_byte(op::STACK_NODE);
+            put_uvarint(d, id as u64);
+            put_uvarint(d, parent as u64);
+            put_uvarint(d, ip);
+        }
     }
     nodes.clear();
     match ev {
         Ev::Alloc(kind, addr, size) => {
             b.put_event_head(op::ALLOC_BASE + kind as u8, seq, time, addr);
-            put_uvarint(&mut b.data, size);
-            put_uvarint(&mut b.data, stack as u64);
+            if let Some(d) = b.data.as_mut() {
+                put_uvarint(d, size);
+                put_uvarint(d, stack as u64);
+            }
         }
         Ev::Free(addr) => b.put_event_head(op::FREE, seq, time, addr),
         Ev::ReallocFree(addr) => b.put_event_head(op::REALLOC_FREE, seq, time, addr),
@@ -781,6 +809,11 @@ fn encode(
             b.put_event_head(op::REALLOC_FAILED, seq, time, last)
         }
     }
+}
+
+/// Bytes one event may take in the stream encoding, stack nodes included.
+fn event_room(nodes: usize) -> usize {
+    64 + nodes * 32
 }
 
 /// Events of a thread that has no state (exiting, after its destructor ran): each becomes a
@@ -799,11 +832,11 @@ fn record_orphan(rec: &Recorder, ev: Ev, caller: Option<Caller>) {
         Ev::Alloc(..) => owner.stack_id(rec, caller),
         _ => 0,
     };
-    let mut b = ChunkBuf::new(Vec::with_capacity(128));
+    let mut b = ChunkBuf::new(rec.fresh_buffer());
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() } as u32;
     encode(rec, &mut b, tid, ev, stack, &mut owner.new_nodes);
-    if let Some((data, start)) = b.take_framed(Vec::new()) {
+    if let Some((data, start)) = b.take_framed(None) {
         drop(guard);
         hand_off(rec, data, start);
     }

@@ -1,6 +1,7 @@
 //! The writer thread: the only place that writes events to the capture file.
 
 use crate::guard::IgnoreAllocs;
+use crate::mapbuf::MapBuf;
 use crate::recorder::{self, Recorder, DISABLED, STATE};
 use crossbeam_channel::{Receiver, TryRecvError};
 use memtrack_format::EndReason;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 pub(crate) enum Msg {
     /// A framed events chunk starting at the given offset of the buffer.
-    Chunk(Vec<u8>, usize),
+    Chunk(MapBuf, usize),
     /// A framed record.
     Raw(Vec<u8>),
     /// Write everything buffered, then `END`, then acknowledge.
@@ -79,7 +80,7 @@ pub(crate) fn run(rec: &'static Recorder, rx: Receiver<Msg>) {
 fn handle(rec: &Recorder, rx: &Receiver<Msg>, m: Msg) {
     match m {
         Msg::Chunk(data, start) => {
-            rec.write_chunk(&data[start..]);
+            rec.write_chunk(&data.as_slice()[start..]);
             rec.recycle(data);
         }
         Msg::Raw(bytes) => {
@@ -123,11 +124,7 @@ pub(crate) fn sweep(rec: &Recorder, force: bool) {
             let Some(mut b) = guard else { return true };
             if b.open && (force || now.saturating_sub(b.opened_at) >= MAX_AGE_US) {
                 let dead = ts.dead.load(Ordering::Acquire);
-                let replacement = if dead {
-                    Vec::new()
-                } else {
-                    Vec::with_capacity(4096)
-                };
+                let replacement = if dead { None } else { rec.fresh_buffer() };
                 if let Some(t) = b.take_framed(replacement) {
                     taken.push(t);
                 }
@@ -136,7 +133,7 @@ pub(crate) fn sweep(rec: &Recorder, force: bool) {
         });
     }
     for (data, start) in taken {
-        rec.write_chunk(&data[start..]);
+        rec.write_chunk(&data.as_slice()[start..]);
         rec.recycle(data);
     }
 }

@@ -1,0 +1,103 @@
+//! Chunk buffers mapped directly from the kernel. The tracker's large buffers never come from the
+//! program's malloc: that would share (and fragment) the program's arenas, and glibc moves its
+//! mmap threshold when a large block is freed, which would change how the program's own large
+//! allocations are served.
+
+use memtrack_format::ByteSink;
+
+/// Bytes per buffer: a thread hands its chunk over at `FLUSH_AT` (256 KiB); one event, stack
+/// nodes included, never needs more than the rest.
+pub(crate) const MAP_CAP: usize = 320 * 1024;
+
+pub(crate) struct MapBuf {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone.
+unsafe impl Send for MapBuf {}
+
+impl MapBuf {
+    /// A fresh mapping, or None when the kernel refuses one.
+    pub(crate) fn new() -> Option<MapBuf> {
+        // SAFETY: an anonymous private mapping with no address hint.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MAP_CAP,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        (p != libc::MAP_FAILED).then_some(MapBuf {
+            ptr: p as *mut u8,
+            len: 0,
+        })
+    }
+
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    #[inline]
+    pub(crate) fn clear(&mut self) {
+        self.len = 0;
+    }
+
+    /// Sets the length to `n` zero bytes (n <= MAP_CAP).
+    pub(crate) fn zeroed(&mut self, n: usize) {
+        let n = n.min(MAP_CAP);
+        // SAFETY: n bytes within the mapping.
+        unsafe { std::ptr::write_bytes(self.ptr, 0, n) };
+        self.len = n;
+    }
+
+    /// Room left.
+    #[inline]
+    pub(crate) fn spare(&self) -> usize {
+        MAP_CAP - self.len
+    }
+
+    #[inline]
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes of the mapping are initialised.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    #[inline]
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, exclusively borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+impl ByteSink for MapBuf {
+    #[inline]
+    fn push_byte(&mut self, b: u8) {
+        // A full buffer drops bytes rather than overrun; callers check `spare` first, so this
+        // never happens in practice (and a chunk cut short decodes as damaged, not as UB).
+        if self.len < MAP_CAP {
+            // SAFETY: len < MAP_CAP, inside the mapping.
+            unsafe { *self.ptr.add(self.len) = b };
+            self.len += 1;
+        }
+    }
+
+    #[inline]
+    fn push_slice(&mut self, s: &[u8]) {
+        let n = s.len().min(MAP_CAP - self.len);
+        // SAFETY: n bytes fit after len; source and mapping do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(s.as_ptr(), self.ptr.add(self.len), n) };
+        self.len += n;
+    }
+}
+
+impl Drop for MapBuf {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping this value owns.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, MAP_CAP) };
+    }
+}
