@@ -10,13 +10,22 @@ fn kept(name: &str) -> PathBuf {
         .join(name)
 }
 
+const ALL_KEPT: [&str; 6] = [
+    "v1-every-function.cap",
+    "v1-threads.cap",
+    "v1-exec-chain.cap",
+    "v2-every-function.cap",
+    "v2-threads.cap",
+    "v2-exec-chain.cap",
+];
+
 fn figures(cap: &Capture) -> Figures {
     Figures::from_summary(&cap.summary().expect("summary"))
 }
 
-#[test]
-fn version_1_captures_still_read_exactly() {
-    let cases = [
+/// The truths of the kept captures (the same programs were captured with every version).
+fn kept_cases() -> Vec<(&'static str, Figures, usize)> {
+    vec![
         (
             "v1-every-function.cap",
             Figures {
@@ -56,10 +65,28 @@ fn version_1_captures_still_read_exactly() {
             },
             1,
         ),
-    ];
-    for (name, expected, threads) in cases {
+    ]
+}
+
+#[test]
+fn captures_of_every_format_version_still_read_exactly() {
+    for version in [1u16, 2] {
+        for (name, expected, threads) in kept_cases() {
+            let name = name.replacen("v1", &format!("v{version}"), 1);
+            check_kept(&name, version, expected, threads);
+        }
+    }
+}
+
+fn check_kept(name: &str, version: u16, expected: Figures, threads: usize) {
+    {
         let cap = Capture::open(kept(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
-        assert_eq!(cap.header.version, 1, "{name}");
+        assert_eq!(cap.header.version, version, "{name}");
+        // Version 2 writes only compact chunks, version 1 only stream chunks.
+        assert!(
+            cap.chunks.iter().all(|c| c.compact == (version >= 2)),
+            "{name}"
+        );
         assert!(cap.complete(), "{name}");
         assert_eq!(cap.threads, threads, "{name}");
         assert_eq!(figures(&cap), expected, "{name}");
