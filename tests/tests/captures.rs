@@ -113,11 +113,7 @@ fn check_kept(name: &str, version: u16, expected: Figures, threads: usize) {
 #[test]
 fn a_capture_cut_at_any_byte_reads_up_to_its_last_complete_record() {
     let work = Work::new("truncate");
-    for name in [
-        "v1-every-function.cap",
-        "v1-threads.cap",
-        "v1-exec-chain.cap",
-    ] {
+    for name in ALL_KEPT {
         let full = std::fs::read(kept(name)).unwrap();
         let whole = figures(&Capture::open(kept(name)).unwrap());
         let path = work.path(name);
@@ -164,11 +160,7 @@ fn damaged_bytes_never_panic_the_reader() {
         state ^= state << 17;
         state
     };
-    for name in [
-        "v1-every-function.cap",
-        "v1-threads.cap",
-        "v1-exec-chain.cap",
-    ] {
+    for name in ALL_KEPT {
         let full = std::fs::read(kept(name)).unwrap();
         let path = work.path(name);
         for round in 0..400 {
