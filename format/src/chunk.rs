@@ -8,8 +8,8 @@
 //! freed a moment ago; a free names a block allocated in the same chunk), and the columns
 //! compressed with zstd. Each chunk still decodes on its own.
 
+use crate::hash::FastMap;
 use crate::{op, put_ivarint, put_uvarint, AllocKind, ChunkHeader, Cursor, FormatError};
-use std::collections::HashMap;
 
 /// One decoded operation of an events chunk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,8 +146,8 @@ const MAX_BLOCK: u64 = 1 << 30;
 #[derive(Default)]
 pub struct Compactor {
     cols: [Vec<u8>; COLUMNS],
-    allocs: HashMap<u64, u32>,
-    frees: HashMap<u64, u32>,
+    allocs: FastMap<u64, u32>,
+    frees: FastMap<u64, u32>,
     block: Vec<u8>,
 }
 

@@ -19,6 +19,7 @@
 //! ```
 
 pub mod chunk;
+pub mod hash;
 
 /// First eight bytes of every capture.
 pub const MAGIC: &[u8; 8] = b"MEMTRACK";

@@ -3,33 +3,8 @@
 use crate::capture::{Capture, Event, EventKind, ReadError};
 use crate::stacks::StackTable;
 use memtrack_format::EndReason;
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 
-#[derive(Default, Clone, Copy)]
-struct AddrHasher(u64);
-impl Hasher for AddrHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    #[inline]
-    fn write_u64(&mut self, v: u64) {
-        // Folded multiply: good low bits (hashbrown's bucket index) and high bits (its tag), even
-        // for 16-byte-aligned addresses whose low bits are all zero.
-        let m = ((self.0 ^ v) as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        self.0 = (m as u64) ^ ((m >> 64) as u64);
-    }
-    #[inline]
-    fn write_u32(&mut self, v: u32) {
-        self.write_u64(v as u64)
-    }
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-type Map<K, V> = HashMap<K, V, BuildHasherDefault<AddrHasher>>;
+type Map<K, V> = memtrack_format::hash::FastMap<K, V>;
 
 #[derive(Clone, Copy, Debug)]
 struct Live {

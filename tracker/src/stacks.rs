@@ -1,47 +1,7 @@
-//! Stack interning: a global trie of (parent node, return address) -> node id, with a
-//! per-thread map from whole stacks to their leaf node so a repeated stack costs one lookup.
+//! Stack interning: a process-wide trie of (parent node, return address) -> node id. Threads
+//! reach it only for nodes their own cache (`walker`) has not seen.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
-/// A small multiplicative hasher for addresses (keys are not attacker-controlled).
-#[derive(Default, Clone, Copy)]
-pub struct FastHasher(u64);
-
-const K: u64 = 0x517c_c1b7_2722_0a95;
-
-impl Hasher for FastHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for c in &mut chunks {
-            self.write_u64(u64::from_ne_bytes(c.try_into().unwrap_or([0; 8])));
-        }
-        for &b in chunks.remainder() {
-            self.write_u64(b as u64);
-        }
-    }
-    #[inline]
-    fn write_u64(&mut self, v: u64) {
-        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(K);
-    }
-    #[inline]
-    fn write_u32(&mut self, v: u32) {
-        self.write_u64(v as u64);
-    }
-    #[inline]
-    fn write_usize(&mut self, v: usize) {
-        self.write_u64(v as u64);
-    }
-    #[inline]
-    fn finish(&self) -> u64 {
-        // Fold, so the low bits (the table index) depend on every input bit.
-        let m = (self.0 as u128).wrapping_mul(K as u128);
-        (m as u64) ^ ((m >> 64) as u64)
-    }
-}
-
-pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+pub use memtrack_format::hash::FastMap;
 
 /// The process-wide stack trie. Node 0 is the empty stack.
 #[derive(Default)]
