@@ -326,6 +326,8 @@ pub(crate) fn start_writer() {
 
 extern "C" fn writer_entry(arg: *mut libc::c_void) -> *mut libc::c_void {
     IgnoreAllocs::forever();
+    // SAFETY: names the calling thread; the name is NUL-terminated and under 16 bytes.
+    unsafe { libc::pthread_setname_np(libc::pthread_self(), c"memtrack-writer".as_ptr()) };
     // SAFETY: `arg` is the Box made in `start_writer`, handed to this thread alone.
     let rx = unsafe { Box::from_raw(arg as *mut Receiver<Msg>) };
     if let Some(rec) = recorder() {
