@@ -6,9 +6,10 @@ fn main() {
     let t = Instant::now();
     let cap = memtrack_reader::Capture::open(&path).expect("open");
     println!(
-        "open+index: {:?} ({} chunks)",
+        "open+index: {:?} ({} chunks), {}",
         t.elapsed(),
-        cap.chunks.len()
+        cap.chunks.len(),
+        hwm()
     );
     for _ in 0..3 {
         let t = Instant::now();
@@ -23,8 +24,20 @@ fn main() {
         let (r, _, _) = cap.replay();
         let e = t.elapsed();
         println!(
-            "replay: {e:?}, {:.1} M/s",
-            r.events as f64 / e.as_secs_f64() / 1e6
+            "replay: {e:?}, {:.1} M/s, {}",
+            r.events as f64 / e.as_secs_f64() / 1e6,
+            hwm()
         );
     }
+}
+
+/// Peak and current resident memory, from /proc/self/status.
+fn hwm() -> String {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("VmHWM") || l.starts_with("VmRSS"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -4,8 +4,7 @@ use crate::stacks::StackTable;
 use memmap2::Mmap;
 use memtrack_format::chunk::{CompactEvents, Item, Op, StreamEvents};
 use memtrack_format::{
-    next_record, op, record, AllocKind, ChunkHeader, Cursor, EndRecord, FormatError, Header,
-    ModulesRecord, Next,
+    op, record, AllocKind, ChunkHeader, Cursor, EndRecord, FormatError, Header, ModulesRecord,
 };
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -65,6 +64,8 @@ pub struct Capture {
     pub threads: usize,
     /// The largest time seen in any chunk's header (clock units).
     pub last_chunk_time: u64,
+    /// For the merge: the smallest file offset among `chunks[i..]`.
+    min_offset_from: Vec<usize>,
     /// Headers of the program images that followed the first one through `exec`.
     pub images: Vec<Header>,
     /// Sequence numbers at which an `exec` replaced the image: blocks live before are gone.
@@ -136,44 +137,71 @@ impl Capture {
             last_chunk_time: 0,
             images: Vec::new(),
             exec_boundaries: Vec::new(),
+            min_offset_from: Vec::new(),
         };
-        cap.index(data, first);
+        cap.index(&file, data.len(), first);
+        if let Some(m) = &map {
+            let _ = m.advise(memmap2::Advice::Sequential);
+        }
         cap.map = map;
         Ok(cap)
     }
 
-    fn index(&mut self, data: &[u8], mut off: usize) {
+    /// Indexes the records with small reads of the file, not through the mapping: touching
+    /// the mapping at every chunk would make the kernel map large parts of the file at once.
+    fn index(&mut self, file: &File, len: usize, mut off: usize) {
+        use std::os::unix::fs::FileExt;
+        let read = |at: usize, n: usize| -> Vec<u8> {
+            let mut buf = vec![0u8; n.min(len.saturating_sub(at))];
+            let mut got = 0;
+            while got < buf.len() {
+                match file.read_at(&mut buf[got..], (at + got) as u64) {
+                    Ok(0) | Err(_) => break,
+                    Ok(k) => got += k,
+                }
+            }
+            buf.truncate(got);
+            buf
+        };
         let mut tids = std::collections::HashSet::new();
-        loop {
-            let r = match next_record(data, off) {
-                Next::Record(r) => r,
-                Next::End => break,
-                Next::Torn { offset } => {
-                    self.warnings.push(Warning::TornTail {
-                        offset: offset as u64,
-                    });
+        while off < len {
+            let head = read(off, 64);
+            let torn = |w: &mut Vec<Warning>| w.push(Warning::TornTail { offset: off as u64 });
+            let Some(&kind) = head.first() else { break };
+            let mut c = Cursor::new(&head[1..]);
+            let Ok(plen) = c.uvarint() else {
+                torn(&mut self.warnings);
+                break;
+            };
+            let prefix = 1 + c.pos();
+            let payload_off = off + prefix;
+            let end = match (payload_off as u64).checked_add(plen) {
+                Some(e) if kind != 0 && e <= len as u64 => e as usize,
+                _ => {
+                    // A zero type byte is never written: it is the zero fill of a torn tail.
+                    torn(&mut self.warnings);
                     break;
                 }
             };
-            let payload_off = r.payload.as_ptr() as usize - data.as_ptr() as usize;
-            off = payload_off + r.payload.len();
             let bad = |e: FormatError| Warning::BadRecord {
-                offset: r.offset as u64,
-                kind: r.kind,
+                offset: off as u64,
+                kind,
                 error: e.to_string(),
             };
-            match r.kind {
+            match kind {
                 record::EVENTS | record::EVENTS_Z => {
-                    let mut c = Cursor::new(r.payload);
+                    let visible =
+                        &head[prefix.min(head.len())..(prefix + plen as usize).min(head.len())];
+                    let mut c = Cursor::new(visible);
                     match ChunkHeader::decode(&mut c) {
                         Ok(h) => {
                             tids.insert(h.tid);
                             self.last_chunk_time = self.last_chunk_time.max(h.base_time);
                             self.chunks.push(ChunkRef {
                                 ops_offset: payload_off + c.pos(),
-                                end: off,
+                                end,
                                 header: h,
-                                compact: r.kind == record::EVENTS_Z,
+                                compact: kind == record::EVENTS_Z,
                             });
                             // A later END is only final if no events follow it (exec that failed).
                             self.end = None;
@@ -181,29 +209,41 @@ impl Capture {
                         Err(e) => self.warnings.push(bad(e)),
                     }
                 }
-                record::MODULES => match ModulesRecord::decode(r.payload) {
-                    Ok(m) => self.modules.push(m),
-                    Err(e) => self.warnings.push(bad(e)),
-                },
-                record::END => match EndRecord::decode(r.payload) {
-                    Ok(e) => {
-                        if e.reason == memtrack_format::EndReason::Exec {
-                            self.exec_boundaries.push(e.seq);
-                        }
-                        self.end = Some(e);
+                record::MODULES | record::END | record::IMAGE => {
+                    let payload = read(payload_off, plen as usize);
+                    match kind {
+                        record::MODULES => match ModulesRecord::decode(&payload) {
+                            Ok(m) => self.modules.push(m),
+                            Err(e) => self.warnings.push(bad(e)),
+                        },
+                        record::END => match EndRecord::decode(&payload) {
+                            Ok(e) => {
+                                if e.reason == memtrack_format::EndReason::Exec {
+                                    self.exec_boundaries.push(e.seq);
+                                }
+                                self.end = Some(e);
+                            }
+                            Err(e) => self.warnings.push(bad(e)),
+                        },
+                        _ => match Header::decode(&payload) {
+                            Ok((h, _)) => self.images.push(h),
+                            Err(e) => self.warnings.push(bad(e)),
+                        },
                     }
-                    Err(e) => self.warnings.push(bad(e)),
-                },
-                record::IMAGE => match Header::decode(r.payload) {
-                    Ok((h, _)) => self.images.push(h),
-                    Err(e) => self.warnings.push(bad(e)),
-                },
+                }
                 _ => {} // a record type from a newer writer: skipped
             }
+            off = end;
         }
         self.threads = tids.len();
         // Stable: chunks of one thread never overlap in sequence numbers.
         self.chunks.sort_by_key(|c| c.header.base_seq);
+        self.min_offset_from = vec![usize::MAX; self.chunks.len()];
+        let mut min = usize::MAX;
+        for (i, c) in self.chunks.iter().enumerate().rev() {
+            min = min.min(c.ops_offset);
+            self.min_offset_from[i] = min;
+        }
     }
 
     /// The header of the image that ran last (the launched program, or what it exec'd into).
@@ -237,8 +277,12 @@ impl Capture {
     pub fn events<'a>(&'a self, stacks: &'a mut StackTable) -> Events<'a> {
         Events {
             data: self.data(),
+            map: self.map.as_ref(),
             chunks: &self.chunks,
+            min_offset_from: &self.min_offset_from,
+            released: 0,
             next_chunk: 0,
+            top: None,
             heap: BinaryHeap::new(),
             cursors: Vec::new(),
             free_slots: Vec::new(),
@@ -263,6 +307,8 @@ struct ChunkCursor<'a> {
     dec: Decoder<'a>,
     tid: u32,
     pending: Option<Event>,
+    /// Where the chunk lies in the file (usize::MAX once it is done).
+    offset: usize,
 }
 
 impl<'a> ChunkCursor<'a> {
@@ -280,6 +326,7 @@ impl<'a> ChunkCursor<'a> {
             dec,
             tid: ch.header.tid,
             pending: None,
+            offset: ch.ops_offset,
         }
     }
 
@@ -329,11 +376,21 @@ impl<'a> ChunkCursor<'a> {
     }
 }
 
-/// Iterator over all events in global sequence order (a k-way merge of the chunks).
+/// Iterator over all events in global sequence order (a k-way merge of the chunks). The chunk
+/// holding the smallest pending event is kept out of the heap, so a stretch of events from one
+/// chunk (the common case) costs no heap operation. Pages of the mapped file that no chunk still
+/// to be read lies in are released as the merge moves on, so memory follows the live set, not
+/// the file's size.
 pub struct Events<'a> {
     data: &'a [u8],
+    map: Option<&'a Mmap>,
     chunks: &'a [ChunkRef],
+    /// `min_offset_from[i]`: the smallest file offset among `chunks[i..]`.
+    min_offset_from: &'a [usize],
+    released: usize,
     next_chunk: usize,
+    /// The cursor with the smallest pending event, if any.
+    top: Option<usize>,
     heap: BinaryHeap<Reverse<(u64, usize)>>,
     cursors: Vec<ChunkCursor<'a>>,
     free_slots: Vec<usize>,
@@ -342,34 +399,94 @@ pub struct Events<'a> {
     pub errors: usize,
 }
 
+/// Release mapped pages in steps of at least this much.
+const RELEASE_STEP: usize = 32 << 20;
+
 impl Events<'_> {
-    fn load(&mut self, slot: usize) {
+    /// Decodes the next event of `slot`; false when the chunk is done.
+    fn load(&mut self, slot: usize) -> bool {
         match self.cursors[slot].advance(self.stacks) {
             Ok(Some(ev)) => {
                 self.cursors[slot].pending = Some(ev);
-                self.heap.push(Reverse((ev.seq, slot)));
+                true
             }
-            Ok(None) => self.free_slots.push(slot),
+            Ok(None) => {
+                self.cursors[slot].offset = usize::MAX;
+                self.free_slots.push(slot);
+                false
+            }
             Err(_) => {
                 self.errors += 1;
+                self.cursors[slot].offset = usize::MAX;
                 self.free_slots.push(slot);
+                false
             }
         }
     }
+
+    fn seq_of(&self, slot: usize) -> u64 {
+        self.cursors[slot].pending.map_or(u64::MAX, |e| e.seq)
+    }
+
+    /// Makes `slot` (which has a pending event) a candidate: the new top if it is smallest.
+    fn offer(&mut self, slot: usize) {
+        let seq = self.seq_of(slot);
+        match self.top {
+            None => self.top = Some(slot),
+            Some(t) if seq < self.seq_of(t) => {
+                self.heap.push(Reverse((self.seq_of(t), t)));
+                self.top = Some(slot);
+            }
+            Some(_) => self.heap.push(Reverse((seq, slot))),
+        }
+    }
+
+    /// Drops the mapped pages below every chunk still open or to be opened.
+    fn release_pages(&mut self) {
+        let Some(map) = self.map else { return };
+        let pending = self
+            .min_offset_from
+            .get(self.next_chunk)
+            .copied()
+            .unwrap_or(map.len());
+        let open = self
+            .cursors
+            .iter()
+            .map(|c| c.offset)
+            .min()
+            .unwrap_or(usize::MAX);
+        let low = pending.min(open).min(map.len()) & !(PAGE - 1);
+        if low >= self.released + RELEASE_STEP {
+            // SAFETY: the mapping is read-only and private: dropped pages read back from the file
+            // if touched again, and no chunk below `low` is read any more.
+            let _ = unsafe {
+                map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    self.released,
+                    low - self.released,
+                )
+            };
+            self.released = low;
+        }
+    }
 }
+
+const PAGE: usize = 4096;
 
 impl Iterator for Events<'_> {
     type Item = Event;
 
     fn next(&mut self) -> Option<Event> {
         // Open every chunk that starts before the smallest pending event.
+        let mut opened = false;
         while let Some(ch) = self.chunks.get(self.next_chunk) {
-            if let Some(Reverse((min, _))) = self.heap.peek() {
-                if ch.header.base_seq > *min {
+            if let Some(t) = self.top {
+                if ch.header.base_seq > self.seq_of(t) {
                     break;
                 }
             }
             self.next_chunk += 1;
+            opened = true;
             let cur = ChunkCursor::new(self.data, ch);
             let slot = match self.free_slots.pop() {
                 Some(s) => {
@@ -381,11 +498,29 @@ impl Iterator for Events<'_> {
                     self.cursors.len() - 1
                 }
             };
-            self.load(slot);
+            if self.load(slot) {
+                self.offer(slot);
+            }
         }
-        let Reverse((_, slot)) = self.heap.pop()?;
+        if opened {
+            self.release_pages();
+        }
+        let slot = self.top?;
         let ev = self.cursors[slot].pending.take();
-        self.load(slot);
+        // The same chunk usually holds the next event too.
+        if self.load(slot) {
+            let seq = self.seq_of(slot);
+            let heap_min = self.heap.peek().map_or(u64::MAX, |Reverse((s, _))| *s);
+            let next_chunk = self
+                .chunks
+                .get(self.next_chunk)
+                .map_or(u64::MAX, |c| c.header.base_seq);
+            if seq <= heap_min && seq <= next_chunk {
+                return ev;
+            }
+            self.heap.push(Reverse((seq, slot)));
+        }
+        self.top = self.heap.pop().map(|Reverse((_, s))| s);
         ev
     }
 }

@@ -226,6 +226,8 @@ pub(crate) struct Config {
 /// Sets up recording into `cfg.fd`, whose header the caller has written. Runs inside the guard.
 pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
     let modules = unwind::enumerate_modules();
+    // Resolved here, at start, rather than inside the first hook of the main thread.
+    let _ = unwind::current_stack_top();
     let skip = if cfg.skip_own_module {
         let (lo, hi) = unwind::own_module_range(&modules);
         Skip::Range(lo, hi)

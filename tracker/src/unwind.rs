@@ -366,23 +366,41 @@ pub fn capture_from(
     }
 }
 
-/// The top of the calling thread's stack (highest address), or 0 when unknown.
+/// An upper bound of the calling thread's stack: no stack read goes at or above it.
+///
+/// Found without a lock or an allocation, because it runs inside malloc: `pthread_getattr_np`
+/// holds the thread's lock while it allocates (and a program may be inside it when its malloc
+/// reaches us: Rust's runtime calls it at start-up), so calling it here would deadlock. glibc
+/// puts a thread's descriptor (`pthread_self()`) at the top of the thread's stack block, above
+/// the stack; the main thread's stack ends just above `__libc_stack_end` (argc, argv and the
+/// environment follow), and the rest of that page is mapped.
 pub fn current_stack_top() -> u64 {
-    // SAFETY: attr is initialised by pthread_getattr_np before use and destroyed after.
-    unsafe {
-        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
-        if libc::pthread_getattr_np(libc::pthread_self(), &mut attr) != 0 {
-            return 0;
-        }
-        let mut addr: *mut c_void = std::ptr::null_mut();
-        let mut size: usize = 0;
-        let rc = libc::pthread_attr_getstack(&attr, &mut addr, &mut size);
-        libc::pthread_attr_destroy(&mut attr);
-        if rc != 0 {
-            return 0;
-        }
-        addr as u64 + size as u64
+    // SAFETY: gettid/getpid/pthread_self have no preconditions.
+    let (tid, pid, tcb) = unsafe { (libc::gettid(), libc::getpid(), libc::pthread_self() as u64) };
+    if tid != pid {
+        return tcb;
     }
+    let end = libc_stack_end();
+    if end == 0 {
+        return 0;
+    }
+    (end | 4095) + 1
+}
+
+fn libc_stack_end() -> u64 {
+    static END: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *END.get_or_init(|| {
+        // SAFETY: dlsym with a NUL-terminated name; the symbol, when present, is a pointer-sized
+        // variable of the dynamic loader holding the initial stack pointer.
+        unsafe {
+            let p = libc::dlsym(libc::RTLD_DEFAULT, c"__libc_stack_end".as_ptr()) as *const u64;
+            if p.is_null() {
+                0
+            } else {
+                *p
+            }
+        }
+    })
 }
 
 #[cfg(test)]
