@@ -285,3 +285,43 @@ fn a_program_that_closes_every_descriptor_never_gets_capture_bytes() {
         t.run.stderr
     );
 }
+
+/// A program inside pthread_getattr_np when its malloc reaches the tracker (glibc holds the
+/// thread's lock there) must not deadlock: run with a time limit.
+#[test]
+fn pthread_getattr_np_inside_malloc_does_not_deadlock() {
+    let work = Work::new("getattr");
+    let exe = work.compile("getattr.c");
+    let cap = work.path("getattr.cap");
+    let mut child = Command::new(&binaries().memtrack)
+        .args(["run", "-o"])
+        .arg(&cap)
+        .arg("--")
+        .arg(&exe)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("memtrack runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = Command::new("pkill").args(["-9", "-f"]).arg(&exe).status();
+            let _ = child.kill();
+            panic!("the traced program hung (deadlock)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let s = open_capture(&cap).summary().unwrap();
+    assert!(s.complete, "{s:?}");
+    // glibc's own blocks (the /proc/self/maps stream, cpusets) come and go; the program keeps
+    // its 1234 bytes plus the new thread's TLS table (one calloc per thread, never freed).
+    let (replay, _, _) = open_capture(&cap).replay();
+    assert!(
+        replay.live_by_stack().iter().any(|site| site.bytes == 1234),
+        "{s:?}"
+    );
+}
