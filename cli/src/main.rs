@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use memtrack_reader::{human_bytes, Capture, Summary};
+use memtrack_reader::{folded, human_bytes, Capture, Summary, Symbolizer, View};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,6 +12,8 @@ EXAMPLES:
     memtrack run -o svc.cap -- ./my-service --port 8080
     memtrack summary svc.cap
     memtrack summary svc.cap --json | jq .peak_bytes
+    memtrack flamegraph svc.cap -o peak.svg
+    memtrack export svc.cap --format folded --leaks -o leaks.folded
 
 EXIT CODES:
     run: the command's own exit code (128+N when it was killed by signal N)
@@ -57,9 +59,69 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Memory flamegraph (interactive SVG) of one view, bytes as the count.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack flamegraph svc.cap                # svc-peak.svg: live at the peak\n    memtrack flamegraph svc.cap --leaks -o leaks.svg\n    memtrack flamegraph svc.cap --allocated --inverted"
+    )]
+    Flamegraph {
+        file: PathBuf,
+        #[command(flatten)]
+        view: ViewArgs,
+        /// Allocation sites at the root, their callers above.
+        #[arg(long)]
+        inverted: bool,
+        /// Output SVG [default: <capture>-<view>.svg beside the capture].
+        #[arg(short, long, value_name = "OUT.svg")]
+        output: Option<PathBuf>,
+    },
+    /// Export a view for other tools.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack export svc.cap --format folded > peak.folded     # for flamegraph.pl, speedscope\n    memtrack export svc.cap --format folded --leaks -o leaks.folded"
+    )]
+    Export {
+        file: PathBuf,
+        /// Output format: `folded` (`root;...;leaf bytes`, one line per stack).
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        #[command(flatten)]
+        view: ViewArgs,
+        /// Output file, `-` for standard output [default: -].
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+    },
     /// Print every record and event in order (for debugging captures).
     #[command(hide = true)]
     Dump { file: PathBuf },
+}
+
+/// Which allocations a report covers (default: `--peak`).
+#[derive(clap::Args, Clone, Copy)]
+#[group(multiple = false)]
+struct ViewArgs {
+    /// What was live at the high-water mark (the default).
+    #[arg(long)]
+    peak: bool,
+    /// What was still live at exit.
+    #[arg(long)]
+    leaks: bool,
+    /// Everything ever allocated.
+    #[arg(long)]
+    allocated: bool,
+}
+
+impl ViewArgs {
+    fn view(self) -> View {
+        match (self.leaks, self.allocated) {
+            (true, _) => View::Leaks,
+            (_, true) => View::Allocated,
+            _ => View::Peak,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum ExportFormat {
+    Folded,
 }
 
 fn main() -> ExitCode {
@@ -72,6 +134,18 @@ fn main() -> ExitCode {
         } => cmd_run(output, force, command),
         Cmd::Summary { file, json } => cmd_summary(&file, json).map(|()| 0),
         Cmd::Dump { file } => cmd_dump(&file).map(|()| 0),
+        Cmd::Flamegraph {
+            file,
+            view,
+            inverted,
+            output,
+        } => cmd_flamegraph(&file, view.view(), inverted, output).map(|()| 0),
+        Cmd::Export {
+            file,
+            format: ExportFormat::Folded,
+            view,
+            output,
+        } => cmd_export(&file, view.view(), output).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -364,5 +438,73 @@ fn cmd_dump(file: &Path) -> Result<()> {
         writeln!(out)?;
     }
     writeln!(out, "end: {:?}; warnings: {:?}", cap.end, cap.warnings)?;
+    Ok(())
+}
+
+/// The view's folded stacks, with the symbolizer's warnings sent to stderr.
+fn folded_view(file: &Path, view: View) -> Result<(Capture, Vec<(String, u64)>, u64)> {
+    let cap = Capture::open(file)?;
+    let v = cap.view(view);
+    let mut sym = Symbolizer::new(&cap);
+    let lines = folded(&v, &mut sym);
+    for w in &sym.warnings {
+        eprintln!("memtrack: warning: {w}");
+    }
+    Ok((cap, lines, v.bytes))
+}
+
+fn cmd_export(file: &Path, view: View, output: Option<PathBuf>) -> Result<()> {
+    use std::io::Write;
+    let (_cap, lines, _) = folded_view(file, view)?;
+    let mut text = String::new();
+    for (path, bytes) in &lines {
+        text.push_str(&format!("{path} {bytes}\n"));
+    }
+    match output.filter(|o| o.as_os_str() != "-") {
+        Some(o) => {
+            std::fs::write(&o, text).with_context(|| format!("cannot write {}", o.display()))?
+        }
+        None => std::io::stdout().lock().write_all(text.as_bytes())?,
+    }
+    Ok(())
+}
+
+fn cmd_flamegraph(file: &Path, view: View, inverted: bool, output: Option<PathBuf>) -> Result<()> {
+    let (cap, lines, total) = folded_view(file, view)?;
+    let out = output.unwrap_or_else(|| {
+        let stem = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "memtrack".into());
+        file.with_file_name(format!("{stem}-{}.svg", view.name()))
+    });
+    let what = match view {
+        View::Peak => "live at the peak",
+        View::Leaks => "leaked (live at exit)",
+        View::Allocated => "allocated",
+    };
+    let command = cap.last_image().argv.join(" ");
+    let mut opts = inferno::flamegraph::Options::default();
+    opts.title = format!("memtrack: {what}, {} ({command})", human_bytes(total));
+    opts.count_name = "bytes".into();
+    opts.name_type = "Function:".into();
+    opts.colors =
+        inferno::flamegraph::Palette::Basic(inferno::flamegraph::color::BasicPalette::Mem);
+    opts.reverse_stack_order = inverted;
+    let text: Vec<String> = lines.iter().map(|(p, b)| format!("{p} {b}")).collect();
+    let f =
+        std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    if text.is_empty() {
+        // inferno refuses an empty profile; an empty view still gets a valid SVG.
+        inferno::flamegraph::from_lines(&mut opts, std::iter::once("[nothing] 0"), &mut w)
+    } else {
+        inferno::flamegraph::from_lines(&mut opts, text.iter().map(String::as_str), &mut w)
+    }
+    .map_err(|e| anyhow::anyhow!("cannot draw the flamegraph: {e}"))?;
+    eprintln!(
+        "memtrack: flamegraph of {what} written to {}",
+        out.display()
+    );
     Ok(())
 }

@@ -19,11 +19,15 @@
 mod capture;
 mod replay;
 mod stacks;
+mod symbols;
+mod views;
 
 pub use capture::{Capture, ChunkRef, Event, EventKind, ReadError, Warning};
 pub use memtrack_format::{AllocKind, EndReason, Header, Module, ModulesRecord};
 pub use replay::{Replay, SiteTotal, Summary};
 pub use stacks::StackTable;
+pub use symbols::{stack_frames, Frame, Symbolizer};
+pub use views::{folded, View, ViewSites};
 
 /// Formats a byte count in binary units, e.g. `1.50 MiB`.
 pub fn human_bytes(n: u64) -> String {

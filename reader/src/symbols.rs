@@ -1,0 +1,252 @@
+//! Offline symbolization: return addresses to functions, files and lines, inlined frames
+//! expanded, from the modules recorded in the capture (DWARF of the binary or of its separate
+//! debug file, else the symbol table, else `module+0xoffset`). Each module is loaded once and
+//! each address resolved once.
+
+use crate::capture::Capture;
+use crate::stacks::StackTable;
+use memtrack_format::hash::FastMap;
+use memtrack_format::Module;
+use object::Object;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One frame of a symbolized stack.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Frame {
+    /// Demangled function name, or `module+0xoffset` when nothing better is known.
+    pub function: String,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+}
+
+impl Frame {
+    /// `file:line`, shortened to the file name, when known.
+    pub fn location(&self) -> Option<String> {
+        let file = self.file.as_deref()?;
+        let short = Path::new(file)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| file.to_string());
+        Some(match self.line {
+            Some(l) => format!("{short}:{l}"),
+            None => short,
+        })
+    }
+}
+
+struct Loaded {
+    module: Module,
+    /// Runtime ranges of its executable segments.
+    ranges: Vec<(u64, u64)>,
+    name: String,
+    loader: Option<addr2line::Loader>,
+    tried: bool,
+}
+
+/// Resolves addresses of one capture.
+pub struct Symbolizer {
+    modules: Vec<Loaded>,
+    cache: FastMap<u64, Arc<[Frame]>>,
+    /// Things the user should know once (a binary that changed since the capture, say).
+    pub warnings: Vec<String>,
+}
+
+impl Symbolizer {
+    pub fn new(cap: &Capture) -> Self {
+        let mut modules: Vec<Loaded> = Vec::new();
+        // Newest snapshot first: after exec or dlclose/dlopen, the latest mapping of a range wins.
+        for snap in cap.modules.iter().rev() {
+            for m in &snap.modules {
+                if modules
+                    .iter()
+                    .any(|l| l.module.path == m.path && l.module.base == m.base)
+                {
+                    continue;
+                }
+                let ranges = m
+                    .segments
+                    .iter()
+                    .filter(|s| s.flags & 1 != 0)
+                    .map(|s| {
+                        (
+                            m.base.wrapping_add(s.vaddr),
+                            m.base.wrapping_add(s.vaddr + s.memsz),
+                        )
+                    })
+                    .collect();
+                let name = Path::new(&m.path)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| m.path.clone());
+                modules.push(Loaded {
+                    module: m.clone(),
+                    ranges,
+                    name,
+                    loader: None,
+                    tried: false,
+                });
+            }
+        }
+        Symbolizer {
+            modules,
+            cache: FastMap::default(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// Frames for one return address, outermost inlined frame first... innermost last.
+    pub fn frames(&mut self, addr: u64) -> Arc<[Frame]> {
+        if let Some(f) = self.cache.get(&addr) {
+            return f.clone();
+        }
+        let frames: Arc<[Frame]> = self.resolve(addr).into();
+        self.cache.insert(addr, frames.clone());
+        frames
+    }
+
+    fn resolve(&mut self, addr: u64) -> Vec<Frame> {
+        let Some(i) = self
+            .modules
+            .iter()
+            .position(|l| l.ranges.iter().any(|&(lo, hi)| addr >= lo && addr < hi))
+        else {
+            return vec![Frame {
+                function: format!("{addr:#x}"),
+                file: None,
+                line: None,
+            }];
+        };
+        self.load(i);
+        let l = &self.modules[i];
+        // A return address points after the call: look up the call itself.
+        let probe = addr.wrapping_sub(1).wrapping_sub(l.module.base);
+        let fallback = || {
+            vec![Frame {
+                function: format!("{}+{:#x}", l.name, probe + 1),
+                file: None,
+                line: None,
+            }]
+        };
+        let Some(loader) = &l.loader else {
+            return fallback();
+        };
+        let mut out = Vec::new();
+        if let Ok(mut it) = loader.find_frames(probe) {
+            while let Ok(Some(f)) = it.next() {
+                let function = f
+                    .function
+                    .as_ref()
+                    .and_then(|n| n.demangle().ok())
+                    .map(|n| n.into_owned());
+                let (file, line) = f
+                    .location
+                    .map(|loc| (loc.file.map(str::to_string), loc.line))
+                    .unwrap_or((None, None));
+                out.push(Frame {
+                    function: function.unwrap_or_default(),
+                    file,
+                    line,
+                });
+            }
+        }
+        // addr2line yields the innermost frame first; callers want the outermost first.
+        out.reverse();
+        if out.iter().all(|f| f.function.is_empty()) {
+            if let Some(sym) = loader.find_symbol(probe) {
+                let name = addr2line::demangle_auto(sym.into(), None).into_owned();
+                let (file, line) = out
+                    .last()
+                    .map(|f| (f.file.clone(), f.line))
+                    .unwrap_or((None, None));
+                return vec![Frame {
+                    function: name,
+                    file,
+                    line,
+                }];
+            }
+            return fallback();
+        }
+        for f in out.iter_mut().filter(|f| f.function.is_empty()) {
+            f.function = format!("{}+{:#x}", l.name, probe + 1);
+        }
+        out
+    }
+
+    fn load(&mut self, i: usize) {
+        if self.modules[i].tried {
+            return;
+        }
+        self.modules[i].tried = true;
+        let m = self.modules[i].module.clone();
+        let path = Path::new(&m.path);
+        if !path.is_absolute() {
+            return; // linux-vdso.so.1 and the like: no file
+        }
+        let Ok(data) = std::fs::read(path) else {
+            self.warnings.push(format!(
+                "{}: cannot read it; its frames show as offsets",
+                m.path
+            ));
+            return;
+        };
+        let Ok(obj) = object::File::parse(&*data) else {
+            return;
+        };
+        let file_id = obj
+            .build_id()
+            .ok()
+            .flatten()
+            .map(|b| b.to_vec())
+            .unwrap_or_default();
+        if !m.build_id.is_empty() && !file_id.is_empty() && file_id != m.build_id {
+            self.warnings.push(format!(
+                "{}: the file on disk is not the one that ran (build-id differs); its frames show as offsets",
+                m.path
+            ));
+            return;
+        }
+        let debug = if obj.section_by_name(".debug_info").is_some() {
+            path.to_path_buf()
+        } else {
+            separate_debug_file(path, &m.build_id, &obj).unwrap_or_else(|| path.to_path_buf())
+        };
+        self.modules[i].loader = addr2line::Loader::new(&debug).ok();
+    }
+}
+
+/// A separate debug file: by build-id under /usr/lib/debug/.build-id, or by .gnu_debuglink
+/// beside the binary, in its .debug directory, or under /usr/lib/debug.
+fn separate_debug_file(path: &Path, build_id: &[u8], obj: &object::File<'_>) -> Option<PathBuf> {
+    let hex: String = build_id.iter().map(|b| format!("{b:02x}")).collect();
+    let mut candidates = Vec::new();
+    if hex.len() > 2 {
+        candidates.push(PathBuf::from(format!(
+            "/usr/lib/debug/.build-id/{}/{}.debug",
+            &hex[..2],
+            &hex[2..]
+        )));
+    }
+    if let Ok(Some((name, _crc))) = obj.gnu_debuglink() {
+        let name = String::from_utf8_lossy(name).into_owned();
+        if let Some(dir) = path.parent() {
+            candidates.push(dir.join(&name));
+            candidates.push(dir.join(".debug").join(&name));
+            candidates.push(
+                Path::new("/usr/lib/debug")
+                    .join(dir.strip_prefix("/").unwrap_or(dir))
+                    .join(&name),
+            );
+        }
+    }
+    candidates.into_iter().find(|c| c.is_file() && c != path)
+}
+
+/// A stack as symbolized frames, outermost first.
+pub fn stack_frames(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Vec<Frame> {
+    let mut out = Vec::new();
+    for addr in stacks.frames(stack).into_iter().rev() {
+        out.extend(sym.frames(addr).iter().cloned());
+    }
+    out
+}

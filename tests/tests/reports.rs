@@ -1,0 +1,144 @@
+//! Report views through symbolization: folded stacks and flamegraphs attribute exact bytes to
+//! the fixtures' functions, with inlined frames, file and line, and demangled C++ names.
+
+use memtrack_reader::{folded, stack_frames, Symbolizer, View};
+use memtrack_tests::*;
+use std::process::Command;
+
+fn export(capture: &std::path::Path, view: &str) -> Vec<(String, u64)> {
+    let out = Command::new(&binaries().memtrack)
+        .args(["export"])
+        .arg(capture)
+        .args(["--format", "folded", view])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (path, bytes) = l.rsplit_once(' ').expect("folded line");
+            (path.to_string(), bytes.parse().expect("bytes"))
+        })
+        .collect()
+}
+
+/// Bytes of the lines whose path ends with `suffix` (the frames below main).
+fn bytes_ending(lines: &[(String, u64)], suffix: &str) -> u64 {
+    lines
+        .iter()
+        .filter(|(p, _)| p.ends_with(suffix))
+        .map(|(_, b)| b)
+        .sum()
+}
+
+#[test]
+fn folded_views_attribute_exact_bytes_to_functions() {
+    let work = Work::new("reports");
+    let exe = work.compile("reports.c");
+    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+
+    let peak = export(&t.capture, "--peak");
+    assert_eq!(bytes_ending(&peak, ";main;leak_direct"), 1000, "{peak:#?}");
+    assert_eq!(
+        bytes_ending(&peak, ";main;outer;helper;leaf_alloc"),
+        2000,
+        "{peak:#?}"
+    );
+    assert_eq!(bytes_ending(&peak, ";main;peak_site"), 50000, "{peak:#?}");
+    // Every line starts at the process's root.
+    assert!(
+        peak.iter().all(|(p, _)| p.starts_with("_start;")),
+        "{peak:#?}"
+    );
+
+    let leaks = export(&t.capture, "--leaks");
+    assert_eq!(
+        bytes_ending(&leaks, ";main;leak_direct"),
+        1000,
+        "{leaks:#?}"
+    );
+    assert_eq!(bytes_ending(&leaks, ";main;outer;helper;leaf_alloc"), 2000);
+    assert_eq!(bytes_ending(&leaks, ";main;peak_site"), 0);
+
+    let all = export(&t.capture, "--allocated");
+    assert_eq!(bytes_ending(&all, ";main;peak_site"), 50000);
+
+    // File and line of the innermost frames, through the library.
+    let cap = open_capture(&t.capture);
+    let v = cap.view(View::Leaks);
+    let mut sym = Symbolizer::new(&cap);
+    let site = v
+        .sites
+        .iter()
+        .find(|s| s.bytes == 2000)
+        .expect("the 2000-byte site");
+    let frames = stack_frames(&mut sym, &v.stacks, site.stack);
+    let n = frames.len();
+    assert!(n >= 4, "{frames:#?}");
+    let leaf = &frames[n - 1];
+    assert_eq!(leaf.function, "leaf_alloc");
+    assert_eq!(leaf.location().as_deref(), Some("reports.c:12"), "{leaf:?}");
+    assert_eq!(frames[n - 2].function, "helper");
+    assert_eq!(frames[n - 2].location().as_deref(), Some("reports.c:14"));
+    assert_eq!(frames[n - 3].function, "outer");
+    assert_eq!(frames[n - 3].location().as_deref(), Some("reports.c:18"));
+    assert_eq!(frames[n - 4].function, "main");
+    assert_eq!(frames[n - 4].location().as_deref(), Some("reports.c:23"));
+    assert_eq!(
+        folded(&v, &mut sym).iter().map(|(_, b)| b).sum::<u64>(),
+        v.bytes
+    );
+}
+
+#[test]
+fn flamegraph_svg_names_the_functions_and_the_total() {
+    let work = Work::new("flamegraph");
+    let exe = work.compile("reports.c");
+    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    let out = Command::new(&binaries().memtrack)
+        .arg("flamegraph")
+        .arg(&t.capture)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Default name: beside the capture, from its name and the view.
+    let svg = std::fs::read_to_string(work.path("reports-peak.svg")).expect("reports-peak.svg");
+    assert!(svg.starts_with("<?xml"), "{}", &svg[..100.min(svg.len())]);
+    for name in ["leak_direct", "leaf_alloc", "helper", "peak_site", "main"] {
+        assert!(svg.contains(name), "{name} missing from the SVG");
+    }
+    assert!(
+        svg.contains("memtrack: live at the peak, 51.76 KiB"),
+        "title with the total"
+    );
+    assert!(svg.contains("53,000 bytes"), "the root's count");
+}
+
+#[test]
+fn cxx_names_are_demangled() {
+    let work = Work::new("cxx_names");
+    let exe = work.compile("cxx_new_delete.cpp");
+    let t = run_traced_ok(&work, "cxx.cap", &exe, &[] as &[&str]);
+    let lines = export(&t.capture, "--allocated");
+    assert!(
+        lines.iter().any(|(p, _)| p.contains(";make_names")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|(p, _)| p.contains("operator new")),
+        "{lines:#?}"
+    );
+    assert!(
+        !lines.iter().any(|(p, _)| p.contains(";_Z")),
+        "mangled names left: {lines:#?}"
+    );
+}
