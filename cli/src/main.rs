@@ -441,8 +441,15 @@ fn cmd_dump(file: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A view as folded stacks.
+struct FoldedView {
+    cap: Capture,
+    lines: Vec<(String, u64)>,
+    total: u64,
+}
+
 /// The view's folded stacks, with the symbolizer's warnings sent to stderr.
-fn folded_view(file: &Path, view: View) -> Result<(Capture, Vec<(String, u64)>, u64)> {
+fn folded_view(file: &Path, view: View) -> Result<FoldedView> {
     let cap = Capture::open(file)?;
     let v = cap.view(view);
     let mut sym = Symbolizer::new(&cap);
@@ -450,14 +457,15 @@ fn folded_view(file: &Path, view: View) -> Result<(Capture, Vec<(String, u64)>, 
     for w in &sym.warnings {
         eprintln!("memtrack: warning: {w}");
     }
-    Ok((cap, lines, v.bytes))
+    let total = v.bytes;
+    Ok(FoldedView { cap, lines, total })
 }
 
 fn cmd_export(file: &Path, view: View, output: Option<PathBuf>) -> Result<()> {
     use std::io::Write;
-    let (_cap, lines, _) = folded_view(file, view)?;
+    let fv = folded_view(file, view)?;
     let mut text = String::new();
-    for (path, bytes) in &lines {
+    for (path, bytes) in &fv.lines {
         text.push_str(&format!("{path} {bytes}\n"));
     }
     match output.filter(|o| o.as_os_str() != "-") {
@@ -470,7 +478,7 @@ fn cmd_export(file: &Path, view: View, output: Option<PathBuf>) -> Result<()> {
 }
 
 fn cmd_flamegraph(file: &Path, view: View, inverted: bool, output: Option<PathBuf>) -> Result<()> {
-    let (cap, lines, total) = folded_view(file, view)?;
+    let FoldedView { cap, lines, total } = folded_view(file, view)?;
     let out = output.unwrap_or_else(|| {
         let stem = file
             .file_stem()
