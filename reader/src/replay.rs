@@ -41,6 +41,40 @@ pub struct Replay {
     pub events: u64,
     pub last_seq: u64,
     pub last_time: u64,
+    /// Per-stack figures at the peak, kept when `track_sites` is set.
+    sites: Option<Box<SiteTracker>>,
+}
+
+/// Per-stack live bytes, and their values at the last peak. Stacks changed since the last peak
+/// are listed, so each new peak copies only those: O(events) in all, in one pass.
+#[derive(Default)]
+struct SiteTracker {
+    /// stack -> (bytes, allocations, changed since the last peak)
+    live: Map<u32, (u64, u64, bool)>,
+    at_peak: Map<u32, (u64, u64)>,
+    dirty: Vec<u32>,
+}
+
+impl SiteTracker {
+    #[inline]
+    fn change(&mut self, stack: u32, bytes: i128, count: i64) {
+        let e = self.live.entry(stack).or_insert((0, 0, false));
+        e.0 = (e.0 as i128 + bytes).max(0) as u64;
+        e.1 = (e.1 as i64 + count).max(0) as u64;
+        if !e.2 {
+            e.2 = true;
+            self.dirty.push(stack);
+        }
+    }
+
+    fn peak(&mut self) {
+        for s in self.dirty.drain(..) {
+            if let Some(e) = self.live.get_mut(&s) {
+                e.2 = false;
+                self.at_peak.insert(s, (e.0, e.1));
+            }
+        }
+    }
 }
 
 impl Replay {
@@ -48,11 +82,28 @@ impl Replay {
         Self::default()
     }
 
+    /// A replay that also keeps per-stack figures at the peak (see [`Replay::peak_by_stack`]).
+    pub fn tracking_sites() -> Self {
+        Replay {
+            sites: Some(Box::default()),
+            ..Self::default()
+        }
+    }
+
+    #[inline]
+    fn site(&mut self, l: Live, sign: i64) {
+        if let Some(t) = self.sites.as_mut() {
+            t.change(l.stack, sign as i128 * l.size as i128, sign);
+        }
+    }
+
     #[inline]
     fn insert(&mut self, addr: u64, l: Live) {
+        self.site(l, 1);
         if let Some(old) = self.live.insert(addr, l) {
             self.overlapping_allocations += 1;
             self.live_bytes = self.live_bytes.saturating_sub(old.size);
+            self.site(old, -1);
         }
         // Saturating: sizes from a damaged capture must not overflow (a real heap cannot).
         self.live_bytes = self.live_bytes.saturating_add(l.size);
@@ -82,18 +133,23 @@ impl Replay {
                     self.peak_allocations = self.live.len() as u64;
                     self.peak_seq = ev.seq;
                     self.peak_time = ev.time;
+                    if let Some(t) = self.sites.as_mut() {
+                        t.peak();
+                    }
                 }
             }
             EventKind::Free { addr } => match self.live.remove(&addr) {
                 Some(l) => {
                     self.live_bytes = self.live_bytes.saturating_sub(l.size);
                     self.total_frees += 1;
+                    self.site(l, -1);
                 }
                 None => self.unmatched_frees += 1,
             },
             EventKind::ReallocFree { addr } => match self.live.remove(&addr) {
                 Some(l) => {
                     self.live_bytes = self.live_bytes.saturating_sub(l.size);
+                    self.site(l, -1);
                     self.pending_realloc.insert(ev.tid, (addr, l));
                 }
                 None => self.unmatched_frees += 1,
@@ -108,6 +164,14 @@ impl Replay {
 
     /// The program image was replaced by exec: its heap is gone (not leaked).
     pub fn exec_reset(&mut self) {
+        let gone: Vec<Live> = if self.sites.is_some() {
+            self.live.values().copied().collect()
+        } else {
+            Vec::new()
+        };
+        for l in gone {
+            self.site(l, -1);
+        }
         self.live.clear();
         self.pending_realloc.clear();
         self.live_bytes = 0;
@@ -116,6 +180,26 @@ impl Replay {
     /// Number of allocations live now.
     pub fn live_allocations(&self) -> u64 {
         self.live.len() as u64
+    }
+
+    /// What was live at the peak, grouped by stack, largest first (a replay made with
+    /// [`Replay::tracking_sites`]; empty otherwise).
+    pub fn peak_by_stack(&self) -> Vec<SiteTotal> {
+        let Some(t) = &self.sites else {
+            return Vec::new();
+        };
+        let mut v: Vec<SiteTotal> = t
+            .at_peak
+            .iter()
+            .filter(|(_, e)| e.1 > 0)
+            .map(|(&stack, &(bytes, allocations))| SiteTotal {
+                stack,
+                bytes,
+                allocations,
+            })
+            .collect();
+        v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));
+        v
     }
 
     /// The live allocations grouped by stack, largest first.
@@ -168,8 +252,12 @@ impl Capture {
     /// decodes and merges the chunks into batches, the other applies them, so the two halves of
     /// the work overlap; at most a few batches are in flight.
     pub fn replay_until(&self, until: u64) -> (Replay, StackTable, usize) {
+        self.replay_into(Replay::new(), until)
+    }
+
+    /// Replays into `r` (e.g. a [`Replay::tracking_sites`]) the events with seq <= `until`.
+    pub fn replay_into(&self, mut r: Replay, until: u64) -> (Replay, StackTable, usize) {
         const BATCH: usize = 16 * 1024;
-        let mut r = Replay::new();
         let (stacks, errors) = std::thread::scope(|scope| {
             let (tx, rx) = crossbeam_channel::bounded::<Vec<Event>>(4);
             let (back_tx, back_rx) = crossbeam_channel::bounded::<Vec<Event>>(6);

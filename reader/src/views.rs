@@ -46,9 +46,8 @@ impl Capture {
                 (r.live_by_stack(), stacks)
             }
             View::Peak => {
-                let (whole, _, _) = self.replay();
-                let (r, stacks, _) = self.replay_until(whole.peak_seq);
-                (r.live_by_stack(), stacks)
+                let (r, stacks, _) = self.replay_into(crate::Replay::tracking_sites(), u64::MAX);
+                (r.peak_by_stack(), stacks)
             }
             View::Allocated => {
                 let mut stacks = StackTable::default();

@@ -184,3 +184,28 @@ fn damaged_bytes_never_panic_the_reader() {
         }
     }
 }
+
+/// The one-pass peak view (per-stack figures kept at each new peak) equals a second replay
+/// stopped at the peak, on every kept capture and on a multi-threaded run.
+#[test]
+fn one_pass_peak_view_equals_a_replay_up_to_the_peak() {
+    let work = Work::new("peak_view");
+    let exe = work.compile("threads.c");
+    let t = run_traced_ok(&work, "threads.cap", &exe, &["200"]);
+    let mut paths: Vec<PathBuf> = ALL_KEPT.iter().map(|n| kept(n)).collect();
+    paths.push(t.capture.clone());
+    for path in paths {
+        let cap = Capture::open(&path).unwrap();
+        let view = cap.view(memtrack_reader::View::Peak);
+        let (whole, _, _) = cap.replay();
+        let (at_peak, _, _) = cap.replay_until(whole.peak_seq);
+        assert_eq!(view.sites, at_peak.live_by_stack(), "{}", path.display());
+        assert_eq!(view.bytes, whole.peak_bytes, "{}", path.display());
+        assert_eq!(
+            view.allocations,
+            whole.peak_allocations,
+            "{}",
+            path.display()
+        );
+    }
+}
