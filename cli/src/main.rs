@@ -2,7 +2,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use memtrack_reader::{folded, human_bytes, Capture, Summary, Symbolizer, View};
+use memtrack_reader::{folded, human_bytes, table, Capture, GroupBy, Summary, Symbolizer, View};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -74,6 +74,24 @@ enum Cmd {
         #[arg(short, long, value_name = "OUT.svg")]
         output: Option<PathBuf>,
     },
+    /// Ranked table of allocation sites: Total | Max | Avg | Count | Location.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack table svc.cap                        # by function, live at the peak\n    memtrack table svc.cap --leaks --by line --top 20\n    memtrack table svc.cap --allocated --by stack --json"
+    )]
+    Table {
+        file: PathBuf,
+        #[command(flatten)]
+        view: ViewArgs,
+        /// Group by the allocating function, its file:line, or the whole stack.
+        #[arg(long, value_enum, default_value = "function")]
+        by: By,
+        /// Rows to show.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Print a JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Export a view for other tools.
     #[command(
         after_help = "EXAMPLES:\n    memtrack export svc.cap --format folded > peak.folded     # for flamegraph.pl, speedscope\n    memtrack export svc.cap --format folded --leaks -o leaks.folded"
@@ -124,6 +142,13 @@ enum ExportFormat {
     Folded,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy)]
+enum By {
+    Function,
+    Line,
+    Stack,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -134,6 +159,13 @@ fn main() -> ExitCode {
         } => cmd_run(output, force, command),
         Cmd::Summary { file, json } => cmd_summary(&file, json).map(|()| 0),
         Cmd::Dump { file } => cmd_dump(&file).map(|()| 0),
+        Cmd::Table {
+            file,
+            view,
+            by,
+            top,
+            json,
+        } => cmd_table(&file, view.view(), by, top, json).map(|()| 0),
         Cmd::Flamegraph {
             file,
             view,
@@ -514,5 +546,66 @@ fn cmd_flamegraph(file: &Path, view: View, inverted: bool, output: Option<PathBu
         "memtrack: flamegraph of {what} written to {}",
         out.display()
     );
+    Ok(())
+}
+
+fn view_words(view: View) -> &'static str {
+    match view {
+        View::Peak => "live at the peak",
+        View::Leaks => "leaked (live at exit)",
+        View::Allocated => "allocated",
+    }
+}
+
+fn cmd_table(file: &Path, view: View, by: By, top: usize, json: bool) -> Result<()> {
+    let cap = Capture::open(file)?;
+    let v = cap.view_with_max(view);
+    let mut sym = Symbolizer::new(&cap);
+    let group = match by {
+        By::Function => GroupBy::Function,
+        By::Line => GroupBy::Line,
+        By::Stack => GroupBy::Stack,
+    };
+    let mut rows = table(&v, &mut sym, group);
+    for w in &sym.warnings {
+        eprintln!("memtrack: warning: {w}");
+    }
+    rows.truncate(top);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "memtrack table of {}: {}, {} in {} allocations",
+        file.display(),
+        view_words(view),
+        bytes(v.bytes),
+        grouped(v.allocations)
+    );
+    println!(
+        "{:>12} {:>12} {:>12} {:>9}  Location",
+        "Total", "Max", "Avg", "Count"
+    );
+    for r in &rows {
+        let location = match (by, &r.file, r.line) {
+            (By::Stack, _, _) => r.stack.join(" <- "),
+            (_, Some(f), Some(l)) => format!(
+                "{} ({}:{l})",
+                r.function,
+                Path::new(f)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ),
+            _ => r.function.clone(),
+        };
+        println!(
+            "{:>12} {:>12} {:>12} {:>9}  {location}",
+            human_bytes(r.total_bytes),
+            human_bytes(r.max_bytes),
+            human_bytes(r.avg_bytes),
+            grouped(r.count)
+        );
+    }
     Ok(())
 }

@@ -27,7 +27,7 @@ pub use memtrack_format::{AllocKind, EndReason, Header, Module, ModulesRecord};
 pub use replay::{Replay, SiteTotal, Summary};
 pub use stacks::StackTable;
 pub use symbols::{stack_frames, Frame, Symbolizer};
-pub use views::{folded, View, ViewSites};
+pub use views::{folded, table, GroupBy, TableRow, View, ViewSites};
 
 /// Formats a byte count in binary units, e.g. `1.50 MiB`.
 pub fn human_bytes(n: u64) -> String {

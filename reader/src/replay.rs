@@ -18,6 +18,8 @@ pub struct SiteTotal {
     pub stack: u32,
     pub bytes: u64,
     pub allocations: u64,
+    /// The largest single allocation (0 where not tracked: the one-pass peak view).
+    pub max: u64,
 }
 
 /// The state of the heap while events are replayed.
@@ -196,6 +198,7 @@ impl Replay {
                 stack,
                 bytes,
                 allocations,
+                max: 0,
             })
             .collect();
         v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));
@@ -212,6 +215,7 @@ impl Replay {
             });
             e.bytes += l.size;
             e.allocations += 1;
+            e.max = e.max.max(l.size);
         }
         let mut v: Vec<SiteTotal> = by.into_values().collect();
         v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));

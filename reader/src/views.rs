@@ -38,7 +38,27 @@ pub struct ViewSites {
 }
 
 impl Capture {
-    /// Computes a view. `Peak` replays twice: once to find the peak, once up to it.
+    /// Like [`Capture::view`], with the largest single allocation of every site (the peak view
+    /// then replays twice: once to find the peak, once up to it).
+    pub fn view_with_max(&self, view: View) -> ViewSites {
+        if view != View::Peak {
+            return self.view(view);
+        }
+        let (whole, _, _) = self.replay();
+        let (r, stacks, _) = self.replay_until(whole.peak_seq);
+        let sites = r.live_by_stack();
+        let bytes = sites.iter().map(|s| s.bytes).sum();
+        let allocations = sites.iter().map(|s| s.allocations).sum();
+        ViewSites {
+            view,
+            sites,
+            stacks,
+            bytes,
+            allocations,
+        }
+    }
+
+    /// Computes a view in one pass (the peak view without per-site maxima).
     pub fn view(&self, view: View) -> ViewSites {
         let (sites, stacks) = match view {
             View::Leaks => {
@@ -60,6 +80,7 @@ impl Capture {
                         });
                         e.bytes = e.bytes.saturating_add(size);
                         e.allocations += 1;
+                        e.max = e.max.max(size);
                     }
                 }
                 let mut v: Vec<SiteTotal> = by.into_values().collect();
@@ -98,4 +119,92 @@ pub fn folded(v: &ViewSites, sym: &mut Symbolizer) -> Vec<(String, u64)> {
         *by.entry(path).or_default() += site.bytes;
     }
     by.into_iter().filter(|(_, b)| *b > 0).collect()
+}
+
+/// How `table` groups allocations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupBy {
+    /// The function that called the allocator (`operator new` frames skipped).
+    Function,
+    /// That function and the file:line of the call.
+    Line,
+    /// The whole stack.
+    Stack,
+}
+
+/// One row of a ranked table.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TableRow {
+    pub total_bytes: u64,
+    pub max_bytes: u64,
+    pub avg_bytes: u64,
+    pub count: u64,
+    pub function: String,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// The stack, outermost first (for `Stack` grouping; the allocating frame otherwise).
+    pub stack: Vec<String>,
+}
+
+/// The view's allocations grouped and ranked by total bytes.
+pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> {
+    let mut rows: std::collections::HashMap<String, TableRow> = Default::default();
+    for site in &v.sites {
+        let frames = stack_frames(sym, &v.stacks, site.stack);
+        // The allocating frame: innermost, past operator new / new[] wrappers.
+        let alloc = frames
+            .iter()
+            .rev()
+            .find(|f| !f.function.starts_with("operator new"))
+            .or(frames.last())
+            .cloned()
+            .unwrap_or(crate::Frame {
+                function: "[unknown]".into(),
+                file: None,
+                line: None,
+            });
+        let describe = |f: &crate::Frame| match f.location() {
+            Some(l) => format!("{} ({l})", f.function),
+            None => f.function.clone(),
+        };
+        let (key, stack) = match by {
+            GroupBy::Function => (alloc.function.clone(), vec![alloc.function.clone()]),
+            GroupBy::Line => (describe(&alloc), vec![describe(&alloc)]),
+            GroupBy::Stack => {
+                let s: Vec<String> = frames.iter().map(describe).collect();
+                (s.join(";"), s)
+            }
+        };
+        let row = rows.entry(key).or_insert_with(|| TableRow {
+            total_bytes: 0,
+            max_bytes: 0,
+            avg_bytes: 0,
+            count: 0,
+            function: alloc.function.clone(),
+            file: if by == GroupBy::Function {
+                None
+            } else {
+                alloc.file.clone()
+            },
+            line: if by == GroupBy::Function {
+                None
+            } else {
+                alloc.line
+            },
+            stack,
+        });
+        row.total_bytes += site.bytes;
+        row.count += site.allocations;
+        row.max_bytes = row.max_bytes.max(site.max);
+    }
+    let mut out: Vec<TableRow> = rows.into_values().collect();
+    for r in &mut out {
+        r.avg_bytes = r.total_bytes.checked_div(r.count).unwrap_or(0);
+    }
+    out.sort_by(|a, b| {
+        b.total_bytes
+            .cmp(&a.total_bytes)
+            .then(a.stack.cmp(&b.stack))
+    });
+    out
 }

@@ -199,7 +199,17 @@ fn one_pass_peak_view_equals_a_replay_up_to_the_peak() {
         let view = cap.view(memtrack_reader::View::Peak);
         let (whole, _, _) = cap.replay();
         let (at_peak, _, _) = cap.replay_until(whole.peak_seq);
-        assert_eq!(view.sites, at_peak.live_by_stack(), "{}", path.display());
+        let key = |v: &[memtrack_reader::SiteTotal]| -> Vec<(u32, u64, u64)> {
+            v.iter()
+                .map(|s| (s.stack, s.bytes, s.allocations))
+                .collect()
+        };
+        assert_eq!(
+            key(&view.sites),
+            key(&at_peak.live_by_stack()),
+            "{}",
+            path.display()
+        );
         assert_eq!(view.bytes, whole.peak_bytes, "{}", path.display());
         assert_eq!(
             view.allocations,

@@ -142,3 +142,61 @@ fn cxx_names_are_demangled() {
         "mangled names left: {lines:#?}"
     );
 }
+
+#[test]
+fn table_ranks_sites_with_exact_totals_max_avg_count() {
+    let work = Work::new("table");
+    let exe = work.compile("reports.c");
+    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    let run = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(&binaries().memtrack)
+            .arg("table")
+            .arg(&t.capture)
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let row = |v: &serde_json::Value, f: &str| -> (u64, u64, u64, u64) {
+        let r = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["function"] == f)
+            .unwrap_or_else(|| panic!("no row for {f}: {v:#}"));
+        let n = |k: &str| r[k].as_u64().unwrap();
+        (n("total_bytes"), n("max_bytes"), n("avg_bytes"), n("count"))
+    };
+    let peak = run(&["--peak"]);
+    assert_eq!(
+        peak[0]["function"], "peak_site",
+        "ranked by total: {peak:#}"
+    );
+    assert_eq!(row(&peak, "peak_site"), (50000, 50000, 50000, 1));
+    assert_eq!(row(&peak, "leaf_alloc"), (2000, 2000, 2000, 1));
+    assert_eq!(row(&peak, "leak_direct"), (1000, 1000, 1000, 1));
+
+    let lines = run(&["--leaks", "--by", "line"]);
+    let leaf = lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["function"] == "leaf_alloc")
+        .unwrap();
+    assert_eq!(leaf["line"], 12);
+    assert!(leaf["file"].as_str().unwrap().ends_with("reports.c"));
+    assert!(!lines
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["function"] == "peak_site"));
+
+    let top1 = run(&["--allocated", "--top", "1"]);
+    assert_eq!(top1.as_array().unwrap().len(), 1);
+}
