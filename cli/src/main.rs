@@ -92,6 +92,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Allocation statistics: sizes, allocator functions, top locations, temporary allocations.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack stats svc.cap\n    memtrack stats svc.cap --json"
+    )]
+    Stats {
+        file: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Export a view for other tools.
     #[command(
         after_help = "EXAMPLES:\n    memtrack export svc.cap --format folded > peak.folded     # for flamegraph.pl, speedscope\n    memtrack export svc.cap --format folded --leaks -o leaks.folded"
@@ -125,13 +135,17 @@ struct ViewArgs {
     /// Everything ever allocated.
     #[arg(long)]
     allocated: bool,
+    /// Allocations freed again before the same thread allocated anything else.
+    #[arg(long)]
+    temporary: bool,
 }
 
 impl ViewArgs {
     fn view(self) -> View {
-        match (self.leaks, self.allocated) {
-            (true, _) => View::Leaks,
-            (_, true) => View::Allocated,
+        match (self.leaks, self.allocated, self.temporary) {
+            (true, _, _) => View::Leaks,
+            (_, true, _) => View::Allocated,
+            (_, _, true) => View::Temporary,
             _ => View::Peak,
         }
     }
@@ -159,6 +173,7 @@ fn main() -> ExitCode {
         } => cmd_run(output, force, command),
         Cmd::Summary { file, json } => cmd_summary(&file, json).map(|()| 0),
         Cmd::Dump { file } => cmd_dump(&file).map(|()| 0),
+        Cmd::Stats { file, json } => cmd_stats(&file, json).map(|()| 0),
         Cmd::Table {
             file,
             view,
@@ -518,11 +533,7 @@ fn cmd_flamegraph(file: &Path, view: View, inverted: bool, output: Option<PathBu
             .unwrap_or_else(|| "memtrack".into());
         file.with_file_name(format!("{stem}-{}.svg", view.name()))
     });
-    let what = match view {
-        View::Peak => "live at the peak",
-        View::Leaks => "leaked (live at exit)",
-        View::Allocated => "allocated",
-    };
+    let what = view_words(view);
     let command = cap.last_image().argv.join(" ");
     let mut opts = inferno::flamegraph::Options::default();
     opts.title = format!("memtrack: {what}, {} ({command})", human_bytes(total));
@@ -554,6 +565,7 @@ fn view_words(view: View) -> &'static str {
         View::Peak => "live at the peak",
         View::Leaks => "leaked (live at exit)",
         View::Allocated => "allocated",
+        View::Temporary => "temporary (freed before the thread allocated again)",
     }
 }
 
@@ -605,6 +617,102 @@ fn cmd_table(file: &Path, view: View, by: By, top: usize, json: bool) -> Result<
             human_bytes(r.max_bytes),
             human_bytes(r.avg_bytes),
             grouped(r.count)
+        );
+    }
+    Ok(())
+}
+
+fn cmd_stats(file: &Path, json: bool) -> Result<()> {
+    let cap = Capture::open(file)?;
+    let st = cap.stats();
+    let mut sym = Symbolizer::new(&cap);
+    let mut by_count = table(&st.allocated, &mut sym, GroupBy::Function);
+    let by_bytes: Vec<_> = by_count.iter().take(5).cloned().collect();
+    by_count.sort_by(|a, b| {
+        b.count
+            .cmp(&a.count)
+            .then(b.total_bytes.cmp(&a.total_bytes))
+    });
+    by_count.truncate(5);
+    let temporary = table(&st.temporary, &mut sym, GroupBy::Function);
+    for w in &sym.warnings {
+        eprintln!("memtrack: warning: {w}");
+    }
+    if json {
+        let v = serde_json::json!({
+            "capture": file.display().to_string(),
+            "total_allocations": st.allocated.allocations,
+            "total_bytes": st.allocated.bytes,
+            "histogram": st.histogram,
+            "by_function": st.by_function,
+            "top_by_count": by_count,
+            "top_by_bytes": by_bytes,
+            "temporary_allocations": st.temporary.allocations,
+            "temporary_bytes": st.temporary.bytes,
+            "top_temporary": temporary.iter().take(5).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("memtrack stats of {}", file.display());
+    println!(
+        "  {} allocations, {} requested; {} temporary ({})",
+        grouped(st.allocated.allocations),
+        bytes(st.allocated.bytes),
+        grouped(st.temporary.allocations),
+        bytes(st.temporary.bytes)
+    );
+    println!("\nallocation sizes");
+    let most = st
+        .histogram
+        .iter()
+        .map(|b| b.count)
+        .max()
+        .unwrap_or(1)
+        .max(1);
+    for b in &st.histogram {
+        let bar = "#".repeat(((b.count * 40).div_ceil(most)) as usize);
+        println!(
+            "  {:>10} .. {:<10} {:>12}  {bar}",
+            human_bytes(b.min),
+            human_bytes(b.max),
+            grouped(b.count)
+        );
+    }
+    println!("\nby allocator function");
+    for k in &st.by_function {
+        println!(
+            "  {:<16} {:>12} calls  {}",
+            k.function,
+            grouped(k.count),
+            bytes(k.bytes)
+        );
+    }
+    println!("\ntop locations by count");
+    for r in &by_count {
+        println!(
+            "  {:>12} calls  {:>12}  {}",
+            grouped(r.count),
+            human_bytes(r.total_bytes),
+            r.function
+        );
+    }
+    println!("\ntop locations by bytes");
+    for r in &by_bytes {
+        println!(
+            "  {:>12}  {:>12} calls  {}",
+            human_bytes(r.total_bytes),
+            grouped(r.count),
+            r.function
+        );
+    }
+    println!("\ntemporary allocations");
+    for r in temporary.iter().take(5) {
+        println!(
+            "  {:>12} calls  {:>12}  {}",
+            grouped(r.count),
+            human_bytes(r.total_bytes),
+            r.function
         );
     }
     Ok(())

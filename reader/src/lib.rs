@@ -19,6 +19,7 @@
 mod capture;
 mod replay;
 mod stacks;
+mod stats;
 mod symbols;
 mod views;
 
@@ -26,6 +27,7 @@ pub use capture::{Capture, ChunkRef, Event, EventKind, ReadError, Warning};
 pub use memtrack_format::{AllocKind, EndReason, Header, Module, ModulesRecord};
 pub use replay::{Replay, SiteTotal, Summary};
 pub use stacks::StackTable;
+pub use stats::{Bucket, KindStat, Stats};
 pub use symbols::{stack_frames, Frame, Symbolizer};
 pub use views::{folded, table, GroupBy, TableRow, View, ViewSites};
 

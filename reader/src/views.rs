@@ -16,6 +16,8 @@ pub enum View {
     Leaks,
     /// Everything ever allocated.
     Allocated,
+    /// Allocations freed again before the same thread allocated anything else.
+    Temporary,
 }
 
 impl View {
@@ -24,6 +26,7 @@ impl View {
             View::Peak => "peak",
             View::Leaks => "leaks",
             View::Allocated => "allocated",
+            View::Temporary => "temporary",
         }
     }
 }
@@ -69,6 +72,7 @@ impl Capture {
                 let (r, stacks, _) = self.replay_into(crate::Replay::tracking_sites(), u64::MAX);
                 (r.peak_by_stack(), stacks)
             }
+            View::Temporary => return self.stats().temporary,
             View::Allocated => {
                 let mut stacks = StackTable::default();
                 let mut by: FastMap<u32, SiteTotal> = FastMap::default();

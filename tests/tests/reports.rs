@@ -200,3 +200,52 @@ fn table_ranks_sites_with_exact_totals_max_avg_count() {
     let top1 = run(&["--allocated", "--top", "1"]);
     assert_eq!(top1.as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn stats_histogram_functions_and_temporary_allocations_are_exact() {
+    let work = Work::new("stats");
+    let exe = work.compile("reports.c");
+    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    let out = Command::new(&binaries().memtrack)
+        .arg("stats")
+        .arg(&t.capture)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["total_allocations"], 3, "{v:#}");
+    assert_eq!(v["total_bytes"], 53000);
+    let hist: Vec<(u64, u64, u64)> = v["histogram"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["min"].as_u64().unwrap(),
+                b["max"].as_u64().unwrap(),
+                b["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(hist, [(513, 1024, 1), (1025, 2048, 1), (32769, 65536, 1)]);
+    assert_eq!(v["by_function"][0]["function"], "malloc");
+    assert_eq!(v["by_function"][0]["count"], 3);
+    assert_eq!(v["by_function"].as_array().unwrap().len(), 1);
+    // peak_site's block is freed before main allocates again: the one temporary allocation.
+    assert_eq!(v["temporary_allocations"], 1);
+    assert_eq!(v["temporary_bytes"], 50000);
+    assert_eq!(v["top_temporary"][0]["function"], "peak_site");
+    assert_eq!(v["top_by_bytes"][0]["function"], "peak_site");
+
+    let temp = export(&t.capture, "--temporary");
+    assert_eq!(temp.len(), 1, "{temp:?}");
+    assert!(
+        temp[0].0.ends_with(";main;peak_site") && temp[0].1 == 50000,
+        "{temp:?}"
+    );
+}

@@ -1,0 +1,137 @@
+//! Allocation statistics in one pass over the events: size histogram, calls by allocator
+//! function, allocated and temporary allocations by stack.
+
+use crate::capture::{Capture, EventKind};
+use crate::replay::SiteTotal;
+use crate::stacks::StackTable;
+use crate::views::{View, ViewSites};
+use memtrack_format::hash::FastMap;
+use memtrack_format::AllocKind;
+
+/// Allocations whose size lies in `[min, max]` (power-of-two buckets).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Bucket {
+    pub min: u64,
+    pub max: u64,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// Calls of one allocator function.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KindStat {
+    pub function: &'static str,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+pub struct Stats {
+    pub histogram: Vec<Bucket>,
+    pub by_function: Vec<KindStat>,
+    pub allocated: ViewSites,
+    /// Allocations freed again before the same thread allocated anything else (heaptrack's
+    /// definition), by stack.
+    pub temporary: ViewSites,
+}
+
+fn sites(map: FastMap<u32, SiteTotal>, stacks: StackTable, view: View) -> ViewSites {
+    let mut v: Vec<SiteTotal> = map.into_values().collect();
+    v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));
+    let bytes = v.iter().map(|s| s.bytes).sum();
+    let allocations = v.iter().map(|s| s.allocations).sum();
+    ViewSites {
+        view,
+        sites: v,
+        stacks,
+        bytes,
+        allocations,
+    }
+}
+
+fn add(map: &mut FastMap<u32, SiteTotal>, stack: u32, size: u64) {
+    let e = map.entry(stack).or_insert(SiteTotal {
+        stack,
+        ..Default::default()
+    });
+    e.bytes = e.bytes.saturating_add(size);
+    e.allocations += 1;
+    e.max = e.max.max(size);
+}
+
+impl Capture {
+    pub fn stats(&self) -> Stats {
+        let mut stacks = StackTable::default();
+        let mut hist = vec![Bucket::default(); 65];
+        let mut kinds: Vec<(u64, u64)> = vec![(0, 0); AllocKind::ALL.len()];
+        let mut allocated: FastMap<u32, SiteTotal> = FastMap::default();
+        let mut temporary: FastMap<u32, SiteTotal> = FastMap::default();
+        // Per thread: its most recent allocation (address, size, stack), until anything else.
+        let mut last: FastMap<u32, (u64, u64, u32)> = FastMap::default();
+        for ev in self.events(&mut stacks) {
+            match ev.kind {
+                EventKind::Alloc {
+                    kind,
+                    addr,
+                    size,
+                    stack,
+                } => {
+                    let b = if size == 0 {
+                        0
+                    } else {
+                        64 - (size - 1).leading_zeros() as usize
+                    };
+                    let bucket = &mut hist[b.min(64)];
+                    bucket.count += 1;
+                    bucket.bytes = bucket.bytes.saturating_add(size);
+                    let k = &mut kinds[kind as usize];
+                    k.0 += 1;
+                    k.1 = k.1.saturating_add(size);
+                    add(&mut allocated, stack, size);
+                    last.insert(ev.tid, (addr, size, stack));
+                }
+                EventKind::Free { addr } => {
+                    if let Some(&(a, size, stack)) = last.get(&ev.tid) {
+                        if a == addr {
+                            add(&mut temporary, stack, size);
+                        }
+                    }
+                    last.remove(&ev.tid);
+                }
+                EventKind::ReallocFree { .. } | EventKind::ReallocFailed => {
+                    last.remove(&ev.tid);
+                }
+            }
+        }
+        let histogram = hist
+            .into_iter()
+            .enumerate()
+            .filter(|(_, b)| b.count > 0)
+            .map(|(i, mut b)| {
+                (b.min, b.max) = match i {
+                    0 => (0, 1),
+                    64 => (1 << 63, u64::MAX),
+                    _ => ((1u64 << (i - 1)) + 1, 1u64 << i),
+                };
+                b
+            })
+            .collect();
+        let by_function = AllocKind::ALL
+            .iter()
+            .zip(kinds)
+            .filter(|(_, (c, _))| *c > 0)
+            .map(|(k, (count, bytes))| KindStat {
+                function: k.name(),
+                count,
+                bytes,
+            })
+            .collect();
+        let allocated = sites(allocated, stacks.clone(), View::Allocated);
+        let temporary = sites(temporary, stacks, View::Temporary);
+        Stats {
+            histogram,
+            by_function,
+            allocated,
+            temporary,
+        }
+    }
+}
