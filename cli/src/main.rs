@@ -2,7 +2,9 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use memtrack_reader::{folded, human_bytes, table, Capture, GroupBy, Summary, Symbolizer, View};
+use memtrack_reader::{
+    folded, grouped, human_bytes, table, Capture, GroupBy, Summary, Symbolizer, View,
+};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -102,6 +104,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Heap in use over time as an SVG chart, the peak marked.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack plot svc.cap                 # svc-plot.svg beside the capture\n    memtrack plot svc.cap -o heap.svg"
+    )]
+    Plot {
+        file: PathBuf,
+        /// Output SVG [default: <capture>-plot.svg beside the capture].
+        #[arg(short, long, value_name = "OUT.svg")]
+        output: Option<PathBuf>,
+    },
     /// Export a view for other tools.
     #[command(
         after_help = "EXAMPLES:\n    memtrack export svc.cap --format folded > peak.folded     # for flamegraph.pl, speedscope\n    memtrack export svc.cap --format folded --leaks -o leaks.folded"
@@ -174,6 +186,7 @@ fn main() -> ExitCode {
         Cmd::Summary { file, json } => cmd_summary(&file, json).map(|()| 0),
         Cmd::Dump { file } => cmd_dump(&file).map(|()| 0),
         Cmd::Stats { file, json } => cmd_stats(&file, json).map(|()| 0),
+        Cmd::Plot { file, output } => cmd_plot(&file, output).map(|()| 0),
         Cmd::Table {
             file,
             view,
@@ -348,19 +361,6 @@ fn cmd_summary(file: &Path, json: bool) -> Result<()> {
     }
     print_summary(file, &cap, &s);
     Ok(())
-}
-
-/// `1234567` -> `1,234,567`.
-fn grouped(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 fn bytes(n: u64) -> String {
@@ -715,5 +715,25 @@ fn cmd_stats(file: &Path, json: bool) -> Result<()> {
             r.function
         );
     }
+    Ok(())
+}
+
+fn cmd_plot(file: &Path, output: Option<PathBuf>) -> Result<()> {
+    let cap = Capture::open(file)?;
+    let plot = cap.plot();
+    let out = output.unwrap_or_else(|| {
+        let stem = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "memtrack".into());
+        file.with_file_name(format!("{stem}-plot.svg"))
+    });
+    std::fs::write(&out, plot.svg).with_context(|| format!("cannot write {}", out.display()))?;
+    eprintln!(
+        "memtrack: heap over time written to {} (peak {} at {:.3} s)",
+        out.display(),
+        human_bytes(plot.peak_bytes),
+        plot.peak_seconds
+    );
     Ok(())
 }

@@ -17,6 +17,7 @@
 //! ```
 
 mod capture;
+mod plot;
 mod replay;
 mod stacks;
 mod stats;
@@ -25,11 +26,25 @@ mod views;
 
 pub use capture::{Capture, ChunkRef, Event, EventKind, ReadError, Warning};
 pub use memtrack_format::{AllocKind, EndReason, Header, Module, ModulesRecord};
+pub use plot::Plot;
 pub use replay::{Replay, SiteTotal, Summary};
 pub use stacks::StackTable;
 pub use stats::{Bucket, KindStat, Stats};
 pub use symbols::{stack_frames, Frame, Symbolizer};
 pub use views::{folded, table, GroupBy, TableRow, View, ViewSites};
+
+/// `1234567` -> `1,234,567`.
+pub fn grouped(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
 
 /// Formats a byte count in binary units, e.g. `1.50 MiB`.
 pub fn human_bytes(n: u64) -> String {
@@ -54,5 +69,8 @@ mod tests {
         assert_eq!(super::human_bytes(1023), "1023 B");
         assert_eq!(super::human_bytes(1536), "1.50 KiB");
         assert_eq!(super::human_bytes(3 << 30), "3.00 GiB");
+        assert_eq!(super::grouped(0), "0");
+        assert_eq!(super::grouped(1234567), "1,234,567");
+        assert_eq!(super::grouped(100), "100");
     }
 }

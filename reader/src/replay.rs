@@ -45,6 +45,13 @@ pub struct Replay {
     pub last_time: u64,
     /// Per-stack figures at the peak, kept when `track_sites` is set.
     sites: Option<Box<SiteTracker>>,
+    /// Heap in use over time: the largest value in each of `series.len()` equal slices of
+    /// `[0, series_span)` (time units, or event numbers when `series_by_event`).
+    pub series: Vec<u64>,
+    /// The heap in use after the last event of each slice (`None`: no event in the slice).
+    pub series_last: Vec<Option<u64>>,
+    series_span: u64,
+    series_by_event: bool,
 }
 
 /// Per-stack live bytes, and their values at the last peak. Stacks changed since the last peak
@@ -82,6 +89,30 @@ impl SiteTracker {
 impl Replay {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A replay that also samples the heap in use into `points` slices of `[0, span)`: time
+    /// units, or sequence numbers when `by_event`.
+    pub fn sampling(points: usize, span: u64, by_event: bool) -> Self {
+        Replay {
+            series: vec![0; points.max(1)],
+            series_last: vec![None; points.max(1)],
+            series_span: span.max(1),
+            series_by_event: by_event,
+            ..Self::default()
+        }
+    }
+
+    #[inline]
+    fn sample(&mut self, time: u64, seq: u64) {
+        if self.series.is_empty() {
+            return;
+        }
+        let x = if self.series_by_event { seq } else { time };
+        let n = self.series.len() as u64;
+        let i = ((x as u128 * n as u128) / self.series_span as u128).min(n as u128 - 1) as usize;
+        self.series[i] = self.series[i].max(self.live_bytes);
+        self.series_last[i] = Some(self.live_bytes);
     }
 
     /// A replay that also keeps per-stack figures at the peak (see [`Replay::peak_by_stack`]).
@@ -162,6 +193,7 @@ impl Replay {
                 }
             }
         }
+        self.sample(ev.time, ev.seq);
     }
 
     /// The program image was replaced by exec: its heap is gone (not leaked).

@@ -249,3 +249,46 @@ fn stats_histogram_functions_and_temporary_allocations_are_exact() {
         "{temp:?}"
     );
 }
+
+#[test]
+fn plot_marks_the_peak_with_its_size() {
+    let work = Work::new("plot");
+    let exe = work.compile("reports.c");
+    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    let out = Command::new(&binaries().memtrack)
+        .arg("plot")
+        .arg(&t.capture)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(work.path("reports-plot.svg")).expect("reports-plot.svg");
+    assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"));
+    assert!(
+        svg.contains("peak 51.76 KiB (53,000 bytes)"),
+        "no peak label"
+    );
+    let points = svg
+        .split("points=\"")
+        .nth(1)
+        .and_then(|p| p.split('"').next())
+        .expect("a polyline");
+    assert_eq!(points.split_whitespace().count(), 1000);
+    // The line reaches the top (the peak) and ends lower (50000 bytes freed).
+    let ys: Vec<f64> = points
+        .split_whitespace()
+        .map(|p| p.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    let top = ys.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(
+        (top - 50.0).abs() < 0.5,
+        "the peak is drawn at the top: {top}"
+    );
+    assert!(
+        *ys.last().unwrap() > top + 100.0,
+        "after the free the heap is lower"
+    );
+}
