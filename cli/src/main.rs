@@ -3,7 +3,8 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use memtrack_reader::{
-    folded, grouped, human_bytes, table, Capture, GroupBy, Summary, Symbolizer, View,
+    call_tree, folded, grouped, human_bytes, render_tree, table, Capture, GroupBy, Summary,
+    Symbolizer, View,
 };
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -104,6 +105,21 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Call tree with inclusive bytes and counts, largest branches first.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack tree svc.cap\n    memtrack tree svc.cap --leaks --depth 20 --min-percent 0.1"
+    )]
+    Tree {
+        file: PathBuf,
+        #[command(flatten)]
+        view: ViewArgs,
+        /// Levels to show.
+        #[arg(long, default_value_t = 12)]
+        depth: usize,
+        /// Fold branches holding less than this share of the view.
+        #[arg(long, default_value_t = 1.0, value_name = "PERCENT")]
+        min_percent: f64,
+    },
     /// Heap in use over time as an SVG chart, the peak marked.
     #[command(
         after_help = "EXAMPLES:\n    memtrack plot svc.cap                 # svc-plot.svg beside the capture\n    memtrack plot svc.cap -o heap.svg"
@@ -186,6 +202,12 @@ fn main() -> ExitCode {
         Cmd::Summary { file, json } => cmd_summary(&file, json).map(|()| 0),
         Cmd::Dump { file } => cmd_dump(&file).map(|()| 0),
         Cmd::Stats { file, json } => cmd_stats(&file, json).map(|()| 0),
+        Cmd::Tree {
+            file,
+            view,
+            depth,
+            min_percent,
+        } => cmd_tree(&file, view.view(), depth, min_percent).map(|()| 0),
         Cmd::Plot { file, output } => cmd_plot(&file, output).map(|()| 0),
         Cmd::Table {
             file,
@@ -735,5 +757,25 @@ fn cmd_plot(file: &Path, output: Option<PathBuf>) -> Result<()> {
         human_bytes(plot.peak_bytes),
         plot.peak_seconds
     );
+    Ok(())
+}
+
+fn cmd_tree(file: &Path, view: View, depth: usize, min_percent: f64) -> Result<()> {
+    let cap = Capture::open(file)?;
+    let v = cap.view(view);
+    let mut sym = Symbolizer::new(&cap);
+    let tree = call_tree(&v, &mut sym);
+    for w in &sym.warnings {
+        eprintln!("memtrack: warning: {w}");
+    }
+    println!(
+        "memtrack tree of {}: {}, {} in {} allocations",
+        file.display(),
+        view_words(view),
+        bytes(v.bytes),
+        grouped(v.allocations)
+    );
+    println!("{:>8} {:>11} {:>10}  call path", "share", "bytes", "count");
+    print!("{}", render_tree(&tree, depth, min_percent / 100.0));
     Ok(())
 }

@@ -22,6 +22,7 @@ mod replay;
 mod stacks;
 mod stats;
 mod symbols;
+mod tree;
 mod views;
 
 pub use capture::{Capture, ChunkRef, Event, EventKind, ReadError, Warning};
@@ -31,6 +32,7 @@ pub use replay::{Replay, SiteTotal, Summary};
 pub use stacks::StackTable;
 pub use stats::{Bucket, KindStat, Stats};
 pub use symbols::{stack_frames, Frame, Symbolizer};
+pub use tree::{call_tree, render_tree, TreeNode};
 pub use views::{folded, table, GroupBy, TableRow, View, ViewSites};
 
 /// `1234567` -> `1,234,567`.

@@ -292,3 +292,58 @@ fn plot_marks_the_peak_with_its_size() {
         "after the free the heap is lower"
     );
 }
+
+#[test]
+fn call_tree_has_inclusive_bytes_along_the_paths() {
+    let work = Work::new("tree");
+    let exe = work.compile("reports.c");
+    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    let cap = open_capture(&t.capture);
+    let v = cap.view(View::Peak);
+    let mut sym = Symbolizer::new(&cap);
+    let root = memtrack_reader::call_tree(&v, &mut sym);
+    assert_eq!((root.bytes, root.allocations), (53000, 3));
+    // Down the single path to main.
+    let mut node = &root;
+    while node.name != "main" {
+        assert_eq!(
+            node.children.len(),
+            1,
+            "below {}: {:?}",
+            node.name,
+            node.children
+        );
+        node = &node.children[0];
+    }
+    let kids: Vec<(&str, u64)> = node
+        .children
+        .iter()
+        .map(|c| (c.name.as_str(), c.bytes))
+        .collect();
+    assert_eq!(
+        kids,
+        [("peak_site", 50000), ("outer", 2000), ("leak_direct", 1000)]
+    );
+    let outer = &node.children[1];
+    assert_eq!(outer.children[0].name, "helper");
+    assert_eq!(outer.children[0].children[0].name, "leaf_alloc");
+    assert_eq!(outer.children[0].children[0].bytes, 2000);
+
+    let out = Command::new(&binaries().memtrack)
+        .arg("tree")
+        .arg(&t.capture)
+        .args(["--leaks", "--depth", "30"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success());
+    let leaf = text
+        .lines()
+        .find(|l| l.ends_with("leaf_alloc"))
+        .expect("leaf_alloc line");
+    assert!(
+        leaf.contains("66.67%") && leaf.contains("1.95 KiB"),
+        "{leaf}"
+    );
+    assert!(!text.contains("peak_site"), "freed before exit: {text}");
+}
