@@ -374,14 +374,60 @@ fn output_is_template_conflict(out: &Path) -> bool {
 
 fn cmd_summary(file: &Path, json: bool) -> Result<()> {
     let cap = Capture::open(file)?;
-    let s = cap.summary()?;
+    // One replay gives the figures and what each stack held at the peak.
+    let (r, stacks, errors) = cap.replay_into(memtrack_reader::Replay::tracking_sites(), u64::MAX);
+    let s = cap.summarize(&r, errors);
+    let sites = r.peak_by_stack();
+    let view = memtrack_reader::ViewSites {
+        view: View::Peak,
+        bytes: s.peak_bytes,
+        allocations: s.peak_allocations,
+        sites,
+        stacks,
+    };
+    let mut sym = Symbolizer::new(&cap);
+    let top = memtrack_reader::top_locations(&view, &mut sym, 5);
+    for w in &sym.warnings {
+        eprintln!("memtrack: warning: {w}");
+    }
     if json {
         let mut v = serde_json::to_value(&s)?;
         v["capture"] = serde_json::Value::String(file.display().to_string());
+        v["top_peak_locations"] = serde_json::to_value(
+            top.iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "function": t.function, "file": t.file, "line": t.line,
+                        "bytes": t.total_bytes, "allocations": t.count,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )?;
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     print_summary(file, &cap, &s);
+    if !top.is_empty() {
+        println!("  top locations at the peak:");
+        for t in &top {
+            let location = match (&t.file, t.line) {
+                (Some(f), Some(l)) => format!(
+                    "{} ({}:{l})",
+                    t.function,
+                    Path::new(f)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default()
+                ),
+                _ => t.function.clone(),
+            };
+            println!(
+                "    {:>11} in {:>9} allocations  {location}",
+                human_bytes(t.total_bytes),
+                grouped(t.count)
+            );
+        }
+    }
     Ok(())
 }
 

@@ -33,7 +33,7 @@ pub use stacks::StackTable;
 pub use stats::{Bucket, KindStat, Stats};
 pub use symbols::{stack_frames, Frame, Symbolizer};
 pub use tree::{call_tree, render_tree, TreeNode};
-pub use views::{folded, table, GroupBy, TableRow, View, ViewSites};
+pub use views::{folded, table, top_locations, GroupBy, TableRow, View, ViewSites};
 
 /// `1234567` -> `1,234,567`.
 pub fn grouped(n: u64) -> String {

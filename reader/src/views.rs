@@ -212,3 +212,56 @@ pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> 
     });
     out
 }
+
+/// The `n` locations (allocating function and file:line) that hold the most bytes in a view.
+/// Only each stack's allocating frame is symbolized (not whole stacks).
+pub fn top_locations(v: &ViewSites, sym: &mut Symbolizer, n: usize) -> Vec<TableRow> {
+    let mut rows: std::collections::HashMap<String, TableRow> = Default::default();
+    for site in &v.sites {
+        let addrs = v.stacks.frames(site.stack);
+        // Innermost first; inlined frames of one address come outermost first, so look from the
+        // back of each address's list.
+        let mut alloc: Option<crate::Frame> = None;
+        'find: for a in &addrs {
+            for f in sym.frames(*a).iter().rev() {
+                if !f.function.starts_with("operator new") {
+                    alloc = Some(f.clone());
+                    break 'find;
+                }
+            }
+        }
+        let f = alloc.unwrap_or(crate::Frame {
+            function: "[unknown]".into(),
+            file: None,
+            line: None,
+        });
+        let key = match f.location() {
+            Some(l) => format!("{} ({l})", f.function),
+            None => f.function.clone(),
+        };
+        let row = rows.entry(key.clone()).or_insert_with(|| TableRow {
+            total_bytes: 0,
+            max_bytes: 0,
+            avg_bytes: 0,
+            count: 0,
+            function: f.function.clone(),
+            file: f.file.clone(),
+            line: f.line,
+            stack: vec![key],
+        });
+        row.total_bytes += site.bytes;
+        row.count += site.allocations;
+        row.max_bytes = row.max_bytes.max(site.max);
+    }
+    let mut out: Vec<TableRow> = rows.into_values().collect();
+    for r in &mut out {
+        r.avg_bytes = r.total_bytes.checked_div(r.count).unwrap_or(0);
+    }
+    out.sort_by(|a, b| {
+        b.total_bytes
+            .cmp(&a.total_bytes)
+            .then(a.stack.cmp(&b.stack))
+    });
+    out.truncate(n);
+    out
+}

@@ -347,3 +347,31 @@ fn call_tree_has_inclusive_bytes_along_the_paths() {
     );
     assert!(!text.contains("peak_site"), "freed before exit: {text}");
 }
+
+#[test]
+fn summary_names_the_top_locations_at_the_peak() {
+    let work = Work::new("summary_top");
+    let exe = work.compile("reports.c");
+    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    let v = summary_json(&t.capture);
+    let top: Vec<(String, u64, u64)> = v["top_peak_locations"]
+        .as_array()
+        .expect("top_peak_locations")
+        .iter()
+        .map(|l| {
+            (
+                l["function"].as_str().unwrap().to_string(),
+                l["line"].as_u64().unwrap(),
+                l["bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        top,
+        [
+            ("peak_site".to_string(), 19, 50000),
+            ("leaf_alloc".to_string(), 12, 2000),
+            ("leak_direct".to_string(), 11, 1000)
+        ]
+    );
+}
