@@ -88,6 +88,13 @@ impl Symbolizer {
                 });
             }
         }
+        // MEMTRACK_SYMBOLIZE=0: no file is read, frames show as module+offset (fast, and the
+        // same on every machine).
+        if std::env::var_os("MEMTRACK_SYMBOLIZE").is_some_and(|v| v == "0") {
+            for m in &mut modules {
+                m.tried = true;
+            }
+        }
         Symbolizer {
             modules,
             cache: FastMap::default(),
