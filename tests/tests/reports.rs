@@ -375,3 +375,132 @@ fn summary_names_the_top_locations_at_the_peak() {
         ]
     );
 }
+
+/// `mangling`: "default" (rustc's own choice) or "v0".
+fn rustc(work: &Work, mangling: &str) -> std::path::PathBuf {
+    let exe = work.path(&format!("rust_fixture_{mangling}"));
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let mut cmd = Command::new(rustc);
+    cmd.args(["-g", "-C", "opt-level=1"]);
+    if mangling != "default" {
+        cmd.arg("-C")
+            .arg(format!("symbol-mangling-version={mangling}"));
+    }
+    let out = cmd
+        .arg("-o")
+        .arg(&exe)
+        .arg(fixtures_dir().join("rust_fixture.rs"))
+        .output()
+        .expect("rustc runs");
+    assert!(
+        out.status.success(),
+        "rustc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    exe
+}
+
+#[test]
+fn rust_names_are_demangled_default_and_v0() {
+    let work = Work::new("rust_names");
+    for mangling in ["default", "v0"] {
+        let exe = rustc(&work, mangling);
+        let t = run_traced_ok(&work, &format!("rust-{mangling}.cap"), &exe, &[] as &[&str]);
+        let leaks = export(&t.capture, "--leaks");
+        let with = |f: &str| -> u64 {
+            leaks
+                .iter()
+                .filter(|(p, _)| p.contains(f))
+                .map(|(_, b)| b)
+                .sum()
+        };
+        assert_eq!(
+            with("rust_fixture::make_buffer"),
+            4096,
+            "{mangling}: {leaks:#?}"
+        );
+        assert_eq!(
+            with("rust_fixture::Store::insert"),
+            100,
+            "{mangling}: {leaks:#?}"
+        );
+        assert!(
+            with("rust_fixture::main") >= 4096 + 100 + 32,
+            "{mangling}: {leaks:#?}"
+        );
+        assert!(
+            !leaks
+                .iter()
+                .any(|(p, _)| p.contains("_ZN") || p.contains("_R")),
+            "{mangling}: mangled names left: {leaks:#?}"
+        );
+        // memtrack's own frames never appear.
+        assert!(
+            !leaks.iter().any(|(p, _)| p.contains("memtrack")),
+            "{leaks:#?}"
+        );
+    }
+}
+
+#[test]
+fn frames_in_dlopened_code_are_symbolized() {
+    let work = Work::new("dl_symbols");
+    let lib = work.path("libfixture.so");
+    let out = Command::new("gcc")
+        .args(["-O1", "-g", "-shared", "-fPIC", "-o"])
+        .arg(&lib)
+        .arg(fixtures_dir().join("dlopen_lib.c"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let exe = work.compile("dlopen_main.c");
+    let t = run_traced_ok(&work, "dl.cap", &exe, &[lib.to_str().unwrap()]);
+    let leaks = export(&t.capture, "--leaks");
+    assert_eq!(
+        bytes_ending(&leaks, ";main;call_lib;lib_alloc;lib_site"),
+        4096 + 8192,
+        "{leaks:#?}"
+    );
+}
+
+#[test]
+fn a_rebuilt_binary_is_reported_once_and_shown_as_offsets() {
+    let work = Work::new("stale");
+    let exe = work.compile("reports.c");
+    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    // Rebuild the same path from other code: its build-id changes.
+    let out = Command::new("gcc")
+        .args(["-O1", "-g", "-DSTALE_VARIANT", "-x", "c", "-o"])
+        .arg(&exe)
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(b"int main(void) { return 42; }\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    let out = Command::new(&binaries().memtrack)
+        .arg("export")
+        .arg(&t.capture)
+        .args(["--format", "folded", "--leaks"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.matches("build-id differs").count(), 1, "{stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(";reports+0x"),
+        "offsets for the stale binary: {text}"
+    );
+    assert!(
+        !text.contains("leak_direct"),
+        "no names from the wrong binary: {text}"
+    );
+}
