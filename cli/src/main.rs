@@ -191,6 +191,70 @@ enum By {
     Stack,
 }
 
+/// A progress bar on stderr for long reads: only when stderr is a terminal, and only once the
+/// read has taken a second (`MEMTRACK_PROGRESS_AFTER_MS` changes that, for tests). Dropping it
+/// clears the line.
+struct Progress {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(cap: &Capture, quiet: bool) -> Progress {
+        use std::io::IsTerminal;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if quiet || !std::io::stderr().is_terminal() || cap.chunks.is_empty() {
+            return Progress { done, thread: None };
+        }
+        let after = std::env::var("MEMTRACK_PROGRESS_AFTER_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000);
+        let (d, counter, total) = (done.clone(), cap.progress(), cap.chunks.len());
+        let name = cap.path().display().to_string();
+        let thread = std::thread::spawn(move || {
+            use std::sync::atomic::Ordering::Relaxed;
+            let start = std::time::Instant::now();
+            let mut drawn = false;
+            let mut first = true;
+            while !d.load(Relaxed) {
+                if !first {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                first = false;
+                if start.elapsed().as_millis() < after {
+                    continue;
+                }
+                let n = counter.load(Relaxed).min(total);
+                let filled = n * 30 / total;
+                eprint!(
+                    "\rreading {name} [{}{}] {:>3}%",
+                    "#".repeat(filled),
+                    " ".repeat(30 - filled),
+                    n * 100 / total
+                );
+                drawn = true;
+            }
+            if drawn {
+                eprint!("\r\x1b[K");
+            }
+        });
+        Progress {
+            done,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -374,8 +438,10 @@ fn output_is_template_conflict(out: &Path) -> bool {
 
 fn cmd_summary(file: &Path, json: bool) -> Result<()> {
     let cap = Capture::open(file)?;
+    let progress = Progress::start(&cap, json);
     // One replay gives the figures and what each stack held at the peak.
     let (r, stacks, errors) = cap.replay_into(memtrack_reader::Replay::tracking_sites(), u64::MAX);
+    drop(progress);
     let s = cap.summarize(&r, errors);
     let sites = r.peak_by_stack();
     let view = memtrack_reader::ViewSites {
@@ -566,7 +632,9 @@ struct FoldedView {
 /// The view's folded stacks, with the symbolizer's warnings sent to stderr.
 fn folded_view(file: &Path, view: View) -> Result<FoldedView> {
     let cap = Capture::open(file)?;
+    let progress = Progress::start(&cap, false);
     let v = cap.view(view);
+    drop(progress);
     let mut sym = Symbolizer::new(&cap);
     let lines = folded(&v, &mut sym);
     for w in &sym.warnings {
@@ -639,7 +707,9 @@ fn view_words(view: View) -> &'static str {
 
 fn cmd_table(file: &Path, view: View, by: By, top: usize, json: bool) -> Result<()> {
     let cap = Capture::open(file)?;
+    let progress = Progress::start(&cap, json);
     let v = cap.view_with_max(view);
+    drop(progress);
     let mut sym = Symbolizer::new(&cap);
     let group = match by {
         By::Function => GroupBy::Function,
@@ -692,7 +762,9 @@ fn cmd_table(file: &Path, view: View, by: By, top: usize, json: bool) -> Result<
 
 fn cmd_stats(file: &Path, json: bool) -> Result<()> {
     let cap = Capture::open(file)?;
+    let progress = Progress::start(&cap, json);
     let st = cap.stats();
+    drop(progress);
     let mut sym = Symbolizer::new(&cap);
     let mut by_count = table(&st.allocated, &mut sym, GroupBy::Function);
     let by_bytes: Vec<_> = by_count.iter().take(5).cloned().collect();
@@ -788,7 +860,9 @@ fn cmd_stats(file: &Path, json: bool) -> Result<()> {
 
 fn cmd_plot(file: &Path, output: Option<PathBuf>) -> Result<()> {
     let cap = Capture::open(file)?;
+    let progress = Progress::start(&cap, false);
     let plot = cap.plot();
+    drop(progress);
     let out = output.unwrap_or_else(|| {
         let stem = file
             .file_stem()
@@ -808,7 +882,9 @@ fn cmd_plot(file: &Path, output: Option<PathBuf>) -> Result<()> {
 
 fn cmd_tree(file: &Path, view: View, depth: usize, min_percent: f64) -> Result<()> {
     let cap = Capture::open(file)?;
+    let progress = Progress::start(&cap, false);
     let v = cap.view(view);
+    drop(progress);
     let mut sym = Symbolizer::new(&cap);
     let tree = call_tree(&v, &mut sym);
     for w in &sym.warnings {

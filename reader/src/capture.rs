@@ -66,6 +66,8 @@ pub struct Capture {
     pub last_chunk_time: u64,
     /// For the merge: the smallest file offset among `chunks[i..]`.
     min_offset_from: Vec<usize>,
+    /// Chunks opened by the current or last read (for a progress display).
+    progress: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Headers of the program images that followed the first one through `exec`.
     pub images: Vec<Header>,
     /// Sequence numbers at which an `exec` replaced the image: blocks live before are gone.
@@ -138,6 +140,7 @@ impl Capture {
             images: Vec::new(),
             exec_boundaries: Vec::new(),
             min_offset_from: Vec::new(),
+            progress: Default::default(),
         };
         cap.index(&file, data.len(), first);
         if let Some(m) = &map {
@@ -251,6 +254,12 @@ impl Capture {
         self.images.last().unwrap_or(&self.header)
     }
 
+    /// A counter of the chunks read so far by the running read, out of `chunks.len()`. Reads
+    /// that pass over the events several times (the peak view of `table`) count each pass.
+    pub fn progress(&self) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        self.progress.clone()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -275,7 +284,9 @@ impl Capture {
 
     /// The merged, ordered event stream. Stack nodes met on the way are added to `stacks`.
     pub fn events<'a>(&'a self, stacks: &'a mut StackTable) -> Events<'a> {
+        self.progress.store(0, std::sync::atomic::Ordering::Relaxed);
         Events {
+            progress: &self.progress,
             data: self.data(),
             map: self.map.as_ref(),
             chunks: &self.chunks,
@@ -382,6 +393,7 @@ impl<'a> ChunkCursor<'a> {
 /// to be read lies in are released as the merge moves on, so memory follows the live set, not
 /// the file's size.
 pub struct Events<'a> {
+    progress: &'a std::sync::atomic::AtomicUsize,
     data: &'a [u8],
     map: Option<&'a Mmap>,
     chunks: &'a [ChunkRef],
@@ -503,6 +515,8 @@ impl Iterator for Events<'_> {
             }
         }
         if opened {
+            self.progress
+                .store(self.next_chunk, std::sync::atomic::Ordering::Relaxed);
             self.release_pages();
         }
         let slot = self.top?;

@@ -110,3 +110,51 @@ fn python_gets_pythonmalloc_unless_set() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "pymalloc\n");
     assert!(!String::from_utf8_lossy(&out.stderr).contains("setting PYTHONMALLOC"));
 }
+
+/// The progress bar shows on a terminal only, never in pipes or with --json.
+#[test]
+fn progress_bar_only_on_a_terminal() {
+    if Command::new("script").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "`script` (bsdutils) is missing in CI"
+        );
+        return;
+    }
+    let cap = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("captures/v2-threads.cap");
+    let memtrack = binaries().memtrack.display().to_string();
+    let in_pty = |args: &str| -> String {
+        let out = Command::new("script")
+            .args([
+                "-qc",
+                &format!("{memtrack} {args} {}", cap.display()),
+                "/dev/null",
+            ])
+            .env("MEMTRACK_PROGRESS_AFTER_MS", "0")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let tty = in_pty("summary");
+    assert!(
+        tty.contains("\rreading ") && tty.contains("\r\x1b[K"),
+        "{tty:?}"
+    );
+    assert!(tty.contains("peak heap:"), "{tty:?}");
+    let json = in_pty("summary --json");
+    assert!(!json.contains("reading "), "{json:?}");
+
+    let piped = Command::new(&binaries().memtrack)
+        .arg("summary")
+        .arg(&cap)
+        .env("MEMTRACK_PROGRESS_AFTER_MS", "0")
+        .output()
+        .unwrap();
+    assert!(piped.status.success());
+    assert!(
+        piped.stderr.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+}
