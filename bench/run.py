@@ -60,7 +60,13 @@ def run_workload(name, cmd, env_extra, runs, work, heaptrack):
     for _ in range(3):
         t, m = timed([MEMTRACK, "summary", cap])
         st.append(t); sm.append(m)
+    # flamegraph of the peak view, against summary
+    ft = []
+    for _ in range(3):
+        t, _m = timed([MEMTRACK, "flamegraph", cap, "-o", os.path.join(work, name + ".svg")])
+        ft.append(t)
     res = {
+        "flamegraph_s": median(ft),
         "name": name,
         "events": events,
         "plain_s": median(times["plain"]),
@@ -149,8 +155,8 @@ def report(results, runs, heaptrack):
         "",
         "## Captures and reports",
         "",
-        "| workload | memtrack capture | bytes/event | heaptrack capture | bytes/event | `summary` | events/s | reader max RSS | `heaptrack_print` | tracker RSS in process |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | memtrack capture | bytes/event | heaptrack capture | bytes/event | `summary` | events/s | `flamegraph` (x summary) | reader max RSS | `heaptrack_print` | tracker RSS in process |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         bpe = r["memtrack_bytes"] / max(r["events"], 1)
@@ -162,7 +168,8 @@ def report(results, runs, heaptrack):
         eps = r["events"] / r["summary_s"] if r["summary_s"] > 0 else float("nan")
         out.append(
             f"| {r['name']} | {r['memtrack_bytes'] / 1e6:.1f} MB | {bpe:.2f} | {hcap} | {r['summary_s']:.2f} s | "
-            f"{eps / 1e6:.1f} M | {r['summary_rss_kib'] / 1024:.0f} MiB | {hprint} | {r['tracker_rss_kib'] / 1024:+.1f} MiB |"
+            f"{eps / 1e6:.1f} M | {r['flamegraph_s']:.2f} s ({r['flamegraph_s'] / r['summary_s']:.2f}x) | "
+            f"{r['summary_rss_kib'] / 1024:.0f} MiB | {hprint} | {r['tracker_rss_kib'] / 1024:+.1f} MiB |"
         )
     out += [
         "",
