@@ -42,6 +42,9 @@ enum Cmd {
         /// Overwrite the output file if it exists.
         #[arg(long)]
         force: bool,
+        /// Budgets checked when the command has finished (see `memtrack check`).
+        #[command(flatten)]
+        limits: Limits,
         /// The command and its arguments.
         #[arg(
             required = true,
@@ -101,6 +104,18 @@ enum Cmd {
     )]
     Stats {
         file: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check budgets: exit 0 when every limit holds, 1 when one is exceeded, 2 on an error.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack check svc.cap --max-peak 512MiB --max-leaked 0\n    memtrack check svc.cap --max-allocations 1000000 --max-total 10GB --json\n\nSIZE: plain bytes or a number with a unit: 1048576, 512KiB, 1.5GiB, 10M (binary), 10MB (decimal)."
+    )]
+    Check {
+        file: PathBuf,
+        #[command(flatten)]
+        limits: Limits,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -191,6 +206,78 @@ enum By {
     Stack,
 }
 
+/// Parses a size: plain bytes or a number with a unit. `KiB`, `MiB`, `GiB`, `TiB` and the bare
+/// `K`, `M`, `G`, `T` are binary (1024); `kB`/`KB`, `MB`, `GB`, `TB` are decimal (1000).
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(format!(
+            "'{s}' is not a size: it should start with a number (1048576, 512KiB, 1.5GiB, 10MB)"
+        ));
+    }
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("'{num}' is not a number"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => {
+            return Err(format!(
+                "unknown unit '{other}' in '{s}' (use B, KiB, MiB, GiB, TiB, K, M, G, T, or decimal kB, MB, GB, TB)"
+            ))
+        }
+    };
+    let bytes = value * mult;
+    if !bytes.is_finite() || bytes > u64::MAX as f64 {
+        return Err(format!("'{s}' is too large"));
+    }
+    if value.fract() != 0.0 && mult == 1.0 {
+        return Err(format!("'{s}': a number of bytes must be whole"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Budgets checked against a capture.
+#[derive(clap::Args, Clone, Copy, Default)]
+struct Limits {
+    /// Peak heap at most SIZE.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_peak: Option<u64>,
+    /// Bytes still live at exit at most SIZE.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_leaked: Option<u64>,
+    /// Allocations still live at exit at most N.
+    #[arg(long, value_name = "N")]
+    max_leaked_allocations: Option<u64>,
+    /// Allocation calls at most N.
+    #[arg(long, value_name = "N")]
+    max_allocations: Option<u64>,
+    /// Bytes allocated in all at most SIZE.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    max_total: Option<u64>,
+}
+
+impl Limits {
+    fn any(&self) -> bool {
+        self.max_peak.is_some()
+            || self.max_leaked.is_some()
+            || self.max_leaked_allocations.is_some()
+            || self.max_allocations.is_some()
+            || self.max_total.is_some()
+    }
+}
+
 /// A progress bar on stderr for long reads: only when stderr is a terminal, and only once the
 /// read has taken a second (`MEMTRACK_PROGRESS_AFTER_MS` changes that, for tests). Dropping it
 /// clears the line.
@@ -261,8 +348,10 @@ fn main() -> ExitCode {
         Cmd::Run {
             output,
             force,
+            limits,
             command,
-        } => cmd_run(output, force, command),
+        } => cmd_run(output, force, limits, command),
+        Cmd::Check { file, limits, json } => cmd_check(&file, limits, json),
         Cmd::Summary { file, json } => cmd_summary(&file, json).map(|()| 0),
         Cmd::Dump { file } => cmd_dump(&file).map(|()| 0),
         Cmd::Stats { file, json } => cmd_stats(&file, json).map(|()| 0),
@@ -341,7 +430,12 @@ extern "C" fn forward_signal(sig: libc::c_int) {
     }
 }
 
-fn cmd_run(output: Option<PathBuf>, force: bool, command: Vec<OsString>) -> Result<u8> {
+fn cmd_run(
+    output: Option<PathBuf>,
+    force: bool,
+    limits: Limits,
+    command: Vec<OsString>,
+) -> Result<u8> {
     let lib = find_preload()?;
     let program = PathBuf::from(&command[0]);
     let out = match output {
@@ -423,11 +517,19 @@ fn cmd_run(output: Option<PathBuf>, force: bool, command: Vec<OsString>) -> Resu
             .to_string();
         eprintln!("memtrack: capture written to {shown}");
         eprintln!("memtrack: report on it with: memtrack summary {shown}");
+        if limits.any() {
+            // The command's own failure wins; else the budgets decide.
+            let checked = cmd_check(&cap, limits, false)?;
+            return Ok(if code != 0 { code } else { checked });
+        }
     } else {
         eprintln!(
             "memtrack: no capture was written to {}: the program may be statically linked (LD_PRELOAD cannot reach it) or it may have cleared LD_PRELOAD",
             cap.display()
         );
+        if limits.any() && code == 0 {
+            bail!("the budgets cannot be checked without a capture");
+        }
     }
     Ok(code)
 }
@@ -900,4 +1002,101 @@ fn cmd_tree(file: &Path, view: View, depth: usize, min_percent: f64) -> Result<(
     println!("{:>8} {:>11} {:>10}  call path", "share", "bytes", "count");
     print!("{}", render_tree(&tree, depth, min_percent / 100.0));
     Ok(())
+}
+
+fn cmd_check(file: &Path, limits: Limits, json: bool) -> Result<u8> {
+    if !limits.any() {
+        bail!("no limit given: use --max-peak, --max-leaked, --max-leaked-allocations, --max-allocations or --max-total");
+    }
+    let cap = Capture::open(file)?;
+    let budget = memtrack_reader::Budget {
+        max_peak: limits.max_peak,
+        max_leaked: limits.max_leaked,
+        max_leaked_allocations: limits.max_leaked_allocations,
+        max_allocations: limits.max_allocations,
+        max_total: limits.max_total,
+    };
+    let progress = Progress::start(&cap, json);
+    let mut sym = Symbolizer::new(&cap);
+    let results = cap.check(&budget, &mut sym);
+    drop(progress);
+    for w in &sym.warnings {
+        eprintln!("memtrack: warning: {w}");
+    }
+    let exceeded = results.iter().filter(|r| r.exceeded).count();
+    if json {
+        let v = serde_json::json!({
+            "capture": file.display().to_string(),
+            "ok": exceeded == 0,
+            "complete": cap.complete(),
+            "limits": results,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("memtrack check of {}", file.display());
+        for r in &results {
+            let show = |n: u64| {
+                if r.unit == "bytes" {
+                    bytes(n)
+                } else {
+                    format!("{} allocations", grouped(n))
+                }
+            };
+            println!(
+                "  {:<24} {} {} limit {}  {}",
+                r.name.replace('_', "-"),
+                show(r.measured),
+                if r.exceeded { ">" } else { "<=" },
+                show(r.limit),
+                if r.exceeded { "EXCEEDED" } else { "ok" }
+            );
+            for c in &r.top {
+                let frames: Vec<&str> = c.frames.iter().take(10).map(String::as_str).collect();
+                println!(
+                    "      {} in {} allocations: {}{}",
+                    human_bytes(c.bytes),
+                    grouped(c.allocations),
+                    frames.join(" <- "),
+                    if c.frames.len() > 10 { " <- ..." } else { "" }
+                );
+            }
+        }
+        if !cap.complete() {
+            println!("  note: the capture is incomplete (the process was killed); figures cover what was recorded");
+        }
+        println!(
+            "result: {}",
+            if exceeded == 0 {
+                format!("all {} limits hold", results.len())
+            } else {
+                format!("{exceeded} of {} limits exceeded", results.len())
+            }
+        );
+    }
+    Ok(if exceeded == 0 { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_in_every_accepted_form() {
+        assert_eq!(parse_size("1048576"), Ok(1048576));
+        assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("1.5GiB"), Ok(1536 * 1024 * 1024));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert_eq!(parse_size("10M"), Ok(10 * 1024 * 1024));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("64 MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("2kB"), Ok(2000));
+        assert!(parse_size("10XB")
+            .unwrap_err()
+            .contains("unknown unit 'xb'"));
+        assert!(parse_size("MiB")
+            .unwrap_err()
+            .contains("start with a number"));
+        assert!(parse_size("1.5").is_err());
+        assert!(parse_size("1e30TB").is_err());
+    }
 }

@@ -17,6 +17,7 @@
 //! ```
 
 mod capture;
+mod check;
 mod plot;
 mod replay;
 mod stacks;
@@ -26,6 +27,7 @@ mod tree;
 mod views;
 
 pub use capture::{Capture, ChunkRef, Event, EventKind, ReadError, Warning};
+pub use check::{Budget, Contributor, LimitResult};
 pub use memtrack_format::{AllocKind, EndReason, Header, Module, ModulesRecord};
 pub use plot::Plot;
 pub use replay::{Replay, SiteTotal, Summary};

@@ -158,3 +158,128 @@ fn progress_bar_only_on_a_terminal() {
         String::from_utf8_lossy(&piped.stderr)
     );
 }
+
+#[test]
+fn check_exits_0_1_2_and_names_the_top_stacks() {
+    let work = Work::new("check");
+    let exe = work.compile("reports.c");
+    let t = run_traced_ok(&work, "r.cap", &exe, &[] as &[&str]);
+    let cap = t.capture.to_str().unwrap().to_string();
+    // reports.c: peak 53000 bytes, 3000 bytes leaked in 2 allocations, 3 allocations, 53000 total.
+    let ok = memtrack(
+        &[
+            "check",
+            &cap,
+            "--max-peak",
+            "53000",
+            "--max-leaked",
+            "3000",
+            "--max-leaked-allocations",
+            "2",
+            "--max-allocations",
+            "3",
+            "--max-total",
+            "51.8KiB",
+        ],
+        work.dir(),
+    );
+    assert_eq!(ok.code(), Some(0), "{}{}", ok.stdout_text(), ok.stderr);
+    assert!(
+        ok.stdout_text().contains("all 5 limits hold"),
+        "{}",
+        ok.stdout_text()
+    );
+
+    let over = memtrack(&["check", &cap, "--max-peak", "52999"], work.dir());
+    assert_eq!(over.code(), Some(1));
+    let text = over.stdout_text();
+    assert!(
+        text.contains("EXCEEDED") && text.contains("peak_site (reports.c:19) <- main"),
+        "{text}"
+    );
+
+    let json = memtrack(
+        &[
+            "check",
+            &cap,
+            "--max-leaked",
+            "0",
+            "--max-peak",
+            "1GiB",
+            "--json",
+        ],
+        work.dir(),
+    );
+    assert_eq!(json.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["ok"], false);
+    let by_name = |n: &str| {
+        v["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    let leaked = by_name("max_leaked");
+    assert_eq!(
+        (leaked["name"].as_str(), leaked["measured"].as_u64()),
+        (Some("max_leaked"), Some(3000))
+    );
+    assert_eq!(leaked["top"].as_array().unwrap().len(), 2);
+    assert!(leaked["top"][0]["frames"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("leaf_alloc"));
+    assert_eq!(leaked["top"][0]["bytes"], 2000);
+    assert_eq!(by_name("max_peak")["exceeded"], false);
+
+    let bad = memtrack(&["check", &cap, "--max-peak", "12 parsecs"], work.dir());
+    assert_eq!(bad.code(), Some(2));
+    assert!(
+        bad.stderr.contains("--max-peak") && bad.stderr.contains("parsecs"),
+        "{}",
+        bad.stderr
+    );
+    let missing = memtrack(&["check", "nope.cap", "--max-peak", "1"], work.dir());
+    assert_eq!(missing.code(), Some(2));
+    let none = memtrack(&["check", &cap], work.dir());
+    assert_eq!(none.code(), Some(2), "no limit is an error");
+}
+
+#[test]
+fn run_with_budgets_exits_with_the_commands_failure_first() {
+    let work = Work::new("run_budget");
+    let exe = work.compile("reports.c");
+    let exe_s = exe.to_str().unwrap();
+    let held = memtrack(
+        &["run", "-o", "a.cap", "--max-peak", "64KiB", "--", exe_s],
+        work.dir(),
+    );
+    assert_eq!(held.code(), Some(0), "{}", held.stderr);
+    let over = memtrack(
+        &["run", "-o", "b.cap", "--max-leaked", "0", "--", exe_s],
+        work.dir(),
+    );
+    assert_eq!(over.code(), Some(1), "{}", over.stderr);
+    assert!(
+        over.stdout_text().contains("max-leaked"),
+        "the check is printed"
+    );
+    // output.c exits with 7: the command's own failure is the exit code.
+    let failing = work.compile("output.c");
+    let f = memtrack(
+        &[
+            "run",
+            "-o",
+            "c.cap",
+            "--max-leaked",
+            "0",
+            "--",
+            failing.to_str().unwrap(),
+        ],
+        work.dir(),
+    );
+    assert_eq!(f.code(), Some(7), "{}", f.stderr);
+}
