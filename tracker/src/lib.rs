@@ -24,6 +24,7 @@
 //! assert!(!memtrack_tracker::IgnoreAllocs::active());
 //! ```
 
+mod global;
 mod guard;
 pub mod interpose;
 mod mapbuf;
@@ -33,6 +34,7 @@ pub mod unwind;
 mod walker;
 mod writer;
 
+pub use global::{measure, reset_peak, stats, Stats, Tracker};
 pub use guard::IgnoreAllocs;
 pub use memtrack_format::{AllocKind, EndReason};
 pub use recorder::{finish, is_recording};
