@@ -118,7 +118,23 @@ def main():
             r = run_workload("churn-200M", [os.path.join(BIN, "churn"), "100000000"], {}, 1, work, False)
             r["desc"] = "single thread, 200 M events"
             results.append(r)
+    # Rust global allocator: the counters-only Tracker against the system allocator.
+    sh(["cargo", "build", "--release", "-q", "-p", "memtrack-tracker", "--examples"], cwd=ROOT)
+    ex = os.path.join(REL, "examples")
+    plain, counted = [], []
+    for _ in range(args.runs):
+        plain.append(timed([os.path.join(ex, "churn_plain")])[0])
+        counted.append(timed([os.path.join(ex, "churn_counted")])[0])
+    counters = (median(plain), median(counted))
     lines = report(results, args.runs, heaptrack)
+    lines += [
+        "",
+        "## Rust `#[global_allocator]` counters (not recording)",
+        "",
+        "| workload | system allocator | `memtrack_tracker::Tracker` | ratio |",
+        "|---|---:|---:|---:|",
+        f"| churn in Rust (`tracker/examples/churn_*.rs`, 13.6 M events) | {counters[0]:.2f} s | {counters[1]:.2f} s | {counters[1] / counters[0]:.2f}x |",
+    ]
     text = "\n".join(lines) + "\n"
     print(text)
     with open(os.path.join(ROOT, "bench", "RESULTS.md"), "w") as f:

@@ -35,8 +35,13 @@ impl<A> Tracker<A> {
 #[inline]
 fn grew(size: u64) {
     let live = LIVE.fetch_add(size, Relaxed) + size;
-    PEAK.fetch_max(live, Relaxed);
-    WINDOW_PEAK.fetch_max(live, Relaxed);
+    // Most allocations do not raise a peak: a plain load spares the read-modify-write.
+    if live > PEAK.load(Relaxed) {
+        PEAK.fetch_max(live, Relaxed);
+    }
+    if live > WINDOW_PEAK.load(Relaxed) {
+        WINDOW_PEAK.fetch_max(live, Relaxed);
+    }
 }
 
 // SAFETY: every method forwards to the wrapped allocator with the caller's arguments and only
