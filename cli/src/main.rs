@@ -519,7 +519,8 @@ fn cmd_run(
         eprintln!("memtrack: report on it with: memtrack summary {shown}");
         if limits.any() {
             // The command's own failure wins; else the budgets decide.
-            let checked = cmd_check(&cap, limits, false)?;
+            // On stderr: the program's standard output stays its own.
+            let checked = check_report(&cap, limits, false, &mut std::io::stderr().lock())?;
             return Ok(if code != 0 { code } else { checked });
         }
     } else {
@@ -1005,6 +1006,16 @@ fn cmd_tree(file: &Path, view: View, depth: usize, min_percent: f64) -> Result<(
 }
 
 fn cmd_check(file: &Path, limits: Limits, json: bool) -> Result<u8> {
+    check_report(file, limits, json, &mut std::io::stdout().lock())
+}
+
+/// Checks the budgets and writes the report to `out`; returns the exit code (0 held, 1 exceeded).
+fn check_report(
+    file: &Path,
+    limits: Limits,
+    json: bool,
+    out: &mut dyn std::io::Write,
+) -> Result<u8> {
     if !limits.any() {
         bail!("no limit given: use --max-peak, --max-leaked, --max-leaked-allocations, --max-allocations or --max-total");
     }
@@ -1031,9 +1042,9 @@ fn cmd_check(file: &Path, limits: Limits, json: bool) -> Result<u8> {
             "complete": cap.complete(),
             "limits": results,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
-        println!("memtrack check of {}", file.display());
+        writeln!(out, "memtrack check of {}", file.display())?;
         for r in &results {
             let show = |n: u64| {
                 if r.unit == "bytes" {
@@ -1042,36 +1053,39 @@ fn cmd_check(file: &Path, limits: Limits, json: bool) -> Result<u8> {
                     format!("{} allocations", grouped(n))
                 }
             };
-            println!(
+            writeln!(
+                out,
                 "  {:<24} {} {} limit {}  {}",
                 r.name.replace('_', "-"),
                 show(r.measured),
                 if r.exceeded { ">" } else { "<=" },
                 show(r.limit),
                 if r.exceeded { "EXCEEDED" } else { "ok" }
-            );
+            )?;
             for c in &r.top {
                 let frames: Vec<&str> = c.frames.iter().take(10).map(String::as_str).collect();
-                println!(
+                writeln!(
+                    out,
                     "      {} in {} allocations: {}{}",
                     human_bytes(c.bytes),
                     grouped(c.allocations),
                     frames.join(" <- "),
                     if c.frames.len() > 10 { " <- ..." } else { "" }
-                );
+                )?;
             }
         }
         if !cap.complete() {
-            println!("  note: the capture is incomplete (the process was killed); figures cover what was recorded");
+            writeln!(out, "  note: the capture is incomplete (the process was killed); figures cover what was recorded")?;
         }
-        println!(
+        writeln!(
+            out,
             "result: {}",
             if exceeded == 0 {
                 format!("all {} limits hold", results.len())
             } else {
                 format!("{exceeded} of {} limits exceeded", results.len())
             }
-        );
+        )?;
     }
     Ok(if exceeded == 0 { 0 } else { 1 })
 }

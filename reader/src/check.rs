@@ -68,10 +68,7 @@ fn top3(
             frames: stack_frames(sym, stacks, s.stack)
                 .iter()
                 .rev()
-                .map(|f| match f.location() {
-                    Some(l) => format!("{} ({l})", f.function),
-                    None => f.function.clone(),
-                })
+                .map(crate::views::describe)
                 .collect(),
         })
         .collect()

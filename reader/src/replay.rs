@@ -22,6 +22,30 @@ pub struct SiteTotal {
     pub max: u64,
 }
 
+/// Per-stack totals being summed up (bytes, allocations, largest allocation).
+#[derive(Default)]
+pub(crate) struct SiteSums(Map<u32, SiteTotal>);
+
+impl SiteSums {
+    #[inline]
+    pub(crate) fn add(&mut self, stack: u32, size: u64) {
+        let e = self.0.entry(stack).or_insert(SiteTotal {
+            stack,
+            ..Default::default()
+        });
+        e.bytes = e.bytes.saturating_add(size);
+        e.allocations += 1;
+        e.max = e.max.max(size);
+    }
+
+    /// Largest first (ties by stack id, so the order is stable).
+    pub(crate) fn into_sorted(self) -> Vec<SiteTotal> {
+        let mut v: Vec<SiteTotal> = self.0.into_values().collect();
+        v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));
+        v
+    }
+}
+
 /// The state of the heap while events are replayed.
 #[derive(Default)]
 pub struct Replay {
@@ -239,19 +263,11 @@ impl Replay {
 
     /// The live allocations grouped by stack, largest first.
     pub fn live_by_stack(&self) -> Vec<SiteTotal> {
-        let mut by: Map<u32, SiteTotal> = Map::default();
+        let mut sums = SiteSums::default();
         for l in self.live.values() {
-            let e = by.entry(l.stack).or_insert(SiteTotal {
-                stack: l.stack,
-                ..Default::default()
-            });
-            e.bytes += l.size;
-            e.allocations += 1;
-            e.max = e.max.max(l.size);
+            sums.add(l.stack, l.size);
         }
-        let mut v: Vec<SiteTotal> = by.into_values().collect();
-        v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));
-        v
+        sums.into_sorted()
     }
 }
 

@@ -2,7 +2,7 @@
 //! function, allocated and temporary allocations by stack.
 
 use crate::capture::{Capture, EventKind};
-use crate::replay::SiteTotal;
+use crate::replay::SiteSums;
 use crate::stacks::StackTable;
 use crate::views::{View, ViewSites};
 use memtrack_format::hash::FastMap;
@@ -34,9 +34,8 @@ pub struct Stats {
     pub temporary: ViewSites,
 }
 
-fn sites(map: FastMap<u32, SiteTotal>, stacks: StackTable, view: View) -> ViewSites {
-    let mut v: Vec<SiteTotal> = map.into_values().collect();
-    v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));
+fn sites(sums: SiteSums, stacks: StackTable, view: View) -> ViewSites {
+    let v = sums.into_sorted();
     let bytes = v.iter().map(|s| s.bytes).sum();
     let allocations = v.iter().map(|s| s.allocations).sum();
     ViewSites {
@@ -48,23 +47,13 @@ fn sites(map: FastMap<u32, SiteTotal>, stacks: StackTable, view: View) -> ViewSi
     }
 }
 
-fn add(map: &mut FastMap<u32, SiteTotal>, stack: u32, size: u64) {
-    let e = map.entry(stack).or_insert(SiteTotal {
-        stack,
-        ..Default::default()
-    });
-    e.bytes = e.bytes.saturating_add(size);
-    e.allocations += 1;
-    e.max = e.max.max(size);
-}
-
 impl Capture {
     pub fn stats(&self) -> Stats {
         let mut stacks = StackTable::default();
         let mut hist = vec![Bucket::default(); 65];
         let mut kinds: Vec<(u64, u64)> = vec![(0, 0); AllocKind::ALL.len()];
-        let mut allocated: FastMap<u32, SiteTotal> = FastMap::default();
-        let mut temporary: FastMap<u32, SiteTotal> = FastMap::default();
+        let mut allocated = SiteSums::default();
+        let mut temporary = SiteSums::default();
         // Per thread: its most recent allocation (address, size, stack), until anything else.
         let mut last: FastMap<u32, (u64, u64, u32)> = FastMap::default();
         for ev in self.events(&mut stacks) {
@@ -86,13 +75,13 @@ impl Capture {
                     let k = &mut kinds[kind as usize];
                     k.0 += 1;
                     k.1 = k.1.saturating_add(size);
-                    add(&mut allocated, stack, size);
+                    allocated.add(stack, size);
                     last.insert(ev.tid, (addr, size, stack));
                 }
                 EventKind::Free { addr } => {
                     if let Some(&(a, size, stack)) = last.get(&ev.tid) {
                         if a == addr {
-                            add(&mut temporary, stack, size);
+                            temporary.add(stack, size);
                         }
                     }
                     last.remove(&ev.tid);

@@ -5,7 +5,6 @@ use crate::capture::{Capture, EventKind};
 use crate::replay::SiteTotal;
 use crate::stacks::StackTable;
 use crate::symbols::{stack_frames, Symbolizer};
-use memtrack_format::hash::FastMap;
 
 /// Which allocations a report covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,21 +74,13 @@ impl Capture {
             View::Temporary => return self.stats().temporary,
             View::Allocated => {
                 let mut stacks = StackTable::default();
-                let mut by: FastMap<u32, SiteTotal> = FastMap::default();
+                let mut sums = crate::replay::SiteSums::default();
                 for ev in self.events(&mut stacks) {
                     if let EventKind::Alloc { size, stack, .. } = ev.kind {
-                        let e = by.entry(stack).or_insert(SiteTotal {
-                            stack,
-                            ..Default::default()
-                        });
-                        e.bytes = e.bytes.saturating_add(size);
-                        e.allocations += 1;
-                        e.max = e.max.max(size);
+                        sums.add(stack, size);
                     }
                 }
-                let mut v: Vec<SiteTotal> = by.into_values().collect();
-                v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));
-                (v, stacks)
+                (sums.into_sorted(), stacks)
             }
         };
         let bytes = sites.iter().map(|s| s.bytes).sum();
@@ -150,9 +141,58 @@ pub struct TableRow {
     pub stack: Vec<String>,
 }
 
+/// Rows being summed, by key.
+type Rows = std::collections::HashMap<String, TableRow>;
+
+/// Adds a site to the row `key`, which is made from `f` (the allocating frame) if new.
+fn add_to_row(
+    rows: &mut Rows,
+    key: String,
+    f: &crate::Frame,
+    with_location: bool,
+    stack: Vec<String>,
+    site: &SiteTotal,
+) {
+    let row = rows.entry(key).or_insert_with(|| TableRow {
+        total_bytes: 0,
+        max_bytes: 0,
+        avg_bytes: 0,
+        count: 0,
+        function: f.function.clone(),
+        file: if with_location { f.file.clone() } else { None },
+        line: if with_location { f.line } else { None },
+        stack,
+    });
+    row.total_bytes += site.bytes;
+    row.count += site.allocations;
+    row.max_bytes = row.max_bytes.max(site.max);
+}
+
+/// The rows with their averages, largest total first.
+fn ranked(rows: Rows) -> Vec<TableRow> {
+    let mut out: Vec<TableRow> = rows.into_values().collect();
+    for r in &mut out {
+        r.avg_bytes = r.total_bytes.checked_div(r.count).unwrap_or(0);
+    }
+    out.sort_by(|a, b| {
+        b.total_bytes
+            .cmp(&a.total_bytes)
+            .then(a.stack.cmp(&b.stack))
+    });
+    out
+}
+
+/// `function (file:line)`, or the function alone when the location is unknown.
+pub(crate) fn describe(f: &crate::Frame) -> String {
+    match f.location() {
+        Some(l) => format!("{} ({l})", f.function),
+        None => f.function.clone(),
+    }
+}
+
 /// The view's allocations grouped and ranked by total bytes.
 pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> {
-    let mut rows: std::collections::HashMap<String, TableRow> = Default::default();
+    let mut rows = Rows::default();
     for site in &v.sites {
         let frames = stack_frames(sym, &v.stacks, site.stack);
         // The allocating frame: innermost, past operator new / new[] wrappers.
@@ -167,10 +207,6 @@ pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> 
                 file: None,
                 line: None,
             });
-        let describe = |f: &crate::Frame| match f.location() {
-            Some(l) => format!("{} ({l})", f.function),
-            None => f.function.clone(),
-        };
         let (key, stack) = match by {
             GroupBy::Function => (alloc.function.clone(), vec![alloc.function.clone()]),
             GroupBy::Line => (describe(&alloc), vec![describe(&alloc)]),
@@ -179,44 +215,15 @@ pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> 
                 (s.join(";"), s)
             }
         };
-        let row = rows.entry(key).or_insert_with(|| TableRow {
-            total_bytes: 0,
-            max_bytes: 0,
-            avg_bytes: 0,
-            count: 0,
-            function: alloc.function.clone(),
-            file: if by == GroupBy::Function {
-                None
-            } else {
-                alloc.file.clone()
-            },
-            line: if by == GroupBy::Function {
-                None
-            } else {
-                alloc.line
-            },
-            stack,
-        });
-        row.total_bytes += site.bytes;
-        row.count += site.allocations;
-        row.max_bytes = row.max_bytes.max(site.max);
+        add_to_row(&mut rows, key, &alloc, by != GroupBy::Function, stack, site);
     }
-    let mut out: Vec<TableRow> = rows.into_values().collect();
-    for r in &mut out {
-        r.avg_bytes = r.total_bytes.checked_div(r.count).unwrap_or(0);
-    }
-    out.sort_by(|a, b| {
-        b.total_bytes
-            .cmp(&a.total_bytes)
-            .then(a.stack.cmp(&b.stack))
-    });
-    out
+    ranked(rows)
 }
 
 /// The `n` locations (allocating function and file:line) that hold the most bytes in a view.
 /// Only each stack's allocating frame is symbolized (not whole stacks).
 pub fn top_locations(v: &ViewSites, sym: &mut Symbolizer, n: usize) -> Vec<TableRow> {
-    let mut rows: std::collections::HashMap<String, TableRow> = Default::default();
+    let mut rows = Rows::default();
     for site in &v.sites {
         let addrs = v.stacks.frames(site.stack);
         // Innermost first; inlined frames of one address come outermost first, so look from the
@@ -235,33 +242,10 @@ pub fn top_locations(v: &ViewSites, sym: &mut Symbolizer, n: usize) -> Vec<Table
             file: None,
             line: None,
         });
-        let key = match f.location() {
-            Some(l) => format!("{} ({l})", f.function),
-            None => f.function.clone(),
-        };
-        let row = rows.entry(key.clone()).or_insert_with(|| TableRow {
-            total_bytes: 0,
-            max_bytes: 0,
-            avg_bytes: 0,
-            count: 0,
-            function: f.function.clone(),
-            file: f.file.clone(),
-            line: f.line,
-            stack: vec![key],
-        });
-        row.total_bytes += site.bytes;
-        row.count += site.allocations;
-        row.max_bytes = row.max_bytes.max(site.max);
+        let key = describe(&f);
+        add_to_row(&mut rows, key.clone(), &f, true, vec![key], site);
     }
-    let mut out: Vec<TableRow> = rows.into_values().collect();
-    for r in &mut out {
-        r.avg_bytes = r.total_bytes.checked_div(r.count).unwrap_or(0);
-    }
-    out.sort_by(|a, b| {
-        b.total_bytes
-            .cmp(&a.total_bytes)
-            .then(a.stack.cmp(&b.stack))
-    });
+    let mut out = ranked(rows);
     out.truncate(n);
     out
 }
