@@ -786,12 +786,18 @@ fn cmd_flamegraph(file: &Path, view: View, inverted: bool, output: Option<PathBu
         std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut w = std::io::BufWriter::new(f);
     if text.is_empty() {
-        // inferno refuses an empty profile; an empty view still gets a valid SVG.
-        inferno::flamegraph::from_lines(&mut opts, std::iter::once("[nothing] 0"), &mut w)
+        // inferno refuses a profile without counts: say so in an SVG of our own.
+        use std::io::Write;
+        let title = opts.title.replace('&', "&amp;").replace('<', "&lt;");
+        write!(
+            w,
+            "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1200\" height=\"80\" font-family=\"Verdana, sans-serif\"><text x=\"600\" y=\"30\" text-anchor=\"middle\" font-size=\"16\">{title}</text><text x=\"600\" y=\"60\" text-anchor=\"middle\" font-size=\"13\">no allocations in this view</text></svg>\n"
+        )
+        .with_context(|| format!("cannot write {}", out.display()))?;
     } else {
         inferno::flamegraph::from_lines(&mut opts, text.iter().map(String::as_str), &mut w)
+            .map_err(|e| anyhow::anyhow!("cannot draw the flamegraph: {e}"))?;
     }
-    .map_err(|e| anyhow::anyhow!("cannot draw the flamegraph: {e}"))?;
     eprintln!(
         "memtrack: flamegraph of {what} written to {}",
         out.display()

@@ -502,3 +502,24 @@ fn a_rebuilt_binary_is_reported_once_and_shown_as_offsets() {
         "no names from the wrong binary: {text}"
     );
 }
+
+#[test]
+fn flamegraph_of_an_empty_view_is_a_valid_svg_saying_so() {
+    let work = Work::new("empty_fg");
+    let exe = work.compile("errno_check.c"); // frees everything: nothing leaks
+    let t = run_traced_ok(&work, "e.cap", &exe, &[] as &[&str]);
+    let out = Command::new(&binaries().memtrack)
+        .arg("flamegraph")
+        .arg(&t.capture)
+        .arg("--leaks")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let svg = std::fs::read_to_string(work.path("e-leaks.svg")).unwrap();
+    assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"));
+    assert!(svg.contains("no allocations in this view"), "{svg}");
+}
