@@ -516,7 +516,7 @@ fn cmd_run(
             .display()
             .to_string();
         eprintln!("memtrack: capture written to {shown}");
-        eprintln!("memtrack: report on it with: memtrack summary {shown}");
+        eprintln!("memtrack: report on it with: memtrack summary {shown}   (or flamegraph, table, tree, stats, plot)");
         if limits.any() {
             // The command's own failure wins; else the budgets decide.
             // On stderr: the program's standard output stays its own.

@@ -182,6 +182,17 @@ fn ranked(rows: Rows) -> Vec<TableRow> {
     out
 }
 
+/// Functions that only pass an allocation on (C++ `operator new`, libc's strdup family): reports
+/// name their caller as the allocating function.
+pub(crate) fn is_allocator_wrapper(function: &str) -> bool {
+    if function.starts_with("operator new") {
+        return true;
+    }
+    // glibc's internal aliases: __GI___strdup, __strdup, ...
+    let bare = function.trim_start_matches("__GI_").trim_start_matches('_');
+    matches!(bare, "strdup" | "strndup" | "wcsdup")
+}
+
 /// `function (file:line)`, or the function alone when the location is unknown.
 pub(crate) fn describe(f: &crate::Frame) -> String {
     match f.location() {
@@ -199,7 +210,7 @@ pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> 
         let alloc = frames
             .iter()
             .rev()
-            .find(|f| !f.function.starts_with("operator new"))
+            .find(|f| !is_allocator_wrapper(&f.function))
             .or(frames.last())
             .cloned()
             .unwrap_or(crate::Frame {
@@ -231,7 +242,7 @@ pub fn top_locations(v: &ViewSites, sym: &mut Symbolizer, n: usize) -> Vec<Table
         let mut alloc: Option<crate::Frame> = None;
         'find: for a in &addrs {
             for f in sym.frames(*a).iter().rev() {
-                if !f.function.starts_with("operator new") {
+                if !is_allocator_wrapper(&f.function) {
                     alloc = Some(f.clone());
                     break 'find;
                 }
@@ -248,4 +259,31 @@ pub fn top_locations(v: &ViewSites, sym: &mut Symbolizer, n: usize) -> Vec<Table
     let mut out = ranked(rows);
     out.truncate(n);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_allocator_wrapper;
+
+    #[test]
+    fn wrappers_are_recognised_and_callers_are_not() {
+        for w in [
+            "operator new(unsigned long)",
+            "operator new[](unsigned long)",
+            "__GI___strdup",
+            "strdup",
+            "__strndup",
+        ] {
+            assert!(is_allocator_wrapper(w), "{w}");
+        }
+        for f in [
+            "audit_admin",
+            "make_value",
+            "strdup_config",
+            "malloc",
+            "calloc",
+        ] {
+            assert!(!is_allocator_wrapper(f), "{f}");
+        }
+    }
 }
