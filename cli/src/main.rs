@@ -546,14 +546,7 @@ fn cmd_summary(file: &Path, json: bool) -> Result<()> {
     let (r, stacks, errors) = cap.replay_into(memtrack_reader::Replay::tracking_sites(), u64::MAX);
     drop(progress);
     let s = cap.summarize(&r, errors);
-    let sites = r.peak_by_stack();
-    let view = memtrack_reader::ViewSites {
-        view: View::Peak,
-        bytes: s.peak_bytes,
-        allocations: s.peak_allocations,
-        sites,
-        stacks,
-    };
+    let view = memtrack_reader::ViewSites::new(View::Peak, r.peak_by_stack(), stacks);
     let mut sym = Symbolizer::new(&cap);
     let top = memtrack_reader::top_locations(&view, &mut sym, 5);
     for w in &sym.warnings {

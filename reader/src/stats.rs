@@ -34,19 +34,6 @@ pub struct Stats {
     pub temporary: ViewSites,
 }
 
-fn sites(sums: SiteSums, stacks: StackTable, view: View) -> ViewSites {
-    let v = sums.into_sorted();
-    let bytes = v.iter().map(|s| s.bytes).sum();
-    let allocations = v.iter().map(|s| s.allocations).sum();
-    ViewSites {
-        view,
-        sites: v,
-        stacks,
-        bytes,
-        allocations,
-    }
-}
-
 impl Capture {
     pub fn stats(&self) -> Stats {
         let mut stacks = StackTable::default();
@@ -114,8 +101,8 @@ impl Capture {
                 bytes,
             })
             .collect();
-        let allocated = sites(allocated, stacks.clone(), View::Allocated);
-        let temporary = sites(temporary, stacks, View::Temporary);
+        let allocated = ViewSites::new(View::Allocated, allocated.into_sorted(), stacks.clone());
+        let temporary = ViewSites::new(View::Temporary, temporary.into_sorted(), stacks);
         Stats {
             histogram,
             by_function,

@@ -39,16 +39,9 @@ pub struct ViewSites {
     pub allocations: u64,
 }
 
-impl Capture {
-    /// Like [`Capture::view`], with the largest single allocation of every site (the peak view
-    /// then replays twice: once to find the peak, once up to it).
-    pub fn view_with_max(&self, view: View) -> ViewSites {
-        if view != View::Peak {
-            return self.view(view);
-        }
-        let (whole, _, _) = self.replay();
-        let (r, stacks, _) = self.replay_until(whole.peak_seq);
-        let sites = r.live_by_stack();
+impl ViewSites {
+    /// A view of these sites; its totals are their sums.
+    pub fn new(view: View, sites: Vec<SiteTotal>, stacks: StackTable) -> Self {
         let bytes = sites.iter().map(|s| s.bytes).sum();
         let allocations = sites.iter().map(|s| s.allocations).sum();
         ViewSites {
@@ -58,6 +51,19 @@ impl Capture {
             bytes,
             allocations,
         }
+    }
+}
+
+impl Capture {
+    /// Like [`Capture::view`], with the largest single allocation of every site (the peak view
+    /// then replays twice: once to find the peak, once up to it).
+    pub fn view_with_max(&self, view: View) -> ViewSites {
+        if view != View::Peak {
+            return self.view(view);
+        }
+        let (whole, _, _) = self.replay();
+        let (r, stacks, _) = self.replay_until(whole.peak_seq);
+        ViewSites::new(view, r.live_by_stack(), stacks)
     }
 
     /// Computes a view in one pass (the peak view without per-site maxima).
@@ -83,15 +89,7 @@ impl Capture {
                 (sums.into_sorted(), stacks)
             }
         };
-        let bytes = sites.iter().map(|s| s.bytes).sum();
-        let allocations = sites.iter().map(|s| s.allocations).sum();
-        ViewSites {
-            view,
-            sites,
-            stacks,
-            bytes,
-            allocations,
-        }
+        ViewSites::new(view, sites, stacks)
     }
 }
 
