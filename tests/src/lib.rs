@@ -285,6 +285,24 @@ pub fn run_traced_ok<S: AsRef<OsStr>>(
     t
 }
 
+/// Runs `memtrack` with the arguments `args` adds, and panics (with its stderr) unless it
+/// succeeded.
+pub fn memtrack_ok(args: impl FnOnce(&mut Command)) -> std::process::Output {
+    let mut cmd = Command::new(&binaries().memtrack);
+    args(&mut cmd);
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run memtrack: {e}"));
+    assert!(
+        out.status.success(),
+        "memtrack {:?} failed ({}):\n{}",
+        cmd.get_args().collect::<Vec<_>>(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// `memtrack summary <capture> --json`, parsed.
 pub fn summary_json(capture: &Path) -> serde_json::Value {
     let out = Command::new(&binaries().memtrack)

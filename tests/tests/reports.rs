@@ -6,17 +6,11 @@ use memtrack_tests::*;
 use std::process::Command;
 
 fn export(capture: &std::path::Path, view: &str) -> Vec<(String, u64)> {
-    let out = Command::new(&binaries().memtrack)
-        .args(["export"])
-        .arg(capture)
-        .args(["--format", "folded", view])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = memtrack_ok(|c| {
+        c.args(["export"])
+            .arg(capture)
+            .args(["--format", "folded", view]);
+    });
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -25,6 +19,14 @@ fn export(capture: &std::path::Path, view: &str) -> Vec<(String, u64)> {
             (path.to_string(), bytes.parse().expect("bytes"))
         })
         .collect()
+}
+
+/// reports.c compiled and run under memtrack (capture `reports.cap`) in a fresh scratch dir.
+fn traced_reports(name: &str) -> (Work, std::path::PathBuf, Traced) {
+    let work = Work::new(name);
+    let exe = work.compile("reports.c");
+    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    (work, exe, t)
 }
 
 /// Bytes of the lines whose path ends with `suffix` (the frames below main).
@@ -38,9 +40,7 @@ fn bytes_ending(lines: &[(String, u64)], suffix: &str) -> u64 {
 
 #[test]
 fn folded_views_attribute_exact_bytes_to_functions() {
-    let work = Work::new("reports");
-    let exe = work.compile("reports.c");
-    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    let (_work, _exe, t) = traced_reports("reports");
 
     let peak = export(&t.capture, "--peak");
     assert_eq!(bytes_ending(&peak, ";main;leak_direct"), 1000, "{peak:#?}");
@@ -97,19 +97,10 @@ fn folded_views_attribute_exact_bytes_to_functions() {
 
 #[test]
 fn flamegraph_svg_names_the_functions_and_the_total() {
-    let work = Work::new("flamegraph");
-    let exe = work.compile("reports.c");
-    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
-    let out = Command::new(&binaries().memtrack)
-        .arg("flamegraph")
-        .arg(&t.capture)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (work, _exe, t) = traced_reports("flamegraph");
+    memtrack_ok(|c| {
+        c.arg("flamegraph").arg(&t.capture);
+    });
     // Default name: beside the capture, from its name and the view.
     let svg = std::fs::read_to_string(work.path("reports-peak.svg")).expect("reports-peak.svg");
     assert!(svg.starts_with("<?xml"), "{}", &svg[..100.min(svg.len())]);
@@ -145,22 +136,11 @@ fn cxx_names_are_demangled() {
 
 #[test]
 fn table_ranks_sites_with_exact_totals_max_avg_count() {
-    let work = Work::new("table");
-    let exe = work.compile("reports.c");
-    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    let (_work, _exe, t) = traced_reports("table");
     let run = |args: &[&str]| -> serde_json::Value {
-        let out = Command::new(&binaries().memtrack)
-            .arg("table")
-            .arg(&t.capture)
-            .args(args)
-            .arg("--json")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = memtrack_ok(|c| {
+            c.arg("table").arg(&t.capture).args(args).arg("--json");
+        });
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let row = |v: &serde_json::Value, f: &str| -> (u64, u64, u64, u64) {
@@ -203,20 +183,10 @@ fn table_ranks_sites_with_exact_totals_max_avg_count() {
 
 #[test]
 fn stats_histogram_functions_and_temporary_allocations_are_exact() {
-    let work = Work::new("stats");
-    let exe = work.compile("reports.c");
-    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
-    let out = Command::new(&binaries().memtrack)
-        .arg("stats")
-        .arg(&t.capture)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_work, _exe, t) = traced_reports("stats");
+    let out = memtrack_ok(|c| {
+        c.arg("stats").arg(&t.capture).arg("--json");
+    });
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["total_allocations"], 3, "{v:#}");
     assert_eq!(v["total_bytes"], 53000);
@@ -252,19 +222,10 @@ fn stats_histogram_functions_and_temporary_allocations_are_exact() {
 
 #[test]
 fn plot_marks_the_peak_with_its_size() {
-    let work = Work::new("plot");
-    let exe = work.compile("reports.c");
-    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
-    let out = Command::new(&binaries().memtrack)
-        .arg("plot")
-        .arg(&t.capture)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (work, _exe, t) = traced_reports("plot");
+    memtrack_ok(|c| {
+        c.arg("plot").arg(&t.capture);
+    });
     let svg = std::fs::read_to_string(work.path("reports-plot.svg")).expect("reports-plot.svg");
     assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"));
     assert!(
@@ -295,9 +256,7 @@ fn plot_marks_the_peak_with_its_size() {
 
 #[test]
 fn call_tree_has_inclusive_bytes_along_the_paths() {
-    let work = Work::new("tree");
-    let exe = work.compile("reports.c");
-    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    let (_work, _exe, t) = traced_reports("tree");
     let cap = open_capture(&t.capture);
     let v = cap.view(View::Peak);
     let mut sym = Symbolizer::new(&cap);
@@ -329,14 +288,12 @@ fn call_tree_has_inclusive_bytes_along_the_paths() {
     assert_eq!(outer.children[0].children[0].name, "leaf_alloc");
     assert_eq!(outer.children[0].children[0].bytes, 2000);
 
-    let out = Command::new(&binaries().memtrack)
-        .arg("tree")
-        .arg(&t.capture)
-        .args(["--leaks", "--depth", "30"])
-        .output()
-        .unwrap();
+    let out = memtrack_ok(|c| {
+        c.arg("tree")
+            .arg(&t.capture)
+            .args(["--leaks", "--depth", "30"]);
+    });
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success());
     let leaf = text
         .lines()
         .find(|l| l.ends_with("leaf_alloc"))
@@ -350,9 +307,7 @@ fn call_tree_has_inclusive_bytes_along_the_paths() {
 
 #[test]
 fn summary_names_the_top_locations_at_the_peak() {
-    let work = Work::new("summary_top");
-    let exe = work.compile("reports.c");
-    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    let (_work, _exe, t) = traced_reports("summary_top");
     let v = summary_json(&t.capture);
     let top: Vec<(String, u64, u64)> = v["top_peak_locations"]
         .as_array()
@@ -463,9 +418,7 @@ fn frames_in_dlopened_code_are_symbolized() {
 
 #[test]
 fn a_rebuilt_binary_is_reported_once_and_shown_as_offsets() {
-    let work = Work::new("stale");
-    let exe = work.compile("reports.c");
-    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    let (_work, exe, t) = traced_reports("stale");
     // Rebuild the same path from other code: its build-id changes.
     let out = Command::new("gcc")
         .args(["-O1", "-g", "-DSTALE_VARIANT", "-x", "c", "-o"])
@@ -483,13 +436,11 @@ fn a_rebuilt_binary_is_reported_once_and_shown_as_offsets() {
         })
         .unwrap();
     assert!(out.status.success());
-    let out = Command::new(&binaries().memtrack)
-        .arg("export")
-        .arg(&t.capture)
-        .args(["--format", "folded", "--leaks"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let out = memtrack_ok(|c| {
+        c.arg("export")
+            .arg(&t.capture)
+            .args(["--format", "folded", "--leaks"]);
+    });
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.matches("build-id differs").count(), 1, "{stderr}");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -508,17 +459,9 @@ fn flamegraph_of_an_empty_view_is_a_valid_svg_saying_so() {
     let work = Work::new("empty_fg");
     let exe = work.compile("errno_check.c"); // frees everything: nothing leaks
     let t = run_traced_ok(&work, "e.cap", &exe, &[] as &[&str]);
-    let out = Command::new(&binaries().memtrack)
-        .arg("flamegraph")
-        .arg(&t.capture)
-        .arg("--leaks")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    memtrack_ok(|c| {
+        c.arg("flamegraph").arg(&t.capture).arg("--leaks");
+    });
     let svg = std::fs::read_to_string(work.path("e-leaks.svg")).unwrap();
     assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"));
     assert!(svg.contains("no allocations in this view"), "{svg}");
