@@ -274,6 +274,26 @@ struct Col {
     end: usize,
 }
 
+/// An address from the addr column: `v` steps back in `history` (1 = the latest) when `known`,
+/// else a zigzag delta from `*running`, which it updates.
+#[inline]
+fn resolve_addr(
+    known: bool,
+    v: u64,
+    history: &[u64],
+    running: &mut u64,
+) -> Result<u64, FormatError> {
+    if known {
+        let i = (history.len() as u64)
+            .checked_sub(v)
+            .filter(|_| v > 0)
+            .ok_or(FormatError::Truncated)?;
+        return Ok(history[i as usize]);
+    }
+    *running = running.wrapping_add((((v >> 1) as i64) ^ -((v & 1) as i64)) as u64);
+    Ok(*running)
+}
+
 /// Decoder of the compact encoding. Owns the decompressed block.
 pub struct CompactEvents {
     block: Vec<u8>,
@@ -361,16 +381,6 @@ impl CompactEvents {
         Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
     }
 
-    /// The address `back` steps before the end of `list` (1 = the last one).
-    #[inline]
-    fn back(list: &[u64], back: u64) -> Result<u64, FormatError> {
-        let i = (list.len() as u64)
-            .checked_sub(back)
-            .filter(|_| back > 0)
-            .ok_or(FormatError::Truncated)?;
-        Ok(list[i as usize])
-    }
-
     #[inline]
     pub fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
         if self.left == 0 {
@@ -391,13 +401,8 @@ impl CompactEvents {
         let op = match code {
             c if c < Z_ALLOC_NEW + 0x10 => {
                 let kind = AllocKind::from_u8(c & 0x0f).ok_or(FormatError::BadOp(c))?;
-                let addr = if c < Z_ALLOC_NEW {
-                    let d = self.uv(C_ADDR)?;
-                    Self::back(&self.frees, d)?
-                } else {
-                    self.new_addr = self.new_addr.wrapping_add(self.iv(C_ADDR)? as u64);
-                    self.new_addr
-                };
+                let v = self.uv(C_ADDR)?;
+                let addr = resolve_addr(c < Z_ALLOC_NEW, v, &self.frees, &mut self.new_addr)?;
                 self.allocs.push(addr);
                 let size = self.uv(C_SIZE)?;
                 self.stack_prev = self.stack_prev.wrapping_add(self.iv(C_STACK)? as u64);
@@ -409,13 +414,9 @@ impl CompactEvents {
                 }
             }
             Z_FREE_KNOWN | Z_REALLOC_FREE_KNOWN | Z_FREE_OTHER | Z_REALLOC_FREE_OTHER => {
-                let addr = if code == Z_FREE_KNOWN || code == Z_REALLOC_FREE_KNOWN {
-                    let d = self.uv(C_ADDR)?;
-                    Self::back(&self.allocs, d)?
-                } else {
-                    self.other_free = self.other_free.wrapping_add(self.iv(C_ADDR)? as u64);
-                    self.other_free
-                };
+                let known = code == Z_FREE_KNOWN || code == Z_REALLOC_FREE_KNOWN;
+                let v = self.uv(C_ADDR)?;
+                let addr = resolve_addr(known, v, &self.allocs, &mut self.other_free)?;
                 self.frees.push(addr);
                 if code == Z_FREE_KNOWN || code == Z_FREE_OTHER {
                     Op::Free { addr }
