@@ -24,7 +24,7 @@ pub mod hash;
 /// First eight bytes of every capture.
 pub const MAGIC: &[u8; 8] = b"MEMTRACK";
 /// Format version written by this crate. Readers accept every version up to this one.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 /// Size of the fixed part of the header: magic, version (u16 LE), header body length (u32 LE).
 pub const FIXED_HEADER_LEN: usize = 14;
 
@@ -41,8 +41,12 @@ pub mod record {
     /// numbers above every earlier one; blocks live before the exec are gone.
     pub const IMAGE: u8 = 4;
     /// A chunk of one thread's events in the compact encoding (columns, zstd): see
-    /// [`crate::chunk`]. The writer turns every `EVENTS` chunk into one of these.
+    /// [`crate::chunk`]. Written by format version 2.
     pub const EVENTS_Z: u8 = 5;
+    /// A chunk of one thread's events in the token encoding (token columns, zstd, raw extra
+    /// bits): see [`crate::chunk`]. The writer turns every `EVENTS` chunk into one of these
+    /// (format version 3).
+    pub const EVENTS_T: u8 = 6;
 }
 
 /// Operation codes inside an events chunk. Every event op is followed by the sequence delta

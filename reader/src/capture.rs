@@ -2,7 +2,7 @@
 
 use crate::stacks::StackTable;
 use memmap2::Mmap;
-use memtrack_format::chunk::{CompactEvents, Item, Op, StreamEvents};
+use memtrack_format::chunk::{Compact, CompactEvents, Item, Op, StreamEvents};
 use memtrack_format::{
     op, record, AllocKind, ChunkHeader, Cursor, EndRecord, FormatError, Header, ModulesRecord,
 };
@@ -47,8 +47,8 @@ pub struct ChunkRef {
     pub ops_offset: usize,
     pub end: usize,
     pub header: ChunkHeader,
-    /// The compact encoding (`EVENTS_Z`) rather than the stream encoding (`EVENTS`).
-    pub compact: bool,
+    /// The compact encoding the chunk is in, or `None` for the stream encoding (`EVENTS`).
+    pub compact: Option<Compact>,
 }
 
 /// An opened capture: the header, the record index, and the mapped bytes.
@@ -192,7 +192,7 @@ impl Capture {
                 error: e.to_string(),
             };
             match kind {
-                record::EVENTS | record::EVENTS_Z => {
+                record::EVENTS | record::EVENTS_Z | record::EVENTS_T => {
                     let visible =
                         &head[prefix.min(head.len())..(prefix + plen as usize).min(head.len())];
                     let mut c = Cursor::new(visible);
@@ -204,7 +204,11 @@ impl Capture {
                                 ops_offset: payload_off + c.pos(),
                                 end,
                                 header: h,
-                                compact: kind == record::EVENTS_Z,
+                                compact: match kind {
+                                    record::EVENTS_Z => Some(Compact::Z),
+                                    record::EVENTS_T => Some(Compact::T),
+                                    _ => None,
+                                },
                             });
                             // A later END is only final if no events follow it (exec that failed).
                             self.end = None;
@@ -325,13 +329,12 @@ struct ChunkCursor<'a> {
 impl<'a> ChunkCursor<'a> {
     fn new(data: &'a [u8], ch: &ChunkRef) -> Self {
         let ops = &data[ch.ops_offset..ch.end];
-        let dec = if ch.compact {
-            match CompactEvents::new(ops, &ch.header) {
+        let dec = match ch.compact {
+            Some(encoding) => match CompactEvents::new(ops, &ch.header, encoding) {
                 Ok(z) => Decoder::Compact(Box::new(z)),
                 Err(_) => Decoder::Broken,
-            }
-        } else {
-            Decoder::Stream(StreamEvents::new(ops, &ch.header))
+            },
+            None => Decoder::Stream(StreamEvents::new(ops, &ch.header)),
         };
         ChunkCursor {
             dec,

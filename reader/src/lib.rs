@@ -28,6 +28,7 @@ mod views;
 
 pub use capture::{Capture, ChunkRef, Event, EventKind, ReadError, Warning};
 pub use check::{Budget, Contributor, LimitResult};
+pub use memtrack_format::chunk::Compact;
 pub use memtrack_format::{AllocKind, EndReason, Header, Module, ModulesRecord};
 pub use plot::Plot;
 pub use replay::{Replay, SiteTotal, Summary};

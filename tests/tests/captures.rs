@@ -1,6 +1,6 @@
 //! Old captures keep reading, and damaged captures never panic the reader.
 
-use memtrack_reader::Capture;
+use memtrack_reader::{Capture, Compact};
 use memtrack_tests::*;
 use std::path::PathBuf;
 
@@ -10,13 +10,16 @@ fn kept(name: &str) -> PathBuf {
         .join(name)
 }
 
-const ALL_KEPT: [&str; 6] = [
+const ALL_KEPT: [&str; 9] = [
     "v1-every-function.cap",
     "v1-threads.cap",
     "v1-exec-chain.cap",
     "v2-every-function.cap",
     "v2-threads.cap",
     "v2-exec-chain.cap",
+    "v3-every-function.cap",
+    "v3-threads.cap",
+    "v3-exec-chain.cap",
 ];
 
 fn figures(cap: &Capture) -> Figures {
@@ -70,7 +73,7 @@ fn kept_cases() -> Vec<(&'static str, Figures, usize)> {
 
 #[test]
 fn captures_of_every_format_version_still_read_exactly() {
-    for version in [1u16, 2] {
+    for version in [1u16, 2, 3] {
         for (name, expected, threads) in kept_cases() {
             let name = name.replacen("v1", &format!("v{version}"), 1);
             check_kept(&name, version, expected, threads);
@@ -82,11 +85,14 @@ fn check_kept(name: &str, version: u16, expected: Figures, threads: usize) {
     {
         let cap = Capture::open(kept(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(cap.header.version, version, "{name}");
-        // Version 2 writes only compact chunks, version 1 only stream chunks.
-        assert!(
-            cap.chunks.iter().all(|c| c.compact == (version >= 2)),
-            "{name}"
-        );
+        // Version 1 writes only stream chunks, 2 only EVENTS_Z, 3 only EVENTS_T.
+        let encoding = match version {
+            1 => None,
+            2 => Some(Compact::Z),
+            _ => Some(Compact::T),
+        };
+        assert!(!cap.chunks.is_empty(), "{name}");
+        assert!(cap.chunks.iter().all(|c| c.compact == encoding), "{name}");
         assert!(cap.complete(), "{name}");
         assert_eq!(cap.threads, threads, "{name}");
         assert_eq!(figures(&cap), expected, "{name}");
