@@ -177,6 +177,20 @@ impl Symbolizer {
         for f in out.iter_mut().filter(|f| f.function.is_empty()) {
             f.function = format!("{}+{:#x}", l.name, probe + 1);
         }
+        // rustc's DWARF names a function without its path (`keep_blocks` inside namespace
+        // `app`); the symbol table's demangled name has it (`app::keep_blocks`).
+        if let (Some(outer), Some(sym)) = (out.first_mut(), loader.find_symbol(probe)) {
+            let base = outer.function.split('<').next().unwrap_or_default();
+            if !base.is_empty() && !base.contains("::") {
+                let full = addr2line::demangle_auto(sym.into(), None);
+                if full.len() > base.len()
+                    && full.ends_with(base)
+                    && full[..full.len() - base.len()].ends_with("::")
+                {
+                    outer.function = full.into_owned();
+                }
+            }
+        }
         out
     }
 

@@ -180,11 +180,33 @@ fn ranked(rows: Rows) -> Vec<TableRow> {
     out
 }
 
-/// Functions that only pass an allocation on (C++ `operator new`, libc's strdup family): reports
-/// name their caller as the allocating function.
-pub(crate) fn is_allocator_wrapper(function: &str) -> bool {
+/// Frames that only pass an allocation on (C++ `operator new`, libc's strdup family, the Rust
+/// standard library's allocation paths: `Vec::with_capacity`, `RawVec` growth, `__rust_alloc`):
+/// reports name their caller as the allocating function.
+pub(crate) fn is_allocator_wrapper(f: &crate::Frame) -> bool {
+    let function = f.function.as_str();
     if function.starts_with("operator new") {
         return true;
+    }
+    // Rust: the allocator shims, and any frame of the standard library's sources (inlined
+    // frames there carry short names such as `with_capacity<u8>`, so the file tells).
+    if ["__rust_", "__rg_", "__rdl_", "alloc::", "<alloc::"]
+        .iter()
+        .any(|p| function.starts_with(p))
+    {
+        return true;
+    }
+    if let Some(file) = &f.file {
+        if [
+            "/library/alloc/src/",
+            "/library/core/src/",
+            "/library/std/src/",
+        ]
+        .iter()
+        .any(|d| file.contains(d))
+        {
+            return true;
+        }
     }
     // glibc's internal aliases: __GI___strdup, __strdup, ...
     let bare = function.trim_start_matches("__GI_").trim_start_matches('_');
@@ -208,7 +230,7 @@ pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> 
         let alloc = frames
             .iter()
             .rev()
-            .find(|f| !is_allocator_wrapper(&f.function))
+            .find(|f| !is_allocator_wrapper(f))
             .or(frames.last())
             .cloned()
             .unwrap_or(crate::Frame {
@@ -240,7 +262,7 @@ pub fn top_locations(v: &ViewSites, sym: &mut Symbolizer, n: usize) -> Vec<Table
         let mut alloc: Option<crate::Frame> = None;
         'find: for a in &addrs {
             for f in sym.frames(*a).iter().rev() {
-                if !is_allocator_wrapper(&f.function) {
+                if !is_allocator_wrapper(f) {
                     alloc = Some(f.clone());
                     break 'find;
                 }
@@ -265,23 +287,42 @@ mod tests {
 
     #[test]
     fn wrappers_are_recognised_and_callers_are_not() {
+        let frame = |function: &str, file: Option<&str>| crate::Frame {
+            function: function.to_string(),
+            file: file.map(str::to_string),
+            line: None,
+        };
         for w in [
             "operator new(unsigned long)",
             "operator new[](unsigned long)",
             "__GI___strdup",
             "strdup",
             "__strndup",
+            "__rust_alloc",
+            "__rg_realloc",
+            "alloc::raw_vec::RawVecInner<A>::finish_grow",
+            "<alloc::alloc::Global as core::alloc::Allocator>::allocate",
         ] {
-            assert!(is_allocator_wrapper(w), "{w}");
+            assert!(is_allocator_wrapper(&frame(w, None)), "{w}");
         }
+        let std_file =
+            "/rustc/59807616e1fa2540724bfbac14d7976d7e4a3860/library/alloc/src/vec/mod.rs";
+        assert!(is_allocator_wrapper(&frame(
+            "with_capacity<u8>",
+            Some(std_file)
+        )));
         for f in [
             "audit_admin",
             "make_value",
             "strdup_config",
             "malloc",
             "calloc",
+            "app::alloc_table",
         ] {
-            assert!(!is_allocator_wrapper(f), "{f}");
+            assert!(
+                !is_allocator_wrapper(&frame(f, Some("/src/app/main.rs"))),
+                "{f}"
+            );
         }
     }
 }

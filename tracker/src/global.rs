@@ -11,8 +11,12 @@
 //! assert!(s.peak_bytes >= s.live_bytes);
 //! ```
 
+use crate::guard::IgnoreAllocs;
+use crate::recorder::{self, Ev, Origin, ACTIVE, INITIALIZING, STATE, UNINIT};
+use memtrack_format::{AllocKind, EndReason};
 use std::alloc::{GlobalAlloc, Layout};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering::Relaxed};
 
 static LIVE: AtomicU64 = AtomicU64::new(0);
 static PEAK: AtomicU64 = AtomicU64::new(0);
@@ -44,27 +48,121 @@ fn grew(size: u64) {
     }
 }
 
+// ---------------------------------------------------------------- recording
+
+/// Whether `MEMTRACK_OUTPUT` was looked at (once, at the first allocation).
+static ENV_CHECKED: AtomicBool = AtomicBool::new(false);
+
+/// `Some` with the guard held when this call is to be recorded.
+#[inline(always)]
+fn recording() -> Option<IgnoreAllocs> {
+    match STATE.load(Relaxed) {
+        ACTIVE => IgnoreAllocs::enter(),
+        UNINIT if !ENV_CHECKED.load(Relaxed) => start_from_env(),
+        _ => None,
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn start_from_env() -> Option<IgnoreAllocs> {
+    let g = IgnoreAllocs::enter()?;
+    if ENV_CHECKED.swap(true, Ordering::AcqRel) {
+        return None;
+    }
+    if STATE
+        .compare_exchange(UNINIT, INITIALIZING, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return None;
+    }
+    match crate::interpose::open_from_env(false) {
+        Some(true) => {
+            began();
+            STATE.store(ACTIVE, Ordering::Release);
+            Some(g)
+        }
+        // Not set (or not readable yet, which a Rust program's allocator never sees): a later
+        // `start` may still record.
+        None => {
+            STATE.store(UNINIT, Ordering::Release);
+            None
+        }
+        Some(false) => {
+            STATE.store(recorder::DISABLED, Ordering::Release);
+            None
+        }
+    }
+}
+
+/// After a capture was created: the writer thread, fork and exit handling.
+fn began() {
+    recorder::start_writer();
+    extern "C" fn at_exit() {
+        recorder::finish(EndReason::Exit);
+    }
+    // SAFETY: registers handlers that never unwind; `atfork_child` only stores to an atomic.
+    unsafe {
+        libc::pthread_atfork(None, None, Some(crate::interpose::atfork_child));
+        libc::atexit(at_exit);
+    }
+}
+
+/// Records a block handed out. `marker` is the address of a local of the allocator method, so
+/// the stack starts at the method's caller.
+#[inline(never)]
+fn on_alloc(g: &IgnoreAllocs, kind: AllocKind, p: *mut u8, size: usize, marker: u64) {
+    recorder::record(
+        Ev::Alloc(kind, p as u64, size as u64),
+        Origin::Above(marker),
+        g,
+    );
+}
+
+#[inline(never)]
+fn on_free(g: &IgnoreAllocs, ev: Ev) {
+    recorder::record(ev, Origin::Unknown, g);
+}
+
+/// The address of a local of the calling frame.
+macro_rules! marker {
+    ($m:ident) => {{
+        std::hint::black_box(&$m) as *const u8 as u64
+    }};
+}
+
 // SAFETY: every method forwards to the wrapped allocator with the caller's arguments and only
-// adds atomic counter updates, which neither allocate nor unwind.
+// adds atomic counter updates and, while recording, events written under the guard; none of it
+// unwinds, and the tracker's own allocations inside the guard are passed through.
 unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let m = 0u8;
+        let g = recording();
         // SAFETY: forwarding the caller's layout.
         let p = unsafe { self.inner.alloc(layout) };
         if !p.is_null() {
             ALLOCATIONS.fetch_add(1, Relaxed);
             grew(layout.size() as u64);
+            if let Some(g) = &g {
+                on_alloc(g, AllocKind::RustAlloc, p, layout.size(), marker!(m));
+            }
         }
         p
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let m = 0u8;
+        let g = recording();
         // SAFETY: forwarding the caller's layout.
         let p = unsafe { self.inner.alloc_zeroed(layout) };
         if !p.is_null() {
             ALLOCATIONS.fetch_add(1, Relaxed);
             grew(layout.size() as u64);
+            if let Some(g) = &g {
+                on_alloc(g, AllocKind::RustAlloc, p, layout.size(), marker!(m));
+            }
         }
         p
     }
@@ -73,12 +171,22 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         FREES.fetch_add(1, Relaxed);
         LIVE.fetch_sub(layout.size() as u64, Relaxed);
+        let g = recording();
+        if let Some(g) = &g {
+            // Before the block goes back: no other thread can be handed it first.
+            on_free(g, Ev::Free(ptr as u64));
+        }
         // SAFETY: forwarding a block this allocator handed out, with its layout.
         unsafe { self.inner.dealloc(ptr, layout) }
     }
 
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let m = 0u8;
+        let g = recording();
+        if let Some(g) = &g {
+            on_free(g, Ev::ReallocFree(ptr as u64));
+        }
         // SAFETY: forwarding the caller's arguments.
         let p = unsafe { self.inner.realloc(ptr, layout, new_size) };
         if !p.is_null() {
@@ -90,8 +198,78 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
             } else {
                 LIVE.fetch_sub(old - new, Relaxed);
             }
+            if let Some(g) = &g {
+                on_alloc(g, AllocKind::Realloc, p, new_size, marker!(m));
+            }
+        } else if let Some(g) = &g {
+            on_free(g, Ev::ReallocFailed);
         }
         p
+    }
+}
+
+/// Why [`start`] could not record.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create capture {path}: {source}")]
+    Create {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "a capture was already recorded (or is being recorded) in this process; only one can be"
+    )]
+    AlreadyRecorded,
+    #[error("recording into {0} could not start")]
+    Failed(String),
+}
+
+/// A recording in progress, started by [`start`]: dropping it finishes the capture.
+#[must_use = "the recording stops when this guard is dropped"]
+pub struct Recording {
+    _private: (),
+}
+
+impl Recording {
+    /// Finishes the capture now (as dropping the guard does).
+    pub fn finish(self) {}
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        recorder::finish(EndReason::Exit);
+    }
+}
+
+/// Starts recording every allocation made through [`Tracker`] (which must be the global
+/// allocator) into a new capture at `path`, with native stacks, until the returned guard drops
+/// or the process exits. The file must not exist yet. One recording per process: a second call
+/// (or one after `MEMTRACK_OUTPUT` started a recording) is an error.
+pub fn start(path: impl AsRef<Path>) -> Result<Recording, StartError> {
+    // Held to the end, so that `path` (made before recording starts) is freed unrecorded.
+    let _g = IgnoreAllocs::enter().ok_or(StartError::AlreadyRecorded)?;
+    let path = path.as_ref().to_string_lossy().into_owned();
+    ENV_CHECKED.store(true, Ordering::Release);
+    if STATE
+        .compare_exchange(UNINIT, INITIALIZING, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return Err(StartError::AlreadyRecorded);
+    }
+    match crate::interpose::create_capture(&path, false) {
+        Ok(true) => {
+            began();
+            STATE.store(ACTIVE, Ordering::Release);
+            Ok(Recording { _private: () })
+        }
+        Ok(false) => {
+            STATE.store(recorder::DISABLED, Ordering::Release);
+            Err(StartError::Failed(path))
+        }
+        Err(source) => {
+            STATE.store(UNINIT, Ordering::Release);
+            Err(StartError::Create { path, source })
+        }
     }
 }
 

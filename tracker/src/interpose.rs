@@ -6,7 +6,7 @@
 //! are never handed to the real `free`.
 
 use crate::guard::{IgnoreAllocs, SaveErrno};
-use crate::recorder::{self, Config, Ev, ACTIVE, DISABLED, INITIALIZING, STATE, UNINIT};
+use crate::recorder::{self, Config, Ev, Origin, ACTIVE, DISABLED, INITIALIZING, STATE, UNINIT};
 pub use crate::unwind::Caller;
 use memtrack_format::{AllocKind, EndReason, Header, FORMAT_VERSION};
 use std::ffi::CStr;
@@ -184,7 +184,7 @@ fn init() -> bool {
     };
     let _errno = SaveErrno::new();
     resolve();
-    let next = match open_from_env() {
+    let next = match open_from_env(true) {
         Some(true) => ACTIVE,
         Some(false) => DISABLED,
         // The environment is not readable yet (very early in start-up): decide later.
@@ -209,7 +209,8 @@ fn stderr_line(msg: &str) {
 }
 
 /// Some(true): recording; Some(false): not wanted here; None: environment not readable yet.
-fn open_from_env() -> Option<bool> {
+/// `preloaded`: the tracker runs as the preload library (else linked into a Rust program).
+pub(crate) fn open_from_env(preloaded: bool) -> Option<bool> {
     let out = getenv(c"MEMTRACK_OUTPUT")?;
     // SAFETY: getpid/getppid have no preconditions.
     let (pid, ppid) = unsafe { (libc::getpid(), libc::getppid()) };
@@ -220,16 +221,24 @@ fn open_from_env() -> Option<bool> {
         }
     }
     let path = out.to_string_lossy().replace("%p", &pid.to_string());
-    let cpath = std::ffi::CString::new(path.clone()).ok()?;
-    // SAFETY: open with a valid path; O_EXCL: the first process to claim the name records.
-    let fd = unsafe {
-        libc::open(
-            cpath.as_ptr(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
-            0o644 as libc::c_uint,
-        )
-    };
-    let header = Header {
+    match create_capture(&path, preloaded) {
+        Ok(started) => Some(started),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            // Either this process's previous image, which ended with exec: continue its
+            // capture; or another process's capture (or, for a Rust program run by `memtrack
+            // run`, the preload library's): leave it alone and run untracked.
+            Some(continue_after_exec(&path, new_header(pid), preloaded))
+        }
+        Err(e) => {
+            stderr_line(&format!("memtrack: cannot create capture {path}: {e}\n"));
+            Some(false)
+        }
+    }
+}
+
+/// The header of a capture of this process.
+fn new_header(pid: i32) -> Header {
+    Header {
         version: FORMAT_VERSION,
         pid: pid as u32,
         start_unix_ns: std::time::SystemTime::now()
@@ -251,35 +260,41 @@ fn open_from_env() -> Option<bool> {
             .unwrap_or_default(),
         pointer_size: 8,
         machine: 62,
+    }
+}
+
+/// Creates a new capture at `path` (never an existing file) and starts recording into it.
+/// `Ok(false)`: created, but recording could not start.
+pub(crate) fn create_capture(path: &str, preloaded: bool) -> std::io::Result<bool> {
+    let cpath = std::ffi::CString::new(path)
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: open with a valid path; O_EXCL: the first process to claim the name records.
+    let fd = unsafe {
+        libc::open(
+            cpath.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+            0o644 as libc::c_uint,
+        )
     };
-    if fd >= 0 {
-        if !crate::writer::write_all(fd, &header.encode()) {
-            return Some(false);
-        }
-        let cfg = Config {
-            fd,
-            skip_own_module: true,
-            first_seq: 1,
-            first_stack_id: 1,
-        };
-        return Some(recorder::start(cfg, header.start_mono_ns));
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: errno of this thread.
-    let e = unsafe { *libc::__errno_location() };
-    if e == libc::EEXIST {
-        // Either this process's previous image, which ended with exec: continue its capture;
-        // or another process's capture: leave it alone and run untracked.
-        return Some(continue_after_exec(&path, header));
+    // SAFETY: getpid has no preconditions.
+    let header = new_header(unsafe { libc::getpid() });
+    if !crate::writer::write_all(fd, &header.encode()) {
+        return Ok(false);
     }
-    stderr_line(&format!(
-        "memtrack: cannot create capture {path}: {}\n",
-        std::io::Error::from_raw_os_error(e)
-    ));
-    Some(false)
+    let cfg = Config {
+        fd,
+        skip_own_module: preloaded,
+        first_seq: 1,
+        first_stack_id: 1,
+    };
+    Ok(recorder::start(cfg, header.start_mono_ns))
 }
 
 /// Appends this image to the capture its previous image (same pid) finished with `END(exec)`.
-fn continue_after_exec(path: &str, mut header: Header) -> bool {
+fn continue_after_exec(path: &str, mut header: Header, preloaded: bool) -> bool {
     use memtrack_format::{put_record, record, EndRecord, END_RECORD_LEN};
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = std::fs::File::open(path) else {
@@ -324,14 +339,14 @@ fn continue_after_exec(path: &str, mut header: Header) -> bool {
     }
     let cfg = Config {
         fd,
-        skip_own_module: true,
+        skip_own_module: preloaded,
         first_seq: end.seq,
         first_stack_id: end.next_stack_id,
     };
     recorder::start(cfg, old.start_mono_ns)
 }
 
-extern "C" fn atfork_child() {
+pub(crate) extern "C" fn atfork_child() {
     // The child has one thread and copies of locks other threads may have held: it stops
     // recording and never touches the parent's capture.
     STATE.store(DISABLED, Ordering::Release);
@@ -382,7 +397,11 @@ fn done_alloc(
 ) {
     if let Some(g) = g {
         if !p.is_null() {
-            recorder::record(Ev::Alloc(kind, p as u64, size as u64), Some(caller), &g);
+            recorder::record(
+                Ev::Alloc(kind, p as u64, size as u64),
+                Origin::Caller(caller),
+                &g,
+            );
         }
     }
 }
@@ -416,7 +435,7 @@ pub unsafe fn free(p: *mut c_void) {
     let g = enter();
     if let Some(g) = &g {
         // Recorded before the block goes back: no other thread can be handed it first.
-        recorder::record(Ev::Free(p as u64), None, g);
+        recorder::record(Ev::Free(p as u64), Origin::Unknown, g);
     }
     // SAFETY: forwarding a pointer the program obtained from the real allocator.
     unsafe { f(p) };
@@ -465,18 +484,18 @@ fn realloc_common(
     if let (Some(g), false) = (&g, p.is_null()) {
         if size == Some(0) {
             // glibc frees the block and returns NULL.
-            recorder::record(Ev::Free(p as u64), None, g);
+            recorder::record(Ev::Free(p as u64), Origin::Unknown, g);
         } else {
-            recorder::record(Ev::ReallocFree(p as u64), None, g);
+            recorder::record(Ev::ReallocFree(p as u64), Origin::Unknown, g);
         }
     }
     let q = call();
     if let Some(g) = &g {
         if !q.is_null() {
             let ev = Ev::Alloc(kind, q as u64, size.unwrap_or(0) as u64);
-            recorder::record(ev, Some(caller), g);
+            recorder::record(ev, Origin::Caller(caller), g);
         } else if !p.is_null() && size != Some(0) {
-            recorder::record(Ev::ReallocFailed, None, g);
+            recorder::record(Ev::ReallocFailed, Origin::Unknown, g);
         }
     }
     q

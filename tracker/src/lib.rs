@@ -34,7 +34,7 @@ pub mod unwind;
 mod walker;
 mod writer;
 
-pub use global::{measure, reset_peak, stats, Stats, Tracker};
+pub use global::{measure, reset_peak, start, stats, Recording, StartError, Stats, Tracker};
 pub use guard::IgnoreAllocs;
 pub use memtrack_format::{AllocKind, EndReason};
 pub use recorder::{finish, is_recording};

@@ -479,7 +479,7 @@ impl OwnerState {
 
     /// Unwinds the stack (from `caller` when the hook captured it, else from here, dropping the
     /// tracker's own frames) and interns it; new trie nodes land in `self.new_nodes`.
-    fn stack_id(&mut self, rec: &Recorder, caller: Option<Caller>) -> u32 {
+    fn stack_id(&mut self, rec: &Recorder, caller: Origin) -> u32 {
         let gen = rec.unw_gen.load(Ordering::Acquire);
         if gen != self.unw_gen {
             let _errno = SaveErrno::new();
@@ -522,7 +522,7 @@ impl OwnerState {
         self.walk(rec, &newer, caller).0
     }
 
-    fn walk(&mut self, rec: &Recorder, unw: &Unw, caller: Option<Caller>) -> (u32, u64) {
+    fn walk(&mut self, rec: &Recorder, unw: &Unw, caller: Origin) -> (u32, u64) {
         let new_nodes = &mut self.new_nodes;
         let mut intern = |parent: u32, ip: u64| {
             // A contended lock may sleep in futex(), which sets errno.
@@ -533,11 +533,17 @@ impl OwnerState {
             }
         };
         match caller {
-            Some(c) => {
+            Origin::Caller(c) => {
                 let w = self.walker.walk(unw, self.stack_hi, c, &mut intern);
                 (w.node, w.outer)
             }
-            None => {
+            Origin::Above(marker) => {
+                let w = self
+                    .walker
+                    .walk_above(unw, self.stack_hi, marker, &mut intern);
+                (w.node, w.outer)
+            }
+            Origin::Unknown => {
                 let mut frames = [0u64; MAX_FRAMES];
                 let (n, _) = unwind::capture(
                     unw,
@@ -737,9 +743,21 @@ pub(crate) enum Ev {
     ReallocFailed,
 }
 
+/// Where an allocation's stack starts.
+#[derive(Clone, Copy)]
+pub(crate) enum Origin {
+    /// The program's registers, handed over by a preload trampoline.
+    Caller(Caller),
+    /// The caller of the function whose frame holds this address (a local of
+    /// `Tracker::alloc`): the tracker linked into a Rust program.
+    Above(u64),
+    /// Unwound from the recorder, dropping the tracker's own frames (`Recorder::skip`).
+    Unknown,
+}
+
 /// Records one event for the calling thread. The caller holds the guard.
 #[inline]
-pub(crate) fn record(ev: Ev, caller: Option<Caller>, g: &IgnoreAllocs) {
+pub(crate) fn record(ev: Ev, caller: Origin, g: &IgnoreAllocs) {
     let Some(rec) = recorder() else { return };
     match current_thread(rec, g) {
         Some(ts) => {
@@ -823,7 +841,7 @@ fn event_room(nodes: usize) -> usize {
 /// Events of a thread that has no state (exiting, after its destructor ran): each becomes a
 /// one-event chunk of its own.
 #[cold]
-fn record_orphan(rec: &Recorder, ev: Ev, caller: Option<Caller>) {
+fn record_orphan(rec: &Recorder, ev: Ev, caller: Origin) {
     let _errno = SaveErrno::new();
     let Ok(mut guard) = rec.orphan.lock() else {
         return;

@@ -366,6 +366,58 @@ pub fn capture_from(
     }
 }
 
+/// The registers of the frame that called the function whose frame holds `marker` (the address
+/// of one of its locals), found by unwinding from here: the frames in between (the tracker's) are
+/// stepped over. For the tracker linked into a Rust program, where no trampoline hands over the
+/// program's registers. `None` when the walk fails before it gets there.
+#[inline(never)]
+pub fn caller_above(unw: &Unw, cache: &mut UnwCache, stack_hi: u64, marker: u64) -> Option<Caller> {
+    let (ip, sp, bp): (u64, u64, u64);
+    // SAFETY: reads three registers; touches no memory and no flags.
+    unsafe {
+        std::arch::asm!(
+            "lea {ip}, [rip]",
+            "mov {sp}, rsp",
+            "mov {bp}, rbp",
+            ip = out(reg) ip,
+            sp = out(reg) sp,
+            bp = out(reg) bp,
+            options(nomem, nostack, preserves_flags)
+        );
+    }
+    if marker < sp || marker >= stack_hi {
+        return None;
+    }
+    let mut read_stack = |addr: u64| {
+        if addr >= sp
+            && addr.checked_add(8).is_some_and(|e| e <= stack_hi)
+            && addr.is_multiple_of(8)
+        {
+            // SAFETY: [sp, stack_hi) is this thread's live stack, mapped and readable.
+            Ok(unsafe { std::ptr::read(addr as *const u64) })
+        } else {
+            Err(())
+        }
+    };
+    let mut regs = UnwindRegsX86_64::new(ip, sp, bp);
+    let mut frame = framehop::FrameAddress::from_instruction_pointer(ip);
+    // A handful of the tracker's frames lie between here and the marker.
+    for _ in 0..32 {
+        let ra = unw
+            .unwind_frame(frame, &mut regs, cache, &mut read_stack)
+            .ok()??;
+        if regs.sp() > marker {
+            return Some(Caller {
+                ip: ra,
+                sp: regs.sp(),
+                bp: regs.bp(),
+            });
+        }
+        frame = framehop::FrameAddress::from_return_address(ra)?;
+    }
+    None
+}
+
 /// An upper bound of the calling thread's stack: no stack read goes at or above it.
 ///
 /// Found without a lock or an allocation, because it runs inside malloc: `pthread_getattr_np`

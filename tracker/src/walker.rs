@@ -109,6 +109,21 @@ impl Walker {
         valid.then_some(i)
     }
 
+    /// Walks the stack of the caller of the function whose frame holds `marker` (see
+    /// [`crate::unwind::caller_above`]).
+    pub fn walk_above(
+        &mut self,
+        unw: &Unw,
+        stack_hi: u64,
+        marker: u64,
+        intern: &mut impl FnMut(u32, u64) -> u32,
+    ) -> Walk {
+        match crate::unwind::caller_above(unw, &mut self.cache, stack_hi, marker) {
+            Some(caller) => self.walk(unw, stack_hi, caller, intern),
+            None => Walk { node: 0, outer: 0 },
+        }
+    }
+
     /// Walks the stack from `caller` (its return address first). `intern(parent, ip)` makes a
     /// trie node in the process-wide table when this thread has not seen it.
     pub fn walk(
