@@ -8,3 +8,7 @@ mkdir -p target/examples
 gcc -O1 -g -pthread -o target/examples/kvcache examples/kvcache.c
 ./target/release/memtrack run -o target/examples/kvcache.cap --force -- ./target/examples/kvcache 200000
 ./target/release/memtrack summary target/examples/kvcache.cap
+# The Rust example records itself (no LD_PRELOAD): memtrack_tracker::Tracker is its global allocator.
+rm -f target/examples/sessions.cap
+MEMTRACK_OUTPUT=target/examples/sessions.cap ./target/release/sessions
+./target/release/memtrack summary target/examples/sessions.cap

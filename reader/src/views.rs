@@ -190,9 +190,17 @@ pub(crate) fn is_allocator_wrapper(f: &crate::Frame) -> bool {
     }
     // Rust: the allocator shims, and any frame of the standard library's sources (inlined
     // frames there carry short names such as `with_capacity<u8>`, so the file tells).
-    if ["__rust_", "__rg_", "__rdl_", "alloc::", "<alloc::"]
-        .iter()
-        .any(|p| function.starts_with(p))
+    if [
+        "__rust_",
+        "__rustc::",
+        "__rg_",
+        "__rdl_",
+        "alloc::",
+        "<alloc::",
+        "<memtrack_tracker::",
+    ]
+    .iter()
+    .any(|p| function.starts_with(p))
     {
         return true;
     }
@@ -302,6 +310,8 @@ mod tests {
             "__rg_realloc",
             "alloc::raw_vec::RawVecInner<A>::finish_grow",
             "<alloc::alloc::Global as core::alloc::Allocator>::allocate",
+            "__rustc::__rust_alloc",
+            "<memtrack_tracker::global::Tracker<A> as core::alloc::global::GlobalAlloc>::alloc",
         ] {
             assert!(is_allocator_wrapper(&frame(w, None)), "{w}");
         }

@@ -51,6 +51,8 @@ pub struct Binaries {
     pub memtrack: PathBuf,
     /// The `LD_PRELOAD` shim.
     pub preload: PathBuf,
+    /// The Rust example that records itself (`examples/sessions`).
+    pub sessions: PathBuf,
 }
 
 /// Builds the binaries (once per test process) and returns their paths.
@@ -66,13 +68,15 @@ pub fn binaries() -> &'static Binaries {
                 "memtrack",
                 "-p",
                 "memtrack-preload",
+                "-p",
+                "memtrack-example-sessions",
             ])
             .current_dir(workspace_root())
             .output()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", Path::new(&cargo).display()));
         if !out.status.success() {
             panic!(
-                "`cargo build --release -p memtrack -p memtrack-preload` failed ({}):\n{}",
+                "`cargo build --release -p memtrack -p memtrack-preload -p memtrack-example-sessions` failed ({}):\n{}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr)
             );
@@ -81,8 +85,9 @@ pub fn binaries() -> &'static Binaries {
         let b = Binaries {
             memtrack: release.join("memtrack"),
             preload: release.join("libmemtrack.so"),
+            sessions: release.join("sessions"),
         };
-        for p in [&b.memtrack, &b.preload] {
+        for p in [&b.memtrack, &b.preload, &b.sessions] {
             assert!(
                 p.is_file(),
                 "{} is missing after a successful build",

@@ -1,14 +1,30 @@
 //! `Tracker<A>`: a `#[global_allocator]` wrapper with cheap exact counters, readable at any
 //! time, and `measure` for tests that assert a closure's allocations and peak (as dhat-rs's
-//! testing mode does).
+//! testing mode does). It also records captures from inside the program: [`start`] (a guard) or
+//! `MEMTRACK_OUTPUT` in the environment, looked at once, at the first allocation.
+//!
+//! A recorded allocation's stack is unwound from inside the recorder up to the caller of the
+//! `Tracker` method (a marker local in that method's frame tells where the tracker's frames
+//! end), then walked like the preload library's stacks.
 //!
 //! ```
 //! use std::alloc::System;
-//! // In a program: #[global_allocator]
+//!
+//! #[global_allocator]
 //! static ALLOC: memtrack_tracker::Tracker<System> = memtrack_tracker::Tracker::new(System);
-//! # let _ = &ALLOC;
-//! let s = memtrack_tracker::stats();
-//! assert!(s.peak_bytes >= s.live_bytes);
+//!
+//! fn main() {
+//!     let s = memtrack_tracker::stats();
+//!     assert!(s.peak_bytes >= s.live_bytes);
+//!
+//!     let path = std::env::temp_dir().join(format!("doc-{}.cap", std::process::id()));
+//!     let recording = memtrack_tracker::start(&path).unwrap();
+//!     let v = std::hint::black_box(vec![0u8; 4096]); // recorded, with its stack
+//!     drop(recording);
+//!     drop(v);
+//!     assert!(std::fs::read(&path).unwrap().starts_with(b"MEMTRACK"));
+//!     std::fs::remove_file(&path).unwrap();
+//! }
 //! ```
 
 use crate::guard::IgnoreAllocs;
@@ -131,11 +147,13 @@ macro_rules! marker {
     }};
 }
 
+// The methods are not inlined: a frame of their own holds the marker, and carries a name that
+// reports recognise as the allocator's (when the preload library records the program).
 // SAFETY: every method forwards to the wrapped allocator with the caller's arguments and only
 // adds atomic counter updates and, while recording, events written under the guard; none of it
 // unwinds, and the tracker's own allocations inside the guard are passed through.
 unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
-    #[inline]
+    #[inline(never)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         let m = 0u8;
         let g = recording();
@@ -151,7 +169,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
         p
     }
 
-    #[inline]
+    #[inline(never)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         let m = 0u8;
         let g = recording();
@@ -167,7 +185,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
         p
     }
 
-    #[inline]
+    #[inline(never)]
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         FREES.fetch_add(1, Relaxed);
         LIVE.fetch_sub(layout.size() as u64, Relaxed);
@@ -180,7 +198,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
         unsafe { self.inner.dealloc(ptr, layout) }
     }
 
-    #[inline]
+    #[inline(never)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let m = 0u8;
         let g = recording();

@@ -212,6 +212,17 @@ fn stderr_line(msg: &str) {
 /// `preloaded`: the tracker runs as the preload library (else linked into a Rust program).
 pub(crate) fn open_from_env(preloaded: bool) -> Option<bool> {
     let out = getenv(c"MEMTRACK_OUTPUT")?;
+    if !preloaded
+        && getenv(c"LD_PRELOAD").is_some_and(|p| {
+            p.to_bytes()
+                .split(|&c| c == b':' || c == b' ')
+                .any(|lib| lib.ends_with(b"libmemtrack.so"))
+        })
+    {
+        // `memtrack run` launched this Rust program: the preload library records every
+        // allocation (ours reach it through the system allocator), so this copy stands down.
+        return Some(false);
+    }
     // SAFETY: getpid/getppid have no preconditions.
     let (pid, ppid) = unsafe { (libc::getpid(), libc::getppid()) };
     if let Some(launcher) = getenv(c"MEMTRACK_LAUNCHER_PID") {
@@ -300,9 +311,18 @@ fn continue_after_exec(path: &str, mut header: Header, preloaded: bool) -> bool 
     let Ok(mut f) = std::fs::File::open(path) else {
         return false;
     };
-    let mut head = vec![0u8; 1 << 20];
-    let n = f.read(&mut head).unwrap_or(0);
-    head.truncate(n);
+    // The header only: its fixed part says how long the body is.
+    let mut head = vec![0u8; memtrack_format::FIXED_HEADER_LEN];
+    if f.read_exact(&mut head).is_err() {
+        return false;
+    }
+    let body = u32::from_le_bytes([head[10], head[11], head[12], head[13]]) as usize;
+    head.resize(head.len() + body.min(1 << 20), 0);
+    if f.read_exact(&mut head[memtrack_format::FIXED_HEADER_LEN..])
+        .is_err()
+    {
+        return false;
+    }
     let Ok((old, _)) = Header::decode(&head) else {
         return false;
     };

@@ -12,7 +12,9 @@
 //! unwound from DWARF CFI with a per-thread rule cache and interned in a trie.
 //!
 //! This crate exports no `malloc`: the `memtrack-preload` cdylib holds the `extern "C"` hooks
-//! and forwards them to [`interpose`].
+//! and forwards them to [`interpose`]. Linked into a Rust program, [`Tracker`] is a
+//! `#[global_allocator]` with exact counters ([`stats`], [`measure`]) that can also record the
+//! program's own captures ([`start`], or `MEMTRACK_OUTPUT`).
 //!
 //! ```
 //! // Nothing is recorded until a capture is started; the guard type works at any time.

@@ -309,6 +309,7 @@ pub fn capture(
 /// trampolines capture them on entry: the return address, the stack pointer after the return,
 /// and rbp (callee-saved, so still the caller's).
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub struct Caller {
     pub ip: u64,
     pub sp: u64,
@@ -372,35 +373,33 @@ pub fn capture_from(
 /// program's registers. `None` when the walk fails before it gets there.
 #[inline(never)]
 pub fn caller_above(unw: &Unw, cache: &mut UnwCache, stack_hi: u64, marker: u64) -> Option<Caller> {
-    let (ip, sp, bp): (u64, u64, u64);
-    // SAFETY: reads three registers; touches no memory and no flags.
-    unsafe {
-        std::arch::asm!(
-            "lea {ip}, [rip]",
-            "mov {sp}, rsp",
-            "mov {bp}, rbp",
-            ip = out(reg) ip,
-            sp = out(reg) sp,
-            bp = out(reg) bp,
-            options(nomem, nostack, preserves_flags)
-        );
-    }
-    if marker < sp || marker >= stack_hi {
+    // Start at a call site (here's return into this function), whose unwind rule framehop
+    // caches, rather than at an arbitrary instruction, whose rule it evaluates from DWARF on
+    // every call.
+    let mut start = Caller {
+        ip: 0,
+        sp: 0,
+        bp: 0,
+    };
+    // SAFETY: `here` writes the three fields of `start` and returns.
+    unsafe { here(&mut start) };
+    let sp0 = start.sp;
+    if marker < sp0 || marker >= stack_hi {
         return None;
     }
     let mut read_stack = |addr: u64| {
-        if addr >= sp
+        if addr >= sp0
             && addr.checked_add(8).is_some_and(|e| e <= stack_hi)
             && addr.is_multiple_of(8)
         {
-            // SAFETY: [sp, stack_hi) is this thread's live stack, mapped and readable.
+            // SAFETY: [sp0, stack_hi) is this thread's live stack, mapped and readable.
             Ok(unsafe { std::ptr::read(addr as *const u64) })
         } else {
             Err(())
         }
     };
-    let mut regs = UnwindRegsX86_64::new(ip, sp, bp);
-    let mut frame = framehop::FrameAddress::from_instruction_pointer(ip);
+    let mut regs = UnwindRegsX86_64::new(start.ip, start.sp, start.bp);
+    let mut frame = framehop::FrameAddress::from_return_address(start.ip)?;
     // A handful of the tracker's frames lie between here and the marker.
     for _ in 0..32 {
         let ra = unw
@@ -416,6 +415,23 @@ pub fn caller_above(unw: &Unw, cache: &mut UnwCache, stack_hi: u64, marker: u64)
         frame = framehop::FrameAddress::from_return_address(ra)?;
     }
     None
+}
+
+/// Writes its caller's registers at the call: the return address, the stack pointer after the
+/// return, and rbp.
+///
+/// # Safety
+/// `out` must be valid for writes.
+#[unsafe(naked)]
+unsafe extern "C" fn here(out: *mut Caller) {
+    core::arch::naked_asm!(
+        "mov rax, [rsp]",
+        "mov [rdi], rax",
+        "lea rax, [rsp + 8]",
+        "mov [rdi + 8], rax",
+        "mov [rdi + 16], rbp",
+        "ret",
+    )
 }
 
 /// An upper bound of the calling thread's stack: no stack read goes at or above it.
