@@ -613,16 +613,28 @@ impl CompactEvents {
     }
 
     /// The next value of field `f`.
-    #[inline]
+    #[inline(always)]
     fn uv(&mut self, f: usize) -> Result<u64, FormatError> {
-        if !self.tokens {
-            let col = &mut self.cols[self.map[f]];
-            return crate::read_uvarint(&self.block, &mut col.pos, col.end);
+        if self.tokens {
+            // Every field has its own column here: no mapping.
+            let col = &mut self.cols[f];
+            if col.pos >= col.end {
+                return Err(FormatError::Truncated);
+            }
+            let t = self.block[col.pos];
+            col.pos += 1;
+            if t < 16 {
+                return Ok(t as u64);
+            }
+            return self.token_rest(t);
         }
-        let t = self.u8(f)?;
-        if t < 16 {
-            return Ok(t as u64);
-        }
+        let col = &mut self.cols[self.map[f]];
+        crate::read_uvarint(&self.block, &mut col.pos, col.end)
+    }
+
+    /// The value of a token of 16 or more, with its extra bits.
+    #[inline]
+    fn token_rest(&mut self, t: u8) -> Result<u64, FormatError> {
         let n = token_extra(t);
         let x = if n <= 56 {
             self.read_bits(n)?
@@ -633,7 +645,7 @@ impl CompactEvents {
         Ok(token_value(t, x))
     }
 
-    #[inline]
+    #[inline(always)]
     fn iv(&mut self, f: usize) -> Result<i64, FormatError> {
         let u = self.uv(f)?;
         Ok(((u >> 1) as i64) ^ -((u & 1) as i64))

@@ -82,16 +82,38 @@ pub struct Replay {
 /// are listed, so each new peak copies only those: O(events) in all, in one pass.
 #[derive(Default)]
 struct SiteTracker {
-    /// stack -> (bytes, allocations, changed since the last peak)
-    live: Map<u32, (u64, u64, bool)>,
+    /// stack -> (bytes, allocations, changed since the last peak): stack ids are dense, so
+    /// ids below `DENSE_SITES` index a vector; larger ones (only from a damaged capture or a
+    /// huge stack table) go to a map.
+    dense: Vec<SiteLive>,
+    sparse: Map<u32, SiteLive>,
     at_peak: Map<u32, (u64, u64)>,
     dirty: Vec<u32>,
 }
 
+type SiteLive = (u64, u64, bool);
+
+/// Stack ids kept in `SiteTracker::dense` (at most 96 MiB of it).
+const DENSE_SITES: u32 = 1 << 22;
+
 impl SiteTracker {
     #[inline]
+    fn entry(&mut self, stack: u32) -> &mut SiteLive {
+        if stack < DENSE_SITES {
+            let i = stack as usize;
+            if i >= self.dense.len() {
+                self.dense
+                    .resize((i + 1).next_power_of_two(), (0, 0, false));
+            }
+            &mut self.dense[i]
+        } else {
+            self.sparse.entry(stack).or_insert((0, 0, false))
+        }
+    }
+
+    #[inline]
     fn change(&mut self, stack: u32, bytes: i128, count: i64) {
-        let e = self.live.entry(stack).or_insert((0, 0, false));
+        let e = self.entry(stack);
         e.0 = (e.0 as i128 + bytes).max(0) as u64;
         e.1 = (e.1 as i64 + count).max(0) as u64;
         if !e.2 {
@@ -101,12 +123,14 @@ impl SiteTracker {
     }
 
     fn peak(&mut self) {
-        for s in self.dirty.drain(..) {
-            if let Some(e) = self.live.get_mut(&s) {
-                e.2 = false;
-                self.at_peak.insert(s, (e.0, e.1));
-            }
+        for i in 0..self.dirty.len() {
+            let s = self.dirty[i];
+            let e = self.entry(s);
+            e.2 = false;
+            let v = (e.0, e.1);
+            self.at_peak.insert(s, v);
         }
+        self.dirty.clear();
     }
 }
 
