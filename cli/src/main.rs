@@ -10,6 +10,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod launch;
+
 const EXAMPLES: &str = "\
 EXAMPLES:
     memtrack run -o svc.cap -- ./my-service --port 8080
@@ -299,10 +301,23 @@ impl Progress {
             .unwrap_or(1000);
         let (d, counter, total) = (done.clone(), cap.progress(), cap.chunks.len());
         let name = cap.path().display().to_string();
+        let draw = move |n: usize| {
+            let filled = n * 30 / total;
+            eprint!(
+                "\rreading {name} [{}{}] {:>3}%",
+                "#".repeat(filled),
+                " ".repeat(30 - filled),
+                n * 100 / total
+            );
+        };
+        // With no delay the bar is drawn at once, whatever the scheduler does with the thread.
+        let mut drawn = after == 0;
+        if drawn {
+            draw(0);
+        }
         let thread = std::thread::spawn(move || {
             use std::sync::atomic::Ordering::Relaxed;
             let start = std::time::Instant::now();
-            let mut drawn = false;
             let mut first = true;
             while !d.load(Relaxed) {
                 if !first {
@@ -312,14 +327,7 @@ impl Progress {
                 if start.elapsed().as_millis() < after {
                     continue;
                 }
-                let n = counter.load(Relaxed).min(total);
-                let filled = n * 30 / total;
-                eprint!(
-                    "\rreading {name} [{}{}] {:>3}%",
-                    "#".repeat(filled),
-                    " ".repeat(30 - filled),
-                    n * 100 / total
-                );
+                draw(counter.load(Relaxed).min(total));
                 drawn = true;
             }
             if drawn {
@@ -438,11 +446,14 @@ fn cmd_run(
 ) -> Result<u8> {
     let lib = find_preload()?;
     let program = PathBuf::from(&command[0]);
+    launch::check_trackable(&launch::resolve(&program)?)?;
     let out = match output {
         Some(o) => {
             let o = std::path::absolute(&o)
                 .with_context(|| format!("bad output path {}", o.display()))?;
-            if o.exists() {
+            // symlink_metadata: a link planted at the path counts as existing (and is never
+            // followed: the tracker creates the capture with O_EXCL).
+            if o.symlink_metadata().is_ok() {
                 if !force {
                     bail!(
                         "{} already exists; pass --force to overwrite it",

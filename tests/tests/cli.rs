@@ -284,3 +284,100 @@ fn run_with_budgets_exits_with_the_commands_failure_first() {
     );
     assert_eq!(f.code(), Some(7), "{}", f.stderr);
 }
+
+/// What LD_PRELOAD cannot track is refused up front, naming the file and the reason, with
+/// exit code 2 and nothing run.
+#[test]
+fn run_refuses_static_setuid_and_missing_commands() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = Work::new("cli_refuse");
+    let src = work.path("ran.c");
+    // The program leaves a mark if it runs at all.
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\nint main(void){FILE*f=fopen(\"ran.mark\",\"w\");return f?0:1;}\n",
+    )
+    .unwrap();
+    let mut cases: Vec<(String, &str)> = Vec::new();
+    for (name, flag) in [("static", "-static"), ("static_pie", "-static-pie")] {
+        let out = Command::new("gcc")
+            .arg(flag)
+            .arg("-o")
+            .arg(work.path(name))
+            .arg(&src)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "gcc {flag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cases.push((format!("./{name}"), "statically linked"));
+    }
+    let suid = work.path("suid");
+    std::fs::copy(work.compile("errno_check.c"), &suid).unwrap();
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    cases.push(("./suid".into(), "set-user-ID"));
+    cases.push(("./missing".into(), "no such file"));
+    cases.push(("memtrack-no-such-command".into(), "not found on PATH"));
+    for (cmd, why) in &cases {
+        let r = memtrack(&["run", "-o", "r.cap", "--", cmd], work.dir());
+        assert_eq!(r.code(), Some(2), "{cmd}: {r:?}");
+        let name = cmd.trim_start_matches("./");
+        assert!(
+            r.stderr.contains(name) && r.stderr.contains(why),
+            "{cmd}: {}",
+            r.stderr
+        );
+        assert!(!work.path("ran.mark").exists(), "{cmd} was run");
+        assert!(!work.path("r.cap").exists());
+    }
+}
+
+/// The capture holds addresses, paths and command lines: it is created mode 0600, never over
+/// an existing file, and a symlink planted at its path is neither followed nor overwritten.
+#[test]
+fn capture_is_private_and_never_follows_a_planted_symlink() {
+    use std::os::unix::fs::PermissionsExt;
+    let work = Work::new("cli_private");
+    let exe = work.compile("errno_check.c");
+    let exe_s = exe.to_str().unwrap();
+    let r = memtrack(&["run", "-o", "a.cap", "--", exe_s], work.dir());
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    let mode = std::fs::metadata(work.path("a.cap"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+
+    let target = work.path("victim");
+    std::os::unix::fs::symlink(&target, work.path("link.cap")).unwrap();
+    let r = memtrack(&["run", "-o", "link.cap", "--", exe_s], work.dir());
+    assert_eq!(r.code(), Some(2), "{r:?}");
+    assert!(
+        r.stderr.contains("link.cap") && r.stderr.contains("already exists"),
+        "{}",
+        r.stderr
+    );
+    assert!(!target.exists(), "the link was followed");
+
+    // By hand (no launcher to check): the tracker's exclusive create refuses the link too.
+    let out = Command::new(&exe)
+        .current_dir(work.dir())
+        .env("LD_PRELOAD", &binaries().preload)
+        .env("MEMTRACK_OUTPUT", work.path("link.cap"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(!target.exists(), "the link was followed");
+
+    // --force replaces the link itself with a new private file.
+    let r = memtrack(
+        &["run", "-o", "link.cap", "--force", "--", exe_s],
+        work.dir(),
+    );
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    let meta = std::fs::symlink_metadata(work.path("link.cap")).unwrap();
+    assert!(meta.is_file() && meta.permissions().mode() & 0o777 == 0o600);
+    assert!(!target.exists());
+}

@@ -284,7 +284,7 @@ pub(crate) fn create_capture(path: &str, preloaded: bool) -> std::io::Result<boo
         libc::open(
             cpath.as_ptr(),
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
-            0o644 as libc::c_uint,
+            0o600 as libc::c_uint,
         )
     };
     if fd < 0 {
@@ -344,7 +344,7 @@ fn continue_after_exec(path: &str, mut header: Header, preloaded: bool) -> bool 
     let fd = unsafe {
         libc::open(
             cpath.as_ptr(),
-            libc::O_WRONLY | libc::O_APPEND | libc::O_CLOEXEC,
+            libc::O_WRONLY | libc::O_APPEND | libc::O_CLOEXEC | libc::O_NOFOLLOW,
         )
     };
     if fd < 0 {
