@@ -567,6 +567,9 @@ pub enum EndReason {
     ImmediateExit = 1,
     /// The image is being replaced by `exec`.
     Exec = 2,
+    /// `abort` (called by the program, `std::terminate`, a Rust abort): the process is about to
+    /// die of SIGABRT.
+    Abort = 3,
     Other = 255,
 }
 
@@ -607,6 +610,7 @@ impl EndRecord {
             0 => EndReason::Exit,
             1 => EndReason::ImmediateExit,
             2 => EndReason::Exec,
+            3 => EndReason::Abort,
             _ => EndReason::Other,
         };
         let next_stack_id = u32::from_le_bytes(payload[17..21].try_into().unwrap_or([0; 4]));

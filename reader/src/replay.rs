@@ -425,6 +425,7 @@ impl Capture {
                 .map(|e| match e.reason {
                     EndReason::Exit => "exit",
                     EndReason::ImmediateExit => "_exit",
+                    EndReason::Abort => "abort",
                     EndReason::Exec => "exec",
                     EndReason::Other => "other",
                 }),

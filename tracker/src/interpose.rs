@@ -34,7 +34,8 @@ const EXECVPE: usize = 15;
 const FEXECVE: usize = 16;
 const EXIT_: usize = 17;
 const EXIT_UPPER: usize = 18;
-const NREAL: usize = 19;
+const ABORT: usize = 19;
+const NREAL: usize = 20;
 
 const NAMES: [&CStr; NREAL] = [
     c"malloc",
@@ -56,6 +57,7 @@ const NAMES: [&CStr; NREAL] = [
     c"fexecve",
     c"_exit",
     c"_Exit",
+    c"abort",
 ];
 
 #[allow(clippy::declare_interior_mutable_const)]
@@ -750,6 +752,29 @@ pub unsafe fn fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const
     let rc = unsafe { f(fd, argv, envp) };
     recorder::resume();
     rc
+}
+
+/// `abort` called by the program (through the PLT: glibc's own internal aborts, such as
+/// `assert` failures and heap corruption reports, do not pass here): the capture is finished
+/// with reason `abort`, then the real `abort` raises SIGABRT.
+pub fn abort_now() -> ! {
+    if is_owner() {
+        recorder::finish(EndReason::Abort);
+    }
+    type Abort = unsafe extern "C" fn() -> !;
+    if let Some(f) = real_fn!(ABORT, Abort) {
+        // SAFETY: forwarding to libc's abort.
+        unsafe { f() }
+    }
+    // SAFETY: what abort does, without it: SIGABRT with the default action, then an exit.
+    unsafe {
+        libc::signal(libc::SIGABRT, libc::SIG_DFL);
+        libc::raise(libc::SIGABRT);
+        libc::syscall(libc::SYS_exit_group, 127 as libc::c_long);
+    }
+    loop {
+        std::hint::spin_loop();
+    }
 }
 
 /// # Safety

@@ -37,15 +37,41 @@ pub(crate) fn write_all(fd: i32, mut bytes: &[u8]) -> bool {
                 continue;
             }
             if STATE.swap(DISABLED, Ordering::AcqRel) != DISABLED {
-                let msg = b"memtrack: writing the capture failed; recording stopped\n";
-                // SAFETY: plain write of a static message to stderr.
-                unsafe { libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len()) };
+                write_failed(e);
             }
             return false;
         }
         bytes = &bytes[n as usize..];
     }
     true
+}
+
+/// One line on stderr saying why recording stopped; no allocation (any thread may get here).
+fn write_failed(errno: i32) {
+    let mut reason = [0u8; 128];
+    // SAFETY: the buffer is valid for its length; the XSI/GNU strerror_r both fill it or return
+    // a static string, and libc's wrapper is the XSI one (it returns an int).
+    let ok = unsafe {
+        libc::strerror_r(
+            errno,
+            reason.as_mut_ptr() as *mut libc::c_char,
+            reason.len(),
+        )
+    } == 0;
+    let len = if ok {
+        reason.iter().position(|&b| b == 0).unwrap_or(0)
+    } else {
+        0
+    };
+    let parts: [&[u8]; 3] = [
+        b"memtrack: writing the capture failed (",
+        &reason[..len],
+        b"); recording stopped, the program goes on untracked\n",
+    ];
+    for p in parts {
+        // SAFETY: plain writes of byte slices to stderr.
+        unsafe { libc::write(2, p.as_ptr() as *const libc::c_void, p.len()) };
+    }
 }
 
 pub(crate) fn run(rec: &'static Recorder, rx: Receiver<Msg>) {

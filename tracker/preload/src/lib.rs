@@ -157,6 +157,12 @@ pub unsafe extern "C" fn _Exit(status: c_int) -> ! {
     unsafe { ip::exit_now(status, true) }
 }
 
+/// C `abort`.
+#[no_mangle]
+pub extern "C" fn abort() -> ! {
+    ip::abort_now()
+}
+
 extern "C" fn memtrack_constructor() {
     ip::constructor();
 }
