@@ -44,6 +44,10 @@ enum Cmd {
         /// Overwrite the output file if it exists.
         #[arg(long)]
         force: bool,
+        /// Also track the processes the command forks (with or without exec), each into a
+        /// capture of its own: FILE.<pid>.
+        #[arg(long)]
+        follow_fork: bool,
         /// Budgets checked when the command has finished (see `memtrack check`).
         #[command(flatten)]
         limits: Limits,
@@ -356,9 +360,10 @@ fn main() -> ExitCode {
         Cmd::Run {
             output,
             force,
+            follow_fork,
             limits,
             command,
-        } => cmd_run(output, force, limits, command),
+        } => cmd_run(output, force, follow_fork, limits, command),
         Cmd::Check { file, limits, json } => cmd_check(&file, limits, json),
         Cmd::Summary { file, json } => cmd_summary(&file, json).map(|()| 0),
         Cmd::Dump { file } => cmd_dump(&file).map(|()| 0),
@@ -441,6 +446,7 @@ extern "C" fn forward_signal(sig: libc::c_int) {
 fn cmd_run(
     output: Option<PathBuf>,
     force: bool,
+    follow_fork: bool,
     limits: Limits,
     command: Vec<OsString>,
 ) -> Result<u8> {
@@ -486,6 +492,11 @@ fn cmd_run(
         .env("LD_PRELOAD", preload)
         .env("MEMTRACK_OUTPUT", &out)
         .env("MEMTRACK_LAUNCHER_PID", std::process::id().to_string());
+    if follow_fork {
+        cmd.env("MEMTRACK_FOLLOW_FORK", "1");
+    } else {
+        cmd.env_remove("MEMTRACK_FOLLOW_FORK");
+    }
     if is_python(&program) && std::env::var_os("PYTHONMALLOC").is_none() {
         eprintln!("memtrack: setting PYTHONMALLOC=malloc so that Python objects are allocated through malloc");
         cmd.env("PYTHONMALLOC", "malloc");
@@ -527,6 +538,13 @@ fn cmd_run(
             .display()
             .to_string();
         eprintln!("memtrack: capture written to {shown}");
+        let children = memtrack_reader::child_captures(&cap);
+        if !children.is_empty() {
+            eprintln!(
+                "memtrack: and {} of forked processes: {shown}.<pid> (listed by memtrack summary {shown})",
+                children.len()
+            );
+        }
         eprintln!("memtrack: report on it with: memtrack summary {shown}   (or flamegraph, table, tree, stats, plot)");
         if limits.any() {
             // The command's own failure wins; else the budgets decide.
@@ -566,6 +584,11 @@ fn cmd_summary(file: &Path, json: bool) -> Result<()> {
     if json {
         let mut v = serde_json::to_value(&s)?;
         v["capture"] = serde_json::Value::String(file.display().to_string());
+        v["parent_pid"] = match cap.header.parent_pid {
+            0 => serde_json::Value::Null,
+            p => p.into(),
+        };
+        v["children"] = serde_json::to_value(memtrack_reader::child_captures(file))?;
         v["top_peak_locations"] = serde_json::to_value(
             top.iter()
                 .map(|t| {
@@ -580,6 +603,25 @@ fn cmd_summary(file: &Path, json: bool) -> Result<()> {
         return Ok(());
     }
     print_summary(file, &cap, &s);
+    let children = memtrack_reader::child_captures(file);
+    if cap.header.parent_pid != 0 {
+        println!("  forked from:    pid {}", cap.header.parent_pid);
+    }
+    if !children.is_empty() {
+        println!(
+            "  children:       {} captures of forked processes",
+            children.len()
+        );
+        for c in &children {
+            println!(
+                "    {} (pid {}, forked from {}): {}",
+                c.capture.display(),
+                c.pid,
+                c.parent_pid,
+                c.command
+            );
+        }
+    }
     if !top.is_empty() {
         println!("  top locations at the peak:");
         for t in &top {

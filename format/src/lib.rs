@@ -323,6 +323,9 @@ pub struct Header {
     /// Pointer width in bytes and the machine (ELF `e_machine`), for offline symbolization.
     pub pointer_size: u8,
     pub machine: u16,
+    /// The pid of the process this one was forked from, when it was tracked with
+    /// `--follow-fork` into a capture of its own (0: none). Added in version 3.
+    pub parent_pid: u32,
 }
 
 impl Header {
@@ -340,6 +343,7 @@ impl Header {
         }
         body.push(self.pointer_size);
         put_uvarint(&mut body, self.machine as u64);
+        put_uvarint(&mut body, self.parent_pid as u64);
         let mut out = Vec::with_capacity(FIXED_HEADER_LEN + body.len());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -385,6 +389,8 @@ impl Header {
         }
         let pointer_size = c.u8()?;
         let machine = c.uvarint()? as u16;
+        // Added in version 3 (absent before).
+        let parent_pid = if c.is_empty() { 0 } else { c.uvarint()? as u32 };
         // Fields added in later versions follow; this reader ignores what it does not know.
         Ok((
             Header {
@@ -397,6 +403,7 @@ impl Header {
                 argv,
                 pointer_size,
                 machine,
+                parent_pid,
             },
             end,
         ))
@@ -678,6 +685,7 @@ mod tests {
             argv: vec!["true".into(), "--x".into()],
             pointer_size: 8,
             machine: 62,
+            parent_pid: 77,
         };
         let enc = h.encode();
         let (d, end) = Header::decode(&enc).unwrap();

@@ -18,6 +18,7 @@
 
 mod capture;
 mod check;
+mod family;
 mod plot;
 mod replay;
 mod stacks;
@@ -28,6 +29,7 @@ mod views;
 
 pub use capture::{Capture, ChunkRef, Event, EventKind, ReadError, Warning};
 pub use check::{Budget, Contributor, LimitResult};
+pub use family::{child_captures, ChildCapture};
 pub use memtrack_format::chunk::Compact;
 pub use memtrack_format::{AllocKind, EndReason, Header, Module, ModulesRecord};
 pub use plot::Plot;

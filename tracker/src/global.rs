@@ -274,7 +274,13 @@ pub fn start(path: impl AsRef<Path>) -> Result<Recording, StartError> {
     {
         return Err(StartError::AlreadyRecorded);
     }
-    match crate::interpose::create_capture(&path, false) {
+    let launch = crate::interpose::Launch {
+        preloaded: false,
+        root_path: path.clone(),
+        follow_fork: false,
+        parent_pid: 0,
+    };
+    match crate::interpose::create_capture(&path, &launch, None) {
         Ok(true) => {
             began();
             STATE.store(ACTIVE, Ordering::Release);

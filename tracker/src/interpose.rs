@@ -225,22 +225,50 @@ pub(crate) fn open_from_env(preloaded: bool) -> Option<bool> {
         // allocation (ours reach it through the system allocator), so this copy stands down.
         return Some(false);
     }
+    let follow_fork = getenv(c"MEMTRACK_FOLLOW_FORK").is_some_and(|v| v.to_bytes() == b"1");
     // SAFETY: getpid/getppid have no preconditions.
     let (pid, ppid) = unsafe { (libc::getpid(), libc::getppid()) };
+    let mut root = out.to_string_lossy().replace("%p", &pid.to_string());
+    let mut path = root.clone();
+    let mut parent_pid = 0;
     if let Some(launcher) = getenv(c"MEMTRACK_LAUNCHER_PID") {
-        // Only the process `memtrack run` started records; its exec'd descendants run untracked.
-        if launcher.to_str().ok().and_then(|s| s.parse::<i32>().ok()) != Some(ppid) {
+        if launcher.to_str().ok().and_then(|s| s.parse::<i32>().ok()) == Some(ppid) {
+            if follow_fork {
+                // Descendants find the launched process's capture here (`%p` expanded); the
+                // process is single-threaded this early (first allocation or constructor).
+                if let Ok(v) = std::ffi::CString::new(root.as_str()) {
+                    // SAFETY: setenv with valid NUL-terminated strings.
+                    unsafe { libc::setenv(c"MEMTRACK_OUTPUT".as_ptr(), v.as_ptr(), 1) };
+                }
+            }
+        } else if follow_fork {
+            // A descendant started through exec or posix_spawn: a capture of its own.
+            root = out.to_string_lossy().into_owned();
+            path = format!("{root}.{pid}");
+            parent_pid = ppid as u32;
+        } else {
+            // Only the process `memtrack run` started records; its exec'd descendants run
+            // untracked.
             return Some(false);
         }
     }
-    let path = out.to_string_lossy().replace("%p", &pid.to_string());
-    match create_capture(&path, preloaded) {
+    let launch = Launch {
+        preloaded,
+        root_path: root,
+        follow_fork,
+        parent_pid,
+    };
+    match create_capture(&path, &launch, None) {
         Ok(started) => Some(started),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             // Either this process's previous image, which ended with exec: continue its
             // capture; or another process's capture (or, for a Rust program run by `memtrack
             // run`, the preload library's): leave it alone and run untracked.
-            Some(continue_after_exec(&path, new_header(pid), preloaded))
+            Some(continue_after_exec(
+                &path,
+                new_header(pid, parent_pid),
+                &launch,
+            ))
         }
         Err(e) => {
             stderr_line(&format!("memtrack: cannot create capture {path}: {e}\n"));
@@ -249,9 +277,36 @@ pub(crate) fn open_from_env(preloaded: bool) -> Option<bool> {
     }
 }
 
+/// How this process's recording came about.
+pub(crate) struct Launch {
+    /// The tracker runs as the preload library (else linked into a Rust program).
+    pub preloaded: bool,
+    /// The launched process's capture (children of `--follow-fork` are named after it).
+    pub root_path: String,
+    pub follow_fork: bool,
+    /// The process this one was forked from, when it records into a capture of its own.
+    pub parent_pid: u32,
+}
+
+impl Launch {
+    fn config(&self, fd: i32, first_seq: u64, first_stack_id: u32) -> Config {
+        Config {
+            fd,
+            skip_own_module: self.preloaded,
+            first_seq,
+            first_stack_id,
+            root_path: self.root_path.clone(),
+            follow_fork: self.follow_fork,
+            modules: None,
+            replace: false,
+        }
+    }
+}
+
 /// The header of a capture of this process.
-fn new_header(pid: i32) -> Header {
+fn new_header(pid: i32, parent_pid: u32) -> Header {
     Header {
+        parent_pid,
         version: FORMAT_VERSION,
         pid: pid as u32,
         start_unix_ns: std::time::SystemTime::now()
@@ -277,11 +332,16 @@ fn new_header(pid: i32) -> Header {
 }
 
 /// Creates a new capture at `path` (never an existing file) and starts recording into it.
-/// `Ok(false)`: created, but recording could not start.
-pub(crate) fn create_capture(path: &str, preloaded: bool) -> std::io::Result<bool> {
+/// `Ok(false)`: created, but recording could not start. `modules`: a forked child's, known.
+pub(crate) fn create_capture(
+    path: &str,
+    launch: &Launch,
+    modules: Option<Vec<crate::unwind::LoadedModule>>,
+) -> std::io::Result<bool> {
     let cpath = std::ffi::CString::new(path)
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: open with a valid path; O_EXCL: the first process to claim the name records.
+    // SAFETY: open with a valid path; O_EXCL: the first process to claim the name records (and
+    // a symlink planted at the path is never followed).
     let fd = unsafe {
         libc::open(
             cpath.as_ptr(),
@@ -293,21 +353,18 @@ pub(crate) fn create_capture(path: &str, preloaded: bool) -> std::io::Result<boo
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: getpid has no preconditions.
-    let header = new_header(unsafe { libc::getpid() });
+    let header = new_header(unsafe { libc::getpid() }, launch.parent_pid);
     if !crate::writer::write_all(fd, &header.encode()) {
         return Ok(false);
     }
-    let cfg = Config {
-        fd,
-        skip_own_module: preloaded,
-        first_seq: 1,
-        first_stack_id: 1,
-    };
+    let mut cfg = launch.config(fd, 1, 1);
+    cfg.replace = modules.is_some();
+    cfg.modules = modules;
     Ok(recorder::start(cfg, header.start_mono_ns))
 }
 
 /// Appends this image to the capture its previous image (same pid) finished with `END(exec)`.
-fn continue_after_exec(path: &str, mut header: Header, preloaded: bool) -> bool {
+fn continue_after_exec(path: &str, mut header: Header, launch: &Launch) -> bool {
     use memtrack_format::{put_record, record, EndRecord, END_RECORD_LEN};
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = std::fs::File::open(path) else {
@@ -359,19 +416,45 @@ fn continue_after_exec(path: &str, mut header: Header, preloaded: bool) -> bool 
     if !crate::writer::write_all(fd, &image) {
         return false;
     }
-    let cfg = Config {
-        fd,
-        skip_own_module: preloaded,
-        first_seq: end.seq,
-        first_stack_id: end.next_stack_id,
-    };
+    // The header of the capture stays the first image's (its parent_pid included).
+    header.parent_pid = old.parent_pid;
+    let cfg = launch.config(fd, end.seq, end.next_stack_id);
     recorder::start(cfg, old.start_mono_ns)
 }
 
 pub(crate) extern "C" fn atfork_child() {
-    // The child has one thread and copies of locks other threads may have held: it stops
-    // recording and never touches the parent's capture.
-    STATE.store(DISABLED, Ordering::Release);
+    // The child has one thread and copies of locks other threads may have held. Without
+    // `--follow-fork` it stops recording and never touches the parent's capture; with it, it
+    // records into a capture of its own through a fresh recorder.
+    let old = recorder::recorder().filter(|r| r.follow_fork);
+    let (Some(old), ACTIVE) = (old, STATE.load(Ordering::Acquire)) else {
+        STATE.store(DISABLED, Ordering::Release);
+        return;
+    };
+    STATE.store(INITIALIZING, Ordering::Release);
+    let Some(g) = IgnoreAllocs::enter() else {
+        STATE.store(DISABLED, Ordering::Release);
+        return;
+    };
+    let _errno = SaveErrno::new();
+    recorder::leave_parent(old, &g);
+    // SAFETY: getpid/getppid have no preconditions.
+    let (pid, ppid) = unsafe { (libc::getpid(), libc::getppid()) };
+    let launch = Launch {
+        preloaded: old.preloaded(),
+        root_path: old.root_path.clone(),
+        follow_fork: true,
+        parent_pid: ppid as u32,
+    };
+    let path = format!("{}.{pid}", old.root_path);
+    let started = match create_capture(&path, &launch, Some(old.modules_snapshot())) {
+        Ok(s) => s,
+        Err(e) => {
+            stderr_line(&format!("memtrack: cannot create capture {path}: {e}\n"));
+            false
+        }
+    };
+    STATE.store(if started { ACTIVE } else { DISABLED }, Ordering::Release);
 }
 
 /// The library constructor: decide about recording if no hook has yet, start the writer.

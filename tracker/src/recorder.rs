@@ -12,7 +12,7 @@ use memtrack_format::{
     ModulesRecord, MAX_FRAME_PREFIX,
 };
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -66,6 +66,11 @@ pub(crate) struct Recorder {
     skip: Skip,
     orphan: Mutex<Option<Box<OwnerState>>>,
     thread_key: libc::pthread_key_t,
+    /// The capture of the launched process (`%p` expanded): forked children's captures are
+    /// named after it (`<root>.<pid>`).
+    pub root_path: String,
+    /// `--follow-fork`: forked children record into captures of their own.
+    pub follow_fork: bool,
 }
 
 struct ModuleSet {
@@ -76,11 +81,20 @@ struct ModuleSet {
     unw: Option<Arc<Unw>>,
 }
 
-static RECORDER: OnceLock<Recorder> = OnceLock::new();
+/// The recorder of this process. Set once, except in a child forked under `--follow-fork`,
+/// which replaces it with its own (the parent's is leaked there: its locks may be held by
+/// threads that do not exist in the child).
+static RECORDER: AtomicPtr<Recorder> = AtomicPtr::new(std::ptr::null_mut());
 
 pub(crate) fn recorder() -> Option<&'static Recorder> {
-    RECORDER.get()
+    let p = RECORDER.load(Ordering::Acquire);
+    // SAFETY: a non-null pointer comes from `Box::leak` in `start` and is never freed.
+    (!p.is_null()).then(|| unsafe { &*p })
 }
+
+/// Set in a forked child: the writer thread is started at the child's first event, outside
+/// `fork` (threads are better not created inside an atfork handler).
+static WRITER_LATER: AtomicBool = AtomicBool::new(false);
 
 /// Event times: the writer thread publishes the time here every `TICK`, so an event pays one
 /// relaxed load instead of a clock read (38 ns through the vDSO on this VM, ~10% of the hot
@@ -201,6 +215,20 @@ impl Recorder {
         self.send_raw(rec);
     }
 
+    /// The tracker runs as the preload library.
+    pub fn preloaded(&self) -> bool {
+        matches!(self.skip, Skip::Range(..))
+    }
+
+    /// The module list, for a forked child: without waiting on a lock that a thread of the
+    /// parent may have held at the fork (then the child lists the modules itself).
+    pub fn modules_snapshot(&self) -> Vec<LoadedModule> {
+        match self.modules.try_lock() {
+            Ok(m) if !m.list.is_empty() => m.list.clone(),
+            _ => unwind::enumerate_modules(),
+        }
+    }
+
     /// Called before a module may be unmapped.
     pub fn invalidate_modules(&self) {
         if let Ok(mut m) = self.modules.lock() {
@@ -221,11 +249,24 @@ pub(crate) struct Config {
     /// Where sequence numbers and stack ids start (above an earlier image's, after exec).
     pub first_seq: u64,
     pub first_stack_id: u32,
+    pub root_path: String,
+    pub follow_fork: bool,
+    /// The loaded modules when already known (a forked child has its parent's, and must not
+    /// take the loader's lock, which a parent thread may have held at the fork).
+    pub modules: Option<Vec<LoadedModule>>,
+    /// Replace the recorder the process has (a forked child's fresh start).
+    pub replace: bool,
 }
 
 /// Sets up recording into `cfg.fd`, whose header the caller has written. Runs inside the guard.
 pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
-    let modules = unwind::enumerate_modules();
+    if recorder().is_some() && !cfg.replace {
+        return false;
+    }
+    let modules = match cfg.modules {
+        Some(m) => m,
+        None => unwind::enumerate_modules(),
+    };
     // Resolved here, at start, rather than inside the first hook of the main thread.
     let _ = unwind::current_stack_top();
     let skip = if cfg.skip_own_module {
@@ -277,14 +318,18 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         skip,
         orphan: Mutex::new(None),
         thread_key: key,
+        root_path: cfg.root_path,
+        follow_fork: cfg.follow_fork,
     };
     SEQ.0.store(cfg.first_seq.max(1), Ordering::Relaxed);
-    if RECORDER.set(rec).is_err() {
-        return false;
+    if cfg.replace {
+        // A forked child: its times start from its own start; its writer starts at its first
+        // event.
+        CLOCK.0.store(0, Ordering::Relaxed);
+        WRITER_LATER.store(true, Ordering::Release);
     }
-    let Some(rec) = RECORDER.get() else {
-        return false;
-    };
+    let rec: &'static Recorder = Box::leak(Box::new(rec));
+    RECORDER.store(rec as *const Recorder as *mut Recorder, Ordering::Release);
     let first = rec.modules_record(&modules);
     rec.write(&first);
     if let Ok(mut m) = rec.modules.lock() {
@@ -679,6 +724,9 @@ fn current_thread(rec: &'static Recorder, g: &IgnoreAllocs) -> Option<&'static T
 #[cold]
 fn new_thread_state(rec: &'static Recorder, g: &IgnoreAllocs) -> Option<&'static ThreadState> {
     let _errno = SaveErrno::new();
+    if WRITER_LATER.swap(false, Ordering::AcqRel) {
+        start_writer();
+    }
     let ts = Arc::new(ThreadState {
         lock: AtomicBool::new(false),
         buf: UnsafeCell::new(ChunkBuf::new(rec.fresh_buffer())),
@@ -698,6 +746,16 @@ fn new_thread_state(rec: &'static Recorder, g: &IgnoreAllocs) -> Option<&'static
     unsafe { libc::pthread_setspecific(rec.thread_key, raw as *const libc::c_void) };
     // SAFETY: just stored; see above.
     Some(unsafe { &*raw })
+}
+
+/// In a child forked under `--follow-fork`, before its fresh recorder starts: the forking
+/// thread's state belongs to the parent's capture (its buffered events are the parent's), so
+/// it is dropped from this thread, unwritten.
+pub(crate) fn leave_parent(old: &Recorder, g: &IgnoreAllocs) {
+    g.tls().current.set(std::ptr::null());
+    // SAFETY: clears this thread's value of the parent recorder's key, so its destructor never
+    // hands the parent's buffer to the child's writer.
+    unsafe { libc::pthread_setspecific(old.thread_key, std::ptr::null()) };
 }
 
 /// pthread key destructor: the thread is exiting. Hand its buffer to the writer; later events of
