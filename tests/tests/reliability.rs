@@ -224,3 +224,54 @@ fn fork_while_threads_allocate_leaves_working_children() {
     // The children's allocations are not in the parent's capture.
     assert_eq!(allocated_by(&cap, "main").1, 0);
 }
+
+/// SIGTERM sent to `memtrack run`, and Ctrl-C (SIGINT to the whole process group), reach the
+/// service, which shuts down as it would without memtrack: exit code 0, its own output, and a
+/// complete capture with nothing leaked.
+#[test]
+fn sigterm_and_ctrl_c_reach_the_service_which_shuts_down_cleanly() {
+    use std::io::BufRead;
+    let work = Work::new("service");
+    let exe = work.compile("service.c");
+    for (name, sig, whole_group) in [("term", libc::SIGTERM, false), ("int", libc::SIGINT, true)] {
+        let cap = work.path(&format!("{name}.cap"));
+        let mut cmd = Command::new(&binaries().memtrack);
+        cmd.arg("run").arg("-o").arg(&cap).arg("--").arg(&exe);
+        // Its own process group, as a shell gives a foreground job: Ctrl-C reaches all of it.
+        cmd.process_group(0)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let pid = child.id() as i32;
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY: signals to the child (or its group) started above.
+        unsafe {
+            if whole_group {
+                libc::killpg(pid, sig);
+            } else {
+                libc::kill(pid, sig);
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let status = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| {
+                // SAFETY: kill of the group started above.
+                unsafe { libc::killpg(pid, libc::SIGKILL) };
+                panic!("{name}: the service did not shut down");
+            })
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "{name}: {status:?}");
+        assert_eq!(lines.next().unwrap().unwrap(), "shutdown", "{name}");
+        let json = summary_json(&cap);
+        assert_eq!(json["complete"], true, "{name}: {json}");
+        assert_eq!(json["end_reason"], "exit", "{name}: {json}");
+        assert_eq!(json["leaked_bytes"], 0, "{name}: {json}");
+        assert_eq!(json["unmatched_frees"], 0, "{name}: {json}");
+    }
+}
