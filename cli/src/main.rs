@@ -682,6 +682,17 @@ fn print_summary(file: &Path, cap: &Capture, s: &Summary) {
             "  capture:        INCOMPLETE: cut off after {:.3} s (the process was killed or crashed); read up to its last complete record",
             s.duration_seconds
         );
+        let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        for w in &cap.warnings {
+            if let memtrack_reader::Warning::TornTail { offset } = w {
+                println!(
+                    "                  (up to byte {} of {}: the last {} could not be read)",
+                    grouped(*offset),
+                    grouped(len),
+                    bytes(len.saturating_sub(*offset))
+                );
+            }
+        }
     }
     println!(
         "  peak heap:      {} in {} allocations, at {:.3} s",

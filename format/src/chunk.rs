@@ -151,8 +151,9 @@ const T_COLUMNS: [usize; FIELDS] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
 const Z_COLUMNS: [usize; FIELDS] = [0, 1, 2, 3, 3, 3, 3, 4, 5, 6];
 const Z_COLUMN_COUNT: usize = 7;
 
-/// Largest decompressed column block accepted (damage guard).
-const MAX_BLOCK: u64 = 1 << 30;
+/// Largest decompressed column block accepted (damage guard: a chunk holds what one thread
+/// buffered, a few hundred KiB of stream encoding, and its columns are no larger).
+const MAX_BLOCK: u64 = 1 << 26;
 
 /// Splits `v` into a token byte and extra bits: values below 16 are their own token; larger ones
 /// are named by their bit length and the two bits below the top one, and the remaining low bits
@@ -539,8 +540,9 @@ impl CompactEvents {
             return Err(FormatError::Compression);
         }
         // Room for the extra bits too, which the caller appends.
-        let mut block = Vec::with_capacity(total as usize + c.remaining());
-        block.resize(total as usize, 0);
+        // Zeroed by the allocator (untouched pages until written): a damaged length that passes
+        // the bound costs address space, not memory, until decompression fails.
+        let mut block = vec![0u8; total as usize];
         let mut spans = [Col::default(); FIELDS];
         let mut pos = 0usize;
         for (span, &(raw, packed)) in spans.iter_mut().zip(&lens) {

@@ -14,17 +14,19 @@ use std::path::{Path, PathBuf};
 /// Errors reading a capture. Each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    #[error("{path}: {source}")]
+    // Not `source` fields: the message already holds the cause, and a source would repeat it
+    // in error chains.
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{path}: not a memtrack capture (it does not start with the MEMTRACK magic)")]
     NotACapture { path: PathBuf },
     #[error("{path}: the file is empty or was cut off inside its header; the traced process may not have started")]
     TruncatedHeader { path: PathBuf },
-    #[error("{path}: {source}")]
-    Format { path: PathBuf, source: FormatError },
+    #[error("{path}: {error}")]
+    Format { path: PathBuf, error: FormatError },
 }
 
 /// Something odd that did not stop the read.
@@ -107,9 +109,9 @@ impl Capture {
     /// a torn tail is a [`Warning`], not an error.
     pub fn open(path: impl AsRef<Path>) -> Result<Capture, ReadError> {
         let path = path.as_ref().to_path_buf();
-        let io = |source| ReadError::Io {
+        let io = |error| ReadError::Io {
             path: path.clone(),
-            source,
+            error,
         };
         let file = File::open(&path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
@@ -125,7 +127,7 @@ impl Capture {
             Ok(h) => h,
             Err(FormatError::BadMagic) => return Err(ReadError::NotACapture { path }),
             Err(FormatError::Truncated) => return Err(ReadError::TruncatedHeader { path }),
-            Err(source) => return Err(ReadError::Format { path, source }),
+            Err(error) => return Err(ReadError::Format { path, error }),
         };
         let mut cap = Capture {
             path,
