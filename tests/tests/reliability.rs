@@ -275,3 +275,14 @@ fn sigterm_and_ctrl_c_reach_the_service_which_shuts_down_cleanly() {
         assert_eq!(json["unmatched_frees"], 0, "{name}: {json}");
     }
 }
+
+/// `exit` while other threads are still allocating: the capture is finished cleanly, every
+/// event before the end is in it, and nothing is half-written.
+#[test]
+fn exit_with_threads_still_allocating_finishes_the_capture() {
+    let work = Work::new("stress_running");
+    let (_, cap) = stress(&work, "running", &[]);
+    let (bytes, count) = allocated_by(&cap, "stress_alloc");
+    assert!(count > 100 && bytes > 0, "{count} {bytes}");
+    assert_eq!(summary_json(&cap)["end_reason"], "exit");
+}
