@@ -153,11 +153,13 @@ enum Cmd {
     },
     /// Export a view for other tools.
     #[command(
-        after_help = "EXAMPLES:\n    memtrack export svc.cap --format folded > peak.folded     # for flamegraph.pl, speedscope\n    memtrack export svc.cap --format folded --leaks -o leaks.folded"
+        after_help = "EXAMPLES:\n    memtrack export svc.cap --format folded > peak.folded     # for flamegraph.pl, speedscope\n    memtrack export svc.cap --format folded --leaks -o leaks.folded\n    memtrack export svc.cap --format pprof -o heap.pb.gz      # go tool pprof, Pyroscope, Parca\n    memtrack export svc.cap --format json --leaks > leaks.json"
     )]
     Export {
         file: PathBuf,
-        /// Output format: `folded` (`root;...;leaf bytes`, one line per stack).
+        /// Output format: `folded` (`root;...;leaf bytes`, one line per stack); `pprof` (gzipped
+        /// profile.proto with Go heap-profile sample types; in use = the view, peak by default);
+        /// `json` (the view's totals and stacks, frames outermost first).
         #[arg(long, value_enum)]
         format: ExportFormat,
         #[command(flatten)]
@@ -165,6 +167,33 @@ enum Cmd {
         /// Output file, `-` for standard output [default: -].
         #[arg(short, long, value_name = "OUT")]
         output: Option<PathBuf>,
+    },
+    /// Compare a view of two captures: what grew, what shrank (differential flamegraph, table,
+    /// folded), and fail when the total grew too much.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack diff base.cap new.cap                       # base-vs-new-peak.svg: red grew, blue shrank\n    memtrack diff base.cap new.cap --leaks --format table\n    memtrack diff base.cap new.cap --fail-on-growth 5%   # CI: exit 1 when the peak grew more than 5%\n    memtrack diff base.cap new.cap --fail-on-growth 1MiB"
+    )]
+    Diff {
+        /// The baseline capture.
+        base: PathBuf,
+        /// The capture to compare with it.
+        new: PathBuf,
+        #[command(flatten)]
+        view: ViewArgs,
+        /// `svg` (differential flamegraph), `table` (locations whose bytes changed most),
+        /// `folded` (`stack before after` lines), `json`.
+        #[arg(long, value_enum, default_value = "svg")]
+        format: DiffFormat,
+        /// Output file [default: <base>-vs-<new>-<view>.svg for svg, standard output otherwise].
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+        /// Exit 1 when the view's total grew by more than this: a percentage of the base's total
+        /// (`5%`) or a size (`1MiB`).
+        #[arg(long, value_name = "PERCENT|SIZE", value_parser = parse_growth)]
+        fail_on_growth: Option<Growth>,
+        /// Rows of the table.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
     },
     /// Print every record and event in order (for debugging captures).
     #[command(hide = true)]
@@ -203,6 +232,36 @@ impl ViewArgs {
 #[derive(clap::ValueEnum, Clone, Copy)]
 enum ExportFormat {
     Folded,
+    Pprof,
+    Json,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+enum DiffFormat {
+    Svg,
+    Table,
+    Folded,
+    Json,
+}
+
+/// A growth limit of `diff --fail-on-growth`.
+#[derive(Clone, Copy, Debug)]
+enum Growth {
+    Percent(f64),
+    Bytes(u64),
+}
+
+fn parse_growth(s: &str) -> std::result::Result<Growth, String> {
+    if let Some(p) = s.trim().strip_suffix('%') {
+        return p
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .map(Growth::Percent)
+            .ok_or_else(|| format!("bad percentage {s:?} (expected e.g. 5%)"));
+    }
+    parse_size(s).map(Growth::Bytes)
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
@@ -390,10 +449,27 @@ fn main() -> ExitCode {
         } => cmd_flamegraph(&file, view.view(), inverted, output).map(|()| 0),
         Cmd::Export {
             file,
-            format: ExportFormat::Folded,
+            format,
             view,
             output,
-        } => cmd_export(&file, view.view(), output).map(|()| 0),
+        } => cmd_export(&file, format, view.view(), output).map(|()| 0),
+        Cmd::Diff {
+            base,
+            new,
+            view,
+            format,
+            output,
+            fail_on_growth,
+            top,
+        } => cmd_diff(
+            &base,
+            &new,
+            view.view(),
+            format,
+            output,
+            fail_on_growth,
+            top,
+        ),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -804,19 +880,258 @@ fn folded_view(file: &Path, view: View) -> Result<FoldedView> {
     Ok(FoldedView { cap, lines, total })
 }
 
-fn cmd_export(file: &Path, view: View, output: Option<PathBuf>) -> Result<()> {
+/// Writes `bytes` to `output`, or to standard output when it is absent or `-`.
+fn write_out(output: Option<&Path>, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let fv = folded_view(file, view)?;
-    let mut text = String::new();
-    for (path, bytes) in &fv.lines {
-        text.push_str(&format!("{path} {bytes}\n"));
-    }
     match output.filter(|o| o.as_os_str() != "-") {
         Some(o) => {
-            std::fs::write(&o, text).with_context(|| format!("cannot write {}", o.display()))?
+            std::fs::write(o, bytes).with_context(|| format!("cannot write {}", o.display()))
         }
-        None => std::io::stdout().lock().write_all(text.as_bytes())?,
+        None => Ok(std::io::stdout().lock().write_all(bytes)?),
     }
+}
+
+fn cmd_export(
+    file: &Path,
+    format: ExportFormat,
+    view: View,
+    output: Option<PathBuf>,
+) -> Result<()> {
+    let bytes = match format {
+        ExportFormat::Folded => {
+            let fv = folded_view(file, view)?;
+            let mut text = String::new();
+            for (path, bytes) in &fv.lines {
+                text.push_str(&format!("{path} {bytes}\n"));
+            }
+            text.into_bytes()
+        }
+        ExportFormat::Pprof => {
+            let cap = Capture::open(file)?;
+            let mut sym = Symbolizer::new(&cap);
+            let gz = memtrack_reader::pprof::profile_gz(&cap, view, &mut sym)?;
+            for w in &sym.warnings {
+                eprintln!("memtrack: warning: {w}");
+            }
+            gz
+        }
+        ExportFormat::Json => {
+            let cap = Capture::open(file)?;
+            let mut sym = Symbolizer::new(&cap);
+            let v = memtrack_reader::export_view(&cap, view, &mut sym);
+            for w in &sym.warnings {
+                eprintln!("memtrack: warning: {w}");
+            }
+            let mut text = serde_json::to_string_pretty(&v)?;
+            text.push('\n');
+            text.into_bytes()
+        }
+    };
+    write_out(output.as_deref(), &bytes)
+}
+
+fn cmd_diff(
+    base: &Path,
+    new: &Path,
+    view: View,
+    format: DiffFormat,
+    output: Option<PathBuf>,
+    limit: Option<Growth>,
+    top: usize,
+) -> Result<u8> {
+    let (cb, cn) = (Capture::open(base)?, Capture::open(new)?);
+    let d = memtrack_reader::diff(&cb, &cn, view);
+    for w in &d.warnings {
+        eprintln!("memtrack: warning: {w}");
+    }
+    match format {
+        DiffFormat::Svg => {
+            let out = output.unwrap_or_else(|| {
+                let stem = |p: &Path| {
+                    p.file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| "capture".into())
+                };
+                new.with_file_name(format!(
+                    "{}-vs-{}-{}.svg",
+                    stem(base),
+                    stem(new),
+                    view.name()
+                ))
+            });
+            write_diff_svg(&d, view, base, new, &out)?;
+            eprintln!(
+                "memtrack: differential flamegraph written to {}",
+                out.display()
+            );
+        }
+        DiffFormat::Folded => {
+            let mut text = String::new();
+            for s in &d.stacks {
+                text.push_str(&format!("{} {} {}\n", s.stack, s.before, s.after));
+            }
+            write_out(output.as_deref(), text.as_bytes())?;
+        }
+        DiffFormat::Json => {
+            let mut text = serde_json::to_string_pretty(&d)?;
+            text.push('\n');
+            write_out(output.as_deref(), text.as_bytes())?;
+        }
+        DiffFormat::Table => {
+            let mut text = format!(
+                "memtrack diff of {}: {} -> {} ({}{})\n{:>12} {:>12} {:>13} {:>8}  Location\n",
+                view_words(view),
+                human_bytes(d.before_bytes),
+                human_bytes(d.after_bytes),
+                signed_bytes(d.growth()),
+                d.growth_percent()
+                    .map(|p| format!(", {p:+.1}%"))
+                    .unwrap_or_default(),
+                "Before",
+                "After",
+                "Delta",
+                "%"
+            );
+            for r in d.locations.iter().filter(|r| r.delta != 0).take(top) {
+                let location = match (&r.file, r.line) {
+                    (Some(f), Some(l)) => format!(
+                        "{} ({}:{l})",
+                        r.function,
+                        Path::new(f)
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default()
+                    ),
+                    _ => r.function.clone(),
+                };
+                text.push_str(&format!(
+                    "{:>12} {:>12} {:>13} {:>8}  {location}\n",
+                    human_bytes(r.before),
+                    human_bytes(r.after),
+                    signed_bytes(r.delta),
+                    r.percent
+                        .map(|p| format!("{p:+.1}%"))
+                        .unwrap_or_else(|| "new".into())
+                ));
+            }
+            write_out(output.as_deref(), text.as_bytes())?;
+        }
+    }
+    let Some(limit) = limit else { return Ok(0) };
+    let (exceeded, said) = match limit {
+        Growth::Percent(p) => (
+            match d.growth_percent() {
+                Some(g) => g > p,
+                None => d.after_bytes > 0,
+            },
+            format!("{p}%"),
+        ),
+        Growth::Bytes(b) => (d.growth() > b as i64, bytes(b)),
+    };
+    let grew = format!(
+        "{}{}",
+        signed_bytes(d.growth()),
+        d.growth_percent()
+            .map(|p| format!(" ({p:+.1}%)"))
+            .unwrap_or_default()
+    );
+    if !exceeded {
+        eprintln!(
+            "memtrack: {} grew by {grew}: within {said}",
+            view_words(view)
+        );
+        return Ok(0);
+    }
+    eprintln!(
+        "memtrack: {} grew by {grew}, more than {said}; the stacks that grew most:",
+        view_words(view)
+    );
+    for s in d.grown(3) {
+        eprintln!(
+            "  {} ({} -> {})\n    {}",
+            signed_bytes(s.after as i64 - s.before as i64),
+            human_bytes(s.before),
+            human_bytes(s.after),
+            s.stack
+                .split(';')
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n    <- ")
+        );
+    }
+    Ok(1)
+}
+
+/// An SVG that shows `title` and `note`: inferno refuses to draw a profile without counts.
+fn empty_svg(w: &mut impl std::io::Write, title: &str, note: &str) -> std::io::Result<()> {
+    let esc = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;");
+    write!(
+        w,
+        "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1200\" height=\"80\" font-family=\"Verdana, sans-serif\"><text x=\"600\" y=\"30\" text-anchor=\"middle\" font-size=\"16\">{}</text><text x=\"600\" y=\"60\" text-anchor=\"middle\" font-size=\"13\">{}</text></svg>\n",
+        esc(title),
+        esc(note)
+    )
+}
+
+fn signed_bytes(n: i64) -> String {
+    if n < 0 {
+        format!("-{}", human_bytes(n.unsigned_abs()))
+    } else {
+        format!("+{}", human_bytes(n as u64))
+    }
+}
+
+/// inferno's differential flamegraph: widths are the new capture's bytes; red grew, blue shrank.
+fn write_diff_svg(
+    d: &memtrack_reader::Diff,
+    view: View,
+    base: &Path,
+    new: &Path,
+    out: &Path,
+) -> Result<()> {
+    let fold = |after: bool| {
+        let mut t = String::new();
+        for s in &d.stacks {
+            let n = if after { s.after } else { s.before };
+            if n > 0 {
+                t.push_str(&format!("{} {n}\n", s.stack));
+            }
+        }
+        t
+    };
+    let (before, after) = (fold(false), fold(true));
+    let mut lines = Vec::new();
+    inferno::differential::from_readers(
+        inferno::differential::Options::default(),
+        before.as_bytes(),
+        after.as_bytes(),
+        &mut lines,
+    )?;
+    let lines = String::from_utf8_lossy(&lines).into_owned();
+    let mut opts = inferno::flamegraph::Options::default();
+    opts.title = format!(
+        "memtrack diff: {}, {} -> {} ({} vs {})",
+        view_words(view),
+        human_bytes(d.before_bytes),
+        human_bytes(d.after_bytes),
+        new.display(),
+        base.display()
+    );
+    opts.count_name = "bytes".into();
+    opts.name_type = "Function:".into();
+    let f =
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut w = std::io::BufWriter::new(f);
+    if lines.trim().is_empty() || d.after_bytes == 0 {
+        empty_svg(
+            &mut w,
+            &opts.title,
+            "no allocations in this view of the new capture",
+        )?;
+        return Ok(());
+    }
+    inferno::flamegraph::from_lines(&mut opts, lines.lines(), &mut w)
+        .map_err(|e| anyhow::anyhow!("cannot draw the flamegraph: {e}"))?;
     Ok(())
 }
 
@@ -844,13 +1159,8 @@ fn cmd_flamegraph(file: &Path, view: View, inverted: bool, output: Option<PathBu
     let mut w = std::io::BufWriter::new(f);
     if text.is_empty() {
         // inferno refuses a profile without counts: say so in an SVG of our own.
-        use std::io::Write;
-        let title = opts.title.replace('&', "&amp;").replace('<', "&lt;");
-        write!(
-            w,
-            "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1200\" height=\"80\" font-family=\"Verdana, sans-serif\"><text x=\"600\" y=\"30\" text-anchor=\"middle\" font-size=\"16\">{title}</text><text x=\"600\" y=\"60\" text-anchor=\"middle\" font-size=\"13\">no allocations in this view</text></svg>\n"
-        )
-        .with_context(|| format!("cannot write {}", out.display()))?;
+        empty_svg(&mut w, &opts.title, "no allocations in this view")
+            .with_context(|| format!("cannot write {}", out.display()))?;
     } else {
         inferno::flamegraph::from_lines(&mut opts, text.iter().map(String::as_str), &mut w)
             .map_err(|e| anyhow::anyhow!("cannot draw the flamegraph: {e}"))?;

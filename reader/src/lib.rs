@@ -18,8 +18,10 @@
 
 mod capture;
 mod check;
+mod diff;
 mod family;
 mod plot;
+pub mod pprof;
 mod replay;
 mod stacks;
 mod stats;
@@ -29,6 +31,7 @@ mod views;
 
 pub use capture::{Capture, ChunkRef, Event, EventKind, ReadError, Warning};
 pub use check::{Budget, Contributor, LimitResult};
+pub use diff::{diff, Diff, DiffRow, DiffStack};
 pub use family::{child_captures, ChildCapture};
 pub use memtrack_format::chunk::Compact;
 pub use memtrack_format::{AllocKind, EndReason, Header, Module, ModulesRecord};
@@ -38,7 +41,10 @@ pub use stacks::StackTable;
 pub use stats::{Bucket, KindStat, Stats};
 pub use symbols::{stack_frames, Frame, Symbolizer};
 pub use tree::{call_tree, render_tree, TreeNode};
-pub use views::{folded, table, top_locations, GroupBy, TableRow, View, ViewSites};
+pub use views::{
+    export_view, folded, table, top_locations, ExportedStack, ExportedView, GroupBy, TableRow,
+    View, ViewSites,
+};
 
 /// `1234567` -> `1,234,567`.
 pub fn grouped(n: u64) -> String {

@@ -1,0 +1,141 @@
+//! Comparing a view of two captures: what grew and what shrank, by stack and by allocating
+//! location. Stacks are matched by their symbolized frames (function names), never by
+//! addresses: two runs load their code at different addresses.
+
+use crate::views::{folded, table, GroupBy, TableRow, View};
+use crate::{Capture, Symbolizer};
+use std::collections::BTreeMap;
+
+/// One stack (folded, root first) with its bytes in the base and the new capture.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DiffStack {
+    pub stack: String,
+    pub before: u64,
+    pub after: u64,
+}
+
+/// One allocating location (function and file:line) in both captures.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct DiffRow {
+    pub function: String,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub before: u64,
+    pub after: u64,
+    /// `after - before`.
+    pub delta: i64,
+    /// The change relative to `before` (None when `before` is 0).
+    pub percent: Option<f64>,
+}
+
+/// The comparison of one view of two captures.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Diff {
+    pub view: &'static str,
+    pub before_bytes: u64,
+    pub after_bytes: u64,
+    pub before_allocations: u64,
+    pub after_allocations: u64,
+    /// Every stack of either capture, largest change first.
+    pub stacks: Vec<DiffStack>,
+    /// Allocating locations, largest change first.
+    pub locations: Vec<DiffRow>,
+    /// Warnings of the symbolizers (stale binaries, missing files).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
+}
+
+impl Diff {
+    /// Growth of the view's total, in bytes (negative when it shrank).
+    pub fn growth(&self) -> i64 {
+        self.after_bytes as i64 - self.before_bytes as i64
+    }
+
+    /// Growth relative to the base's total, in percent (None when the base's total is 0).
+    pub fn growth_percent(&self) -> Option<f64> {
+        (self.before_bytes > 0).then(|| self.growth() as f64 * 100.0 / self.before_bytes as f64)
+    }
+
+    /// The stacks that grew most, largest growth first.
+    pub fn grown(&self, n: usize) -> Vec<&DiffStack> {
+        let mut v: Vec<&DiffStack> = self.stacks.iter().filter(|s| s.after > s.before).collect();
+        v.sort_by(|a, b| {
+            (b.after - b.before)
+                .cmp(&(a.after - a.before))
+                .then(a.stack.cmp(&b.stack))
+        });
+        v.truncate(n);
+        v
+    }
+}
+
+/// Function, file and line of an allocating location.
+type LocationKey = (String, Option<String>, Option<u32>);
+
+fn change(before: u64, after: u64) -> u64 {
+    before.abs_diff(after)
+}
+
+/// Compares `view` of `base` and `new`.
+pub fn diff(base: &Capture, new: &Capture, view: View) -> Diff {
+    let (vb, vn) = (base.view(view), new.view(view));
+    let (mut sb, mut sn) = (Symbolizer::new(base), Symbolizer::new(new));
+    let mut stacks: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (s, b) in folded(&vb, &mut sb) {
+        stacks.entry(s).or_default().0 += b;
+    }
+    for (s, b) in folded(&vn, &mut sn) {
+        stacks.entry(s).or_default().1 += b;
+    }
+    let mut stacks: Vec<DiffStack> = stacks
+        .into_iter()
+        .map(|(stack, (before, after))| DiffStack {
+            stack,
+            before,
+            after,
+        })
+        .collect();
+    stacks.sort_by(|a, b| {
+        change(b.before, b.after)
+            .cmp(&change(a.before, a.after))
+            .then(a.stack.cmp(&b.stack))
+    });
+
+    let key = |r: &TableRow| (r.function.clone(), r.file.clone(), r.line);
+    let mut rows: BTreeMap<LocationKey, (u64, u64)> = BTreeMap::new();
+    for r in table(&vb, &mut sb, GroupBy::Line) {
+        rows.entry(key(&r)).or_default().0 += r.total_bytes;
+    }
+    for r in table(&vn, &mut sn, GroupBy::Line) {
+        rows.entry(key(&r)).or_default().1 += r.total_bytes;
+    }
+    let mut locations: Vec<DiffRow> = rows
+        .into_iter()
+        .map(|((function, file, line), (before, after))| DiffRow {
+            function,
+            file,
+            line,
+            before,
+            after,
+            delta: after as i64 - before as i64,
+            percent: (before > 0).then(|| (after as f64 - before as f64) * 100.0 / before as f64),
+        })
+        .collect();
+    locations.sort_by(|a, b| {
+        change(b.before, b.after)
+            .cmp(&change(a.before, a.after))
+            .then(a.function.cmp(&b.function))
+    });
+    let mut warnings = sb.warnings.clone();
+    warnings.extend(sn.warnings.iter().cloned());
+    Diff {
+        view: view.name(),
+        before_bytes: vb.bytes,
+        after_bytes: vn.bytes,
+        before_allocations: vb.allocations,
+        after_allocations: vn.allocations,
+        stacks,
+        locations,
+        warnings,
+    }
+}
