@@ -19,6 +19,8 @@ EXAMPLES:
     memtrack summary svc.cap --json | jq .peak_bytes
     memtrack flamegraph svc.cap -o peak.svg
     memtrack export svc.cap --format folded --leaks -o leaks.folded
+    memtrack export svc.cap --format pprof -o heap.pb.gz
+    memtrack diff base.cap svc.cap --fail-on-growth 5%
 
 EXIT CODES:
     run: the command's own exit code (128+N when it was killed by signal N)
