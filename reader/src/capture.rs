@@ -60,6 +60,8 @@ pub struct Capture {
     pub header: Header,
     pub chunks: Vec<ChunkRef>,
     pub modules: Vec<ModulesRecord>,
+    /// Python code objects met in stacks (`PYCODE` records), by id.
+    pub pycode: std::sync::Arc<std::collections::HashMap<u32, memtrack_format::PyCodeRecord>>,
     pub end: Option<EndRecord>,
     pub warnings: Vec<Warning>,
     /// Number of distinct threads with events.
@@ -135,6 +137,7 @@ impl Capture {
             header,
             chunks: Vec::new(),
             modules: Vec::new(),
+            pycode: Default::default(),
             end: None,
             warnings: Vec::new(),
             threads: 0,
@@ -169,6 +172,7 @@ impl Capture {
             buf
         };
         let mut tids = std::collections::HashSet::new();
+        let mut pycode = std::collections::HashMap::new();
         while off < len {
             let head = read(off, 64);
             let torn = |w: &mut Vec<Warning>| w.push(Warning::TornTail { offset: off as u64 });
@@ -240,11 +244,21 @@ impl Capture {
                         },
                     }
                 }
+                record::PYCODE => {
+                    let payload = read(payload_off, plen as usize);
+                    match memtrack_format::PyCodeRecord::decode(&payload) {
+                        Ok(p) => {
+                            pycode.insert(p.id, p);
+                        }
+                        Err(e) => self.warnings.push(bad(e)),
+                    }
+                }
                 _ => {} // a record type from a newer writer: skipped
             }
             off = end;
         }
         self.threads = tids.len();
+        self.pycode = std::sync::Arc::new(pycode);
         // Stable: chunks of one thread never overlap in sequence numbers.
         self.chunks.sort_by_key(|c| c.header.base_seq);
         self.min_offset_from = vec![usize::MAX; self.chunks.len()];

@@ -6,7 +6,7 @@
 use crate::capture::Capture;
 use crate::stacks::StackTable;
 use memtrack_format::hash::FastMap;
-use memtrack_format::Module;
+use memtrack_format::{pyframe, Module};
 use object::Object;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +48,9 @@ struct Loaded {
 pub struct Symbolizer {
     modules: Vec<Loaded>,
     cache: FastMap<u64, Arc<[Frame]>>,
+    pycode: Arc<std::collections::HashMap<u32, memtrack_format::PyCodeRecord>>,
+    /// Stacks keep only their Python frames (`--python-only`).
+    pub python_only: bool,
     /// Things the user should know once (a binary that changed since the capture, say).
     pub warnings: Vec<String>,
 }
@@ -98,6 +101,8 @@ impl Symbolizer {
         Symbolizer {
             modules,
             cache: FastMap::default(),
+            pycode: cap.pycode.clone(),
+            python_only: false,
             warnings: Vec::new(),
         }
     }
@@ -113,6 +118,21 @@ impl Symbolizer {
     }
 
     fn resolve(&mut self, addr: u64) -> Vec<Frame> {
+        if pyframe::is_python(addr) {
+            let (id, lasti, _) = pyframe::decode(addr);
+            return vec![match self.pycode.get(&id) {
+                Some(c) => Frame {
+                    function: c.qualname.clone(),
+                    file: Some(c.filename.clone()),
+                    line: c.line_of(lasti),
+                },
+                None => Frame {
+                    function: format!("[python code {id}]"),
+                    file: None,
+                    line: None,
+                },
+            }];
+        }
         let Some(i) = self
             .modules
             .iter()
@@ -265,9 +285,70 @@ fn separate_debug_file(path: &Path, build_id: &[u8], obj: &object::File<'_>) -> 
 
 /// A stack as symbolized frames, outermost first.
 pub fn stack_frames(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Vec<Frame> {
+    let addrs = stacks.frames(stack);
+    // Leaf first: the Python frames (if any) come before the native ones.
+    let n_py = addrs.iter().take_while(|&&a| pyframe::is_python(a)).count();
     let mut out = Vec::new();
-    for addr in stacks.frames(stack).into_iter().rev() {
-        out.extend(sym.frames(addr).iter().cloned());
+    if n_py == 0 {
+        if sym.python_only {
+            return out;
+        }
+        for &addr in addrs.iter().rev() {
+            out.extend(sym.frames(addr).iter().cloned());
+        }
+        return out;
+    }
+    // Runs of Python frames, innermost run first: each ends (outwards) at an entry frame, and
+    // is what one `_PyEval_EvalFrameDefault` call on the native stack was running.
+    let mut runs: Vec<Vec<u64>> = vec![Vec::new()];
+    for &a in &addrs[..n_py] {
+        runs.last_mut().unwrap().push(a);
+        if pyframe::decode(a).2 {
+            runs.push(Vec::new());
+        }
+    }
+    runs.retain(|r| !r.is_empty());
+    let python = |sym: &mut Symbolizer, run: &[u64], out: &mut Vec<Frame>| {
+        for &a in run.iter().rev() {
+            out.extend(sym.frames(a).iter().cloned());
+        }
+    };
+    if sym.python_only {
+        for run in runs.iter().rev() {
+            python(sym, run, &mut out);
+        }
+        return out;
+    }
+    // Which native frames are evaluation loops, innermost first.
+    let native = &addrs[n_py..];
+    let mut per_addr: Vec<Arc<[Frame]>> = native.iter().map(|&a| sym.frames(a)).collect();
+    per_addr.reverse(); // outermost first
+    let evals = per_addr
+        .iter()
+        .flat_map(|fs| fs.iter())
+        .filter(|f| f.function == EVAL_LOOP)
+        .count();
+    // The innermost loop ran the innermost run, and so on outwards. Runs beyond the loops seen
+    // (the native stack was cut short at its root) go at the root end.
+    for run in runs.iter().skip(evals).rev() {
+        python(sym, run, &mut out);
+    }
+    let mut eval_seen = 0;
+    for fs in &per_addr {
+        for f in fs.iter() {
+            if f.function == EVAL_LOOP {
+                let k = evals - 1 - eval_seen;
+                eval_seen += 1;
+                if let Some(run) = runs.get(k) {
+                    python(sym, run, &mut out);
+                    continue;
+                }
+            }
+            out.push(f.clone());
+        }
     }
     out
 }
+
+/// CPython's evaluation loop: its native frames are replaced by the Python frames it ran.
+const EVAL_LOOP: &str = "_PyEval_EvalFrameDefault";

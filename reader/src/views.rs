@@ -264,6 +264,15 @@ pub(crate) fn is_allocator_wrapper(f: &crate::Frame) -> bool {
     matches!(bare, "strdup" | "strndup" | "wcsdup")
 }
 
+/// The innermost Python frame of a stack, when it has any.
+fn python_allocator(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Option<crate::Frame> {
+    // Python frames come first, leaf side.
+    let first = *stacks.frames(stack).first()?;
+    memtrack_format::pyframe::is_python(first)
+        .then(|| sym.frames(first).last().cloned())
+        .flatten()
+}
+
 /// `function (file:line)`, or the function alone when the location is unknown.
 pub(crate) fn describe(f: &crate::Frame) -> String {
     match f.location() {
@@ -277,13 +286,18 @@ pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> 
     let mut rows = Rows::default();
     for site in &v.sites {
         let frames = stack_frames(sym, &v.stacks, site.stack);
-        // The allocating frame: innermost, past operator new / new[] wrappers.
-        let alloc = frames
-            .iter()
-            .rev()
-            .find(|f| !is_allocator_wrapper(f))
-            .or(frames.last())
-            .cloned()
+        // The allocating frame: the innermost Python frame when the interpreter was running
+        // (the native frames below it are the interpreter's or an extension's); else the
+        // innermost frame past operator new / new[] wrappers.
+        let alloc = python_allocator(sym, &v.stacks, site.stack)
+            .or_else(|| {
+                frames
+                    .iter()
+                    .rev()
+                    .find(|f| !is_allocator_wrapper(f))
+                    .or(frames.last())
+                    .cloned()
+            })
             .unwrap_or(crate::Frame {
                 function: "[unknown]".into(),
                 file: None,
@@ -310,8 +324,8 @@ pub fn top_locations(v: &ViewSites, sym: &mut Symbolizer, n: usize) -> Vec<Table
         let addrs = v.stacks.frames(site.stack);
         // Innermost first; inlined frames of one address come outermost first, so look from the
         // back of each address's list.
-        let mut alloc: Option<crate::Frame> = None;
-        'find: for a in &addrs {
+        let mut alloc: Option<crate::Frame> = python_allocator(sym, &v.stacks, site.stack);
+        'find: for a in addrs.iter().filter(|_| alloc.is_none()) {
             for f in sym.frames(*a).iter().rev() {
                 if !is_allocator_wrapper(f) {
                     alloc = Some(f.clone());

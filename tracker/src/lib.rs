@@ -30,6 +30,7 @@ mod global;
 mod guard;
 pub mod interpose;
 mod mapbuf;
+mod python;
 mod recorder;
 mod stacks;
 pub mod unwind;

@@ -2,7 +2,8 @@
 
 use crate::guard::{IgnoreAllocs, SaveErrno};
 use crate::mapbuf::MapBuf;
-use crate::stacks::Trie;
+use crate::python;
+use crate::stacks::{FastMap, Trie};
 use crate::unwind::{self, Caller, LoadedModule, Skip, Unw, UnwCache, MAX_FRAMES};
 use crate::walker::Walker;
 use crate::writer::{self, Msg};
@@ -42,6 +43,9 @@ pub fn is_recording() -> bool {
     STATE.load(Ordering::Acquire) == ACTIVE
 }
 
+/// Python code objects: address -> (id, identity fields).
+type CodeIds = FastMap<usize, (u32, (usize, usize))>;
+
 pub(crate) struct Recorder {
     fd: i32,
     /// (st_dev, st_ino) of the capture: a program that closes every descriptor and opens
@@ -66,6 +70,8 @@ pub(crate) struct Recorder {
     skip: Skip,
     orphan: Mutex<Option<Box<OwnerState>>>,
     thread_key: libc::pthread_key_t,
+    /// Python code objects described so far: address -> (id, identity).
+    pycodes: Mutex<(CodeIds, u32)>,
     /// The capture of the launched process (`%p` expanded): forked children's captures are
     /// named after it (`<root>.<pid>`).
     pub root_path: String,
@@ -318,6 +324,7 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         skip,
         orphan: Mutex::new(None),
         thread_key: key,
+        pycodes: Mutex::new((FastMap::default(), 1)),
         root_path: cfg.root_path,
         follow_fork: cfg.follow_fork,
     };
@@ -377,6 +384,12 @@ extern "C" fn writer_entry(arg: *mut libc::c_void) -> *mut libc::c_void {
     unsafe { libc::pthread_setname_np(libc::pthread_self(), c"memtrack-writer".as_ptr()) };
     // SAFETY: `arg` is the Box made in `start_writer`, handed to this thread alone.
     let rx = unsafe { Box::from_raw(arg as *mut Receiver<Msg>) };
+    // Symbol lookups that may fail are made here: a failed dlsym leaves a malloc'd message in
+    // the calling thread, which that thread's next dl* call frees; in a program thread that
+    // free would be recorded without its allocation. Every library of the program is loaded
+    // by now (the writer starts from the library constructor): is it a Python interpreter?
+    let _ = dl_find_object();
+    crate::python::detect();
     if let Some(rec) = recorder() {
         writer::run(rec, *rx);
     }
@@ -506,6 +519,9 @@ pub(crate) struct OwnerState {
     walker: Walker,
     stack_hi: u64,
     new_nodes: Vec<(u32, u32, u64)>,
+    /// Python code objects this thread has met: address -> (id, identity).
+    py_codes: CodeIds,
+    py_frames: Vec<python::PyFrame>,
 }
 
 impl OwnerState {
@@ -519,12 +535,87 @@ impl OwnerState {
             walker: Walker::new(),
             stack_hi: unwind::current_stack_top(),
             new_nodes: Vec::new(),
+            py_codes: FastMap::default(),
+            py_frames: Vec::new(),
         }
+    }
+
+    /// The stack of an allocation: native frames, then (in a Python process) the Python frames
+    /// the thread was running.
+    fn stack_id(&mut self, rec: &Recorder, caller: Origin) -> u32 {
+        let id = self.native_stack_id(rec, caller);
+        if !python::enabled() {
+            return id;
+        }
+        self.python_frames(rec, id)
+    }
+
+    /// Interns the thread's Python frames (outermost first) under the native stack `native`.
+    fn python_frames(&mut self, rec: &Recorder, native: u32) -> u32 {
+        if self.py_frames.is_empty() {
+            self.py_frames = vec![python::PyFrame::default(); python::MAX_PY_FRAMES];
+        }
+        let n = python::read_frames(&mut self.py_frames);
+        let mut node = native;
+        for i in (0..n).rev() {
+            let f = self.py_frames[i];
+            let id = self.code_id(rec, f.code);
+            let new_nodes = &mut self.new_nodes;
+            let mut intern = |parent: u32, ip: u64| {
+                let _errno = SaveErrno::new();
+                match rec.trie.lock() {
+                    Ok(mut t) => t.intern_node(parent, ip, new_nodes),
+                    Err(_) => 0,
+                }
+            };
+            node = self
+                .walker
+                .child(node, python::frame_ip(&f, id), &mut intern);
+        }
+        node
+    }
+
+    /// The id of a code object, described in a `PYCODE` record the first time it is met (or
+    /// when another code object has since taken its address).
+    fn code_id(&mut self, rec: &Recorder, code: usize) -> u32 {
+        let identity = python::code_identity(code);
+        if let Some(&(id, known)) = self.py_codes.get(&code) {
+            if known == identity {
+                return id;
+            }
+        }
+        let _errno = SaveErrno::new();
+        let (id, new) = match rec.pycodes.lock() {
+            Ok(mut g) => match g.0.get(&code) {
+                Some(&(id, known)) if known == identity => (id, false),
+                _ => {
+                    let id = g.1;
+                    g.1 += 1;
+                    g.0.insert(code, (id, identity));
+                    (id, true)
+                }
+            },
+            Err(_) => return 0,
+        };
+        if new {
+            let mut framed = Vec::new();
+            memtrack_format::put_record(
+                &mut framed,
+                record::PYCODE,
+                &python::describe(code, id).encode(),
+            );
+            rec.send_raw(framed);
+        }
+        if self.py_codes.len() >= 1 << 16 {
+            self.py_codes.clear();
+        }
+        self.py_codes.insert(code, (id, identity));
+        id
     }
 
     /// Unwinds the stack (from `caller` when the hook captured it, else from here, dropping the
     /// tracker's own frames) and interns it; new trie nodes land in `self.new_nodes`.
-    fn stack_id(&mut self, rec: &Recorder, caller: Origin) -> u32 {
+    fn native_stack_id(&mut self, rec: &Recorder, caller: Origin) -> u32 {
         let gen = rec.unw_gen.load(Ordering::Acquire);
         if gen != self.unw_gen {
             let _errno = SaveErrno::new();
@@ -621,7 +712,14 @@ fn dl_find_object() -> Option<DlFindObjectFn> {
     static F: OnceLock<usize> = OnceLock::new();
     let f = *F.get_or_init(|| {
         // SAFETY: dlsym with a NUL-terminated name; RTLD_DEFAULT searches the global scope.
-        unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"_dl_find_object".as_ptr()) as usize }
+        // A failed lookup's dlerror() message is taken, so the program never sees it.
+        unsafe {
+            let f = libc::dlsym(libc::RTLD_DEFAULT, c"_dl_find_object".as_ptr()) as usize;
+            if f == 0 {
+                libc::dlerror();
+            }
+            f
+        }
     });
     // SAFETY: a non-null result is the address of `_dl_find_object`, of this signature.
     (f != 0).then(|| unsafe { std::mem::transmute::<usize, DlFindObjectFn>(f) })

@@ -76,6 +76,11 @@ impl Walker {
         self.reads.clear();
     }
 
+    /// The trie node of `ip` under `parent`, through the per-thread cache.
+    pub fn child(&mut self, parent: u32, ip: u64, intern: &mut impl FnMut(u32, u64) -> u32) -> u32 {
+        self.node(parent, ip, intern)
+    }
+
     fn node(&mut self, parent: u32, ip: u64, intern: &mut impl FnMut(u32, u64) -> u32) -> u32 {
         if let Some(&n) = self.nodes.get(&(parent, ip)) {
             return n;
