@@ -31,6 +31,19 @@ EXIT CODES:
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// In reports of Python programs, show only the Python frames of each stack.
+    #[arg(long, global = true)]
+    python_only: bool,
+}
+
+/// `--python-only`, for every report.
+static PYTHON_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The symbolizer of a report, with the command line's options.
+fn symbolizer(cap: &Capture) -> Symbolizer {
+    let mut sym = Symbolizer::new(cap);
+    sym.python_only = PYTHON_ONLY.load(std::sync::atomic::Ordering::Relaxed);
+    sym
 }
 
 #[derive(Subcommand)]
@@ -417,6 +430,7 @@ impl Drop for Progress {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    PYTHON_ONLY.store(cli.python_only, std::sync::atomic::Ordering::Relaxed);
     let result = match cli.cmd {
         Cmd::Run {
             output,
@@ -654,7 +668,7 @@ fn cmd_summary(file: &Path, json: bool) -> Result<()> {
     drop(progress);
     let s = cap.summarize(&r, errors);
     let view = memtrack_reader::ViewSites::new(View::Peak, r.peak_by_stack(), stacks);
-    let mut sym = Symbolizer::new(&cap);
+    let mut sym = symbolizer(&cap);
     let top = memtrack_reader::top_locations(&view, &mut sym, 5);
     for w in &sym.warnings {
         eprintln!("memtrack: warning: {w}");
@@ -873,7 +887,7 @@ fn folded_view(file: &Path, view: View) -> Result<FoldedView> {
     let progress = Progress::start(&cap, false);
     let v = cap.view(view);
     drop(progress);
-    let mut sym = Symbolizer::new(&cap);
+    let mut sym = symbolizer(&cap);
     let lines = folded(&v, &mut sym);
     for w in &sym.warnings {
         eprintln!("memtrack: warning: {w}");
@@ -910,7 +924,7 @@ fn cmd_export(
         }
         ExportFormat::Pprof => {
             let cap = Capture::open(file)?;
-            let mut sym = Symbolizer::new(&cap);
+            let mut sym = symbolizer(&cap);
             let gz = memtrack_reader::pprof::profile_gz(&cap, view, &mut sym)?;
             for w in &sym.warnings {
                 eprintln!("memtrack: warning: {w}");
@@ -919,7 +933,7 @@ fn cmd_export(
         }
         ExportFormat::Json => {
             let cap = Capture::open(file)?;
-            let mut sym = Symbolizer::new(&cap);
+            let mut sym = symbolizer(&cap);
             let v = memtrack_reader::export_view(&cap, view, &mut sym);
             for w in &sym.warnings {
                 eprintln!("memtrack: warning: {w}");
@@ -1188,7 +1202,7 @@ fn cmd_table(file: &Path, view: View, by: By, top: usize, json: bool) -> Result<
     let progress = Progress::start(&cap, json);
     let v = cap.view_with_max(view);
     drop(progress);
-    let mut sym = Symbolizer::new(&cap);
+    let mut sym = symbolizer(&cap);
     let group = match by {
         By::Function => GroupBy::Function,
         By::Line => GroupBy::Line,
@@ -1243,7 +1257,7 @@ fn cmd_stats(file: &Path, json: bool) -> Result<()> {
     let progress = Progress::start(&cap, json);
     let st = cap.stats();
     drop(progress);
-    let mut sym = Symbolizer::new(&cap);
+    let mut sym = symbolizer(&cap);
     let mut by_count = table(&st.allocated, &mut sym, GroupBy::Function);
     let by_bytes: Vec<_> = by_count.iter().take(5).cloned().collect();
     by_count.sort_by(|a, b| {
@@ -1363,7 +1377,7 @@ fn cmd_tree(file: &Path, view: View, depth: usize, min_percent: f64) -> Result<(
     let progress = Progress::start(&cap, false);
     let v = cap.view(view);
     drop(progress);
-    let mut sym = Symbolizer::new(&cap);
+    let mut sym = symbolizer(&cap);
     let tree = call_tree(&v, &mut sym);
     for w in &sym.warnings {
         eprintln!("memtrack: warning: {w}");
@@ -1403,7 +1417,7 @@ fn check_report(
         max_total: limits.max_total,
     };
     let progress = Progress::start(&cap, json);
-    let mut sym = Symbolizer::new(&cap);
+    let mut sym = symbolizer(&cap);
     let results = cap.check(&budget, &mut sym);
     drop(progress);
     for w in &sym.warnings {
