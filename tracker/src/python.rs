@@ -120,7 +120,7 @@ unsafe fn word(addr: usize) -> usize {
 
 /// One Python frame: its code object and last instruction (code units), and whether it began
 /// an evaluation loop of its own.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct PyFrame {
     pub code: usize,
     pub lasti: u32,

@@ -522,6 +522,10 @@ pub(crate) struct OwnerState {
     /// Python code objects this thread has met: address -> (id, identity).
     py_codes: CodeIds,
     py_frames: Vec<python::PyFrame>,
+    /// The previous allocation's Python frames, outermost first, with their trie nodes, under
+    /// native node `py_prev_native`: a new stack shares their common outer part.
+    py_prev: Vec<(python::PyFrame, u32)>,
+    py_prev_native: u32,
 }
 
 impl OwnerState {
@@ -537,6 +541,8 @@ impl OwnerState {
             new_nodes: Vec::new(),
             py_codes: FastMap::default(),
             py_frames: Vec::new(),
+            py_prev: Vec::new(),
+            py_prev_native: 0,
         }
     }
 
@@ -557,7 +563,20 @@ impl OwnerState {
         }
         let n = python::read_frames(&mut self.py_frames);
         let mut node = native;
-        for i in (0..n).rev() {
+        // The outer frames the previous stack had too (same code, instruction and entry flag,
+        // under the same native stack) keep their nodes: only the inner rest is interned.
+        let mut same = 0;
+        if native == self.py_prev_native {
+            while same < n.min(self.py_prev.len())
+                && self.py_prev[same].0 == self.py_frames[n - 1 - same]
+            {
+                node = self.py_prev[same].1;
+                same += 1;
+            }
+        }
+        self.py_prev.truncate(same);
+        self.py_prev_native = native;
+        for i in (0..n - same).rev() {
             let f = self.py_frames[i];
             let id = self.code_id(rec, f.code);
             let new_nodes = &mut self.new_nodes;
@@ -571,6 +590,7 @@ impl OwnerState {
             node = self
                 .walker
                 .child(node, python::frame_ip(&f, id), &mut intern);
+            self.py_prev.push((f, node));
         }
         node
     }
