@@ -30,6 +30,62 @@ def timed(cmd, env=None, cwd=None):
         return wall, int(fields[-1])
 
 
+MEMRAY_VERSION = "1.20.0"
+
+
+def memray_python():
+    """A virtual environment of our own with Memray from PyPI; None when it cannot be made."""
+    venv = os.path.join(ROOT, "target", "bench-venv")
+    py = os.path.join(venv, "bin", "python")
+    if not os.path.exists(os.path.join(venv, "bin", "memray")):
+        try:
+            sh(["python3", "-m", "venv", venv])
+            sh([py, "-m", "pip", "install", "-q", f"memray=={MEMRAY_VERSION}"])
+        except subprocess.CalledProcessError as e:
+            print(f"memray could not be installed ({e}): its columns are left out", file=sys.stderr)
+            return None
+    return py
+
+
+def python_vs_memray(runs, work):
+    """The Python workload under memtrack (Python and native frames) and under Memray, with
+    PYTHONMALLOC=malloc for both so that every object is an allocation each tool sees."""
+    py = memray_python()
+    if py is None:
+        return []
+    script = [os.path.join(ROOT, "bench", "py_alloc.py"), "300000"]
+    env = dict(os.environ, PYTHONMALLOC="malloc")
+    cap = os.path.join(work, "py.cap")
+    mbin = os.path.join(work, "py.memray")
+    t = {"plain": [], "memtrack": [], "memray": [], "memray-native": []}
+    for _ in range(runs):
+        t["plain"].append(timed([py, *script], env)[0])
+        t["memtrack"].append(timed([MEMTRACK, "run", "--force", "-o", cap, "--", py, *script], env)[0])
+        for name, extra in [("memray", []), ("memray-native", ["--native"])]:
+            if os.path.exists(mbin):
+                os.remove(mbin)
+            t[name].append(timed([py, "-m", "memray", "run", *extra, "-q", "-o", mbin, *script], env)[0])
+    msize = os.path.getsize(mbin)
+    mstats = timed([os.path.join(os.path.dirname(py), "memray"), "stats", mbin])[0]
+    summ = timed([MEMTRACK, "summary", cap])[0]
+    plain = median(t["plain"])
+    row = lambda name: f"{median(t[name]):.2f} s ({median(t[name]) / plain:.2f}x)"
+    return [
+        "",
+        f"## Python: memtrack against Memray {MEMRAY_VERSION}",
+        "",
+        "`bench/py_alloc.py 300000` with `PYTHONMALLOC=malloc` (every object through malloc, for both tools), "
+        "in a virtual environment the benchmark makes (`target/bench-venv`). memtrack records Python and "
+        "native frames (as Memray's `--native`); Memray without `--native` records Python frames only.",
+        "",
+        "| | plain | memtrack | Memray `--native` | Memray (Python frames only) |",
+        "|---|---:|---:|---:|---:|",
+        f"| time (ratio) | {plain:.2f} s | {row('memtrack')} | {row('memray-native')} | {row('memray')} |",
+        f"| capture | | {os.path.getsize(cap) / 1e6:.1f} MB | {msize / 1e6:.1f} MB (native) | |",
+        f"| report (`memtrack summary`, `memray stats`) | | {summ:.2f} s | {mstats:.2f} s | |",
+    ]
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -133,6 +189,9 @@ def main():
     rbytes = os.path.getsize(rcap)
     os.remove(rcap)
     counters = (median(plain), median(counted), median(recorded))
+    with tempfile.TemporaryDirectory(prefix="memtrack-bench-py-") as work:
+        print("running python against memray...", file=sys.stderr)
+        memray_lines = python_vs_memray(args.runs, work)
     lines = report(results, args.runs, heaptrack)
     lines += [
         "",
@@ -143,6 +202,7 @@ def main():
         f"| churn in Rust (`tracker/examples/churn_*.rs`, 13.6 M events) | {counters[0]:.2f} s | {counters[1]:.2f} s | {counters[1] / counters[0]:.2f}x "
         f"| {counters[2]:.2f} s | {counters[2] / counters[0]:.2f}x | {rbytes / 1e6:.1f} MB |",
     ]
+    lines += memray_lines
     text = "\n".join(lines) + "\n"
     print(text)
     with open(os.path.join(ROOT, "bench", "RESULTS.md"), "w") as f:
