@@ -525,6 +525,35 @@ fn is_python(cmd: &Path) -> bool {
         .is_some_and(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.'))
 }
 
+/// A Python interpreter, or a script run by one (a console script: `#!/usr/bin/python3`,
+/// `#!/usr/bin/env python3`).
+fn runs_python(cmd: &Path) -> bool {
+    if is_python(cmd) {
+        return true;
+    }
+    let Ok(exe) = launch::resolve(cmd) else {
+        return false;
+    };
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(exe)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .unwrap_or(0);
+    let Some(line) = head[..n].strip_prefix(b"#!") else {
+        return false;
+    };
+    let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+    let words: Vec<&[u8]> = line
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let interp = match words.as_slice() {
+        [env, prog, ..] if env.ends_with(b"/env") => prog,
+        [prog, ..] => prog,
+        [] => return false,
+    };
+    is_python(Path::new(&*String::from_utf8_lossy(interp)))
+}
+
 static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 extern "C" fn forward_signal(sig: libc::c_int) {
@@ -589,7 +618,7 @@ fn cmd_run(
     } else {
         cmd.env_remove("MEMTRACK_FOLLOW_FORK");
     }
-    if is_python(&program) && std::env::var_os("PYTHONMALLOC").is_none() {
+    if runs_python(&program) && std::env::var_os("PYTHONMALLOC").is_none() {
         eprintln!("memtrack: setting PYTHONMALLOC=malloc so that Python objects are allocated through malloc");
         cmd.env("PYTHONMALLOC", "malloc");
     }

@@ -190,3 +190,81 @@ fn threads_and_c_extensions_show_both_python_and_native_frames() {
     assert!(line(13) >= 4 << 20, "{:?}", &rows[..5]);
     assert!(line(14) >= 256 << 10, "{:?}", &rows[..5]);
 }
+
+/// `python3 -m module` and a console script (an executable whose `#!` line names Python) are
+/// traced as `python3 script.py` is: `PYTHONMALLOC=malloc`, Python frames, lines.
+#[test]
+fn python_dash_m_and_console_scripts_are_traced_alike() {
+    if python311().is_none() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let work = Work::new("python_launchers");
+    let src = std::fs::read_to_string(fixtures_dir().join("py_app.py")).unwrap();
+    std::fs::write(work.path("py_app.py"), &src).unwrap();
+    // The console script: the same code, one line lower.
+    let tool = work.path("app-tool");
+    std::fs::write(&tool, format!("#!/usr/bin/env python3\n{src}")).unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (name, cmd, file, line) in [
+        ("m.cap", vec!["python3", "-m", "py_app"], "py_app.py", 13),
+        ("tool.cap", vec!["./app-tool"], "app-tool", 14),
+    ] {
+        let cap = work.path(name);
+        let out = memtrack_ok(|c| {
+            c.arg("run")
+                .arg("-o")
+                .arg(&cap)
+                .arg("--")
+                .args(&cmd)
+                .current_dir(work.dir());
+        });
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("PYTHONMALLOC=malloc"),
+            "{name}"
+        );
+        let peak = rows(&cap, "--peak");
+        let (f, fl, l, bytes) = &peak[0];
+        assert_eq!(
+            (f.as_str(), fl.as_str(), *l),
+            ("checkpoint_notifier", file, line),
+            "{name}: {:?}",
+            &peak[..3]
+        );
+        assert!(*bytes >= (50 << 20) * 99 / 100, "{name}: {bytes}");
+    }
+}
+
+/// An interpreter whose frames memtrack cannot read (here a fake CPython 3.12) still gets
+/// native stacks, with exactly one warning line.
+#[test]
+fn an_unsupported_python_gets_native_stacks_and_one_warning() {
+    let work = Work::new("python_fake");
+    let exe = work.path("fake_python");
+    let out = Command::new("gcc")
+        .args(["-O1", "-g", "-rdynamic", "-o"])
+        .arg(&exe)
+        .arg(fixtures_dir().join("fake_python.c"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t = run_traced_ok(&work, "fake.cap", &exe, &[] as &[&str]);
+    let warnings: Vec<&str> = t
+        .run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("frames are not read"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{}", t.run.stderr);
+    assert!(warnings[0].contains("Python 3.12"), "{}", warnings[0]);
+    let rows = rows(&t.capture, "--allocated");
+    assert!(
+        rows.iter().any(|r| r.0 == "make_buffer" && r.3 == 4321),
+        "{:?}",
+        &rows[..rows.len().min(5)]
+    );
+}
