@@ -225,3 +225,34 @@ fn one_pass_peak_view_equals_a_replay_up_to_the_peak() {
         );
     }
 }
+
+/// A kept capture of a Python program (format 3 with PYCODE records): its figures, and its
+/// Python frames with their files and lines, read the same forever.
+#[test]
+fn a_kept_python_capture_keeps_its_python_frames() {
+    use memtrack_reader::{table, GroupBy, Symbolizer, View};
+    let cap = Capture::open(kept("v3-python.cap")).unwrap();
+    assert_eq!(
+        figures(&cap),
+        Figures {
+            peak_bytes: 1_073_542,
+            peak_allocations: 8431,
+            leaked_bytes: 5484,
+            leaked_allocations: 20,
+            total_allocations: 23_702,
+            total_bytes: 2_619_130,
+            total_frees: 19_791,
+        }
+    );
+    assert!(!cap.pycode.is_empty());
+    let mut sym = Symbolizer::new(&cap);
+    let rows = table(&cap.view(View::Allocated), &mut sym, GroupBy::Line);
+    let hold: Vec<_> = rows.iter().filter(|r| r.function == "hold").collect();
+    assert_eq!(hold.len(), 1, "{hold:?}");
+    // bytearray(100000): the object (56 bytes) and its buffer (100001), on line 3.
+    assert_eq!(
+        (hold[0].line, hold[0].total_bytes, hold[0].count),
+        (Some(3), 100_057, 2)
+    );
+    assert!(hold[0].file.as_deref().unwrap().ends_with("kept_python.py"));
+}
