@@ -151,12 +151,8 @@ pub fn profile(cap: &Capture, inuse: View, sym: &mut Symbolizer) -> Vec<u8> {
     let mut functions: HashMap<(String, Option<String>), u64> = HashMap::new();
     let mut function_msgs: Vec<Msg> = Vec::new();
     for (stack, v) in &stacks {
-        let addrs = live.stacks.frames(*stack);
-        let addrs = if addrs.is_empty() {
-            allocated.stacks.frames(*stack)
-        } else {
-            addrs
-        };
+        // Python frames in place of the interpreter's evaluation loops, leaf first.
+        let addrs = crate::symbols::merged_addrs(sym, &allocated.stacks, *stack);
         let mut ids = Vec::with_capacity(addrs.len());
         for a in addrs {
             if let Some(&id) = locations.get(&a) {
@@ -166,18 +162,28 @@ pub fn profile(cap: &Capture, inuse: View, sym: &mut Symbolizer) -> Vec<u8> {
             let id = location_msgs.len() as u64 + 1;
             let mut loc = Msg::default();
             loc.uint(1, id);
-            loc.uint(2, mapping_of(a));
-            loc.uint(3, a);
+            if !memtrack_format::pyframe::is_python(a) {
+                loc.uint(2, mapping_of(a));
+                loc.uint(3, a);
+            }
             // pprof wants the innermost (inlined) frame first; ours come outermost first.
+            let python = memtrack_format::pyframe::is_python(a);
             for f in sym.frames(a).iter().rev() {
-                let key = (f.function.clone(), f.file.clone());
+                // pprof strips `<...>` from names as C++ template arguments, which would leave
+                // Python's `<module>`, `<listcomp>`, `f.<locals>.g` empty or cut: `(module)`.
+                let name = if python {
+                    f.function.replace('<', "(").replace('>', ")")
+                } else {
+                    f.function.clone()
+                };
+                let key = (name, f.file.clone());
                 let fid = match functions.get(&key) {
                     Some(&fid) => fid,
                     None => {
                         let fid = function_msgs.len() as u64 + 1;
                         let mut fm = Msg::default();
                         fm.uint(1, fid);
-                        let name = strings.id(&f.function);
+                        let name = strings.id(&key.0);
                         fm.uint(2, name);
                         fm.uint(3, name);
                         if let Some(file) = &f.file {

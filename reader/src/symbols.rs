@@ -350,5 +350,41 @@ pub fn stack_frames(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Ve
     out
 }
 
+/// The addresses of a stack, leaf first, with each CPython evaluation loop's address replaced by
+/// the Python frames it ran (as [`stack_frames`] does with frames): for exports that keep
+/// addresses, such as pprof.
+pub fn merged_addrs(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Vec<u64> {
+    let addrs = stacks.frames(stack);
+    let n_py = addrs.iter().take_while(|&&a| pyframe::is_python(a)).count();
+    if n_py == 0 {
+        return addrs;
+    }
+    let mut runs: Vec<Vec<u64>> = vec![Vec::new()];
+    for &a in &addrs[..n_py] {
+        runs.last_mut().unwrap().push(a);
+        if pyframe::decode(a).2 {
+            runs.push(Vec::new());
+        }
+    }
+    runs.retain(|r| !r.is_empty());
+    let mut out = Vec::with_capacity(addrs.len());
+    let mut k = 0;
+    for &a in &addrs[n_py..] {
+        if sym.frames(a).iter().any(|f| f.function == EVAL_LOOP) {
+            if let Some(run) = runs.get(k) {
+                out.extend_from_slice(run);
+                k += 1;
+                continue;
+            }
+        }
+        out.push(a);
+    }
+    // Runs without an evaluation loop on the (cut) native stack: at the root end.
+    for run in runs.iter().skip(k) {
+        out.extend_from_slice(run);
+    }
+    out
+}
+
 /// CPython's evaluation loop: its native frames are replaced by the Python frames it ran.
 const EVAL_LOOP: &str = "_PyEval_EvalFrameDefault";

@@ -148,6 +148,45 @@ fn python_functions_files_and_lines_get_their_bytes() {
         py.iter().all(|(s, _)| !s.contains("PyByteArray")),
         "only Python frames"
     );
+
+    // pprof gets the same hybrid stacks (go tool pprof is installed by CI).
+    let pb = work.path("app.pb.gz");
+    memtrack_ok(|c| {
+        c.arg("export")
+            .arg(&cap)
+            .args(["--format", "pprof", "-o"])
+            .arg(&pb);
+    });
+    if let Ok(out) = Command::new("go")
+        .args(["tool", "pprof", "-traces"])
+        .arg(&pb)
+        .env("HOME", work.dir())
+        .output()
+    {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let trace: Vec<&str> = text
+            .split("-----------+")
+            .find(|t| t.contains("checkpoint_notifier") && t.contains("PyByteArray_Resize"))
+            .expect("the 50 MiB buffer's trace")
+            .lines()
+            .map(|l| {
+                l.split_whitespace()
+                    .rfind(|w| *w != "(inline)")
+                    .unwrap_or("")
+            })
+            .collect();
+        let i = trace
+            .iter()
+            .position(|f| *f == "checkpoint_notifier")
+            .unwrap();
+        assert_eq!(
+            &trace[i..i + 3],
+            ["checkpoint_notifier", "main", "(module)"],
+            "{trace:?}"
+        );
+        assert!(trace[..i].contains(&"PyByteArray_Resize"), "{trace:?}");
+        assert!(!trace.contains(&"_PyEval_EvalFrameDefault"), "{trace:?}");
+    }
 }
 
 #[test]
