@@ -371,8 +371,30 @@ pub fn capture_from(
 /// of one of its locals), found by unwinding from here: the frames in between (the tracker's) are
 /// stepped over. For the tracker linked into a Rust program, where no trampoline hands over the
 /// program's registers. `None` when the walk fails before it gets there.
+/// The previous `caller_above` of a thread: unwinding is a pure function of the starting
+/// registers, the rules and the stack words read, so when all of them repeat, so does the result.
+#[derive(Default)]
+pub struct AboveMemo {
+    key: Option<(u64, u64, u64, u64)>,
+    reads: Vec<(u64, u64)>,
+    result: Option<Caller>,
+}
+
+impl AboveMemo {
+    /// Forgets the previous result (the modules, hence the rules, changed).
+    pub fn invalidate(&mut self) {
+        self.key = None;
+    }
+}
+
 #[inline(never)]
-pub fn caller_above(unw: &Unw, cache: &mut UnwCache, stack_hi: u64, marker: u64) -> Option<Caller> {
+pub fn caller_above(
+    unw: &Unw,
+    cache: &mut UnwCache,
+    memo: &mut AboveMemo,
+    stack_hi: u64,
+    marker: u64,
+) -> Option<Caller> {
     // Start at a call site (here's return into this function), whose unwind rule framehop
     // caches, rather than at an arbitrary instruction, whose rule it evaluates from DWARF on
     // every call.
@@ -387,23 +409,53 @@ pub fn caller_above(unw: &Unw, cache: &mut UnwCache, stack_hi: u64, marker: u64)
     if marker < sp0 || marker >= stack_hi {
         return None;
     }
+    let key = (start.ip, start.sp, start.bp, marker);
+    // SAFETY: each address was read from this thread's live stack, within [sp0, stack_hi), by
+    // the walk that made the memo from the same stack pointer.
+    let same = |reads: &[(u64, u64)]| {
+        reads
+            .iter()
+            .all(|&(a, v)| unsafe { std::ptr::read(a as *const u64) } == v)
+    };
+    if memo.key == Some(key) && same(&memo.reads) {
+        return memo.result;
+    }
+    memo.key = None;
+    memo.reads.clear();
+    let reads = &mut memo.reads;
     let mut read_stack = |addr: u64| {
         if addr >= sp0
             && addr.checked_add(8).is_some_and(|e| e <= stack_hi)
             && addr.is_multiple_of(8)
         {
             // SAFETY: [sp0, stack_hi) is this thread's live stack, mapped and readable.
-            Ok(unsafe { std::ptr::read(addr as *const u64) })
+            let v = unsafe { std::ptr::read(addr as *const u64) };
+            reads.push((addr, v));
+            Ok(v)
         } else {
             Err(())
         }
     };
+    let result = unwind_above(unw, cache, start, marker, &mut read_stack);
+    memo.key = Some(key);
+    memo.result = result;
+    result
+}
+
+/// Unwinds from `start` to the first frame whose stack pointer is above `marker`.
+fn unwind_above(
+    unw: &Unw,
+    cache: &mut UnwCache,
+    start: Caller,
+    marker: u64,
+    read_stack: &mut impl FnMut(u64) -> Result<u64, ()>,
+) -> Option<Caller> {
     let mut regs = UnwindRegsX86_64::new(start.ip, start.sp, start.bp);
     let mut frame = framehop::FrameAddress::from_return_address(start.ip)?;
     // A handful of the tracker's frames lie between here and the marker.
     for _ in 0..32 {
         let ra = unw
-            .unwind_frame(frame, &mut regs, cache, &mut read_stack)
+            .unwind_frame(frame, &mut regs, cache, read_stack)
             .ok()??;
         if regs.sp() > marker {
             return Some(Caller {

@@ -39,6 +39,8 @@ pub struct Walker {
     inner_reads: Vec<(u64, u64)>,
     /// (parent node, ip) -> node, so most frames are interned without the global lock.
     nodes: FastMap<(u32, u64), u32>,
+    /// The previous `caller_above` (the tracker linked into a Rust program).
+    above: crate::unwind::AboveMemo,
 }
 
 const NODE_CACHE_MAX: usize = 1 << 16;
@@ -67,6 +69,7 @@ impl Walker {
             inner: Vec::new(),
             inner_reads: Vec::new(),
             nodes: FastMap::default(),
+            above: Default::default(),
         }
     }
 
@@ -74,6 +77,7 @@ impl Walker {
     pub fn invalidate(&mut self) {
         self.frames.clear();
         self.reads.clear();
+        self.above.invalidate();
     }
 
     /// The trie node of `ip` under `parent`, through the per-thread cache.
@@ -123,7 +127,7 @@ impl Walker {
         marker: u64,
         intern: &mut impl FnMut(u32, u64) -> u32,
     ) -> Walk {
-        match crate::unwind::caller_above(unw, &mut self.cache, stack_hi, marker) {
+        match crate::unwind::caller_above(unw, &mut self.cache, &mut self.above, stack_hi, marker) {
             Some(caller) => self.walk(unw, stack_hi, caller, intern),
             None => Walk { node: 0, outer: 0 },
         }
