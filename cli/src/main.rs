@@ -39,6 +39,13 @@ struct Cli {
 /// `--python-only`, for every report.
 static PYTHON_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// The symbolizer's warnings (a binary changed since the capture, say), on stderr.
+fn warn(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("memtrack: warning: {w}");
+    }
+}
+
 /// The symbolizer of a report, with the command line's options.
 fn symbolizer(cap: &Capture) -> Symbolizer {
     let mut sym = Symbolizer::new(cap);
@@ -699,9 +706,7 @@ fn cmd_summary(file: &Path, json: bool) -> Result<()> {
     let view = memtrack_reader::ViewSites::new(View::Peak, r.peak_by_stack(), stacks);
     let mut sym = symbolizer(&cap);
     let top = memtrack_reader::top_locations(&view, &mut sym, 5);
-    for w in &sym.warnings {
-        eprintln!("memtrack: warning: {w}");
-    }
+    warn(&sym.warnings);
     if json {
         let mut v = serde_json::to_value(&s)?;
         v["capture"] = serde_json::Value::String(file.display().to_string());
@@ -910,17 +915,21 @@ struct FoldedView {
     total: u64,
 }
 
-/// The view's folded stacks, with the symbolizer's warnings sent to stderr.
-fn folded_view(file: &Path, view: View) -> Result<FoldedView> {
+/// A capture and one of its views, with a progress bar while the view is computed.
+fn open_view(file: &Path, view: View) -> Result<(Capture, memtrack_reader::ViewSites)> {
     let cap = Capture::open(file)?;
     let progress = Progress::start(&cap, false);
     let v = cap.view(view);
     drop(progress);
+    Ok((cap, v))
+}
+
+/// The view's folded stacks, with the symbolizer's warnings sent to stderr.
+fn folded_view(file: &Path, view: View) -> Result<FoldedView> {
+    let (cap, v) = open_view(file, view)?;
     let mut sym = symbolizer(&cap);
     let lines = folded(&v, &mut sym);
-    for w in &sym.warnings {
-        eprintln!("memtrack: warning: {w}");
-    }
+    warn(&sym.warnings);
     let total = v.bytes;
     Ok(FoldedView { cap, lines, total })
 }
@@ -955,18 +964,14 @@ fn cmd_export(
             let cap = Capture::open(file)?;
             let mut sym = symbolizer(&cap);
             let gz = memtrack_reader::pprof::profile_gz(&cap, view, &mut sym)?;
-            for w in &sym.warnings {
-                eprintln!("memtrack: warning: {w}");
-            }
+            warn(&sym.warnings);
             gz
         }
         ExportFormat::Json => {
             let cap = Capture::open(file)?;
             let mut sym = symbolizer(&cap);
             let v = memtrack_reader::export_view(&cap, view, &mut sym);
-            for w in &sym.warnings {
-                eprintln!("memtrack: warning: {w}");
-            }
+            warn(&sym.warnings);
             let mut text = serde_json::to_string_pretty(&v)?;
             text.push('\n');
             text.into_bytes()
@@ -986,9 +991,7 @@ fn cmd_diff(
 ) -> Result<u8> {
     let (cb, cn) = (Capture::open(base)?, Capture::open(new)?);
     let d = memtrack_reader::diff(&cb, &cn, view);
-    for w in &d.warnings {
-        eprintln!("memtrack: warning: {w}");
-    }
+    warn(&d.warnings);
     match format {
         DiffFormat::Svg => {
             let out = output.unwrap_or_else(|| {
@@ -1238,9 +1241,7 @@ fn cmd_table(file: &Path, view: View, by: By, top: usize, json: bool) -> Result<
         By::Stack => GroupBy::Stack,
     };
     let mut rows = table(&v, &mut sym, group);
-    for w in &sym.warnings {
-        eprintln!("memtrack: warning: {w}");
-    }
+    warn(&sym.warnings);
     rows.truncate(top);
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -1296,9 +1297,7 @@ fn cmd_stats(file: &Path, json: bool) -> Result<()> {
     });
     by_count.truncate(5);
     let temporary = table(&st.temporary, &mut sym, GroupBy::Function);
-    for w in &sym.warnings {
-        eprintln!("memtrack: warning: {w}");
-    }
+    warn(&sym.warnings);
     if json {
         let v = serde_json::json!({
             "capture": file.display().to_string(),
@@ -1402,15 +1401,10 @@ fn cmd_plot(file: &Path, output: Option<PathBuf>) -> Result<()> {
 }
 
 fn cmd_tree(file: &Path, view: View, depth: usize, min_percent: f64) -> Result<()> {
-    let cap = Capture::open(file)?;
-    let progress = Progress::start(&cap, false);
-    let v = cap.view(view);
-    drop(progress);
+    let (cap, v) = open_view(file, view)?;
     let mut sym = symbolizer(&cap);
     let tree = call_tree(&v, &mut sym);
-    for w in &sym.warnings {
-        eprintln!("memtrack: warning: {w}");
-    }
+    warn(&sym.warnings);
     println!(
         "memtrack tree of {}: {}, {} in {} allocations",
         file.display(),
@@ -1449,9 +1443,7 @@ fn check_report(
     let mut sym = symbolizer(&cap);
     let results = cap.check(&budget, &mut sym);
     drop(progress);
-    for w in &sym.warnings {
-        eprintln!("memtrack: warning: {w}");
-    }
+    warn(&sym.warnings);
     let exceeded = results.iter().filter(|r| r.exceeded).count();
     if json {
         let v = serde_json::json!({

@@ -286,8 +286,7 @@ fn separate_debug_file(path: &Path, build_id: &[u8], obj: &object::File<'_>) -> 
 /// A stack as symbolized frames, outermost first.
 pub fn stack_frames(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Vec<Frame> {
     let addrs = stacks.frames(stack);
-    // Leaf first: the Python frames (if any) come before the native ones.
-    let n_py = addrs.iter().take_while(|&&a| pyframe::is_python(a)).count();
+    let (n_py, runs) = python_runs(&addrs);
     let mut out = Vec::new();
     if n_py == 0 {
         if sym.python_only {
@@ -298,16 +297,6 @@ pub fn stack_frames(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Ve
         }
         return out;
     }
-    // Runs of Python frames, innermost run first: each ends (outwards) at an entry frame, and
-    // is what one `_PyEval_EvalFrameDefault` call on the native stack was running.
-    let mut runs: Vec<Vec<u64>> = vec![Vec::new()];
-    for &a in &addrs[..n_py] {
-        runs.last_mut().unwrap().push(a);
-        if pyframe::decode(a).2 {
-            runs.push(Vec::new());
-        }
-    }
-    runs.retain(|r| !r.is_empty());
     let python = |sym: &mut Symbolizer, run: &[u64], out: &mut Vec<Frame>| {
         for &a in run.iter().rev() {
             out.extend(sym.frames(a).iter().cloned());
@@ -350,15 +339,11 @@ pub fn stack_frames(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Ve
     out
 }
 
-/// The addresses of a stack, leaf first, with each CPython evaluation loop's address replaced by
-/// the Python frames it ran (as [`stack_frames`] does with frames): for exports that keep
-/// addresses, such as pprof.
-pub fn merged_addrs(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Vec<u64> {
-    let addrs = stacks.frames(stack);
+/// The Python frames of a stack's addresses (leaf first: they come before the native ones): how
+/// many, and their runs, innermost run first. A run ends (outwards) at an entry frame: it is what
+/// one `_PyEval_EvalFrameDefault` call on the native stack was running.
+fn python_runs(addrs: &[u64]) -> (usize, Vec<Vec<u64>>) {
     let n_py = addrs.iter().take_while(|&&a| pyframe::is_python(a)).count();
-    if n_py == 0 {
-        return addrs;
-    }
     let mut runs: Vec<Vec<u64>> = vec![Vec::new()];
     for &a in &addrs[..n_py] {
         runs.last_mut().unwrap().push(a);
@@ -367,6 +352,18 @@ pub fn merged_addrs(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Ve
         }
     }
     runs.retain(|r| !r.is_empty());
+    (n_py, runs)
+}
+
+/// The addresses of a stack, leaf first, with each CPython evaluation loop's address replaced by
+/// the Python frames it ran (as [`stack_frames`] does with frames): for exports that keep
+/// addresses, such as pprof.
+pub fn merged_addrs(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Vec<u64> {
+    let addrs = stacks.frames(stack);
+    let (n_py, runs) = python_runs(&addrs);
+    if n_py == 0 {
+        return addrs;
+    }
     let mut out = Vec::with_capacity(addrs.len());
     let mut k = 0;
     for &a in &addrs[n_py..] {

@@ -158,6 +158,26 @@ impl Work {
         }
         exe
     }
+
+    /// Compiles the C fixture `source` into a shared library `lib<stem>.so` (for dlopen).
+    pub fn compile_shared(&self, source: &str) -> PathBuf {
+        let src = fixtures_dir().join(source);
+        let stem = source.strip_suffix(".c").expect("a .c fixture");
+        let lib = self.path(&format!("lib{stem}.so"));
+        let out = Command::new("gcc")
+            .args(["-O1", "-g", "-shared", "-fPIC", "-o"])
+            .arg(&lib)
+            .arg(&src)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run gcc: {e}"));
+        assert!(
+            out.status.success(),
+            "gcc -shared failed on {}:\n{}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lib
+    }
 }
 
 impl Drop for Work {

@@ -176,18 +176,7 @@ fn deep_stacks_are_kept_whole_up_to_256_frames() {
 #[test]
 fn code_loaded_with_dlopen_is_unwound_and_its_module_recorded() {
     let work = Work::new("dlopen");
-    let lib = work.path("libfixture.so");
-    let out = Command::new("gcc")
-        .args(["-O1", "-g", "-shared", "-fPIC", "-o"])
-        .arg(&lib)
-        .arg(fixtures_dir().join("dlopen_lib.c"))
-        .output()
-        .expect("gcc");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let lib = work.compile_shared("dlopen_lib.c");
     let exe = work.compile("dlopen_main.c");
     let t = run_traced_ok(&work, "dl.cap", &exe, &[lib.to_str().unwrap()]);
     let cap = open_capture(&t.capture);
@@ -212,8 +201,17 @@ fn code_loaded_with_dlopen_is_unwound_and_its_module_recorded() {
             .iter()
             .filter(|m| m.seq <= ev.seq)
             .rev()
-            .find_map(|m| m.modules.iter().find(|x| x.path.ends_with("libfixture.so")))
-            .unwrap_or_else(|| panic!("no module record with libfixture.so before seq {}", ev.seq));
+            .find_map(|m| {
+                m.modules
+                    .iter()
+                    .find(|x| x.path.ends_with("libdlopen_lib.so"))
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "no module record with libdlopen_lib.so before seq {}",
+                    ev.seq
+                )
+            });
         let frames = stacks.frames(stack);
         let rel0 = frames[0].wrapping_sub(snapshot.base);
         let rel1 = frames[1].wrapping_sub(snapshot.base);

@@ -196,18 +196,7 @@ fn eight_threads_freeing_each_others_blocks_balance_exactly() {
 #[test]
 fn dlopen_and_dlclose_in_a_loop_while_threads_allocate() {
     let work = Work::new("stress_dlopen");
-    let lib = work.path("libfixture.so");
-    let out = Command::new("gcc")
-        .args(["-O1", "-g", "-shared", "-fPIC", "-o"])
-        .arg(&lib)
-        .arg(fixtures_dir().join("dlopen_lib.c"))
-        .output()
-        .expect("gcc");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let lib = work.compile_shared("dlopen_lib.c");
     let (_, cap) = stress(&work, "dlopen", &[lib.to_str().unwrap()]);
     // lib_alloc's blocks (100..399 bytes) were recorded through the library's frames.
     let (bytes, count) = allocated_by(&cap, "lib_site");

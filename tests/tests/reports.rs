@@ -398,14 +398,7 @@ fn rust_names_are_demangled_default_and_v0() {
 #[test]
 fn frames_in_dlopened_code_are_symbolized() {
     let work = Work::new("dl_symbols");
-    let lib = work.path("libfixture.so");
-    let out = Command::new("gcc")
-        .args(["-O1", "-g", "-shared", "-fPIC", "-o"])
-        .arg(&lib)
-        .arg(fixtures_dir().join("dlopen_lib.c"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let lib = work.compile_shared("dlopen_lib.c");
     let exe = work.compile("dlopen_main.c");
     let t = run_traced_ok(&work, "dl.cap", &exe, &[lib.to_str().unwrap()]);
     let leaks = export(&t.capture, "--leaks");

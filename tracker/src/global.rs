@@ -147,6 +147,23 @@ macro_rules! marker {
     }};
 }
 
+/// The body of `alloc` and `alloc_zeroed`; `get` is the wrapped allocator's call. Always inlined:
+/// the marker must be a local of the calling `Tracker` method's own frame.
+#[inline(always)]
+fn allocated(size: usize, get: impl FnOnce() -> *mut u8) -> *mut u8 {
+    let m = 0u8;
+    let g = recording();
+    let p = get();
+    if !p.is_null() {
+        ALLOCATIONS.fetch_add(1, Relaxed);
+        grew(size as u64);
+        if let Some(g) = &g {
+            on_alloc(g, AllocKind::RustAlloc, p, size, marker!(m));
+        }
+    }
+    p
+}
+
 // The methods are not inlined: a frame of their own holds the marker, and carries a name that
 // reports recognise as the allocator's (when the preload library records the program).
 // SAFETY: every method forwards to the wrapped allocator with the caller's arguments and only
@@ -155,34 +172,14 @@ macro_rules! marker {
 unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
     #[inline(never)]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let m = 0u8;
-        let g = recording();
         // SAFETY: forwarding the caller's layout.
-        let p = unsafe { self.inner.alloc(layout) };
-        if !p.is_null() {
-            ALLOCATIONS.fetch_add(1, Relaxed);
-            grew(layout.size() as u64);
-            if let Some(g) = &g {
-                on_alloc(g, AllocKind::RustAlloc, p, layout.size(), marker!(m));
-            }
-        }
-        p
+        allocated(layout.size(), || unsafe { self.inner.alloc(layout) })
     }
 
     #[inline(never)]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let m = 0u8;
-        let g = recording();
         // SAFETY: forwarding the caller's layout.
-        let p = unsafe { self.inner.alloc_zeroed(layout) };
-        if !p.is_null() {
-            ALLOCATIONS.fetch_add(1, Relaxed);
-            grew(layout.size() as u64);
-            if let Some(g) = &g {
-                on_alloc(g, AllocKind::RustAlloc, p, layout.size(), marker!(m));
-            }
-        }
-        p
+        allocated(layout.size(), || unsafe { self.inner.alloc_zeroed(layout) })
     }
 
     #[inline(never)]
