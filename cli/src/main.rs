@@ -39,6 +39,20 @@ struct Cli {
 /// `--python-only`, for every report.
 static PYTHON_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// `function (file.c:12)`, the file shortened to its name; the function alone without a line.
+fn location_label(function: &str, file: Option<&str>, line: Option<u32>) -> String {
+    match (file, line) {
+        (Some(f), Some(l)) => format!(
+            "{function} ({}:{l})",
+            Path::new(f)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ),
+        _ => function.to_string(),
+    }
+}
+
 /// The symbolizer's warnings (a binary changed since the capture, say), on stderr.
 fn warn(warnings: &[String]) {
     for w in warnings {
@@ -751,17 +765,7 @@ fn cmd_summary(file: &Path, json: bool) -> Result<()> {
     if !top.is_empty() {
         println!("  top locations at the peak:");
         for t in &top {
-            let location = match (&t.file, t.line) {
-                (Some(f), Some(l)) => format!(
-                    "{} ({}:{l})",
-                    t.function,
-                    Path::new(f)
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                ),
-                _ => t.function.clone(),
-            };
+            let location = location_label(&t.function, t.file.as_deref(), t.line);
             println!(
                 "    {:>11} in {:>9} allocations  {location}",
                 human_bytes(t.total_bytes),
@@ -1041,17 +1045,7 @@ fn cmd_diff(
                 "%"
             );
             for r in d.locations.iter().filter(|r| r.delta != 0).take(top) {
-                let location = match (&r.file, r.line) {
-                    (Some(f), Some(l)) => format!(
-                        "{} ({}:{l})",
-                        r.function,
-                        Path::new(f)
-                            .file_name()
-                            .map(|n| n.to_string_lossy().into_owned())
-                            .unwrap_or_default()
-                    ),
-                    _ => r.function.clone(),
-                };
+                let location = location_label(&r.function, r.file.as_deref(), r.line);
                 text.push_str(&format!(
                     "{:>12} {:>12} {:>13} {:>8}  {location}\n",
                     human_bytes(r.before),
@@ -1259,17 +1253,9 @@ fn cmd_table(file: &Path, view: View, by: By, top: usize, json: bool) -> Result<
         "Total", "Max", "Avg", "Count"
     );
     for r in &rows {
-        let location = match (by, &r.file, r.line) {
-            (By::Stack, _, _) => r.stack.join(" <- "),
-            (_, Some(f), Some(l)) => format!(
-                "{} ({}:{l})",
-                r.function,
-                Path::new(f)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            ),
-            _ => r.function.clone(),
+        let location = match by {
+            By::Stack => r.stack.join(" <- "),
+            _ => location_label(&r.function, r.file.as_deref(), r.line),
         };
         println!(
             "{:>12} {:>12} {:>12} {:>9}  {location}",

@@ -6,6 +6,13 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+/// `memtrack run -o cap -- exe`, arguments to follow.
+fn memtrack_run(cap: &std::path::Path, exe: &std::path::Path) -> Command {
+    let mut cmd = Command::new(&binaries().memtrack);
+    cmd.arg("run").arg("-o").arg(cap).arg("--").arg(exe);
+    cmd
+}
+
 /// Runs `cmd` to completion, killing it (and failing) after `limit`.
 fn run_limited(mut cmd: Command, limit: Duration) -> Output {
     let child = cmd
@@ -36,13 +43,8 @@ fn a_failing_capture_file_stops_tracking_and_harms_nothing() {
     let exe = work.compile("write_error.c");
     let plain = run_plain(&exe, &[] as &[&str]);
     let cap = work.path("w.cap");
-    let mut cmd = Command::new(&binaries().memtrack);
-    cmd.arg("run")
-        .arg("-o")
-        .arg(&cap)
-        .arg("--")
-        .arg(&exe)
-        .current_dir(work.dir());
+    let mut cmd = memtrack_run(&cap, &exe);
+    cmd.current_dir(work.dir());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
@@ -84,8 +86,7 @@ fn abort_finishes_the_capture_and_says_so() {
     let work = Work::new("aborts");
     let exe = work.compile("aborts.c");
     let cap = work.path("a.cap");
-    let mut cmd = Command::new(&binaries().memtrack);
-    cmd.arg("run").arg("-o").arg(&cap).arg("--").arg(&exe);
+    let cmd = memtrack_run(&cap, &exe);
     let out = run_limited(cmd, Duration::from_secs(60));
     assert_eq!(out.status.code(), Some(134), "{out:?}");
     assert_eq!(out.stdout, b"aborting\n");
@@ -118,15 +119,8 @@ fn abort_finishes_the_capture_and_says_so() {
 fn stress(work: &Work, mode: &str, args: &[&str]) -> (String, std::path::PathBuf) {
     let exe = work.compile("stress.c");
     let cap = work.path(&format!("{mode}.cap"));
-    let mut cmd = Command::new(&binaries().memtrack);
-    cmd.arg("run")
-        .arg("-o")
-        .arg(&cap)
-        .arg("--")
-        .arg(&exe)
-        .arg(mode)
-        .args(args)
-        .current_dir(work.dir());
+    let mut cmd = memtrack_run(&cap, &exe);
+    cmd.arg(mode).args(args).current_dir(work.dir());
     let out = run_limited(cmd, Duration::from_secs(240));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(
@@ -224,8 +218,7 @@ fn sigterm_and_ctrl_c_reach_the_service_which_shuts_down_cleanly() {
     let exe = work.compile("service.c");
     for (name, sig, whole_group) in [("term", libc::SIGTERM, false), ("int", libc::SIGINT, true)] {
         let cap = work.path(&format!("{name}.cap"));
-        let mut cmd = Command::new(&binaries().memtrack);
-        cmd.arg("run").arg("-o").arg(&cap).arg("--").arg(&exe);
+        let mut cmd = memtrack_run(&cap, &exe);
         // Its own process group, as a shell gives a foreground job: Ctrl-C reaches all of it.
         cmd.process_group(0)
             .stdout(Stdio::piped())

@@ -579,14 +579,7 @@ impl OwnerState {
         for i in (0..n - same).rev() {
             let f = self.py_frames[i];
             let id = self.code_id(rec, f.code);
-            let new_nodes = &mut self.new_nodes;
-            let mut intern = |parent: u32, ip: u64| {
-                let _errno = SaveErrno::new();
-                match rec.trie.lock() {
-                    Ok(mut t) => t.intern_node(parent, ip, new_nodes),
-                    Err(_) => 0,
-                }
-            };
+            let mut intern = interner(rec, &mut self.new_nodes);
             node = self
                 .walker
                 .child(node, python::frame_ip(&f, id), &mut intern);
@@ -679,15 +672,7 @@ impl OwnerState {
     }
 
     fn walk(&mut self, rec: &Recorder, unw: &Unw, caller: Origin) -> (u32, u64) {
-        let new_nodes = &mut self.new_nodes;
-        let mut intern = |parent: u32, ip: u64| {
-            // A contended lock may sleep in futex(), which sets errno.
-            let _errno = SaveErrno::new();
-            match rec.trie.lock() {
-                Ok(mut t) => t.intern_node(parent, ip, new_nodes),
-                Err(_) => 0,
-            }
-        };
+        let mut intern = interner(rec, &mut self.new_nodes);
         match caller {
             Origin::Caller(c) => {
                 let w = self.walker.walk(unw, self.stack_hi, c, &mut intern);
@@ -711,6 +696,21 @@ impl OwnerState {
                 let outer = if n > 0 { frames[n - 1] } else { 0 };
                 (self.walker.intern_frames(&frames[..n], &mut intern), outer)
             }
+        }
+    }
+}
+
+/// Interns a trie node in the process-wide table; new nodes are listed in `new_nodes`.
+fn interner<'a>(
+    rec: &'a Recorder,
+    new_nodes: &'a mut Vec<(u32, u32, u64)>,
+) -> impl FnMut(u32, u64) -> u32 + 'a {
+    move |parent, ip| {
+        // A contended lock may sleep in futex(), which sets errno.
+        let _errno = SaveErrno::new();
+        match rec.trie.lock() {
+            Ok(mut t) => t.intern_node(parent, ip, new_nodes),
+            Err(_) => 0,
         }
     }
 }
