@@ -132,6 +132,12 @@ impl Work {
     /// Compiles `tests/fixtures/<source>` (`.c` with gcc, `.cpp` with g++) with
     /// `-O1 -g -pthread` into this directory and returns the executable's path.
     pub fn compile(&self, source: &str) -> PathBuf {
+        self.compile_with(source, None, &["-O1"])
+    }
+
+    /// Compiles like [`Work::compile`], with `flags` instead of `-O1`, into `name` (the
+    /// source's stem when None): one fixture built several ways.
+    pub fn compile_with(&self, source: &str, name: Option<&str>, flags: &[&str]) -> PathBuf {
         let src = fixtures_dir().join(source);
         assert!(src.is_file(), "no fixture {}", src.display());
         let (compiler, stem) = if let Some(stem) = source.strip_suffix(".cpp") {
@@ -141,9 +147,10 @@ impl Work {
         } else {
             panic!("fixture {source} is neither .c nor .cpp");
         };
-        let exe = self.path(stem);
+        let exe = self.path(name.unwrap_or(stem));
         let out = Command::new(compiler)
-            .args(["-O1", "-g", "-pthread", "-Wall", "-Wextra", "-o"])
+            .args(flags)
+            .args(["-g", "-pthread", "-Wall", "-Wextra", "-o"])
             .arg(&exe)
             .arg(&src)
             .output()

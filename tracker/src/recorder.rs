@@ -32,6 +32,41 @@ struct Padded<T>(T);
 
 /// The global event order. Kept on its own cache line: every event touches it.
 static SEQ: Padded<AtomicU64> = Padded(AtomicU64::new(1));
+/// Set once a second thread records: from then on `SEQ` is taken with an atomic add. Until
+/// then the one recording thread takes it with a plain load and store, which costs no locked
+/// instruction (see `go_multi` for the switch).
+static MULTI: AtomicBool = AtomicBool::new(false);
+
+/// The next sequence number. Called inside an event (the thread's `busy` set) or after
+/// `go_multi`.
+#[inline(always)]
+fn next_seq() -> u64 {
+    if MULTI.load(Ordering::Relaxed) {
+        SEQ.0.fetch_add(1, Ordering::Relaxed)
+    } else {
+        let s = SEQ.0.load(Ordering::Relaxed);
+        SEQ.0.store(s + 1, Ordering::Relaxed);
+        s
+    }
+}
+
+/// A second thread is about to record: every thread takes sequence numbers atomically from
+/// now on. A thread that read `MULTI` as false before the barrier is inside its event (its
+/// `busy` is visible after the barrier), and is waited for; any later event of it sees `MULTI`.
+/// Called with the registry lock held, outside any event of the calling thread.
+fn go_multi(threads: &[Arc<ThreadState>]) {
+    if MULTI.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    // Once registered, membarrier does not fail; if it ever did, the busy flags below still
+    // catch every thread whose event had begun visibly.
+    let _ = heavy_barrier();
+    for ts in threads {
+        while ts.busy.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+    }
+}
 
 /// Time unit of event times in the capture: microseconds.
 pub(crate) const CLOCK_UNIT_NS: u64 = 1000;
@@ -329,6 +364,9 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         follow_fork: cfg.follow_fork,
     };
     SEQ.0.store(cfg.first_seq.max(1), Ordering::Relaxed);
+    // A fresh image or a forked child: one thread so far.
+    MULTI.store(false, Ordering::Relaxed);
+    register_membarrier();
     if cfg.replace {
         // A forked child: its times start from its own start; its writer starts at its first
         // event.
@@ -471,7 +509,7 @@ impl ChunkBuf {
     /// Takes the next sequence number and time and opens the chunk if needed.
     #[inline]
     fn begin_event(&mut self, rec: &Recorder, tid: u32) -> (u64, u64) {
-        let seq = SEQ.0.fetch_add(1, Ordering::Relaxed);
+        let seq = next_seq();
         let time = rec.event_time();
         if !self.open {
             if let Some(d) = self.data.as_mut() {
@@ -492,17 +530,52 @@ impl ChunkBuf {
         (seq, time)
     }
 
-    #[inline]
-    fn put_event_head(&mut self, opcode: u8, seq: u64, time: u64, addr: u64) {
-        if let Some(d) = self.data.as_mut() {
-            d.push_byte(opcode);
-            put_uvarint(d, seq - self.last_seq);
-            put_uvarint(d, time.saturating_sub(self.last_time));
-            put_ivarint(d, addr.wrapping_sub(self.last_addr) as i64);
-        }
+    #[inline(always)]
+    fn put_event_head(&mut self, e: &mut EventBytes, opcode: u8, seq: u64, time: u64, addr: u64) {
+        e.push_byte(opcode);
+        put_uvarint(e, seq - self.last_seq);
+        put_uvarint(e, time.saturating_sub(self.last_time));
+        put_ivarint(e, addr.wrapping_sub(self.last_addr) as i64);
         self.last_seq = seq;
         self.last_time = time.max(self.last_time);
         self.last_addr = addr;
+    }
+}
+
+/// One event's bytes, assembled on the stack and copied into the chunk at once: the chunk's
+/// length is then loaded and stored once per event, not once per byte.
+struct EventBytes {
+    b: [u8; EventBytes::CAP],
+    n: usize,
+}
+
+impl EventBytes {
+    /// Opcode and five varints of at most 10 bytes each.
+    const CAP: usize = 64;
+
+    #[inline(always)]
+    fn new() -> Self {
+        EventBytes {
+            b: [0; Self::CAP],
+            n: 0,
+        }
+    }
+}
+
+impl ByteSink for EventBytes {
+    #[inline(always)]
+    fn push_byte(&mut self, x: u8) {
+        if self.n < Self::CAP {
+            self.b[self.n] = x;
+            self.n += 1;
+        }
+    }
+
+    #[inline(always)]
+    fn push_slice(&mut self, s: &[u8]) {
+        for &x in s {
+            self.push_byte(x);
+        }
     }
 }
 
@@ -640,10 +713,12 @@ impl OwnerState {
             self.known_outer = 0;
             self.walker.invalidate();
         }
-        let Some(unw) = self.unw.clone() else {
+        // Taken out and put back rather than cloned: an Arc clone is two locked instructions.
+        let Some(unw) = self.unw.take() else {
             return 0;
         };
         let (id, outer) = self.walk(rec, &unw, caller);
+        self.unw = Some(unw);
         // framehop may end "cleanly" on a frame of unknown code: check the outermost frame.
         if outer == 0 || outer == self.known_outer || outer == self.unknown_outer {
             return id;
@@ -767,20 +842,26 @@ fn refresh_if_new_module(rec: &Recorder, addr: u64) -> Option<Arc<Unw>> {
 }
 
 pub(crate) struct ThreadState {
-    lock: AtomicBool,
+    /// The owning thread is inside an event (it holds `buf`).
+    busy: AtomicBool,
+    /// Another thread (the writer's sweep, `finish`) holds or wants `buf`.
+    claim: AtomicBool,
     buf: UnsafeCell<ChunkBuf>,
     pub dead: AtomicBool,
     tid: u32,
     owner: UnsafeCell<OwnerState>,
 }
 
-// SAFETY: `buf` is only touched under `lock`; `owner` only by the owning thread.
+// SAFETY: `buf` is only touched by the holder of a `BufGuard` (see `ThreadState::lock`);
+// `owner` only by the owning thread.
 unsafe impl Sync for ThreadState {}
 // SAFETY: as above; the state moves between threads only inside an Arc.
 unsafe impl Send for ThreadState {}
 
 pub(crate) struct BufGuard<'a> {
     ts: &'a ThreadState,
+    /// Held by the owning thread (else by a claimer).
+    owner: bool,
 }
 
 impl std::ops::Deref for BufGuard<'_> {
@@ -797,30 +878,131 @@ impl std::ops::DerefMut for BufGuard<'_> {
     }
 }
 impl Drop for BufGuard<'_> {
+    #[inline(always)]
     fn drop(&mut self) {
-        self.ts.lock.store(false, Ordering::Release);
+        if self.owner {
+            self.ts.busy.store(false, Ordering::Release);
+        } else {
+            self.ts.claim.store(false, Ordering::Release);
+        }
     }
 }
 
 impl ThreadState {
-    #[inline]
-    fn lock(&self) -> BufGuard<'_> {
-        while self
-            .lock
-            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            std::hint::spin_loop();
+    fn new(buf: Option<MapBuf>, tid: u32) -> Self {
+        ThreadState {
+            busy: AtomicBool::new(false),
+            claim: AtomicBool::new(false),
+            buf: UnsafeCell::new(ChunkBuf::new(buf)),
+            dead: AtomicBool::new(false),
+            tid,
+            owner: UnsafeCell::new(OwnerState::new()),
         }
-        BufGuard { ts: self }
     }
 
-    pub fn try_lock(&self) -> Option<BufGuard<'_>> {
-        self.lock
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_ok()
-            .then_some(BufGuard { ts: self })
+    /// The owning thread takes its buffer for one event. Dekker's handshake with
+    /// [`ThreadState::claim`]: the owner's side is a plain store and a compiler fence (the
+    /// claimer's `membarrier` orders it), so an event pays no locked instruction.
+    #[inline]
+    fn lock(&self) -> BufGuard<'_> {
+        loop {
+            self.busy.store(true, Ordering::Relaxed);
+            light_barrier();
+            if !self.claim.load(Ordering::Acquire) {
+                return BufGuard {
+                    ts: self,
+                    owner: true,
+                };
+            }
+            self.busy.store(false, Ordering::Release);
+            while self.claim.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+        }
     }
+
+    /// Another thread asks for the buffer; it gets it with [`ThreadState::claimed`] after a
+    /// [`heavy_barrier`], unless the owner is inside an event. Claims are made under the
+    /// registry lock, so there is one claimer at a time.
+    fn request(&self) -> bool {
+        !self.claim.swap(true, Ordering::Acquire)
+    }
+
+    /// After `request` and a heavy barrier: the buffer, or None (the claim withdrawn) when the
+    /// owner is inside an event.
+    fn claimed(&self) -> Option<BufGuard<'_>> {
+        if self.busy.load(Ordering::Acquire) {
+            self.claim.store(false, Ordering::Release);
+            return None;
+        }
+        Some(BufGuard {
+            ts: self,
+            owner: false,
+        })
+    }
+}
+
+/// `membarrier(2)` commands.
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+/// True when this process registered for expedited `membarrier`: then the threads' side of
+/// every handshake is a compiler fence, and the rare other side pays the syscall.
+static ASYM: AtomicBool = AtomicBool::new(false);
+
+/// Registers the process for `membarrier` (once per process image, and again in a forked
+/// child: registration belongs to the address space).
+fn register_membarrier() {
+    // SAFETY: membarrier with a command and flags 0 has no memory-safety preconditions.
+    let ok = unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+            0,
+            0,
+        )
+    } == 0;
+    ASYM.store(ok, Ordering::Release);
+}
+
+#[inline(always)]
+fn light_barrier() {
+    if ASYM.load(Ordering::Relaxed) {
+        std::sync::atomic::compiler_fence(Ordering::SeqCst);
+    } else {
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+}
+
+/// Orders this thread's earlier stores before every other thread's later loads, as a full fence
+/// on all of them would. False when that could not be done (nothing may then be assumed).
+fn heavy_barrier() -> bool {
+    std::sync::atomic::fence(Ordering::SeqCst);
+    if !ASYM.load(Ordering::Acquire) {
+        return true;
+    }
+    let _errno = SaveErrno::new();
+    // SAFETY: as in `register_membarrier`.
+    unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0 }
+}
+
+/// Claims the buffers of `threads` with one heavy barrier: each entry is the buffer, or None
+/// when its owner was inside an event. The caller holds the registry lock.
+pub(crate) fn claim_all(threads: &[Arc<ThreadState>]) -> Vec<Option<BufGuard<'_>>> {
+    let asked: Vec<bool> = threads.iter().map(|ts| ts.request()).collect();
+    let fenced = heavy_barrier();
+    threads
+        .iter()
+        .zip(asked)
+        .map(|(ts, asked)| match (asked, fenced) {
+            (false, _) => None,
+            (true, false) => {
+                ts.claim.store(false, Ordering::Release);
+                None
+            }
+            (true, true) => ts.claimed(),
+        })
+        .collect()
 }
 
 const EXITED: *const ThreadState = std::ptr::dangling::<ThreadState>();
@@ -845,15 +1027,15 @@ fn new_thread_state(rec: &'static Recorder, g: &IgnoreAllocs) -> Option<&'static
     if WRITER_LATER.swap(false, Ordering::AcqRel) {
         start_writer();
     }
-    let ts = Arc::new(ThreadState {
-        lock: AtomicBool::new(false),
-        buf: UnsafeCell::new(ChunkBuf::new(rec.fresh_buffer())),
-        dead: AtomicBool::new(false),
-        // SAFETY: gettid has no preconditions.
-        tid: unsafe { libc::gettid() } as u32,
-        owner: UnsafeCell::new(OwnerState::new()),
-    });
+    // SAFETY: gettid has no preconditions.
+    let ts = Arc::new(ThreadState::new(
+        rec.fresh_buffer(),
+        unsafe { libc::gettid() } as u32,
+    ));
     if let Ok(mut r) = rec.registry.lock() {
+        if !r.is_empty() {
+            go_multi(&r);
+        }
         r.push(ts.clone());
     } else {
         return None;
@@ -895,6 +1077,17 @@ unsafe extern "C" fn thread_exit(p: *mut libc::c_void) {
         if let Some((data, start)) = taken {
             hand_off(rec, data, start);
         }
+    }
+}
+
+/// Hands the calling thread's open chunk to the writer (outside any event of the thread).
+#[cold]
+#[inline(never)]
+fn flush_own(rec: &Recorder, ts: &ThreadState) {
+    let fresh = rec.fresh_buffer();
+    let taken = ts.lock().take_framed(fresh);
+    if let Some((data, start)) = taken {
+        hand_off(rec, data, start);
     }
 }
 
@@ -943,37 +1136,27 @@ pub(crate) fn record(ev: Ev, caller: Origin, g: &IgnoreAllocs) {
                 Ev::Alloc(..) => owner.stack_id(rec, caller),
                 _ => 0,
             };
-            let (before, full) = {
-                let mut b = ts.lock();
+            let room = event_room(owner.new_nodes.len());
+            let mut b = ts.lock();
+            if b.open && b.data.as_ref().is_some_and(|d| d.spare() < room) {
                 // A chunk too full for this event is handed over first (never expected: chunks
                 // are handed over at FLUSH_AT, far below the buffer's size).
-                let room = event_room(owner.new_nodes.len());
-                let before = if b.open && b.data.as_ref().is_some_and(|d| d.spare() < room) {
-                    b.take_framed(rec.fresh_buffer())
-                } else {
-                    None
-                };
-                encode(rec, &mut b, ts.tid, ev, stack, &mut owner.new_nodes);
-                let full = if b.data.as_ref().is_some_and(|d| d.len() >= FLUSH_AT)
-                    && rec.writer_started.load(Ordering::Relaxed)
-                {
-                    b.take_framed(rec.fresh_buffer())
-                } else {
-                    None
-                };
-                (before, full)
-            };
-            if let Some((data, start)) = before {
-                hand_off(rec, data, start);
+                drop(b);
+                flush_own(rec, ts);
+                b = ts.lock();
             }
-            if let Some((data, start)) = full {
-                hand_off(rec, data, start);
+            encode(rec, &mut b, ts.tid, ev, stack, &mut owner.new_nodes);
+            let full = b.data.as_ref().is_some_and(|d| d.len() >= FLUSH_AT);
+            drop(b);
+            if full && rec.writer_started.load(Ordering::Relaxed) {
+                flush_own(rec, ts);
             }
         }
         None => record_orphan(rec, ev, caller),
     }
 }
 
+#[inline(always)]
 fn encode(
     rec: &Recorder,
     b: &mut ChunkBuf,
@@ -992,20 +1175,22 @@ fn encode(
         }
     }
     nodes.clear();
+    let mut e = EventBytes::new();
     match ev {
         Ev::Alloc(kind, addr, size) => {
-            b.put_event_head(op::ALLOC_BASE + kind as u8, seq, time, addr);
-            if let Some(d) = b.data.as_mut() {
-                put_uvarint(d, size);
-                put_uvarint(d, stack as u64);
-            }
+            b.put_event_head(&mut e, op::ALLOC_BASE + kind as u8, seq, time, addr);
+            put_uvarint(&mut e, size);
+            put_uvarint(&mut e, stack as u64);
         }
-        Ev::Free(addr) => b.put_event_head(op::FREE, seq, time, addr),
-        Ev::ReallocFree(addr) => b.put_event_head(op::REALLOC_FREE, seq, time, addr),
+        Ev::Free(addr) => b.put_event_head(&mut e, op::FREE, seq, time, addr),
+        Ev::ReallocFree(addr) => b.put_event_head(&mut e, op::REALLOC_FREE, seq, time, addr),
         Ev::ReallocFailed => {
             let last = b.last_addr;
-            b.put_event_head(op::REALLOC_FAILED, seq, time, last)
+            b.put_event_head(&mut e, op::REALLOC_FAILED, seq, time, last)
         }
+    }
+    if let Some(d) = b.data.as_mut() {
+        d.push_slice(&e.b[..e.n]);
     }
 }
 
@@ -1022,6 +1207,11 @@ fn record_orphan(rec: &Recorder, ev: Ev, caller: Origin) {
     let Ok(mut guard) = rec.orphan.lock() else {
         return;
     };
+    if !MULTI.load(Ordering::Relaxed) {
+        if let Ok(r) = rec.registry.lock() {
+            go_multi(&r);
+        }
+    }
     let owner = guard.get_or_insert_with(|| Box::new(OwnerState::new()));
     owner.stack_hi = unwind::current_stack_top();
     // Shared by exiting threads: never reuse another thread's walk.

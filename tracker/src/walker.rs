@@ -24,7 +24,37 @@ struct Frame {
     node: u32,
     /// End (exclusive) in `reads` of the words read to unwind this frame.
     reads_end: u32,
+    /// Whether the walk from this frame outwards may depend on `bp`. Code built without frame
+    /// pointers keeps any value in rbp (a loop counter), and most frames neither use it nor
+    /// pass it to a frame that does: comparing it would miss nearly every reusable frame.
+    bp_dep: bool,
 }
+
+impl Frame {
+    #[inline(always)]
+    fn is(&self, ip: u64, sp: u64, bp: u64) -> bool {
+        self.ip == ip && self.sp == sp && (self.bp == bp || !self.bp_dep)
+    }
+}
+
+/// How one unwinding step used bp: it took the frame from it (`USES_BP`), or left it as it was
+/// for the next frame (`PASSES_BP`).
+const USES_BP: u8 = 1;
+/// A caller frame found less than this far above bp counts as found through bp.
+const BP_WINDOW: u64 = 1 << 16;
+const PASSES_BP: u8 = 2;
+
+/// A whole earlier walk, kept so a stack that recurs after others (a loop calling malloc from
+/// a few sites) is found without unwinding a frame.
+#[derive(Default)]
+struct Snapshot {
+    frames: Vec<Frame>,
+    reads: Vec<(u64, u64)>,
+    complete: bool,
+}
+
+/// Earlier walks kept besides the previous one.
+const RECENT: usize = 4;
 
 /// Per-thread walker state.
 pub struct Walker {
@@ -35,12 +65,15 @@ pub struct Walker {
     /// Whether the previous walk reached the root.
     complete: bool,
     /// The new inner frames of the walk in progress, innermost first, with their reads.
-    inner: Vec<(u64, u64, u64, u32)>,
+    inner: Vec<(u64, u64, u64, u32, u8)>,
     inner_reads: Vec<(u64, u64)>,
     /// (parent node, ip) -> node, so most frames are interned without the global lock.
     nodes: FastMap<(u32, u64), u32>,
     /// The previous `caller_above` (the tracker linked into a Rust program).
     above: crate::unwind::AboveMemo,
+    /// Walks before the previous one; `recent_next` is the slot to overwrite next.
+    recent: [Snapshot; RECENT],
+    recent_next: usize,
 }
 
 const NODE_CACHE_MAX: usize = 1 << 16;
@@ -70,6 +103,8 @@ impl Walker {
             inner_reads: Vec::new(),
             nodes: FastMap::default(),
             above: Default::default(),
+            recent: Default::default(),
+            recent_next: 0,
         }
     }
 
@@ -77,6 +112,10 @@ impl Walker {
     pub fn invalidate(&mut self) {
         self.frames.clear();
         self.reads.clear();
+        for r in &mut self.recent {
+            r.frames.clear();
+            r.reads.clear();
+        }
         self.above.invalidate();
     }
 
@@ -106,7 +145,7 @@ impl Walker {
         }
         let i = (*from).checked_sub(1)?;
         let f = &self.frames[i];
-        if f.sp != sp || f.ip != ip || f.bp != bp {
+        if !f.is(ip, sp, bp) {
             return None;
         }
         let valid = self.reads[..f.reads_end as usize]
@@ -116,6 +155,34 @@ impl Walker {
             // current stack pointer), so it is mapped and readable.
             .all(|&(addr, val)| unsafe { std::ptr::read(addr as *const u64) } == val);
         valid.then_some(i)
+    }
+
+    /// A walk kept in `recent` whose innermost frame is the caller's and whose words all still
+    /// hold: it becomes the previous walk (trading places with it) and is the answer.
+    #[inline]
+    fn recent_hit(&mut self, caller: Caller) -> Option<Walk> {
+        let same = |f: Option<&Frame>| f.is_some_and(|f| f.is(caller.ip, caller.sp, caller.bp));
+        if same(self.frames.last()) {
+            // The previous walk itself: the main loop takes it.
+            return None;
+        }
+        let i = self.recent.iter().position(|r| {
+            same(r.frames.last())
+                && r.reads.iter().all(|&(addr, val)| {
+                    // SAFETY: as in `reusable`: read by an earlier walk of this thread's stack,
+                    // at or above the innermost frame's sp, which equals the current caller's,
+                    // so still within the live stack.
+                    unsafe { std::ptr::read(addr as *const u64) == val }
+                })
+        })?;
+        let r = &mut self.recent[i];
+        std::mem::swap(&mut self.frames, &mut r.frames);
+        std::mem::swap(&mut self.reads, &mut r.reads);
+        std::mem::swap(&mut self.complete, &mut r.complete);
+        Some(Walk {
+            node: self.frames.last().map_or(0, |f| f.node),
+            outer: self.frames.first().map_or(0, |f| f.ip),
+        })
     }
 
     /// Walks the stack of the caller of the function whose frame holds `marker` (see
@@ -142,6 +209,9 @@ impl Walker {
         caller: Caller,
         intern: &mut impl FnMut(u32, u64) -> u32,
     ) -> Walk {
+        if let Some(w) = self.recent_hit(caller) {
+            return w;
+        }
         self.inner.clear();
         self.inner_reads.clear();
         let sp0 = caller.sp;
@@ -175,7 +245,25 @@ impl Walker {
                     }
                 };
                 let step = unw.unwind_frame(addr, &mut regs, &mut self.cache, &mut read_stack);
-                self.inner.push((ip, sp, bp, self.inner_reads.len() as u32));
+                // A caller frame just above bp may have been found through bp (the frame
+                // pointer rule puts it at bp + 16; a DWARF rule may use another offset); a
+                // coincidence only makes the check stricter. A step that ends the walk is taken
+                // as depending on bp.
+                let flags = match step {
+                    Ok(Some(ra)) if ra != 0 => {
+                        let mut f = 0;
+                        if regs.sp().wrapping_sub(bp) < BP_WINDOW {
+                            f |= USES_BP;
+                        }
+                        if regs.bp() == bp {
+                            f |= PASSES_BP;
+                        }
+                        f
+                    }
+                    _ => USES_BP,
+                };
+                self.inner
+                    .push((ip, sp, bp, self.inner_reads.len() as u32, flags));
                 match step {
                     Ok(Some(ra)) if ra != 0 => {
                         if self.inner.len() >= MAX_FRAMES {
@@ -200,12 +288,27 @@ impl Walker {
             None => 0,
         };
         let too_deep = matched.is_none() && self.inner.len() >= MAX_FRAMES;
+        if !self.inner.is_empty() {
+            // The previous walk is about to change: keep a copy of it.
+            let r = &mut self.recent[self.recent_next];
+            self.recent_next = (self.recent_next + 1) % RECENT;
+            r.frames.clear();
+            r.frames.extend_from_slice(&self.frames);
+            r.reads.clear();
+            r.reads.extend_from_slice(&self.reads);
+            r.complete = self.complete;
+        }
         self.frames.truncate(keep);
         let reads_keep = self.frames.last().map_or(0, |f| f.reads_end as usize);
         self.reads.truncate(reads_keep);
         let mut parent = self.frames.last().map_or(0, |f| f.node);
+        // Whether the frame outside the next one depends on its bp (a matched outer frame
+        // carries its own flag; an unknown end does).
+        let mut outer_dep = !matches!(self.frames.last(), Some(f) if !f.bp_dep);
         for k in (0..self.inner.len()).rev() {
-            let (fip, fsp, fbp, end) = self.inner[k];
+            let (fip, fsp, fbp, end, flags) = self.inner[k];
+            let bp_dep = flags & USES_BP != 0 || (flags & PASSES_BP != 0 && outer_dep);
+            outer_dep = bp_dep;
             let start = if k == 0 { 0 } else { self.inner[k - 1].3 };
             self.reads
                 .extend_from_slice(&self.inner_reads[start as usize..end as usize]);
@@ -216,6 +319,7 @@ impl Walker {
                 bp: fbp,
                 node: parent,
                 reads_end: self.reads.len() as u32,
+                bp_dep,
             });
         }
         self.complete = complete;

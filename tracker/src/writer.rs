@@ -138,24 +138,38 @@ pub(crate) fn sweep(rec: &Recorder, force: bool) {
     let mut taken = Vec::new();
     if let Ok(mut reg) = rec.registry.lock() {
         let now = rec.event_time();
-        reg.retain(|ts| {
-            let mut guard = ts.try_lock();
-            // At the end, wait briefly for a thread that is in the middle of an event.
-            let mut tries = 0;
-            while force && guard.is_none() && tries < 1000 {
+        // Threads whose buffer is still to be looked at; at the end, a thread in the middle
+        // of an event is waited for briefly.
+        let mut pending = vec![true; reg.len()];
+        let mut gone = vec![false; reg.len()];
+        for attempt in 0..if force { 1000 } else { 1 } {
+            if attempt > 0 {
                 std::thread::yield_now();
-                guard = ts.try_lock();
-                tries += 1;
             }
-            let Some(mut b) = guard else { return true };
-            if b.open && (force || now.saturating_sub(b.opened_at) >= MAX_AGE_US) {
-                let dead = ts.dead.load(Ordering::Acquire);
-                let replacement = if dead { None } else { rec.fresh_buffer() };
-                if let Some(t) = b.take_framed(replacement) {
-                    taken.push(t);
+            for (i, guard) in recorder::claim_all(&reg).into_iter().enumerate() {
+                let Some(mut b) = guard else { continue };
+                if !pending[i] {
+                    continue;
                 }
+                pending[i] = false;
+                let ts = &reg[i];
+                if b.open && (force || now.saturating_sub(b.opened_at) >= MAX_AGE_US) {
+                    let dead = ts.dead.load(Ordering::Acquire);
+                    let replacement = if dead { None } else { rec.fresh_buffer() };
+                    if let Some(t) = b.take_framed(replacement) {
+                        taken.push(t);
+                    }
+                }
+                gone[i] = ts.dead.load(Ordering::Acquire) && !b.open;
             }
-            !ts.dead.load(Ordering::Acquire) || b.open
+            if !pending.contains(&true) {
+                break;
+            }
+        }
+        let mut i = 0;
+        reg.retain(|_| {
+            i += 1;
+            !gone[i - 1]
         });
     }
     for (data, start) in taken {
