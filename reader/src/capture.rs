@@ -319,7 +319,91 @@ impl Capture {
             free_slots: Vec::new(),
             stacks,
             errors: 0,
+            prefetch: Vec::new(),
         }
+    }
+}
+
+/// Where a chunk's stack nodes go as it is decoded.
+trait NodeSink {
+    fn node(&mut self, id: u32, parent: u32, ip: u64);
+}
+
+impl NodeSink for StackTable {
+    #[inline]
+    fn node(&mut self, id: u32, parent: u32, ip: u64) {
+        self.insert(id, parent, ip);
+    }
+}
+
+impl NodeSink for Vec<(u32, u32, u64)> {
+    #[inline]
+    fn node(&mut self, id: u32, parent: u32, ip: u64) {
+        self.push((id, parent, ip));
+    }
+}
+
+/// A chunk decoded by a worker thread.
+struct Decoded {
+    events: Vec<Event>,
+    nodes: Vec<(u32, u32, u64)>,
+    damaged: bool,
+}
+
+fn decode_chunk(data: &[u8], ch: &ChunkRef) -> Decoded {
+    let mut cur = ChunkCursor::new(data, ch);
+    // A compact chunk takes about 2 bytes per event: sized once rather than grown by copying.
+    let bytes = ch.end.saturating_sub(ch.ops_offset);
+    let mut d = Decoded {
+        events: Vec::with_capacity((bytes / 2).min(1 << 20)),
+        nodes: Vec::new(),
+        damaged: false,
+    };
+    loop {
+        match cur.advance(&mut d.nodes) {
+            Ok(Some(ev)) => d.events.push(ev),
+            Ok(None) => break,
+            Err(_) => {
+                d.damaged = true;
+                break;
+            }
+        }
+    }
+    d
+}
+
+/// Decoding threads used by [`Capture::with_events`].
+const DECODERS: usize = 2;
+
+impl Capture {
+    /// Runs `f` on the events in sequence order (as [`Capture::events`]), with the chunks
+    /// decoded ahead by worker threads: decoding costs about twice what a replay does, so it
+    /// is spread over the machine's cores while the merge and `f` run on the calling thread.
+    pub fn with_events<R>(
+        &self,
+        stacks: &mut StackTable,
+        f: impl FnOnce(&mut Events<'_>) -> R,
+    ) -> R {
+        std::thread::scope(|scope| {
+            let mut rxs = Vec::with_capacity(DECODERS);
+            for w in 0..DECODERS {
+                let (tx, rx) = crossbeam_channel::bounded::<Decoded>(2);
+                rxs.push(rx);
+                let data = self.data();
+                let chunks = &self.chunks;
+                scope.spawn(move || {
+                    for ch in chunks.iter().skip(w).step_by(DECODERS) {
+                        // The merge stopped early (dropped its receivers): stop too.
+                        if tx.send(decode_chunk(data, ch)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            let mut events = self.events(stacks);
+            events.prefetch = rxs;
+            f(&mut events)
+        })
     }
 }
 
@@ -329,6 +413,9 @@ const MAX_STACK_ID: u64 = 1 << 27;
 enum Decoder<'a> {
     Stream(StreamEvents<'a>),
     Compact(Box<CompactEvents>),
+    /// Decoded ahead by a worker thread (its nodes already in the table); `true` when the
+    /// chunk was damaged after these events.
+    Ready(std::vec::IntoIter<Event>, bool),
     /// A chunk that could not be opened (damaged): no events.
     Broken,
 }
@@ -362,12 +449,19 @@ impl<'a> ChunkCursor<'a> {
 
     /// Decodes up to the next event; stack nodes on the way go to `stacks`.
     #[inline]
-    fn advance(&mut self, stacks: &mut StackTable) -> Result<Option<Event>, FormatError> {
+    fn advance(&mut self, stacks: &mut impl NodeSink) -> Result<Option<Event>, FormatError> {
         loop {
             let item = match &mut self.dec {
                 Decoder::Stream(s) => s.next_item()?,
                 Decoder::Compact(z) => z.next_item()?,
                 Decoder::Broken => return Err(FormatError::Compression),
+                Decoder::Ready(events, damaged) => {
+                    return match events.next() {
+                        Some(ev) => Ok(Some(ev)),
+                        None if *damaged => Err(FormatError::Compression),
+                        None => Ok(None),
+                    };
+                }
             };
             let Some(item) = item else { return Ok(None) };
             let (seq, time, op) = match item {
@@ -375,7 +469,7 @@ impl<'a> ChunkCursor<'a> {
                     if id > MAX_STACK_ID || parent >= id {
                         return Err(FormatError::BadOp(op::STACK_NODE));
                     }
-                    stacks.insert(id as u32, parent as u32, ip);
+                    stacks.node(id as u32, parent as u32, ip);
                     continue;
                 }
                 Item::Event { seq, time, op } => (seq, time, op),
@@ -428,6 +522,8 @@ pub struct Events<'a> {
     stacks: &'a mut StackTable,
     /// Chunks whose decoding failed part-way (their remaining events are skipped).
     pub errors: usize,
+    /// Chunk `i` decoded ahead arrives on `prefetch[i % len]` (empty: decoded here).
+    prefetch: Vec<crossbeam_channel::Receiver<Decoded>>,
 }
 
 /// Release mapped pages in steps of at least this much.
@@ -452,6 +548,48 @@ impl Events<'_> {
                 self.free_slots.push(slot);
                 false
             }
+        }
+    }
+
+    /// Calls `f` on every event in sequence order until it returns false. Where the open
+    /// chunk's remaining events all come before any other chunk's (always, in a one-thread
+    /// capture), they are handed to `f` straight from the decoded chunk, without a merge step
+    /// per event.
+    pub fn for_each_while(&mut self, mut f: impl FnMut(&Event) -> bool) {
+        loop {
+            let Some(ev) = self.next() else { return };
+            if !f(&ev) {
+                return;
+            }
+            let Some(slot) = self.top else { continue };
+            if !self.heap.is_empty() {
+                continue;
+            }
+            let next_base = self
+                .chunks
+                .get(self.next_chunk)
+                .map_or(u64::MAX, |c| c.header.base_seq);
+            let cur = &mut self.cursors[slot];
+            let Decoder::Ready(rest, _) = &mut cur.dec else {
+                continue;
+            };
+            let Some(first) = cur.pending else { continue };
+            if rest.as_slice().last().unwrap_or(&first).seq >= next_base {
+                continue;
+            }
+            cur.pending = None;
+            if !f(&first) {
+                return;
+            }
+            for e in rest.as_slice() {
+                if !f(e) {
+                    return;
+                }
+            }
+            *rest = Vec::new().into_iter();
+            // Ends the chunk (counting it if it was damaged) and frees its slot.
+            self.load(slot);
+            self.top = None;
         }
     }
 
@@ -516,9 +654,28 @@ impl Iterator for Events<'_> {
                     break;
                 }
             }
+            let index = self.next_chunk;
             self.next_chunk += 1;
             opened = true;
-            let cur = ChunkCursor::new(self.data, ch);
+            let cur = match self.prefetch.get(index % self.prefetch.len().max(1)) {
+                Some(rx) => {
+                    let d = rx.recv().unwrap_or(Decoded {
+                        events: Vec::new(),
+                        nodes: Vec::new(),
+                        damaged: true,
+                    });
+                    for &(id, parent, ip) in &d.nodes {
+                        self.stacks.insert(id, parent, ip);
+                    }
+                    ChunkCursor {
+                        dec: Decoder::Ready(d.events.into_iter(), d.damaged),
+                        tid: ch.header.tid,
+                        pending: None,
+                        offset: usize::MAX,
+                    }
+                }
+                None => ChunkCursor::new(self.data, ch),
+            };
             let slot = match self.free_slots.pop() {
                 Some(s) => {
                     self.cursors[s] = cur;

@@ -333,46 +333,20 @@ impl Capture {
 
     /// Replays into `r` (e.g. a [`Replay::tracking_sites`]) the events with seq <= `until`.
     pub fn replay_into(&self, mut r: Replay, until: u64) -> (Replay, StackTable, usize) {
-        const BATCH: usize = 16 * 1024;
-        let (stacks, errors) = std::thread::scope(|scope| {
-            let (tx, rx) = crossbeam_channel::bounded::<Vec<Event>>(4);
-            let (back_tx, back_rx) = crossbeam_channel::bounded::<Vec<Event>>(6);
-            let decoder = scope.spawn(move || {
-                let mut stacks = StackTable::default();
-                let mut it = self.events(&mut stacks);
-                let mut batch = Vec::with_capacity(BATCH);
-                for ev in it.by_ref() {
-                    if ev.seq > until {
-                        break;
-                    }
-                    batch.push(ev);
-                    if batch.len() == BATCH {
-                        let fresh = back_rx
-                            .try_recv()
-                            .unwrap_or_else(|_| Vec::with_capacity(BATCH));
-                        if tx.send(std::mem::replace(&mut batch, fresh)).is_err() {
-                            break;
-                        }
-                    }
+        let mut stacks = StackTable::default();
+        let mut boundaries = self.exec_boundaries.iter().copied().peekable();
+        let errors = self.with_events(&mut stacks, |events| {
+            events.for_each_while(|ev| {
+                if ev.seq > until {
+                    return false;
                 }
-                if !batch.is_empty() {
-                    let _ = tx.send(batch);
+                while boundaries.next_if(|&b| ev.seq >= b).is_some() {
+                    r.exec_reset();
                 }
-                let errors = it.errors;
-                (stacks, errors)
+                r.apply(ev);
+                true
             });
-            let mut boundaries = self.exec_boundaries.iter().copied().peekable();
-            for mut batch in rx {
-                for ev in &batch {
-                    while boundaries.next_if(|&b| ev.seq >= b).is_some() {
-                        r.exec_reset();
-                    }
-                    r.apply(ev);
-                }
-                batch.clear();
-                let _ = back_tx.try_send(batch);
-            }
-            decoder.join().unwrap_or_default()
+            events.errors
         });
         (r, stacks, errors)
     }
