@@ -74,6 +74,54 @@ impl MapBuf {
     }
 }
 
+/// Bytes written after a buffer's end; `commit` makes them part of it. One event is written
+/// this way, with its length kept in a register rather than stored per byte.
+pub(crate) struct Tail<'a> {
+    room: &'a mut [u8],
+    n: usize,
+    len: &'a mut usize,
+}
+
+impl MapBuf {
+    #[inline(always)]
+    pub(crate) fn tail(&mut self) -> Tail<'_> {
+        // SAFETY: the bytes from len to MAP_CAP lie inside the mapping, are owned by this value
+        // and are not otherwise borrowed while the Tail (which borrows self) lives.
+        let room =
+            unsafe { std::slice::from_raw_parts_mut(self.ptr.add(self.len), MAP_CAP - self.len) };
+        Tail {
+            room,
+            n: 0,
+            len: &mut self.len,
+        }
+    }
+}
+
+impl Tail<'_> {
+    #[inline(always)]
+    pub(crate) fn commit(self) {
+        *self.len += self.n;
+    }
+}
+
+impl ByteSink for Tail<'_> {
+    /// Bytes past the buffer's end are dropped (callers check `spare` first), as in `MapBuf`.
+    #[inline(always)]
+    fn push_byte(&mut self, b: u8) {
+        if let Some(slot) = self.room.get_mut(self.n) {
+            *slot = b;
+            self.n += 1;
+        }
+    }
+
+    #[inline(always)]
+    fn push_slice(&mut self, s: &[u8]) {
+        for &b in s {
+            self.push_byte(b);
+        }
+    }
+}
+
 impl ByteSink for MapBuf {
     #[inline]
     fn push_byte(&mut self, b: u8) {

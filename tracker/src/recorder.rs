@@ -530,52 +530,18 @@ impl ChunkBuf {
         (seq, time)
     }
 
+    /// The deltas of an event's head from the previous event, which becomes this one.
     #[inline(always)]
-    fn put_event_head(&mut self, e: &mut EventBytes, opcode: u8, seq: u64, time: u64, addr: u64) {
-        e.push_byte(opcode);
-        put_uvarint(e, seq - self.last_seq);
-        put_uvarint(e, time.saturating_sub(self.last_time));
-        put_ivarint(e, addr.wrapping_sub(self.last_addr) as i64);
+    fn head_deltas(&mut self, seq: u64, time: u64, addr: u64) -> (u64, u64, i64) {
+        let d = (
+            seq - self.last_seq,
+            time.saturating_sub(self.last_time),
+            addr.wrapping_sub(self.last_addr) as i64,
+        );
         self.last_seq = seq;
         self.last_time = time.max(self.last_time);
         self.last_addr = addr;
-    }
-}
-
-/// One event's bytes, assembled on the stack and copied into the chunk at once: the chunk's
-/// length is then loaded and stored once per event, not once per byte.
-struct EventBytes {
-    b: [u8; EventBytes::CAP],
-    n: usize,
-}
-
-impl EventBytes {
-    /// Opcode and five varints of at most 10 bytes each.
-    const CAP: usize = 64;
-
-    #[inline(always)]
-    fn new() -> Self {
-        EventBytes {
-            b: [0; Self::CAP],
-            n: 0,
-        }
-    }
-}
-
-impl ByteSink for EventBytes {
-    #[inline(always)]
-    fn push_byte(&mut self, x: u8) {
-        if self.n < Self::CAP {
-            self.b[self.n] = x;
-            self.n += 1;
-        }
-    }
-
-    #[inline(always)]
-    fn push_slice(&mut self, s: &[u8]) {
-        for &x in s {
-            self.push_byte(x);
-        }
+        d
     }
 }
 
@@ -1175,22 +1141,25 @@ fn encode(
         }
     }
     nodes.clear();
-    let mut e = EventBytes::new();
-    match ev {
-        Ev::Alloc(kind, addr, size) => {
-            b.put_event_head(&mut e, op::ALLOC_BASE + kind as u8, seq, time, addr);
-            put_uvarint(&mut e, size);
-            put_uvarint(&mut e, stack as u64);
-        }
-        Ev::Free(addr) => b.put_event_head(&mut e, op::FREE, seq, time, addr),
-        Ev::ReallocFree(addr) => b.put_event_head(&mut e, op::REALLOC_FREE, seq, time, addr),
-        Ev::ReallocFailed => {
-            let last = b.last_addr;
-            b.put_event_head(&mut e, op::REALLOC_FAILED, seq, time, last)
-        }
-    }
+    let (opcode, addr, body) = match ev {
+        Ev::Alloc(kind, addr, size) => (op::ALLOC_BASE + kind as u8, addr, Some((size, stack))),
+        Ev::Free(addr) => (op::FREE, addr, None),
+        Ev::ReallocFree(addr) => (op::REALLOC_FREE, addr, None),
+        Ev::ReallocFailed => (op::REALLOC_FAILED, b.last_addr, None),
+    };
+    let (dseq, dtime, daddr) = b.head_deltas(seq, time, addr);
     if let Some(d) = b.data.as_mut() {
-        d.push_slice(&e.b[..e.n]);
+        // Written in place: no copy, and the buffer's length is stored once.
+        let mut t = d.tail();
+        t.push_byte(opcode);
+        put_uvarint(&mut t, dseq);
+        put_uvarint(&mut t, dtime);
+        put_ivarint(&mut t, daddr);
+        if let Some((size, stack)) = body {
+            put_uvarint(&mut t, size);
+            put_uvarint(&mut t, stack as u64);
+        }
+        t.commit();
     }
 }
 
