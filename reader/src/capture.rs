@@ -320,6 +320,7 @@ impl Capture {
             stacks,
             errors: 0,
             prefetch: Vec::new(),
+            recycle: None,
         }
     }
 }
@@ -350,12 +351,14 @@ struct Decoded {
     damaged: bool,
 }
 
-fn decode_chunk(data: &[u8], ch: &ChunkRef) -> Decoded {
+fn decode_chunk(data: &[u8], ch: &ChunkRef, mut events: Vec<Event>) -> Decoded {
     let mut cur = ChunkCursor::new(data, ch);
     // A compact chunk takes about 2 bytes per event: sized once rather than grown by copying.
     let bytes = ch.end.saturating_sub(ch.ops_offset);
+    events.clear();
+    events.reserve((bytes / 2).min(1 << 20));
     let mut d = Decoded {
-        events: Vec::with_capacity((bytes / 2).min(1 << 20)),
+        events,
         nodes: Vec::new(),
         damaged: false,
     };
@@ -386,15 +389,19 @@ impl Capture {
     ) -> R {
         std::thread::scope(|scope| {
             let mut rxs = Vec::with_capacity(DECODERS);
+            // Up to this many vectors in flight: 2 queued and 1 being filled per worker, 1 read.
+            let (back_tx, back_rx) = crossbeam_channel::bounded::<Vec<Event>>(3 * DECODERS + 1);
             for w in 0..DECODERS {
                 let (tx, rx) = crossbeam_channel::bounded::<Decoded>(2);
                 rxs.push(rx);
                 let data = self.data();
                 let chunks = &self.chunks;
+                let back_rx = back_rx.clone();
                 scope.spawn(move || {
                     for ch in chunks.iter().skip(w).step_by(DECODERS) {
+                        let reuse = back_rx.try_recv().unwrap_or_default();
                         // The merge stopped early (dropped its receivers): stop too.
-                        if tx.send(decode_chunk(data, ch)).is_err() {
+                        if tx.send(decode_chunk(data, ch, reuse)).is_err() {
                             break;
                         }
                     }
@@ -402,6 +409,7 @@ impl Capture {
             }
             let mut events = self.events(stacks);
             events.prefetch = rxs;
+            events.recycle = Some(back_tx);
             f(&mut events)
         })
     }
@@ -415,7 +423,11 @@ enum Decoder<'a> {
     Compact(Box<CompactEvents>),
     /// Decoded ahead by a worker thread (its nodes already in the table); `true` when the
     /// chunk was damaged after these events.
-    Ready(std::vec::IntoIter<Event>, bool),
+    Ready {
+        events: Vec<Event>,
+        next: usize,
+        damaged: bool,
+    },
     /// A chunk that could not be opened (damaged): no events.
     Broken,
 }
@@ -455,9 +467,16 @@ impl<'a> ChunkCursor<'a> {
                 Decoder::Stream(s) => s.next_item()?,
                 Decoder::Compact(z) => z.next_item()?,
                 Decoder::Broken => return Err(FormatError::Compression),
-                Decoder::Ready(events, damaged) => {
-                    return match events.next() {
-                        Some(ev) => Ok(Some(ev)),
+                Decoder::Ready {
+                    events,
+                    next,
+                    damaged,
+                } => {
+                    return match events.get(*next) {
+                        Some(&ev) => {
+                            *next += 1;
+                            Ok(Some(ev))
+                        }
                         None if *damaged => Err(FormatError::Compression),
                         None => Ok(None),
                     };
@@ -524,6 +543,8 @@ pub struct Events<'a> {
     pub errors: usize,
     /// Chunk `i` decoded ahead arrives on `prefetch[i % len]` (empty: decoded here).
     prefetch: Vec<crossbeam_channel::Receiver<Decoded>>,
+    /// Event vectors of finished chunks go back to the decoding workers.
+    recycle: Option<crossbeam_channel::Sender<Vec<Event>>>,
 }
 
 /// Release mapped pages in steps of at least this much.
@@ -532,7 +553,15 @@ const RELEASE_STEP: usize = 32 << 20;
 impl Events<'_> {
     /// Decodes the next event of `slot`; false when the chunk is done.
     fn load(&mut self, slot: usize) -> bool {
-        match self.cursors[slot].advance(self.stacks) {
+        let r = self.cursors[slot].advance(self.stacks);
+        if !matches!(r, Ok(Some(_))) {
+            if let (Some(tx), Decoder::Ready { events, .. }) =
+                (&self.recycle, &mut self.cursors[slot].dec)
+            {
+                let _ = tx.try_send(std::mem::take(events));
+            }
+        }
+        match r {
             Ok(Some(ev)) => {
                 self.cursors[slot].pending = Some(ev);
                 true
@@ -570,23 +599,24 @@ impl Events<'_> {
                 .get(self.next_chunk)
                 .map_or(u64::MAX, |c| c.header.base_seq);
             let cur = &mut self.cursors[slot];
-            let Decoder::Ready(rest, _) = &mut cur.dec else {
+            let Decoder::Ready { events, next, .. } = &mut cur.dec else {
                 continue;
             };
             let Some(first) = cur.pending else { continue };
-            if rest.as_slice().last().unwrap_or(&first).seq >= next_base {
+            let rest = &events[*next..];
+            if rest.last().unwrap_or(&first).seq >= next_base {
                 continue;
             }
             cur.pending = None;
             if !f(&first) {
                 return;
             }
-            for e in rest.as_slice() {
+            for e in rest {
                 if !f(e) {
                     return;
                 }
             }
-            *rest = Vec::new().into_iter();
+            *next = events.len();
             // Ends the chunk (counting it if it was damaged) and frees its slot.
             self.load(slot);
             self.top = None;
@@ -668,7 +698,11 @@ impl Iterator for Events<'_> {
                         self.stacks.insert(id, parent, ip);
                     }
                     ChunkCursor {
-                        dec: Decoder::Ready(d.events.into_iter(), d.damaged),
+                        dec: Decoder::Ready {
+                            events: d.events,
+                            next: 0,
+                            damaged: d.damaged,
+                        },
                         tid: ch.header.tid,
                         pending: None,
                         offset: usize::MAX,
