@@ -56,6 +56,31 @@ struct Snapshot {
 /// Earlier walks kept besides the previous one.
 const RECENT: usize = 4;
 
+/// Whether every (address, value) still holds. Eight words per step without a branch each:
+/// a deep stack's check is the walk's main cost.
+///
+/// # Safety
+/// Every address must be readable.
+#[inline]
+unsafe fn words_hold(reads: &[(u64, u64)]) -> bool {
+    let mut chunks = reads.chunks_exact(8);
+    for c in &mut chunks {
+        let mut diff = 0;
+        for &(addr, val) in c {
+            // SAFETY: the caller's guarantee.
+            diff |= unsafe { std::ptr::read(addr as *const u64) } ^ val;
+        }
+        if diff != 0 {
+            return false;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        // SAFETY: the caller's guarantee.
+        .all(|&(addr, val)| unsafe { std::ptr::read(addr as *const u64) } == val)
+}
+
 /// Per-thread walker state.
 pub struct Walker {
     cache: Box<UnwCache>,
@@ -148,13 +173,10 @@ impl Walker {
         if !f.is(ip, sp, bp) {
             return None;
         }
-        let valid = self.reads[..f.reads_end as usize]
-            .iter()
-            // SAFETY: each address was read during an earlier walk of this same thread's stack,
-            // within [sp, stack top) of a frame that is still live (its sp is at or above the
-            // current stack pointer), so it is mapped and readable.
-            .all(|&(addr, val)| unsafe { std::ptr::read(addr as *const u64) } == val);
-        valid.then_some(i)
+        // SAFETY: each address was read during an earlier walk of this same thread's stack,
+        // within [sp, stack top) of a frame that is still live (its sp is at or above the current
+        // stack pointer), so it is mapped and readable.
+        unsafe { words_hold(&self.reads[..f.reads_end as usize]) }.then_some(i)
     }
 
     /// A walk kept in `recent` whose innermost frame is the caller's and whose words all still
@@ -168,12 +190,10 @@ impl Walker {
         }
         let i = self.recent.iter().position(|r| {
             same(r.frames.last())
-                && r.reads.iter().all(|&(addr, val)| {
-                    // SAFETY: as in `reusable`: read by an earlier walk of this thread's stack,
-                    // at or above the innermost frame's sp, which equals the current caller's,
-                    // so still within the live stack.
-                    unsafe { std::ptr::read(addr as *const u64) == val }
-                })
+                // SAFETY: as in `reusable`: read by an earlier walk of this thread's stack, at
+                // or above the innermost frame's sp, which equals the current caller's, so
+                // still within the live stack.
+                && unsafe { words_hold(&r.reads) }
         })?;
         let r = &mut self.recent[i];
         std::mem::swap(&mut self.frames, &mut r.frames);
@@ -305,13 +325,28 @@ impl Walker {
         // Whether the frame outside the next one depends on its bp (a matched outer frame
         // carries its own flag; an unknown end does).
         let mut outer_dep = !matches!(self.frames.last(), Some(f) if !f.bp_dep);
+        let mut outer_sp = self.frames.last().map(|f| f.sp);
         for k in (0..self.inner.len()).rev() {
             let (fip, fsp, fbp, end, flags) = self.inner[k];
+            let start = if k == 0 { 0 } else { self.inner[k - 1].3 };
+            let step_reads = &self.inner_reads[start as usize..end as usize];
+            // The step from this frame gave the outer frame its ip (the return address, always
+            // at the outer sp - 8 on x86-64), its sp (from this frame's registers) and its bp.
+            // When nothing outwards depends on that bp, the return address is the only word to
+            // check again; checking fewer words is what makes deep stacks cheap to reuse.
+            let ra = outer_sp.filter(|_| !outer_dep).and_then(|osp| {
+                step_reads
+                    .iter()
+                    .find(|r| r.0 == osp.wrapping_sub(8))
+                    .copied()
+            });
+            match ra {
+                Some(r) => self.reads.push(r),
+                None => self.reads.extend_from_slice(step_reads),
+            }
             let bp_dep = flags & USES_BP != 0 || (flags & PASSES_BP != 0 && outer_dep);
             outer_dep = bp_dep;
-            let start = if k == 0 { 0 } else { self.inner[k - 1].3 };
-            self.reads
-                .extend_from_slice(&self.inner_reads[start as usize..end as usize]);
+            outer_sp = Some(fsp);
             parent = self.node(parent, fip, intern);
             self.frames.push(Frame {
                 ip: fip,
