@@ -117,10 +117,21 @@ fn abort_finishes_the_capture_and_says_so() {
 /// Runs the stress fixture in `mode` under `memtrack run` (time-limited); checks it said "ok",
 /// and that its capture is complete and balanced.
 fn stress(work: &Work, mode: &str, args: &[&str]) -> (String, std::path::PathBuf) {
+    stress_with(work, mode, args, &[])
+}
+
+/// `stress` with extra environment variables for the traced program.
+fn stress_with(
+    work: &Work,
+    mode: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (String, std::path::PathBuf) {
     let exe = work.compile("stress.c");
     let cap = work.path(&format!("{mode}.cap"));
     let mut cmd = memtrack_run(&cap, &exe);
     cmd.arg(mode).args(args).current_dir(work.dir());
+    cmd.envs(env.iter().copied());
     let out = run_limited(cmd, Duration::from_secs(240));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(
@@ -162,8 +173,19 @@ fn allocated_by(cap: &std::path::Path, function: &str) -> (u64, u64) {
 /// every event is recorded in order, so the totals balance exactly.
 #[test]
 fn eight_threads_freeing_each_others_blocks_balance_exactly() {
-    let work = Work::new("stress_xfree");
-    let (stdout, cap) = stress(&work, "xfree", &["1000000"]);
+    xfree_balances("stress_xfree", &[]);
+}
+
+/// The same with the buffer handshake and the switch to atomic sequence numbers on plain fences
+/// instead of `membarrier` (what a sandbox that refuses the syscall gets).
+#[test]
+fn eight_threads_balance_exactly_without_membarrier() {
+    xfree_balances("stress_xfree_fences", &[("MEMTRACK_NO_MEMBARRIER", "1")]);
+}
+
+fn xfree_balances(name: &str, env: &[(&str, &str)]) {
+    let work = Work::new(name);
+    let (stdout, cap) = stress_with(&work, "xfree", &["1000000"], env);
     let bytes: u64 = stdout
         .lines()
         .find_map(|l| l.strip_prefix("allocated "))

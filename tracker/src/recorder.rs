@@ -918,7 +918,14 @@ static ASYM: AtomicBool = AtomicBool::new(false);
 
 /// Registers the process for `membarrier` (once per process image, and again in a forked
 /// child: registration belongs to the address space).
+/// `MEMTRACK_NO_MEMBARRIER=1` keeps to fences (for sandboxes where the syscall misbehaves; the
+/// tests run both ways).
 fn register_membarrier() {
+    // SAFETY: getenv with a NUL-terminated name; only the pointer's nullness is used.
+    if !unsafe { libc::getenv(c"MEMTRACK_NO_MEMBARRIER".as_ptr()) }.is_null() {
+        ASYM.store(false, Ordering::Release);
+        return;
+    }
     // SAFETY: membarrier with a command and flags 0 has no memory-safety preconditions.
     let ok = unsafe {
         libc::syscall(
