@@ -81,9 +81,21 @@ unsafe fn words_hold(reads: &[(u64, u64)]) -> bool {
         .all(|&(addr, val)| unsafe { std::ptr::read(addr as *const u64) } == val)
 }
 
+/// Rules in one framehop cache (its slot is the address modulo this).
+const RULES: u64 = 509;
+/// Caches of a thread whose stacks overflow one (about 16 KiB each).
+const WIDE_CACHES: usize = 16;
+/// Steps between looks at the cache's misses.
+const CACHE_CHECK: u32 = 1 << 14;
+
 /// Per-thread walker state.
 pub struct Walker {
-    cache: Box<UnwCache>,
+    /// framehop's rule caches. One holds 509 rules, direct-mapped: a program whose stacks run
+    /// through more code than that (an interpreter) keeps evicting rules and evaluating DWARF
+    /// again. A thread that sees many such misses gets `WIDE_CACHES`, chosen by address.
+    caches: Vec<UnwCache>,
+    /// Unwinding steps taken, for the periodic look at the cache's misses.
+    steps: u32,
     /// The previous walk, outermost frame first. Empty when there is none to reuse.
     frames: Vec<Frame>,
     reads: Vec<(u64, u64)>,
@@ -120,7 +132,8 @@ impl Default for Walker {
 impl Walker {
     pub fn new() -> Self {
         Walker {
-            cache: Box::new(UnwCache::new()),
+            caches: vec![UnwCache::new()],
+            steps: 0,
             frames: Vec::new(),
             reads: Vec::new(),
             complete: false,
@@ -130,6 +143,18 @@ impl Walker {
             above: Default::default(),
             recent: Default::default(),
             recent_next: 0,
+        }
+    }
+
+    /// One cache evicting rules on more than one step in ten: take `WIDE_CACHES`.
+    #[cold]
+    fn widen_cache(&mut self) {
+        if self.caches.len() != 1 {
+            return;
+        }
+        let st = self.caches[0].stats();
+        if st.miss_wrong_address_count * 10 > st.total() {
+            self.caches.resize_with(WIDE_CACHES, UnwCache::new);
         }
     }
 
@@ -214,7 +239,13 @@ impl Walker {
         marker: u64,
         intern: &mut impl FnMut(u32, u64) -> u32,
     ) -> Walk {
-        match crate::unwind::caller_above(unw, &mut self.cache, &mut self.above, stack_hi, marker) {
+        match crate::unwind::caller_above(
+            unw,
+            &mut self.caches[0],
+            &mut self.above,
+            stack_hi,
+            marker,
+        ) {
             Some(caller) => self.walk(unw, stack_hi, caller, intern),
             None => Walk { node: 0, outer: 0 },
         }
@@ -264,7 +295,13 @@ impl Walker {
                         Err(())
                     }
                 };
-                let step = unw.unwind_frame(addr, &mut regs, &mut self.cache, &mut read_stack);
+                let which = ((ip / RULES) % self.caches.len() as u64) as usize;
+                let cache = &mut self.caches[which];
+                let step = unw.unwind_frame(addr, &mut regs, cache, &mut read_stack);
+                self.steps = self.steps.wrapping_add(1);
+                if self.steps.is_multiple_of(CACHE_CHECK) {
+                    self.widen_cache();
+                }
                 // A caller frame just above bp may have been found through bp (the frame
                 // pointer rule puts it at bp + 16; a DWARF rule may use another offset); a
                 // coincidence only makes the check stricter. A step that ends the walk is taken
