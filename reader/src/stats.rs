@@ -43,41 +43,45 @@ impl Capture {
         let mut temporary = SiteSums::default();
         // Per thread: its most recent allocation (address, size, stack), until anything else.
         let mut last: FastMap<u32, (u64, u64, u32)> = FastMap::default();
-        for ev in self.events(&mut stacks) {
-            match ev.kind {
-                EventKind::Alloc {
-                    kind,
-                    addr,
-                    size,
-                    stack,
-                } => {
-                    let b = if size == 0 {
-                        0
-                    } else {
-                        64 - (size - 1).leading_zeros() as usize
-                    };
-                    let bucket = &mut hist[b.min(64)];
-                    bucket.count += 1;
-                    bucket.bytes = bucket.bytes.saturating_add(size);
-                    let k = &mut kinds[kind as usize];
-                    k.0 += 1;
-                    k.1 = k.1.saturating_add(size);
-                    allocated.add(stack, size);
-                    last.insert(ev.tid, (addr, size, stack));
-                }
-                EventKind::Free { addr } => {
-                    if let Some(&(a, size, stack)) = last.get(&ev.tid) {
-                        if a == addr {
-                            temporary.add(stack, size);
-                        }
+        // Decoded ahead on worker threads, as for the replay.
+        self.with_events(&mut stacks, |events| {
+            events.for_each_while(|ev| {
+                match ev.kind {
+                    EventKind::Alloc {
+                        kind,
+                        addr,
+                        size,
+                        stack,
+                    } => {
+                        let b = if size == 0 {
+                            0
+                        } else {
+                            64 - (size - 1).leading_zeros() as usize
+                        };
+                        let bucket = &mut hist[b.min(64)];
+                        bucket.count += 1;
+                        bucket.bytes = bucket.bytes.saturating_add(size);
+                        let k = &mut kinds[kind as usize];
+                        k.0 += 1;
+                        k.1 = k.1.saturating_add(size);
+                        allocated.add(stack, size);
+                        last.insert(ev.tid, (addr, size, stack));
                     }
-                    last.remove(&ev.tid);
+                    EventKind::Free { addr } => {
+                        if let Some(&(a, size, stack)) = last.get(&ev.tid) {
+                            if a == addr {
+                                temporary.add(stack, size);
+                            }
+                        }
+                        last.remove(&ev.tid);
+                    }
+                    EventKind::ReallocFree { .. } | EventKind::ReallocFailed => {
+                        last.remove(&ev.tid);
+                    }
                 }
-                EventKind::ReallocFree { .. } | EventKind::ReallocFailed => {
-                    last.remove(&ev.tid);
-                }
-            }
-        }
+                true
+            })
+        });
         let histogram = hist
             .into_iter()
             .enumerate()

@@ -81,11 +81,14 @@ impl Capture {
             View::Allocated => {
                 let mut stacks = StackTable::default();
                 let mut sums = crate::replay::SiteSums::default();
-                for ev in self.events(&mut stacks) {
-                    if let EventKind::Alloc { size, stack, .. } = ev.kind {
-                        sums.add(stack, size);
-                    }
-                }
+                self.with_events(&mut stacks, |events| {
+                    events.for_each_while(|ev| {
+                        if let EventKind::Alloc { size, stack, .. } = ev.kind {
+                            sums.add(stack, size);
+                        }
+                        true
+                    })
+                });
                 (sums.into_sorted(), stacks)
             }
         };
