@@ -40,9 +40,9 @@ impl Frame {
 /// How one unwinding step used bp: it took the frame from it (`USES_BP`), or left it as it was
 /// for the next frame (`PASSES_BP`).
 const USES_BP: u8 = 1;
+const PASSES_BP: u8 = 2;
 /// A caller frame found less than this far above bp counts as found through bp.
 const BP_WINDOW: u64 = 1 << 16;
-const PASSES_BP: u8 = 2;
 
 /// A whole earlier walk, kept so a stack that recurs after others (a loop calling malloc from
 /// a few sites) is found without unwinding a frame.
@@ -224,10 +224,15 @@ impl Walker {
         std::mem::swap(&mut self.frames, &mut r.frames);
         std::mem::swap(&mut self.reads, &mut r.reads);
         std::mem::swap(&mut self.complete, &mut r.complete);
-        Some(Walk {
+        Some(self.previous())
+    }
+
+    /// The previous walk as a result: its leaf node and outermost frame.
+    fn previous(&self) -> Walk {
+        Walk {
             node: self.frames.last().map_or(0, |f| f.node),
             outer: self.frames.first().map_or(0, |f| f.ip),
-        })
+        }
     }
 
     /// Walks the stack of the caller of the function whose frame holds `marker` (see
@@ -395,10 +400,7 @@ impl Walker {
             });
         }
         self.complete = complete;
-        let walk = Walk {
-            node: self.frames.last().map_or(0, |f| f.node),
-            outer: self.frames.first().map_or(0, |f| f.ip),
-        };
+        let walk = self.previous();
         if too_deep || self.frames.len() > MAX_FRAMES {
             // A walk cut at MAX_FRAMES has no root: nothing outer to reuse.
             self.invalidate();
