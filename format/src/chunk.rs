@@ -3,12 +3,14 @@
 //!
 //! The tracker's threads append events in the simple *stream* encoding (`EVENTS`, one op byte and
 //! varints per event: cheap to write on the hot path). The writer thread turns each chunk into
-//! the *token* encoding (`EVENTS_T`) before it reaches the file: fields split into columns,
-//! addresses predicted from the chunk's own history (an allocation usually reuses an address
-//! freed a moment ago; a free names a block allocated in the same chunk), each number split into
-//! a token byte (its magnitude, compressed with zstd column by column) and raw low bits. Each
-//! chunk still decodes on its own. Format version 2's `EVENTS_Z` (varint columns in one zstd
-//! frame) is still read.
+//! the *rank* encoding (`EVENTS_R`) before it reaches the file: fields split into columns, each
+//! number split into a token byte (its magnitude, compressed with zstd column by column) and raw
+//! low bits, and every address predicted from the chunk's own history. A free names its block by
+//! its rank among the blocks still live (1 = the newest); an allocation reuses an address freed
+//! a moment ago, or starts where a block allocated earlier ends (an allocator splitting free
+//! memory), and a reused small block predicts the size. Ops go two to a byte. Each chunk still
+//! decodes on its own. The earlier encodings, `EVENTS_Z` (version 2) and `EVENTS_T` (version 3),
+//! are still read.
 
 use crate::hash::FastMap;
 use crate::{op, put_uvarint, AllocKind, ChunkHeader, Cursor, FormatError};
@@ -120,6 +122,46 @@ impl<'a> StreamEvents<'a> {
     }
 }
 
+/// `items` in the stream encoding: a chunk's payload as the tracker's threads write it (for tests
+/// and tools; the tracker writes its events in place).
+pub fn encode_stream(header: &ChunkHeader, items: &[Item]) -> Vec<u8> {
+    let mut b = Vec::new();
+    header.encode(&mut b);
+    let (mut seq, mut time, mut addr) = (header.base_seq, header.base_time, 0u64);
+    for &item in items {
+        match item {
+            Item::Node { id, parent, ip } => {
+                b.push(op::STACK_NODE);
+                put_uvarint(&mut b, id);
+                put_uvarint(&mut b, parent);
+                put_uvarint(&mut b, ip);
+            }
+            Item::Event {
+                seq: s,
+                time: t,
+                op: o,
+            } => {
+                let (code, a) = match o {
+                    Op::Alloc { kind, addr, .. } => (op::ALLOC_BASE + kind as u8, addr),
+                    Op::Free { addr } => (op::FREE, addr),
+                    Op::ReallocFree { addr } => (op::REALLOC_FREE, addr),
+                    Op::ReallocFailed => (op::REALLOC_FAILED, addr),
+                };
+                b.push(code);
+                put_uvarint(&mut b, s.wrapping_sub(seq));
+                put_uvarint(&mut b, t.wrapping_sub(time));
+                crate::put_ivarint(&mut b, a.wrapping_sub(addr) as i64);
+                (seq, time, addr) = (s, t, a);
+                if let Op::Alloc { size, stack, .. } = o {
+                    put_uvarint(&mut b, size);
+                    put_uvarint(&mut b, stack);
+                }
+            }
+        }
+    }
+    b
+}
+
 // ---------------------------------------------------------------- compact encodings (EVENTS_Z, EVENTS_T)
 
 // Op codes of the compact encodings' op column.
@@ -147,51 +189,281 @@ const FIELDS: usize = 10;
 
 /// Which column holds each field: `EVENTS_T` gives every field its own; `EVENTS_Z` kept the four
 /// address fields in one column.
-const T_COLUMNS: [usize; FIELDS] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
-const Z_COLUMNS: [usize; FIELDS] = [0, 1, 2, 3, 3, 3, 3, 4, 5, 6];
+const T_COLUMNS: [usize; MAX_COLUMNS] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9];
+const Z_COLUMNS: [usize; MAX_COLUMNS] = [0, 1, 2, 3, 3, 3, 3, 4, 5, 6];
 const Z_COLUMN_COUNT: usize = 7;
+
+// Columns of `EVENTS_R`.
+const R_OPS: usize = 0;
+const R_SEQ: usize = 1;
+const R_TIME: usize = 2;
+const R_FREE: usize = 3;
+const R_ALLOC: usize = 4;
+const R_SIZE: usize = 5;
+const R_SIZE_REL: usize = 6;
+const R_STACK: usize = 7;
+const R_NODE: usize = 8;
+const R_KIND: usize = 9;
+const R_FIELDS: usize = 10;
+const MAX_COLUMNS: usize = R_FIELDS;
+
+// Op classes of `EVENTS_R`, three to an ops byte (`a * 36 + b * 6 + c`).
+const C_MALLOC: u8 = 0;
+const C_ALLOC_OTHER: u8 = 1; // any other kind: the kind column says which
+const C_FREE: u8 = 2;
+const C_REALLOC_FREE: u8 = 3;
+const C_REALLOC_FAILED: u8 = 4;
+const C_NODE: u8 = 5;
+const CLASSES: u8 = 6;
+
+// The address columns' symbols say how the address is given as well as the number's token.
+// An allocation's address: reused (a free `v` back), after (the end of the block allocated `v`
+// back), or new (a zigzag delta from the last new address, in short tokens).
+const A_REUSED: u8 = 0;
+const A_AFTER: u8 = 64;
+const A_NEW: u8 = 128;
+// A free's block: by rank among the live blocks allocated in this chunk, or another (a zigzag
+// delta from the last such address, in short tokens).
+const F_RANK: u8 = 0;
+const F_OTHER: u8 = 128;
+
+/// Where the next block starts after a block of `size` bytes at `addr`, in glibc's layout: 8
+/// bytes of header, 16-byte granules, 32 bytes at least. Other allocators only predict less.
+#[inline]
+fn block_end(addr: u64, size: u64) -> u64 {
+    addr.wrapping_add((size.saturating_add(8 + 15) & !15).max(32))
+}
+
+/// Blocks up to this size are reused by size class (glibc's tcache and fast bins): a block
+/// reused from one predicts the new size.
+const SMALL_BLOCK: u64 = 1032;
+
+/// A freed block whose size the chunk does not know (allocated before the chunk).
+const UNKNOWN_SIZE: u64 = u64::MAX;
+
+/// The live blocks among a chunk's allocations (by allocation index): a bitmap, with a count per
+/// 512 allocations, so a rank from the newest is a few loads and popcounts away.
+#[derive(Default)]
+struct LiveSet {
+    words: Vec<u64>,
+    groups: Vec<u16>,
+}
+
+/// Words per group count.
+const GROUP: usize = 8;
+
+impl LiveSet {
+    fn clear(&mut self) {
+        self.words.clear();
+        self.groups.clear();
+    }
+
+    #[inline]
+    fn insert(&mut self, i: usize) {
+        let w = i >> 6;
+        if w >= self.words.len() {
+            self.words.resize(w + 1, 0);
+            self.groups.resize(w / GROUP + 1, 0);
+        }
+        let bit = 1u64 << (i & 63);
+        if self.words[w] & bit == 0 {
+            self.words[w] |= bit;
+            self.groups[w / GROUP] += 1;
+        }
+    }
+
+    #[inline]
+    fn remove(&mut self, i: usize) {
+        let w = i >> 6;
+        let bit = 1u64 << (i & 63);
+        if let Some(word) = self.words.get_mut(w) {
+            if *word & bit != 0 {
+                *word &= !bit;
+                self.groups[w / GROUP] -= 1;
+            }
+        }
+    }
+
+    /// How many live blocks have an index of `i` or more.
+    #[inline]
+    fn rank(&self, i: usize) -> u64 {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("popcnt") {
+            // SAFETY: the CPU has the instruction (just checked).
+            return unsafe { self.rank_popcnt(i) };
+        }
+        self.rank_any(i)
+    }
+
+    /// The index of the live block of rank `r` (1 = the newest).
+    #[inline]
+    fn select(&self, r: u64) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("popcnt") {
+            // SAFETY: the CPU has the instruction (just checked).
+            return unsafe { self.select_popcnt(r) };
+        }
+        self.select_any(r)
+    }
+
+    // Compiled twice: a software popcount costs a dozen instructions where the CPU's costs one,
+    // and x86-64's baseline lacks it.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "popcnt")]
+    unsafe fn rank_popcnt(&self, i: usize) -> u64 {
+        self.rank_any(i)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "popcnt")]
+    unsafe fn select_popcnt(&self, r: u64) -> Option<usize> {
+        self.select_any(r)
+    }
+
+    #[inline(always)]
+    fn rank_any(&self, i: usize) -> u64 {
+        let w = i >> 6;
+        let Some(&first) = self.words.get(w) else {
+            return 0;
+        };
+        let mut n = (first >> (i & 63)).count_ones() as u64;
+        let group_end = (w / GROUP + 1) * GROUP;
+        for &x in &self.words[w + 1..group_end.min(self.words.len())] {
+            n += x.count_ones() as u64;
+        }
+        for &g in &self.groups[w / GROUP + 1..] {
+            n += g as u64;
+        }
+        n
+    }
+
+    #[inline(always)]
+    fn select_any(&self, mut r: u64) -> Option<usize> {
+        if r == 0 {
+            return None;
+        }
+        let mut g = self.groups.len();
+        loop {
+            g = g.checked_sub(1)?;
+            let c = self.groups[g] as u64;
+            if c >= r {
+                break;
+            }
+            r -= c;
+        }
+        let mut w = ((g + 1) * GROUP).min(self.words.len()).checked_sub(1)?;
+        loop {
+            let x = self.words[w];
+            let c = x.count_ones() as u64;
+            if c >= r {
+                // The r-th set bit from the top is the (c - r)-th from the bottom.
+                return Some((w << 6) | select_bit(x, (c - r) as u32) as usize);
+            }
+            r -= c;
+            w = w.checked_sub(1)?;
+        }
+    }
+}
+
+/// Position of the `j`-th (from 0) set bit of `x`, counting from the least significant; `x` has
+/// more than `j` set bits.
+#[inline(always)]
+fn select_bit(mut x: u64, mut j: u32) -> u32 {
+    let mut pos = 0;
+    for half in [32, 16, 8] {
+        let low = (x & ((1u64 << half) - 1)).count_ones();
+        if j >= low {
+            j -= low;
+            x >>= half;
+            pos += half;
+        }
+    }
+    pos + SELECT_IN_BYTE[(x & 0xff) as usize][(j & 7) as usize] as u32
+}
+
+/// `SELECT_IN_BYTE[b][j]`: position of the `j`-th set bit of byte `b`.
+static SELECT_IN_BYTE: [[u8; 8]; 256] = {
+    let mut t = [[0u8; 8]; 256];
+    let mut b = 0;
+    while b < 256 {
+        let (mut bit, mut j) = (0, 0);
+        while bit < 8 {
+            if b & (1 << bit) != 0 {
+                t[b][j] = bit as u8;
+                j += 1;
+            }
+            bit += 1;
+        }
+        b += 1;
+    }
+    t
+};
+
+#[inline]
+fn zigzag(v: u64) -> u64 {
+    let v = v as i64;
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+#[inline]
+fn unzigzag(u: u64) -> u64 {
+    (((u >> 1) as i64) ^ -((u & 1) as i64)) as u64
+}
 
 /// Largest decompressed column block accepted (damage guard: a chunk holds what one thread
 /// buffered, a few hundred KiB of stream encoding, and its columns are no larger).
 const MAX_BLOCK: u64 = 1 << 26;
 
-/// Splits `v` into a token byte and extra bits: values below 16 are their own token; larger ones
-/// are named by their bit length and the two bits below the top one, and the remaining low bits
-/// follow raw. zstd's entropy coder then sees a small alphabet per column, and the bits it could
-/// not compress anyway skip it.
-#[inline]
-fn token(v: u64) -> (u8, u32, u64) {
-    if v < 16 {
-        return (v as u8, 0, 0);
-    }
-    let len = 64 - v.leading_zeros(); // 5..=64
-    let extra = len - 3;
-    let top = (v >> extra) & 3;
-    (
-        (16 + 4 * (len - 5) + top as u32) as u8,
-        extra,
-        v & ((1u64 << extra) - 1),
-    )
-}
+/// Splits numbers into a token byte and extra bits: numbers below `D` are their own token; larger
+/// ones are named by their bit length and the `M` bits below the top one, and the remaining low
+/// bits follow raw. zstd's entropy coder then sees a small alphabet per column, and the bits it
+/// could not compress anyway skip it.
+struct Tokens<const D: u64, const M: u32>;
 
-/// Number of extra bits that follow token `t`.
-#[inline]
-fn token_extra(t: u8) -> u32 {
-    if t < 16 {
-        0
-    } else {
-        (t as u32 - 16) / 4 + 2
-    }
-}
+/// The tokens of most columns: 256 for every u64.
+type Long = Tokens<16, 2>;
+/// Short tokens, for fields that share a column's symbols with another: 128 for every u64.
+type Short = Tokens<4, 1>;
 
-/// Value of token `t` with its extra bits `x`.
-#[inline]
-fn token_value(t: u8, x: u64) -> u64 {
-    if t < 16 {
-        return t as u64;
+impl<const D: u64, const M: u32> Tokens<D, M> {
+    /// Bit length of the smallest number that is not its own token.
+    const FIRST_LEN: u32 = 64 - D.leading_zeros();
+
+    /// The token of `v`, how many extra bits follow, and those bits.
+    #[inline]
+    fn split(v: u64) -> (u8, u32, u64) {
+        if v < D {
+            return (v as u8, 0, 0);
+        }
+        let len = 64 - v.leading_zeros();
+        let extra = len - 1 - M;
+        let top = (v >> extra) & ((1 << M) - 1);
+        (
+            (D + ((len - Self::FIRST_LEN) << M) as u64 + top) as u8,
+            extra,
+            v & ((1u64 << extra) - 1),
+        )
     }
-    let top = 4 | (t as u64 - 16) & 3;
-    (top << token_extra(t)) | x
+
+    /// Number of extra bits that follow token `t`.
+    #[inline]
+    fn extra(t: u8) -> u32 {
+        if (t as u64) < D {
+            0
+        } else {
+            ((t as u64 - D) >> M) as u32 + Self::FIRST_LEN - 1 - M
+        }
+    }
+
+    /// Value of token `t` with its extra bits `x`.
+    #[inline]
+    fn value(t: u8, x: u64) -> u64 {
+        if (t as u64) < D {
+            return t as u64;
+        }
+        let top = (1 << M) | (t as u64 - D) & ((1 << M) - 1);
+        (top << Self::extra(t)) | x
+    }
 }
 
 /// Appends bit fields least significant bit first.
@@ -231,10 +503,18 @@ impl BitWriter {
 /// Reusable state of the transcoder (the writer thread keeps one).
 #[derive(Default)]
 pub struct Compactor {
-    cols: [Vec<u8>; FIELDS],
+    cols: [Vec<u8>; R_FIELDS],
     bits: BitWriter,
-    allocs: FastMap<u64, u32>,
-    frees: FastMap<u64, u32>,
+    /// Blocks allocated in the chunk and not freed: address to (allocation index, size).
+    allocs: FastMap<u64, (u32, u64)>,
+    /// Where the chunk's blocks end: address to the latest allocation index ending there.
+    ends: FastMap<u64, u32>,
+    /// Addresses freed in the chunk and not reused: address to (free number, size).
+    frees: FastMap<u64, (u32, u64)>,
+    live: LiveSet,
+    /// Op classes not yet in an ops byte: their count and value.
+    nops: u8,
+    ops: u8,
     block: Vec<u8>,
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
 }
@@ -246,7 +526,7 @@ impl Compactor {
 
     #[inline]
     fn put(&mut self, field: usize, v: u64) {
-        let (t, n, x) = token(v);
+        let (t, n, x) = Long::split(v);
         self.cols[field].push(t);
         if n > 0 {
             self.bits.put(x, n);
@@ -254,12 +534,41 @@ impl Compactor {
     }
 
     #[inline]
-    fn put_signed(&mut self, field: usize, v: u64) {
-        let v = v as i64;
-        self.put(field, ((v << 1) ^ (v >> 63)) as u64);
+    fn put_short(&mut self, field: usize, base: u8, v: u64) {
+        let (t, n, x) = Short::split(v);
+        self.cols[field].push(base + t);
+        if n > 0 {
+            self.bits.put(x, n);
+        }
     }
 
-    /// Transcodes the stream-encoded `EVENTS` payload into a framed `EVENTS_T` record appended to
+    /// A number of a field whose symbols share the token space with others: `Some` when its
+    /// token is below `limit`.
+    #[inline]
+    fn put_below(&mut self, field: usize, base: u8, limit: u8, v: u64) -> bool {
+        let (t, n, x) = Long::split(v);
+        if t >= limit {
+            return false;
+        }
+        self.cols[field].push(base + t);
+        if n > 0 {
+            self.bits.put(x, n);
+        }
+        true
+    }
+
+    #[inline]
+    fn op(&mut self, class: u8) {
+        self.ops = self.ops * CLASSES + class;
+        self.nops += 1;
+        if self.nops == 3 {
+            self.cols[R_OPS].push(self.ops);
+            self.ops = 0;
+            self.nops = 0;
+        }
+    }
+
+    /// Transcodes the stream-encoded `EVENTS` payload into a framed `EVENTS_R` record appended to
     /// `out`.
     pub fn compact(
         &mut self,
@@ -275,7 +584,11 @@ impl Compactor {
         }
         self.bits.out.clear();
         self.allocs.clear();
+        self.ends.clear();
         self.frees.clear();
+        self.live.clear();
+        self.nops = 0;
+        self.ops = 0;
         let (mut acnt, mut fcnt) = (0u32, 0u32);
         let (mut seq, mut time) = (header.base_seq, header.base_time);
         let (mut new_addr, mut other_free, mut stack_prev) = (0u64, 0u64, 0u64);
@@ -283,73 +596,102 @@ impl Compactor {
         let mut n_ops = 0u64;
         while let Some(item) = events.next_item()? {
             n_ops += 1;
-            match item {
+            let (s, t, op) = match item {
                 Item::Node { id, parent, ip } => {
-                    self.cols[F_OPS].push(Z_NODE);
-                    self.put_signed(F_NODE, id.wrapping_sub(node_prev));
-                    self.put(F_NODE, id.wrapping_sub(parent));
-                    self.put_signed(F_NODE, ip.wrapping_sub(ip_prev));
+                    self.op(C_NODE);
+                    self.put(R_NODE, zigzag(id.wrapping_sub(node_prev)));
+                    self.put(R_NODE, id.wrapping_sub(parent));
+                    self.put(R_NODE, zigzag(ip.wrapping_sub(ip_prev)));
                     node_prev = id;
                     ip_prev = ip;
+                    continue;
                 }
-                Item::Event {
-                    seq: s,
-                    time: t,
-                    op,
+                Item::Event { seq, time, op } => (seq, time, op),
+            };
+            // Each field in the order the decoder reads it: op, seq, time, address, kind, size,
+            // stack.
+            self.op(match op {
+                Op::Alloc { kind, .. } if kind == AllocKind::Malloc => C_MALLOC,
+                Op::Alloc { .. } => C_ALLOC_OTHER,
+                Op::Free { .. } => C_FREE,
+                Op::ReallocFree { .. } => C_REALLOC_FREE,
+                Op::ReallocFailed => C_REALLOC_FAILED,
+            });
+            self.put(R_SEQ, s.wrapping_sub(seq));
+            self.put(R_TIME, t.wrapping_sub(time));
+            seq = s;
+            time = t;
+            match op {
+                Op::Alloc {
+                    kind,
+                    addr,
+                    size,
+                    stack,
                 } => {
-                    let code = match op {
-                        Op::Alloc { kind, addr, .. } => {
-                            if self.frees.contains_key(&addr) {
-                                Z_ALLOC_REUSED + kind as u8
-                            } else {
-                                Z_ALLOC_NEW + kind as u8
-                            }
+                    let reused = self.frees.remove(&addr);
+                    let given = match reused {
+                        Some((i, _)) => {
+                            self.put_below(R_ALLOC, A_REUSED, A_AFTER, (fcnt - i + 1) as u64)
                         }
-                        Op::Free { addr } => match self.allocs.contains_key(&addr) {
-                            true => Z_FREE_KNOWN,
-                            false => Z_FREE_OTHER,
-                        },
-                        Op::ReallocFree { addr } => match self.allocs.contains_key(&addr) {
-                            true => Z_REALLOC_FREE_KNOWN,
-                            false => Z_REALLOC_FREE_OTHER,
-                        },
-                        Op::ReallocFailed => Z_REALLOC_FAILED,
+                        None => false,
+                    } || match self.ends.get(&addr) {
+                        Some(&i) => self.put_below(R_ALLOC, A_AFTER, A_AFTER, (acnt - i) as u64),
+                        None => false,
                     };
-                    self.cols[F_OPS].push(code);
-                    self.put(F_SEQ, s.wrapping_sub(seq));
-                    self.put(F_TIME, t.wrapping_sub(time));
-                    seq = s;
-                    time = t;
-                    match op {
-                        Op::Alloc {
-                            addr, size, stack, ..
-                        } => {
-                            if let Some(i) = self.frees.remove(&addr) {
-                                self.put(F_ALLOC_REUSED, (fcnt - i + 1) as u64);
-                            } else {
-                                self.put_signed(F_ALLOC_NEW, addr.wrapping_sub(new_addr));
-                                new_addr = addr;
-                            }
-                            acnt += 1;
-                            self.allocs.insert(addr, acnt);
-                            self.put(F_SIZE, size);
-                            self.put_signed(F_STACK, stack.wrapping_sub(stack_prev));
-                            stack_prev = stack;
-                        }
-                        Op::Free { addr } | Op::ReallocFree { addr } => {
-                            if let Some(i) = self.allocs.remove(&addr) {
-                                self.put(F_FREE_KNOWN, (acnt - i + 1) as u64);
-                            } else {
-                                self.put_signed(F_FREE_OTHER, addr.wrapping_sub(other_free));
-                                other_free = addr;
-                            }
-                            fcnt += 1;
-                            self.frees.insert(addr, fcnt);
-                        }
-                        Op::ReallocFailed => {}
+                    if !given {
+                        self.put_short(R_ALLOC, A_NEW, zigzag(addr.wrapping_sub(new_addr)));
+                        new_addr = addr;
                     }
+                    if kind != AllocKind::Malloc {
+                        self.cols[R_KIND].push(kind as u8);
+                    }
+                    // Only a reused address (given as such) predicts the size.
+                    let reused = match reused {
+                        Some((i, size)) if Long::split((fcnt - i + 1) as u64).0 < A_AFTER => size,
+                        _ => UNKNOWN_SIZE,
+                    };
+                    if reused <= SMALL_BLOCK {
+                        self.put(R_SIZE_REL, zigzag(size.wrapping_sub(reused)));
+                    } else {
+                        self.put(R_SIZE, size);
+                    }
+                    self.put(R_STACK, zigzag(stack.wrapping_sub(stack_prev)));
+                    stack_prev = stack;
+                    self.allocs.insert(addr, (acnt, size));
+                    self.ends.insert(block_end(addr, size), acnt);
+                    self.live.insert(acnt as usize);
+                    acnt += 1;
                 }
+                Op::Free { addr } | Op::ReallocFree { addr } => {
+                    let known = self.allocs.remove(&addr);
+                    let given = match known {
+                        Some((i, _)) => {
+                            let rank = self.live.rank(i as usize);
+                            self.put_below(R_FREE, F_RANK, F_OTHER, rank)
+                        }
+                        None => false,
+                    };
+                    if !given {
+                        self.put_short(R_FREE, F_OTHER, zigzag(addr.wrapping_sub(other_free)));
+                        other_free = addr;
+                    }
+                    // A block given otherwise stays live for the decoder, which cannot know it.
+                    let size = match known {
+                        Some((i, size)) if given => {
+                            self.live.remove(i as usize);
+                            size
+                        }
+                        _ => UNKNOWN_SIZE,
+                    };
+                    fcnt += 1;
+                    self.frees.insert(addr, (fcnt, size));
+                }
+                Op::ReallocFailed => {}
             }
+        }
+        while self.nops != 0 {
+            // Padding classes: the op count says where the chunk ends.
+            self.op(0);
         }
         self.bits.finish();
         // Each column is compressed on its own, so each gets an entropy table fitted to it.
@@ -382,7 +724,7 @@ impl Compactor {
         }
         payload.extend_from_slice(&self.block);
         payload.extend_from_slice(&self.bits.out);
-        crate::put_record(out, crate::record::EVENTS_T, &payload);
+        crate::put_record(out, crate::record::EVENTS_R, &payload);
         Ok(())
     }
 }
@@ -427,16 +769,20 @@ pub enum Compact {
     Z,
     /// `EVENTS_T` (format version 3): token columns and a raw bit stream of extra bits.
     T,
+    /// `EVENTS_R` (format version 4): `EVENTS_T`'s tokens; frees by rank among live blocks,
+    /// ops in pairs, addresses after block ends, sizes relative to the reused block.
+    R,
 }
 
 /// Decoder of the compact encodings. Owns the decompressed block (and, for `EVENTS_T`, a copy of
 /// the extra bits after it).
 pub struct CompactEvents {
     block: Vec<u8>,
-    cols: [Col; FIELDS],
+    cols: [Col; MAX_COLUMNS],
     /// Field to column (`EVENTS_Z` shares one column between the address fields).
-    map: [usize; FIELDS],
+    map: [usize; MAX_COLUMNS],
     tokens: bool,
+    rank: bool,
     // The extra-bit reader: `acc` holds `nbits` unread bits; `bits` is where it refills from.
     bits: Col,
     acc: u64,
@@ -451,6 +797,14 @@ pub struct CompactEvents {
     stack_prev: u64,
     node_prev: u64,
     ip_prev: u64,
+    // `EVENTS_R` only: addresses and sizes of the chunk's allocations and frees, the live
+    // allocations.
+    r_allocs: Vec<(u64, u64)>,
+    r_frees: Vec<(u64, u64)>,
+    live: LiveSet,
+    /// Op classes of the last ops byte not yet used: how many, and the three.
+    nops: u8,
+    ops: [u8; 3],
 }
 
 impl CompactEvents {
@@ -459,12 +813,13 @@ impl CompactEvents {
         let mut c = Cursor::new(data);
         let (mut block, spans, left) = match encoding {
             Compact::Z => Self::z_block(&mut c)?,
-            Compact::T => Self::t_block(&mut c)?,
+            Compact::T => Self::t_block(&mut c, FIELDS)?,
+            Compact::R => Self::t_block(&mut c, R_FIELDS)?,
         };
         let extra = c.rest();
         let map = match encoding {
             Compact::Z => &Z_COLUMNS,
-            Compact::T => &T_COLUMNS,
+            Compact::T | Compact::R => &T_COLUMNS,
         };
         let bits = Col {
             pos: block.len(),
@@ -475,7 +830,8 @@ impl CompactEvents {
             block,
             cols: spans,
             map: *map,
-            tokens: encoding == Compact::T,
+            tokens: encoding != Compact::Z,
+            rank: encoding == Compact::R,
             bits,
             acc: 0,
             nbits: 0,
@@ -489,11 +845,17 @@ impl CompactEvents {
             stack_prev: 0,
             node_prev: 0,
             ip_prev: 0,
+            // Allocations and frees are about half of a chunk's ops each.
+            r_allocs: Vec::with_capacity(rank_capacity(encoding, left)),
+            r_frees: Vec::with_capacity(rank_capacity(encoding, left)),
+            live: LiveSet::default(),
+            nops: 0,
+            ops: [0; 3],
         })
     }
 
     /// `EVENTS_Z`: one zstd frame holding the op count, the column lengths and the columns.
-    fn z_block(c: &mut Cursor<'_>) -> Result<(Vec<u8>, [Col; FIELDS], u64), FormatError> {
+    fn z_block(c: &mut Cursor<'_>) -> Result<(Vec<u8>, [Col; MAX_COLUMNS], u64), FormatError> {
         let raw_len = c.uvarint()?;
         if raw_len > MAX_BLOCK {
             return Err(FormatError::Compression);
@@ -505,7 +867,7 @@ impl CompactEvents {
         }
         let mut b = Cursor::new(&block);
         let left = b.uvarint()?;
-        let mut spans = [Col::default(); FIELDS];
+        let mut spans = [Col::default(); MAX_COLUMNS];
         let mut pos = 0u64;
         let mut lens = [0u64; Z_COLUMN_COUNT];
         for l in lens.iter_mut() {
@@ -526,13 +888,17 @@ impl CompactEvents {
         Ok((block, spans, left))
     }
 
-    /// `EVENTS_T`: the op count, each column's length and packed length, the columns (each a zstd
-    /// frame, or stored when its packed length is 0); the extra bits follow.
-    fn t_block(c: &mut Cursor<'_>) -> Result<(Vec<u8>, [Col; FIELDS], u64), FormatError> {
+    /// `EVENTS_T` and `EVENTS_R`: the op count, each of the `ncols` columns' length and packed
+    /// length, the columns (each a zstd frame, or stored when its packed length is 0); the extra
+    /// bits follow.
+    fn t_block(
+        c: &mut Cursor<'_>,
+        ncols: usize,
+    ) -> Result<(Vec<u8>, [Col; MAX_COLUMNS], u64), FormatError> {
         let left = c.uvarint()?;
-        let mut lens = [(0u64, 0u64); FIELDS];
+        let mut lens = [(0u64, 0u64); MAX_COLUMNS];
         let mut total = 0u64;
-        for l in lens.iter_mut() {
+        for l in lens[..ncols].iter_mut() {
             *l = (c.uvarint()?, c.uvarint()?);
             total = total.saturating_add(l.0);
         }
@@ -543,7 +909,7 @@ impl CompactEvents {
         // Zeroed by the allocator (untouched pages until written): a damaged length that passes
         // the bound costs address space, not memory, until decompression fails.
         let mut block = vec![0u8; total as usize];
-        let mut spans = [Col::default(); FIELDS];
+        let mut spans = [Col::default(); MAX_COLUMNS];
         let mut pos = 0usize;
         for (span, &(raw, packed)) in spans.iter_mut().zip(&lens) {
             let out = &mut block[pos..pos + raw as usize];
@@ -628,23 +994,23 @@ impl CompactEvents {
             if t < 16 {
                 return Ok(t as u64);
             }
-            return self.token_rest(t);
+            return self.token_rest::<16, 2>(t);
         }
         let col = &mut self.cols[self.map[f]];
         crate::read_uvarint(&self.block, &mut col.pos, col.end)
     }
 
-    /// The value of a token of 16 or more, with its extra bits.
+    /// The number of token `t` of kind `Tokens<D, M>`, with its extra bits.
     #[inline]
-    fn token_rest(&mut self, t: u8) -> Result<u64, FormatError> {
-        let n = token_extra(t);
+    fn token_rest<const D: u64, const M: u32>(&mut self, t: u8) -> Result<u64, FormatError> {
+        let n = Tokens::<D, M>::extra(t);
         let x = if n <= 56 {
             self.read_bits(n)?
         } else {
             let lo = self.read_bits(32)?;
             lo | (self.read_bits(n - 32)? << 32)
         };
-        Ok(token_value(t, x))
+        Ok(Tokens::<D, M>::value(t, x))
     }
 
     #[inline(always)]
@@ -655,6 +1021,9 @@ impl CompactEvents {
 
     #[inline]
     pub fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
+        if self.rank {
+            return self.next_rank_item();
+        }
         if self.left == 0 {
             return Ok(None);
         }
@@ -672,7 +1041,8 @@ impl CompactEvents {
         self.time = self.time.wrapping_add(self.uv(F_TIME)?);
         let op = match code {
             c if c < Z_ALLOC_NEW + 0x10 => {
-                let kind = AllocKind::from_u8(c & 0x0f).ok_or(FormatError::BadOp(c))?;
+                let kind =
+                    AllocKind::from_u8((c - Z_ALLOC_REUSED) & 0x0f).ok_or(FormatError::BadOp(c))?;
                 let reused = c < Z_ALLOC_NEW;
                 let v = self.uv(if reused { F_ALLOC_REUSED } else { F_ALLOC_NEW })?;
                 let addr = resolve_addr(reused, v, &self.frees, &mut self.new_addr)?;
@@ -706,49 +1076,127 @@ impl CompactEvents {
             op,
         }))
     }
+
+    /// `EVENTS_R`: the next item.
+    #[inline]
+    fn next_rank_item(&mut self) -> Result<Option<Item>, FormatError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        self.left -= 1;
+        if self.nops == 0 {
+            let b = self.u8(R_OPS)?;
+            if b >= CLASSES * CLASSES * CLASSES {
+                return Err(FormatError::BadOp(b));
+            }
+            self.ops = [b / 36, b / 6 % 6, b % 6];
+            self.nops = 3;
+        }
+        let class = self.ops[3 - self.nops as usize];
+        self.nops -= 1;
+        if class == C_NODE {
+            let id = self.node_prev.wrapping_add(unzigzag(self.uv(R_NODE)?));
+            let parent = id.wrapping_sub(self.uv(R_NODE)?);
+            let ip = self.ip_prev.wrapping_add(unzigzag(self.uv(R_NODE)?));
+            self.node_prev = id;
+            self.ip_prev = ip;
+            return Ok(Some(Item::Node { id, parent, ip }));
+        }
+        self.seq = self.seq.wrapping_add(self.uv(R_SEQ)?);
+        self.time = self.time.wrapping_add(self.uv(R_TIME)?);
+        let op = match class {
+            C_MALLOC | C_ALLOC_OTHER => {
+                let t = self.u8(R_ALLOC)?;
+                let (addr, reused) = if t < A_AFTER {
+                    let v = self.token_rest::<16, 2>(t)?;
+                    self.r_frees[back(self.r_frees.len(), v)?]
+                } else if t < A_NEW {
+                    let v = self.token_rest::<16, 2>(t - A_AFTER)?;
+                    let (a, size) = self.r_allocs[back(self.r_allocs.len(), v)?];
+                    (block_end(a, size), UNKNOWN_SIZE)
+                } else {
+                    let d = unzigzag(self.token_rest::<4, 1>(t - A_NEW)?);
+                    self.new_addr = self.new_addr.wrapping_add(d);
+                    (self.new_addr, UNKNOWN_SIZE)
+                };
+                let kind = if class == C_MALLOC {
+                    AllocKind::Malloc
+                } else {
+                    let k = self.u8(R_KIND)?;
+                    AllocKind::from_u8(k).ok_or(FormatError::BadOp(k))?
+                };
+                let size = if reused <= SMALL_BLOCK {
+                    reused.wrapping_add(unzigzag(self.uv(R_SIZE_REL)?))
+                } else {
+                    self.uv(R_SIZE)?
+                };
+                self.stack_prev = self.stack_prev.wrapping_add(unzigzag(self.uv(R_STACK)?));
+                self.live.insert(self.r_allocs.len());
+                self.r_allocs.push((addr, size));
+                Op::Alloc {
+                    kind,
+                    addr,
+                    size,
+                    stack: self.stack_prev,
+                }
+            }
+            C_FREE | C_REALLOC_FREE => {
+                let t = self.u8(R_FREE)?;
+                let (addr, size) = if t < F_OTHER {
+                    let r = self.token_rest::<16, 2>(t)?;
+                    let i = self.live.select(r).ok_or(FormatError::Truncated)?;
+                    let block = *self.r_allocs.get(i).ok_or(FormatError::Truncated)?;
+                    self.live.remove(i);
+                    block
+                } else {
+                    let d = unzigzag(self.token_rest::<4, 1>(t - F_OTHER)?);
+                    self.other_free = self.other_free.wrapping_add(d);
+                    (self.other_free, UNKNOWN_SIZE)
+                };
+                self.r_frees.push((addr, size));
+                if class == C_FREE {
+                    Op::Free { addr }
+                } else {
+                    Op::ReallocFree { addr }
+                }
+            }
+            C_REALLOC_FAILED => Op::ReallocFailed,
+            c => return Err(FormatError::BadOp(c)),
+        };
+        Ok(Some(Item::Event {
+            seq: self.seq,
+            time: self.time,
+            op,
+        }))
+    }
+}
+
+/// Room to reserve for a rank chunk's allocations or frees (`left` is damage-checked only by the
+/// block size bound, so this stays modest).
+fn rank_capacity(encoding: Compact, left: u64) -> usize {
+    if encoding == Compact::R {
+        (left / 2 + 16).min(1 << 16) as usize
+    } else {
+        0
+    }
+}
+
+/// The index `v` steps back from the end of a history of `len` entries (1 = the latest).
+#[inline]
+fn back(len: usize, v: u64) -> Result<usize, FormatError> {
+    (len as u64)
+        .checked_sub(v)
+        .filter(|_| v > 0)
+        .map(|i| i as usize)
+        .ok_or(FormatError::Truncated)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::put_ivarint;
 
     fn stream_chunk(header: ChunkHeader, items: &[Item]) -> Vec<u8> {
-        let mut b = Vec::new();
-        header.encode(&mut b);
-        let (mut seq, mut time, mut addr) = (header.base_seq, header.base_time, 0u64);
-        for it in items {
-            match *it {
-                Item::Node { id, parent, ip } => {
-                    b.push(op::STACK_NODE);
-                    put_uvarint(&mut b, id);
-                    put_uvarint(&mut b, parent);
-                    put_uvarint(&mut b, ip);
-                }
-                Item::Event {
-                    seq: s,
-                    time: t,
-                    op: o,
-                } => {
-                    let (code, a) = match o {
-                        Op::Alloc { kind, addr, .. } => (op::ALLOC_BASE + kind as u8, addr),
-                        Op::Free { addr } => (op::FREE, addr),
-                        Op::ReallocFree { addr } => (op::REALLOC_FREE, addr),
-                        Op::ReallocFailed => (op::REALLOC_FAILED, addr),
-                    };
-                    b.push(code);
-                    put_uvarint(&mut b, s - seq);
-                    put_uvarint(&mut b, t - time);
-                    put_ivarint(&mut b, a.wrapping_sub(addr) as i64);
-                    (seq, time, addr) = (s, t, a);
-                    if let Op::Alloc { size, stack, .. } = o {
-                        put_uvarint(&mut b, size);
-                        put_uvarint(&mut b, stack);
-                    }
-                }
-            }
-        }
-        b
+        encode_stream(&header, items)
     }
 
     #[test]
@@ -812,11 +1260,11 @@ mod tests {
         let crate::Next::Record(r) = crate::next_record(&out, 0) else {
             panic!("not a record")
         };
-        assert_eq!(r.kind, crate::record::EVENTS_T);
+        assert_eq!(r.kind, crate::record::EVENTS_R);
         let mut c = Cursor::new(r.payload);
         let h2 = ChunkHeader::decode(&mut c).unwrap();
         assert_eq!(h2, header);
-        let mut z = CompactEvents::new(c.rest(), &h2, Compact::T).unwrap();
+        let mut z = CompactEvents::new(c.rest(), &h2, Compact::R).unwrap();
         let mut back = Vec::new();
         while let Some(it) = z.next_item().unwrap() {
             back.push(it);
@@ -832,10 +1280,15 @@ mod tests {
             values.extend([b - 1, b, b + 1, b | (b >> 1), b | (b >> 2) | 1]);
         }
         for &v in &values {
-            let (t, n, x) = token(v);
-            assert_eq!(n, token_extra(t), "{v}");
+            let (t, n, x) = Long::split(v);
+            assert_eq!(n, Long::extra(t), "{v}");
             assert_eq!(x >> n, 0, "{v}");
-            assert_eq!(token_value(t, x), v, "{v}");
+            assert_eq!(Long::value(t, x), v, "{v}");
+            let (t, n, x) = Short::split(v);
+            assert!(t < 128, "{v}");
+            assert_eq!(n, Short::extra(t), "{v}");
+            assert_eq!(x >> n, 0, "{v}");
+            assert_eq!(Short::value(t, x), v, "{v}");
         }
         // And through a chunk: sizes and stack ids of every magnitude, addresses far apart.
         let header = ChunkHeader {
@@ -866,12 +1319,45 @@ mod tests {
         };
         let mut c = Cursor::new(r.payload);
         let h = ChunkHeader::decode(&mut c).unwrap();
-        let mut z = CompactEvents::new(c.rest(), &h, Compact::T).unwrap();
+        let mut z = CompactEvents::new(c.rest(), &h, Compact::R).unwrap();
         let mut back = Vec::new();
         while let Some(it) = z.next_item().unwrap() {
             back.push(it);
         }
         assert_eq!(back, items);
+    }
+
+    #[test]
+    fn live_set_ranks_and_selects() {
+        for j in 0..64 {
+            let x = u64::MAX;
+            assert_eq!(select_bit(x, j), j);
+        }
+        assert_eq!(select_bit(0b1010_0000_0000_0001, 0), 0);
+        assert_eq!(select_bit(0b1010_0000_0000_0001, 1), 13);
+        assert_eq!(select_bit(0b1010_0000_0000_0001, 2), 15);
+        assert_eq!(select_bit(1 << 63 | 1 << 40, 1), 63);
+        // Against a plain list, across words and groups.
+        let mut set = LiveSet::default();
+        let mut plain: Vec<usize> = Vec::new();
+        let mut state = 7u64;
+        for i in 0..5000 {
+            set.insert(i);
+            plain.push(i);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if state >> 62 != 0 && !plain.is_empty() {
+                let r = 1 + (state >> 20) as usize % plain.len();
+                let want = plain[plain.len() - r];
+                assert_eq!(set.rank(want), r as u64);
+                assert_eq!(set.select(r as u64), Some(want));
+                set.remove(want);
+                plain.retain(|&x| x != want);
+            }
+        }
+        assert_eq!(set.select(plain.len() as u64 + 1), None);
+        assert_eq!(set.select(0), None);
     }
 
     #[test]
@@ -910,7 +1396,7 @@ mod tests {
                 if let crate::Next::Record(r) = crate::next_record(&d, 0) {
                     let mut c = Cursor::new(r.payload);
                     if let Ok(h) = ChunkHeader::decode(&mut c) {
-                        if let Ok(mut z) = CompactEvents::new(c.rest(), &h, Compact::T) {
+                        if let Ok(mut z) = CompactEvents::new(c.rest(), &h, Compact::R) {
                             for _ in 0..1000 {
                                 match z.next_item() {
                                     Ok(Some(_)) => {}

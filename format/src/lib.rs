@@ -24,7 +24,7 @@ pub mod hash;
 /// First eight bytes of every capture.
 pub const MAGIC: &[u8; 8] = b"MEMTRACK";
 /// Format version written by this crate. Readers accept every version up to this one.
-pub const FORMAT_VERSION: u16 = 3;
+pub const FORMAT_VERSION: u16 = 4;
 /// Size of the fixed part of the header: magic, version (u16 LE), header body length (u32 LE).
 pub const FIXED_HEADER_LEN: usize = 14;
 
@@ -49,6 +49,11 @@ pub mod record {
     pub const EVENTS_T: u8 = 6;
     /// A Python code object met in a stack: see [`crate::PyCodeRecord`] and [`crate::pyframe`].
     pub const PYCODE: u8 = 7;
+    /// A chunk of one thread's events in the rank encoding (`EVENTS_T`'s tokens, with frees
+    /// named by their rank among live blocks, ops in pairs, addresses predicted from block
+    /// ends and sizes from the reused block): see [`crate::chunk`]. The writer turns every
+    /// `EVENTS` chunk into one of these (format version 4).
+    pub const EVENTS_R: u8 = 8;
 }
 
 /// Python frames inside stacks. A stack's frames may end (leaf side) in Python frames: the

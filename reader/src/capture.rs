@@ -198,7 +198,7 @@ impl Capture {
                 error: e.to_string(),
             };
             match kind {
-                record::EVENTS | record::EVENTS_Z | record::EVENTS_T => {
+                record::EVENTS | record::EVENTS_Z | record::EVENTS_T | record::EVENTS_R => {
                     let visible =
                         &head[prefix.min(head.len())..(prefix + plen as usize).min(head.len())];
                     let mut c = Cursor::new(visible);
@@ -213,6 +213,7 @@ impl Capture {
                                 compact: match kind {
                                     record::EVENTS_Z => Some(Compact::Z),
                                     record::EVENTS_T => Some(Compact::T),
+                                    record::EVENTS_R => Some(Compact::R),
                                     _ => None,
                                 },
                             });

@@ -10,7 +10,7 @@ fn kept(name: &str) -> PathBuf {
         .join(name)
 }
 
-const ALL_KEPT: [&str; 9] = [
+const ALL_KEPT: [&str; 12] = [
     "v1-every-function.cap",
     "v1-threads.cap",
     "v1-exec-chain.cap",
@@ -20,6 +20,9 @@ const ALL_KEPT: [&str; 9] = [
     "v3-every-function.cap",
     "v3-threads.cap",
     "v3-exec-chain.cap",
+    "v4-every-function.cap",
+    "v4-threads.cap",
+    "v4-exec-chain.cap",
 ];
 
 fn figures(cap: &Capture) -> Figures {
@@ -73,7 +76,7 @@ fn kept_cases() -> Vec<(&'static str, Figures, usize)> {
 
 #[test]
 fn captures_of_every_format_version_still_read_exactly() {
-    for version in [1u16, 2, 3] {
+    for version in [1u16, 2, 3, 4] {
         for (name, expected, threads) in kept_cases() {
             let name = name.replacen("v1", &format!("v{version}"), 1);
             check_kept(&name, version, expected, threads);
@@ -85,11 +88,13 @@ fn check_kept(name: &str, version: u16, expected: Figures, threads: usize) {
     {
         let cap = Capture::open(kept(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(cap.header.version, version, "{name}");
-        // Version 1 writes only stream chunks, 2 only EVENTS_Z, 3 only EVENTS_T.
+        // Version 1 writes only stream chunks, 2 only EVENTS_Z, 3 only EVENTS_T, 4 only
+        // EVENTS_R.
         let encoding = match version {
             1 => None,
             2 => Some(Compact::Z),
-            _ => Some(Compact::T),
+            3 => Some(Compact::T),
+            _ => Some(Compact::R),
         };
         assert!(!cap.chunks.is_empty(), "{name}");
         assert!(cap.chunks.iter().all(|c| c.compact == encoding), "{name}");

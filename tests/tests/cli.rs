@@ -152,10 +152,11 @@ fn progress_bar_only_on_a_terminal() {
         .output()
         .unwrap();
     assert!(piped.status.success());
+    // Other lines may be there (the kept capture's binaries are gone: symbol warnings).
+    let stderr = String::from_utf8_lossy(&piped.stderr);
     assert!(
-        piped.stderr.is_empty(),
-        "{:?}",
-        String::from_utf8_lossy(&piped.stderr)
+        !stderr.contains("reading ") && !stderr.contains('\r'),
+        "{stderr:?}"
     );
 }
 
