@@ -611,7 +611,10 @@ impl Compactor {
             // Each field in the order the decoder reads it: op, seq, time, address, kind, size,
             // stack.
             self.op(match op {
-                Op::Alloc { kind, .. } if kind == AllocKind::Malloc => C_MALLOC,
+                Op::Alloc {
+                    kind: AllocKind::Malloc,
+                    ..
+                } => C_MALLOC,
                 Op::Alloc { .. } => C_ALLOC_OTHER,
                 Op::Free { .. } => C_FREE,
                 Op::ReallocFree { .. } => C_REALLOC_FREE,
