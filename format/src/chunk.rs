@@ -258,7 +258,7 @@ impl LiveSet {
         self.groups.clear();
     }
 
-    #[inline]
+    #[inline(always)]
     fn insert(&mut self, i: usize) {
         let w = i >> 6;
         if w >= self.words.len() {
@@ -272,7 +272,7 @@ impl LiveSet {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn remove(&mut self, i: usize) {
         let w = i >> 6;
         let bit = 1u64 << (i & 63);
@@ -342,26 +342,27 @@ impl LiveSet {
         if r == 0 {
             return None;
         }
-        let mut g = self.groups.len();
-        loop {
-            g = g.checked_sub(1)?;
-            let c = self.groups[g] as u64;
-            if c >= r {
+        let mut group = None;
+        for (g, &c) in self.groups.iter().enumerate().rev() {
+            if c as u64 >= r {
+                group = Some(g);
                 break;
             }
-            r -= c;
+            r -= c as u64;
         }
-        let mut w = ((g + 1) * GROUP).min(self.words.len()).checked_sub(1)?;
-        loop {
-            let x = self.words[w];
+        let first = group? * GROUP;
+        let words = self
+            .words
+            .get(first..(first + GROUP).min(self.words.len()))?;
+        for (w, &x) in words.iter().enumerate().rev() {
             let c = x.count_ones() as u64;
             if c >= r {
                 // The r-th set bit from the top is the (c - r)-th from the bottom.
-                return Some((w << 6) | select_bit(x, (c - r) as u32) as usize);
+                return Some(((first + w) << 6) | select_bit(x, (c - r) as u32) as usize);
             }
             r -= c;
-            w = w.checked_sub(1)?;
         }
+        None
     }
 }
 
@@ -475,56 +476,85 @@ struct BitWriter {
 }
 
 impl BitWriter {
-    #[inline]
-    fn put(&mut self, mut v: u64, mut n: u32) {
-        while n > 0 {
-            let k = n.min(32);
-            self.acc |= (v & ((1u64 << k) - 1)) << self.n;
-            self.n += k;
-            while self.n >= 8 {
-                self.out.push(self.acc as u8);
-                self.acc >>= 8;
-                self.n -= 8;
-            }
-            v >>= k;
-            n -= k;
+    /// Appends `v`, a number of at most `n <= 64` bits.
+    #[inline(always)]
+    fn put(&mut self, v: u64, n: u32) {
+        debug_assert!(n >= 64 || v >> n == 0);
+        if n > 32 {
+            self.put32(v & 0xffff_ffff, 32);
+            self.put32(v >> 32, n - 32);
+        } else {
+            self.put32(v, n);
+        }
+    }
+
+    /// `v` has at most `n <= 32` bits; fewer than 32 bits are pending, so they fit.
+    #[inline(always)]
+    fn put32(&mut self, v: u64, n: u32) {
+        self.acc |= v << self.n;
+        self.n += n;
+        if self.n >= 32 {
+            self.out.extend_from_slice(&(self.acc as u32).to_le_bytes());
+            self.acc >>= 32;
+            self.n -= 32;
         }
     }
 
     fn finish(&mut self) {
-        if self.n > 0 {
+        while self.n > 0 {
             self.out.push(self.acc as u8);
+            self.acc >>= 8;
+            self.n = self.n.saturating_sub(8);
         }
         self.acc = 0;
         self.n = 0;
     }
 }
 
-/// Reusable state of the transcoder (the writer thread keeps one).
+/// What the chunk so far says about an address (the transcoder's one table).
+#[derive(Clone, Copy)]
+struct Slot {
+    /// `LIVE`: allocated in the chunk and not freed (`num`: its allocation index); `FREED`:
+    /// freed in the chunk and not reused (`num`: its free number); else neither.
+    state: u8,
+    num: u32,
+    /// The block's size (`UNKNOWN_SIZE` for a freed block the chunk did not see allocated).
+    size: u64,
+    /// The latest allocation of the chunk that ends at this address (`NO_END`: none).
+    end_of: u32,
+}
+
+const LIVE: u8 = 1;
+const FREED: u8 = 2;
+const NO_END: u32 = u32::MAX;
+const EMPTY: Slot = Slot {
+    state: 0,
+    num: 0,
+    size: UNKNOWN_SIZE,
+    end_of: NO_END,
+};
+
+/// The transcoder's output columns and extra bits, as they fill.
 #[derive(Default)]
-pub struct Compactor {
+struct Columns {
     cols: [Vec<u8>; R_FIELDS],
     bits: BitWriter,
-    /// Blocks allocated in the chunk and not freed: address to (allocation index, size).
-    allocs: FastMap<u64, (u32, u64)>,
-    /// Where the chunk's blocks end: address to the latest allocation index ending there.
-    ends: FastMap<u64, u32>,
-    /// Addresses freed in the chunk and not reused: address to (free number, size).
-    frees: FastMap<u64, (u32, u64)>,
-    live: LiveSet,
     /// Op classes not yet in an ops byte: their count and value.
     nops: u8,
     ops: u8,
-    block: Vec<u8>,
-    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
 }
 
-impl Compactor {
-    pub fn new() -> Self {
-        Self::default()
+impl Columns {
+    fn clear(&mut self) {
+        for col in self.cols.iter_mut() {
+            col.clear();
+        }
+        self.bits.out.clear();
+        self.nops = 0;
+        self.ops = 0;
     }
 
-    #[inline]
+    #[inline(always)]
     fn put(&mut self, field: usize, v: u64) {
         let (t, n, x) = Long::split(v);
         self.cols[field].push(t);
@@ -533,7 +563,7 @@ impl Compactor {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn put_short(&mut self, field: usize, base: u8, v: u64) {
         let (t, n, x) = Short::split(v);
         self.cols[field].push(base + t);
@@ -542,9 +572,9 @@ impl Compactor {
         }
     }
 
-    /// A number of a field whose symbols share the token space with others: `Some` when its
-    /// token is below `limit`.
-    #[inline]
+    /// A number of a field whose symbols share the token space with others: written (`true`)
+    /// when its token is below `limit`.
+    #[inline(always)]
     fn put_below(&mut self, field: usize, base: u8, limit: u8, v: u64) -> bool {
         let (t, n, x) = Long::split(v);
         if t >= limit {
@@ -567,6 +597,24 @@ impl Compactor {
             self.nops = 0;
         }
     }
+}
+
+/// Reusable state of the transcoder (the writer thread keeps one).
+#[derive(Default)]
+pub struct Compactor {
+    out: Columns,
+    /// Every address the chunk has met: allocated, freed, or where a block ends.
+    blocks: FastMap<u64, Slot>,
+    live: LiveSet,
+    block: Vec<u8>,
+    packed: Vec<u8>,
+    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+}
+
+impl Compactor {
+    pub fn new() -> Self {
+        Self::default()
+    }
 
     /// Transcodes the stream-encoded `EVENTS` payload into a framed `EVENTS_R` record appended to
     /// `out`.
@@ -579,16 +627,10 @@ impl Compactor {
         let mut c = Cursor::new(payload);
         let header = ChunkHeader::decode(&mut c)?;
         let mut events = StreamEvents::new(c.rest(), &header);
-        for col in self.cols.iter_mut() {
-            col.clear();
-        }
-        self.bits.out.clear();
-        self.allocs.clear();
-        self.ends.clear();
-        self.frees.clear();
+        self.out.clear();
+        self.blocks.clear();
         self.live.clear();
-        self.nops = 0;
-        self.ops = 0;
+        let cols = &mut self.out;
         let (mut acnt, mut fcnt) = (0u32, 0u32);
         let (mut seq, mut time) = (header.base_seq, header.base_time);
         let (mut new_addr, mut other_free, mut stack_prev) = (0u64, 0u64, 0u64);
@@ -598,10 +640,10 @@ impl Compactor {
             n_ops += 1;
             let (s, t, op) = match item {
                 Item::Node { id, parent, ip } => {
-                    self.op(C_NODE);
-                    self.put(R_NODE, zigzag(id.wrapping_sub(node_prev)));
-                    self.put(R_NODE, id.wrapping_sub(parent));
-                    self.put(R_NODE, zigzag(ip.wrapping_sub(ip_prev)));
+                    cols.op(C_NODE);
+                    cols.put(R_NODE, zigzag(id.wrapping_sub(node_prev)));
+                    cols.put(R_NODE, id.wrapping_sub(parent));
+                    cols.put(R_NODE, zigzag(ip.wrapping_sub(ip_prev)));
                     node_prev = id;
                     ip_prev = ip;
                     continue;
@@ -610,7 +652,7 @@ impl Compactor {
             };
             // Each field in the order the decoder reads it: op, seq, time, address, kind, size,
             // stack.
-            self.op(match op {
+            cols.op(match op {
                 Op::Alloc {
                     kind: AllocKind::Malloc,
                     ..
@@ -620,8 +662,8 @@ impl Compactor {
                 Op::ReallocFree { .. } => C_REALLOC_FREE,
                 Op::ReallocFailed => C_REALLOC_FAILED,
             });
-            self.put(R_SEQ, s.wrapping_sub(seq));
-            self.put(R_TIME, t.wrapping_sub(time));
+            cols.put(R_SEQ, s.wrapping_sub(seq));
+            cols.put(R_TIME, t.wrapping_sub(time));
             seq = s;
             time = t;
             match op {
@@ -631,72 +673,85 @@ impl Compactor {
                     size,
                     stack,
                 } => {
-                    let reused = self.frees.remove(&addr);
-                    let given = match reused {
-                        Some((i, _)) => {
-                            self.put_below(R_ALLOC, A_REUSED, A_AFTER, (fcnt - i + 1) as u64)
-                        }
-                        None => false,
-                    } || match self.ends.get(&addr) {
-                        Some(&i) => self.put_below(R_ALLOC, A_AFTER, A_AFTER, (acnt - i) as u64),
-                        None => false,
+                    let slot = self.blocks.entry(addr).or_insert(EMPTY);
+                    // Only a reused address (given as such) predicts the size.
+                    let mut reused = UNKNOWN_SIZE;
+                    let given = if slot.state == FREED
+                        && cols.put_below(R_ALLOC, A_REUSED, A_AFTER, (fcnt - slot.num + 1) as u64)
+                    {
+                        reused = slot.size;
+                        true
+                    } else {
+                        slot.end_of != NO_END
+                            && cols.put_below(
+                                R_ALLOC,
+                                A_AFTER,
+                                A_AFTER,
+                                (acnt - slot.end_of) as u64,
+                            )
                     };
                     if !given {
-                        self.put_short(R_ALLOC, A_NEW, zigzag(addr.wrapping_sub(new_addr)));
+                        cols.put_short(R_ALLOC, A_NEW, zigzag(addr.wrapping_sub(new_addr)));
                         new_addr = addr;
                     }
-                    if kind != AllocKind::Malloc {
-                        self.cols[R_KIND].push(kind as u8);
-                    }
-                    // Only a reused address (given as such) predicts the size.
-                    let reused = match reused {
-                        Some((i, size)) if Long::split((fcnt - i + 1) as u64).0 < A_AFTER => size,
-                        _ => UNKNOWN_SIZE,
+                    *slot = Slot {
+                        state: LIVE,
+                        num: acnt,
+                        size,
+                        end_of: slot.end_of,
                     };
-                    if reused <= SMALL_BLOCK {
-                        self.put(R_SIZE_REL, zigzag(size.wrapping_sub(reused)));
-                    } else {
-                        self.put(R_SIZE, size);
+                    if kind != AllocKind::Malloc {
+                        cols.cols[R_KIND].push(kind as u8);
                     }
-                    self.put(R_STACK, zigzag(stack.wrapping_sub(stack_prev)));
+                    if reused <= SMALL_BLOCK {
+                        cols.put(R_SIZE_REL, zigzag(size.wrapping_sub(reused)));
+                    } else {
+                        cols.put(R_SIZE, size);
+                    }
+                    cols.put(R_STACK, zigzag(stack.wrapping_sub(stack_prev)));
                     stack_prev = stack;
-                    self.allocs.insert(addr, (acnt, size));
-                    self.ends.insert(block_end(addr, size), acnt);
+                    self.blocks
+                        .entry(block_end(addr, size))
+                        .or_insert(EMPTY)
+                        .end_of = acnt;
                     self.live.insert(acnt as usize);
                     acnt += 1;
                 }
                 Op::Free { addr } | Op::ReallocFree { addr } => {
-                    let known = self.allocs.remove(&addr);
-                    let given = match known {
-                        Some((i, _)) => {
-                            let rank = self.live.rank(i as usize);
-                            self.put_below(R_FREE, F_RANK, F_OTHER, rank)
-                        }
-                        None => false,
-                    };
-                    if !given {
-                        self.put_short(R_FREE, F_OTHER, zigzag(addr.wrapping_sub(other_free)));
+                    let slot = self.blocks.entry(addr).or_insert(EMPTY);
+                    let given = slot.state == LIVE
+                        && cols.put_below(
+                            R_FREE,
+                            F_RANK,
+                            F_OTHER,
+                            self.live.rank(slot.num as usize),
+                        );
+                    let size = if given {
+                        self.live.remove(slot.num as usize);
+                        slot.size
+                    } else {
+                        // A block given otherwise stays live for the decoder, which cannot
+                        // know it.
+                        cols.put_short(R_FREE, F_OTHER, zigzag(addr.wrapping_sub(other_free)));
                         other_free = addr;
-                    }
-                    // A block given otherwise stays live for the decoder, which cannot know it.
-                    let size = match known {
-                        Some((i, size)) if given => {
-                            self.live.remove(i as usize);
-                            size
-                        }
-                        _ => UNKNOWN_SIZE,
+                        UNKNOWN_SIZE
                     };
                     fcnt += 1;
-                    self.frees.insert(addr, (fcnt, size));
+                    *slot = Slot {
+                        state: FREED,
+                        num: fcnt,
+                        size,
+                        end_of: slot.end_of,
+                    };
                 }
                 Op::ReallocFailed => {}
             }
         }
-        while self.nops != 0 {
+        while cols.nops != 0 {
             // Padding classes: the op count says where the chunk ends.
-            self.op(0);
+            cols.op(0);
         }
-        self.bits.finish();
+        cols.bits.finish();
         // Each column is compressed on its own, so each gets an entropy table fitted to it.
         if self.zstd.as_ref().map(|z| z.0) != Some(level) {
             let z = zstd::bulk::Compressor::new(level).map_err(|_| FormatError::Compression)?;
@@ -705,28 +760,30 @@ impl Compactor {
         let Some((_, z)) = self.zstd.as_mut() else {
             return Err(FormatError::Compression);
         };
-        let mut payload = Vec::with_capacity(self.bits.out.len() + 4096);
+        let mut payload = Vec::with_capacity(cols.bits.out.len() + 4096);
         header.encode(&mut payload);
         put_uvarint(&mut payload, n_ops);
         self.block.clear();
-        for col in &self.cols {
+        for col in &cols.cols {
             put_uvarint(&mut payload, col.len() as u64);
-            let packed = if col.is_empty() {
-                Vec::new()
-            } else {
-                z.compress(col).map_err(|_| FormatError::Compression)?
-            };
-            if packed.is_empty() || packed.len() >= col.len() {
+            self.packed.clear();
+            if !col.is_empty() {
+                self.packed
+                    .reserve(zstd::zstd_safe::compress_bound(col.len()));
+                z.compress_to_buffer(col, &mut self.packed)
+                    .map_err(|_| FormatError::Compression)?;
+            }
+            if self.packed.is_empty() || self.packed.len() >= col.len() {
                 // Stored as it is (length 0 says so).
                 put_uvarint(&mut payload, 0);
                 self.block.extend_from_slice(col);
             } else {
-                put_uvarint(&mut payload, packed.len() as u64);
-                self.block.extend_from_slice(&packed);
+                put_uvarint(&mut payload, self.packed.len() as u64);
+                self.block.extend_from_slice(&self.packed);
             }
         }
         payload.extend_from_slice(&self.block);
-        payload.extend_from_slice(&self.bits.out);
+        payload.extend_from_slice(&cols.bits.out);
         crate::put_record(out, crate::record::EVENTS_R, &payload);
         Ok(())
     }
@@ -1006,6 +1063,9 @@ impl CompactEvents {
     /// The number of token `t` of kind `Tokens<D, M>`, with its extra bits.
     #[inline]
     fn token_rest<const D: u64, const M: u32>(&mut self, t: u8) -> Result<u64, FormatError> {
+        if (t as u64) < D {
+            return Ok(t as u64);
+        }
         let n = Tokens::<D, M>::extra(t);
         let x = if n <= 56 {
             self.read_bits(n)?

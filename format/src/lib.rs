@@ -397,8 +397,28 @@ impl<'a> Cursor<'a> {
         self.uvarint_slow()
     }
 
-    #[cold]
+    #[inline]
     fn uvarint_slow(&mut self) -> Result<u64, FormatError> {
+        // Up to 8 bytes (56 bits) from one load: addresses and their deltas take 2 to 6.
+        if let Some(b) = self.data.get(self.pos..self.pos + 8) {
+            let w = u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+            let stops = !w & 0x8080_8080_8080_8080;
+            if stops != 0 {
+                let bits = stops.trailing_zeros() + 1; // through the last byte's stop bit
+                self.pos += (bits / 8) as usize;
+                let mut x = w & (u64::MAX >> (64 - bits));
+                // Squeeze out the continuation bits: 7-bit groups to 14, 28, then 56 bits.
+                x = ((x & 0x7f00_7f00_7f00_7f00) >> 1) | (x & 0x007f_007f_007f_007f);
+                x = ((x & 0x3fff_0000_3fff_0000) >> 2) | (x & 0x0000_3fff_0000_3fff);
+                x = ((x & 0x0fff_ffff_0000_0000) >> 4) | (x & 0x0000_0000_0fff_ffff);
+                return Ok(x);
+            }
+        }
+        self.uvarint_bytewise()
+    }
+
+    #[cold]
+    fn uvarint_bytewise(&mut self) -> Result<u64, FormatError> {
         let mut v: u64 = 0;
         let mut shift = 0u32;
         loop {
@@ -841,6 +861,28 @@ mod tests {
         }
         assert!(c.is_empty());
         assert_eq!(c.uvarint(), Err(FormatError::Truncated));
+    }
+
+    #[test]
+    fn varints_of_every_bit_length_round_trip_with_and_without_lookahead() {
+        let mut values = vec![0u64];
+        for bits in 1..=64 {
+            let top = 1u64 << (bits - 1);
+            values.extend([top, top | (top >> 1) | 1, top | (top - 1)]);
+        }
+        let mut buf = Vec::new();
+        for &v in &values {
+            put_uvarint(&mut buf, v);
+        }
+        // Each also alone in a buffer of its own (fewer than 8 bytes to look ahead at).
+        let mut c = Cursor::new(&buf);
+        for &v in &values {
+            assert_eq!(c.uvarint().unwrap(), v);
+            let mut one = Vec::new();
+            put_uvarint(&mut one, v);
+            assert_eq!(Cursor::new(&one).uvarint().unwrap(), v);
+        }
+        assert!(c.is_empty());
     }
 
     #[test]
