@@ -371,13 +371,13 @@ impl LiveSet {
 #[inline(always)]
 fn select_bit(mut x: u64, mut j: u32) -> u32 {
     let mut pos = 0;
+    // Without branches: which half holds the bit is as good as random.
     for half in [32, 16, 8] {
         let low = (x & ((1u64 << half) - 1)).count_ones();
-        if j >= low {
-            j -= low;
-            x >>= half;
-            pos += half;
-        }
+        let upper = ((j >= low) as u32).wrapping_neg();
+        j -= low & upper;
+        x >>= half & upper;
+        pos += half & upper;
     }
     pos + SELECT_IN_BYTE[(x & 0xff) as usize][(j & 7) as usize] as u32
 }
