@@ -342,27 +342,49 @@ impl LiveSet {
         if r == 0 {
             return None;
         }
-        let mut group = None;
-        for (g, &c) in self.groups.iter().enumerate().rev() {
-            if c as u64 >= r {
-                group = Some(g);
+        // Where the search stops is as good as random, so the steps below compare without
+        // branching; only this loop branches, and a rank usually lies among the newest groups.
+        let groups = &self.groups;
+        let mut end = groups.len();
+        loop {
+            let start = end.saturating_sub(4);
+            let four: u64 = groups[start..end].iter().map(|&c| c as u64).sum();
+            if four >= r {
                 break;
             }
-            r -= c as u64;
-        }
-        let first = group? * GROUP;
-        let words = self
-            .words
-            .get(first..(first + GROUP).min(self.words.len()))?;
-        for (w, &x) in words.iter().enumerate().rev() {
-            let c = x.count_ones() as u64;
-            if c >= r {
-                // The r-th set bit from the top is the (c - r)-th from the bottom.
-                return Some(((first + w) << 6) | select_bit(x, (c - r) as u32) as usize);
+            if start == 0 {
+                return None;
             }
-            r -= c;
+            r -= four;
+            end = start;
         }
-        None
+        // Within those (at most) four groups, newest first: how many are passed over.
+        let count = |k: usize| end.checked_sub(k).map_or(0, |g| groups[g] as u64);
+        let (c1, c2, c3) = (count(1), count(2), count(3));
+        let passed = (c1 < r) as usize + (c1 + c2 < r) as usize + (c1 + c2 + c3 < r) as usize;
+        r -= [0, c1, c1 + c2, c1 + c2 + c3][passed];
+        let group = end - 1 - passed;
+        // Its eight words, newest first, the same way.
+        let top = group * GROUP + GROUP - 1;
+        let mut below = [0u64; GROUP + 1];
+        let mut words = [0u64; GROUP];
+        for k in 0..GROUP {
+            words[k] = top
+                .checked_sub(k)
+                .and_then(|w| self.words.get(w))
+                .copied()
+                .unwrap_or(0);
+            below[k + 1] = below[k] + words[k].count_ones() as u64;
+        }
+        let passed: usize = (1..GROUP).map(|k| (below[k] < r) as usize).sum();
+        r -= below[passed];
+        let x = words[passed];
+        let c = x.count_ones() as u64;
+        if c < r {
+            return None;
+        }
+        // The r-th set bit from the top is the (c - r)-th from the bottom.
+        Some(((top - passed) << 6) | select_bit(x, (c - r) as u32) as usize)
     }
 }
 
