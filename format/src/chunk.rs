@@ -327,14 +327,17 @@ impl LiveSet {
             return 0;
         };
         let mut n = (first >> (i & 63)).count_ones() as u64;
-        let group_end = (w / GROUP + 1) * GROUP;
-        for &x in &self.words[w + 1..group_end.min(self.words.len())] {
-            n += x.count_ones() as u64;
+        // The group's words after `w`: all eight looked at, those before masked out, so the
+        // loop's end is always the same (where `w` lies is random).
+        let start = w / GROUP * GROUP;
+        for k in 0..GROUP {
+            let x = self.words.get(start + k).copied().unwrap_or(0);
+            n += x.count_ones() as u64 & ((start + k > w) as u64).wrapping_neg();
         }
-        for &g in &self.groups[w / GROUP + 1..] {
-            n += g as u64;
-        }
-        n
+        n + self.groups[w / GROUP + 1..]
+            .iter()
+            .map(|&g| g as u64)
+            .sum::<u64>()
     }
 
     #[inline(always)]
