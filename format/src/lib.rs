@@ -289,6 +289,16 @@ pub enum FormatError {
 pub trait ByteSink {
     fn push_byte(&mut self, b: u8);
     fn push_slice(&mut self, s: &[u8]);
+
+    /// Appends `v` as an unsigned LEB128 varint (a sink may do it without a check per byte).
+    #[inline]
+    fn push_uvarint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.push_byte((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.push_byte(v as u8);
+    }
 }
 
 impl ByteSink for Vec<u8> {
@@ -304,12 +314,8 @@ impl ByteSink for Vec<u8> {
 
 /// Appends `v` as an unsigned LEB128 varint.
 #[inline]
-pub fn put_uvarint<S: ByteSink + ?Sized>(buf: &mut S, mut v: u64) {
-    while v >= 0x80 {
-        buf.push_byte((v as u8) | 0x80);
-        v >>= 7;
-    }
-    buf.push_byte(v as u8);
+pub fn put_uvarint<S: ByteSink + ?Sized>(buf: &mut S, v: u64) {
+    buf.push_uvarint(v);
 }
 
 /// Appends `v` zigzag-encoded, so small negative deltas stay small.
