@@ -571,11 +571,17 @@ pub(crate) struct OwnerState {
     /// Python code objects this thread has met: address -> (id, identity).
     py_codes: CodeIds,
     py_frames: Vec<python::PyFrame>,
-    /// The previous allocation's Python frames, outermost first, with their trie nodes, under
-    /// native node `py_prev_native`: a new stack shares their common outer part.
-    py_prev: Vec<(python::PyFrame, u32)>,
-    py_prev_native: u32,
+    /// Recent allocations' Python frames, outermost first, with their trie nodes, each under
+    /// its native node: a new stack under the same native stack shares their common outer
+    /// part. Several, since an interpreter allocates from a few native paths in turn (object,
+    /// list, dict...) and the Python frames hang under each.
+    py_prev: [(u32, Vec<(python::PyFrame, u32)>); PY_MEMOS],
+    /// The memo to reuse next when none matches.
+    py_prev_next: usize,
 }
+
+/// Python frame memos per thread.
+const PY_MEMOS: usize = 8;
 
 impl OwnerState {
     fn new() -> Self {
@@ -590,8 +596,8 @@ impl OwnerState {
             new_nodes: Vec::new(),
             py_codes: FastMap::default(),
             py_frames: Vec::new(),
-            py_prev: Vec::new(),
-            py_prev_native: 0,
+            py_prev: Default::default(),
+            py_prev_next: 0,
         }
     }
 
@@ -614,17 +620,23 @@ impl OwnerState {
         let mut node = native;
         // The outer frames the previous stack had too (same code, instruction and entry flag,
         // under the same native stack) keep their nodes: only the inner rest is interned.
-        let mut same = 0;
-        if native == self.py_prev_native {
-            while same < n.min(self.py_prev.len())
-                && self.py_prev[same].0 == self.py_frames[n - 1 - same]
-            {
-                node = self.py_prev[same].1;
-                same += 1;
+        let m = match self.py_prev.iter().position(|p| p.0 == native) {
+            Some(m) => m,
+            None => {
+                let m = self.py_prev_next;
+                self.py_prev_next = (m + 1) % PY_MEMOS;
+                self.py_prev[m].0 = native;
+                self.py_prev[m].1.clear();
+                m
             }
+        };
+        let prev = &mut self.py_prev[m].1;
+        let mut same = 0;
+        while same < n.min(prev.len()) && prev[same].0 == self.py_frames[n - 1 - same] {
+            node = prev[same].1;
+            same += 1;
         }
-        self.py_prev.truncate(same);
-        self.py_prev_native = native;
+        prev.truncate(same);
         for i in (0..n - same).rev() {
             let f = self.py_frames[i];
             let id = self.code_id(rec, f.code);
@@ -632,7 +644,7 @@ impl OwnerState {
             node = self
                 .walker
                 .child(node, python::frame_ip(&f, id), &mut intern);
-            self.py_prev.push((f, node));
+            self.py_prev[m].1.push((f, node));
         }
         node
     }
