@@ -94,6 +94,11 @@ pub struct Walker {
     /// through more code than that (an interpreter) keeps evicting rules and evaluating DWARF
     /// again. A thread that sees many such misses gets `WIDE_CACHES`, chosen by address.
     caches: Vec<UnwCache>,
+    /// The rule cache of `caller_above`'s few frames (the tracker's own), apart: sharing the
+    /// program's direct-mapped cache, one of them could land on the slot of a program frame
+    /// and both be evaluated from DWARF on every allocation (a 4x slowdown that came and went
+    /// with code layout from build to build).
+    above_cache: UnwCache,
     /// Unwinding steps taken, for the periodic look at the cache's misses.
     steps: u32,
     /// The previous walk, outermost frame first. Empty when there is none to reuse.
@@ -133,6 +138,7 @@ impl Walker {
     pub fn new() -> Self {
         Walker {
             caches: vec![UnwCache::new()],
+            above_cache: UnwCache::new(),
             steps: 0,
             frames: Vec::new(),
             reads: Vec::new(),
@@ -246,7 +252,7 @@ impl Walker {
     ) -> Walk {
         match crate::unwind::caller_above(
             unw,
-            &mut self.caches[0],
+            &mut self.above_cache,
             &mut self.above,
             stack_hi,
             marker,
