@@ -834,7 +834,7 @@ fn resolve_addr(
             .ok_or(FormatError::Truncated)?;
         return Ok(history[i as usize]);
     }
-    *running = running.wrapping_add((((v >> 1) as i64) ^ -((v & 1) as i64)) as u64);
+    *running = running.wrapping_add(unzigzag(v));
     Ok(*running)
 }
 
@@ -1098,10 +1098,10 @@ impl CompactEvents {
         Ok(Tokens::<D, M>::value(t, x))
     }
 
+    /// The next value of field `f`, zigzag-decoded (a wrapping delta).
     #[inline(always)]
-    fn iv(&mut self, f: usize) -> Result<i64, FormatError> {
-        let u = self.uv(f)?;
-        Ok(((u >> 1) as i64) ^ -((u & 1) as i64))
+    fn iv(&mut self, f: usize) -> Result<u64, FormatError> {
+        Ok(unzigzag(self.uv(f)?))
     }
 
     #[inline]
@@ -1115,9 +1115,9 @@ impl CompactEvents {
         self.left -= 1;
         let code = self.u8(F_OPS)?;
         if code == Z_NODE {
-            let id = self.node_prev.wrapping_add(self.iv(F_NODE)? as u64);
+            let id = self.node_prev.wrapping_add(self.iv(F_NODE)?);
             let parent = id.wrapping_sub(self.uv(F_NODE)?);
-            let ip = self.ip_prev.wrapping_add(self.iv(F_NODE)? as u64);
+            let ip = self.ip_prev.wrapping_add(self.iv(F_NODE)?);
             self.node_prev = id;
             self.ip_prev = ip;
             return Ok(Some(Item::Node { id, parent, ip }));
@@ -1133,7 +1133,7 @@ impl CompactEvents {
                 let addr = resolve_addr(reused, v, &self.frees, &mut self.new_addr)?;
                 self.allocs.push(addr);
                 let size = self.uv(F_SIZE)?;
-                self.stack_prev = self.stack_prev.wrapping_add(self.iv(F_STACK)? as u64);
+                self.stack_prev = self.stack_prev.wrapping_add(self.iv(F_STACK)?);
                 Op::Alloc {
                     kind,
                     addr,
@@ -1180,9 +1180,9 @@ impl CompactEvents {
         let class = self.ops[3 - self.nops as usize];
         self.nops -= 1;
         if class == C_NODE {
-            let id = self.node_prev.wrapping_add(unzigzag(self.uv(R_NODE)?));
+            let id = self.node_prev.wrapping_add(self.iv(R_NODE)?);
             let parent = id.wrapping_sub(self.uv(R_NODE)?);
-            let ip = self.ip_prev.wrapping_add(unzigzag(self.uv(R_NODE)?));
+            let ip = self.ip_prev.wrapping_add(self.iv(R_NODE)?);
             self.node_prev = id;
             self.ip_prev = ip;
             return Ok(Some(Item::Node { id, parent, ip }));
@@ -1211,11 +1211,11 @@ impl CompactEvents {
                     AllocKind::from_u8(k).ok_or(FormatError::BadOp(k))?
                 };
                 let size = if reused <= SMALL_BLOCK {
-                    reused.wrapping_add(unzigzag(self.uv(R_SIZE_REL)?))
+                    reused.wrapping_add(self.iv(R_SIZE_REL)?)
                 } else {
                     self.uv(R_SIZE)?
                 };
-                self.stack_prev = self.stack_prev.wrapping_add(unzigzag(self.uv(R_STACK)?));
+                self.stack_prev = self.stack_prev.wrapping_add(self.iv(R_STACK)?);
                 self.live.insert(self.r_allocs.len());
                 self.r_allocs.push((addr, size));
                 Op::Alloc {
