@@ -852,7 +852,7 @@ pub enum Compact {
     /// `EVENTS_T` (format version 3): token columns and a raw bit stream of extra bits.
     T,
     /// `EVENTS_R` (format version 4): `EVENTS_T`'s tokens; frees by rank among live blocks,
-    /// ops in pairs, addresses after block ends, sizes relative to the reused block.
+    /// three ops to a byte, addresses after block ends, sizes relative to the reused block.
     R,
 }
 

@@ -50,7 +50,7 @@ pub mod record {
     /// A Python code object met in a stack: see [`crate::PyCodeRecord`] and [`crate::pyframe`].
     pub const PYCODE: u8 = 7;
     /// A chunk of one thread's events in the rank encoding (`EVENTS_T`'s tokens, with frees
-    /// named by their rank among live blocks, ops in pairs, addresses predicted from block
+    /// named by their rank among live blocks, three ops to a byte, addresses predicted from block
     /// ends and sizes from the reused block): see [`crate::chunk`]. The writer turns every
     /// `EVENTS` chunk into one of these (format version 4).
     pub const EVENTS_R: u8 = 8;
@@ -292,13 +292,19 @@ pub trait ByteSink {
 
     /// Appends `v` as an unsigned LEB128 varint (a sink may do it without a check per byte).
     #[inline]
-    fn push_uvarint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.push_byte((v as u8) | 0x80);
-            v >>= 7;
-        }
-        self.push_byte(v as u8);
+    fn push_uvarint(&mut self, v: u64) {
+        push_uvarint_bytewise(self, v);
     }
+}
+
+/// Appends `v` as an unsigned LEB128 varint, a byte at a time through `push_byte`.
+#[inline]
+pub fn push_uvarint_bytewise<S: ByteSink + ?Sized>(buf: &mut S, mut v: u64) {
+    while v >= 0x80 {
+        buf.push_byte((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push_byte(v as u8);
 }
 
 impl ByteSink for Vec<u8> {

@@ -139,11 +139,7 @@ impl ByteSink for MapBuf {
     #[inline]
     fn push_uvarint(&mut self, mut v: u64) {
         if MAP_CAP - self.len < 10 {
-            while v >= 0x80 {
-                self.push_byte((v as u8) | 0x80);
-                v >>= 7;
-            }
-            return self.push_byte(v as u8);
+            return memtrack_format::push_uvarint_bytewise(self, v);
         }
         let mut n = self.len;
         // SAFETY: a u64 takes at most 10 bytes, and 10 bytes from len lie inside the mapping.

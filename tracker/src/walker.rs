@@ -97,8 +97,8 @@ pub struct Walker {
     /// The rule cache of `caller_above`'s few frames (the tracker's own), apart: sharing the
     /// program's direct-mapped cache, one of them could land on the slot of a program frame
     /// and both be evaluated from DWARF on every allocation (a 4x slowdown that came and went
-    /// with code layout from build to build).
-    above_cache: UnwCache,
+    /// with code layout from build to build). Made on first use: preloaded, no thread needs it.
+    above_cache: Option<UnwCache>,
     /// Unwinding steps taken, for the periodic look at the cache's misses.
     steps: u32,
     /// The previous walk, outermost frame first. Empty when there is none to reuse.
@@ -138,7 +138,7 @@ impl Walker {
     pub fn new() -> Self {
         Walker {
             caches: vec![UnwCache::new()],
-            above_cache: UnwCache::new(),
+            above_cache: None,
             steps: 0,
             frames: Vec::new(),
             reads: Vec::new(),
@@ -252,7 +252,7 @@ impl Walker {
     ) -> Walk {
         match crate::unwind::caller_above(
             unw,
-            &mut self.above_cache,
+            self.above_cache.get_or_insert_with(UnwCache::new),
             &mut self.above,
             stack_hi,
             marker,
