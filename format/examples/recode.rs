@@ -24,8 +24,8 @@ fn main() {
     let data = std::fs::read(&path).expect("read the capture");
     let (_, mut off) = Header::decode(&data).expect("capture header");
     let mut compactor = Compactor::new();
-    let (mut events, mut chunks, mut before, mut after, mut same) =
-        (0usize, 0usize, 0usize, 0usize, 0usize);
+    let (mut events, mut chunks, mut before, mut after, mut same, mut nodes) =
+        (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
     let mut out = Vec::new();
     let mut streams = Vec::new();
     while let Next::Record(r) = next_record(&data, off) {
@@ -58,11 +58,15 @@ fn main() {
             .iter()
             .filter(|i| matches!(i, Item::Event { .. }))
             .count();
+        nodes += items
+            .iter()
+            .filter(|i| matches!(i, Item::Node { .. }))
+            .count();
         before += record_len;
         after += out.len();
     }
     let per = |b: usize| b as f64 / events.max(1) as f64;
-    println!("{chunks} chunks, {events} events");
+    println!("{chunks} chunks, {events} events, {nodes} stack nodes");
     println!("as written: {before} bytes, {:.3} bytes/event", per(before));
     println!("re-encoded: {after} bytes, {:.3} bytes/event", per(after));
     println!("{same} chunks of the rank encoding re-encoded to the same bytes");

@@ -289,11 +289,20 @@ pub fn stack_frames(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Ve
     let (n_py, runs) = python_runs(&addrs);
     let mut out = Vec::new();
     if n_py == 0 {
-        if sym.python_only {
-            return out;
-        }
-        for &addr in addrs.iter().rev() {
-            out.extend(sym.frames(addr).iter().cloned());
+        // Native frames, and Python frames (if any) already in place, each run just outside
+        // its evaluation loop: the run stands for the loop, whose inlined callees stay.
+        for (i, &addr) in addrs.iter().enumerate().rev() {
+            let python = pyframe::is_python(addr);
+            if sym.python_only && !python {
+                continue;
+            }
+            let run_outside = addrs.get(i + 1).is_some_and(|&a| pyframe::is_python(a));
+            out.extend(
+                sym.frames(addr)
+                    .iter()
+                    .filter(|f| !(run_outside && !python && f.function == EVAL_LOOP))
+                    .cloned(),
+            );
         }
         return out;
     }
@@ -362,7 +371,19 @@ pub fn merged_addrs(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Ve
     let addrs = stacks.frames(stack);
     let (n_py, runs) = python_runs(&addrs);
     if n_py == 0 {
-        return addrs;
+        // Python frames in place already (or none): drop the loops that ran them.
+        let is_loop_of_run = |i: usize, a: u64, sym: &mut Symbolizer| {
+            addrs.get(i + 1).is_some_and(|&o| pyframe::is_python(o))
+                && !pyframe::is_python(a)
+                && sym.frames(a).iter().any(|f| f.function == EVAL_LOOP)
+        };
+        let mut out = Vec::with_capacity(addrs.len());
+        for (i, &a) in addrs.iter().enumerate() {
+            if !is_loop_of_run(i, a, sym) {
+                out.push(a);
+            }
+        }
+        return out;
     }
     let mut out = Vec::with_capacity(addrs.len());
     let mut k = 0;

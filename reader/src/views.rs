@@ -269,11 +269,12 @@ pub(crate) fn is_allocator_wrapper(f: &crate::Frame) -> bool {
 
 /// The innermost Python frame of a stack, when it has any.
 fn python_allocator(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Option<crate::Frame> {
-    // Python frames come first, leaf side.
-    let first = *stacks.frames(stack).first()?;
-    memtrack_format::pyframe::is_python(first)
-        .then(|| sym.frames(first).last().cloned())
-        .flatten()
+    // Leaf first: the first Python frame is the innermost.
+    let first = stacks
+        .frames(stack)
+        .into_iter()
+        .find(|&a| memtrack_format::pyframe::is_python(a))?;
+    sym.frames(first).last().cloned()
 }
 
 /// `function (file:line)`, or the function alone when the location is unknown.

@@ -21,6 +21,9 @@ static GET_TSTATE: AtomicUsize = AtomicUsize::new(0);
 static CODE_TYPE: AtomicUsize = AtomicUsize::new(0);
 static UNICODE_TYPE: AtomicUsize = AtomicUsize::new(0);
 static BYTES_TYPE: AtomicUsize = AtomicUsize::new(0);
+/// `_PyEval_EvalFrameDefault`'s code, `[lo, hi)` (0, 0 when its size is unknown).
+static EVAL_LO: AtomicUsize = AtomicUsize::new(0);
+static EVAL_HI: AtomicUsize = AtomicUsize::new(0);
 
 // CPython 3.11 layouts (Include/cpython/pystate.h, Include/internal/pycore_frame.h,
 // Include/cpython/code.h, Include/cpython/unicodeobject.h, Include/cpython/bytesobject.h).
@@ -96,6 +99,10 @@ pub(crate) fn detect() {
         unsafe { libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len()) };
         return;
     }
+    if let Some((lo, hi)) = function_range(c"_PyEval_EvalFrameDefault") {
+        EVAL_LO.store(lo, Ordering::Relaxed);
+        EVAL_HI.store(hi, Ordering::Relaxed);
+    }
     GET_TSTATE.store(get, Ordering::Relaxed);
     CODE_TYPE.store(code, Ordering::Relaxed);
     UNICODE_TYPE.store(unicode, Ordering::Relaxed);
@@ -103,9 +110,50 @@ pub(crate) fn detect() {
     STATE.store(ON, Ordering::Release);
 }
 
+/// The code of a function the dynamic linker can find, from its symbol's value and size.
+fn function_range(name: &std::ffi::CStr) -> Option<(usize, usize)> {
+    let start = sym(name);
+    if start == 0 {
+        return None;
+    }
+    let mut info: libc::Dl_info = empty_dl_info();
+    let mut ent: *mut libc::c_void = std::ptr::null_mut();
+    // SAFETY: `start` is an address the linker just gave; dladdr1 fills `info` and points `ent`
+    // at the symbol's ELF entry (RTLD_DL_SYMENT), which lives as long as the module.
+    let ok = unsafe { libc::dladdr1(start as *const libc::c_void, &mut info, &mut ent, 1) };
+    if ok == 0 || ent.is_null() {
+        return None;
+    }
+    // SAFETY: with RTLD_DL_SYMENT, `ent` points at the matching `Elf64_Sym`.
+    let size = unsafe { (*(ent as *const libc::Elf64_Sym)).st_size } as usize;
+    (size > 0).then(|| (start, start + size))
+}
+
+fn empty_dl_info() -> libc::Dl_info {
+    libc::Dl_info {
+        dli_fname: std::ptr::null(),
+        dli_fbase: std::ptr::null_mut(),
+        dli_sname: std::ptr::null(),
+        dli_saddr: std::ptr::null_mut(),
+    }
+}
+
+/// CPython's evaluation loop, as the range of return addresses that lie in it (a return
+/// address may equal the end, after a call that is the function's last instruction); `None`
+/// when where the loop lies is not known.
+#[inline]
+pub(crate) fn eval_loop() -> Option<std::ops::RangeInclusive<u64>> {
+    let (lo, hi) = (
+        EVAL_LO.load(Ordering::Relaxed) as u64,
+        EVAL_HI.load(Ordering::Relaxed) as u64,
+    );
+    (hi != 0).then(|| lo + 1..=hi)
+}
+
 #[inline]
 pub(crate) fn enabled() -> bool {
-    STATE.load(Ordering::Relaxed) == ON
+    // Acquire: the evaluation loop's range is stored before.
+    STATE.load(Ordering::Acquire) == ON
 }
 
 /// A word of the interpreter's memory.

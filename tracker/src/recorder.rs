@@ -571,17 +571,21 @@ pub(crate) struct OwnerState {
     /// Python code objects this thread has met: address -> (id, identity).
     py_codes: CodeIds,
     py_frames: Vec<python::PyFrame>,
-    /// Recent allocations' Python frames, outermost first, with their trie nodes, each under
-    /// its native node: a new stack under the same native stack shares their common outer
-    /// part. Several, since an interpreter allocates from a few native paths in turn (object,
-    /// list, dict...) and the Python frames hang under each.
-    py_prev: [(u32, Vec<(python::PyFrame, u32)>); PY_MEMOS],
-    /// The memo to reuse next when none matches.
-    py_prev_next: usize,
+    /// The Python frames' runs, innermost first: `py_frames[start..end]` each.
+    py_runs: Vec<(usize, usize)>,
+    /// The stack being interned in a Python process, outermost first (see `MixKey`).
+    mix: Vec<MixKey>,
+    /// The previous such stack and its trie nodes: a new stack keeps the nodes of the outer
+    /// part they share (all but a few innermost frames, nearly always).
+    mix_prev: Vec<MixKey>,
+    mix_nodes: Vec<u32>,
 }
 
-/// Python frame memos per thread.
-const PY_MEMOS: usize = 8;
+/// A frame of a stack with Python frames in place: a native return address, `(ip, NATIVE)`;
+/// or a Python frame, `(code object, last instruction | entry << 32)`, compared before its code
+/// object's id is looked up.
+type MixKey = (u64, u64);
+const NATIVE: u64 = u64::MAX;
 
 impl OwnerState {
     fn new() -> Self {
@@ -596,55 +600,110 @@ impl OwnerState {
             new_nodes: Vec::new(),
             py_codes: FastMap::default(),
             py_frames: Vec::new(),
-            py_prev: Default::default(),
-            py_prev_next: 0,
+            py_runs: Vec::new(),
+            mix: Vec::new(),
+            mix_prev: Vec::new(),
+            mix_nodes: Vec::new(),
         }
     }
 
-    /// The stack of an allocation: native frames, then (in a Python process) the Python frames
-    /// the thread was running.
+    /// The stack of an allocation: its native frames, and in a Python process the Python
+    /// frames each evaluation loop was running, in that loop's place.
     fn stack_id(&mut self, rec: &Recorder, caller: Origin) -> u32 {
+        let py = python::enabled();
+        self.walker.set_interning(!py);
         let id = self.native_stack_id(rec, caller);
-        if !python::enabled() {
+        if !py {
             return id;
         }
-        self.python_frames(rec, id)
+        self.mixed_stack(rec)
     }
 
-    /// Interns the thread's Python frames (outermost first) under the native stack `native`.
-    fn python_frames(&mut self, rec: &Recorder, native: u32) -> u32 {
+    /// Interns the last walk's native frames (`walker.ips`) with the thread's Python frames
+    /// each just outside the evaluation loop that runs them: the innermost run goes with the
+    /// innermost loop, and so on outwards (runs beyond the loops found, when the native stack
+    /// was cut short, go at the root end). The reader shows a run in place of its loop, whose
+    /// frame stays for the functions inlined into it at the call. Interleaved so, stacks share
+    /// their outer parts in the trie; with every Python frame under the whole native stack
+    /// instead, each new native path (a nested import) copied the whole Python stack: millions
+    /// of nodes at a large program's start. The innermost frame is always native, which tells
+    /// this layout from the older one for the reader. Where the loop's code is not known, the
+    /// Python frames come at the leaf end (that older layout).
+    fn mixed_stack(&mut self, rec: &Recorder) -> u32 {
         if self.py_frames.is_empty() {
             self.py_frames = vec![python::PyFrame::default(); python::MAX_PY_FRAMES];
         }
         let n = python::read_frames(&mut self.py_frames);
-        let mut node = native;
-        // The outer frames the previous stack had too (same code, instruction and entry flag,
-        // under the same native stack) keep their nodes: only the inner rest is interned.
-        let m = match self.py_prev.iter().position(|p| p.0 == native) {
-            Some(m) => m,
-            None => {
-                let m = self.py_prev_next;
-                self.py_prev_next = (m + 1) % PY_MEMOS;
-                self.py_prev[m].0 = native;
-                self.py_prev[m].1.clear();
-                m
+        // Runs, innermost first: each ends (outwards) at an entry frame.
+        self.py_runs.clear();
+        let mut start = 0;
+        for (i, f) in self.py_frames[..n].iter().enumerate() {
+            if f.entry || i + 1 == n {
+                self.py_runs.push((start, i + 1));
+                start = i + 1;
             }
-        };
-        let prev = &mut self.py_prev[m].1;
-        let mut same = 0;
-        while same < n.min(prev.len()) && prev[same].0 == self.py_frames[n - 1 - same] {
-            node = prev[same].1;
-            same += 1;
         }
-        prev.truncate(same);
-        for i in (0..n - same).rev() {
-            let f = self.py_frames[i];
-            let id = self.code_id(rec, f.code);
+        let key = |f: &python::PyFrame| -> MixKey {
+            (f.code as u64, f.lasti as u64 | (f.entry as u64) << 32)
+        };
+        let (frames, runs, ips, mix) = (
+            &self.py_frames,
+            &self.py_runs,
+            &self.walker.ips,
+            &mut self.mix,
+        );
+        let push_run = |mix: &mut Vec<MixKey>, r: (usize, usize)| {
+            mix.extend(frames[r.0..r.1].iter().rev().map(key));
+        };
+        mix.clear();
+        if let Some(eval) = python::eval_loop() {
+            let loops = ips.iter().filter(|ip| eval.contains(ip)).count();
+            for &r in runs.iter().skip(loops).rev() {
+                push_run(mix, r);
+            }
+            let mut seen = 0;
+            for &ip in ips {
+                if eval.contains(&ip) {
+                    seen += 1;
+                    if let Some(&r) = runs.get(loops - seen) {
+                        push_run(mix, r);
+                    }
+                }
+                mix.push((ip, NATIVE));
+            }
+        } else {
+            mix.extend(ips.iter().map(|&ip| (ip, NATIVE)));
+            for &r in runs.iter().rev() {
+                push_run(mix, r);
+            }
+        }
+        // The outer part the previous stack had too keeps its nodes.
+        let same = self
+            .mix
+            .iter()
+            .zip(&self.mix_prev)
+            .position(|(a, b)| a != b)
+            .unwrap_or(self.mix.len().min(self.mix_prev.len()));
+        self.mix_prev.truncate(same);
+        self.mix_nodes.truncate(same);
+        let mut node = self.mix_nodes.last().copied().unwrap_or(0);
+        for i in same..self.mix.len() {
+            let k = self.mix[i];
+            let ip = if k.1 == NATIVE {
+                k.0
+            } else {
+                let id = self.code_id(rec, k.0 as usize);
+                let f = python::PyFrame {
+                    code: k.0 as usize,
+                    lasti: k.1 as u32,
+                    entry: k.1 >> 32 != 0,
+                };
+                python::frame_ip(&f, id)
+            };
             let mut intern = interner(rec, &mut self.new_nodes);
-            node = self
-                .walker
-                .child(node, python::frame_ip(&f, id), &mut intern);
-            self.py_prev[m].1.push((f, node));
+            node = self.walker.child(node, ip, &mut intern);
+            self.mix_prev.push(k);
+            self.mix_nodes.push(node);
         }
         node
     }

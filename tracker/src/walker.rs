@@ -54,7 +54,7 @@ struct Snapshot {
 }
 
 /// Earlier walks kept besides the previous one.
-const RECENT: usize = 4;
+const RECENT: usize = 16;
 
 /// Whether every (address, value) still holds. Eight words per step without a branch each:
 /// a deep stack's check is the walk's main cost.
@@ -111,14 +111,38 @@ pub struct Walker {
     inner_reads: Vec<(u64, u64)>,
     /// (parent node, ip) -> node, so most frames are interned without the global lock.
     nodes: FastMap<(u32, u64), u32>,
+    /// A small direct-mapped copy of the recent part of `nodes`: the map grows to megabytes,
+    /// and a program with a large heap of its own (an interpreter) evicts it from the caches,
+    /// so its lookups cost a cache miss each, several per walk.
+    front: Box<[FrontSlot; FRONT]>,
     /// The previous `caller_above` (the tracker linked into a Rust program).
     above: crate::unwind::AboveMemo,
     /// Walks before the previous one; `recent_next` is the slot to overwrite next.
     recent: [Snapshot; RECENT],
     recent_next: usize,
+    /// Whether walks intern their frames. Off in a Python process, whose stacks are interned
+    /// with the Python frames in place (see `recorder::OwnerState::mixed_stack`): the walk then
+    /// leaves its return addresses in `ips` and its node is 0.
+    interning: bool,
+    /// The last walk's frames (outermost first), kept only when not `interning`.
+    pub ips: Vec<u64>,
 }
 
 const NODE_CACHE_MAX: usize = 1 << 16;
+
+/// Slots of `Walker::front` (64 KiB).
+const FRONT: usize = 4096;
+
+/// (parent, node, ip). A free slot holds a parent no trie reaches (4 G nodes) with an ip no
+/// frame has.
+type FrontSlot = (u32, u32, u64);
+const FRONT_FREE: FrontSlot = (u32::MAX, 0, u64::MAX);
+
+#[inline(always)]
+fn front_slot(parent: u32, ip: u64) -> usize {
+    let h = (ip ^ (parent as u64).rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (h >> (64 - FRONT.trailing_zeros())) as usize
+}
 
 /// The result of a walk.
 pub struct Walk {
@@ -146,9 +170,30 @@ impl Walker {
             inner: Vec::new(),
             inner_reads: Vec::new(),
             nodes: FastMap::default(),
+            front: Box::new([FRONT_FREE; FRONT]),
             above: Default::default(),
             recent: Default::default(),
             recent_next: 0,
+            interning: true,
+            ips: Vec::new(),
+        }
+    }
+
+    /// Turns interning on or off; the previous walks' nodes belong to the other mode.
+    #[inline]
+    pub fn set_interning(&mut self, on: bool) {
+        if self.interning != on {
+            self.interning = on;
+            self.invalidate();
+        }
+    }
+
+    /// Copies the walk's frames into `ips` when they are not interned.
+    #[inline]
+    fn keep_ips(&mut self) {
+        if !self.interning {
+            self.ips.clear();
+            self.ips.extend(self.frames.iter().map(|f| f.ip));
         }
     }
 
@@ -180,15 +225,29 @@ impl Walker {
         self.node(parent, ip, intern)
     }
 
+    #[inline]
     fn node(&mut self, parent: u32, ip: u64, intern: &mut impl FnMut(u32, u64) -> u32) -> u32 {
-        if let Some(&n) = self.nodes.get(&(parent, ip)) {
-            return n;
+        let slot = &mut self.front[front_slot(parent, ip)];
+        if slot.0 == parent && slot.2 == ip {
+            return slot.1;
         }
-        if self.nodes.len() >= NODE_CACHE_MAX {
-            self.nodes.clear();
-        }
-        let n = intern(parent, ip);
-        self.nodes.insert((parent, ip), n);
+        self.node_slow(parent, ip, intern)
+    }
+
+    #[inline(never)]
+    fn node_slow(&mut self, parent: u32, ip: u64, intern: &mut impl FnMut(u32, u64) -> u32) -> u32 {
+        let n = match self.nodes.get(&(parent, ip)) {
+            Some(&n) => n,
+            None => {
+                if self.nodes.len() >= NODE_CACHE_MAX {
+                    self.nodes.clear();
+                }
+                let n = intern(parent, ip);
+                self.nodes.insert((parent, ip), n);
+                n
+            }
+        };
+        self.front[front_slot(parent, ip)] = (parent, n, ip);
         n
     }
 
@@ -258,7 +317,10 @@ impl Walker {
             marker,
         ) {
             Some(caller) => self.walk(unw, stack_hi, caller, intern),
-            None => Walk { node: 0, outer: 0 },
+            None => {
+                self.ips.clear();
+                Walk { node: 0, outer: 0 }
+            }
         }
     }
 
@@ -272,6 +334,7 @@ impl Walker {
         intern: &mut impl FnMut(u32, u64) -> u32,
     ) -> Walk {
         if let Some(w) = self.recent_hit(caller) {
+            self.keep_ips();
             return w;
         }
         self.inner.clear();
@@ -395,7 +458,9 @@ impl Walker {
             let bp_dep = flags & USES_BP != 0 || (flags & PASSES_BP != 0 && outer_dep);
             outer_dep = bp_dep;
             outer_sp = Some(fsp);
-            parent = self.node(parent, fip, intern);
+            if self.interning {
+                parent = self.node(parent, fip, intern);
+            }
             self.frames.push(Frame {
                 ip: fip,
                 sp: fsp,
@@ -407,6 +472,7 @@ impl Walker {
         }
         self.complete = complete;
         let walk = self.previous();
+        self.keep_ips();
         if too_deep || self.frames.len() > MAX_FRAMES {
             // A walk cut at MAX_FRAMES has no root: nothing outer to reuse.
             self.invalidate();
@@ -420,6 +486,11 @@ impl Walker {
         frames: &[u64],
         intern: &mut impl FnMut(u32, u64) -> u32,
     ) -> u32 {
+        if !self.interning {
+            self.ips.clear();
+            self.ips.extend(frames.iter().rev());
+            return 0;
+        }
         let mut parent = 0;
         for &ip in frames.iter().rev() {
             parent = self.node(parent, ip, intern);
