@@ -23,6 +23,11 @@ impl StackTable {
         self.nodes.len() <= 1
     }
 
+    /// A node's parent and address (`None`: not defined).
+    pub fn node(&self, id: u32) -> Option<(u32, u64)> {
+        self.nodes.get(id as usize).copied().filter(|n| n.1 != 0)
+    }
+
     /// Return addresses of stack `id`, innermost (the caller of malloc) first. A node whose
     /// definition was lost with a torn tail ends the stack there.
     pub fn frames(&self, mut id: u32) -> Vec<u64> {

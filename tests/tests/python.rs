@@ -307,3 +307,72 @@ fn an_unsupported_python_gets_native_stacks_and_one_warning() {
         &rows[..rows.len().min(5)]
     );
 }
+
+/// Python called back from C (`sorted`'s key function): the callback's frames sit where its
+/// evaluation loop ran, under the C function that called it, and the outer Python frames are
+/// one trie node for every native path below them.
+#[test]
+fn python_called_from_c_nests_in_place_and_shares_outer_frames() {
+    if python311().is_none() {
+        return;
+    }
+    let work = Work::new("python_nested");
+    let cap = traced_python(&work, "py_nested.py", "nested.cap");
+    let all = folded(&cap, &["--allocated"]);
+    let big: Vec<&(String, u64)> = all.iter().filter(|(s, _)| s.contains(";inner;")).collect();
+    let rows = rows(&cap, "--allocated");
+    let line = |n: u64| {
+        rows.iter()
+            .filter(|r| r.0 == "inner" && r.1 == "py_nested.py" && r.2 == n)
+            .map(|r| r.3)
+            .sum::<u64>()
+    };
+    // Three calls; each block also carries its object's header (tens of bytes).
+    let (a, b) = (line(11), line(12));
+    assert!(
+        (3 * (20 << 20)..3 * (20 << 20) + 3 * 256).contains(&a),
+        "{a}"
+    );
+    assert!(
+        (3 * (10 << 20)..3 * (10 << 20) + 3 * 256).contains(&b),
+        "{b}"
+    );
+    for (stack, _) in big.iter().filter(|(_, b)| *b >= 10 << 20) {
+        let at = |f: &str| stack.find(f).unwrap_or_else(|| panic!("no {f} in {stack}"));
+        assert!(at(";<module>;") < at(";outer;"), "{stack}");
+        assert!(at(";outer;") < at(";builtin_sorted"), "{stack}");
+        assert!(at(";builtin_sorted") < at(";inner;"), "{stack}");
+        assert!(!stack.contains("_PyEval_EvalFrameDefault"), "{stack}");
+    }
+    // In the trie: the large blocks' stacks reach `outer` through one and the same node,
+    // though the bytearray and the bytes object come from different native paths.
+    let capture = open_capture(&cap);
+    let outer_id = capture
+        .pycode
+        .values()
+        .find(|c| c.qualname == "outer")
+        .expect("outer's code object")
+        .id;
+    let mut stacks = reader::StackTable::default();
+    let sizes: Vec<(u64, u32)> = capture
+        .events(&mut stacks)
+        .filter_map(|e| match e.kind {
+            reader::EventKind::Alloc { size, stack, .. } if size >= 10 << 20 => Some((size, stack)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sizes.len(), 6, "{sizes:?}");
+    let mut outer_nodes = std::collections::BTreeSet::new();
+    for &(_, stack) in &sizes {
+        let mut id = stack;
+        while let Some((parent, ip)) = stacks.node(id) {
+            if memtrack_format::pyframe::is_python(ip)
+                && memtrack_format::pyframe::decode(ip).0 == outer_id
+            {
+                outer_nodes.insert(id);
+            }
+            id = parent;
+        }
+    }
+    assert_eq!(outer_nodes.len(), 1, "{outer_nodes:?}");
+}
