@@ -1,10 +1,11 @@
 //! Size study tool: re-encodes every events chunk of a capture with today's encoder, checks that
 //! each decodes back to the same items, and prints the sizes before and after.
 //!
-//!     cargo run --release -p memtrack-format --example recode -- churn.cap [--time]
+//!     cargo run --release -p memtrack-format --example recode -- churn.cap [--time] [--time-decode]
 //!
 //! `--time` also times the transcoder alone (best of 5 passes over all chunks), as the
-//! tracker's writer thread runs it.
+//! tracker's writer thread runs it; `--time-decode` the chunks' decoding, as the reader's
+//! workers run it.
 use memtrack_format::chunk::{encode_stream, Compact, CompactEvents, Compactor, Item};
 use memtrack_format::*;
 
@@ -70,6 +71,40 @@ fn main() {
     println!("as written: {before} bytes, {:.3} bytes/event", per(before));
     println!("re-encoded: {after} bytes, {:.3} bytes/event", per(after));
     println!("{same} chunks of the rank encoding re-encoded to the same bytes");
+    if std::env::args().any(|a| a == "--time-decode") {
+        let mut records = Vec::new();
+        let (_, mut off) = Header::decode(&data).expect("capture header");
+        while let Next::Record(r) = next_record(&data, off) {
+            off = r.payload.as_ptr() as usize - data.as_ptr() as usize + r.payload.len();
+            let encoding = match r.kind {
+                record::EVENTS_Z => Compact::Z,
+                record::EVENTS_T => Compact::T,
+                record::EVENTS_R => Compact::R,
+                _ => continue,
+            };
+            records.push((r.payload, encoding));
+        }
+        let mut best = f64::MAX;
+        let mut n = 0usize;
+        for _ in 0..5 {
+            let start = std::time::Instant::now();
+            n = 0;
+            for &(payload, encoding) in &records {
+                let mut c = Cursor::new(payload);
+                let h = ChunkHeader::decode(&mut c).expect("chunk header");
+                let mut z = CompactEvents::new(c.rest(), &h, encoding).expect("chunk");
+                while let Some(it) = z.next_item().expect("item") {
+                    n += matches!(it, Item::Event { .. }) as usize;
+                }
+            }
+            best = best.min(start.elapsed().as_secs_f64());
+        }
+        println!(
+            "decoding: {:.3} s, {:.1} ns/event (best of 5, one thread)",
+            best,
+            best * 1e9 / n.max(1) as f64
+        );
+    }
     if std::env::args().any(|a| a == "--time") {
         let mut best = f64::MAX;
         for _ in 0..5 {
