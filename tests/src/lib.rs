@@ -391,6 +391,17 @@ pub struct Figures {
     pub total_frees: u64,
 }
 
+/// `exec_chain.c`'s truth: image 2's heap (image 1's vanished with the exec).
+pub const EXEC_CHAIN_TRUTH: Figures = Figures {
+    peak_bytes: 2300,
+    peak_allocations: 2,
+    leaked_bytes: 2000,
+    leaked_allocations: 1,
+    total_allocations: 4,
+    total_bytes: 2900,
+    total_frees: 2,
+};
+
 impl Figures {
     pub fn from_summary(s: &Summary) -> Figures {
         Figures {

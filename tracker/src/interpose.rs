@@ -807,6 +807,94 @@ macro_rules! exec2_hook {
 exec2_hook!(execv, EXECV);
 exec2_hook!(execvp, EXECVP);
 
+/// Which of the `execl` family a call was (its arguments end differently, and it calls a
+/// different `execv` form).
+pub const EXECL: u32 = 0;
+pub const EXECLE: u32 = 1;
+pub const EXECLP: u32 = 2;
+
+/// Argument lists longer than this are copied to mapped memory rather than the stack.
+const EXECL_ON_STACK: usize = 256;
+/// More arguments than this: E2BIG (the kernel's own limit on argv is far lower).
+const EXECL_MAX_ARGS: usize = 1 << 21;
+
+/// `execl`, `execle` and `execlp`, whose arguments come as C varargs (which stable Rust cannot
+/// take): gathers them into an argv array and calls the `execv`, `execve` or `execvp` hook, so
+/// the capture is finished before the image goes. Without this, a program that used them lost
+/// every event its image had recorded.
+///
+/// # Safety
+/// `regs` holds the six integer argument registers of an x86-64 System V call of the function
+/// `kind` names, and `stack` points at that call's stack arguments: together, its arguments in
+/// order (all pointers). The C function's contract holds: a null pointer ends the argument list
+/// (for `execle`, the environment pointer follows it).
+pub unsafe extern "C" fn execl_va(regs: *const usize, stack: *const usize, kind: u32) -> c_int {
+    // SAFETY: the caller's guarantee: argument i is in a register below 6, else on the stack.
+    let arg = |i: usize| unsafe {
+        if i < 6 {
+            *regs.add(i)
+        } else {
+            *stack.add(i - 6)
+        }
+    };
+    let path = arg(0) as *const c_char;
+    // argv runs from argument 1 to the null pointer that ends it.
+    let mut n = 0;
+    while arg(1 + n) != 0 {
+        n += 1;
+        if n > EXECL_MAX_ARGS {
+            // SAFETY: errno is this thread's.
+            unsafe { *libc::__errno_location() = libc::E2BIG };
+            return -1;
+        }
+    }
+    let envp = if kind == EXECLE {
+        arg(2 + n) as *const *const c_char
+    } else {
+        std::ptr::null()
+    };
+    let mut small = [std::ptr::null::<c_char>(); EXECL_ON_STACK];
+    let bytes = (n + 1) * std::mem::size_of::<*const c_char>();
+    let mapped = if n < EXECL_ON_STACK {
+        None
+    } else {
+        // SAFETY: an anonymous private mapping (not an allocation the program could see).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return -1; // errno: mmap's (ENOMEM)
+        }
+        Some(p as *mut *const c_char)
+    };
+    let argv: *mut *const c_char = mapped.unwrap_or(small.as_mut_ptr());
+    for i in 0..=n {
+        // SAFETY: argv has room for n + 1 pointers; argument 1 + n is the null that ends them.
+        unsafe { *argv.add(i) = arg(1 + i) as *const c_char };
+    }
+    // SAFETY: forwarding the gathered arguments to the hooks of the array forms.
+    let rc = unsafe {
+        match kind {
+            EXECLE => execve(path, argv, envp),
+            EXECLP => execvp(path, argv),
+            _ => execv(path, argv),
+        }
+    };
+    if let Some(p) = mapped {
+        let _errno = SaveErrno::new();
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(p as *mut c_void, bytes) };
+    }
+    rc
+}
+
 /// # Safety
 /// C `execvpe` contract.
 pub unsafe fn execvpe(

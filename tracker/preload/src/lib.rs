@@ -117,6 +117,54 @@ pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char)
     unsafe { ip::execvp(file, argv) }
 }
 
+// `execl`, `execle` and `execlp` take C varargs, which stable Rust cannot receive: naked
+// functions spill the six argument registers next to a pointer to the stack arguments, and
+// `execl_va` reads the arguments from there (all pointers, so all in integer registers).
+macro_rules! execl_form {
+    ($(#[$doc:meta])* $name:ident, $kind:expr) => {
+        $(#[$doc])*
+        /// # Safety
+        /// The C function's contract (a variadic function; the Rust signature is nominal).
+        #[unsafe(naked)]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(path: *const c_char, arg: *const c_char) -> c_int {
+            core::arch::naked_asm!(
+                // rsp is 8 past a multiple of 16 here; after the push and 48 bytes, 16-aligned
+                // for the call. The stack arguments start at rbp + 16.
+                "push rbp",
+                "mov rbp, rsp",
+                "sub rsp, 48",
+                "mov [rsp], rdi",
+                "mov [rsp + 8], rsi",
+                "mov [rsp + 16], rdx",
+                "mov [rsp + 24], rcx",
+                "mov [rsp + 32], r8",
+                "mov [rsp + 40], r9",
+                "mov rdi, rsp",
+                "lea rsi, [rbp + 16]",
+                "mov edx, {kind}",
+                "call {va}",
+                "leave",
+                "ret",
+                kind = const $kind,
+                va = sym ip::execl_va,
+            )
+        }
+    };
+}
+execl_form!(
+    /// C `execl`.
+    execl, ip::EXECL
+);
+execl_form!(
+    /// C `execle`.
+    execle, ip::EXECLE
+);
+execl_form!(
+    /// C `execlp`.
+    execlp, ip::EXECLP
+);
+
 /// # Safety
 /// C `execvpe`.
 #[no_mangle]
