@@ -289,28 +289,24 @@ pub(crate) fn describe(f: &crate::Frame) -> String {
 pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> {
     let mut rows = Rows::default();
     for site in &v.sites {
-        let frames = stack_frames(sym, &v.stacks, site.stack);
-        // The allocating frame: the innermost Python frame when the interpreter was running
-        // (the native frames below it are the interpreter's or an extension's); else the
-        // innermost frame past operator new / new[] wrappers.
-        let alloc = python_allocator(sym, &v.stacks, site.stack)
+        // Failing that, the innermost frame.
+        let alloc = allocating_frame(sym, &v.stacks, site.stack)
             .or_else(|| {
-                frames
-                    .iter()
-                    .rev()
-                    .find(|f| !is_allocator_wrapper(f))
-                    .or(frames.last())
-                    .cloned()
+                let leaf = *v.stacks.frames(site.stack).first()?;
+                sym.frames(leaf).last().cloned()
             })
             .unwrap_or(crate::Frame {
                 function: "[unknown]".into(),
                 file: None,
                 line: None,
             });
+        // Whole stacks (the costly part: deep ones, each frame's names copied) only when
+        // they are the key.
         let (key, stack) = match by {
             GroupBy::Function => (alloc.function.clone(), vec![alloc.function.clone()]),
             GroupBy::Line => (describe(&alloc), vec![describe(&alloc)]),
             GroupBy::Stack => {
+                let frames = stack_frames(sym, &v.stacks, site.stack);
                 let s: Vec<String> = frames.iter().map(describe).collect();
                 (s.join(";"), s)
             }
@@ -320,24 +316,35 @@ pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> 
     ranked(rows)
 }
 
+/// The allocating frame of a stack: its innermost Python frame when the interpreter was running
+/// (the native frames below it are the interpreter's or an extension's); else its innermost
+/// frame past operator new / new[] and the other allocator wrappers. Symbolizes only the frames
+/// it looks at, not the whole stack.
+fn allocating_frame(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Option<crate::Frame> {
+    if let Some(f) = python_allocator(sym, stacks, stack) {
+        return Some(f);
+    }
+    // Innermost first; inlined frames of one address come outermost first, so look from the
+    // back of each address's list.
+    for a in stacks.frames(stack) {
+        if let Some(f) = sym
+            .frames(a)
+            .iter()
+            .rev()
+            .find(|f| !is_allocator_wrapper(f))
+        {
+            return Some(f.clone());
+        }
+    }
+    None
+}
+
 /// The `n` locations (allocating function and file:line) that hold the most bytes in a view.
 /// Only each stack's allocating frame is symbolized (not whole stacks).
 pub fn top_locations(v: &ViewSites, sym: &mut Symbolizer, n: usize) -> Vec<TableRow> {
     let mut rows = Rows::default();
     for site in &v.sites {
-        let addrs = v.stacks.frames(site.stack);
-        // Innermost first; inlined frames of one address come outermost first, so look from the
-        // back of each address's list.
-        let mut alloc: Option<crate::Frame> = python_allocator(sym, &v.stacks, site.stack);
-        'find: for a in addrs.iter().filter(|_| alloc.is_none()) {
-            for f in sym.frames(*a).iter().rev() {
-                if !is_allocator_wrapper(f) {
-                    alloc = Some(f.clone());
-                    break 'find;
-                }
-            }
-        }
-        let f = alloc.unwrap_or(crate::Frame {
+        let f = allocating_frame(sym, &v.stacks, site.stack).unwrap_or(crate::Frame {
             function: "[unknown]".into(),
             file: None,
             line: None,
