@@ -337,13 +337,53 @@ impl LiveSet {
             .sum::<u64>()
     }
 
+    /// The group holding the live block of rank `r` (> 0), and that block's rank within it.
+    /// Eight groups' counts at a time, newest first: their running sums in one vector, compared
+    /// with `r` at once (where the search stops is as good as random, so branches there would
+    /// mispredict). Only the loop over eight-group steps branches, and a rank usually lies among
+    /// the newest groups.
+    #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    fn select_any(&self, mut r: u64) -> Option<usize> {
-        if r == 0 {
-            return None;
+    fn select_group(&self, mut r: u64) -> Option<(usize, u64)> {
+        use std::arch::x86_64::*;
+        let groups = &self.groups;
+        let mut end = groups.len();
+        loop {
+            let start = end.saturating_sub(8);
+            // Newest first: lane 0 holds group end - 1. A group counts at most 512, so eight
+            // sum to at most 4096 and fit i16 lanes.
+            let mut c = [0i16; 8];
+            for (lane, &g) in groups[start..end].iter().rev().enumerate() {
+                c[lane] = g as i16;
+            }
+            // SAFETY: SSE2 is part of x86-64; `c` and `sums` are 16 bytes each.
+            let (mask, sums) = unsafe {
+                let mut v = _mm_loadu_si128(c.as_ptr() as *const __m128i);
+                v = _mm_add_epi16(v, _mm_slli_si128::<2>(v));
+                v = _mm_add_epi16(v, _mm_slli_si128::<4>(v));
+                v = _mm_add_epi16(v, _mm_slli_si128::<8>(v));
+                let below = _mm_set1_epi16((r.min(i16::MAX as u64) - 1) as i16);
+                let mut sums = [0i16; 8];
+                _mm_storeu_si128(sums.as_mut_ptr() as *mut __m128i, v);
+                (_mm_movemask_epi8(_mm_cmpgt_epi16(v, below)) as u32, sums)
+            };
+            if mask != 0 {
+                // The first lane whose running sum reaches r; the lanes before it are passed.
+                let lane = (mask.trailing_zeros() / 2) as usize;
+                let passed = if lane == 0 { 0 } else { sums[lane - 1] as u64 };
+                return Some((end - 1 - lane, r - passed));
+            }
+            if start == 0 {
+                return None;
+            }
+            r -= sums[7] as u64;
+            end = start;
         }
-        // Where the search stops is as good as random, so the steps below compare without
-        // branching; only this loop branches, and a rank usually lies among the newest groups.
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    #[inline(always)]
+    fn select_group(&self, mut r: u64) -> Option<(usize, u64)> {
         let groups = &self.groups;
         let mut end = groups.len();
         loop {
@@ -358,12 +398,19 @@ impl LiveSet {
             r -= four;
             end = start;
         }
-        // Within those (at most) four groups, newest first: how many are passed over.
         let count = |k: usize| end.checked_sub(k).map_or(0, |g| groups[g] as u64);
         let (c1, c2, c3) = (count(1), count(2), count(3));
         let passed = (c1 < r) as usize + (c1 + c2 < r) as usize + (c1 + c2 + c3 < r) as usize;
-        r -= [0, c1, c1 + c2, c1 + c2 + c3][passed];
-        let group = end - 1 - passed;
+        Some((end - 1 - passed, r - [0, c1, c1 + c2, c1 + c2 + c3][passed]))
+    }
+
+    #[inline(always)]
+    fn select_any(&self, mut r: u64) -> Option<usize> {
+        if r == 0 {
+            return None;
+        }
+        let (group, rest) = self.select_group(r)?;
+        r = rest;
         // Its eight words, newest first, the same way.
         let top = group * GROUP + GROUP - 1;
         let mut below = [0u64; GROUP + 1];
