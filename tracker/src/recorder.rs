@@ -102,6 +102,9 @@ pub(crate) struct Recorder {
     /// Turns the threads' chunks into the compact encoding; used by the writer thread only
     /// (or by `finish` when no writer was ever started).
     compactor: Mutex<memtrack_format::chunk::Compactor>,
+    /// The same, for a program thread that transcodes its own chunk while the writer is
+    /// behind (see `hand_off`).
+    helper: Mutex<memtrack_format::chunk::Compactor>,
     start_mono_ns: u64,
     pub tx: Sender<Msg>,
     rx: Mutex<Option<Receiver<Msg>>>,
@@ -187,18 +190,13 @@ impl Recorder {
 
     /// Writes a framed `EVENTS` chunk, transcoded into the compact encoding.
     pub fn write_chunk(&self, framed: &[u8]) -> bool {
-        use memtrack_format::{next_record, Next};
-        let Next::Record(r) = next_record(framed, 0) else {
-            return self.write(framed);
-        };
-        let mut out = Vec::with_capacity(framed.len() / 3);
         let compacted = self
             .compactor
             .lock()
-            .map(|mut c| c.compact(r.payload, 1, &mut out).is_ok())
-            .unwrap_or(false);
+            .ok()
+            .and_then(|mut c| compact_framed(&mut c, framed));
         // A chunk that cannot be transcoded (never expected) is kept as it is.
-        self.write(if compacted { &out } else { framed })
+        self.write(compacted.as_deref().unwrap_or(framed))
     }
 
     /// The precise time, in clock units since the start.
@@ -352,6 +350,7 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         // SAFETY: getpid has no preconditions.
         pid: unsafe { libc::getpid() },
         compactor: Mutex::new(memtrack_format::chunk::Compactor::new()),
+        helper: Mutex::new(memtrack_format::chunk::Compactor::new()),
         start_mono_ns,
         tx,
         rx: Mutex::new(Some(rx)),
@@ -1145,9 +1144,39 @@ fn flush_own(rec: &Recorder, ts: &ThreadState) {
     }
 }
 
+/// The compact encoding of a framed events chunk (None: not a chunk, or not transcodable).
+fn compact_framed(c: &mut memtrack_format::chunk::Compactor, framed: &[u8]) -> Option<Vec<u8>> {
+    use memtrack_format::{next_record, Next};
+    let Next::Record(r) = next_record(framed, 0) else {
+        return None;
+    };
+    let mut out = Vec::with_capacity(framed.len() / 3);
+    c.compact(r.payload, 1, &mut out).ok()?;
+    Some(out)
+}
+
+/// Chunks queued for the writer from which on a program thread transcodes its own.
+const WRITER_BEHIND: usize = 8;
+
 fn hand_off(rec: &Recorder, data: MapBuf, start: usize) {
     let _errno = SaveErrno::new();
     if rec.writer_started.load(Ordering::Acquire) {
+        // The writer is behind: the program's threads outnumber the cores and it gets its
+        // fair share of one, less than transcoding takes. Left alone, the chunks pile up (up to
+        // the queue's 64, some 20 MB, and then the threads wait) and are transcoded after the
+        // program's threads are done, on one core while the others idle. So a thread
+        // transcodes its own chunk (one at a time, beside the writer) and hands over only the
+        // bytes to write.
+        if rec.tx.len() >= WRITER_BEHIND {
+            if let Ok(mut c) = rec.helper.try_lock() {
+                if let Some(out) = compact_framed(&mut c, &data.as_slice()[start..]) {
+                    drop(c);
+                    rec.recycle(data);
+                    send(rec, Msg::Raw(out));
+                    return;
+                }
+            }
+        }
         send(rec, Msg::Chunk(data, start));
     } else {
         rec.write_chunk(&data.as_slice()[start..]);
