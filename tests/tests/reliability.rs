@@ -183,6 +183,13 @@ fn eight_threads_balance_exactly_without_membarrier() {
     xfree_balances("stress_xfree_fences", &[("MEMTRACK_NO_MEMBARRIER", "1")]);
 }
 
+/// The same with every chunk transcoded by the thread that filled it rather than the writer
+/// (what threads do when the writer falls behind), as far as the one helper is free.
+#[test]
+fn eight_threads_balance_exactly_when_threads_transcode_their_chunks() {
+    xfree_balances("stress_xfree_helper", &[("MEMTRACK_WRITER_BEHIND", "0")]);
+}
+
 fn xfree_balances(name: &str, env: &[(&str, &str)]) {
     let work = Work::new(name);
     let (stdout, cap) = stress_with(&work, "xfree", &["1000000"], env);

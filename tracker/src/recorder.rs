@@ -13,7 +13,7 @@ use memtrack_format::{
     ModulesRecord, MAX_FRAME_PREFIX,
 };
 use std::cell::UnsafeCell;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -376,6 +376,7 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
     // A fresh image or a forked child: one thread so far.
     MULTI.store(false, Ordering::Relaxed);
     register_membarrier();
+    read_writer_behind();
     if cfg.replace {
         // A forked child: its times start from its own start; its writer starts at its first
         // event.
@@ -1155,8 +1156,20 @@ fn compact_framed(c: &mut memtrack_format::chunk::Compactor, framed: &[u8]) -> O
     Some(out)
 }
 
-/// Chunks queued for the writer from which on a program thread transcodes its own.
-const WRITER_BEHIND: usize = 8;
+/// Chunks queued for the writer from which on a program thread transcodes its own: 8, or
+/// `MEMTRACK_WRITER_BEHIND` (0: always; the tests use it to run that path on every chunk).
+static WRITER_BEHIND: AtomicUsize = AtomicUsize::new(8);
+
+fn read_writer_behind() {
+    // SAFETY: getenv with a NUL-terminated name; a non-null result is a NUL-terminated string.
+    let v = unsafe {
+        let p = libc::getenv(c"MEMTRACK_WRITER_BEHIND".as_ptr());
+        (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p))
+    };
+    if let Some(n) = v.and_then(|v| v.to_str().ok()?.parse().ok()) {
+        WRITER_BEHIND.store(n, Ordering::Relaxed);
+    }
+}
 
 fn hand_off(rec: &Recorder, data: MapBuf, start: usize) {
     let _errno = SaveErrno::new();
@@ -1167,7 +1180,7 @@ fn hand_off(rec: &Recorder, data: MapBuf, start: usize) {
         // program's threads are done, on one core while the others idle. So a thread
         // transcodes its own chunk (one at a time, beside the writer) and hands over only the
         // bytes to write.
-        if rec.tx.len() >= WRITER_BEHIND {
+        if rec.tx.len() >= WRITER_BEHIND.load(Ordering::Relaxed) {
             if let Ok(mut c) = rec.helper.try_lock() {
                 if let Some(out) = compact_framed(&mut c, &data.as_slice()[start..]) {
                     drop(c);
