@@ -430,6 +430,11 @@ extern "C" fn writer_entry(arg: *mut libc::c_void) -> *mut libc::c_void {
     IgnoreAllocs::forever();
     // SAFETY: names the calling thread; the name is NUL-terminated and under 16 bytes.
     unsafe { libc::pthread_setname_np(libc::pthread_self(), c"memtrack-writer".as_ptr()) };
+    // A batch thread: same share of the CPU, but its frequent wake-ups do not preempt the
+    // program's threads on their cores. Only this thread's policy; failure changes nothing.
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on the calling thread (0) with a valid parameter.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
     // SAFETY: `arg` is the Box made in `start_writer`, handed to this thread alone.
     let rx = unsafe { Box::from_raw(arg as *mut Receiver<Msg>) };
     // Symbol lookups that may fail are made here: a failed dlsym leaves a malloc'd message in
