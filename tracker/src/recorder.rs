@@ -1045,10 +1045,18 @@ fn heavy_barrier() -> bool {
     unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0 }
 }
 
-/// Claims the buffers of `threads` with one heavy barrier: each entry is the buffer, or None
-/// when its owner was inside an event. The caller holds the registry lock.
-pub(crate) fn claim_all(threads: &[Arc<ThreadState>]) -> Vec<Option<BufGuard<'_>>> {
-    let asked: Vec<bool> = threads.iter().map(|ts| ts.request()).collect();
+/// Claims the buffers of the `threads` that `wanted` picks (by index) with one heavy barrier:
+/// each entry is the buffer, or None when its owner was inside an event or it was not picked.
+/// The caller holds the registry lock.
+pub(crate) fn claim_all(
+    threads: &[Arc<ThreadState>],
+    wanted: impl Fn(usize) -> bool,
+) -> Vec<Option<BufGuard<'_>>> {
+    let asked: Vec<bool> = threads
+        .iter()
+        .enumerate()
+        .map(|(i, ts)| wanted(i) && ts.request())
+        .collect();
     let fenced = heavy_barrier();
     threads
         .iter()

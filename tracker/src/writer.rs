@@ -146,11 +146,10 @@ pub(crate) fn sweep(rec: &Recorder, force: bool) {
             if attempt > 0 {
                 std::thread::yield_now();
             }
-            for (i, guard) in recorder::claim_all(&reg).into_iter().enumerate() {
+            // Only the threads still pending: a claim stalls the thread's next event.
+            let claimed = recorder::claim_all(&reg, |i| pending[i]);
+            for (i, guard) in claimed.into_iter().enumerate() {
                 let Some(mut b) = guard else { continue };
-                if !pending[i] {
-                    continue;
-                }
                 pending[i] = false;
                 let ts = &reg[i];
                 if b.open && (force || now.saturating_sub(b.opened_at) >= MAX_AGE_US) {
