@@ -586,6 +586,26 @@ pub(crate) struct OwnerState {
     mix_nodes: Vec<u32>,
 }
 
+/// Builds a stack (outermost first) against the previous one: frames equal to the previous
+/// stack's at the same depth are only counted (`same`); from the first that differs on, they
+/// are kept (`tail`), to be interned.
+struct MixBuilder<'a> {
+    prev: &'a [MixKey],
+    same: usize,
+    tail: &'a mut Vec<MixKey>,
+}
+
+impl MixBuilder<'_> {
+    #[inline(always)]
+    fn push(&mut self, k: MixKey) {
+        if self.tail.is_empty() && self.prev.get(self.same) == Some(&k) {
+            self.same += 1;
+        } else {
+            self.tail.push(k);
+        }
+    }
+}
+
 /// A frame of a stack with Python frames in place: a native return address, `(ip, NATIVE)`;
 /// or a Python frame, `(code object, last instruction | entry << 32)`, compared before its code
 /// object's id is looked up.
@@ -651,16 +671,18 @@ impl OwnerState {
         let key = |f: &python::PyFrame| -> MixKey {
             (f.code as u64, f.lasti as u64 | (f.entry as u64) << 32)
         };
-        let (frames, runs, ips, mix) = (
-            &self.py_frames,
-            &self.py_runs,
-            &self.walker.ips,
-            &mut self.mix,
-        );
-        let push_run = |mix: &mut Vec<MixKey>, r: (usize, usize)| {
-            mix.extend(frames[r.0..r.1].iter().rev().map(key));
+        let (frames, runs, ips) = (&self.py_frames, &self.py_runs, &self.walker.ips);
+        self.mix.clear();
+        let mix = &mut MixBuilder {
+            prev: &self.mix_prev,
+            same: 0,
+            tail: &mut self.mix,
         };
-        mix.clear();
+        let push_run = |mix: &mut MixBuilder, r: (usize, usize)| {
+            for f in frames[r.0..r.1].iter().rev() {
+                mix.push(key(f));
+            }
+        };
         if let Some(eval) = python::eval_loop() {
             let loops = ips.iter().filter(|ip| eval.contains(ip)).count();
             for &r in runs.iter().skip(loops).rev() {
@@ -677,22 +699,19 @@ impl OwnerState {
                 mix.push((ip, NATIVE));
             }
         } else {
-            mix.extend(ips.iter().map(|&ip| (ip, NATIVE)));
+            for &ip in ips {
+                mix.push((ip, NATIVE));
+            }
             for &r in runs.iter().rev() {
                 push_run(mix, r);
             }
         }
         // The outer part the previous stack had too keeps its nodes.
-        let same = self
-            .mix
-            .iter()
-            .zip(&self.mix_prev)
-            .position(|(a, b)| a != b)
-            .unwrap_or(self.mix.len().min(self.mix_prev.len()));
+        let same = mix.same;
         self.mix_prev.truncate(same);
         self.mix_nodes.truncate(same);
         let mut node = self.mix_nodes.last().copied().unwrap_or(0);
-        for i in same..self.mix.len() {
+        for i in 0..self.mix.len() {
             let k = self.mix[i];
             let ip = if k.1 == NATIVE {
                 k.0
