@@ -145,7 +145,7 @@ def run_workload(name, cmd, env_extra, runs, work, heaptrack):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--long", action="store_true", help="also the 200 M event run")
     ap.add_argument("--only", help="comma-separated workload names")
     args = ap.parse_args()
