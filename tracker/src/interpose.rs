@@ -198,7 +198,7 @@ fn init() -> bool {
     next == ACTIVE
 }
 
-fn getenv(name: &CStr) -> Option<&'static CStr> {
+pub(crate) fn getenv(name: &CStr) -> Option<&'static CStr> {
     // SAFETY: getenv with a NUL-terminated name; the result lives as long as the environment.
     let p = unsafe { libc::getenv(name.as_ptr()) };
     // SAFETY: non-null results of getenv are NUL-terminated strings.

@@ -1026,8 +1026,7 @@ static ASYM: AtomicBool = AtomicBool::new(false);
 /// `MEMTRACK_NO_MEMBARRIER=1` keeps to fences (for sandboxes where the syscall misbehaves; the
 /// tests run both ways).
 fn register_membarrier() {
-    // SAFETY: getenv with a NUL-terminated name; only the pointer's nullness is used.
-    if !unsafe { libc::getenv(c"MEMTRACK_NO_MEMBARRIER".as_ptr()) }.is_null() {
+    if crate::interpose::getenv(c"MEMTRACK_NO_MEMBARRIER").is_some() {
         ASYM.store(false, Ordering::Release);
         return;
     }
@@ -1193,11 +1192,7 @@ fn compact_framed(c: &mut memtrack_format::chunk::Compactor, framed: &[u8]) -> O
 static WRITER_BEHIND: AtomicUsize = AtomicUsize::new(8);
 
 fn read_writer_behind() {
-    // SAFETY: getenv with a NUL-terminated name; a non-null result is a NUL-terminated string.
-    let v = unsafe {
-        let p = libc::getenv(c"MEMTRACK_WRITER_BEHIND".as_ptr());
-        (!p.is_null()).then(|| std::ffi::CStr::from_ptr(p))
-    };
+    let v = crate::interpose::getenv(c"MEMTRACK_WRITER_BEHIND");
     if let Some(n) = v.and_then(|v| v.to_str().ok()?.parse().ok()) {
         WRITER_BEHIND.store(n, Ordering::Relaxed);
     }
