@@ -405,12 +405,11 @@ impl LiveSet {
     }
 
     #[inline(always)]
-    fn select_any(&self, mut r: u64) -> Option<usize> {
+    fn select_any(&self, r: u64) -> Option<usize> {
         if r == 0 {
             return None;
         }
-        let (group, rest) = self.select_group(r)?;
-        r = rest;
+        let (group, mut r) = self.select_group(r)?;
         // Its eight words, newest first, the same way.
         let top = group * GROUP + GROUP - 1;
         let mut below = [0u64; GROUP + 1];
