@@ -1,43 +1,97 @@
-//! Python frames in stacks (CPython 3.11, `PYTHONMALLOC=malloc` set by `memtrack run`): the
-//! allocations of a Python program are attributed to the Python functions, files and lines that
-//! made them, with native frames kept where extension code ran.
+//! Python frames in stacks (CPython 3.11, 3.12 and 3.13, `PYTHONMALLOC=malloc` set by
+//! `memtrack run`): the allocations of a Python program are attributed to the Python functions,
+//! files and lines that made them, with native frames kept where extension code ran. Each test
+//! runs under every supported interpreter found on the machine.
 
 use memtrack_tests::*;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Python 3.11 on this machine, or None (then the tests say so and pass; CI has it).
-fn python311() -> Option<String> {
-    let out = Command::new("python3")
+/// An interpreter to run the fixtures with: its version ("3.12") and program.
+struct Py {
+    version: String,
+    program: PathBuf,
+}
+
+fn version_of(program: &Path) -> Option<String> {
+    let out = Command::new(program)
         .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
         .output()
         .ok()?;
-    let v = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if v != "3.11" {
-        // The machines CI runs on have CPython 3.11: there, this is a failure.
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "python3 is {v:?} in CI, not 3.11"
-        );
-        eprintln!("python3 is {v:?}, not 3.11: skipped");
-        return None;
-    }
-    Some(v)
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-fn traced_python(work: &Work, script: &str, cap: &str) -> std::path::PathBuf {
+/// The supported interpreters on this machine: `python3` when it is 3.11 (CI's machines have
+/// it: there, its absence is a failure), and 3.12 and 3.13 as `python3.12` / `python3.13` on
+/// the PATH or in pyenv's versions folder. An empty list means the tests say so and pass.
+fn pythons() -> Vec<Py> {
+    let mut found = Vec::new();
+    match version_of(Path::new("python3")) {
+        Some(v) if v == "3.11" => found.push(Py {
+            version: v,
+            program: "python3".into(),
+        }),
+        v => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "python3 is {v:?} in CI, not 3.11"
+            );
+            eprintln!("python3 is {v:?}, not 3.11: not tested");
+        }
+    }
+    let pyenv = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")));
+    for minor in ["3.12", "3.13"] {
+        let name = format!("python{minor}");
+        let mut candidates = vec![PathBuf::from(&name)];
+        if let Some(root) = &pyenv {
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir(root.join("versions"))
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            dirs.sort();
+            candidates.extend(
+                dirs.iter()
+                    .rev()
+                    .filter(|d| {
+                        d.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with(&format!("{minor}.")))
+                    })
+                    .map(|d| d.join("bin").join(&name)),
+            );
+        }
+        match candidates
+            .into_iter()
+            .find(|c| version_of(c).as_deref() == Some(minor))
+        {
+            Some(program) => found.push(Py {
+                version: minor.to_string(),
+                program,
+            }),
+            None => eprintln!("no CPython {minor} found: not tested"),
+        }
+    }
+    found
+}
+
+fn traced_python(work: &Work, py: &Py, script: &str, cap: &str) -> std::path::PathBuf {
     let path = work.path(cap);
     let out = memtrack_ok(|c| {
         c.arg("run")
             .arg("-o")
             .arg(&path)
             .arg("--")
-            .arg("python3")
+            .arg(&py.program)
             .arg(fixtures_dir().join(script))
             .current_dir(work.dir());
     });
     assert!(
         !String::from_utf8_lossy(&out.stderr).contains("frames are not read"),
-        "{}",
+        "{}: {}",
+        py.version,
         String::from_utf8_lossy(&out.stderr)
     );
     path
@@ -83,11 +137,15 @@ fn folded(cap: &std::path::Path, args: &[&str]) -> Vec<(String, u64)> {
 
 #[test]
 fn python_functions_files_and_lines_get_their_bytes() {
-    if python311().is_none() {
-        return;
+    for py in pythons() {
+        functions_files_and_lines(&py);
     }
-    let work = Work::new("python_app");
-    let cap = traced_python(&work, "py_app.py", "app.cap");
+}
+
+fn functions_files_and_lines(py: &Py) {
+    eprintln!("CPython {}: {}", py.version, py.program.display());
+    let work = Work::new(&format!("python_app_{}", py.version));
+    let cap = traced_python(&work, py, "py_app.py", "app.cap");
     let json = summary_json(&cap);
     assert_eq!(json["end_reason"], "_exit", "{json}");
 
@@ -191,11 +249,15 @@ fn python_functions_files_and_lines_get_their_bytes() {
 
 #[test]
 fn threads_and_c_extensions_show_both_python_and_native_frames() {
-    if python311().is_none() {
-        return;
+    for py in pythons() {
+        threads_and_c_extensions(&py);
     }
-    let work = Work::new("python_threads");
-    let cap = traced_python(&work, "py_threads.py", "threads.cap");
+}
+
+fn threads_and_c_extensions(py: &Py) {
+    eprintln!("CPython {}: {}", py.version, py.program.display());
+    let work = Work::new(&format!("python_threads_{}", py.version));
+    let cap = traced_python(&work, py, "py_threads.py", "threads.cap");
     let json = summary_json(&cap);
     assert!(json["threads"].as_u64().unwrap() >= 2, "{json}");
     // zlib's deflate state and output, allocated in C under the Python frame that called it,
@@ -234,19 +296,30 @@ fn threads_and_c_extensions_show_both_python_and_native_frames() {
 /// traced as `python3 script.py` is: `PYTHONMALLOC=malloc`, Python frames, lines.
 #[test]
 fn python_dash_m_and_console_scripts_are_traced_alike() {
-    if python311().is_none() {
-        return;
+    for py in pythons() {
+        dash_m_and_console_scripts(&py);
     }
+}
+
+fn dash_m_and_console_scripts(py: &Py) {
+    eprintln!("CPython {}: {}", py.version, py.program.display());
     use std::os::unix::fs::PermissionsExt;
-    let work = Work::new("python_launchers");
+    let work = Work::new(&format!("python_launchers_{}", py.version));
     let src = std::fs::read_to_string(fixtures_dir().join("py_app.py")).unwrap();
     std::fs::write(work.path("py_app.py"), &src).unwrap();
-    // The console script: the same code, one line lower.
+    // The console script: the same code, one line lower. `python3` through env, as pip writes
+    // them, where that is the interpreter; else its path.
+    let shebang = if py.program == Path::new("python3") {
+        "/usr/bin/env python3".to_string()
+    } else {
+        py.program.display().to_string()
+    };
     let tool = work.path("app-tool");
-    std::fs::write(&tool, format!("#!/usr/bin/env python3\n{src}")).unwrap();
+    std::fs::write(&tool, format!("#!{shebang}\n{src}")).unwrap();
     std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = py.program.to_str().unwrap();
     for (name, cmd, file, line) in [
-        ("m.cap", vec!["python3", "-m", "py_app"], "py_app.py", 13),
+        ("m.cap", vec![program, "-m", "py_app"], "py_app.py", 13),
         ("tool.cap", vec!["./app-tool"], "app-tool", 14),
     ] {
         let cap = work.path(name);
@@ -274,7 +347,7 @@ fn python_dash_m_and_console_scripts_are_traced_alike() {
     }
 }
 
-/// An interpreter whose frames memtrack cannot read (here a fake CPython 3.12) still gets
+/// An interpreter whose frames memtrack cannot read (here a fake CPython 3.14) still gets
 /// native stacks, with exactly one warning line.
 #[test]
 fn an_unsupported_python_gets_native_stacks_and_one_warning() {
@@ -299,7 +372,7 @@ fn an_unsupported_python_gets_native_stacks_and_one_warning() {
         .filter(|l| l.contains("frames are not read"))
         .collect();
     assert_eq!(warnings.len(), 1, "{}", t.run.stderr);
-    assert!(warnings[0].contains("Python 3.12"), "{}", warnings[0]);
+    assert!(warnings[0].contains("Python 3.14"), "{}", warnings[0]);
     let rows = rows(&t.capture, "--allocated");
     assert!(
         rows.iter().any(|r| r.0 == "make_buffer" && r.3 == 4321),
@@ -313,11 +386,15 @@ fn an_unsupported_python_gets_native_stacks_and_one_warning() {
 /// one trie node for every native path below them.
 #[test]
 fn python_called_from_c_nests_in_place_and_shares_outer_frames() {
-    if python311().is_none() {
-        return;
+    for py in pythons() {
+        called_from_c(&py);
     }
-    let work = Work::new("python_nested");
-    let cap = traced_python(&work, "py_nested.py", "nested.cap");
+}
+
+fn called_from_c(py: &Py) {
+    eprintln!("CPython {}: {}", py.version, py.program.display());
+    let work = Work::new(&format!("python_nested_{}", py.version));
+    let cap = traced_python(&work, py, "py_nested.py", "nested.cap");
     let all = folded(&cap, &["--allocated"]);
     let big: Vec<&(String, u64)> = all.iter().filter(|(s, _)| s.contains(";inner;")).collect();
     let rows = rows(&cap, "--allocated");

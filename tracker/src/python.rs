@@ -7,9 +7,10 @@
 //! its code object and its last instruction; a code object is described once, in a `PYCODE`
 //! record (names, file, line table), and the reader turns instructions into lines offline.
 //!
-//! The struct layouts are CPython 3.11's (x86-64), checked against the type of every object
-//! read (`PyCode_Type`, `PyUnicode_Type`, `PyBytes_Type`). Other versions get native stacks
-//! only, with one warning line.
+//! The struct layouts are those of CPython 3.11, 3.12 and 3.13 (x86-64, the default build with
+//! the GIL), one table per version (`Layout`), and every object read is checked against its type
+//! (`PyCode_Type`, `PyUnicode_Type`, `PyBytes_Type`) first. Other versions, and builds whose
+//! object header differs (free-threaded ones), get native stacks only, with one warning line.
 
 use memtrack_format::{pyframe, PyCodeRecord};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
@@ -17,6 +18,8 @@ use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 const OFF: u8 = 0;
 const ON: u8 = 1;
 static STATE: AtomicU8 = AtomicU8::new(OFF);
+/// Index into `LAYOUTS` of the running interpreter's version.
+static LAYOUT: AtomicU8 = AtomicU8::new(0);
 static GET_TSTATE: AtomicUsize = AtomicUsize::new(0);
 static CODE_TYPE: AtomicUsize = AtomicUsize::new(0);
 static UNICODE_TYPE: AtomicUsize = AtomicUsize::new(0);
@@ -25,24 +28,96 @@ static BYTES_TYPE: AtomicUsize = AtomicUsize::new(0);
 static EVAL_LO: AtomicUsize = AtomicUsize::new(0);
 static EVAL_HI: AtomicUsize = AtomicUsize::new(0);
 
-// CPython 3.11 layouts (Include/cpython/pystate.h, Include/internal/pycore_frame.h,
-// Include/cpython/code.h, Include/cpython/unicodeobject.h, Include/cpython/bytesobject.h).
-const TSTATE_CFRAME: usize = 56;
-const CFRAME_CURRENT_FRAME: usize = 8;
-const FRAME_CODE: usize = 32;
-const FRAME_PREVIOUS: usize = 48;
-const FRAME_PREV_INSTR: usize = 56;
-const FRAME_IS_ENTRY: usize = 68;
+/// How a frame says that an evaluation loop began with it.
+#[derive(Clone, Copy)]
+enum Entry {
+    /// 3.11: the frame's `is_entry` byte, at this offset.
+    IsEntry(usize),
+    /// 3.12+: the loop pushes a frame of its own, owned by the C stack (`owner`, a byte at
+    /// this offset, is `FRAME_OWNED_BY_CSTACK`), just before the frame it runs.
+    CStackFrame(usize),
+}
+
+const FRAME_OWNED_BY_CSTACK: u8 = 3;
+
+/// Where one CPython version keeps what is read. Offsets in bytes, from `offsetof` over each
+/// version's headers (Include/cpython/pystate.h, Include/internal/pycore_frame.h,
+/// Include/cpython/code.h, Include/cpython/unicodeobject.h, Include/cpython/bytesobject.h),
+/// compiled with `Py_BUILD_CORE`.
+struct Layout {
+    minor: libc::c_ulong,
+    /// `PyThreadState.cframe` (3.11, 3.12), whose `current_frame` is at `current_frame`; `None`
+    /// when the thread state holds `current_frame` itself (3.13).
+    tstate_cframe: Option<usize>,
+    current_frame: usize,
+    /// `_PyInterpreterFrame`: `f_code` (3.13: `f_executable`), `previous`, `prev_instr` (3.13:
+    /// `instr_ptr`; both give the instruction running).
+    frame_code: usize,
+    frame_previous: usize,
+    frame_instr: usize,
+    entry: Entry,
+    code_firstlineno: usize,
+    code_filename: usize,
+    code_qualname: usize,
+    code_linetable: usize,
+    code_code_adaptive: usize,
+    /// Where a compact string's characters begin: ASCII ones, others.
+    unicode_ascii_data: usize,
+    unicode_compact_data: usize,
+}
+
+const LAYOUT_311: Layout = Layout {
+    minor: 11,
+    tstate_cframe: Some(56),
+    current_frame: 8,
+    frame_code: 32,
+    frame_previous: 48,
+    frame_instr: 56,
+    entry: Entry::IsEntry(68),
+    code_firstlineno: 72,
+    code_filename: 112,
+    code_qualname: 128,
+    code_linetable: 136,
+    code_code_adaptive: 184,
+    unicode_ascii_data: 48,
+    unicode_compact_data: 72,
+};
+
+const LAYOUT_312: Layout = Layout {
+    minor: 12,
+    tstate_cframe: Some(56),
+    current_frame: 0,
+    frame_code: 0,
+    frame_previous: 8,
+    frame_instr: 56,
+    entry: Entry::CStackFrame(70),
+    code_firstlineno: 68,
+    code_code_adaptive: 192,
+    unicode_ascii_data: 40,
+    unicode_compact_data: 56,
+    ..LAYOUT_311
+};
+
+/// 3.13 drops `_PyCFrame` and adds a field to code objects; the rest is 3.12's.
+const LAYOUT_313: Layout = Layout {
+    minor: 13,
+    tstate_cframe: None,
+    current_frame: 72,
+    code_code_adaptive: 200,
+    ..LAYOUT_312
+};
+
+static LAYOUTS: [Layout; 3] = [LAYOUT_311, LAYOUT_312, LAYOUT_313];
+
+#[inline]
+fn layout() -> &'static Layout {
+    &LAYOUTS[LAYOUT.load(Ordering::Relaxed) as usize % LAYOUTS.len()]
+}
+
+// The same in every version read.
 const OB_TYPE: usize = 8;
-const CODE_FIRSTLINENO: usize = 72;
-const CODE_FILENAME: usize = 112;
-const CODE_QUALNAME: usize = 128;
-const CODE_LINETABLE: usize = 136;
-const CODE_CODE_ADAPTIVE: usize = 184;
 const UNICODE_LENGTH: usize = 16;
 const UNICODE_STATE: usize = 32;
-const UNICODE_ASCII_DATA: usize = 48;
-const UNICODE_COMPACT_DATA: usize = 72;
 const BYTES_SIZE: usize = 16;
 const BYTES_DATA: usize = 32;
 
@@ -80,20 +155,29 @@ pub(crate) fn detect() {
     } else {
         return; // not Python
     };
-    let (get, code, unicode, bytes) = (
+    let (get, code, unicode, bytes, type_type) = (
         sym(c"PyGILState_GetThisThreadState"),
         sym(c"PyCode_Type"),
         sym(c"PyUnicode_Type"),
         sym(c"PyBytes_Type"),
+        sym(c"PyType_Type"),
     );
-    if (major, minor) != (3, 11) || get == 0 || code == 0 || unicode == 0 || bytes == 0 {
+    let index = LAYOUTS.iter().position(|l| major == 3 && l.minor == minor);
+    // The object header is the default build's: a type object's type is `type` at `OB_TYPE`
+    // (a free-threaded build keeps more before it).
+    // SAFETY: `code` is the address of CPython's `PyCode_Type` object, a static type object
+    // far longer than `OB_TYPE` + 8 bytes.
+    let header_ok = code != 0 && type_type != 0 && unsafe { word(code + OB_TYPE) } == type_type;
+    if index.is_none() || !header_ok || get == 0 || unicode == 0 || bytes == 0 {
         let v = if minor == 0 {
             "before 3.11".to_string()
+        } else if index.is_some() {
+            format!("{major}.{minor} (a build with another object layout)")
         } else {
             format!("{major}.{minor}")
         };
         let msg = format!(
-            "memtrack: Python {v}: its frames are not read (supported: 3.11); stacks show native frames only\n"
+            "memtrack: Python {v}: its frames are not read (supported: 3.11, 3.12, 3.13); stacks show native frames only\n"
         );
         // SAFETY: plain write of a byte slice to stderr.
         unsafe { libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len()) };
@@ -103,6 +187,7 @@ pub(crate) fn detect() {
         EVAL_LO.store(lo, Ordering::Relaxed);
         EVAL_HI.store(hi, Ordering::Relaxed);
     }
+    LAYOUT.store(index.unwrap_or(0) as u8, Ordering::Relaxed);
     GET_TSTATE.store(get, Ordering::Relaxed);
     CODE_TYPE.store(code, Ordering::Relaxed);
     UNICODE_TYPE.store(unicode, Ordering::Relaxed);
@@ -189,35 +274,54 @@ pub(crate) fn read_frames(out: &mut [PyFrame]) -> usize {
     if tstate == 0 {
         return 0;
     }
-    // SAFETY: tstate is this thread's live PyThreadState; its cframe and frames are changed
-    // only by this thread, which is here.
+    let l = layout();
+    // SAFETY: tstate is this thread's live PyThreadState; its frames are changed only by this
+    // thread, which is here.
     let mut frame = unsafe {
-        let cframe = word(tstate + TSTATE_CFRAME);
-        if cframe == 0 {
-            return 0;
+        match l.tstate_cframe {
+            Some(off) => {
+                let cframe = word(tstate + off);
+                if cframe == 0 {
+                    return 0;
+                }
+                word(cframe + l.current_frame)
+            }
+            None => word(tstate + l.current_frame),
         }
-        word(cframe + CFRAME_CURRENT_FRAME)
     };
     let mut n = 0;
     while frame != 0 && n < out.len() {
         // SAFETY: a frame of this thread's chain (see above); its code object is checked by
         // type before anything else is read from it.
         unsafe {
-            let code = word(frame + FRAME_CODE);
+            let entry = match l.entry {
+                Entry::IsEntry(off) => std::ptr::read((frame + off) as *const u8) != 0,
+                Entry::CStackFrame(off) => {
+                    if std::ptr::read((frame + off) as *const u8) == FRAME_OWNED_BY_CSTACK {
+                        // The loop's own frame: the one it ran (read just before) began it.
+                        if let Some(newer) = n.checked_sub(1) {
+                            out[newer].entry = true;
+                        }
+                        frame = word(frame + l.frame_previous);
+                        continue;
+                    }
+                    false
+                }
+            };
+            let code = word(frame + l.frame_code);
             if code == 0 || !code.is_multiple_of(8) || word(code + OB_TYPE) != code_type {
                 break;
             }
-            let first = code + CODE_CODE_ADAPTIVE;
-            let prev = word(frame + FRAME_PREV_INSTR);
+            let first = code + l.code_code_adaptive;
+            let prev = word(frame + l.frame_instr);
             let lasti = if prev >= first {
                 ((prev - first) / 2).min(u32::MAX as usize) as u32
             } else {
                 0
             };
-            let entry = std::ptr::read((frame + FRAME_IS_ENTRY) as *const u8) != 0;
             out[n] = PyFrame { code, lasti, entry };
             n += 1;
-            frame = word(frame + FRAME_PREVIOUS);
+            frame = word(frame + l.frame_previous);
         }
     }
     n
@@ -225,8 +329,9 @@ pub(crate) fn read_frames(out: &mut [PyFrame]) -> usize {
 
 /// The fields that tell one code object from another one later made at the same address.
 pub(crate) fn code_identity(code: usize) -> (usize, usize) {
+    let l = layout();
     // SAFETY: `code` was checked to be a code object by `read_frames`, during this allocation.
-    unsafe { (word(code + CODE_QUALNAME), word(code + CODE_LINETABLE)) }
+    unsafe { (word(code + l.code_qualname), word(code + l.code_linetable)) }
 }
 
 /// A `str` object's text (compact strings; others and non-strings give "?").
@@ -248,11 +353,12 @@ fn unicode(obj: usize) -> String {
         if !compact {
             return "?".into();
         }
+        let l = layout();
         let data = obj
             + if ascii {
-                UNICODE_ASCII_DATA
+                l.unicode_ascii_data
             } else {
-                UNICODE_COMPACT_DATA
+                l.unicode_compact_data
             };
         let mut s = String::with_capacity(len);
         for i in 0..len {
@@ -285,13 +391,14 @@ fn bytes(obj: usize) -> Vec<u8> {
 
 /// The description of code object `code` under `id`.
 pub(crate) fn describe(code: usize, id: u32) -> PyCodeRecord {
+    let l = layout();
     // SAFETY: `code` was checked to be a code object by `read_frames`, during this allocation.
     let (filename, qualname, linetable, first_line) = unsafe {
         (
-            word(code + CODE_FILENAME),
-            word(code + CODE_QUALNAME),
-            word(code + CODE_LINETABLE),
-            std::ptr::read((code + CODE_FIRSTLINENO) as *const i32),
+            word(code + l.code_filename),
+            word(code + l.code_qualname),
+            word(code + l.code_linetable),
+            std::ptr::read((code + l.code_firstlineno) as *const i32),
         )
     };
     PyCodeRecord {
