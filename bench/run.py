@@ -1,5 +1,6 @@
 """memtrack benchmark driver (see run.sh). Standard library only."""
-import argparse, json, os, platform, shutil, statistics, subprocess, sys, tempfile, time
+import argparse
+import glob, json, os, platform, shutil, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
@@ -159,6 +160,13 @@ def main():
         ("python", [py, os.path.join(ROOT, "bench", "py_alloc.py"), "300000"], {"PYTHONMALLOC": "malloc"},
          "python3, PYTHONMALLOC=malloc, no frame pointers"),
     ]
+    # The same script under CPython 3.12 and 3.13 when the machine has them (pyenv's versions).
+    pyenv = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    for minor in ("3.12", "3.13"):
+        found = sorted(glob.glob(os.path.join(pyenv, "versions", minor + ".*", "bin", "python" + minor)))
+        if found:
+            workloads.append((f"python{minor}", [found[-1], os.path.join(ROOT, "bench", "py_alloc.py"), "300000"],
+                              {"PYTHONMALLOC": "malloc"}, f"the same under CPython {minor}"))
     if args.only:
         keep = set(args.only.split(","))
         workloads = [w for w in workloads if w[0] in keep]

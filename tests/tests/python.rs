@@ -453,3 +453,64 @@ fn called_from_c(py: &Py) {
     }
     assert_eq!(outer_nodes.len(), 1, "{outer_nodes:?}");
 }
+
+/// Generators and coroutines: a generator's frames sit under whatever resumed it (a generator
+/// expression in Python, `list` in C), and a coroutine's under asyncio's event loop, in every
+/// version (3.12 changed how generator frames are linked and entered).
+#[test]
+fn generators_and_coroutines_sit_under_what_resumed_them() {
+    for py in pythons() {
+        generators_and_coroutines(&py);
+    }
+}
+
+fn generators_and_coroutines(py: &Py) {
+    eprintln!("CPython {}: {}", py.version, py.program.display());
+    let work = Work::new(&format!("python_gen_{}", py.version));
+    let cap = traced_python(&work, py, "py_gen.py", "gen.cap");
+    let stacks = folded(&cap, &["--allocated", "--python-only"]);
+    let bytes = |want: &str| -> u64 {
+        stacks
+            .iter()
+            .filter(|(s, _)| s == want)
+            .map(|(_, b)| b)
+            .sum()
+    };
+    let mib: u64 = 1 << 20;
+    // Each block also carries its object's header (tens of bytes).
+    let by_genexpr = bytes("<module>;main;consume_gen;consume_gen.<locals>.<genexpr>;produce");
+    assert!(
+        (8 * mib..8 * mib + 8 * 256).contains(&by_genexpr),
+        "{by_genexpr}: {stacks:?}"
+    );
+    let by_list = bytes("<module>;main;produce");
+    assert!(
+        (2 * mib..2 * mib + 2 * 256).contains(&by_list),
+        "{by_list}: {stacks:?}"
+    );
+    let coroutine = bytes(
+        "<module>;main;run;Runner.run;BaseEventLoop.run_until_complete;\
+         BaseEventLoop.run_forever;BaseEventLoop._run_once;Handle._run;handler;fetch",
+    );
+    assert!(
+        (3 * mib..3 * mib + 256).contains(&coroutine),
+        "{coroutine}: {stacks:?}"
+    );
+    let rows = rows(&cap, "--allocated");
+    let line = |f: &str, n: u64| {
+        rows.iter()
+            .filter(|r| r.0 == f && r.1 == "py_gen.py" && r.2 == n)
+            .map(|r| r.3)
+            .sum::<u64>()
+    };
+    assert!(
+        (10 * mib..10 * mib + 10 * 256).contains(&line("produce", 12)),
+        "{:?}",
+        &rows[..5]
+    );
+    assert!(
+        (3 * mib..3 * mib + 256).contains(&line("fetch", 21)),
+        "{:?}",
+        &rows[..5]
+    );
+}
