@@ -347,38 +347,51 @@ fn dash_m_and_console_scripts(py: &Py) {
     }
 }
 
-/// An interpreter whose frames memtrack cannot read (here a fake CPython 3.14) still gets
-/// native stacks, with exactly one warning line.
+/// An interpreter whose frames memtrack cannot read still gets native stacks, with exactly one
+/// warning line: here a fake CPython 3.14, and a fake free-threaded 3.13 (a supported version
+/// whose object header is not the default build's: its frames must not be read with 3.13's
+/// offsets; the fake aborts if they were).
 #[test]
 fn an_unsupported_python_gets_native_stacks_and_one_warning() {
-    let work = Work::new("python_fake");
-    let exe = work.path("fake_python");
-    let out = Command::new("gcc")
-        .args(["-O1", "-g", "-rdynamic", "-o"])
-        .arg(&exe)
-        .arg(fixtures_dir().join("fake_python.c"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let t = run_traced_ok(&work, "fake.cap", &exe, &[] as &[&str]);
-    let warnings: Vec<&str> = t
-        .run
-        .stderr
-        .lines()
-        .filter(|l| l.contains("frames are not read"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "{}", t.run.stderr);
-    assert!(warnings[0].contains("Python 3.14"), "{}", warnings[0]);
-    let rows = rows(&t.capture, "--allocated");
-    assert!(
-        rows.iter().any(|r| r.0 == "make_buffer" && r.3 == 4321),
-        "{:?}",
-        &rows[..rows.len().min(5)]
-    );
+    for (name, defines, says) in [
+        ("fake_python", &[][..], "Python 3.14:"),
+        (
+            "fake_python_ft",
+            &["-DFREE_THREADED"][..],
+            "Python 3.13 (a build with another object layout)",
+        ),
+    ] {
+        let work = Work::new(name);
+        let exe = work.path(name);
+        let out = Command::new("gcc")
+            .args(["-O1", "-g", "-rdynamic"])
+            .args(defines)
+            .arg("-o")
+            .arg(&exe)
+            .arg(fixtures_dir().join("fake_python.c"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let t = run_traced_ok(&work, "fake.cap", &exe, &[] as &[&str]);
+        let warnings: Vec<&str> = t
+            .run
+            .stderr
+            .lines()
+            .filter(|l| l.contains("frames are not read"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{name}: {}", t.run.stderr);
+        assert!(warnings[0].contains(says), "{name}: {}", warnings[0]);
+        let rows = rows(&t.capture, "--allocated");
+        assert!(
+            rows.iter().any(|r| r.0 == "make_buffer" && r.3 == 4321),
+            "{name}: {:?}",
+            &rows[..rows.len().min(5)]
+        );
+    }
 }
 
 /// Python called back from C (`sorted`'s key function): the callback's frames sit where its
