@@ -586,24 +586,19 @@ pub(crate) struct OwnerState {
     mix_nodes: Vec<u32>,
 }
 
-/// Builds a stack (outermost first) against the previous one: frames equal to the previous
-/// stack's at the same depth are only counted (`same`); from the first that differs on, they
-/// are kept (`tail`), to be interned.
-struct MixBuilder<'a> {
-    prev: &'a [MixKey],
-    same: usize,
-    tail: &'a mut Vec<MixKey>,
-}
-
-impl MixBuilder<'_> {
-    #[inline(always)]
-    fn push(&mut self, k: MixKey) {
-        if self.tail.is_empty() && self.prev.get(self.same) == Some(&k) {
-            self.same += 1;
-        } else {
-            self.tail.push(k);
-        }
+/// How many leading frames two stacks share. Four at a time: a deep stack's shared outer part is
+/// compared on every event.
+#[inline]
+fn common_prefix(a: &[MixKey], b: &[MixKey]) -> usize {
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + 4 <= n && a[i..i + 4] == b[i..i + 4] {
+        i += 4;
     }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
 }
 
 /// A frame of a stack with Python frames in place: a native return address, `(ip, NATIVE)`;
@@ -672,25 +667,23 @@ impl OwnerState {
             (f.code as u64, f.lasti as u64 | (f.entry as u64) << 32)
         };
         let (frames, runs, ips) = (&self.py_frames, &self.py_runs, &self.walker.ips);
-        self.mix.clear();
-        let mix = &mut MixBuilder {
-            prev: &self.mix_prev,
-            same: 0,
-            tail: &mut self.mix,
-        };
-        let push_run = |mix: &mut MixBuilder, r: (usize, usize)| {
-            for f in frames[r.0..r.1].iter().rev() {
-                mix.push(key(f));
-            }
+        let mix = &mut self.mix;
+        mix.clear();
+        mix.reserve(ips.len() + n);
+        let push_run = |mix: &mut Vec<MixKey>, r: (usize, usize)| {
+            mix.extend(frames[r.0..r.1].iter().rev().map(key));
         };
         if let Some(eval) = python::eval_loop() {
-            let loops = ips.iter().filter(|ip| eval.contains(ip)).count();
+            // One comparison per frame: `ip - start` below the length.
+            let (lo, len) = (*eval.start(), eval.end() - eval.start());
+            let is_loop = |ip: u64| ip.wrapping_sub(lo) <= len;
+            let loops = ips.iter().filter(|&&ip| is_loop(ip)).count();
             for &r in runs.iter().skip(loops).rev() {
                 push_run(mix, r);
             }
             let mut seen = 0;
             for &ip in ips {
-                if eval.contains(&ip) {
+                if is_loop(ip) {
                     seen += 1;
                     if let Some(&r) = runs.get(loops - seen) {
                         push_run(mix, r);
@@ -699,19 +692,16 @@ impl OwnerState {
                 mix.push((ip, NATIVE));
             }
         } else {
-            for &ip in ips {
-                mix.push((ip, NATIVE));
-            }
+            mix.extend(ips.iter().map(|&ip| (ip, NATIVE)));
             for &r in runs.iter().rev() {
                 push_run(mix, r);
             }
         }
         // The outer part the previous stack had too keeps its nodes.
-        let same = mix.same;
-        self.mix_prev.truncate(same);
+        let same = common_prefix(&self.mix, &self.mix_prev);
         self.mix_nodes.truncate(same);
         let mut node = self.mix_nodes.last().copied().unwrap_or(0);
-        for i in 0..self.mix.len() {
+        for i in same..self.mix.len() {
             let k = self.mix[i];
             let ip = if k.1 == NATIVE {
                 k.0
@@ -726,9 +716,9 @@ impl OwnerState {
             };
             let mut intern = interner(rec, &mut self.new_nodes);
             node = self.walker.child(node, ip, &mut intern);
-            self.mix_prev.push(k);
             self.mix_nodes.push(node);
         }
+        std::mem::swap(&mut self.mix, &mut self.mix_prev);
         node
     }
 

@@ -126,6 +126,8 @@ pub struct Walker {
     interning: bool,
     /// The last walk's frames (outermost first), kept only when not `interning`.
     pub ips: Vec<u64>,
+    /// How many of `ips` are `frames`' ips (a walk then rewrites only the rest).
+    ips_valid: usize,
 }
 
 const NODE_CACHE_MAX: usize = 1 << 16;
@@ -176,6 +178,7 @@ impl Walker {
             recent_next: 0,
             interning: true,
             ips: Vec::new(),
+            ips_valid: 0,
         }
     }
 
@@ -188,12 +191,16 @@ impl Walker {
         }
     }
 
-    /// Copies the walk's frames into `ips` when they are not interned.
+    /// Copies the walk's frames into `ips` when they are not interned; the first `kept` frames
+    /// are the previous walk's, whose ips are there already (a deep stack's outer part is
+    /// nearly always reused, and copying it was a cost per frame on every event).
     #[inline]
-    fn keep_ips(&mut self) {
+    fn keep_ips(&mut self, kept: usize) {
         if !self.interning {
-            self.ips.clear();
-            self.ips.extend(self.frames.iter().map(|f| f.ip));
+            let k = kept.min(self.ips_valid).min(self.frames.len());
+            self.ips.truncate(k);
+            self.ips.extend(self.frames[k..].iter().map(|f| f.ip));
+            self.ips_valid = self.frames.len();
         }
     }
 
@@ -212,6 +219,7 @@ impl Walker {
     /// Forgets the previous walk (the modules changed, so the rules may have).
     pub fn invalidate(&mut self) {
         self.frames.clear();
+        self.ips_valid = 0;
         self.reads.clear();
         for r in &mut self.recent {
             r.frames.clear();
@@ -319,6 +327,7 @@ impl Walker {
             Some(caller) => self.walk(unw, stack_hi, caller, intern),
             None => {
                 self.ips.clear();
+                self.ips_valid = 0;
                 Walk { node: 0, outer: 0 }
             }
         }
@@ -334,7 +343,8 @@ impl Walker {
         intern: &mut impl FnMut(u32, u64) -> u32,
     ) -> Walk {
         if let Some(w) = self.recent_hit(caller) {
-            self.keep_ips();
+            // A whole other walk: nothing of `ips` is known to hold.
+            self.keep_ips(0);
             return w;
         }
         self.inner.clear();
@@ -472,7 +482,7 @@ impl Walker {
         }
         self.complete = complete;
         let walk = self.previous();
-        self.keep_ips();
+        self.keep_ips(keep);
         if too_deep || self.frames.len() > MAX_FRAMES {
             // A walk cut at MAX_FRAMES has no root: nothing outer to reuse.
             self.invalidate();
@@ -489,6 +499,7 @@ impl Walker {
         if !self.interning {
             self.ips.clear();
             self.ips.extend(frames.iter().rev());
+            self.ips_valid = 0;
             return 0;
         }
         let mut parent = 0;
