@@ -5,7 +5,7 @@ use crate::mapbuf::MapBuf;
 use crate::python;
 use crate::stacks::{FastMap, Trie};
 use crate::unwind::{self, Caller, LoadedModule, Skip, Unw, UnwCache, MAX_FRAMES};
-use crate::walker::Walker;
+use crate::walker::{self, Walker};
 use crate::writer::{self, Msg};
 use crossbeam_channel::{Receiver, Sender};
 use memtrack_format::{
@@ -584,7 +584,14 @@ pub(crate) struct OwnerState {
     /// part they share (all but a few innermost frames, nearly always).
     mix_prev: Vec<MixKey>,
     mix_nodes: Vec<u32>,
+    /// Stacks made recently, by a hash of their native and Python frames (see `mixed_stack`);
+    /// made on first use.
+    mix_memo: Option<Box<[MemoSlot; MIX_MEMO]>>,
 }
+
+/// Slots of `OwnerState::mix_memo`, direct-mapped (96 KiB a Python thread).
+const MIX_MEMO: usize = 4096;
+type MemoSlot = (walker::StackHash, u32);
 
 /// How many leading frames two stacks share. Four at a time: a deep stack's shared outer part is
 /// compared on every event.
@@ -624,6 +631,7 @@ impl OwnerState {
             mix: Vec::new(),
             mix_prev: Vec::new(),
             mix_nodes: Vec::new(),
+            mix_memo: None,
         }
     }
 
@@ -654,6 +662,25 @@ impl OwnerState {
             self.py_frames = vec![python::PyFrame::default(); python::MAX_PY_FRAMES];
         }
         let n = python::read_frames(&mut self.py_frames);
+        // The same native frames with the same Python frames make the same stack: a loop that
+        // allocates from a few places finds its stacks here, with no frame compared or looked
+        // up. Code objects count with their identity (as in `code_id`), and both frame counts
+        // go in, so one split of a sequence cannot pass for another.
+        let ips = &self.walker.ips;
+        let mut h = walker::stack_hash(self.walker.ips_hash, (ips.len() as u64) << 32 | n as u64);
+        for f in &self.py_frames[..n] {
+            let (qualname, linetable) = python::code_identity(f.code);
+            h = walker::stack_hash(h, f.code as u64);
+            h = walker::stack_hash(h, f.lasti as u64 | (f.entry as u64) << 32);
+            h = walker::stack_hash(h, qualname as u64 ^ (linetable as u64).rotate_left(32));
+        }
+        let memo = self
+            .mix_memo
+            .get_or_insert_with(|| Box::new([((0, 0), 0); MIX_MEMO]));
+        let slot = (h.0 >> (64 - MIX_MEMO.trailing_zeros())) as usize;
+        if memo[slot].0 == h && memo[slot].1 != 0 {
+            return memo[slot].1;
+        }
         // Runs, innermost first: each ends (outwards) at an entry frame.
         self.py_runs.clear();
         let mut start = 0;
@@ -719,6 +746,9 @@ impl OwnerState {
             self.mix_nodes.push(node);
         }
         std::mem::swap(&mut self.mix, &mut self.mix_prev);
+        if let Some(memo) = self.mix_memo.as_mut() {
+            memo[slot] = (h, node);
+        }
         node
     }
 

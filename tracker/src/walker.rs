@@ -22,6 +22,8 @@ struct Frame {
     bp: u64,
     /// Trie node of the stack from the root down to this frame.
     node: u32,
+    /// Hash of the ips from the root down to this frame (see `stack_hash`).
+    hash: StackHash,
     /// End (exclusive) in `reads` of the words read to unwind this frame.
     reads_end: u32,
     /// Whether the walk from this frame outwards may depend on `bp`. Code built without frame
@@ -35,6 +37,23 @@ impl Frame {
     fn is(&self, ip: u64, sp: u64, bp: u64) -> bool {
         self.ip == ip && self.sp == sp && (self.bp == bp || !self.bp_dep)
     }
+}
+
+/// A 128-bit hash of a sequence of frames, built outwards-in one frame at a time: two folded
+/// multiplies with different constants, so two different stacks share it with a probability
+/// of about 2^-120.
+pub type StackHash = (u64, u64);
+
+#[inline(always)]
+pub fn stack_hash(h: StackHash, v: u64) -> StackHash {
+    let fold = |x: u64, k: u64| {
+        let m = (x as u128).wrapping_mul(k as u128);
+        (m as u64) ^ ((m >> 64) as u64)
+    };
+    (
+        fold(h.0.rotate_left(23) ^ v, 0x9E37_79B9_7F4A_7C15),
+        fold(h.1.rotate_left(41) ^ v, 0xD6E8_FEB8_6659_FD93),
+    )
 }
 
 /// How one unwinding step used bp: it took the frame from it (`USES_BP`), or left it as it was
@@ -128,6 +147,8 @@ pub struct Walker {
     pub ips: Vec<u64>,
     /// How many of `ips` are `frames`' ips (a walk then rewrites only the rest).
     ips_valid: usize,
+    /// `stack_hash` over `ips` (kept only when not `interning`).
+    pub ips_hash: StackHash,
 }
 
 const NODE_CACHE_MAX: usize = 1 << 16;
@@ -179,6 +200,7 @@ impl Walker {
             interning: true,
             ips: Vec::new(),
             ips_valid: 0,
+            ips_hash: (0, 0),
         }
     }
 
@@ -201,6 +223,7 @@ impl Walker {
             self.ips.truncate(k);
             self.ips.extend(self.frames[k..].iter().map(|f| f.ip));
             self.ips_valid = self.frames.len();
+            self.ips_hash = self.frames.last().map_or((0, 0), |f| f.hash);
         }
     }
 
@@ -328,6 +351,7 @@ impl Walker {
             None => {
                 self.ips.clear();
                 self.ips_valid = 0;
+                self.ips_hash = (0, 0);
                 Walk { node: 0, outer: 0 }
             }
         }
@@ -443,6 +467,7 @@ impl Walker {
         let reads_keep = self.frames.last().map_or(0, |f| f.reads_end as usize);
         self.reads.truncate(reads_keep);
         let mut parent = self.frames.last().map_or(0, |f| f.node);
+        let mut hash = self.frames.last().map_or((0, 0), |f| f.hash);
         // Whether the frame outside the next one depends on its bp (a matched outer frame
         // carries its own flag; an unknown end does).
         let mut outer_dep = !matches!(self.frames.last(), Some(f) if !f.bp_dep);
@@ -470,12 +495,15 @@ impl Walker {
             outer_sp = Some(fsp);
             if self.interning {
                 parent = self.node(parent, fip, intern);
+            } else {
+                hash = stack_hash(hash, fip);
             }
             self.frames.push(Frame {
                 ip: fip,
                 sp: fsp,
                 bp: fbp,
                 node: parent,
+                hash,
                 reads_end: self.reads.len() as u32,
                 bp_dep,
             });
@@ -500,6 +528,7 @@ impl Walker {
             self.ips.clear();
             self.ips.extend(frames.iter().rev());
             self.ips_valid = 0;
+            self.ips_hash = self.ips.iter().fold((0, 0), |h, &ip| stack_hash(h, ip));
             return 0;
         }
         let mut parent = 0;
