@@ -589,9 +589,12 @@ pub(crate) struct OwnerState {
     mix_memo: Option<Box<[MemoSlot; MIX_MEMO]>>,
 }
 
-/// Slots of `OwnerState::mix_memo`, direct-mapped (96 KiB a Python thread).
+/// Slots of `OwnerState::mix_memo`, direct-mapped (64 KiB a Python thread).
 const MIX_MEMO: usize = 4096;
-type MemoSlot = (walker::StackHash, u32);
+/// A 64-bit hash of a mixed stack's frames, and the stack's trie node. A lookup compares with
+/// the one key in its slot: a false match takes a 64-bit coincidence, about once in 10^19
+/// allocations.
+type MemoSlot = (u64, u32);
 
 /// How many leading frames two stacks share. Four at a time: a deep stack's shared outer part is
 /// compared on every event.
@@ -667,17 +670,17 @@ impl OwnerState {
         // up. Code objects count with their identity (as in `code_id`), and both frame counts
         // go in, so one split of a sequence cannot pass for another.
         let ips = &self.walker.ips;
-        let mut h = walker::stack_hash(self.walker.ips_hash, (ips.len() as u64) << 32 | n as u64);
+        let mut h = walker::frame_hash(self.walker.ips_hash, (ips.len() as u64) << 32 | n as u64);
         for f in &self.py_frames[..n] {
             let (qualname, linetable) = python::code_identity(f.code);
-            h = walker::stack_hash(h, f.code as u64);
-            h = walker::stack_hash(h, f.lasti as u64 | (f.entry as u64) << 32);
-            h = walker::stack_hash(h, qualname as u64 ^ (linetable as u64).rotate_left(32));
+            h = walker::frame_hash(h, f.code as u64);
+            h = walker::frame_hash(h, f.lasti as u64 | (f.entry as u64) << 32);
+            h = walker::frame_hash(h, qualname as u64 ^ (linetable as u64).rotate_left(32));
         }
         let memo = self
             .mix_memo
-            .get_or_insert_with(|| Box::new([((0, 0), 0); MIX_MEMO]));
-        let slot = (h.0 >> (64 - MIX_MEMO.trailing_zeros())) as usize;
+            .get_or_insert_with(|| Box::new([(0, 0); MIX_MEMO]));
+        let slot = (h >> (64 - MIX_MEMO.trailing_zeros())) as usize;
         if memo[slot].0 == h && memo[slot].1 != 0 {
             return memo[slot].1;
         }

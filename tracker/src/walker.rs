@@ -20,10 +20,10 @@ struct Frame {
     ip: u64,
     sp: u64,
     bp: u64,
-    /// Trie node of the stack from the root down to this frame.
-    node: u32,
-    /// Hash of the ips from the root down to this frame (see `stack_hash`).
-    hash: StackHash,
+    /// Trie node of the stack from the root down to this frame when interning; else a hash of
+    /// its ips from the root down (`frame_hash`). One field for both keeps frames at 40 bytes:
+    /// walks are copied whole into `recent`, and deep stacks felt 16 more bytes a frame.
+    id: u64,
     /// End (exclusive) in `reads` of the words read to unwind this frame.
     reads_end: u32,
     /// Whether the walk from this frame outwards may depend on `bp`. Code built without frame
@@ -39,21 +39,11 @@ impl Frame {
     }
 }
 
-/// A 128-bit hash of a sequence of frames, built outwards-in one frame at a time: two folded
-/// multiplies with different constants, so two different stacks share it with a probability
-/// of about 2^-120.
-pub type StackHash = (u64, u64);
-
+/// A hash of a sequence of frames, built outwards-in one frame at a time (a folded multiply).
 #[inline(always)]
-pub fn stack_hash(h: StackHash, v: u64) -> StackHash {
-    let fold = |x: u64, k: u64| {
-        let m = (x as u128).wrapping_mul(k as u128);
-        (m as u64) ^ ((m >> 64) as u64)
-    };
-    (
-        fold(h.0.rotate_left(23) ^ v, 0x9E37_79B9_7F4A_7C15),
-        fold(h.1.rotate_left(41) ^ v, 0xD6E8_FEB8_6659_FD93),
-    )
+pub fn frame_hash(h: u64, ip: u64) -> u64 {
+    let m = ((h.rotate_left(23) ^ ip) as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (m as u64) ^ ((m >> 64) as u64)
 }
 
 /// How one unwinding step used bp: it took the frame from it (`USES_BP`), or left it as it was
@@ -147,8 +137,8 @@ pub struct Walker {
     pub ips: Vec<u64>,
     /// How many of `ips` are `frames`' ips (a walk then rewrites only the rest).
     ips_valid: usize,
-    /// `stack_hash` over `ips` (kept only when not `interning`).
-    pub ips_hash: StackHash,
+    /// `frame_hash` over `ips` (kept only when not `interning`).
+    pub ips_hash: u64,
 }
 
 const NODE_CACHE_MAX: usize = 1 << 16;
@@ -200,7 +190,7 @@ impl Walker {
             interning: true,
             ips: Vec::new(),
             ips_valid: 0,
-            ips_hash: (0, 0),
+            ips_hash: 0,
         }
     }
 
@@ -223,7 +213,7 @@ impl Walker {
             self.ips.truncate(k);
             self.ips.extend(self.frames[k..].iter().map(|f| f.ip));
             self.ips_valid = self.frames.len();
-            self.ips_hash = self.frames.last().map_or((0, 0), |f| f.hash);
+            self.ips_hash = self.frames.last().map_or(0, |f| f.id);
         }
     }
 
@@ -326,7 +316,7 @@ impl Walker {
     /// The previous walk as a result: its leaf node and outermost frame.
     fn previous(&self) -> Walk {
         Walk {
-            node: self.frames.last().map_or(0, |f| f.node),
+            node: self.frames.last().map_or(0, |f| f.id as u32),
             outer: self.frames.first().map_or(0, |f| f.ip),
         }
     }
@@ -351,7 +341,7 @@ impl Walker {
             None => {
                 self.ips.clear();
                 self.ips_valid = 0;
-                self.ips_hash = (0, 0);
+                self.ips_hash = 0;
                 Walk { node: 0, outer: 0 }
             }
         }
@@ -466,8 +456,8 @@ impl Walker {
         self.frames.truncate(keep);
         let reads_keep = self.frames.last().map_or(0, |f| f.reads_end as usize);
         self.reads.truncate(reads_keep);
-        let mut parent = self.frames.last().map_or(0, |f| f.node);
-        let mut hash = self.frames.last().map_or((0, 0), |f| f.hash);
+        // The trie node (interning) or the hash (not) of the frames so far.
+        let mut parent = self.frames.last().map_or(0, |f| f.id);
         // Whether the frame outside the next one depends on its bp (a matched outer frame
         // carries its own flag; an unknown end does).
         let mut outer_dep = !matches!(self.frames.last(), Some(f) if !f.bp_dep);
@@ -493,17 +483,16 @@ impl Walker {
             let bp_dep = flags & USES_BP != 0 || (flags & PASSES_BP != 0 && outer_dep);
             outer_dep = bp_dep;
             outer_sp = Some(fsp);
-            if self.interning {
-                parent = self.node(parent, fip, intern);
+            parent = if self.interning {
+                self.node(parent as u32, fip, intern) as u64
             } else {
-                hash = stack_hash(hash, fip);
-            }
+                frame_hash(parent, fip)
+            };
             self.frames.push(Frame {
                 ip: fip,
                 sp: fsp,
                 bp: fbp,
-                node: parent,
-                hash,
+                id: parent,
                 reads_end: self.reads.len() as u32,
                 bp_dep,
             });
@@ -528,7 +517,7 @@ impl Walker {
             self.ips.clear();
             self.ips.extend(frames.iter().rev());
             self.ips_valid = 0;
-            self.ips_hash = self.ips.iter().fold((0, 0), |h, &ip| stack_hash(h, ip));
+            self.ips_hash = self.ips.iter().fold(0, |h, &ip| frame_hash(h, ip));
             return 0;
         }
         let mut parent = 0;
