@@ -585,8 +585,8 @@ pub(crate) struct OwnerState {
     mix_prev: Vec<MixKey>,
     mix_nodes: Vec<u32>,
     /// Stacks made recently, by a hash of their native and Python frames (see `mixed_stack`);
-    /// made on first use.
-    mix_memo: Option<Box<[MemoSlot; MIX_MEMO]>>,
+    /// empty until first used.
+    mix_memo: Box<[MemoSlot]>,
 }
 
 /// Slots of `OwnerState::mix_memo`, direct-mapped (64 KiB a Python thread).
@@ -634,7 +634,7 @@ impl OwnerState {
             mix: Vec::new(),
             mix_prev: Vec::new(),
             mix_nodes: Vec::new(),
-            mix_memo: None,
+            mix_memo: Box::default(),
         }
     }
 
@@ -660,6 +660,7 @@ impl OwnerState {
     /// of nodes at a large program's start. The innermost frame is always native, which tells
     /// this layout from the older one for the reader. Where the loop's code is not known, the
     /// Python frames come at the leaf end (that older layout).
+    #[inline(never)]
     fn mixed_stack(&mut self, rec: &Recorder) -> u32 {
         if self.py_frames.is_empty() {
             self.py_frames = vec![python::PyFrame::default(); python::MAX_PY_FRAMES];
@@ -677,9 +678,12 @@ impl OwnerState {
             h = walker::frame_hash(h, f.lasti as u64 | (f.entry as u64) << 32);
             h = walker::frame_hash(h, qualname as u64 ^ (linetable as u64).rotate_left(32));
         }
-        let memo = self
-            .mix_memo
-            .get_or_insert_with(|| Box::new([(0, 0); MIX_MEMO]));
+        if self.mix_memo.is_empty() {
+            // Made on the heap directly: an array built in this frame would make every call
+            // probe 64 KiB of stack.
+            self.mix_memo = vec![(0, 0); MIX_MEMO].into_boxed_slice();
+        }
+        let memo = &self.mix_memo;
         let slot = (h >> (64 - MIX_MEMO.trailing_zeros())) as usize;
         if memo[slot].0 == h && memo[slot].1 != 0 {
             return memo[slot].1;
@@ -749,9 +753,7 @@ impl OwnerState {
             self.mix_nodes.push(node);
         }
         std::mem::swap(&mut self.mix, &mut self.mix_prev);
-        if let Some(memo) = self.mix_memo.as_mut() {
-            memo[slot] = (h, node);
-        }
+        self.mix_memo[slot] = (h, node);
         node
     }
 
