@@ -39,7 +39,7 @@ pub use plot::Plot;
 pub use replay::{Replay, SiteTotal, Summary};
 pub use stacks::StackTable;
 pub use stats::{Bucket, KindStat, Stats};
-pub use symbols::{stack_frames, Frame, Symbolizer};
+pub use symbols::{for_each_frame, stack_frames, Frame, Symbolizer};
 pub use tree::{call_tree, render_tree, TreeNode};
 pub use views::{
     export_view, folded, table, top_locations, ExportedStack, ExportedView, GroupBy, TableRow,

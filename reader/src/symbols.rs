@@ -285,9 +285,21 @@ fn separate_debug_file(path: &Path, build_id: &[u8], obj: &object::File<'_>) -> 
 
 /// A stack as symbolized frames, outermost first.
 pub fn stack_frames(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Vec<Frame> {
+    let mut out = Vec::new();
+    for_each_frame(sym, stacks, stack, |f| out.push(f.clone()));
+    out
+}
+
+/// Calls `f` on a stack's symbolized frames, outermost first (the frames of
+/// [`stack_frames`], without copying them: reports that only read them build no vector).
+pub fn for_each_frame(
+    sym: &mut Symbolizer,
+    stacks: &StackTable,
+    stack: u32,
+    mut f: impl FnMut(&Frame),
+) {
     let addrs = stacks.frames(stack);
     let (n_py, runs) = python_runs(&addrs);
-    let mut out = Vec::new();
     if n_py == 0 {
         // Native frames, and Python frames (if any) already in place, each run just outside
         // its evaluation loop: the run stands for the loop, whose inlined callees stay.
@@ -297,25 +309,23 @@ pub fn stack_frames(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Ve
                 continue;
             }
             let run_outside = addrs.get(i + 1).is_some_and(|&a| pyframe::is_python(a));
-            out.extend(
-                sym.frames(addr)
-                    .iter()
-                    .filter(|f| !(run_outside && !python && f.function == EVAL_LOOP))
-                    .cloned(),
-            );
+            sym.frames(addr)
+                .iter()
+                .filter(|fr| !(run_outside && !python && fr.function == EVAL_LOOP))
+                .for_each(&mut f);
         }
-        return out;
+        return;
     }
-    let python = |sym: &mut Symbolizer, run: &[u64], out: &mut Vec<Frame>| {
+    let python = |sym: &mut Symbolizer, run: &[u64], f: &mut dyn FnMut(&Frame)| {
         for &a in run.iter().rev() {
-            out.extend(sym.frames(a).iter().cloned());
+            sym.frames(a).iter().for_each(&mut *f);
         }
     };
     if sym.python_only {
         for run in runs.iter().rev() {
-            python(sym, run, &mut out);
+            python(sym, run, &mut f);
         }
-        return out;
+        return;
     }
     // Which native frames are evaluation loops, innermost first.
     let native = &addrs[n_py..];
@@ -324,28 +334,27 @@ pub fn stack_frames(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Ve
     let evals = per_addr
         .iter()
         .flat_map(|fs| fs.iter())
-        .filter(|f| f.function == EVAL_LOOP)
+        .filter(|fr| fr.function == EVAL_LOOP)
         .count();
     // The innermost loop ran the innermost run, and so on outwards. Runs beyond the loops seen
     // (the native stack was cut short at its root) go at the root end.
     for run in runs.iter().skip(evals).rev() {
-        python(sym, run, &mut out);
+        python(sym, run, &mut f);
     }
     let mut eval_seen = 0;
     for fs in &per_addr {
-        for f in fs.iter() {
-            if f.function == EVAL_LOOP {
+        for fr in fs.iter() {
+            if fr.function == EVAL_LOOP {
                 let k = evals - 1 - eval_seen;
                 eval_seen += 1;
                 if let Some(run) = runs.get(k) {
-                    python(sym, run, &mut out);
+                    python(sym, run, &mut f);
                     continue;
                 }
             }
-            out.push(f.clone());
+            f(fr);
         }
     }
-    out
 }
 
 /// The Python frames of a stack's addresses (leaf first: they come before the native ones): how

@@ -1,7 +1,7 @@
 //! A call tree of a view: inclusive bytes and allocation counts per call path, largest branches
 //! first, small branches folded.
 
-use crate::symbols::{stack_frames, Symbolizer};
+use crate::symbols::{for_each_frame, Symbolizer};
 use crate::views::ViewSites;
 use crate::{grouped, human_bytes};
 
@@ -44,15 +44,16 @@ pub fn call_tree(v: &ViewSites, sym: &mut Symbolizer) -> TreeNode {
         ..Default::default()
     };
     for site in &v.sites {
-        let frames = stack_frames(sym, &v.stacks, site.stack);
         root.bytes += site.bytes;
         root.allocations += site.allocations;
-        let mut node = &mut root;
-        for f in &frames {
-            node = node.child(&f.function);
-            node.bytes += site.bytes;
-            node.allocations += site.allocations;
-        }
+        let mut node = Some(&mut root);
+        for_each_frame(sym, &v.stacks, site.stack, |f| {
+            if let Some(n) = node.take().map(|n| n.child(&f.function)) {
+                n.bytes += site.bytes;
+                n.allocations += site.allocations;
+                node = Some(n);
+            }
+        });
     }
     root.sort();
     root

@@ -4,7 +4,7 @@
 use crate::capture::{Capture, EventKind};
 use crate::replay::SiteTotal;
 use crate::stacks::StackTable;
-use crate::symbols::{stack_frames, Symbolizer};
+use crate::symbols::{for_each_frame, stack_frames, Symbolizer};
 
 /// Which allocations a report covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,22 +99,35 @@ impl Capture {
 /// Folded stacks (`root;...;leaf bytes`), one line per distinct function path, sorted. Frames
 /// are function names, inlined frames included.
 pub fn folded(v: &ViewSites, sym: &mut Symbolizer) -> Vec<(String, u64)> {
-    let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+    // Summed by path in a hash map, sorted once at the end.
+    let mut by: std::collections::HashMap<String, u64> = Default::default();
+    let mut path = String::new();
     for site in &v.sites {
-        let frames = stack_frames(sym, &v.stacks, site.stack);
-        let path = if frames.is_empty() {
-            "[unknown]".to_string()
-        } else {
-            frames
-                .iter()
-                // `;` separates frames in the folded format.
-                .map(|f| f.function.replace(';', ":"))
-                .collect::<Vec<_>>()
-                .join(";")
-        };
-        *by.entry(path).or_default() += site.bytes;
+        path.clear();
+        for_each_frame(sym, &v.stacks, site.stack, |f| {
+            if !path.is_empty() {
+                path.push(';');
+            }
+            // `;` separates frames in the folded format.
+            if f.function.contains(';') {
+                path.push_str(&f.function.replace(';', ":"));
+            } else {
+                path.push_str(&f.function);
+            }
+        });
+        if path.is_empty() {
+            path.push_str("[unknown]");
+        }
+        match by.get_mut(path.as_str()) {
+            Some(b) => *b += site.bytes,
+            None => {
+                by.insert(path.clone(), site.bytes);
+            }
+        }
     }
-    by.into_iter().filter(|(_, b)| *b > 0).collect()
+    let mut out: Vec<(String, u64)> = by.into_iter().filter(|(_, b)| *b > 0).collect();
+    out.sort_unstable();
+    out
 }
 
 /// A view as `memtrack export --format json` writes it (the schema is in the README).
