@@ -645,10 +645,27 @@ fn cmd_run(
     }
     // Ctrl-C reaches the whole foreground process group, the command included: memtrack waits
     // for it to shut down. SIGTERM and SIGHUP sent to memtrack alone are passed on.
+    // SAFETY: setting dispositions to SIG_IGN; the previous ones are kept for the command.
+    let (int_was, quit_was) = unsafe {
+        (
+            libc::signal(libc::SIGINT, libc::SIG_IGN),
+            libc::signal(libc::SIGQUIT, libc::SIG_IGN),
+        )
+    };
+    // An ignored signal stays ignored across exec: the command gets back the dispositions
+    // memtrack was started with (else Ctrl-C would not stop it, and Python, seeing SIGINT
+    // ignored, would never raise KeyboardInterrupt).
+    // SAFETY: the closure runs in the forked child before exec and only calls signal(2), which
+    // is async-signal-safe; the values are dispositions signal(2) returned.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::signal(libc::SIGINT, int_was);
+            libc::signal(libc::SIGQUIT, quit_was);
+            Ok(())
+        });
+    }
     // SAFETY: installing handlers that only call async-signal-safe kill.
     unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-        libc::signal(libc::SIGQUIT, libc::SIG_IGN);
         libc::signal(
             libc::SIGTERM,
             forward_signal as *const () as libc::sighandler_t,

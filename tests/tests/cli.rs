@@ -382,3 +382,45 @@ fn capture_is_private_and_never_follows_a_planted_symlink() {
     assert!(meta.is_file() && meta.permissions().mode() & 0o777 == 0o600);
     assert!(!target.exists());
 }
+
+/// `memtrack run` ignores SIGINT and SIGQUIT while it waits, but its command gets them as
+/// memtrack was started with them: by default, raising SIGINT kills the command (and memtrack
+/// exits 128 + 2, as the shell would); started with SIGINT ignored (as `nohup`-style launchers
+/// do), the command finds it ignored and goes on.
+#[test]
+fn run_leaves_the_commands_signal_dispositions_as_they_were() {
+    use std::os::unix::process::CommandExt;
+    let work = Work::new("cli_signals");
+    let exe = work.compile("sigint.c");
+    let exe_s = exe.to_str().unwrap();
+    let killed = memtrack(&["run", "-o", "a.cap", "--", exe_s], work.dir());
+    assert_eq!(killed.code(), Some(130), "{}", killed.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&killed.stdout),
+        "SIGINT default\nSIGQUIT default\n"
+    );
+    // Killed at once: a capture that reads as cut off (its last quarter second is lost).
+    assert_eq!(summary_json(&work.path("a.cap"))["complete"], false);
+
+    let mut cmd = Command::new(&binaries().memtrack);
+    cmd.args(["run", "-o", "b.cap", "--", exe_s])
+        .current_dir(work.dir());
+    // SAFETY: runs in the forked child before exec; signal(2) is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGINT, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("memtrack runs");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "SIGINT ignored\nSIGQUIT default\n"
+    );
+}
