@@ -577,6 +577,30 @@ fn runs_python(cmd: &Path) -> bool {
 
 static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
+/// Whether SIGPIPE was ignored when memtrack started. Rust's runtime ignores it before `main`,
+/// and `Command` resets it to the default in a child: the command gets back what memtrack was
+/// started with (a program that ignores SIGPIPE sees EPIPE where it would otherwise die).
+static SIGPIPE_IGNORED_AT_START: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Runs before Rust's runtime (from `.init_array`), single-threaded.
+extern "C" fn read_sigpipe_at_start() {
+    // SAFETY: a zeroed sigaction is a valid out-parameter; the call only reads the disposition.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        if libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut sa) == 0 {
+            SIGPIPE_IGNORED_AT_START.store(
+                sa.sa_sigaction == libc::SIG_IGN,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static READ_SIGPIPE_AT_START: extern "C" fn() = read_sigpipe_at_start;
+
 extern "C" fn forward_signal(sig: libc::c_int) {
     let pid = CHILD.load(std::sync::atomic::Ordering::SeqCst);
     if pid > 0 {
@@ -654,13 +678,17 @@ fn cmd_run(
     };
     // An ignored signal stays ignored across exec: the command gets back the dispositions
     // memtrack was started with (else Ctrl-C would not stop it, and Python, seeing SIGINT
-    // ignored, would never raise KeyboardInterrupt).
+    // ignored, would never raise KeyboardInterrupt); SIGPIPE too (see above).
     // SAFETY: the closure runs in the forked child before exec and only calls signal(2), which
     // is async-signal-safe; the values are dispositions signal(2) returned.
+    let pipe_ignored = SIGPIPE_IGNORED_AT_START.load(std::sync::atomic::Ordering::Relaxed);
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
             libc::signal(libc::SIGINT, int_was);
             libc::signal(libc::SIGQUIT, quit_was);
+            if pipe_ignored {
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            }
             Ok(())
         });
     }

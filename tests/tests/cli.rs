@@ -385,8 +385,8 @@ fn capture_is_private_and_never_follows_a_planted_symlink() {
 
 /// `memtrack run` ignores SIGINT and SIGQUIT while it waits, but its command gets them as
 /// memtrack was started with them: by default, raising SIGINT kills the command (and memtrack
-/// exits 128 + 2, as the shell would); started with SIGINT ignored (as `nohup`-style launchers
-/// do), the command finds it ignored and goes on.
+/// exits 128 + 2, as the shell would); started with SIGINT and SIGPIPE ignored (as some launchers
+/// do), the command finds them ignored and goes on.
 #[test]
 fn run_leaves_the_commands_signal_dispositions_as_they_were() {
     use std::os::unix::process::CommandExt;
@@ -397,7 +397,7 @@ fn run_leaves_the_commands_signal_dispositions_as_they_were() {
     assert_eq!(killed.code(), Some(130), "{}", killed.stderr);
     assert_eq!(
         String::from_utf8_lossy(&killed.stdout),
-        "SIGINT default\nSIGQUIT default\n"
+        "SIGINT default\nSIGQUIT default\nSIGPIPE default\n"
     );
     // Killed at once: a capture that reads as cut off (its last quarter second is lost).
     assert_eq!(summary_json(&work.path("a.cap"))["complete"], false);
@@ -409,6 +409,7 @@ fn run_leaves_the_commands_signal_dispositions_as_they_were() {
     unsafe {
         cmd.pre_exec(|| {
             libc::signal(libc::SIGINT, libc::SIG_IGN);
+            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
             Ok(())
         });
     }
@@ -421,6 +422,6 @@ fn run_leaves_the_commands_signal_dispositions_as_they_were() {
     );
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
-        "SIGINT ignored\nSIGQUIT default\n"
+        "SIGINT ignored\nSIGQUIT default\nSIGPIPE ignored\n"
     );
 }
