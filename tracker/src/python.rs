@@ -290,7 +290,10 @@ pub(crate) fn read_frames(out: &mut [PyFrame]) -> usize {
         }
     };
     let mut n = 0;
-    while frame != 0 && n < out.len() {
+    // Frames skipped (the loops' own) count too: the walk is bounded even on a damaged chain.
+    let mut visited = 0;
+    while frame != 0 && n < out.len() && visited < 2 * out.len() {
+        visited += 1;
         // SAFETY: a frame of this thread's chain (see above); its code object is checked by
         // type before anything else is read from it.
         unsafe {
