@@ -121,6 +121,14 @@ fn rows(cap: &std::path::Path, view: &str) -> Vec<(String, String, u64, u64)> {
         .collect()
 }
 
+/// Bytes of the rows of `rows` for `function` at `file:line`.
+fn bytes_at(rows: &[(String, String, u64, u64)], function: &str, file: &str, line: u64) -> u64 {
+    rows.iter()
+        .filter(|r| r.0 == function && r.1 == file && r.2 == line)
+        .map(|r| r.3)
+        .sum()
+}
+
 fn folded(cap: &std::path::Path, args: &[&str]) -> Vec<(String, u64)> {
     let out = memtrack_ok(|c| {
         c.args(["export", "--format", "folded"]).args(args).arg(cap);
@@ -165,11 +173,7 @@ fn functions_files_and_lines(py: &Py) {
 
     // At exit: leaky_cache's 100 x 10033 bytes, on line 19.
     let leaks = rows(&cap, "--leaks");
-    let leaked: u64 = leaks
-        .iter()
-        .filter(|r| r.0 == "leaky_cache" && r.1 == "py_app.py" && r.2 == 19)
-        .map(|r| r.3)
-        .sum();
+    let leaked = bytes_at(&leaks, "leaky_cache", "py_app.py", 19);
     assert!(
         (1_003_300..1_003_300 + 2048).contains(&leaked),
         "{leaked}: {leaks:?}"
@@ -282,12 +286,7 @@ fn threads_and_c_extensions(py: &Py) {
     );
     // Line 14 calls zlib.compress; line 13 built the 4 MiB input.
     let rows = rows(&cap, "--allocated");
-    let line = |n: u64| {
-        rows.iter()
-            .filter(|r| r.0 == "compress_worker" && r.1 == "py_threads.py" && r.2 == n)
-            .map(|r| r.3)
-            .sum::<u64>()
-    };
+    let line = |n: u64| bytes_at(&rows, "compress_worker", "py_threads.py", n);
     assert!(line(13) >= 4 << 20, "{:?}", &rows[..5]);
     assert!(line(14) >= 256 << 10, "{:?}", &rows[..5]);
 }
@@ -353,29 +352,16 @@ fn dash_m_and_console_scripts(py: &Py) {
 /// offsets; the fake aborts if they were).
 #[test]
 fn an_unsupported_python_gets_native_stacks_and_one_warning() {
-    for (name, defines, says) in [
-        ("fake_python", &[][..], "Python 3.14:"),
+    for (name, flags, says) in [
+        ("fake_python", &["-O1", "-rdynamic"][..], "Python 3.14:"),
         (
             "fake_python_ft",
-            &["-DFREE_THREADED"][..],
+            &["-O1", "-rdynamic", "-DFREE_THREADED"][..],
             "Python 3.13 (a build with another object layout)",
         ),
     ] {
         let work = Work::new(name);
-        let exe = work.path(name);
-        let out = Command::new("gcc")
-            .args(["-O1", "-g", "-rdynamic"])
-            .args(defines)
-            .arg("-o")
-            .arg(&exe)
-            .arg(fixtures_dir().join("fake_python.c"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let exe = work.compile_with("fake_python.c", Some(name), flags);
         let t = run_traced_ok(&work, "fake.cap", &exe, &[] as &[&str]);
         let warnings: Vec<&str> = t
             .run
@@ -411,12 +397,7 @@ fn called_from_c(py: &Py) {
     let all = folded(&cap, &["--allocated"]);
     let big: Vec<&(String, u64)> = all.iter().filter(|(s, _)| s.contains(";inner;")).collect();
     let rows = rows(&cap, "--allocated");
-    let line = |n: u64| {
-        rows.iter()
-            .filter(|r| r.0 == "inner" && r.1 == "py_nested.py" && r.2 == n)
-            .map(|r| r.3)
-            .sum::<u64>()
-    };
+    let line = |n: u64| bytes_at(&rows, "inner", "py_nested.py", n);
     // Three calls; each block also carries its object's header (tens of bytes).
     let (a, b) = (line(11), line(12));
     assert!(
@@ -510,12 +491,7 @@ fn generators_and_coroutines(py: &Py) {
         "{coroutine}: {stacks:?}"
     );
     let rows = rows(&cap, "--allocated");
-    let line = |f: &str, n: u64| {
-        rows.iter()
-            .filter(|r| r.0 == f && r.1 == "py_gen.py" && r.2 == n)
-            .map(|r| r.3)
-            .sum::<u64>()
-    };
+    let line = |f: &str, n: u64| bytes_at(&rows, f, "py_gen.py", n);
     assert!(
         (10 * mib..10 * mib + 10 * 256).contains(&line("produce", 12)),
         "{:?}",
