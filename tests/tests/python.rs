@@ -13,6 +13,14 @@ struct Py {
     program: PathBuf,
 }
 
+impl Py {
+    /// A work directory for test `name` under this interpreter, which the test's output names.
+    fn work(&self, name: &str) -> Work {
+        eprintln!("CPython {}: {}", self.version, self.program.display());
+        Work::new(&format!("{name}_{}", self.version))
+    }
+}
+
 fn version_of(program: &Path) -> Option<String> {
     let out = Command::new(program)
         .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
@@ -151,8 +159,7 @@ fn python_functions_files_and_lines_get_their_bytes() {
 }
 
 fn functions_files_and_lines(py: &Py) {
-    eprintln!("CPython {}: {}", py.version, py.program.display());
-    let work = Work::new(&format!("python_app_{}", py.version));
+    let work = py.work("python_app");
     let cap = traced_python(&work, py, "py_app.py", "app.cap");
     let json = summary_json(&cap);
     assert_eq!(json["end_reason"], "_exit", "{json}");
@@ -259,8 +266,7 @@ fn threads_and_c_extensions_show_both_python_and_native_frames() {
 }
 
 fn threads_and_c_extensions(py: &Py) {
-    eprintln!("CPython {}: {}", py.version, py.program.display());
-    let work = Work::new(&format!("python_threads_{}", py.version));
+    let work = py.work("python_threads");
     let cap = traced_python(&work, py, "py_threads.py", "threads.cap");
     let json = summary_json(&cap);
     assert!(json["threads"].as_u64().unwrap() >= 2, "{json}");
@@ -301,9 +307,8 @@ fn python_dash_m_and_console_scripts_are_traced_alike() {
 }
 
 fn dash_m_and_console_scripts(py: &Py) {
-    eprintln!("CPython {}: {}", py.version, py.program.display());
     use std::os::unix::fs::PermissionsExt;
-    let work = Work::new(&format!("python_launchers_{}", py.version));
+    let work = py.work("python_launchers");
     let src = std::fs::read_to_string(fixtures_dir().join("py_app.py")).unwrap();
     std::fs::write(work.path("py_app.py"), &src).unwrap();
     // The console script: the same code, one line lower. `python3` through env, as pip writes
@@ -391,8 +396,7 @@ fn python_called_from_c_nests_in_place_and_shares_outer_frames() {
 }
 
 fn called_from_c(py: &Py) {
-    eprintln!("CPython {}: {}", py.version, py.program.display());
-    let work = Work::new(&format!("python_nested_{}", py.version));
+    let work = py.work("python_nested");
     let cap = traced_python(&work, py, "py_nested.py", "nested.cap");
     let all = folded(&cap, &["--allocated"]);
     let big: Vec<&(String, u64)> = all.iter().filter(|(s, _)| s.contains(";inner;")).collect();
@@ -459,8 +463,7 @@ fn generators_and_coroutines_sit_under_what_resumed_them() {
 }
 
 fn generators_and_coroutines(py: &Py) {
-    eprintln!("CPython {}: {}", py.version, py.program.display());
-    let work = Work::new(&format!("python_gen_{}", py.version));
+    let work = py.work("python_gen");
     let cap = traced_python(&work, py, "py_gen.py", "gen.cap");
     let stacks = folded(&cap, &["--allocated", "--python-only"]);
     let bytes = |want: &str| -> u64 {
