@@ -12,7 +12,6 @@
 //! decodes on its own. The earlier encodings, `EVENTS_Z` (version 2) and `EVENTS_T` (version 3),
 //! are still read.
 
-use crate::hash::FastMap;
 use crate::{op, put_uvarint, AllocKind, ChunkHeader, Cursor, FormatError};
 
 /// One decoded operation of an events chunk.
@@ -259,7 +258,8 @@ impl LiveSet {
     fn insert(&mut self, i: usize) {
         let w = i >> 6;
         if w >= self.words.len() {
-            self.words.resize(w + 1, 0);
+            // Whole groups: a rank then reads its group's words without a bounds check each.
+            self.words.resize((w / GROUP + 1) * GROUP, 0);
             self.groups.resize(w / GROUP + 1, 0);
         }
         let bit = 1u64 << (i & 63);
@@ -281,17 +281,6 @@ impl LiveSet {
         }
     }
 
-    /// How many live blocks have an index of `i` or more.
-    #[inline]
-    fn rank(&self, i: usize) -> u64 {
-        #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("popcnt") {
-            // SAFETY: the CPU has the instruction (just checked).
-            return unsafe { self.rank_popcnt(i) };
-        }
-        self.rank_any(i)
-    }
-
     /// The index of the live block of rank `r` (1 = the newest).
     #[inline]
     fn select(&self, r: u64) -> Option<usize> {
@@ -304,21 +293,19 @@ impl LiveSet {
     }
 
     // Compiled twice: a software popcount costs a dozen instructions where the CPU's costs one,
-    // and x86-64's baseline lacks it.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "popcnt")]
-    unsafe fn rank_popcnt(&self, i: usize) -> u64 {
-        self.rank_any(i)
-    }
-
+    // and x86-64's baseline lacks it (this workspace builds for x86-64-v2, which has it; a build
+    // of this crate elsewhere may not).
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "popcnt")]
     unsafe fn select_popcnt(&self, r: u64) -> Option<usize> {
         self.select_any(r)
     }
 
+    /// How many live blocks have an index of `i` or more. The transcoder calls it on every
+    /// free of a block of its chunk; `.cargo/config.toml` builds for x86-64-v2, so its popcounts
+    /// are single instructions.
     #[inline(always)]
-    fn rank_any(&self, i: usize) -> u64 {
+    fn rank(&self, i: usize) -> u64 {
         let w = i >> 6;
         let Some(&first) = self.words.get(w) else {
             return 0;
@@ -327,9 +314,10 @@ impl LiveSet {
         // The group's words after `w`: all eight looked at, those before masked out, so the
         // loop's end is always the same (where `w` lies is random).
         let start = w / GROUP * GROUP;
-        for k in 0..GROUP {
-            let x = self.words.get(start + k).copied().unwrap_or(0);
-            n += x.count_ones() as u64 & ((start + k > w) as u64).wrapping_neg();
+        if let Some(group) = self.words.get(start..start + GROUP) {
+            for (k, x) in group.iter().enumerate() {
+                n += x.count_ones() as u64 & ((start + k > w) as u64).wrapping_neg();
+            }
         }
         n + self.groups[w / GROUP + 1..]
             .iter()
@@ -579,28 +567,120 @@ impl BitWriter {
     }
 }
 
-/// What the chunk so far says about an address (the transcoder's one table).
-#[derive(Clone, Copy)]
+/// What the chunk so far says about an address: one entry of the transcoder's one table.
+#[derive(Clone, Copy, Default)]
 struct Slot {
-    /// `LIVE`: allocated in the chunk and not freed (`num`: its allocation index); `FREED`:
-    /// freed in the chunk and not reused (`num`: its free number); else neither.
-    state: u8,
+    key: u64,
+    /// The block's size, at most `u32::MAX` (`u32::MAX` also for a freed block the chunk did not
+    /// see allocated): a size only matters when it is at most `SMALL_BLOCK`.
+    size: u32,
+    /// `LIVE`: allocated in the chunk and not freed (its allocation index); `FREED`: freed in
+    /// the chunk and not reused (its free number).
     num: u32,
-    /// The block's size (`UNKNOWN_SIZE` for a freed block the chunk did not see allocated).
-    size: u64,
     /// The latest allocation of the chunk that ends at this address (`NO_END`: none).
     end_of: u32,
+    /// The table's generation when the entry was made, shifted left 2, and the state
+    /// (`LIVE`, `FREED` or neither) in the low bits.
+    tag: u32,
 }
 
-const LIVE: u8 = 1;
-const FREED: u8 = 2;
+const LIVE: u32 = 1;
+const FREED: u32 = 2;
 const NO_END: u32 = u32::MAX;
-const EMPTY: Slot = Slot {
-    state: 0,
-    num: 0,
-    size: UNKNOWN_SIZE,
-    end_of: NO_END,
-};
+const NO_SIZE: u32 = u32::MAX;
+
+/// Addresses the chunk has met (allocated, freed, or where a block ends), open addressing with
+/// linear probing. A lookup touches one place in memory (hashbrown's control bytes and buckets
+/// are two), and clearing it between chunks is a generation count, not a pass over a table
+/// larger than the core's L1 and L2 caches care to refill.
+struct AddrTable {
+    slots: Vec<Slot>,
+    /// Generations start at 1: zeroed slots are free in every generation.
+    generation: u32,
+    len: usize,
+    /// The table doubles when `len` reaches this (three quarters full).
+    grow_at: usize,
+    /// 64 - log2(slots.len()): the hash's top bits pick the first slot.
+    shift: u32,
+}
+
+impl Default for AddrTable {
+    fn default() -> Self {
+        // A chunk meets up to some 50 k addresses; the table doubles when it needs to.
+        let n = 1 << 16;
+        AddrTable {
+            slots: vec![Slot::default(); n],
+            generation: 1,
+            len: 0,
+            grow_at: n / 4 * 3,
+            shift: 64 - n.trailing_zeros(),
+        }
+    }
+}
+
+impl AddrTable {
+    fn clear(&mut self) {
+        self.len = 0;
+        self.generation += 1;
+        if self.generation >= 1 << 30 {
+            self.slots.fill(Slot::default());
+            self.generation = 1;
+        }
+    }
+
+    #[inline(always)]
+    fn home(&self, key: u64) -> usize {
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+    }
+
+    /// The entry of `key`, made (neither live nor freed, size unknown, no end) when missing.
+    #[inline(always)]
+    fn entry(&mut self, key: u64) -> &mut Slot {
+        if self.len >= self.grow_at {
+            self.grow();
+        }
+        let mask = self.slots.len() - 1;
+        let current = self.generation;
+        let mut i = self.home(key);
+        loop {
+            let tag = self.slots[i & mask].tag;
+            if tag >> 2 != current {
+                self.len += 1;
+                let s = &mut self.slots[i & mask];
+                *s = Slot {
+                    key,
+                    size: NO_SIZE,
+                    num: 0,
+                    end_of: NO_END,
+                    tag: current << 2,
+                };
+                return s;
+            }
+            if self.slots[i & mask].key == key {
+                return &mut self.slots[i & mask];
+            }
+            i = (i & mask) + 1;
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self) {
+        let current = self.generation;
+        let n = self.slots.len() * 2;
+        let old = std::mem::replace(&mut self.slots, vec![Slot::default(); n]);
+        self.shift -= 1;
+        self.grow_at = n / 4 * 3;
+        let mask = self.slots.len() - 1;
+        for s in old.into_iter().filter(|s| s.tag >> 2 == current) {
+            let mut i = self.home(s.key);
+            while self.slots[i & mask].tag >> 2 == current {
+                i = (i & mask) + 1;
+            }
+            self.slots[i & mask] = s;
+        }
+    }
+}
 
 /// The transcoder's output columns and extra bits, as they fill.
 #[derive(Default)]
@@ -672,7 +752,7 @@ impl Columns {
 pub struct Compactor {
     out: Columns,
     /// Every address the chunk has met: allocated, freed, or where a block ends.
-    blocks: FastMap<u64, Slot>,
+    blocks: AddrTable,
     live: LiveSet,
     block: Vec<u8>,
     packed: Vec<u8>,
@@ -741,13 +821,13 @@ impl Compactor {
                     size,
                     stack,
                 } => {
-                    let slot = self.blocks.entry(addr).or_insert(EMPTY);
+                    let slot = self.blocks.entry(addr);
                     // Only a reused address (given as such) predicts the size.
                     let mut reused = UNKNOWN_SIZE;
-                    let given = if slot.state == FREED
+                    let given = if slot.tag & 3 == FREED
                         && cols.put_below(R_ALLOC, A_REUSED, A_AFTER, (fcnt - slot.num + 1) as u64)
                     {
-                        reused = slot.size;
+                        reused = slot.size as u64;
                         true
                     } else {
                         slot.end_of != NO_END
@@ -762,12 +842,9 @@ impl Compactor {
                         cols.put_short(R_ALLOC, A_NEW, zigzag(addr.wrapping_sub(new_addr)));
                         new_addr = addr;
                     }
-                    *slot = Slot {
-                        state: LIVE,
-                        num: acnt,
-                        size,
-                        end_of: slot.end_of,
-                    };
+                    slot.tag = (slot.tag & !3) | LIVE;
+                    slot.num = acnt;
+                    slot.size = size.min(NO_SIZE as u64) as u32;
                     if kind != AllocKind::Malloc {
                         cols.cols[R_KIND].push(kind as u8);
                     }
@@ -778,16 +855,13 @@ impl Compactor {
                     }
                     cols.put(R_STACK, zigzag(stack.wrapping_sub(stack_prev)));
                     stack_prev = stack;
-                    self.blocks
-                        .entry(block_end(addr, size))
-                        .or_insert(EMPTY)
-                        .end_of = acnt;
+                    self.blocks.entry(block_end(addr, size)).end_of = acnt;
                     self.live.insert(acnt as usize);
                     acnt += 1;
                 }
                 Op::Free { addr } | Op::ReallocFree { addr } => {
-                    let slot = self.blocks.entry(addr).or_insert(EMPTY);
-                    let given = slot.state == LIVE
+                    let slot = self.blocks.entry(addr);
+                    let given = slot.tag & 3 == LIVE
                         && cols.put_below(
                             R_FREE,
                             F_RANK,
@@ -802,15 +876,12 @@ impl Compactor {
                         // know it.
                         cols.put_short(R_FREE, F_OTHER, zigzag(addr.wrapping_sub(other_free)));
                         other_free = addr;
-                        UNKNOWN_SIZE
+                        NO_SIZE
                     };
                     fcnt += 1;
-                    *slot = Slot {
-                        state: FREED,
-                        num: fcnt,
-                        size,
-                        end_of: slot.end_of,
-                    };
+                    slot.tag = (slot.tag & !3) | FREED;
+                    slot.num = fcnt;
+                    slot.size = size;
                 }
                 Op::ReallocFailed => {}
             }

@@ -356,6 +356,18 @@ impl Walker {
         caller: Caller,
         intern: &mut impl FnMut(u32, u64) -> u32,
     ) -> Walk {
+        // The same call site with the same stack as the previous walk (a loop that allocates):
+        // the whole walk again, found before any of the general path's set-up.
+        if let Some(f) = self.frames.last() {
+            // SAFETY: as in `reusable`: read by an earlier walk of this thread's stack, at or
+            // above the innermost frame's sp, which equals the caller's, so still live.
+            if f.is(caller.ip, caller.sp, caller.bp)
+                && unsafe { words_hold(&self.reads[..f.reads_end as usize]) }
+            {
+                self.keep_ips(self.frames.len());
+                return self.previous();
+            }
+        }
         if let Some(w) = self.recent_hit(caller) {
             // A whole other walk: nothing of `ips` is known to hold.
             self.keep_ips(0);
