@@ -71,41 +71,62 @@ impl<'a> StreamEvents<'a> {
     /// as kept: reading them back from `self` as one 16-byte load stalled on the two 8-byte
     /// stores just made (store forwarding), a tenth of the transcoder's time.
     #[inline(always)]
-    fn head(&mut self) -> Result<(u64, u64, u64), FormatError> {
+    fn head<const FAR: bool>(&mut self) -> Result<(u64, u64, u64), FormatError> {
         // Wrapping: damaged input must not panic.
-        let seq = self.seq.wrapping_add(self.c.uvarint()?);
-        let time = self.time.wrapping_add(self.c.uvarint()?);
-        let addr = self.addr.wrapping_add(self.c.ivarint()? as u64);
+        let seq = self.seq.wrapping_add(self.uv::<FAR>()?);
+        let time = self.time.wrapping_add(self.uv::<FAR>()?);
+        let addr = self.addr.wrapping_add(unzigzag(self.uv::<FAR>()?));
         self.seq = seq;
         self.time = time;
         self.addr = addr;
         Ok((seq, time, addr))
     }
 
+    /// A varint; `FAR`: the item began at least `FAR_FROM_END` bytes from the end.
+    #[inline(always)]
+    fn uv<const FAR: bool>(&mut self) -> Result<u64, FormatError> {
+        if FAR {
+            // SAFETY: an item is an opcode and at most five varints of at most 10 bytes, so
+            // every varint of it starts within 41 bytes of the item's start, and 8 bytes from
+            // there are within the `FAR_FROM_END` bytes that were left.
+            unsafe { self.c.uvarint_unchecked() }
+        } else {
+            self.c.uvarint()
+        }
+    }
+
     #[inline]
     pub fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
-        if self.c.is_empty() {
-            return Ok(None);
+        if self.c.remaining() >= FAR_FROM_END {
+            self.item::<true>().map(Some)
+        } else if self.c.is_empty() {
+            Ok(None)
+        } else {
+            self.item::<false>().map(Some)
         }
+    }
+
+    #[inline(always)]
+    fn item<const FAR: bool>(&mut self) -> Result<Item, FormatError> {
         let opcode = self.c.u8()?;
         if opcode == op::STACK_NODE {
-            let id = self.c.uvarint()?;
-            let parent = self.c.uvarint()?;
-            let ip = self.c.uvarint()?;
-            return Ok(Some(Item::Node { id, parent, ip }));
+            let id = self.uv::<FAR>()?;
+            let parent = self.uv::<FAR>()?;
+            let ip = self.uv::<FAR>()?;
+            return Ok(Item::Node { id, parent, ip });
         }
         if opcode > op::REALLOC_FAILED {
             return Err(FormatError::BadOp(opcode));
         }
-        let (seq, time, addr) = self.head()?;
+        let (seq, time, addr) = self.head::<FAR>()?;
         let op = match opcode {
             op::FREE => Op::Free { addr },
             op::REALLOC_FREE => Op::ReallocFree { addr },
             op::REALLOC_FAILED => Op::ReallocFailed,
             o => {
                 let kind = AllocKind::from_u8(o - op::ALLOC_BASE).ok_or(FormatError::BadOp(o))?;
-                let size = self.c.uvarint()?;
-                let stack = self.c.uvarint()?;
+                let size = self.uv::<FAR>()?;
+                let stack = self.uv::<FAR>()?;
                 Op::Alloc {
                     kind,
                     addr,
@@ -114,9 +135,13 @@ impl<'a> StreamEvents<'a> {
                 }
             }
         };
-        Ok(Some(Item::Event { seq, time, op }))
+        Ok(Item::Event { seq, time, op })
     }
 }
+
+/// Bytes left from which on an item of the stream encoding is read without bounds checks: its
+/// last varint starts at most 41 bytes in and is read as 8 bytes (see `StreamEvents::uv`).
+const FAR_FROM_END: usize = 64;
 
 /// `items` in the stream encoding: a chunk's payload as the tracker's threads write it (for tests
 /// and tools; the tracker writes its events in place).
@@ -1560,6 +1585,71 @@ mod tests {
         }
         assert_eq!(set.select(plain.len() as u64 + 1), None);
         assert_eq!(set.select(0), None);
+    }
+
+    #[test]
+    fn stream_items_read_the_same_far_from_the_end_and_near_it() {
+        // Values of every varint length (1 to 10 bytes), so the unchecked reads far from the
+        // end meet each case, their fallback to byte-wise reading included; the last items are
+        // read with bounds checks.
+        let header = ChunkHeader {
+            tid: 3,
+            base_seq: 1,
+            base_time: 0,
+        };
+        let mut items = Vec::new();
+        let (mut seq, mut time) = (1u64, 0u64);
+        for (i, bits) in (0..64u32).cycle().take(400).enumerate() {
+            let v = (1u64 << bits) | (i as u64 & 1);
+            seq = seq.wrapping_add(v);
+            time = time.wrapping_add(v >> 3);
+            let op = match i % 4 {
+                0 => Op::Alloc {
+                    kind: AllocKind::Malloc,
+                    addr: v.rotate_left(7),
+                    size: v,
+                    stack: v >> 1,
+                },
+                1 => Op::Free { addr: !v },
+                2 => Op::ReallocFailed,
+                _ => Op::ReallocFree { addr: v },
+            };
+            items.push(Item::Event { seq, time, op });
+            if i % 7 == 0 {
+                items.push(Item::Node {
+                    id: v,
+                    parent: u64::MAX - v,
+                    ip: v ^ 0x5555,
+                });
+            }
+        }
+        let stream = stream_chunk(header, &items);
+        let mut c = Cursor::new(&stream);
+        let h = ChunkHeader::decode(&mut c).unwrap();
+        let mut s = StreamEvents::new(c.rest(), &h);
+        let mut decoded = Vec::new();
+        while let Some(it) = s.next_item().unwrap() {
+            decoded.push(it);
+        }
+        assert_eq!(decoded, items);
+        // Damaged: errors or other items, never a read past the end.
+        for i in (0..stream.len()).step_by(3) {
+            for flip in [0x80u8, 0xff] {
+                let mut d = stream.clone();
+                d[i] ^= flip;
+                let mut c = Cursor::new(&d);
+                if let Ok(h) = ChunkHeader::decode(&mut c) {
+                    let mut s = StreamEvents::new(c.rest(), &h);
+                    while let Ok(Some(_)) = s.next_item() {}
+                }
+                let cut = &stream[..i];
+                let mut c = Cursor::new(cut);
+                if let Ok(h) = ChunkHeader::decode(&mut c) {
+                    let mut s = StreamEvents::new(c.rest(), &h);
+                    while let Ok(Some(_)) = s.next_item() {}
+                }
+            }
+        }
     }
 
     #[test]

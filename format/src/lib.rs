@@ -414,19 +414,51 @@ impl<'a> Cursor<'a> {
         // Up to 8 bytes (56 bits) from one load: addresses and their deltas take 2 to 6.
         if let Some(b) = self.data.get(self.pos..self.pos + 8) {
             let w = u64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
-            let stops = !w & 0x8080_8080_8080_8080;
-            if stops != 0 {
-                let bits = stops.trailing_zeros() + 1; // through the last byte's stop bit
-                self.pos += (bits / 8) as usize;
-                let mut x = w & (u64::MAX >> (64 - bits));
-                // Squeeze out the continuation bits: 7-bit groups to 14, 28, then 56 bits.
-                x = ((x & 0x7f00_7f00_7f00_7f00) >> 1) | (x & 0x007f_007f_007f_007f);
-                x = ((x & 0x3fff_0000_3fff_0000) >> 2) | (x & 0x0000_3fff_0000_3fff);
-                x = ((x & 0x0fff_ffff_0000_0000) >> 4) | (x & 0x0000_0000_0fff_ffff);
+            if let Some(x) = self.squeeze(w) {
                 return Ok(x);
             }
         }
         self.uvarint_bytewise()
+    }
+
+    /// A varint from the 8 bytes at the position, `w` (read little-endian), when it ends
+    /// among them; the position moves past it.
+    #[inline(always)]
+    fn squeeze(&mut self, w: u64) -> Option<u64> {
+        let stops = !w & 0x8080_8080_8080_8080;
+        if stops == 0 {
+            return None;
+        }
+        let bits = stops.trailing_zeros() + 1; // through the last byte's stop bit
+        self.pos += (bits / 8) as usize;
+        let mut x = w & (u64::MAX >> (64 - bits));
+        // Squeeze out the continuation bits: 7-bit groups to 14, 28, then 56 bits.
+        x = ((x & 0x7f00_7f00_7f00_7f00) >> 1) | (x & 0x007f_007f_007f_007f);
+        x = ((x & 0x3fff_0000_3fff_0000) >> 2) | (x & 0x0000_3fff_0000_3fff);
+        x = ((x & 0x0fff_ffff_0000_0000) >> 4) | (x & 0x0000_0000_0fff_ffff);
+        Some(x)
+    }
+
+    /// `uvarint` with one 8-byte load and no bounds check on the way (a stream's items are read
+    /// so while far from its end).
+    ///
+    /// # Safety
+    /// At least 8 bytes from the position are in the data.
+    #[inline(always)]
+    pub unsafe fn uvarint_unchecked(&mut self) -> Result<u64, FormatError> {
+        debug_assert!(self.remaining() >= 8);
+        // SAFETY: the caller's guarantee; an unaligned read of plain bytes.
+        let w = u64::from_le(unsafe {
+            std::ptr::read_unaligned(self.data.as_ptr().add(self.pos) as *const u64)
+        });
+        if w & 0x80 == 0 {
+            self.pos += 1;
+            return Ok(w & 0x7f);
+        }
+        match self.squeeze(w) {
+            Some(x) => Ok(x),
+            None => self.uvarint_bytewise(),
+        }
     }
 
     #[cold]
