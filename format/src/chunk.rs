@@ -1426,6 +1426,17 @@ mod tests {
         encode_stream(&header, items)
     }
 
+    fn stream_items(stream: &[u8]) -> Vec<Item> {
+        let mut c = Cursor::new(stream);
+        let h = ChunkHeader::decode(&mut c).unwrap();
+        let mut s = StreamEvents::new(c.rest(), &h);
+        let mut items = Vec::new();
+        while let Some(it) = s.next_item().unwrap() {
+            items.push(it);
+        }
+        items
+    }
+
     #[test]
     fn compact_round_trips_every_op() {
         let header = ChunkHeader {
@@ -1473,14 +1484,7 @@ mod tests {
             ev(111, alloc(AllocKind::RustAlloc, 0x1, 0, 0)),
         ];
         let stream = stream_chunk(header, &items);
-        let mut c = Cursor::new(&stream);
-        let h = ChunkHeader::decode(&mut c).unwrap();
-        let mut s = StreamEvents::new(c.rest(), &h);
-        let mut decoded = Vec::new();
-        while let Some(it) = s.next_item().unwrap() {
-            decoded.push(it);
-        }
-        assert_eq!(decoded, items);
+        assert_eq!(stream_items(&stream), items);
 
         let mut out = Vec::new();
         Compactor::new().compact(&stream, 1, &mut out).unwrap();
@@ -1624,14 +1628,7 @@ mod tests {
             }
         }
         let stream = stream_chunk(header, &items);
-        let mut c = Cursor::new(&stream);
-        let h = ChunkHeader::decode(&mut c).unwrap();
-        let mut s = StreamEvents::new(c.rest(), &h);
-        let mut decoded = Vec::new();
-        while let Some(it) = s.next_item().unwrap() {
-            decoded.push(it);
-        }
-        assert_eq!(decoded, items);
+        assert_eq!(stream_items(&stream), items);
         // Damaged: errors or other items, never a read past the end.
         for i in (0..stream.len()).step_by(3) {
             for flip in [0x80u8, 0xff] {
