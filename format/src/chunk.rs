@@ -632,7 +632,13 @@ struct AddrTable {
 impl Default for AddrTable {
     fn default() -> Self {
         // A chunk meets up to some 50 k addresses; the table doubles when it needs to.
-        let n = 1 << 16;
+        Self::with_slots(1 << 16)
+    }
+}
+
+impl AddrTable {
+    /// `n`: a power of two.
+    fn with_slots(n: usize) -> Self {
         AddrTable {
             slots: vec![Slot::default(); n],
             generation: 1,
@@ -641,9 +647,7 @@ impl Default for AddrTable {
             shift: 64 - n.trailing_zeros(),
         }
     }
-}
 
-impl AddrTable {
     fn clear(&mut self) {
         self.len = 0;
         self.generation += 1;
@@ -1647,6 +1651,89 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_chunk_meeting_more_addresses_than_the_table_holds_round_trips() {
+        // 60 k allocations never freed and 30 k frees of blocks from elsewhere: some 150 k
+        // addresses (ends included) against a table that starts at 64 k slots, so it grows
+        // twice with entries of every state in it.
+        let header = ChunkHeader {
+            tid: 2,
+            base_seq: 1,
+            base_time: 0,
+        };
+        let mut items = Vec::new();
+        let mut seq = 1;
+        for i in 0..90_000u64 {
+            let op = if i % 3 == 2 {
+                Op::Free {
+                    addr: 0x7000_0000_0000 + i * 48,
+                }
+            } else {
+                Op::Alloc {
+                    kind: AllocKind::Malloc,
+                    addr: 0x1000_0000 + i * 4096 + (i % 7) * 16,
+                    size: 24 + i % 2000,
+                    stack: i % 5,
+                }
+            };
+            items.push(Item::Event { seq, time: 0, op });
+            seq += 1 + i % 3;
+        }
+        // Then frees of allocations made before the table grew, and reuses of their addresses.
+        for i in (0..90_000u64).filter(|i| i % 3 == 0).take(5_000) {
+            let addr = 0x1000_0000 + i * 4096 + (i % 7) * 16;
+            items.push(Item::Event {
+                seq,
+                time: 1,
+                op: Op::Free { addr },
+            });
+            items.push(Item::Event {
+                seq: seq + 1,
+                time: 1,
+                op: Op::Alloc {
+                    kind: AllocKind::Malloc,
+                    addr,
+                    size: 24 + i % 2000,
+                    stack: 1,
+                },
+            });
+            seq += 2;
+        }
+        // Growing must not change what the table answers: the same bytes as from a table that
+        // never grows, and from one that grows from a tenth of the size many times.
+        let stream = stream_chunk(header, &items);
+        let mut outs = Vec::new();
+        for slots in [1 << 10, 1 << 16, 1 << 20] {
+            let mut c = Compactor::new();
+            c.blocks = AddrTable::with_slots(slots);
+            let mut out = Vec::new();
+            c.compact(&stream, 1, &mut out).unwrap();
+            outs.push(out);
+        }
+        assert!(outs[0] == outs[2] && outs[1] == outs[2]);
+        // Nor does the generation count's wrap (the table is then zeroed).
+        let mut c = Compactor::new();
+        c.blocks.generation = (1 << 30) - 2;
+        for _ in 0..3 {
+            let mut out = Vec::new();
+            c.compact(&stream, 1, &mut out).unwrap();
+            assert!(out == outs[1]);
+        }
+        assert_eq!(c.blocks.generation, 2);
+        let crate::Next::Record(r) = crate::next_record(&outs[1], 0) else {
+            panic!("not a record")
+        };
+        let mut c = Cursor::new(r.payload);
+        let h = ChunkHeader::decode(&mut c).unwrap();
+        let mut z = CompactEvents::new(c.rest(), &h, Compact::R).unwrap();
+        let mut back = Vec::new();
+        while let Some(it) = z.next_item().unwrap() {
+            back.push(it);
+        }
+        assert_eq!(back.len(), items.len());
+        assert!(back == items, "the chunk does not round-trip");
     }
 
     #[test]
