@@ -1430,6 +1430,22 @@ mod tests {
         encode_stream(&header, items)
     }
 
+    /// The header and items of a framed `EVENTS_R` record.
+    fn compacted_items(record: &[u8]) -> (ChunkHeader, Vec<Item>) {
+        let crate::Next::Record(r) = crate::next_record(record, 0) else {
+            panic!("not a record")
+        };
+        assert_eq!(r.kind, crate::record::EVENTS_R);
+        let mut c = Cursor::new(r.payload);
+        let h = ChunkHeader::decode(&mut c).unwrap();
+        let mut z = CompactEvents::new(c.rest(), &h, Compact::R).unwrap();
+        let mut items = Vec::new();
+        while let Some(it) = z.next_item().unwrap() {
+            items.push(it);
+        }
+        (h, items)
+    }
+
     fn stream_items(stream: &[u8]) -> Vec<Item> {
         let mut c = Cursor::new(stream);
         let h = ChunkHeader::decode(&mut c).unwrap();
@@ -1492,18 +1508,8 @@ mod tests {
 
         let mut out = Vec::new();
         Compactor::new().compact(&stream, 1, &mut out).unwrap();
-        let crate::Next::Record(r) = crate::next_record(&out, 0) else {
-            panic!("not a record")
-        };
-        assert_eq!(r.kind, crate::record::EVENTS_R);
-        let mut c = Cursor::new(r.payload);
-        let h2 = ChunkHeader::decode(&mut c).unwrap();
+        let (h2, back) = compacted_items(&out);
         assert_eq!(h2, header);
-        let mut z = CompactEvents::new(c.rest(), &h2, Compact::R).unwrap();
-        let mut back = Vec::new();
-        while let Some(it) = z.next_item().unwrap() {
-            back.push(it);
-        }
         assert_eq!(back, items);
     }
 
@@ -1722,16 +1728,7 @@ mod tests {
             assert!(out == outs[1]);
         }
         assert_eq!(c.blocks.generation, 2);
-        let crate::Next::Record(r) = crate::next_record(&outs[1], 0) else {
-            panic!("not a record")
-        };
-        let mut c = Cursor::new(r.payload);
-        let h = ChunkHeader::decode(&mut c).unwrap();
-        let mut z = CompactEvents::new(c.rest(), &h, Compact::R).unwrap();
-        let mut back = Vec::new();
-        while let Some(it) = z.next_item().unwrap() {
-            back.push(it);
-        }
+        let (_, back) = compacted_items(&outs[1]);
         assert_eq!(back.len(), items.len());
         assert!(back == items, "the chunk does not round-trip");
     }
