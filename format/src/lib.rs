@@ -445,7 +445,7 @@ impl<'a> Cursor<'a> {
     /// # Safety
     /// At least 8 bytes from the position are in the data.
     #[inline(always)]
-    pub unsafe fn uvarint_unchecked(&mut self) -> Result<u64, FormatError> {
+    pub(crate) unsafe fn uvarint_unchecked(&mut self) -> Result<u64, FormatError> {
         debug_assert!(self.remaining() >= 8);
         // SAFETY: the caller's guarantee; an unaligned read of plain bytes.
         let w = u64::from_le(unsafe {
