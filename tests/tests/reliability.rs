@@ -35,6 +35,28 @@ fn run_limited(mut cmd: Command, limit: Duration) -> Output {
     }
 }
 
+/// memtrack's writer thread never reads the environment: a program may rewrite it at any moment
+/// (bash frees its old array as it goes), and glibc's getenv is no safer against that than any
+/// other read. The fixture keeps `environ` pointing at an inaccessible page while the writer
+/// starts, with a locale set as bash sets it; the writer's symbol lookups used to take their
+/// error message with dlerror(), whose translation reads LANGUAGE, and about every other run
+/// died of SIGSEGV in that thread.
+#[test]
+fn the_writer_thread_never_reads_the_environment() {
+    let work = Work::new("environ_swap");
+    let exe = work.compile("environ_swap.c");
+    for i in 0..10 {
+        let cap = work.path(&format!("e{i}.cap"));
+        let mut cmd = memtrack_run(&cap, &exe);
+        cmd.arg("50");
+        let out = run_limited(cmd, Duration::from_secs(60));
+        assert_eq!(out.status.code(), Some(0), "run {i}: {out:?}");
+        assert_eq!(out.stdout, b"ok\n", "run {i}");
+        let json = summary_json(&cap);
+        assert_eq!(json["complete"], true, "run {i}: {json}");
+    }
+}
+
 /// A write error while recording (here: the file size limit, EFBIG): tracking stops, the
 /// program goes on unharmed, one line on stderr says why, and the capture reads as incomplete.
 #[test]

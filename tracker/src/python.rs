@@ -124,17 +124,13 @@ const BYTES_DATA: usize = 32;
 /// Python frames read per allocation at most.
 pub(crate) const MAX_PY_FRAMES: usize = 128;
 
+/// The address of `name` in the global scope (0: none). Looked up on the writer thread only: a
+/// failed lookup's message stays in that thread's dlerror state, which no program code reads,
+/// and is not taken with dlerror() (see `recorder::writer_entry`: it may read the environment
+/// while the program rewrites it).
 fn sym(name: &std::ffi::CStr) -> usize {
-    // SAFETY: dlsym with a NUL-terminated name; RTLD_DEFAULT searches the global scope. A failed
-    // lookup leaves a message for dlerror(): it is taken here, so the program's next dlerror()
-    // does not report our lookup.
-    unsafe {
-        let p = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) as usize;
-        if p == 0 {
-            libc::dlerror();
-        }
-        p
-    }
+    // SAFETY: dlsym with a NUL-terminated name; RTLD_DEFAULT searches the global scope.
+    unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) as usize }
 }
 
 /// Looks for a CPython interpreter in the process (after the program's libraries are loaded)

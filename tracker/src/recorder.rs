@@ -439,9 +439,13 @@ extern "C" fn writer_entry(arg: *mut libc::c_void) -> *mut libc::c_void {
     let rx = unsafe { Box::from_raw(arg as *mut Receiver<Msg>) };
     // Symbol lookups that may fail are made here: a failed dlsym leaves a malloc'd message in
     // the calling thread, which that thread's next dl* call frees; in a program thread that
-    // free would be recorded without its allocation. Every library of the program is loaded
-    // by now (the writer starts from the library constructor): is it a Python interpreter?
-    let _ = dl_find_object();
+    // free would be recorded without its allocation. The message is left in this thread's
+    // dlerror state (per thread), not taken with dlerror(): that formats it through gettext,
+    // which outside the C locale reads LANGUAGE from the environment, and the program may be
+    // rewriting its environment at this moment (bash does; this thread crashed reading the
+    // array bash had just freed). Every library of the program is loaded by now (the writer
+    // starts from the library constructor): is it a Python interpreter?
+    let _ = dl_find_object(false);
     crate::python::detect();
     if let Some(rec) = recorder() {
         writer::run(rec, *rx);
@@ -899,14 +903,16 @@ struct DlFindObject {
 type DlFindObjectFn = unsafe extern "C" fn(*mut libc::c_void, *mut DlFindObject) -> libc::c_int;
 
 /// glibc 2.35+'s lock-free `_dl_find_object`, if present.
-fn dl_find_object() -> Option<DlFindObjectFn> {
+/// `take_error`: on a program thread, a failed lookup's message is taken with dlerror(), so the
+/// program's next dlerror() does not report it; the writer thread leaves it (see
+/// `writer_entry`).
+fn dl_find_object(take_error: bool) -> Option<DlFindObjectFn> {
     static F: OnceLock<usize> = OnceLock::new();
     let f = *F.get_or_init(|| {
         // SAFETY: dlsym with a NUL-terminated name; RTLD_DEFAULT searches the global scope.
-        // A failed lookup's dlerror() message is taken, so the program never sees it.
         unsafe {
             let f = libc::dlsym(libc::RTLD_DEFAULT, c"_dl_find_object".as_ptr()) as usize;
-            if f == 0 {
+            if f == 0 && take_error {
                 libc::dlerror();
             }
             f
@@ -920,7 +926,7 @@ fn dl_find_object() -> Option<DlFindObjectFn> {
 /// and returns the new unwinder.
 fn refresh_if_new_module(rec: &Recorder, addr: u64) -> Option<Arc<Unw>> {
     // Without `_dl_find_object` (glibc < 2.35) a new module is only seen at the next dlclose.
-    let find = dl_find_object()?;
+    let find = dl_find_object(true)?;
     let mut res = DlFindObject {
         flags: 0,
         map_start: std::ptr::null_mut(),

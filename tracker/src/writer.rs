@@ -46,26 +46,52 @@ pub(crate) fn write_all(fd: i32, mut bytes: &[u8]) -> bool {
     true
 }
 
+/// What `errno` means, for the errors a write can end with, in C's words; else "errno N" in
+/// `buf`. Not strerror: it translates through gettext, which outside the C locale reads LANGUAGE
+/// from the environment, and the program may be rewriting its environment meanwhile (the writer
+/// thread crashed so in bash, through dlerror; see `recorder::writer_entry`).
+fn errno_text(errno: i32, buf: &mut [u8; 24]) -> &[u8] {
+    let text: &[u8] = match errno {
+        libc::EFBIG => b"File too large",
+        libc::ENOSPC => b"No space left on device",
+        libc::EDQUOT => b"Disk quota exceeded",
+        libc::EIO => b"Input/output error",
+        libc::EROFS => b"Read-only file system",
+        libc::EBADF => b"Bad file descriptor",
+        libc::EPIPE => b"Broken pipe",
+        libc::EINVAL => b"Invalid argument",
+        libc::EPERM => b"Operation not permitted",
+        libc::EACCES => b"Permission denied",
+        libc::ENXIO => b"No such device or address",
+        libc::EAGAIN => b"Resource temporarily unavailable",
+        libc::ESTALE => b"Stale file handle",
+        _ => {
+            let mut n = errno.unsigned_abs();
+            let mut i = buf.len();
+            loop {
+                i -= 1;
+                buf[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            let prefix = b"errno ";
+            i -= prefix.len();
+            buf[i..i + prefix.len()].copy_from_slice(prefix);
+            return &buf[i..];
+        }
+    };
+    text
+}
+
 /// One line on stderr saying why recording stopped; no allocation (any thread may get here).
 fn write_failed(errno: i32) {
-    let mut reason = [0u8; 128];
-    // SAFETY: the buffer is valid for its length; the XSI/GNU strerror_r both fill it or return
-    // a static string, and libc's wrapper is the XSI one (it returns an int).
-    let ok = unsafe {
-        libc::strerror_r(
-            errno,
-            reason.as_mut_ptr() as *mut libc::c_char,
-            reason.len(),
-        )
-    } == 0;
-    let len = if ok {
-        reason.iter().position(|&b| b == 0).unwrap_or(0)
-    } else {
-        0
-    };
+    let mut number = [0u8; 24];
+    let reason = errno_text(errno, &mut number);
     let parts: [&[u8]; 3] = [
         b"memtrack: writing the capture failed (",
-        &reason[..len],
+        reason,
         b"); recording stopped, the program goes on untracked\n",
     ];
     for p in parts {
@@ -181,4 +207,38 @@ pub(crate) fn sweep(rec: &Recorder, force: bool) {
 pub(crate) fn finish_inline(rec: &Recorder, reason: EndReason) {
     sweep(rec, true);
     rec.write(&recorder::end_record(rec, reason));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table says what C's strerror says in the C locale (this process never sets one).
+    #[test]
+    fn errno_texts_are_cs_own() {
+        let mut buf = [0u8; 24];
+        for e in [
+            libc::EFBIG,
+            libc::ENOSPC,
+            libc::EDQUOT,
+            libc::EIO,
+            libc::EROFS,
+            libc::EBADF,
+            libc::EPIPE,
+            libc::EINVAL,
+            libc::EPERM,
+            libc::EACCES,
+            libc::ENXIO,
+            libc::EAGAIN,
+            libc::ESTALE,
+        ] {
+            // SAFETY: strerror returns a NUL-terminated string; this test is single-threaded
+            // in its use of it.
+            let c = unsafe { std::ffi::CStr::from_ptr(libc::strerror(e)) };
+            assert_eq!(errno_text(e, &mut buf), c.to_bytes(), "errno {e}");
+        }
+        assert_eq!(errno_text(1234, &mut buf), b"errno 1234");
+        assert_eq!(errno_text(0, &mut buf), b"errno 0");
+        assert_eq!(errno_text(i32::MIN, &mut buf), b"errno 2147483648");
+    }
 }
