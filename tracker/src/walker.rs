@@ -280,14 +280,18 @@ impl Walker {
             *from -= 1;
         }
         let i = (*from).checked_sub(1)?;
+        self.holds(i, ip, sp, bp).then_some(i)
+    }
+
+    /// Whether the previous walk's frame `i` equals (ip, sp, bp) and every word read from there
+    /// outwards still holds: the walk from there on would repeat exactly.
+    #[inline(always)]
+    fn holds(&self, i: usize, ip: u64, sp: u64, bp: u64) -> bool {
         let f = &self.frames[i];
-        if !f.is(ip, sp, bp) {
-            return None;
-        }
         // SAFETY: each address was read during an earlier walk of this same thread's stack,
         // within [sp, stack top) of a frame that is still live (its sp is at or above the current
         // stack pointer), so it is mapped and readable.
-        unsafe { words_hold(&self.reads[..f.reads_end as usize]) }.then_some(i)
+        f.is(ip, sp, bp) && unsafe { words_hold(&self.reads[..f.reads_end as usize]) }
     }
 
     /// A walk kept in `recent` whose innermost frame is the caller's and whose words all still
@@ -358,12 +362,8 @@ impl Walker {
     ) -> Walk {
         // The same call site with the same stack as the previous walk (a loop that allocates):
         // the whole walk again, found before any of the general path's set-up.
-        if let Some(f) = self.frames.last() {
-            // SAFETY: as in `reusable`: read by an earlier walk of this thread's stack, at or
-            // above the innermost frame's sp, which equals the caller's, so still live.
-            if f.is(caller.ip, caller.sp, caller.bp)
-                && unsafe { words_hold(&self.reads[..f.reads_end as usize]) }
-            {
+        if let Some(last) = self.frames.len().checked_sub(1) {
+            if self.holds(last, caller.ip, caller.sp, caller.bp) {
                 self.keep_ips(self.frames.len());
                 return self.previous();
             }

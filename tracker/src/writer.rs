@@ -5,6 +5,7 @@ use crate::mapbuf::MapBuf;
 use crate::recorder::{self, Recorder, DISABLED, STATE};
 use crossbeam_channel::{Receiver, TryRecvError};
 use memtrack_format::EndReason;
+use std::io::Write;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -51,7 +52,7 @@ pub(crate) fn write_all(fd: i32, mut bytes: &[u8]) -> bool {
 /// from the environment, and the program may be rewriting its environment meanwhile (the writer
 /// thread crashed so in bash, through dlerror; see `recorder::writer_entry`).
 fn errno_text(errno: i32, buf: &mut [u8; 24]) -> &[u8] {
-    let text: &[u8] = match errno {
+    match errno {
         libc::EFBIG => b"File too large",
         libc::ENOSPC => b"No space left on device",
         libc::EDQUOT => b"Disk quota exceeded",
@@ -66,23 +67,15 @@ fn errno_text(errno: i32, buf: &mut [u8; 24]) -> &[u8] {
         libc::EAGAIN => b"Resource temporarily unavailable",
         libc::ESTALE => b"Stale file handle",
         _ => {
-            let mut n = errno.unsigned_abs();
-            let mut i = buf.len();
-            loop {
-                i -= 1;
-                buf[i] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            let prefix = b"errno ";
-            i -= prefix.len();
-            buf[i..i + prefix.len()].copy_from_slice(prefix);
-            return &buf[i..];
+            // core::fmt into the buffer: no allocation, no locale.
+            let left = {
+                let mut w = &mut buf[..];
+                let _ = write!(w, "errno {}", errno.unsigned_abs());
+                w.len()
+            };
+            &buf[..buf.len() - left]
         }
-    };
-    text
+    }
 }
 
 /// One line on stderr saying why recording stopped; no allocation (any thread may get here).
