@@ -3,9 +3,9 @@
 //! testing mode does). It also records captures from inside the program: [`start`] (a guard) or
 //! `MEMTRACK_OUTPUT` in the environment, looked at once, at the first allocation.
 //!
-//! A recorded allocation's stack is unwound from inside the recorder up to the caller of the
-//! `Tracker` method (a marker local in that method's frame tells where the tracker's frames
-//! end), then walked like the preload library's stacks.
+//! A recorded allocation's stack starts from registers taken in the `Tracker` method's own
+//! frame: one unwinding step reaches its caller (a marker local in that frame tells where the
+//! tracker's frames end), and from there it is walked like the preload library's stacks.
 //!
 //! ```
 //! use std::alloc::System;
@@ -29,6 +29,7 @@
 
 use crate::guard::IgnoreAllocs;
 use crate::recorder::{self, Ev, Origin, ACTIVE, INITIALIZING, STATE, UNINIT};
+use crate::unwind::{here_regs, Caller};
 use memtrack_format::{AllocKind, EndReason};
 use std::alloc::{GlobalAlloc, Layout};
 use std::path::Path;
@@ -124,13 +125,20 @@ fn began() {
     }
 }
 
-/// Records a block handed out. `marker` is the address of a local of the allocator method, so
-/// the stack starts at the method's caller.
+/// Records a block handed out. `start` are registers taken in the allocator method's frame and
+/// `marker` the address of a local of it, so the stack starts at the method's caller.
 #[inline(never)]
-fn on_alloc(g: &IgnoreAllocs, kind: AllocKind, p: *mut u8, size: usize, marker: u64) {
+fn on_alloc(
+    g: &IgnoreAllocs,
+    kind: AllocKind,
+    p: *mut u8,
+    size: usize,
+    start: Caller,
+    marker: u64,
+) {
     recorder::record(
         Ev::Alloc(kind, p as u64, size as u64),
-        Origin::Above(marker),
+        Origin::Above(start, marker),
         g,
     );
 }
@@ -158,7 +166,7 @@ fn allocated(size: usize, get: impl FnOnce() -> *mut u8) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Relaxed);
         grew(size as u64);
         if let Some(g) = &g {
-            on_alloc(g, AllocKind::RustAlloc, p, size, marker!(m));
+            on_alloc(g, AllocKind::RustAlloc, p, size, here_regs(), marker!(m));
         }
     }
     p
@@ -214,7 +222,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
                 LIVE.fetch_sub(old - new, Relaxed);
             }
             if let Some(g) = &g {
-                on_alloc(g, AllocKind::Realloc, p, new_size, marker!(m));
+                on_alloc(g, AllocKind::Realloc, p, new_size, here_regs(), marker!(m));
             }
         } else if let Some(g) = &g {
             on_free(g, Ev::ReallocFailed);

@@ -853,10 +853,10 @@ impl OwnerState {
                 let w = self.walker.walk(unw, self.stack_hi, c, &mut intern);
                 (w.node, w.outer)
             }
-            Origin::Above(marker) => {
+            Origin::Above(start, marker) => {
                 let w = self
                     .walker
-                    .walk_above(unw, self.stack_hi, marker, &mut intern);
+                    .walk_above(unw, self.stack_hi, start, marker, &mut intern);
                 (w.node, w.outer)
             }
             Origin::Unknown => {
@@ -1271,9 +1271,10 @@ pub(crate) enum Ev {
 pub(crate) enum Origin {
     /// The program's registers, handed over by a preload trampoline.
     Caller(Caller),
-    /// The caller of the function whose frame holds this address (a local of
-    /// `Tracker::alloc`): the tracker linked into a Rust program.
-    Above(u64),
+    /// The caller of the function whose frame holds the address (a local of
+    /// `Tracker::alloc`), unwound from the registers taken in that frame: the tracker linked
+    /// into a Rust program.
+    Above(Caller, u64),
     /// Unwound from the recorder, dropping the tracker's own frames (`Recorder::skip`).
     Unknown,
 }

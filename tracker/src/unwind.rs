@@ -367,62 +367,82 @@ pub fn capture_from(
     }
 }
 
-/// The registers of the frame that called the function whose frame holds `marker` (the address
-/// of one of its locals), found by unwinding from here: the frames in between (the tracker's) are
-/// stepped over. For the tracker linked into a Rust program, where no trampoline hands over the
-/// program's registers. `None` when the walk fails before it gets there.
-/// The previous `caller_above` of a thread: unwinding is a pure function of the starting
-/// registers, the rules and the stack words read, so when all of them repeat, so does the result.
+/// Recent results of [`caller_above`] on a thread: unwinding is a pure function of the
+/// starting registers, the rules and the stack words read, so when all of them repeat, so does
+/// the result. Several, for an allocation function called at a few depths in turn.
 #[derive(Default)]
 pub struct AboveMemo {
-    key: Option<(u64, u64, u64, u64)>,
+    entries: [AboveEntry; ABOVE_MEMO],
+    next: usize,
+}
+
+const ABOVE_MEMO: usize = 4;
+
+#[derive(Default)]
+struct AboveEntry {
+    /// (ip, sp, marker) of the start; None: empty.
+    key: Option<(u64, u64, u64)>,
+    /// The start's bp, when a step may have used it. Code built without frame pointers keeps
+    /// any value in rbp, so comparing it always would find nothing again.
+    bp: Option<u64>,
     reads: Vec<(u64, u64)>,
     result: Option<Caller>,
+    /// The result's bp is the start's (no frame in between restored it).
+    passes_bp: bool,
 }
 
 impl AboveMemo {
-    /// Forgets the previous result (the modules, hence the rules, changed).
+    /// Forgets the results (the modules, hence the rules, changed).
     pub fn invalidate(&mut self) {
-        self.key = None;
+        for e in &mut self.entries {
+            e.key = None;
+        }
     }
 }
 
+/// The registers of the frame that called the function whose frame holds `marker` (the address
+/// of one of its locals), found by unwinding from `start`, registers taken in that function's
+/// own frame by [`here_regs`]: one step reaches the caller. For the tracker linked into a Rust
+/// program, where no trampoline hands over the program's registers. `None` when the walk fails
+/// before it gets there.
 #[inline(never)]
 pub fn caller_above(
     unw: &Unw,
     cache: &mut UnwCache,
     memo: &mut AboveMemo,
     stack_hi: u64,
+    start: Caller,
     marker: u64,
 ) -> Option<Caller> {
-    // Start at a call site (here's return into this function), whose unwind rule framehop
-    // caches, rather than at an arbitrary instruction, whose rule it evaluates from DWARF on
-    // every call.
-    let mut start = Caller {
-        ip: 0,
-        sp: 0,
-        bp: 0,
-    };
-    // SAFETY: `here` writes the three fields of `start` and returns.
-    unsafe { here(&mut start) };
     let sp0 = start.sp;
     if marker < sp0 || marker >= stack_hi {
         return None;
     }
-    let key = (start.ip, start.sp, start.bp, marker);
+    let key = Some((start.ip, start.sp, marker));
     // SAFETY: each address was read from this thread's live stack, within [sp0, stack_hi), by
-    // the walk that made the memo from the same stack pointer.
+    // the walk that made the entry from the same stack pointer.
     let same = |reads: &[(u64, u64)]| {
         reads
             .iter()
             .all(|&(a, v)| unsafe { std::ptr::read(a as *const u64) } == v)
     };
-    if memo.key == Some(key) && same(&memo.reads) {
-        return memo.result;
+    let hit = memo
+        .entries
+        .iter()
+        .find(|e| e.key == key && e.bp.is_none_or(|bp| bp == start.bp) && same(&e.reads));
+    if let Some(e) = hit {
+        return e.result.map(|mut r| {
+            if e.passes_bp {
+                r.bp = start.bp;
+            }
+            r
+        });
     }
-    memo.key = None;
-    memo.reads.clear();
-    let reads = &mut memo.reads;
+    let e = &mut memo.entries[memo.next];
+    memo.next = (memo.next + 1) % ABOVE_MEMO;
+    e.key = None;
+    e.reads.clear();
+    let reads = &mut e.reads;
     let mut read_stack = |addr: u64| {
         if addr >= sp0
             && addr.checked_add(8).is_some_and(|e| e <= stack_hi)
@@ -436,37 +456,72 @@ pub fn caller_above(
             Err(())
         }
     };
-    let result = unwind_above(unw, cache, start, marker, &mut read_stack);
-    memo.key = Some(key);
-    memo.result = result;
+    let (result, uses_bp) = unwind_above(unw, cache, start, marker, &mut read_stack);
+    // framehop leaves bp as it was or loads it from the stack. Equal to the start's and to no
+    // word read, it was left; equal to both, which is not known, so the entry needs the same bp.
+    let kept = result.is_some_and(|r| r.bp == start.bp);
+    let loaded = result.is_some_and(|r| e.reads.iter().any(|&(_, v)| v == r.bp));
+    e.key = key;
+    e.bp = (uses_bp || (kept && loaded)).then_some(start.bp);
+    e.passes_bp = kept && !loaded;
+    e.result = result;
     result
 }
 
-/// Unwinds from `start` to the first frame whose stack pointer is above `marker`.
+/// Unwinds from `start` to the first frame whose stack pointer is above `marker`; and whether a
+/// step may have used bp (a caller frame found a little above bp, as the frame pointer rule
+/// finds it; a coincidence only makes the memo stricter).
 fn unwind_above(
     unw: &Unw,
     cache: &mut UnwCache,
     start: Caller,
     marker: u64,
     read_stack: &mut impl FnMut(u64) -> Result<u64, ()>,
-) -> Option<Caller> {
+) -> (Option<Caller>, bool) {
     let mut regs = UnwindRegsX86_64::new(start.ip, start.sp, start.bp);
-    let mut frame = framehop::FrameAddress::from_return_address(start.ip)?;
-    // A handful of the tracker's frames lie between here and the marker.
+    let Some(mut frame) = framehop::FrameAddress::from_return_address(start.ip) else {
+        return (None, false);
+    };
+    let mut uses_bp = false;
+    // The marker's frame, and any frame of a function inlined differently than expected.
     for _ in 0..32 {
-        let ra = unw
+        let bp = regs.bp();
+        let Some(ra) = unw
             .unwind_frame(frame, &mut regs, cache, read_stack)
-            .ok()??;
+            .ok()
+            .flatten()
+        else {
+            return (None, true);
+        };
+        uses_bp |= regs.sp().wrapping_sub(bp) < crate::walker::BP_WINDOW;
         if regs.sp() > marker {
-            return Some(Caller {
+            let caller = Caller {
                 ip: ra,
                 sp: regs.sp(),
                 bp: regs.bp(),
-            });
+            };
+            return (Some(caller), uses_bp);
         }
-        frame = framehop::FrameAddress::from_return_address(ra)?;
+        let Some(next) = framehop::FrameAddress::from_return_address(ra) else {
+            return (None, true);
+        };
+        frame = next;
     }
-    None
+    (None, true)
+}
+
+/// The registers of the function this is inlined into, at a call site of it (whose unwind rule
+/// framehop caches, where an arbitrary instruction's rule is evaluated from DWARF every time).
+#[inline(always)]
+pub fn here_regs() -> Caller {
+    let mut start = Caller {
+        ip: 0,
+        sp: 0,
+        bp: 0,
+    };
+    // SAFETY: `here` writes the three fields of `start` and returns.
+    unsafe { here(&mut start) };
+    start
 }
 
 /// Writes its caller's registers at the call: the return address, the stack pointer after the

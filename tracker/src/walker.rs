@@ -51,7 +51,7 @@ pub fn frame_hash(h: u64, ip: u64) -> u64 {
 const USES_BP: u8 = 1;
 const PASSES_BP: u8 = 2;
 /// A caller frame found less than this far above bp counts as found through bp.
-const BP_WINDOW: u64 = 1 << 16;
+pub(crate) const BP_WINDOW: u64 = 1 << 16;
 
 /// A whole earlier walk, kept so a stack that recurs after others (a loop calling malloc from
 /// a few sites) is found without unwinding a frame.
@@ -295,14 +295,12 @@ impl Walker {
     }
 
     /// A walk kept in `recent` whose innermost frame is the caller's and whose words all still
-    /// hold: it becomes the previous walk (trading places with it) and is the answer.
+    /// hold: it becomes the previous walk (trading places with it) and is the answer. Called
+    /// when the previous walk is not the answer: its innermost frame may still be the caller's,
+    /// reached another way (one function allocating for several callers).
     #[inline]
     fn recent_hit(&mut self, caller: Caller) -> Option<Walk> {
         let same = |f: Option<&Frame>| f.is_some_and(|f| f.is(caller.ip, caller.sp, caller.bp));
-        if same(self.frames.last()) {
-            // The previous walk itself: the main loop takes it.
-            return None;
-        }
         let i = self.recent.iter().position(|r| {
             same(r.frames.last())
                 // SAFETY: as in `reusable`: read by an earlier walk of this thread's stack, at
@@ -325,12 +323,13 @@ impl Walker {
         }
     }
 
-    /// Walks the stack of the caller of the function whose frame holds `marker` (see
-    /// [`crate::unwind::caller_above`]).
+    /// Walks the stack of the caller of the function whose frame holds `marker`, from `start`
+    /// taken in that frame (see [`crate::unwind::caller_above`]).
     pub fn walk_above(
         &mut self,
         unw: &Unw,
         stack_hi: u64,
+        start: Caller,
         marker: u64,
         intern: &mut impl FnMut(u32, u64) -> u32,
     ) -> Walk {
@@ -339,6 +338,7 @@ impl Walker {
             self.above_cache.get_or_insert_with(UnwCache::new),
             &mut self.above,
             stack_hi,
+            start,
             marker,
         ) {
             Some(caller) => self.walk(unw, stack_hi, caller, intern),
