@@ -13,6 +13,7 @@ use memtrack_format::{
     ModulesRecord, MAX_FRAME_PREFIX,
 };
 use std::cell::UnsafeCell;
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -949,9 +950,19 @@ pub(crate) struct ThreadState {
     /// Another thread (the writer's sweep, `finish`) holds or wants `buf`.
     claim: AtomicBool,
     buf: UnsafeCell<ChunkBuf>,
+    /// The thread has exited (its owner state is gone, see `thread_exit`).
     pub dead: AtomicBool,
     tid: u32,
-    owner: UnsafeCell<OwnerState>,
+    owner: UnsafeCell<ManuallyDrop<OwnerState>>,
+}
+
+impl Drop for ThreadState {
+    fn drop(&mut self) {
+        if !*self.dead.get_mut() {
+            // SAFETY: not dropped by `thread_exit` (which sets `dead` after), and never used again.
+            unsafe { ManuallyDrop::drop(self.owner.get_mut()) };
+        }
+    }
 }
 
 // SAFETY: `buf` is only touched by the holder of a `BufGuard` (see `ThreadState::lock`);
@@ -998,7 +1009,7 @@ impl ThreadState {
             buf: UnsafeCell::new(ChunkBuf::new(buf)),
             dead: AtomicBool::new(false),
             tid,
-            owner: UnsafeCell::new(OwnerState::new()),
+            owner: UnsafeCell::new(ManuallyDrop::new(OwnerState::new())),
         }
     }
 
@@ -1187,12 +1198,16 @@ unsafe extern "C" fn thread_exit(p: *mut libc::c_void) {
     }
     // SAFETY: `p` is the pointer from `Arc::into_raw` in `current_thread`; this drops that ref.
     let ts = unsafe { Arc::from_raw(p as *const ThreadState) };
-    if let Some(rec) = recorder() {
-        let taken = ts.lock().take_framed(None);
-        ts.dead.store(true, Ordering::Release);
-        if let Some((data, start)) = taken {
-            hand_off(rec, data, start);
-        }
+    // The thread's own state (its walker's caches, some 100 KiB) goes now, on this thread, not
+    // at the writer's next sweep: a program that starts threads by the thousand held a sweep
+    // interval's worth of them (180 MB at 5,000 threads a second).
+    // SAFETY: only this thread touches its owner state, and it no longer will: `current` says
+    // it has exited, so its later events take the orphan path; `dead` tells `Drop` it is gone.
+    unsafe { ManuallyDrop::drop(&mut *ts.owner.get()) };
+    let taken = ts.lock().take_framed(None);
+    ts.dead.store(true, Ordering::Release);
+    if let (Some(rec), Some((data, start))) = (recorder(), taken) {
+        hand_off(rec, data, start);
     }
 }
 
