@@ -28,6 +28,7 @@
 
 mod global;
 mod guard;
+pub mod heap;
 pub mod interpose;
 mod mapbuf;
 mod python;

@@ -141,7 +141,7 @@ pub struct Walker {
     pub ips_hash: u64,
 }
 
-const NODE_CACHE_MAX: usize = 1 << 16;
+const NODE_CACHE_MAX: usize = 1 << 13;
 
 /// Slots of `Walker::front` (64 KiB).
 const FRONT: usize = 4096;

@@ -6,6 +6,11 @@
 use memtrack_tracker::interpose as ip;
 use std::os::raw::{c_char, c_int, c_void};
 
+/// The tracker's own allocations come from a heap of its own, never from the program's malloc
+/// arenas (see `memtrack_tracker::heap`).
+#[global_allocator]
+static HEAP: memtrack_tracker::heap::PrivateHeap = memtrack_tracker::heap::PrivateHeap;
+
 // Allocation functions are naked trampolines: on entry `[rsp]` is the return address into the
 // program and `rsp + 8` its stack pointer after the return, and rbp is still the caller's. They
 // pass these as extra arguments to the hook, so the stack walk starts at the program's caller of
