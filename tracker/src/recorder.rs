@@ -81,8 +81,23 @@ fn go_multi(threads: &[Arc<ThreadState>]) {
 
 /// Time unit of event times in the capture: microseconds.
 pub(crate) const CLOCK_UNIT_NS: u64 = 1000;
-/// A thread hands its buffer to the writer once it holds this many bytes.
+/// A thread hands its buffer to the writer once it holds this many bytes (see `flush_at`).
 const FLUSH_AT: usize = 256 * 1024;
+/// With many threads, each holding a buffer, they share this many bytes between them: a
+/// thousand threads held 256 KiB each (275 MB).
+const BUFFERS_BUDGET: usize = 24 << 20;
+/// Spare buffers kept for threads to take (a buffer written whole holds 320 KiB of memory).
+const POOL: usize = 16;
+/// The least a thread buffers: smaller chunks encode less compactly.
+const FLUSH_MIN: usize = 32 * 1024;
+/// The current hand-over size, for the number of threads known (see `set_thread_count`).
+static FLUSH_LIMIT: AtomicUsize = AtomicUsize::new(FLUSH_AT);
+
+/// Threads with a state (live, or exited and not yet swept) decide the hand-over size.
+pub(crate) fn set_thread_count(n: usize) {
+    let each = (BUFFERS_BUDGET / n.max(1)).clamp(FLUSH_MIN, FLUSH_AT);
+    FLUSH_LIMIT.store(each, Ordering::Relaxed);
+}
 
 /// True when events of this process are being recorded.
 pub fn is_recording() -> bool {
@@ -327,7 +342,7 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
     };
     let unw = Arc::new(unwind::build_unwinder(&modules));
     let (tx, rx) = crossbeam_channel::bounded(64);
-    let (pool_tx, pool_rx) = crossbeam_channel::bounded(64);
+    let (pool_tx, pool_rx) = crossbeam_channel::bounded(POOL);
     let mut key: libc::pthread_key_t = 0;
     // SAFETY: key is a valid out-pointer; the destructor is an extern "C" fn that never unwinds.
     if unsafe { libc::pthread_key_create(&mut key, Some(thread_exit)) } != 0 {
@@ -1164,6 +1179,7 @@ fn new_thread_state(rec: &'static Recorder, g: &IgnoreAllocs) -> Option<&'static
             go_multi(&r);
         }
         r.push(ts.clone());
+        set_thread_count(r.len());
     } else {
         return None;
     }
@@ -1308,6 +1324,11 @@ pub(crate) fn record(ev: Ev, caller: Origin, g: &IgnoreAllocs) {
             };
             let room = event_room(owner.new_nodes.len());
             let mut b = ts.lock();
+            if b.data.is_none() {
+                // Taken by the writer's sweep while the thread was idle (an idle thread holds
+                // no buffer), or none could be mapped before.
+                b.data = rec.fresh_buffer();
+            }
             if b.open && b.data.as_ref().is_some_and(|d| d.spare() < room) {
                 // A chunk too full for this event is handed over first (never expected: chunks
                 // are handed over at FLUSH_AT, far below the buffer's size).
@@ -1316,7 +1337,10 @@ pub(crate) fn record(ev: Ev, caller: Origin, g: &IgnoreAllocs) {
                 b = ts.lock();
             }
             encode(rec, &mut b, ts.tid, ev, stack, &mut owner.new_nodes);
-            let full = b.data.as_ref().is_some_and(|d| d.len() >= FLUSH_AT);
+            let full = b
+                .data
+                .as_ref()
+                .is_some_and(|d| d.len() >= FLUSH_LIMIT.load(Ordering::Relaxed));
             drop(b);
             if full && rec.writer_started.load(Ordering::Relaxed) {
                 flush_own(rec, ts);

@@ -123,7 +123,11 @@ pub struct Walker {
     /// A small direct-mapped copy of the recent part of `nodes`: the map grows to megabytes,
     /// and a program with a large heap of its own (an interpreter) evicts it from the caches,
     /// so its lookups cost a cache miss each, several per walk.
-    front: Box<[FrontSlot; FRONT]>,
+    front: Box<[FrontSlot]>,
+    /// 64 - log2(front.len()): the hash's top bits pick the slot.
+    front_shift: u32,
+    /// Lookups `front` missed since it last grew.
+    front_misses: usize,
     /// The previous `caller_above` (the tracker linked into a Rust program).
     above: crate::unwind::AboveMemo,
     /// Walks before the previous one; `recent_next` is the slot to overwrite next.
@@ -143,8 +147,11 @@ pub struct Walker {
 
 const NODE_CACHE_MAX: usize = 1 << 13;
 
-/// Slots of `Walker::front` (64 KiB).
-const FRONT: usize = 4096;
+/// Slots of `Walker::front` at first (4 KiB) and at most (64 KiB). A thread starts small and
+/// doubles it while it misses more often than it has slots: a program of a thousand threads
+/// paid 64 KiB each, written whole at each thread's start, for threads that meet a few nodes.
+const FRONT_MIN: usize = 256;
+const FRONT_MAX: usize = 4096;
 
 /// (parent, node, ip). A free slot holds a parent no trie reaches (4 G nodes) with an ip no
 /// frame has.
@@ -152,9 +159,9 @@ type FrontSlot = (u32, u32, u64);
 const FRONT_FREE: FrontSlot = (u32::MAX, 0, u64::MAX);
 
 #[inline(always)]
-fn front_slot(parent: u32, ip: u64) -> usize {
+fn front_slot(parent: u32, ip: u64, shift: u32) -> usize {
     let h = (ip ^ (parent as u64).rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    (h >> (64 - FRONT.trailing_zeros())) as usize
+    (h >> shift) as usize
 }
 
 /// The result of a walk.
@@ -183,7 +190,9 @@ impl Walker {
             inner: Vec::new(),
             inner_reads: Vec::new(),
             nodes: FastMap::default(),
-            front: Box::new([FRONT_FREE; FRONT]),
+            front: vec![FRONT_FREE; FRONT_MIN].into_boxed_slice(),
+            front_shift: 64 - FRONT_MIN.trailing_zeros(),
+            front_misses: 0,
             above: Default::default(),
             recent: Default::default(),
             recent_next: 0,
@@ -248,7 +257,7 @@ impl Walker {
 
     #[inline]
     fn node(&mut self, parent: u32, ip: u64, intern: &mut impl FnMut(u32, u64) -> u32) -> u32 {
-        let slot = &mut self.front[front_slot(parent, ip)];
+        let slot = &mut self.front[front_slot(parent, ip, self.front_shift)];
         if slot.0 == parent && slot.2 == ip {
             return slot.1;
         }
@@ -268,8 +277,23 @@ impl Walker {
                 n
             }
         };
-        self.front[front_slot(parent, ip)] = (parent, n, ip);
+        self.front[front_slot(parent, ip, self.front_shift)] = (parent, n, ip);
+        self.front_misses += 1;
+        if self.front_misses > 2 * self.front.len() && self.front.len() < FRONT_MAX {
+            self.grow_front();
+        }
         n
+    }
+
+    #[cold]
+    fn grow_front(&mut self) {
+        let n = self.front.len() * 2;
+        let old = std::mem::replace(&mut self.front, vec![FRONT_FREE; n].into_boxed_slice());
+        self.front_shift -= 1;
+        self.front_misses = 0;
+        for s in old.iter().filter(|s| **s != FRONT_FREE) {
+            self.front[front_slot(s.0, s.2, self.front_shift)] = *s;
+        }
     }
 
     /// Index in `frames` of the previous walk's frame equal to (ip, sp, bp) whose recorded words

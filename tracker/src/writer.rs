@@ -172,9 +172,9 @@ pub(crate) fn sweep(rec: &Recorder, force: bool) {
                 pending[i] = false;
                 let ts = &reg[i];
                 if b.open && (force || now.saturating_sub(b.opened_at) >= MAX_AGE_US) {
-                    let dead = ts.dead.load(Ordering::Acquire);
-                    let replacement = if dead { None } else { rec.fresh_buffer() };
-                    if let Some(t) = b.take_framed(replacement) {
+                    // No buffer in its place: the thread takes one at its next event, so
+                    // threads that have gone quiet hold none.
+                    if let Some(t) = b.take_framed(None) {
                         taken.push(t);
                     }
                 }
@@ -189,6 +189,7 @@ pub(crate) fn sweep(rec: &Recorder, force: bool) {
             i += 1;
             !gone[i - 1]
         });
+        recorder::set_thread_count(reg.len());
     }
     for (data, start) in taken {
         rec.write_chunk(&data.as_slice()[start..]);
