@@ -211,6 +211,7 @@ def main():
         f"| {counters[2]:.2f} s | {counters[2] / counters[0]:.2f}x | {rbytes / 1e6:.1f} MB |",
     ]
     lines += memray_lines
+    lines += threads_and_memory(args.runs)
     lines += [
         "",
         "## Noise",
@@ -224,6 +225,45 @@ def main():
     print(text)
     with open(os.path.join(ROOT, "bench", "RESULTS.md"), "w") as f:
         f.write(text)
+
+
+def threads_and_memory(runs):
+    """The tracker's memory and time where threads are many: the tests' fixtures that hold it to
+    the 64 MiB budget, each printing its own peak RSS (getrusage)."""
+    print("running the thread fixtures...", file=sys.stderr)
+    fixtures = [
+        ("thread_churn", ["3000"], "3,000 short-lived threads, 4 at a time"),
+        ("many_threads", ["256", "20000"], "256 threads alive at once, 40 k events each"),
+        ("varied_stacks", ["8", "50000"], "8 threads, stacks that hardly repeat (2 M stack nodes)"),
+    ]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="memtrack-bench-threads-") as work:
+        for name, argv, desc in fixtures:
+            exe = os.path.join(work, name)
+            sh(["gcc", "-O2", "-g", "-pthread", "-o", exe, os.path.join(ROOT, "tests", "fixtures", name + ".c")])
+            cap = os.path.join(work, name + ".cap")
+            t_plain, t_traced, rss_plain, rss_traced = [], [], [], []
+            for _ in range(runs):
+                t, m = timed([exe, *argv])
+                t_plain.append(t)
+                rss_plain.append(m)
+                t, m = timed([MEMTRACK, "run", "--force", "-o", cap, "--", exe, *argv])
+                t_traced.append(t)
+                rss_traced.append(m)
+            tp, tt = median(t_plain), median(t_traced)
+            over = (median(rss_traced) - median(rss_plain)) / 1024
+            rows.append(f"| {name}: {desc} | {tp:.2f} s | {tt:.2f} s | {tt / tp:.2f}x | {median(rss_plain) / 1024:.1f} MiB | +{over:.1f} MiB |")
+    return [
+        "",
+        "## Threads: the tracker's memory",
+        "",
+        "The tests' fixtures (`tests/fixtures`) that hold the tracker to the issue's 64 MiB over the program's own; "
+        "*tracker RSS* is the traced run's peak RSS (under `memtrack run`) minus the plain run's.",
+        "",
+        "| fixture | plain | memtrack | ratio | plain max RSS | tracker RSS |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def report(results, runs, heaptrack):

@@ -14,9 +14,11 @@ use memtrack_format::{
 };
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub(crate) const UNINIT: u8 = 0;
 pub(crate) const INITIALIZING: u8 = 1;
@@ -85,7 +87,7 @@ pub(crate) const CLOCK_UNIT_NS: u64 = 1000;
 const FLUSH_AT: usize = 256 * 1024;
 /// With many threads, each holding a buffer, they share this many bytes between them: a
 /// thousand threads held 256 KiB each (275 MB).
-const BUFFERS_BUDGET: usize = 24 << 20;
+const BUFFERS_BUDGET: usize = 16 << 20;
 /// Spare buffers kept for threads to take (a buffer written whole holds 320 KiB of memory).
 const POOL: usize = 16;
 /// The least a thread buffers: smaller chunks encode less compactly.
@@ -472,22 +474,73 @@ extern "C" fn writer_entry(arg: *mut libc::c_void) -> *mut libc::c_void {
 /// Sends to the writer without crossbeam's blocking path, which would give the calling
 /// (program) thread a thread-local with a destructor that frees outside the guard.
 pub(crate) fn send(rec: &Recorder, mut m: Msg) {
-    let mut waited = 0u32;
+    // Back-pressure: while the writer is behind, the thread sleeps on a futex until the writer
+    // has taken a message (`room_made`). Polling every 50 us instead, 256 threads kept the
+    // kernel's scheduler busy for seconds and starved the writer. Not crossbeam's blocking
+    // send: it parks through `std::thread::current()`, which panics in a thread whose TLS is
+    // being torn down (an exiting thread's last events come here). Given up after 10 s rather
+    // than hang.
+    let start = Instant::now();
     loop {
+        let seen = ROOM.load(Ordering::SeqCst);
         match rec.tx.try_send(m) {
             Ok(()) => return,
-            Err(crossbeam_channel::TrySendError::Full(back)) => {
-                m = back;
-                waited += 1;
-                // Back-pressure: the writer is behind. Give up after ~10 s rather than hang.
-                if waited > 200_000 {
-                    return;
-                }
-                std::thread::sleep(Duration::from_micros(50));
-            }
             Err(crossbeam_channel::TrySendError::Disconnected(_)) => return,
+            Err(crossbeam_channel::TrySendError::Full(back)) => m = back,
         }
+        if start.elapsed() > SEND_PATIENCE {
+            return;
+        }
+        WAITERS.fetch_add(1, Ordering::SeqCst);
+        // Room made since `seen` (after the failed try) changes ROOM: the wait returns at once.
+        futex_wait(&ROOM, seen, Duration::from_millis(10));
+        WAITERS.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// How long a thread waits for room in the writer's queue.
+const SEND_PATIENCE: Duration = Duration::from_secs(10);
+/// Bumped by the writer each time it takes a message while threads wait for room.
+static ROOM: AtomicU32 = AtomicU32::new(0);
+/// Threads waiting in `send` for room in the queue.
+static WAITERS: AtomicU32 = AtomicU32::new(0);
+
+/// The writer took a message from the queue: one waiting thread may send.
+#[inline]
+pub(crate) fn room_made() {
+    if WAITERS.load(Ordering::SeqCst) != 0 {
+        ROOM.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: FUTEX_WAKE on a static word; wakes at most one waiter, fails harmlessly.
+        unsafe {
+            libc::syscall(
+                libc::SYS_futex,
+                ROOM.as_ptr(),
+                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                1,
+            )
+        };
+    }
+}
+
+/// Sleeps while `word` holds `expected`, for at most `timeout` (or until a signal).
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // A wait may be cut short by a signal, which sets errno.
+    let _errno = SaveErrno::new();
+    // SAFETY: FUTEX_WAIT on a static word with a relative timeout; returns on a wake, a
+    // timeout, a signal, or at once when the word no longer holds `expected`.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
 }
 
 // ---------------------------------------------------------------- per-thread state
@@ -1231,8 +1284,9 @@ unsafe extern "C" fn thread_exit(p: *mut libc::c_void) {
 #[cold]
 #[inline(never)]
 fn flush_own(rec: &Recorder, ts: &ThreadState) {
-    let fresh = rec.fresh_buffer();
-    let taken = ts.lock().take_framed(fresh);
+    // No buffer in its place until the thread's next event: a thread waiting in `send` for
+    // room in the writer's queue would otherwise hold two.
+    let taken = ts.lock().take_framed(None);
     if let Some((data, start)) = taken {
         hand_off(rec, data, start);
     }
@@ -1324,17 +1378,17 @@ pub(crate) fn record(ev: Ev, caller: Origin, g: &IgnoreAllocs) {
             };
             let room = event_room(owner.new_nodes.len());
             let mut b = ts.lock();
-            if b.data.is_none() {
-                // Taken by the writer's sweep while the thread was idle (an idle thread holds
-                // no buffer), or none could be mapped before.
-                b.data = rec.fresh_buffer();
-            }
             if b.open && b.data.as_ref().is_some_and(|d| d.spare() < room) {
                 // A chunk too full for this event is handed over first (never expected: chunks
                 // are handed over at FLUSH_AT, far below the buffer's size).
                 drop(b);
                 flush_own(rec, ts);
                 b = ts.lock();
+            }
+            if b.data.is_none() {
+                // Handed over (`flush_own`), or taken by the writer's sweep while the thread
+                // was idle: a thread holds no buffer between its chunks.
+                b.data = rec.fresh_buffer();
             }
             encode(rec, &mut b, ts.tid, ev, stack, &mut owner.new_nodes);
             let full = b

@@ -100,19 +100,16 @@ pub(crate) fn run(rec: &'static Recorder, rx: Receiver<Msg>) {
         // Polled, never a blocking receive: a blocked receiver makes crossbeam's senders look up
         // `std::thread::current()`, which gives program threads a handle that std frees at thread
         // exit, outside the guard, as if the program had freed an unknown block.
-        let mut got = false;
-        loop {
-            match rx.try_recv() {
-                Ok(m) => {
-                    handle(rec, &rx, m);
-                    got = true;
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => return,
+        // One message at a time, the clock published after each: with the queue kept full
+        // (threads waiting for room send as soon as one is made), draining it first starved
+        // the clock and the sweep for the whole run.
+        match rx.try_recv() {
+            Ok(m) => {
+                recorder::room_made();
+                handle(rec, &rx, m);
             }
-        }
-        if !got {
-            std::thread::sleep(recorder::TICK);
+            Err(TryRecvError::Empty) => std::thread::sleep(recorder::TICK),
+            Err(TryRecvError::Disconnected) => return,
         }
         let now = rec.tick();
         if now.saturating_sub(last_sweep) >= SWEEP_EVERY.as_micros() as u64 {
@@ -145,7 +142,10 @@ fn handle(rec: &Recorder, rx: &Receiver<Msg>, m: Msg) {
 fn drain(rec: &Recorder, rx: &Receiver<Msg>) {
     for _ in 0..rx.len() {
         match rx.try_recv() {
-            Ok(m) => handle(rec, rx, m),
+            Ok(m) => {
+                recorder::room_made();
+                handle(rec, rx, m)
+            }
             Err(_) => break,
         }
     }
