@@ -83,7 +83,8 @@ fn go_multi(threads: &[Arc<ThreadState>]) {
 
 /// Time unit of event times in the capture: microseconds.
 pub(crate) const CLOCK_UNIT_NS: u64 = 1000;
-/// A thread hands its buffer to the writer once it holds this many bytes (see `flush_at`).
+/// A thread hands its buffer to the writer once it holds this many bytes, or fewer when threads
+/// are many (`FLUSH_LIMIT`).
 const FLUSH_AT: usize = 256 * 1024;
 /// With many threads, each holding a buffer, they share this many bytes between them: a
 /// thousand threads held 256 KiB each (275 MB).
