@@ -74,7 +74,8 @@ pub struct Capture {
     progress: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Headers of the program images that followed the first one through `exec`.
     pub images: Vec<Header>,
-    /// Sequence numbers at which an `exec` replaced the image: blocks live before are gone.
+    /// Sequence numbers at which an `exec` replaced the image (its END, followed by the new
+    /// image's header): blocks live before are gone. An exec that failed is none.
     pub exec_boundaries: Vec<u64>,
 }
 
@@ -173,6 +174,9 @@ impl Capture {
         };
         let mut tids = std::collections::HashSet::new();
         let mut pycode = std::collections::HashMap::new();
+        // An exec's END, until the new image's header says the exec took place: an exec that
+        // failed is followed by more events of the same image, whose heap is still live.
+        let mut exec_end: Option<u64> = None;
         while off < len {
             let head = read(off, 64);
             let torn = |w: &mut Vec<Warning>| w.push(Warning::TornTail { offset: off as u64 });
@@ -219,6 +223,7 @@ impl Capture {
                             });
                             // A later END is only final if no events follow it (exec that failed).
                             self.end = None;
+                            exec_end = None;
                         }
                         Err(e) => self.warnings.push(bad(e)),
                     }
@@ -233,14 +238,17 @@ impl Capture {
                         record::END => match EndRecord::decode(&payload) {
                             Ok(e) => {
                                 if e.reason == memtrack_format::EndReason::Exec {
-                                    self.exec_boundaries.push(e.seq);
+                                    exec_end = Some(e.seq);
                                 }
                                 self.end = Some(e);
                             }
                             Err(e) => self.warnings.push(bad(e)),
                         },
                         _ => match Header::decode(&payload) {
-                            Ok((h, _)) => self.images.push(h),
+                            Ok((h, _)) => {
+                                self.images.push(h);
+                                self.exec_boundaries.extend(exec_end.take());
+                            }
                             Err(e) => self.warnings.push(bad(e)),
                         },
                     }

@@ -90,6 +90,32 @@ fn execl_execle_and_execlp_continue_the_capture_too() {
     }
 }
 
+/// An exec that fails is no image boundary: the heap it left stays live in the replay (the
+/// reader reset its live set at every exec's END record, so the later free of a block made
+/// before it counted as a free of an unknown block, and the block as freed before the peak).
+#[test]
+fn a_failed_exec_keeps_the_heap_it_left() {
+    let work = Work::new("failed_exec");
+    let exe = work.compile("failed_exec.c");
+    let t = run_traced_ok(&work, "failed.cap", &exe, &[] as &[&str]);
+    assert_eq!(t.run.stdout_text(), "ok\n");
+    let json = assert_figures(
+        &t.capture,
+        Figures {
+            peak_bytes: 4000,
+            peak_allocations: 2,
+            leaked_bytes: 3000,
+            leaked_allocations: 1,
+            total_allocations: 2,
+            total_bytes: 4000,
+            total_frees: 1,
+        },
+    );
+    assert!(json_bool(&json, "complete"), "{json}");
+    assert_eq!(json["end_reason"], "exit", "{json}");
+    assert_eq!(open_capture(&t.capture).exec_boundaries, Vec::<u64>::new());
+}
+
 #[test]
 fn exec_continues_the_capture_into_the_new_image() {
     let work = Work::new("exec");
