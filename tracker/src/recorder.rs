@@ -472,15 +472,13 @@ extern "C" fn writer_entry(arg: *mut libc::c_void) -> *mut libc::c_void {
     std::ptr::null_mut()
 }
 
-/// Sends to the writer without crossbeam's blocking path, which would give the calling
-/// (program) thread a thread-local with a destructor that frees outside the guard.
+/// Sends to the writer. Back-pressure: while the writer is behind, the thread sleeps on a futex
+/// until the writer has taken a message (`room_made`); polling every 50 us instead, 256 threads
+/// kept the kernel's scheduler busy for seconds and starved the writer. Not crossbeam's blocking
+/// send: it parks through `std::thread::current()`, which panics in a thread whose TLS is being
+/// torn down (an exiting thread's last events come here), and elsewhere gives the program
+/// thread a thread-local that std frees outside the guard. Given up after 10 s rather than hang.
 pub(crate) fn send(rec: &Recorder, mut m: Msg) {
-    // Back-pressure: while the writer is behind, the thread sleeps on a futex until the writer
-    // has taken a message (`room_made`). Polling every 50 us instead, 256 threads kept the
-    // kernel's scheduler busy for seconds and starved the writer. Not crossbeam's blocking
-    // send: it parks through `std::thread::current()`, which panics in a thread whose TLS is
-    // being torn down (an exiting thread's last events come here). Given up after 10 s rather
-    // than hang.
     let start = Instant::now();
     loop {
         let seen = ROOM.load(Ordering::SeqCst);

@@ -103,11 +103,8 @@ pub(crate) fn run(rec: &'static Recorder, rx: Receiver<Msg>) {
         // One message at a time, the clock published after each: with the queue kept full
         // (threads waiting for room send as soon as one is made), draining it first starved
         // the clock and the sweep for the whole run.
-        match rx.try_recv() {
-            Ok(m) => {
-                recorder::room_made();
-                handle(rec, &rx, m);
-            }
+        match take(&rx) {
+            Ok(m) => handle(rec, &rx, m),
             Err(TryRecvError::Empty) => std::thread::sleep(recorder::TICK),
             Err(TryRecvError::Disconnected) => return,
         }
@@ -138,14 +135,18 @@ fn handle(rec: &Recorder, rx: &Receiver<Msg>, m: Msg) {
     }
 }
 
+/// The next queued message; taking it makes room for a thread waiting in `recorder::send`.
+fn take(rx: &Receiver<Msg>) -> Result<Msg, TryRecvError> {
+    let m = rx.try_recv()?;
+    recorder::room_made();
+    Ok(m)
+}
+
 /// Writes what is queued now (not what arrives meanwhile, so it always ends).
 fn drain(rec: &Recorder, rx: &Receiver<Msg>) {
     for _ in 0..rx.len() {
-        match rx.try_recv() {
-            Ok(m) => {
-                recorder::room_made();
-                handle(rec, rx, m)
-            }
+        match take(rx) {
+            Ok(m) => handle(rec, rx, m),
             Err(_) => break,
         }
     }
