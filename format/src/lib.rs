@@ -54,6 +54,10 @@ pub mod record {
     /// ends and sizes from the reused block): see [`crate::chunk`]. The writer turns every
     /// `EVENTS` chunk into one of these (format version 4).
     pub const EVENTS_R: u8 = 8;
+    /// Short helper processes of the tree whose own captures `memtrack run` removed after the
+    /// run, with their figures: see [`crate::DroppedRecord`]. Appended after the launched
+    /// process's `END`.
+    pub const DROPPED: u8 = 9;
 }
 
 /// Python frames inside stacks. A stack's frames may end (leaf side) in Python frames: the
@@ -96,6 +100,87 @@ pub struct PyCodeRecord {
     pub linetable: Vec<u8>,
     /// Python's version as major * 100 + minor (311: 3.11's location table format).
     pub linetable_version: u32,
+}
+
+/// A process of the tree whose capture was removed after the run as a short helper (a shell
+/// wrapper, a version-manager shim's helper): who it was and its figures, so that the tree stays
+/// whole and nothing it did goes unmentioned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DroppedProcess {
+    pub pid: u32,
+    pub parent_pid: u32,
+    /// CLOCK_MONOTONIC at its start and at its last event, nanoseconds.
+    pub start_mono_ns: u64,
+    pub end_mono_ns: u64,
+    pub executable: String,
+    pub argv: Vec<String>,
+    pub peak_bytes: u64,
+    pub leaked_bytes: u64,
+    pub total_allocations: u64,
+    pub total_bytes: u64,
+}
+
+/// The payload of a `DROPPED` record: a count, then each process.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DroppedRecord {
+    pub processes: Vec<DroppedProcess>,
+}
+
+impl DroppedRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_uvarint(&mut b, self.processes.len() as u64);
+        for p in &self.processes {
+            for v in [p.pid as u64, p.parent_pid as u64, p.start_mono_ns, p.end_mono_ns] {
+                put_uvarint(&mut b, v);
+            }
+            put_bytes(&mut b, p.executable.as_bytes());
+            put_uvarint(&mut b, p.argv.len() as u64);
+            for a in &p.argv {
+                put_bytes(&mut b, a.as_bytes());
+            }
+            for v in [
+                p.peak_bytes,
+                p.leaked_bytes,
+                p.total_allocations,
+                p.total_bytes,
+            ] {
+                put_uvarint(&mut b, v);
+            }
+        }
+        b
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<DroppedRecord, FormatError> {
+        let mut c = Cursor::new(payload);
+        let n = c.uvarint()?;
+        let mut processes = Vec::new();
+        for _ in 0..n {
+            let pid = c.uvarint()? as u32;
+            let parent_pid = c.uvarint()? as u32;
+            let start_mono_ns = c.uvarint()?;
+            let end_mono_ns = c.uvarint()?;
+            let executable = c.string()?;
+            let argc = c.uvarint()?;
+            if argc > c.remaining() as u64 {
+                return Err(FormatError::Truncated);
+            }
+            let argv = (0..argc).map(|_| c.string()).collect::<Result<_, _>>()?;
+            processes.push(DroppedProcess {
+                pid,
+                parent_pid,
+                start_mono_ns,
+                end_mono_ns,
+                executable,
+                argv,
+                peak_bytes: c.uvarint()?,
+                leaked_bytes: c.uvarint()?,
+                total_allocations: c.uvarint()?,
+                total_bytes: c.uvarint()?,
+            });
+        }
+        Ok(DroppedRecord { processes })
+    }
 }
 
 impl PyCodeRecord {
@@ -851,6 +936,29 @@ impl EndRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dropped_records_round_trip_and_reject_truncation() {
+        let rec = DroppedRecord {
+            processes: vec![DroppedProcess {
+                pid: 42,
+                parent_pid: 7,
+                start_mono_ns: 1_000,
+                end_mono_ns: 5_000_000,
+                executable: "/bin/bash".into(),
+                argv: vec!["bash".into(), "-c".into(), "true".into()],
+                peak_bytes: 123_456,
+                leaked_bytes: 789,
+                total_allocations: 1_234,
+                total_bytes: 567_890,
+            }],
+        };
+        let b = rec.encode();
+        assert_eq!(DroppedRecord::decode(&b).unwrap(), rec);
+        for cut in 0..b.len() {
+            assert!(DroppedRecord::decode(&b[..cut]).is_err(), "cut at {cut}");
+        }
+    }
 
     /// Lines of every instruction of a function, as CPython 3.11 reports them (`co_lines()`),
     /// against the decoder of its location table.

@@ -77,6 +77,8 @@ pub struct Capture {
     /// Sequence numbers at which an `exec` replaced the image (its END, followed by the new
     /// image's header): blocks live before are gone. An exec that failed is none.
     pub exec_boundaries: Vec<u64>,
+    /// Short helper processes of the tree whose captures `memtrack run` removed (`DROPPED`).
+    pub dropped: Vec<memtrack_format::DroppedProcess>,
 }
 
 /// One event, in global order.
@@ -145,6 +147,7 @@ impl Capture {
             last_chunk_time: 0,
             images: Vec::new(),
             exec_boundaries: Vec::new(),
+            dropped: Vec::new(),
             min_offset_from: Vec::new(),
             progress: Default::default(),
         };
@@ -259,6 +262,13 @@ impl Capture {
                         Ok(p) => {
                             pycode.insert(p.id, p);
                         }
+                        Err(e) => self.warnings.push(bad(e)),
+                    }
+                }
+                record::DROPPED => {
+                    let payload = read(payload_off, plen as usize);
+                    match memtrack_format::DroppedRecord::decode(&payload) {
+                        Ok(d) => self.dropped.extend(d.processes),
                         Err(e) => self.warnings.push(bad(e)),
                     }
                 }

@@ -34,7 +34,7 @@ pub use check::{Budget, Contributor, LimitResult};
 pub use diff::{diff, Diff, DiffRow, DiffStack};
 pub use family::{child_captures, ChildCapture};
 pub use memtrack_format::chunk::Compact;
-pub use memtrack_format::{AllocKind, EndReason, Header, Module, ModulesRecord};
+pub use memtrack_format::{AllocKind, DroppedProcess, EndReason, Header, Module, ModulesRecord};
 pub use plot::Plot;
 pub use replay::{Replay, SiteTotal, Summary};
 pub use stacks::StackTable;
