@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod launch;
+mod process_tree;
 
 const EXAMPLES: &str = "\
 EXAMPLES:
@@ -80,10 +81,18 @@ enum Cmd {
         /// Overwrite the output file if it exists.
         #[arg(long)]
         force: bool,
-        /// Also track the processes the command forks (with or without exec), each into a
-        /// capture of its own: FILE.<pid>.
-        #[arg(long)]
+        /// Record the processes the command starts (fork, with or without exec), each into a
+        /// capture of its own: FILE.<pid>. The default; accepted for scripts that pass it.
+        #[arg(long, overrides_with = "no_follow_fork")]
         follow_fork: bool,
+        /// Record the launched process alone (and what it becomes through exec); say at the
+        /// end which programs its children ran unrecorded.
+        #[arg(long, overrides_with = "follow_fork")]
+        no_follow_fork: bool,
+        /// Keep the captures of short helper processes (ended cleanly, peak under 1 MiB, under
+        /// 2 s), which are otherwise removed and kept only as figures in FILE.
+        #[arg(long)]
+        keep_all: bool,
         /// Budgets checked when the command has finished (see `memtrack check`).
         #[command(flatten)]
         limits: Limits,
@@ -456,10 +465,21 @@ fn main() -> ExitCode {
         Cmd::Run {
             output,
             force,
-            follow_fork,
+            follow_fork: _,
+            no_follow_fork,
+            keep_all,
             limits,
             command,
-        } => cmd_run(output, force, follow_fork, limits, command),
+        } => cmd_run(
+            output,
+            force,
+            RunTree {
+                follow_fork: !no_follow_fork,
+                keep_all,
+            },
+            limits,
+            command,
+        ),
         Cmd::Check { file, limits, json } => cmd_check(&file, limits, json),
         Cmd::Summary { file, json } => cmd_summary(&file, json).map(|()| 0),
         Cmd::Dump { file } => cmd_dump(&file).map(|()| 0),
@@ -609,10 +629,18 @@ extern "C" fn forward_signal(sig: libc::c_int) {
     }
 }
 
+/// Which processes of the tree `memtrack run` records, and what it keeps of them.
+struct RunTree {
+    /// Every process the command starts records (the default; `--no-follow-fork` turns it off).
+    follow_fork: bool,
+    /// `--keep-all`: short helpers' captures are kept rather than folded into the root capture.
+    keep_all: bool,
+}
+
 fn cmd_run(
     output: Option<PathBuf>,
     force: bool,
-    follow_fork: bool,
+    tree: RunTree,
     limits: Limits,
     command: Vec<OsString>,
 ) -> Result<u8> {
@@ -658,14 +686,29 @@ fn cmd_run(
         .env("LD_PRELOAD", preload)
         .env("MEMTRACK_OUTPUT", &out)
         .env("MEMTRACK_LAUNCHER_PID", std::process::id().to_string());
-    if follow_fork {
-        cmd.env("MEMTRACK_FOLLOW_FORK", "1");
+    let mut unrecorded = None;
+    if tree.follow_fork {
+        cmd.env("MEMTRACK_FOLLOW_FORK", "1")
+            .env_remove("MEMTRACK_UNRECORDED_SOCKET");
     } else {
         cmd.env_remove("MEMTRACK_FOLLOW_FORK");
+        // Exec'd descendants, which do not record, say so through this socket.
+        unrecorded = process_tree::Unrecorded::listen();
+        match &unrecorded {
+            Some(u) => cmd.env("MEMTRACK_UNRECORDED_SOCKET", u.name()),
+            None => cmd.env_remove("MEMTRACK_UNRECORDED_SOCKET"),
+        };
     }
-    if runs_python(&program) && std::env::var_os("PYTHONMALLOC").is_none() {
-        eprintln!("memtrack: setting PYTHONMALLOC=malloc so that Python objects are allocated through malloc");
-        cmd.env("PYTHONMALLOC", "malloc");
+    // A Python program anywhere in a recorded tree (under `uv run`, `sh -c`, `make`) allocates
+    // through malloc too; said only when the command itself is Python.
+    if std::env::var_os("PYTHONMALLOC").is_none() {
+        let python = runs_python(&program);
+        if python {
+            eprintln!("memtrack: setting PYTHONMALLOC=malloc so that Python objects are allocated through malloc");
+        }
+        if python || tree.follow_fork {
+            cmd.env("PYTHONMALLOC", "malloc");
+        }
     }
     // Ctrl-C reaches the whole foreground process group, the command included: memtrack waits
     // for it to shut down. SIGTERM and SIGHUP sent to memtrack alone are passed on.
@@ -717,21 +760,16 @@ fn cmd_run(
         (None, Some(sig)) => (128 + sig) as u8,
         _ => 1,
     };
-    let cap = PathBuf::from(out.to_string_lossy().replace("%p", &child.id().to_string()));
+    let unrecorded = unrecorded.map(process_tree::Unrecorded::finish);
+    let cap = process_tree::root_capture(&out, child.id());
     if cap.is_file() {
-        let shown = cap
-            .strip_prefix(std::env::current_dir()?)
-            .unwrap_or(&cap)
-            .display()
-            .to_string();
+        let shown = process_tree::shown(&cap);
         eprintln!("memtrack: capture written to {shown}");
-        let children = memtrack_reader::child_captures(&cap);
-        if !children.is_empty() {
-            eprintln!(
-                "memtrack: and {} of forked processes: {shown}.<pid> (listed by memtrack summary {shown})",
-                children.len()
-            );
+        if tree.follow_fork {
+            let folded = process_tree::fold_helpers(&cap, tree.keep_all);
+            process_tree::report(&cap, &folded);
         }
+        process_tree::report_unrecorded(&cap, &unrecorded.unwrap_or_default());
         eprintln!("memtrack: report on it with: memtrack summary {shown}   (or flamegraph, table, tree, stats, plot)");
         if limits.any() {
             // The command's own failure wins; else the budgets decide.

@@ -248,7 +248,8 @@ pub(crate) fn open_from_env(preloaded: bool) -> Option<bool> {
             parent_pid = ppid as u32;
         } else {
             // Only the process `memtrack run` started records; its exec'd descendants run
-            // untracked.
+            // untracked, and say so to it.
+            tell_unrecorded(pid);
             return Some(false);
         }
     }
@@ -274,6 +275,53 @@ pub(crate) fn open_from_env(preloaded: bool) -> Option<bool> {
             stderr_line(&format!("memtrack: cannot create capture {path}: {e}\n"));
             Some(false)
         }
+    }
+}
+
+/// `memtrack run --no-follow-fork`: tells it, through one datagram to the abstract unix socket
+/// named in `MEMTRACK_UNRECORDED_SOCKET`, that this program ran unrecorded (`<pid>\0<exe>`), so
+/// that its end-of-run message can say which programs were missed. Never blocks and never
+/// fails the program: a datagram that cannot go (nobody listening, queue full, no sockets
+/// allowed) is dropped; errno is kept and the socket is closed before this returns.
+fn tell_unrecorded(pid: i32) {
+    let Some(name) = getenv(c"MEMTRACK_UNRECORDED_SOCKET").map(CStr::to_bytes) else {
+        return;
+    };
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    // The abstract namespace: sun_path[0] stays 0, the name follows.
+    if name.is_empty() || name.len() >= addr.sun_path.len() {
+        return;
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, &b) in addr.sun_path[1..].iter_mut().zip(name) {
+        *d = b as c_char;
+    }
+    let addr_len = std::mem::offset_of!(libc::sockaddr_un, sun_path) + 1 + name.len();
+    let _errno = SaveErrno::new();
+    let mut msg = pid.to_string().into_bytes();
+    msg.push(0);
+    if let Ok(exe) = std::fs::read_link("/proc/self/exe") {
+        msg.extend_from_slice(exe.as_os_str().as_encoded_bytes());
+    }
+    msg.truncate(4096);
+    // SAFETY: socket(2) with constant arguments; the fd is closed below.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: msg and addr are valid for the lengths given; MSG_DONTWAIT: never blocks,
+    // MSG_NOSIGNAL: never raises SIGPIPE.
+    unsafe {
+        libc::sendto(
+            fd,
+            msg.as_ptr() as *const c_void,
+            msg.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            addr_len as libc::socklen_t,
+        );
+        libc::close(fd);
     }
 }
 
