@@ -42,8 +42,11 @@ pub fn fold_helpers(root: &Path, keep_all: bool) -> Folded {
         out.kept = children;
         return out;
     }
-    let root_ok = Capture::open(root).is_ok_and(|c| c.complete() && c.warnings.is_empty());
-    if !root_ok {
+    let root_dropped = Capture::open(root)
+        .ok()
+        .filter(|c| c.complete() && c.warnings.is_empty())
+        .map(|c| c.dropped.len());
+    let Some(root_dropped) = root_dropped else {
         out.note = Some(format!(
             "{} did not end cleanly, so the captures of its {} child processes are all kept",
             shown(root),
@@ -51,7 +54,7 @@ pub fn fold_helpers(root: &Path, keep_all: bool) -> Folded {
         ));
         out.kept = children;
         return out;
-    }
+    };
     let mut helpers = Vec::new();
     for c in children {
         match helper_figures(&c) {
@@ -65,7 +68,7 @@ pub fn fold_helpers(root: &Path, keep_all: bool) -> Folded {
     let rec = DroppedRecord {
         processes: helpers.iter().map(|(_, d)| d.clone()).collect(),
     };
-    if let Err(e) = append_dropped(root, &rec) {
+    if let Err(e) = append_dropped(root, &rec, root_dropped) {
         out.note = Some(format!(
             "could not note the short helper processes in {} ({e}), so their captures are kept",
             shown(root)
@@ -89,6 +92,11 @@ pub fn fold_helpers(root: &Path, keep_all: bool) -> Folded {
 
 /// The figures of a helper's capture, or None when the capture is to be kept.
 fn helper_figures(c: &ChildCapture) -> Option<DroppedProcess> {
+    // A process still alive (one that outlived the command) may yet write more, even after an
+    // END: an exec's END is followed by the next image's records.
+    if alive(c.pid) {
+        return None;
+    }
     let meta = std::fs::symlink_metadata(&c.capture).ok()?;
     if !meta.is_file() || meta.len() > HELPER_FILE_BYTES {
         return None;
@@ -121,13 +129,31 @@ fn helper_figures(c: &ChildCapture) -> Option<DroppedProcess> {
     })
 }
 
+/// True when process `pid` exists (or might: pid 0, or no permission to signal it).
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    if pid <= 0 {
+        return true;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    if rc != 0 {
+        return std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    }
+    // A zombie has ended (where no init reaps orphans, as in some containers, it stays).
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.trim_start().chars().next());
+    !matches!(state, Some('Z' | 'X'))
+}
+
 /// Appends `rec` to `root` after its `END`, syncs it, and reads the capture back: it must still
 /// be complete and hold the new entries; else the file is cut back to its old length.
-fn append_dropped(root: &Path, rec: &DroppedRecord) -> std::io::Result<()> {
-    let before = Capture::open(root)
-        .map_err(std::io::Error::other)?
-        .dropped
-        .len();
+/// `before`: the processes its DROPPED records held already.
+fn append_dropped(root: &Path, rec: &DroppedRecord, before: usize) -> std::io::Result<()> {
     let mut bytes = Vec::new();
     put_record(&mut bytes, record::DROPPED, &rec.encode());
     let mut f = std::fs::OpenOptions::new().append(true).open(root)?;

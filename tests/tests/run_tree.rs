@@ -290,3 +290,31 @@ fn python_under_a_launcher_allocates_through_malloc() {
         "{text}"
     );
 }
+
+#[test]
+fn a_process_that_outlives_the_command_keeps_its_capture() {
+    // `sleep` is a short helper by its figures, but still running when `sh` exits: its capture
+    // is not complete yet, and is never folded away under it.
+    let work = Work::new("tree_outlives");
+    let (cap, stderr) = run(
+        &work,
+        "s.cap",
+        &[],
+        &[
+            os(Path::new("sh")),
+            os(Path::new("-c")),
+            os(Path::new("sleep 1 & true")),
+        ],
+    );
+    let child = only_child(&work, "s.cap", &stderr);
+    // Listed with what it ran last when memtrack looked: `sleep 1`, or the shell's forked copy
+    // if the exec had not happened yet.
+    let name = child.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        stderr.contains(&format!("memtrack:   {name}  ")),
+        "{stderr}"
+    );
+    assert!(open_capture(&cap).dropped.is_empty());
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(summary_json(&child)["complete"], true);
+}
