@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 mod launch;
+mod subject;
+use subject::{Part, Subject};
 mod process_tree;
 
 const EXAMPLES: &str = "\
@@ -35,6 +37,10 @@ struct Cli {
     /// In reports of Python programs, show only the Python frames of each stack.
     #[arg(long, global = true)]
     python_only: bool,
+    /// In reports on a process tree, report on this process alone (its pid, as `memtrack
+    /// summary` lists them). Default: the whole tree.
+    #[arg(long, global = true, value_name = "PID")]
+    pid: Option<u32>,
 }
 
 /// `--python-only`, for every report.
@@ -461,6 +467,7 @@ impl Drop for Progress {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     PYTHON_ONLY.store(cli.python_only, std::sync::atomic::Ordering::Relaxed);
+    let pid = cli.pid;
     let result = match cli.cmd {
         Cmd::Run {
             output,
@@ -480,36 +487,36 @@ fn main() -> ExitCode {
             limits,
             command,
         ),
-        Cmd::Check { file, limits, json } => cmd_check(&file, limits, json),
-        Cmd::Summary { file, json } => cmd_summary(&file, json).map(|()| 0),
+        Cmd::Check { file, limits, json } => cmd_check(&file, pid, limits, json),
+        Cmd::Summary { file, json } => cmd_summary(&file, pid, json).map(|()| 0),
         Cmd::Dump { file } => cmd_dump(&file).map(|()| 0),
-        Cmd::Stats { file, json } => cmd_stats(&file, json).map(|()| 0),
+        Cmd::Stats { file, json } => cmd_stats(&file, pid, json).map(|()| 0),
         Cmd::Tree {
             file,
             view,
             depth,
             min_percent,
-        } => cmd_tree(&file, view.view(), depth, min_percent).map(|()| 0),
-        Cmd::Plot { file, output } => cmd_plot(&file, output).map(|()| 0),
+        } => cmd_tree(&file, pid, view.view(), depth, min_percent).map(|()| 0),
+        Cmd::Plot { file, output } => cmd_plot(&file, pid, output).map(|()| 0),
         Cmd::Table {
             file,
             view,
             by,
             top,
             json,
-        } => cmd_table(&file, view.view(), by, top, json).map(|()| 0),
+        } => cmd_table(&file, pid, view.view(), by, top, json).map(|()| 0),
         Cmd::Flamegraph {
             file,
             view,
             inverted,
             output,
-        } => cmd_flamegraph(&file, view.view(), inverted, output).map(|()| 0),
+        } => cmd_flamegraph(&file, pid, view.view(), inverted, output).map(|()| 0),
         Cmd::Export {
             file,
             format,
             view,
             output,
-        } => cmd_export(&file, format, view.view(), output).map(|()| 0),
+        } => cmd_export(&file, pid, format, view.view(), output).map(|()| 0),
         Cmd::Diff {
             base,
             new,
@@ -521,6 +528,7 @@ fn main() -> ExitCode {
         } => cmd_diff(
             &base,
             &new,
+            pid,
             view.view(),
             format,
             output,
@@ -793,25 +801,41 @@ fn output_is_template_conflict(out: &Path) -> bool {
     out.to_string_lossy().matches("%p").count() > 1
 }
 
-fn cmd_summary(file: &Path, json: bool) -> Result<()> {
-    let cap = Capture::open(file)?;
-    let progress = Progress::start(&cap, json);
+fn cmd_summary(file: &Path, pid: Option<u32>, json: bool) -> Result<()> {
+    let mut subject = Subject::open(file, pid)?;
+    let cap = subject.main_capture();
+    let shown_file = cap.path().to_path_buf();
+    let progress = Progress::start(cap, json);
     // One replay gives the figures and what each stack held at the peak.
     let (r, stacks, errors) = cap.replay_into(memtrack_reader::Replay::tracking_sites(), u64::MAX);
     drop(progress);
     let s = cap.summarize(&r, errors);
     let view = memtrack_reader::ViewSites::new(View::Peak, r.peak_by_stack(), stacks);
-    let mut sym = symbolizer(&cap);
+    let mut sym = symbolizer(cap);
     let top = memtrack_reader::top_locations(&view, &mut sym, 5);
     warn(&sym.warnings);
+    let parent_pid = cap.header.parent_pid;
+    let chosen = cap.header.pid;
+    let children = if parent_pid == 0 && pid.is_none() {
+        memtrack_reader::child_captures(file)
+    } else {
+        Vec::new()
+    };
+    let shown_cap_warnings = cap.warnings.clone();
+    let _ = &shown_cap_warnings;
+    if !subject.tree.analyzed {
+        subject.tree.set_summary(s.clone());
+    }
+    let cap = subject.main_capture();
+    let tree = &subject.tree;
     if json {
         let mut v = serde_json::to_value(&s)?;
-        v["capture"] = serde_json::Value::String(file.display().to_string());
-        v["parent_pid"] = match cap.header.parent_pid {
+        v["capture"] = serde_json::Value::String(shown_file.display().to_string());
+        v["parent_pid"] = match parent_pid {
             0 => serde_json::Value::Null,
             p => p.into(),
         };
-        v["children"] = serde_json::to_value(memtrack_reader::child_captures(file))?;
+        v["children"] = serde_json::to_value(&children)?;
         v["top_peak_locations"] = serde_json::to_value(
             top.iter()
                 .map(|t| {
@@ -822,28 +846,25 @@ fn cmd_summary(file: &Path, json: bool) -> Result<()> {
                 })
                 .collect::<Vec<_>>(),
         )?;
+        v["processes"] = serde_json::to_value(tree.figures())?;
+        v["combined_peak_bytes"] = tree.combined_peak_bytes.into();
+        v["combined_peak_time_seconds"] = tree.seconds(tree.combined_peak_mono_ns).into();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    print_summary(file, &cap, &s);
-    let children = memtrack_reader::child_captures(file);
-    if cap.header.parent_pid != 0 {
-        println!("  forked from:    pid {}", cap.header.parent_pid);
+    print_summary(&shown_file, cap, &s);
+    if parent_pid != 0 {
+        println!("  forked from:    pid {parent_pid}");
     }
     if !children.is_empty() {
         println!(
-            "  children:       {} captures of forked processes",
-            children.len()
+            "  children:       {} captures of processes it started ({}.<pid>)",
+            children.len(),
+            file.display()
         );
-        for c in &children {
-            println!(
-                "    {} (pid {}, forked from {}): {}",
-                c.capture.display(),
-                c.pid,
-                c.parent_pid,
-                c.command
-            );
-        }
+    }
+    if tree.is_tree() {
+        print_tree_summary(tree, chosen);
     }
     if !top.is_empty() {
         println!("  top locations at the peak:");
@@ -857,6 +878,100 @@ fn cmd_summary(file: &Path, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The processes of a tree, the combined peak and what each held then; `chosen` is marked.
+fn print_tree_summary(tree: &memtrack_reader::ProcessTree, chosen: u32) {
+    let recorded = tree.processes.iter().filter(|p| p.has_capture()).count();
+    println!(
+        "  process tree:   {} process{} recorded{}",
+        recorded,
+        if recorded == 1 { "" } else { "es" },
+        match tree.processes.len() - recorded {
+            0 => String::new(),
+            n => format!(
+                ", and {n} short helper{} kept as figures",
+                if n == 1 { "" } else { "s" }
+            ),
+        }
+    );
+    println!(
+        "  combined peak:  {} at {:.3} s (the most all processes' heaps held at once)",
+        bytes(tree.combined_peak_bytes),
+        tree.seconds(tree.combined_peak_mono_ns)
+    );
+    println!(
+        "  {:>9} {:>9} {:>11} {:>11} {:>11}  command",
+        "pid", "parent", "peak", "at comb.pk", "leaked"
+    );
+    const ROWS: usize = 25;
+    let captured: Vec<&memtrack_reader::Process> =
+        tree.processes.iter().filter(|p| p.has_capture()).collect();
+    for p in captured.iter().take(ROWS) {
+        println!(
+            "{} {:>9} {:>9} {:>11} {:>11} {:>11}  {}",
+            if p.pid == chosen { " *" } else { "  " },
+            p.pid,
+            if p.parent_pid == 0 {
+                "-".to_string()
+            } else {
+                p.parent_pid.to_string()
+            },
+            human_bytes(p.summary.peak_bytes),
+            human_bytes(p.held_at_combined_peak),
+            human_bytes(p.summary.leaked_bytes),
+            p.command()
+        );
+    }
+    if captured.len() > ROWS {
+        let rest = &captured[ROWS..];
+        println!(
+            "    ... and {} more processes, peaks up to {} (memtrack summary --json lists them all)",
+            rest.len(),
+            human_bytes(rest.iter().map(|p| p.summary.peak_bytes).max().unwrap_or(0))
+        );
+    }
+    let helpers: Vec<&memtrack_reader::Process> =
+        tree.processes.iter().filter(|p| !p.has_capture()).collect();
+    if !helpers.is_empty() {
+        let mut names: Vec<(String, usize)> = Vec::new();
+        for h in &helpers {
+            let name = Path::new(h.argv.first().unwrap_or(&h.executable))
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match names.iter_mut().find(|(n, _)| *n == name) {
+                Some(e) => e.1 += 1,
+                None => names.push((name, 1)),
+            }
+        }
+        names.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let listed: Vec<String> = names
+            .iter()
+            .take(6)
+            .map(|(n, c)| {
+                if *c == 1 {
+                    n.clone()
+                } else {
+                    format!("{n} x{c}")
+                }
+            })
+            .collect();
+        println!(
+            "    + {} short helper{} ({}{}): peaks up to {}, not in the combined peak",
+            helpers.len(),
+            if helpers.len() == 1 { "" } else { "s" },
+            listed.join(", "),
+            if names.len() > 6 { ", ..." } else { "" },
+            human_bytes(
+                helpers
+                    .iter()
+                    .map(|p| p.summary.peak_bytes)
+                    .max()
+                    .unwrap_or(0)
+            )
+        );
+    }
 }
 
 fn bytes(n: u64) -> String {
@@ -995,30 +1110,40 @@ fn cmd_dump(file: &Path) -> Result<()> {
     Ok(())
 }
 
-/// A view as folded stacks.
-struct FoldedView {
-    cap: Capture,
-    lines: Vec<(String, u64)>,
-    total: u64,
+/// The parts' folded stacks, each below its process's root frame when there are several, with
+/// the symbolizers' warnings sent to stderr.
+fn folded_parts(parts: &[Part<'_>]) -> Vec<(String, u64)> {
+    let mut lines = Vec::new();
+    for part in parts {
+        let mut sym = symbolizer(part.cap);
+        let mut l = folded(&part.view, &mut sym);
+        warn(&sym.warnings);
+        if let Some(label) = &part.label {
+            let label = label.replace(';', ":");
+            for (path, _) in &mut l {
+                *path = format!("{label};{path}");
+            }
+        }
+        lines.extend(l);
+    }
+    lines.sort();
+    lines
 }
 
-/// A capture and one of its views, with a progress bar while the view is computed.
-fn open_view(file: &Path, view: View) -> Result<(Capture, memtrack_reader::ViewSites)> {
-    let cap = Capture::open(file)?;
-    let progress = Progress::start(&cap, false);
-    let v = cap.view(view);
+/// A report's view of its subject, with a progress bar while it is computed.
+fn subject_parts(subject: &Subject, view: View, with_max: bool, quiet: bool) -> Vec<Part<'_>> {
+    let progress = Progress::start(subject.main_capture(), quiet);
+    let parts = subject.parts(view, with_max);
     drop(progress);
-    Ok((cap, v))
+    parts
 }
 
-/// The view's folded stacks, with the symbolizer's warnings sent to stderr.
-fn folded_view(file: &Path, view: View) -> Result<FoldedView> {
-    let (cap, v) = open_view(file, view)?;
-    let mut sym = symbolizer(&cap);
-    let lines = folded(&v, &mut sym);
-    warn(&sym.warnings);
-    let total = v.bytes;
-    Ok(FoldedView { cap, lines, total })
+/// The view's words for a title: the peak of a tree is its combined peak.
+fn view_title(view: View, subject: &Subject) -> String {
+    match (view, subject.one()) {
+        (View::Peak, None) => "live at the combined peak".into(),
+        _ => view_words(view).into(),
+    }
 }
 
 /// Writes `bytes` to `output`, or to standard output when it is absent or `-`.
@@ -1034,31 +1159,63 @@ fn write_out(output: Option<&Path>, bytes: &[u8]) -> Result<()> {
 
 fn cmd_export(
     file: &Path,
+    pid: Option<u32>,
     format: ExportFormat,
     view: View,
     output: Option<PathBuf>,
 ) -> Result<()> {
+    let subject = Subject::open(file, pid)?;
     let bytes = match format {
         ExportFormat::Folded => {
-            let fv = folded_view(file, view)?;
+            let parts = subject_parts(&subject, view, false, true);
             let mut text = String::new();
-            for (path, bytes) in &fv.lines {
+            for (path, bytes) in folded_parts(&parts) {
                 text.push_str(&format!("{path} {bytes}\n"));
             }
             text.into_bytes()
         }
         ExportFormat::Pprof => {
-            let cap = Capture::open(file)?;
-            let mut sym = symbolizer(&cap);
-            let gz = memtrack_reader::pprof::profile_gz(&cap, view, &mut sym)?;
-            warn(&sym.warnings);
+            let parts = subject_parts(&subject, view, false, true);
+            let mut pieces = Vec::new();
+            let mut syms: Vec<Symbolizer> = parts.iter().map(|p| symbolizer(p.cap)).collect();
+            for (part, sym) in parts.iter().zip(syms.iter_mut()) {
+                pieces.push(memtrack_reader::pprof::Piece {
+                    cap: part.cap,
+                    inuse: &part.view,
+                    label: part.label.clone(),
+                    pid: part.process.pid,
+                    sym,
+                });
+            }
+            let gz = memtrack_reader::pprof::profile_gz_of(pieces)?;
+            for sym in &syms {
+                warn(&sym.warnings);
+            }
             gz
         }
         ExportFormat::Json => {
-            let cap = Capture::open(file)?;
-            let mut sym = symbolizer(&cap);
-            let v = memtrack_reader::export_view(&cap, view, &mut sym);
-            warn(&sym.warnings);
+            let parts = subject_parts(&subject, view, false, true);
+            let mut stacks = Vec::new();
+            for part in &parts {
+                let mut sym = symbolizer(part.cap);
+                let mut st = memtrack_reader::exported_stacks(&part.view, &mut sym);
+                warn(&sym.warnings);
+                if part.label.is_some() {
+                    for x in &mut st {
+                        x.pid = Some(part.process.pid);
+                        x.process = part.label.clone();
+                    }
+                }
+                stacks.extend(st);
+            }
+            stacks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.pid.cmp(&b.pid)));
+            let v = memtrack_reader::ExportedView {
+                capture: file.display().to_string(),
+                view: view.name(),
+                bytes: stacks.iter().map(|s| s.bytes).sum(),
+                allocations: stacks.iter().map(|s| s.allocations).sum(),
+                stacks,
+            };
             let mut text = serde_json::to_string_pretty(&v)?;
             text.push('\n');
             text.into_bytes()
@@ -1067,17 +1224,57 @@ fn cmd_export(
     write_out(output.as_deref(), &bytes)
 }
 
+#[allow(clippy::too_many_arguments)] // one per command-line option
 fn cmd_diff(
     base: &Path,
     new: &Path,
+    pid: Option<u32>,
     view: View,
     format: DiffFormat,
     output: Option<PathBuf>,
     limit: Option<Growth>,
     top: usize,
 ) -> Result<u8> {
-    let (cb, cn) = (Capture::open(base)?, Capture::open(new)?);
-    let d = memtrack_reader::diff(&cb, &cn, view);
+    // `--pid` picks a process of the new capture's tree; the base's tree is compared whole
+    // unless it has a process of the same command.
+    let (sb, sn) = (Subject::open(base, None)?, Subject::open(new, pid)?);
+    let sb = match sn.one() {
+        Some(p) if sb.tree.is_tree() => {
+            let same = sb
+                .tree
+                .processes
+                .iter()
+                .find(|q| q.has_capture() && q.name() == p.name())
+                .map(|q| q.pid);
+            match same {
+                Some(q) => Subject::open(base, Some(q))?,
+                None => sb,
+            }
+        }
+        _ => sb,
+    };
+    let (pb, pn) = (sb.parts(view, false), sn.parts(view, false));
+    let mut syms: Vec<Symbolizer> = pb
+        .iter()
+        .chain(pn.iter())
+        .map(|p| symbolizer(p.cap))
+        .collect();
+    let (syms_b, syms_n) = syms.split_at_mut(pb.len());
+    fn side<'a>(
+        parts: Vec<Part<'_>>,
+        syms: &'a mut [Symbolizer],
+    ) -> Vec<memtrack_reader::DiffSide<'a>> {
+        parts
+            .into_iter()
+            .zip(syms.iter_mut())
+            .map(|(p, sym)| memtrack_reader::DiffSide {
+                label: p.label.as_ref().map(|_| p.process.name()),
+                view: p.view,
+                sym,
+            })
+            .collect()
+    }
+    let d = memtrack_reader::diff_sides(side(pb, syms_b), side(pn, syms_n), view);
     warn(&d.warnings);
     match format {
         DiffFormat::Svg => {
@@ -1260,19 +1457,27 @@ fn write_diff_svg(
     Ok(())
 }
 
-fn cmd_flamegraph(file: &Path, view: View, inverted: bool, output: Option<PathBuf>) -> Result<()> {
-    let FoldedView { cap, lines, total } = folded_view(file, view)?;
+fn cmd_flamegraph(
+    file: &Path,
+    pid: Option<u32>,
+    view: View,
+    inverted: bool,
+    output: Option<PathBuf>,
+) -> Result<()> {
+    let subject = Subject::open(file, pid)?;
+    let parts = subject_parts(&subject, view, false, false);
+    let lines = folded_parts(&parts);
+    let total: u64 = parts.iter().map(|p| p.view.bytes).sum();
     let out = output.unwrap_or_else(|| {
-        let stem = file
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "memtrack".into());
-        file.with_file_name(format!("{stem}-{}.svg", view.name()))
+        file.with_file_name(format!("{}-{}.svg", subject.stem(file), view.name()))
     });
-    let what = view_words(view);
-    let command = cap.last_image().argv.join(" ");
+    let what = view_title(view, &subject);
     let mut opts = inferno::flamegraph::Options::default();
-    opts.title = format!("memtrack: {what}, {} ({command})", human_bytes(total));
+    opts.title = format!(
+        "memtrack: {what}, {} ({})",
+        human_bytes(total),
+        subject.about()
+    );
     opts.count_name = "bytes".into();
     opts.name_type = "Function:".into();
     opts.colors =
@@ -1306,19 +1511,39 @@ fn view_words(view: View) -> &'static str {
     }
 }
 
-fn cmd_table(file: &Path, view: View, by: By, top: usize, json: bool) -> Result<()> {
-    let cap = Capture::open(file)?;
-    let progress = Progress::start(&cap, json);
-    let v = cap.view_with_max(view);
-    drop(progress);
-    let mut sym = symbolizer(&cap);
+fn cmd_table(
+    file: &Path,
+    pid: Option<u32>,
+    view: View,
+    by: By,
+    top: usize,
+    json: bool,
+) -> Result<()> {
+    let subject = Subject::open(file, pid)?;
+    let parts = subject_parts(&subject, view, true, json);
     let group = match by {
         By::Function => GroupBy::Function,
         By::Line => GroupBy::Line,
         By::Stack => GroupBy::Stack,
     };
-    let mut rows = table(&v, &mut sym, group);
-    warn(&sym.warnings);
+    let mut rows = Vec::new();
+    for part in &parts {
+        let mut sym = symbolizer(part.cap);
+        let mut r = table(&part.view, &mut sym, group);
+        warn(&sym.warnings);
+        if part.label.is_some() {
+            for row in &mut r {
+                row.pid = Some(part.process.pid);
+            }
+        }
+        rows.extend(r);
+    }
+    rows.sort_by(|a, b| {
+        b.total_bytes
+            .cmp(&a.total_bytes)
+            .then(a.pid.cmp(&b.pid))
+            .then(a.function.cmp(&b.function))
+    });
     rows.truncate(top);
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -1327,19 +1552,33 @@ fn cmd_table(file: &Path, view: View, by: By, top: usize, json: bool) -> Result<
     println!(
         "memtrack table of {}: {}, {} in {} allocations",
         file.display(),
-        view_words(view),
-        bytes(v.bytes),
-        grouped(v.allocations)
+        view_title(view, &subject),
+        bytes(parts.iter().map(|p| p.view.bytes).sum()),
+        grouped(parts.iter().map(|p| p.view.allocations).sum())
     );
+    if parts.len() > 1 {
+        println!("  processes:");
+        for part in &parts {
+            println!(
+                "    pid {:<8} {:>11}  {}",
+                part.process.pid,
+                human_bytes(part.view.bytes),
+                part.process.command()
+            );
+        }
+    }
     println!(
         "{:>12} {:>12} {:>12} {:>9}  Location",
         "Total", "Max", "Avg", "Count"
     );
     for r in &rows {
-        let location = match by {
+        let mut location = match by {
             By::Stack => r.stack.join(" <- "),
             _ => location_label(&r.function, r.file.as_deref(), r.line),
         };
+        if let Some(pid) = r.pid {
+            location = format!("[pid {pid}] {location}");
+        }
         println!(
             "{:>12} {:>12} {:>12} {:>9}  {location}",
             human_bytes(r.total_bytes),
@@ -1351,12 +1590,19 @@ fn cmd_table(file: &Path, view: View, by: By, top: usize, json: bool) -> Result<
     Ok(())
 }
 
-fn cmd_stats(file: &Path, json: bool) -> Result<()> {
-    let cap = Capture::open(file)?;
-    let progress = Progress::start(&cap, json);
+fn cmd_stats(file: &Path, pid: Option<u32>, json: bool) -> Result<()> {
+    let subject = Subject::open(file, pid)?;
+    let cap = subject.main_capture();
+    if subject.one().is_none() && !json {
+        eprintln!(
+            "memtrack: stats of the launched process {}; --pid PID for another process of the tree",
+            subject.tree.root().label()
+        );
+    }
+    let progress = Progress::start(cap, json);
     let st = cap.stats();
     drop(progress);
-    let mut sym = symbolizer(&cap);
+    let mut sym = symbolizer(cap);
     let mut by_count = table(&st.allocated, &mut sym, GroupBy::Function);
     let by_bytes: Vec<_> = by_count.iter().take(5).cloned().collect();
     by_count.sort_by(|a, b| {
@@ -1369,7 +1615,8 @@ fn cmd_stats(file: &Path, json: bool) -> Result<()> {
     warn(&sym.warnings);
     if json {
         let v = serde_json::json!({
-            "capture": file.display().to_string(),
+            "capture": cap.path().display().to_string(),
+            "pid": cap.header.pid,
             "total_allocations": st.allocated.allocations,
             "total_bytes": st.allocated.bytes,
             "histogram": st.histogram,
@@ -1383,7 +1630,7 @@ fn cmd_stats(file: &Path, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("memtrack stats of {}", file.display());
+    println!("memtrack stats of {}", cap.path().display());
     println!(
         "  {} allocations, {} requested; {} temporary ({})",
         grouped(st.allocated.allocations),
@@ -1447,18 +1694,16 @@ fn cmd_stats(file: &Path, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn cmd_plot(file: &Path, output: Option<PathBuf>) -> Result<()> {
-    let cap = Capture::open(file)?;
-    let progress = Progress::start(&cap, false);
-    let plot = cap.plot();
+fn cmd_plot(file: &Path, pid: Option<u32>, output: Option<PathBuf>) -> Result<()> {
+    let subject = Subject::open(file, pid)?;
+    let progress = Progress::start(subject.main_capture(), false);
+    let plot = match subject.one() {
+        Some(_) => subject.main_capture().plot(),
+        None => subject.tree.plot(),
+    };
     drop(progress);
-    let out = output.unwrap_or_else(|| {
-        let stem = file
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "memtrack".into());
-        file.with_file_name(format!("{stem}-plot.svg"))
-    });
+    let out =
+        output.unwrap_or_else(|| file.with_file_name(format!("{}-plot.svg", subject.stem(file))));
     std::fs::write(&out, plot.svg).with_context(|| format!("cannot write {}", out.display()))?;
     eprintln!(
         "memtrack: heap over time written to {} (peak {} at {:.3} s)",
@@ -1469,30 +1714,65 @@ fn cmd_plot(file: &Path, output: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn cmd_tree(file: &Path, view: View, depth: usize, min_percent: f64) -> Result<()> {
-    let (cap, v) = open_view(file, view)?;
-    let mut sym = symbolizer(&cap);
-    let tree = call_tree(&v, &mut sym);
-    warn(&sym.warnings);
+fn cmd_tree(
+    file: &Path,
+    pid: Option<u32>,
+    view: View,
+    depth: usize,
+    min_percent: f64,
+) -> Result<()> {
+    let subject = Subject::open(file, pid)?;
+    let parts = subject_parts(&subject, view, false, false);
+    let mut root = memtrack_reader::TreeNode {
+        name: "[all]".into(),
+        ..Default::default()
+    };
+    for part in &parts {
+        let mut sym = symbolizer(part.cap);
+        let mut t = call_tree(&part.view, &mut sym);
+        warn(&sym.warnings);
+        match &part.label {
+            None => root.children.append(&mut t.children),
+            Some(label) => {
+                t.name = label.clone();
+                root.children.push(t);
+            }
+        }
+        root.bytes += part.view.bytes;
+        root.allocations += part.view.allocations;
+    }
+    root.children
+        .sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.name.cmp(&b.name)));
     println!(
         "memtrack tree of {}: {}, {} in {} allocations",
         file.display(),
-        view_words(view),
-        bytes(v.bytes),
-        grouped(v.allocations)
+        view_title(view, &subject),
+        bytes(root.bytes),
+        grouped(root.allocations)
     );
     println!("{:>8} {:>11} {:>10}  call path", "share", "bytes", "count");
-    print!("{}", render_tree(&tree, depth, min_percent / 100.0));
+    print!("{}", render_tree(&root, depth, min_percent / 100.0));
     Ok(())
 }
 
-fn cmd_check(file: &Path, limits: Limits, json: bool) -> Result<u8> {
-    check_report(file, limits, json, &mut std::io::stdout().lock())
+fn cmd_check(file: &Path, pid: Option<u32>, limits: Limits, json: bool) -> Result<u8> {
+    check_report_for(file, pid, limits, json, &mut std::io::stdout().lock())
+}
+
+/// Checks the budgets of the whole tree and writes the report to `out`.
+fn check_report(
+    file: &Path,
+    limits: Limits,
+    json: bool,
+    out: &mut dyn std::io::Write,
+) -> Result<u8> {
+    check_report_for(file, None, limits, json, out)
 }
 
 /// Checks the budgets and writes the report to `out`; returns the exit code (0 held, 1 exceeded).
-fn check_report(
+fn check_report_for(
     file: &Path,
+    pid: Option<u32>,
     limits: Limits,
     json: bool,
     out: &mut dyn std::io::Write,
@@ -1500,7 +1780,8 @@ fn check_report(
     if !limits.any() {
         bail!("no limit given: use --max-peak, --max-leaked, --max-leaked-allocations, --max-allocations or --max-total");
     }
-    let cap = Capture::open(file)?;
+    let subject = Subject::open(file, pid)?;
+    let cap = subject.main_capture();
     let budget = memtrack_reader::Budget {
         max_peak: limits.max_peak,
         max_leaked: limits.max_leaked,
@@ -1508,22 +1789,47 @@ fn check_report(
         max_allocations: limits.max_allocations,
         max_total: limits.max_total,
     };
-    let progress = Progress::start(&cap, json);
-    let mut sym = symbolizer(&cap);
-    let results = cap.check(&budget, &mut sym);
+    let progress = Progress::start(cap, json);
+    let (results, complete) = match subject.one() {
+        Some(_) => {
+            let mut sym = symbolizer(cap);
+            let r = cap.check(&budget, &mut sym);
+            warn(&sym.warnings);
+            (r, cap.complete())
+        }
+        None => (
+            subject.tree.check(&budget, symbolizer),
+            subject.tree.processes.iter().all(|p| p.summary.complete),
+        ),
+    };
     drop(progress);
-    warn(&sym.warnings);
     let exceeded = results.iter().filter(|r| r.exceeded).count();
     if json {
         let v = serde_json::json!({
             "capture": file.display().to_string(),
             "ok": exceeded == 0,
-            "complete": cap.complete(),
+            "complete": complete,
+            "pid": subject.one().map(|p| p.pid),
+            "processes": subject.tree.processes.len(),
             "limits": results,
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
-        writeln!(out, "memtrack check of {}", file.display())?;
+        match subject.one() {
+            Some(p) if subject.is_one_of_many() => writeln!(
+                out,
+                "memtrack check of {}, process {}",
+                file.display(),
+                p.label()
+            )?,
+            Some(_) => writeln!(out, "memtrack check of {}", file.display())?,
+            None => writeln!(
+                out,
+                "memtrack check of {}: {} processes, their combined peak and the sums of the rest",
+                file.display(),
+                subject.tree.processes.len()
+            )?,
+        }
         for r in &results {
             let show = |n: u64| {
                 if r.unit == "bytes" {
@@ -1541,19 +1847,29 @@ fn check_report(
                 show(r.limit),
                 if r.exceeded { "EXCEEDED" } else { "ok" }
             )?;
+            for p in &r.processes {
+                writeln!(
+                    out,
+                    "      pid {}: {}  {}",
+                    p.pid,
+                    show(p.measured),
+                    p.command
+                )?;
+            }
             for c in &r.top {
                 let frames: Vec<&str> = c.frames.iter().take(10).map(String::as_str).collect();
                 writeln!(
                     out,
-                    "      {} in {} allocations: {}{}",
+                    "      {} in {} allocations{}: {}{}",
                     human_bytes(c.bytes),
                     grouped(c.allocations),
+                    c.pid.map(|p| format!(" [pid {p}]")).unwrap_or_default(),
                     frames.join(" <- "),
                     if c.frames.len() > 10 { " <- ..." } else { "" }
                 )?;
             }
         }
-        if !cap.complete() {
+        if !complete {
             writeln!(out, "  note: the capture is incomplete (the process was killed); figures cover what was recorded")?;
         }
         writeln!(

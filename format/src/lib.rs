@@ -131,7 +131,12 @@ impl DroppedRecord {
         let mut b = Vec::new();
         put_uvarint(&mut b, self.processes.len() as u64);
         for p in &self.processes {
-            for v in [p.pid as u64, p.parent_pid as u64, p.start_mono_ns, p.end_mono_ns] {
+            for v in [
+                p.pid as u64,
+                p.parent_pid as u64,
+                p.start_mono_ns,
+                p.end_mono_ns,
+            ] {
                 put_uvarint(&mut b, v);
             }
             put_bytes(&mut b, p.executable.as_bytes());

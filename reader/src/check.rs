@@ -24,6 +24,19 @@ pub struct Contributor {
     pub allocations: u64,
     /// Innermost (the allocating function) first, as `function (file:line)`.
     pub frames: Vec<String>,
+    /// In a process tree: the process whose stack it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+}
+
+/// In a process tree: one process's share of a limit's figure.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ProcessShare {
+    pub pid: u32,
+    pub command: String,
+    pub measured: u64,
 }
 
 /// One checked limit.
@@ -38,6 +51,9 @@ pub struct LimitResult {
     pub exceeded: bool,
     /// The three stacks that contribute most, when exceeded.
     pub top: Vec<Contributor>,
+    /// In a process tree, when exceeded: the processes that contribute most, largest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessShare>,
 }
 
 fn top3(
@@ -70,8 +86,114 @@ fn top3(
                 .rev()
                 .map(crate::views::describe)
                 .collect(),
+            pid: None,
+            process: None,
         })
         .collect()
+}
+
+/// The limits as results, `measured` filled in by `figure(name)`.
+fn limits(budget: &Budget, figure: impl Fn(&str) -> u64) -> Vec<LimitResult> {
+    [
+        ("max_peak", "bytes", budget.max_peak),
+        ("max_leaked", "bytes", budget.max_leaked),
+        (
+            "max_leaked_allocations",
+            "allocations",
+            budget.max_leaked_allocations,
+        ),
+        ("max_allocations", "allocations", budget.max_allocations),
+        ("max_total", "bytes", budget.max_total),
+    ]
+    .into_iter()
+    .filter_map(|(name, unit, limit)| {
+        let limit = limit?;
+        let measured = figure(name);
+        Some(LimitResult {
+            name,
+            unit,
+            limit,
+            measured,
+            exceeded: measured > limit,
+            top: Vec::new(),
+            processes: Vec::new(),
+        })
+    })
+    .collect()
+}
+
+impl crate::ProcessTree {
+    /// Checks `budget` against the combined figures of the tree: the combined peak, and the
+    /// sums of leaks and totals over its processes. An exceeded limit names the processes that
+    /// contribute most and the three largest stacks among them. `symbolizer` makes the
+    /// symbolizer of a process's capture.
+    pub fn check(
+        &self,
+        budget: &Budget,
+        mut symbolizer: impl FnMut(&Capture) -> Symbolizer,
+    ) -> Vec<LimitResult> {
+        let (leaked, leaked_n, total_n, total) = self.totals();
+        let mut out = limits(budget, |name| match name {
+            "max_peak" => self.combined_peak_bytes,
+            "max_leaked" => leaked,
+            "max_leaked_allocations" => leaked_n,
+            "max_allocations" => total_n,
+            _ => total,
+        });
+        let mut syms: Vec<Option<Symbolizer>> = self.processes.iter().map(|_| None).collect();
+        for l in out.iter_mut().filter(|l| l.exceeded) {
+            let by_count = l.unit == "allocations";
+            let (view, share): (View, fn(&crate::Process) -> u64) = match l.name {
+                "max_peak" => (View::Peak, |p| p.held_at_combined_peak),
+                "max_leaked" => (View::Leaks, |p| p.summary.leaked_bytes),
+                "max_leaked_allocations" => (View::Leaks, |p| p.summary.leaked_allocations),
+                "max_allocations" => (View::Allocated, |p| p.summary.total_allocations),
+                _ => (View::Allocated, |p| p.summary.total_bytes),
+            };
+            let mut shares: Vec<ProcessShare> = self
+                .processes
+                .iter()
+                .map(|p| ProcessShare {
+                    pid: p.pid,
+                    command: p.command(),
+                    measured: share(p),
+                })
+                .filter(|s| s.measured > 0)
+                .collect();
+            shares.sort_by(|a, b| b.measured.cmp(&a.measured).then(a.pid.cmp(&b.pid)));
+            shares.truncate(5);
+            l.processes = shares;
+            let mut top = Vec::new();
+            for (i, v) in self.views(view, false) {
+                let p = &self.processes[i];
+                let cap = p.capture.as_ref().expect("views come from captures");
+                let sym = syms[i].get_or_insert_with(|| symbolizer(cap));
+                top.extend(
+                    top3(&v.sites, &v.stacks, sym, by_count)
+                        .into_iter()
+                        .map(|c| Contributor {
+                            pid: Some(p.pid),
+                            process: Some(p.label()),
+                            ..c
+                        }),
+                );
+            }
+            top.sort_by(|a, b| {
+                if by_count {
+                    b.allocations
+                        .cmp(&a.allocations)
+                        .then(b.bytes.cmp(&a.bytes))
+                } else {
+                    b.bytes
+                        .cmp(&a.bytes)
+                        .then(b.allocations.cmp(&a.allocations))
+                }
+            });
+            top.truncate(3);
+            l.top = top;
+        }
+        out
+    }
 }
 
 impl Capture {
@@ -80,34 +202,13 @@ impl Capture {
     pub fn check(&self, budget: &Budget, sym: &mut Symbolizer) -> Vec<LimitResult> {
         let (r, stacks, errors) = self.replay_into(Replay::tracking_sites(), u64::MAX);
         let s = self.summarize(&r, errors);
-        let mut out = Vec::new();
-        let mut push = |name, unit, limit: Option<u64>, measured: u64| {
-            if let Some(limit) = limit {
-                out.push(LimitResult {
-                    name,
-                    unit,
-                    limit,
-                    measured,
-                    exceeded: measured > limit,
-                    top: Vec::new(),
-                });
-            }
-        };
-        push("max_peak", "bytes", budget.max_peak, s.peak_bytes);
-        push("max_leaked", "bytes", budget.max_leaked, s.leaked_bytes);
-        push(
-            "max_leaked_allocations",
-            "allocations",
-            budget.max_leaked_allocations,
-            s.leaked_allocations,
-        );
-        push(
-            "max_allocations",
-            "allocations",
-            budget.max_allocations,
-            s.total_allocations,
-        );
-        push("max_total", "bytes", budget.max_total, s.total_bytes);
+        let mut out = limits(budget, |name| match name {
+            "max_peak" => s.peak_bytes,
+            "max_leaked" => s.leaked_bytes,
+            "max_leaked_allocations" => s.leaked_allocations,
+            "max_allocations" => s.total_allocations,
+            _ => s.total_bytes,
+        });
         let mut allocated = None;
         for l in out.iter_mut().filter(|l| l.exceeded) {
             let by_count = l.unit == "allocations";

@@ -2,7 +2,7 @@
 //! location. Stacks are matched by their symbolized frames (function names), never by
 //! addresses: two runs load their code at different addresses.
 
-use crate::views::{folded, table, GroupBy, TableRow, View};
+use crate::views::{folded, table, GroupBy, TableRow, View, ViewSites};
 use crate::{Capture, Symbolizer};
 use std::collections::BTreeMap;
 
@@ -76,16 +76,48 @@ fn change(before: u64, after: u64) -> u64 {
     before.abs_diff(after)
 }
 
+/// One process's view on one side of a diff; `label` (the process's command, without its pid,
+/// so that two runs match) is put above its stacks when a side spans processes.
+pub struct DiffSide<'a> {
+    pub label: Option<String>,
+    pub view: ViewSites,
+    pub sym: &'a mut Symbolizer,
+}
+
 /// Compares `view` of `base` and `new`.
 pub fn diff(base: &Capture, new: &Capture, view: View) -> Diff {
-    let (vb, vn) = (base.view(view), new.view(view));
     let (mut sb, mut sn) = (Symbolizer::new(base), Symbolizer::new(new));
+    let b = DiffSide {
+        label: None,
+        view: base.view(view),
+        sym: &mut sb,
+    };
+    let n = DiffSide {
+        label: None,
+        view: new.view(view),
+        sym: &mut sn,
+    };
+    diff_sides(vec![b], vec![n], view)
+}
+
+/// Compares two sides, each one or more processes' views.
+pub fn diff_sides<'a>(mut base: Vec<DiffSide<'a>>, mut new: Vec<DiffSide<'a>>, view: View) -> Diff {
     let mut stacks: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for (s, b) in folded(&vb, &mut sb) {
-        stacks.entry(s).or_default().0 += b;
-    }
-    for (s, b) in folded(&vn, &mut sn) {
-        stacks.entry(s).or_default().1 += b;
+    for (sides, after) in [(&mut base, false), (&mut new, true)] {
+        for side in sides.iter_mut() {
+            for (s, b) in folded(&side.view, side.sym) {
+                let s = match &side.label {
+                    Some(l) => format!("{};{s}", l.replace(';', ":")),
+                    None => s,
+                };
+                let e = stacks.entry(s).or_default();
+                if after {
+                    e.1 += b;
+                } else {
+                    e.0 += b;
+                }
+            }
+        }
     }
     let mut stacks: Vec<DiffStack> = stacks
         .into_iter()
@@ -103,11 +135,15 @@ pub fn diff(base: &Capture, new: &Capture, view: View) -> Diff {
 
     let key = |r: &TableRow| (r.function.clone(), r.file.clone(), r.line);
     let mut rows: BTreeMap<LocationKey, (u64, u64)> = BTreeMap::new();
-    for r in table(&vb, &mut sb, GroupBy::Line) {
-        rows.entry(key(&r)).or_default().0 += r.total_bytes;
+    for side in base.iter_mut() {
+        for r in table(&side.view, side.sym, GroupBy::Line) {
+            rows.entry(key(&r)).or_default().0 += r.total_bytes;
+        }
     }
-    for r in table(&vn, &mut sn, GroupBy::Line) {
-        rows.entry(key(&r)).or_default().1 += r.total_bytes;
+    for side in new.iter_mut() {
+        for r in table(&side.view, side.sym, GroupBy::Line) {
+            rows.entry(key(&r)).or_default().1 += r.total_bytes;
+        }
     }
     let mut locations: Vec<DiffRow> = rows
         .into_iter()
@@ -126,14 +162,23 @@ pub fn diff(base: &Capture, new: &Capture, view: View) -> Diff {
             .cmp(&change(a.before, a.after))
             .then(a.function.cmp(&b.function))
     });
-    let mut warnings = sb.warnings.clone();
-    warnings.extend(sn.warnings.iter().cloned());
+    let mut warnings: Vec<String> = Vec::new();
+    for side in base.iter().chain(new.iter()) {
+        for w in &side.sym.warnings {
+            if !warnings.contains(w) {
+                warnings.push(w.clone());
+            }
+        }
+    }
+    let sum = |sides: &[DiffSide<'_>], f: fn(&ViewSites) -> u64| -> u64 {
+        sides.iter().map(|s| f(&s.view)).sum()
+    };
     Diff {
         view: view.name(),
-        before_bytes: vb.bytes,
-        after_bytes: vn.bytes,
-        before_allocations: vb.allocations,
-        after_allocations: vn.allocations,
+        before_bytes: sum(&base, |v| v.bytes),
+        after_bytes: sum(&new, |v| v.bytes),
+        before_allocations: sum(&base, |v| v.allocations),
+        after_allocations: sum(&new, |v| v.allocations),
         stacks,
         locations,
         warnings,

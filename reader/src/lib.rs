@@ -30,9 +30,11 @@ mod tree;
 mod views;
 
 pub use capture::{Capture, ChunkRef, Event, EventKind, ReadError, Warning};
-pub use check::{Budget, Contributor, LimitResult};
-pub use diff::{diff, Diff, DiffRow, DiffStack};
-pub use family::{child_captures, ChildCapture};
+pub use check::{Budget, Contributor, LimitResult, ProcessShare};
+pub use diff::{diff, diff_sides, Diff, DiffRow, DiffSide, DiffStack};
+pub use family::{
+    child_captures, shell_command, shell_quote, ChildCapture, Process, ProcessFigures, ProcessTree,
+};
 pub use memtrack_format::chunk::Compact;
 pub use memtrack_format::{AllocKind, DroppedProcess, EndReason, Header, Module, ModulesRecord};
 pub use plot::Plot;
@@ -42,8 +44,8 @@ pub use stats::{Bucket, KindStat, Stats};
 pub use symbols::{for_each_frame, stack_frames, Frame, Symbolizer};
 pub use tree::{call_tree, render_tree, TreeNode};
 pub use views::{
-    export_view, folded, table, top_locations, ExportedStack, ExportedView, GroupBy, TableRow,
-    View, ViewSites,
+    export_view, exported_stacks, folded, table, top_locations, ExportedStack, ExportedView,
+    GroupBy, TableRow, View, ViewSites,
 };
 
 /// `1234567` -> `1,234,567`.

@@ -39,116 +39,265 @@ impl Capture {
         let span = if by_event { max_seq } else { end.max(1) };
         let (r, _, _) = self.replay_into(Replay::sampling(POINTS, span, by_event), u64::MAX);
         let peak = r.peak_bytes;
-        let (w, h, left, right, top, bottom) = (1000.0f64, 420.0f64, 90.0, 20.0, 50.0, 50.0);
-        let pw = w - left - right;
-        let ph = h - top - bottom;
-        let scale = if peak == 0 { 1.0 } else { ph / peak as f64 };
-        let mut points = String::new();
+        let mut points = Vec::with_capacity(POINTS);
         let mut carry = 0u64;
         for i in 0..POINTS {
-            let v = match r.series_last[i] {
+            points.push(match r.series_last[i] {
                 Some(last) => {
                     let v = r.series[i].max(carry);
                     carry = last;
                     v
                 }
                 None => carry,
-            };
-            let x = left + pw * (i as f64 + 0.5) / POINTS as f64;
-            let y = top + ph - v as f64 * scale;
-            points.push_str(&format!("{x:.1},{y:.1} "));
+            });
         }
-        let peak_x = if by_event {
-            left + pw * r.peak_seq as f64 / span as f64
+        let peak_frac = if by_event {
+            r.peak_seq as f64 / span as f64
         } else {
-            left + pw * r.peak_time as f64 / span as f64
+            r.peak_time as f64 / span as f64
         };
         let peak_seconds = self.seconds(r.peak_time);
-        let command = self.last_image().argv.join(" ");
         let x_end = if by_event {
             format!("{} events", r.events)
         } else {
             format!("{:.3} s", self.seconds(end))
         };
-        let label = format!(
-            "peak {} ({} bytes) at {:.3} s",
-            human_bytes(peak),
-            grouped(peak),
-            peak_seconds
+        let svg = chart(
+            &format!(
+                "memtrack: heap in use over time ({})",
+                self.last_image().argv.join(" ")
+            ),
+            &[(String::new(), "#c0392b", points)],
+            peak,
+            peak_frac,
+            &format!(
+                "peak {} ({} bytes) at {:.3} s",
+                human_bytes(peak),
+                grouped(peak),
+                peak_seconds
+            ),
+            &x_end,
         );
-        let anchor = if peak_x > left + pw * 0.6 {
-            "end"
-        } else {
-            "start"
-        };
-        let mut svg = String::new();
-        svg.push_str(&format!(
-            "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"Verdana, sans-serif\" font-size=\"12\">\n"
-        ));
-        svg.push_str(&format!(
-            "<rect width=\"{w}\" height=\"{h}\" fill=\"#fdfdf8\"/>\n"
-        ));
-        svg.push_str(&format!(
-            "<text x=\"{}\" y=\"24\" font-size=\"16\" text-anchor=\"middle\">memtrack: heap in use over time ({})</text>\n",
-            w / 2.0,
-            esc(&command)
-        ));
-        // axes and grid
-        for k in 0..=4 {
-            let v = peak as f64 * k as f64 / 4.0;
-            let y = top + ph - v * scale;
-            svg.push_str(&format!(
-                "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\n",
-                left + pw
-            ));
-            svg.push_str(&format!(
-                "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
-                left - 6.0,
-                y + 4.0,
-                human_bytes(v as u64)
-            ));
-        }
-        svg.push_str(&format!(
-            "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"#333\"/>\n<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#333\"/>\n",
-            top + ph,
-            left + pw
-        ));
-        svg.push_str(&format!(
-            "<text x=\"{left}\" y=\"{}\">0</text>\n",
-            top + ph + 18.0
-        ));
-        svg.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{x_end}</text>\n",
-            left + pw,
-            top + ph + 18.0
-        ));
-        svg.push_str(&format!(
-            "<polyline fill=\"none\" stroke=\"#c0392b\" stroke-width=\"1.5\" points=\"{}\"/>\n",
-            points.trim_end()
-        ));
-        // the peak
-        svg.push_str(&format!(
-            "<line x1=\"{peak_x:.1}\" y1=\"{top}\" x2=\"{peak_x:.1}\" y2=\"{}\" stroke=\"#2c3e50\" stroke-dasharray=\"4 3\"/>\n",
-            top + ph
-        ));
-        svg.push_str(&format!(
-            "<circle cx=\"{peak_x:.1}\" cy=\"{top}\" r=\"4\" fill=\"#2c3e50\"/>\n"
-        ));
-        let lx = if anchor == "end" {
-            peak_x - 8.0
-        } else {
-            peak_x + 8.0
-        };
-        svg.push_str(&format!(
-            "<text x=\"{lx:.1}\" y=\"{}\" text-anchor=\"{anchor}\" font-weight=\"bold\">{}</text>\n",
-            top + 4.0,
-            esc(&label)
-        ));
-        svg.push_str("</svg>\n");
         Plot {
             svg,
             peak_bytes: peak,
             peak_seconds,
         }
     }
+}
+
+/// Colours of the processes' lines in a tree's chart, after the combined line's.
+const PROCESS_COLOURS: [&str; 5] = ["#2980b9", "#27ae60", "#8e44ad", "#d35400", "#7f8c8d"];
+
+impl crate::ProcessTree {
+    /// The combined heap of the tree over time, and the five processes that held most at the
+    /// combined peak, each as a line; the combined peak marked.
+    pub fn plot(&self) -> Plot {
+        const POINTS: usize = 1000;
+        let start = self.root().start_mono_ns;
+        let end = self
+            .processes
+            .iter()
+            .map(|p| p.end_mono_ns)
+            .max()
+            .unwrap_or(start)
+            .max(start + 1);
+        let span = (end - start) as f64;
+        let bin = |ns: u64| {
+            (((ns.saturating_sub(start)) as f64 / span * POINTS as f64) as usize).min(POINTS - 1)
+        };
+        let mut combined = vec![0u64; POINTS];
+        let mut shown: Vec<(usize, Vec<u64>)> = Vec::new();
+        let mut order: Vec<usize> = (0..self.processes.len())
+            .filter(|&i| self.processes[i].capture.is_some())
+            .collect();
+        order.sort_by(|&a, &b| {
+            self.processes[b]
+                .held_at_combined_peak
+                .cmp(&self.processes[a].held_at_combined_peak)
+                .then(a.cmp(&b))
+        });
+        for (rank, &i) in order.iter().enumerate() {
+            let p = &self.processes[i];
+            let cap = p.capture.as_ref().expect("filtered on captures");
+            let unit = cap.header.clock_unit_ns.max(1);
+            // Per slice: the most live in it, and what was live after its last event.
+            let mut most: Vec<Option<(u64, u64)>> = vec![None; POINTS];
+            cap.replay_with(crate::Replay::new(), u64::MAX, |r, ev| {
+                let k = bin(p.start_mono_ns + ev.time * unit);
+                let e = most[k].get_or_insert((0, 0));
+                e.0 = e.0.max(r.live_bytes);
+                e.1 = r.live_bytes;
+            });
+            let last = if p.summary.complete {
+                bin(p.end_mono_ns)
+            } else {
+                POINTS
+            };
+            let mut values = vec![0u64; POINTS];
+            let mut carry = 0u64;
+            for k in bin(p.start_mono_ns)..POINTS {
+                let v = match most[k] {
+                    Some((m, l)) => {
+                        let v = m.max(carry);
+                        carry = l;
+                        v
+                    }
+                    None => carry,
+                };
+                if k > last {
+                    break;
+                }
+                values[k] = v;
+            }
+            for (c, v) in combined.iter_mut().zip(&values) {
+                *c += v;
+            }
+            if rank < PROCESS_COLOURS.len() {
+                shown.push((i, values));
+            }
+        }
+        let peak = self
+            .combined_peak_bytes
+            .max(combined.iter().copied().max().unwrap_or(0));
+        let peak_seconds = self.seconds(self.combined_peak_mono_ns);
+        let mut lines = vec![("all processes".to_string(), "#c0392b", combined)];
+        for (k, (i, values)) in shown.into_iter().enumerate() {
+            lines.push((self.processes[i].label(), PROCESS_COLOURS[k], values));
+        }
+        let svg = chart(
+            &format!(
+                "memtrack: heap in use over time, {} processes ({})",
+                self.processes.len(),
+                self.root().command()
+            ),
+            &lines,
+            peak,
+            peak_seconds * 1e9 / span,
+            &format!(
+                "combined peak {} ({} bytes) at {:.3} s",
+                human_bytes(self.combined_peak_bytes),
+                grouped(self.combined_peak_bytes),
+                peak_seconds
+            ),
+            &format!("{:.3} s", span / 1e9),
+        );
+        Plot {
+            svg,
+            peak_bytes: self.combined_peak_bytes,
+            peak_seconds,
+        }
+    }
+}
+
+/// Draws lines of values (one per slice of time) on one chart, `peak` at its top, the peak
+/// marked at `peak_frac` of the time axis; named lines get a legend.
+fn chart(
+    title: &str,
+    lines: &[(String, &str, Vec<u64>)],
+    peak: u64,
+    peak_frac: f64,
+    peak_label: &str,
+    x_end: &str,
+) -> String {
+    let (w, h, left, right, top, bottom) = (1000.0f64, 420.0f64, 90.0, 20.0, 50.0, 50.0);
+    let legend = lines.iter().filter(|l| !l.0.is_empty()).count();
+    let h = h + 18.0 * legend as f64;
+    let pw = w - left - right;
+    let ph = 420.0 - top - bottom;
+    let scale = if peak == 0 { 1.0 } else { ph / peak as f64 };
+    let peak_x = left + pw * peak_frac.clamp(0.0, 1.0);
+    let label = peak_label.to_string();
+    let command = title.to_string();
+    let anchor = if peak_x > left + pw * 0.6 {
+        "end"
+    } else {
+        "start"
+    };
+    let mut svg = String::new();
+    svg.push_str(&format!(
+            "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\" font-family=\"Verdana, sans-serif\" font-size=\"12\">\n"
+        ));
+    svg.push_str(&format!(
+        "<rect width=\"{w}\" height=\"{h}\" fill=\"#fdfdf8\"/>\n"
+    ));
+    svg.push_str(&format!(
+        "<text x=\"{}\" y=\"24\" font-size=\"16\" text-anchor=\"middle\">{}</text>\n",
+        w / 2.0,
+        esc(&command)
+    ));
+    // axes and grid
+    for k in 0..=4 {
+        let v = peak as f64 * k as f64 / 4.0;
+        let y = top + ph - v * scale;
+        svg.push_str(&format!(
+            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\n",
+            left + pw
+        ));
+        svg.push_str(&format!(
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
+            left - 6.0,
+            y + 4.0,
+            human_bytes(v as u64)
+        ));
+    }
+    svg.push_str(&format!(
+            "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"#333\"/>\n<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#333\"/>\n",
+            top + ph,
+            left + pw
+        ));
+    svg.push_str(&format!(
+        "<text x=\"{left}\" y=\"{}\">0</text>\n",
+        top + ph + 18.0
+    ));
+    svg.push_str(&format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{x_end}</text>\n",
+        left + pw,
+        top + ph + 18.0
+    ));
+    // Named lines after the first are thinner; all get a legend below the axis.
+    for (k, (name, colour, values)) in lines.iter().enumerate() {
+        let mut points = String::new();
+        for (i, v) in values.iter().enumerate() {
+            let x = left + pw * (i as f64 + 0.5) / values.len().max(1) as f64;
+            let y = top + ph - *v as f64 * scale;
+            points.push_str(&format!("{x:.1},{y:.1} "));
+        }
+        svg.push_str(&format!(
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"{}\" points=\"{}\"/>\n",
+            if k == 0 { 1.5 } else { 1.0 },
+            points.trim_end()
+        ));
+        if !name.is_empty() {
+            let y = top + ph + 40.0 + 18.0 * k as f64;
+            svg.push_str(&format!(
+                    "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"{colour}\" stroke-width=\"3\"/><text x=\"{2}\" y=\"{3:.1}\">{4}</text>\n",
+                    y - 4.0,
+                    left + 24.0,
+                    left + 32.0,
+                    y,
+                    esc(name)
+                ));
+        }
+    }
+    // the peak
+    svg.push_str(&format!(
+            "<line x1=\"{peak_x:.1}\" y1=\"{top}\" x2=\"{peak_x:.1}\" y2=\"{}\" stroke=\"#2c3e50\" stroke-dasharray=\"4 3\"/>\n",
+            top + ph
+        ));
+    svg.push_str(&format!(
+        "<circle cx=\"{peak_x:.1}\" cy=\"{top}\" r=\"4\" fill=\"#2c3e50\"/>\n"
+    ));
+    let lx = if anchor == "end" {
+        peak_x - 8.0
+    } else {
+        peak_x + 8.0
+    };
+    svg.push_str(&format!(
+        "<text x=\"{lx:.1}\" y=\"{}\" text-anchor=\"{anchor}\" font-weight=\"bold\">{}</text>\n",
+        top + 4.0,
+        esc(&label)
+    ));
+    svg.push_str("</svg>\n");
+    svg
 }

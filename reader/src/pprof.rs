@@ -83,25 +83,30 @@ fn value_type(strings: &mut Strings, ty: &str, unit: &str) -> Msg {
     m
 }
 
+/// One process's share of a profile: its capture, its in-use view, and, in a profile of
+/// several processes, a root frame (`label`) above its stacks and a `pid` label on its samples.
+pub struct Piece<'a> {
+    pub cap: &'a Capture,
+    pub inuse: &'a crate::ViewSites,
+    pub label: Option<String>,
+    pub pid: u32,
+    pub sym: &'a mut Symbolizer,
+}
+
 /// The uncompressed `profile.proto` bytes of `cap`, in-use values from `inuse`.
 pub fn profile(cap: &Capture, inuse: View, sym: &mut Symbolizer) -> Vec<u8> {
-    let allocated = cap.view(View::Allocated);
     let live = cap.view(inuse);
-    // stack id -> [alloc_objects, alloc_space, inuse_objects, inuse_space]
-    let mut values: HashMap<u32, [u64; 4]> = HashMap::new();
-    for s in &allocated.sites {
-        let v = values.entry(s.stack).or_default();
-        v[0] += s.allocations;
-        v[1] += s.bytes;
-    }
-    for s in &live.sites {
-        let v = values.entry(s.stack).or_default();
-        v[2] += s.allocations;
-        v[3] += s.bytes;
-    }
-    let mut stacks: Vec<(u32, [u64; 4])> = values.into_iter().collect();
-    stacks.sort_by_key(|(s, _)| *s);
+    profile_of(vec![Piece {
+        cap,
+        inuse: &live,
+        label: None,
+        pid: cap.header.pid,
+        sym,
+    }])
+}
 
+/// The uncompressed `profile.proto` bytes of one or more processes' views.
+pub fn profile_of(mut pieces: Vec<Piece<'_>>) -> Vec<u8> {
     let mut strings = Strings::new();
     let mut p = Msg::default();
     for (ty, unit) in [
@@ -116,7 +121,7 @@ pub fn profile(cap: &Capture, inuse: View, sym: &mut Symbolizer) -> Vec<u8> {
 
     // Mappings: every module the capture recorded, once by load address.
     let mut mappings: Vec<(u64, u64, u64, String, String)> = Vec::new();
-    for rec in &cap.modules {
+    for rec in pieces.iter().flat_map(|p| &p.cap.modules) {
         for m in &rec.modules {
             let lo = m
                 .segments
@@ -146,68 +151,114 @@ pub fn profile(cap: &Capture, inuse: View, sym: &mut Symbolizer) -> Vec<u8> {
             .unwrap_or(0)
     };
 
-    let mut locations: HashMap<u64, u64> = HashMap::new();
+    let mut locations: HashMap<(usize, u64), u64> = HashMap::new();
     let mut location_msgs: Vec<Msg> = Vec::new();
     let mut functions: HashMap<(String, Option<String>), u64> = HashMap::new();
     let mut function_msgs: Vec<Msg> = Vec::new();
-    for (stack, v) in &stacks {
-        // Python frames in place of the interpreter's evaluation loops, leaf first.
-        let addrs = crate::symbols::merged_addrs(sym, &allocated.stacks, *stack);
-        let mut ids = Vec::with_capacity(addrs.len());
-        for a in addrs {
-            if let Some(&id) = locations.get(&a) {
-                ids.push(id);
-                continue;
-            }
+    let pid_key = strings.id("pid");
+    for (piece_index, piece) in pieces.iter_mut().enumerate() {
+        let sym = &mut *piece.sym;
+        let allocated = piece.cap.view(View::Allocated);
+        // stack id -> [alloc_objects, alloc_space, inuse_objects, inuse_space]
+        let mut values: HashMap<u32, [u64; 4]> = HashMap::new();
+        for s in &allocated.sites {
+            let v = values.entry(s.stack).or_default();
+            v[0] += s.allocations;
+            v[1] += s.bytes;
+        }
+        for s in &piece.inuse.sites {
+            let v = values.entry(s.stack).or_default();
+            v[2] += s.allocations;
+            v[3] += s.bytes;
+        }
+        let mut stacks: Vec<(u32, [u64; 4])> = values.into_iter().collect();
+        stacks.sort_by_key(|(s, _)| *s);
+        // The process's root frame: a location of its own, with no address.
+        let root = piece.label.as_ref().map(|label| {
+            let fid = function_msgs.len() as u64 + 1;
+            let mut fm = Msg::default();
+            fm.uint(1, fid);
+            let name = strings.id(label);
+            fm.uint(2, name);
+            fm.uint(3, name);
+            function_msgs.push(fm);
             let id = location_msgs.len() as u64 + 1;
             let mut loc = Msg::default();
             loc.uint(1, id);
-            if !memtrack_format::pyframe::is_python(a) {
-                loc.uint(2, mapping_of(a));
-                loc.uint(3, a);
-            }
-            // pprof wants the innermost (inlined) frame first; ours come outermost first.
-            let python = memtrack_format::pyframe::is_python(a);
-            for f in sym.frames(a).iter().rev() {
-                // pprof strips `<...>` from names as C++ template arguments, which would leave
-                // Python's `<module>`, `<listcomp>`, `f.<locals>.g` empty or cut: `(module)`.
-                let name = if python {
-                    f.function.replace('<', "(").replace('>', ")")
-                } else {
-                    f.function.clone()
-                };
-                let key = (name, f.file.clone());
-                let fid = match functions.get(&key) {
-                    Some(&fid) => fid,
-                    None => {
-                        let fid = function_msgs.len() as u64 + 1;
-                        let mut fm = Msg::default();
-                        fm.uint(1, fid);
-                        let name = strings.id(&key.0);
-                        fm.uint(2, name);
-                        fm.uint(3, name);
-                        if let Some(file) = &f.file {
-                            fm.uint(4, strings.id(file));
-                        }
-                        function_msgs.push(fm);
-                        functions.insert(key, fid);
-                        fid
-                    }
-                };
-                let mut line = Msg::default();
-                line.uint(1, fid);
-                line.int(2, f.line.unwrap_or(0) as i64);
-                loc.msg(4, line);
-            }
+            let mut line = Msg::default();
+            line.uint(1, fid);
+            loc.msg(4, line);
             location_msgs.push(loc);
-            locations.insert(a, id);
-            ids.push(id);
+            id
+        });
+        for (stack, v) in &stacks {
+            // Python frames in place of the interpreter's evaluation loops, leaf first.
+            let addrs = crate::symbols::merged_addrs(sym, &allocated.stacks, *stack);
+            // Addresses of two processes may hold different code.
+            let a_key = |a: u64| (piece_index, a);
+            let mut ids = Vec::with_capacity(addrs.len());
+            for a in addrs {
+                if let Some(&id) = locations.get(&a_key(a)) {
+                    ids.push(id);
+                    continue;
+                }
+                let id = location_msgs.len() as u64 + 1;
+                let mut loc = Msg::default();
+                loc.uint(1, id);
+                if !memtrack_format::pyframe::is_python(a) {
+                    loc.uint(2, mapping_of(a));
+                    loc.uint(3, a);
+                }
+                // pprof wants the innermost (inlined) frame first; ours come outermost first.
+                let python = memtrack_format::pyframe::is_python(a);
+                for f in sym.frames(a).iter().rev() {
+                    // pprof strips `<...>` from names as C++ template arguments, which would leave
+                    // Python's `<module>`, `<listcomp>`, `f.<locals>.g` empty or cut: `(module)`.
+                    let name = if python {
+                        f.function.replace('<', "(").replace('>', ")")
+                    } else {
+                        f.function.clone()
+                    };
+                    let key = (name, f.file.clone());
+                    let fid = match functions.get(&key) {
+                        Some(&fid) => fid,
+                        None => {
+                            let fid = function_msgs.len() as u64 + 1;
+                            let mut fm = Msg::default();
+                            fm.uint(1, fid);
+                            let name = strings.id(&key.0);
+                            fm.uint(2, name);
+                            fm.uint(3, name);
+                            if let Some(file) = &f.file {
+                                fm.uint(4, strings.id(file));
+                            }
+                            function_msgs.push(fm);
+                            functions.insert(key, fid);
+                            fid
+                        }
+                    };
+                    let mut line = Msg::default();
+                    line.uint(1, fid);
+                    line.int(2, f.line.unwrap_or(0) as i64);
+                    loc.msg(4, line);
+                }
+                location_msgs.push(loc);
+                locations.insert(a_key(a), id);
+                ids.push(id);
+            }
+            ids.extend(root);
+            let mut sample = Msg::default();
+            // Leaf first, as pprof wants (and as stack tables list them).
+            sample.packed(1, ids);
+            sample.packed(2, v.iter().copied());
+            if piece.label.is_some() {
+                let mut label = Msg::default();
+                label.uint(1, pid_key);
+                label.int(3, piece.pid as i64);
+                sample.msg(3, label);
+            }
+            p.msg(2, sample);
         }
-        let mut sample = Msg::default();
-        // Leaf first, as pprof wants (and as stack tables list them).
-        sample.packed(1, ids);
-        sample.packed(2, v.iter().copied());
-        p.msg(2, sample);
     }
     for (i, (lo, hi, off, path, build_id)) in mappings.iter().enumerate() {
         let mut m = Msg::default();
@@ -229,6 +280,7 @@ pub fn profile(cap: &Capture, inuse: View, sym: &mut Symbolizer) -> Vec<u8> {
     for f in function_msgs {
         p.msg(5, f);
     }
+    let cap = pieces[0].cap;
     let header = cap.last_image();
     let start_ns = cap
         .images
@@ -236,7 +288,14 @@ pub fn profile(cap: &Capture, inuse: View, sym: &mut Symbolizer) -> Vec<u8> {
         .map_or(header.start_unix_ns, |h| h.start_unix_ns);
     let period_type = value_type(&mut strings, "space", "bytes");
     let default_type = strings.id("inuse_space");
-    let comment = strings.id(&format!("memtrack capture of {}", header.argv.join(" ")));
+    let comment = strings.id(&match pieces.len() {
+        1 => format!("memtrack capture of {}", header.argv.join(" ")),
+        n => format!(
+            "memtrack capture of {} and {} more processes",
+            header.argv.join(" "),
+            n - 1
+        ),
+    });
     for s in &strings.list {
         p.bytes(6, s.as_bytes());
     }
@@ -252,9 +311,17 @@ pub fn profile(cap: &Capture, inuse: View, sym: &mut Symbolizer) -> Vec<u8> {
 
 /// `profile` gzip-compressed, as profile files are stored.
 pub fn profile_gz(cap: &Capture, inuse: View, sym: &mut Symbolizer) -> std::io::Result<Vec<u8>> {
+    gzip(&profile(cap, inuse, sym))
+}
+
+/// `profile_of` gzip-compressed.
+pub fn profile_gz_of(pieces: Vec<Piece<'_>>) -> std::io::Result<Vec<u8>> {
+    gzip(&profile_of(pieces))
+}
+
+fn gzip(raw: &[u8]) -> std::io::Result<Vec<u8>> {
     use std::io::Write;
-    let raw = profile(cap, inuse, sym);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    gz.write_all(&raw)?;
+    gz.write_all(raw)?;
     gz.finish()
 }

@@ -296,7 +296,7 @@ impl Replay {
 }
 
 /// The figures of `memtrack summary`.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Summary {
     pub pid: u32,
     /// The program that ran last (after any exec).
@@ -332,7 +332,17 @@ impl Capture {
     }
 
     /// Replays into `r` (e.g. a [`Replay::tracking_sites`]) the events with seq <= `until`.
-    pub fn replay_into(&self, mut r: Replay, until: u64) -> (Replay, StackTable, usize) {
+    pub fn replay_into(&self, r: Replay, until: u64) -> (Replay, StackTable, usize) {
+        self.replay_with(r, until, |_, _| {})
+    }
+
+    /// [`Capture::replay_into`], calling `after` with the replay's state after each event.
+    pub fn replay_with(
+        &self,
+        mut r: Replay,
+        until: u64,
+        mut after: impl FnMut(&Replay, &Event),
+    ) -> (Replay, StackTable, usize) {
         let mut stacks = StackTable::default();
         let mut boundaries = self.exec_boundaries.iter().copied().peekable();
         let errors = self.with_events(&mut stacks, |events| {
@@ -344,6 +354,7 @@ impl Capture {
                     r.exec_reset();
                 }
                 r.apply(ev);
+                after(&r, ev);
                 true
             });
             events.errors

@@ -149,28 +149,38 @@ pub struct ExportedStack {
     pub allocations: u64,
     /// Outermost first, inlined frames as frames of their own; the last one allocated.
     pub frames: Vec<crate::Frame>,
+    /// In a view of a process tree: the process, and its label (`python3 app.py [pid 42]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
 }
 
 /// `view` of `cap` with symbolized stacks, for scripts.
 pub fn export_view(cap: &Capture, view: View, sym: &mut Symbolizer) -> ExportedView {
     let v = cap.view(view);
-    let stacks = v
-        .sites
+    ExportedView {
+        capture: cap.path().display().to_string(),
+        view: view.name(),
+        bytes: v.bytes,
+        allocations: v.allocations,
+        stacks: exported_stacks(&v, sym),
+    }
+}
+
+/// The stacks of a view with their symbolized frames, empty ones left out.
+pub fn exported_stacks(v: &ViewSites, sym: &mut Symbolizer) -> Vec<ExportedStack> {
+    v.sites
         .iter()
         .filter(|s| s.bytes > 0 || s.allocations > 0)
         .map(|s| ExportedStack {
             bytes: s.bytes,
             allocations: s.allocations,
             frames: stack_frames(sym, &v.stacks, s.stack),
+            pid: None,
+            process: None,
         })
-        .collect();
-    ExportedView {
-        capture: cap.path().display().to_string(),
-        view: view.name(),
-        bytes: v.bytes,
-        allocations: v.allocations,
-        stacks,
-    }
+        .collect()
 }
 
 /// How `table` groups allocations.
@@ -196,6 +206,9 @@ pub struct TableRow {
     pub line: Option<u32>,
     /// The stack, outermost first (for `Stack` grouping; the allocating frame otherwise).
     pub stack: Vec<String>,
+    /// In a report on a process tree: the process the row belongs to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
 }
 
 /// Rows being summed, by key.
@@ -219,6 +232,7 @@ fn add_to_row(
         file: if with_location { f.file.clone() } else { None },
         line: if with_location { f.line } else { None },
         stack,
+        pid: None,
     });
     row.total_bytes += site.bytes;
     row.count += site.allocations;

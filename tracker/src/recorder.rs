@@ -1219,6 +1219,9 @@ fn current_thread(rec: &'static Recorder, g: &IgnoreAllocs) -> Option<&'static T
 fn new_thread_state(rec: &'static Recorder, g: &IgnoreAllocs) -> Option<&'static ThreadState> {
     let _errno = SaveErrno::new();
     if WRITER_LATER.swap(false, Ordering::AcqRel) {
+        // A forked child's first event may come long after the fork: its clock has not
+        // ticked yet (the writer starts now), so the event would read time 0.
+        rec.tick();
         start_writer();
     }
     // SAFETY: gettid has no preconditions.

@@ -1,0 +1,147 @@
+//! What a report is about: the whole recorded process tree, or one process of it (`--pid`).
+
+use anyhow::{bail, Result};
+use memtrack_reader::{Capture, Process, ProcessTree, View, ViewSites};
+use std::path::{Path, PathBuf};
+
+pub struct Subject {
+    pub tree: ProcessTree,
+    /// The one process a report is about (`--pid`, or a tree of one process).
+    only: Option<usize>,
+}
+
+/// One process's share of a view.
+pub struct Part<'a> {
+    /// The process's root frame (`python3 app.py [pid 42]`) when the view spans processes.
+    pub label: Option<String>,
+    pub process: &'a Process,
+    pub cap: &'a Capture,
+    pub view: ViewSites,
+}
+
+impl Subject {
+    pub fn open(file: &Path, pid: Option<u32>) -> Result<Subject> {
+        let tree = ProcessTree::open(file)?;
+        let only = match pid {
+            None => (!tree.is_tree()).then_some(0),
+            Some(pid) => {
+                let Some(i) = tree.find(pid) else {
+                    let pids: Vec<String> = tree
+                        .processes
+                        .iter()
+                        .take(20)
+                        .map(|p| p.pid.to_string())
+                        .collect();
+                    bail!(
+                        "{}: no process with pid {pid} was recorded (its processes: {})",
+                        file.display(),
+                        pids.join(", ")
+                    );
+                };
+                if tree.processes[i].capture.is_none() {
+                    bail!(
+                        "{}: pid {pid} ({}) was a short helper process: only its figures were kept (memtrack run --keep-all keeps every capture)",
+                        file.display(),
+                        tree.processes[i].command()
+                    );
+                }
+                Some(i)
+            }
+        };
+        Ok(Subject { tree, only })
+    }
+
+    /// The process the report is about, when it is about one.
+    pub fn one(&self) -> Option<&Process> {
+        self.only.map(|i| &self.tree.processes[i])
+    }
+
+    /// The capture whose reading a progress bar follows.
+    pub fn main_capture(&self) -> &Capture {
+        let p = self.one().unwrap_or(self.tree.root());
+        p.capture.as_ref().expect("a process with a capture")
+    }
+
+    /// True when the report shows one process of a recorded tree (names and titles say which).
+    pub fn is_one_of_many(&self) -> bool {
+        self.one()
+            .is_some_and(|p| self.tree.is_tree() || p.parent_pid != 0)
+    }
+
+    /// The view, one part per process that has anything in it; each labelled with its process
+    /// when there are several.
+    pub fn parts(&self, view: View, with_max: bool) -> Vec<Part<'_>> {
+        let raw: Vec<(usize, ViewSites)> = match self.only {
+            Some(i) => {
+                let cap = self.tree.processes[i]
+                    .capture
+                    .as_ref()
+                    .expect("a process with a capture");
+                let v = if with_max {
+                    cap.view_with_max(view)
+                } else {
+                    cap.view(view)
+                };
+                vec![(i, v)]
+            }
+            None => self.tree.views(view, with_max),
+        };
+        let labelled = raw.len() > 1;
+        raw.into_iter()
+            .map(|(i, v)| {
+                let process = &self.tree.processes[i];
+                Part {
+                    label: labelled.then(|| process.label()),
+                    process,
+                    cap: process.capture.as_ref().expect("a process with a capture"),
+                    view: v,
+                }
+            })
+            .collect()
+    }
+
+    /// The base of default output names: the capture's name without its extension, and the pid
+    /// when the report is about one process of a tree (`gu-23938`), so that no report of one
+    /// process overwrites another's.
+    pub fn stem(&self, file: &Path) -> String {
+        let root = match self.one() {
+            // A child's capture is `<launched capture>.<pid>`: named after the launched one.
+            Some(p) if p.parent_pid != 0 => {
+                let name = file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let suffix = format!(".{}", p.pid);
+                PathBuf::from(name.strip_suffix(&suffix).unwrap_or(&name).to_string())
+            }
+            _ => PathBuf::from(file.file_name().unwrap_or_default()),
+        };
+        let stem = root
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "memtrack".into());
+        match self.one() {
+            Some(p) if self.is_one_of_many() => format!("{stem}-{}", p.pid),
+            _ => stem,
+        }
+    }
+
+    /// Who the report is about, for titles: `python3 app.py [pid 42]`, or the launched
+    /// command and the number of processes.
+    pub fn about(&self) -> String {
+        match self.one() {
+            Some(p) if self.is_one_of_many() => p.label(),
+            Some(p) => p.argv.join(" "),
+            None => format!(
+                "{} and {} more process{}",
+                self.tree.root().label(),
+                self.tree.processes.len() - 1,
+                if self.tree.processes.len() == 2 {
+                    ""
+                } else {
+                    "es"
+                }
+            ),
+        }
+    }
+}
