@@ -47,7 +47,7 @@ fn folded(args: &[&str]) -> Vec<(String, u64)> {
         .collect()
 }
 
-fn process<'a>(json: &'a Value, pred: impl Fn(&Value) -> bool) -> &'a Value {
+fn process(json: &Value, pred: impl Fn(&Value) -> bool) -> &Value {
     json["processes"]
         .as_array()
         .unwrap()
