@@ -866,10 +866,32 @@ fn cmd_summary(file: &Path, pid: Option<u32>, json: bool) -> Result<()> {
     if tree.is_tree() {
         print_tree_summary(tree, chosen);
     }
+    // Of a tree: where the memory was at the combined peak, in every process.
+    let (top, heading) = if tree.is_tree() && pid.is_none() {
+        let mut rows = Vec::new();
+        for part in subject.parts(View::Peak, false) {
+            let mut sym = symbolizer(part.cap);
+            let mut r = memtrack_reader::top_locations(&part.view, &mut sym, 5);
+            warn(&sym.warnings);
+            if part.label.is_some() {
+                r.iter_mut()
+                    .for_each(|row| row.pid = Some(part.process.pid));
+            }
+            rows.extend(r);
+        }
+        rows.sort_by(|a, b| b.total_bytes.cmp(&a.total_bytes).then(a.pid.cmp(&b.pid)));
+        rows.truncate(5);
+        (rows, "top locations at the combined peak:")
+    } else {
+        (top, "top locations at the peak:")
+    };
     if !top.is_empty() {
-        println!("  top locations at the peak:");
+        println!("  {heading}");
         for t in &top {
-            let location = location_label(&t.function, t.file.as_deref(), t.line);
+            let mut location = location_label(&t.function, t.file.as_deref(), t.line);
+            if let Some(pid) = t.pid {
+                location = format!("[pid {pid}] {location}");
+            }
             println!(
                 "    {:>11} in {:>9} allocations  {location}",
                 human_bytes(t.total_bytes),
