@@ -975,7 +975,7 @@ fn print_tree_summary(tree: &memtrack_reader::ProcessTree, chosen: u32) {
                 if *c == 1 {
                     n.clone()
                 } else {
-                    format!("{n} x{c}")
+                    format!("{n} ×{c}")
                 }
             })
             .collect();
@@ -1009,7 +1009,7 @@ fn print_summary(file: &Path, cap: &Capture, s: &Summary) {
     let cmdline = if s.argv.is_empty() {
         s.executable.clone()
     } else {
-        s.argv.join(" ")
+        memtrack_reader::shell_command(&s.argv)
     };
     println!("  command:        {cmdline} (pid {})", s.pid);
     if !s.exec_chain.is_empty() {
