@@ -132,16 +132,20 @@ impl Subject {
         match self.one() {
             Some(p) if self.is_one_of_many() => p.label(),
             Some(p) => p.argv.join(" "),
-            None => format!(
-                "{} and {} more process{}",
-                self.tree.root().label(),
-                self.tree.processes.len() - 1,
-                if self.tree.processes.len() == 2 {
-                    ""
-                } else {
-                    "es"
-                }
-            ),
+            None => {
+                let more = self
+                    .tree
+                    .processes
+                    .iter()
+                    .filter(|p| p.has_capture())
+                    .count()
+                    - 1;
+                format!(
+                    "{} and {more} more process{}",
+                    self.tree.root().label(),
+                    if more == 1 { "" } else { "es" }
+                )
+            }
         }
     }
 }

@@ -139,7 +139,14 @@ impl Process {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_else(|| first.clone()),
             );
-            words.extend(self.argv[1..].iter().map(|a| shell_quote(a)));
+            // Paths shortened to their file names: a label is for telling processes apart.
+            words.extend(self.argv[1..].iter().map(|a| {
+                let short = match (a.starts_with('/'), Path::new(a).file_name()) {
+                    (true, Some(n)) => n.to_string_lossy().into_owned(),
+                    _ => a.clone(),
+                };
+                shell_quote(&short)
+            }));
         } else {
             words.push(
                 Path::new(&self.executable)

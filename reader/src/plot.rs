@@ -168,8 +168,8 @@ impl crate::ProcessTree {
         let svg = chart(
             &format!(
                 "memtrack: heap in use over time, {} processes ({})",
-                self.processes.len(),
-                self.root().command()
+                self.processes.iter().filter(|p| p.has_capture()).count(),
+                self.root().label()
             ),
             &lines,
             peak,
