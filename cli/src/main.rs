@@ -1187,9 +1187,9 @@ fn cmd_export(
     output: Option<PathBuf>,
 ) -> Result<()> {
     let subject = Subject::open(file, pid)?;
+    let parts = subject_parts(&subject, view, false, true);
     let bytes = match format {
         ExportFormat::Folded => {
-            let parts = subject_parts(&subject, view, false, true);
             let mut text = String::new();
             for (path, bytes) in folded_parts(&parts) {
                 text.push_str(&format!("{path} {bytes}\n"));
@@ -1197,7 +1197,6 @@ fn cmd_export(
             text.into_bytes()
         }
         ExportFormat::Pprof => {
-            let parts = subject_parts(&subject, view, false, true);
             let mut pieces = Vec::new();
             let mut syms: Vec<Symbolizer> = parts.iter().map(|p| symbolizer(p.cap)).collect();
             for (part, sym) in parts.iter().zip(syms.iter_mut()) {
@@ -1216,7 +1215,6 @@ fn cmd_export(
             gz
         }
         ExportFormat::Json => {
-            let parts = subject_parts(&subject, view, false, true);
             let mut stacks = Vec::new();
             for part in &parts {
                 let mut sym = symbolizer(part.cap);
