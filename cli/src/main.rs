@@ -821,8 +821,6 @@ fn cmd_summary(file: &Path, pid: Option<u32>, json: bool) -> Result<()> {
     } else {
         Vec::new()
     };
-    let shown_cap_warnings = cap.warnings.clone();
-    let _ = &shown_cap_warnings;
     if !subject.tree.analyzed {
         subject.tree.set_summary(s.clone());
     }

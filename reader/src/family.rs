@@ -131,6 +131,11 @@ pub struct Process {
 impl Process {
     /// `python3.11 app.py [pid 4242]`: the program's name, its arguments (shortened), the pid.
     pub fn label(&self) -> String {
+        format!("{} [pid {}]", self.name(), self.pid)
+    }
+
+    /// [`Process::label`] without the pid: what matches the same process of another run.
+    pub fn name(&self) -> String {
         let mut words: Vec<String> = Vec::new();
         if let Some(first) = self.argv.first() {
             words.push(
@@ -159,16 +164,7 @@ impl Process {
         if cmd.chars().count() > 60 {
             cmd = cmd.chars().take(57).collect::<String>() + "...";
         }
-        format!("{cmd} [pid {}]", self.pid)
-    }
-
-    /// [`Process::label`] without the pid: what matches the same process of another run.
-    pub fn name(&self) -> String {
-        let l = self.label();
-        match l.rfind(" [pid ") {
-            Some(i) => l[..i].to_string(),
-            None => l,
-        }
+        cmd
     }
 
     /// The command line, quoted as a shell would need it.
@@ -215,8 +211,6 @@ pub struct ProcessFigures {
 
 /// The launched process and every process it started that was recorded.
 pub struct ProcessTree {
-    /// The launched process's capture.
-    pub path: PathBuf,
     /// The launched process first, then the others, largest peak first; helpers kept only as
     /// figures last.
     pub processes: Vec<Process>,
@@ -246,16 +240,10 @@ impl ProcessTree {
             }
         }
         let dropped = caps[0].dropped.clone();
-        Ok(Self::from_captures(path, caps, dropped))
+        Ok(Self::from_captures(caps, dropped))
     }
 
-    /// A tree of one process: the capture alone.
-    pub fn single(cap: Capture) -> ProcessTree {
-        let path = cap.path().to_path_buf();
-        Self::from_captures(&path, vec![cap], Vec::new())
-    }
-
-    fn from_captures(path: &Path, caps: Vec<Capture>, dropped: Vec<DroppedProcess>) -> Self {
+    fn from_captures(caps: Vec<Capture>, dropped: Vec<DroppedProcess>) -> Self {
         let many = caps.len() > 1;
         if !many && dropped.is_empty() {
             // One process: nothing to combine, and each report replays what it needs itself.
@@ -263,7 +251,6 @@ impl ProcessTree {
             let image = cap.last_image();
             let start_mono_ns = cap.header.start_mono_ns;
             return ProcessTree {
-                path: path.to_path_buf(),
                 processes: vec![Process {
                     pid: cap.header.pid,
                     parent_pid: cap.header.parent_pid,
@@ -329,7 +316,6 @@ impl ProcessTree {
             });
         }
         let mut tree = ProcessTree {
-            path: path.to_path_buf(),
             processes,
             combined_peak_bytes: 0,
             combined_peak_mono_ns: 0,
