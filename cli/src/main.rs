@@ -37,6 +37,10 @@ struct Cli {
     /// In reports of Python programs, show only the Python frames of each stack.
     #[arg(long, global = true)]
     python_only: bool,
+    /// In reports of Python programs, keep the interpreter's own frames (the C frames of
+    /// CPython and libc between and above Python frames, hidden by default).
+    #[arg(long, global = true)]
+    all_frames: bool,
     /// In reports on a process tree, report on this process alone (its pid, as `memtrack
     /// summary` lists them). Default: the whole tree.
     #[arg(long, global = true, value_name = "PID")]
@@ -45,18 +49,27 @@ struct Cli {
 
 /// `--python-only`, for every report.
 static PYTHON_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `--all-frames`, for every report.
+static ALL_FRAMES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// `function (file.c:12)`, the file shortened to its name; the function alone without a line.
+/// `function (file.c:12)`, an absolute file shortened to its name (a relative one, such as a
+/// Python file's `pkg/mod.py`, kept: its folders tell files apart); `function (file)` without a
+/// line; the function alone without a file.
 fn location_label(function: &str, file: Option<&str>, line: Option<u32>) -> String {
-    match (file, line) {
-        (Some(f), Some(l)) => format!(
-            "{function} ({}:{l})",
-            Path::new(f)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        ),
-        _ => function.to_string(),
+    let Some(f) = file else {
+        return function.to_string();
+    };
+    let short = if f.starts_with('/') {
+        Path::new(f)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        f.to_string()
+    };
+    match line {
+        Some(l) => format!("{function} ({short}:{l})"),
+        None => format!("{function} ({short})"),
     }
 }
 
@@ -71,6 +84,7 @@ fn warn(warnings: &[String]) {
 fn symbolizer(cap: &Capture) -> Symbolizer {
     let mut sym = Symbolizer::new(cap);
     sym.python_only = PYTHON_ONLY.load(std::sync::atomic::Ordering::Relaxed);
+    sym.all_frames = ALL_FRAMES.load(std::sync::atomic::Ordering::Relaxed);
     sym
 }
 
@@ -467,6 +481,7 @@ impl Drop for Progress {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     PYTHON_ONLY.store(cli.python_only, std::sync::atomic::Ordering::Relaxed);
+    ALL_FRAMES.store(cli.all_frames, std::sync::atomic::Ordering::Relaxed);
     let pid = cli.pid;
     let result = match cli.cmd {
         Cmd::Run {
@@ -1591,7 +1606,14 @@ fn cmd_table(
     );
     for r in &rows {
         let mut location = match by {
-            By::Stack => r.stack.join(" <- "),
+            // Innermost first: `f <- g` reads "f, called from g".
+            By::Stack => r
+                .stack
+                .iter()
+                .rev()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" <- "),
             _ => location_label(&r.function, r.file.as_deref(), r.line),
         };
         if let Some(pid) = r.pid {

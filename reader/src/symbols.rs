@@ -14,25 +14,139 @@ use std::sync::Arc;
 /// One frame of a symbolized stack.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct Frame {
-    /// Demangled function name, or `module+0xoffset` when nothing better is known.
+    /// Demangled function name, or `module+0xoffset` when nothing better is known. For a
+    /// Python frame, the code object's qualified name (`Handler.get`, `<module>`).
     pub function: String,
+    /// For a Python frame, its file shortened as [`short_python_path`] does (the standard
+    /// library and site-packages relative to their folder, the program's files relative to its
+    /// directory), so that reports read the same from any checkout.
     pub file: Option<String>,
     pub line: Option<u32>,
+    /// A Python frame (not a native one).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub python: bool,
 }
 
 impl Frame {
-    /// `file:line`, shortened to the file name, when known.
+    /// A native frame named `function`, without a location.
+    pub fn native(function: impl Into<String>) -> Frame {
+        Frame {
+            function: function.into(),
+            file: None,
+            line: None,
+            python: false,
+        }
+    }
+
+    /// `file:line` when known: a native file shortened to its name, a Python file as stored
+    /// (already short, and its folders tell `<module>`s apart).
     pub fn location(&self) -> Option<String> {
         let file = self.file.as_deref()?;
-        let short = Path::new(file)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| file.to_string());
+        let short = if self.python {
+            file.to_string()
+        } else {
+            Path::new(file)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| file.to_string())
+        };
         Some(match self.line {
             Some(l) => format!("{short}:{l}"),
             None => short,
         })
     }
+
+    /// The frame as reports name it: a native frame by its function; a Python frame as
+    /// `qualname (file.py:LINE)`, since Python names alone (`<module>`, `run`, `__init__`) say
+    /// little.
+    pub fn label(&self) -> std::borrow::Cow<'_, str> {
+        if !self.python {
+            return std::borrow::Cow::Borrowed(&self.function);
+        }
+        match self.location() {
+            Some(l) => std::borrow::Cow::Owned(format!("{} ({l})", self.function)),
+            None => std::borrow::Cow::Borrowed(&self.function),
+        }
+    }
+}
+
+/// A Python source path as reports show it (the way Memray does): a file of the standard
+/// library or of an installed package relative to its `lib/pythonX.Y`, `site-packages` or
+/// `dist-packages` folder (`json/decoder.py`, `requests/api.py`); a file of the program relative
+/// to `program_dir` (`svc.py`, `app/handlers.py`); anything else as it is.
+pub fn short_python_path(path: &str, program_dir: Option<&str>) -> String {
+    for marker in ["/site-packages/", "/dist-packages/"] {
+        if let Some(i) = path.rfind(marker) {
+            return path[i + marker.len()..].to_string();
+        }
+    }
+    if let Some(i) = path.find("/lib/python3") {
+        let rest = &path[i + "/lib/python3".len()..];
+        // `.11/json/decoder.py`, `/json/...` (Debian's python3 folder), `t/` for 3.13t.
+        if let Some(j) = rest.find('/') {
+            let version = &rest[..j];
+            if version.is_empty()
+                || version
+                    .trim_start_matches('.')
+                    .trim_end_matches('t')
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            {
+                return rest[j + 1..].to_string();
+            }
+        }
+    }
+    if let Some(dir) = program_dir {
+        if let Some(rest) = path.strip_prefix(dir) {
+            if let Some(rest) = rest.strip_prefix('/') {
+                return rest.to_string();
+            }
+        }
+    }
+    path.to_string()
+}
+
+/// The directory of a Python program's main script, from the command line and the code objects
+/// met: `python3 [opts] path/svc.py` gives the folder of the `svc.py` whose code ran; `-m pkg`
+/// the folder holding `pkg`.
+fn program_dir(
+    argv: &[String],
+    codes: &std::collections::HashMap<u32, memtrack_format::PyCodeRecord>,
+) -> Option<String> {
+    let mut wanted: Vec<String> = Vec::new();
+    let mut args = argv.iter().skip(1);
+    while let Some(a) = args.next() {
+        if a == "-m" {
+            if let Some(m) = args.next() {
+                let m = m.replace('.', "/");
+                wanted.push(format!("/{m}/__main__.py"));
+                wanted.push(format!("/{m}.py"));
+            }
+            break;
+        }
+        if a == "-c" {
+            break;
+        }
+        if a.ends_with(".py") {
+            let name = Path::new(a).file_name()?.to_string_lossy().into_owned();
+            wanted.push(format!("/{name}"));
+            break;
+        }
+    }
+    let mut best: Option<&str> = None;
+    for c in codes.values() {
+        if let Some(w) = wanted.iter().find(|w| c.filename.ends_with(w.as_str())) {
+            if c.filename.contains("/site-packages/") || c.filename.contains("/lib/python3") {
+                continue;
+            }
+            let dir = &c.filename[..c.filename.len() - w.len()];
+            // The shortest such folder: the program's root rather than a nested copy.
+            if best.is_none_or(|b| dir.len() < b.len()) {
+                best = Some(dir);
+            }
+        }
+    }
+    best.map(str::to_string)
 }
 
 struct Loaded {
@@ -48,9 +162,18 @@ struct Loaded {
 pub struct Symbolizer {
     modules: Vec<Loaded>,
     cache: FastMap<u64, Arc<[Frame]>>,
+    /// Module index of an address (`u32::MAX`: none).
+    module_cache: FastMap<u64, u32>,
     pycode: Arc<std::collections::HashMap<u32, memtrack_format::PyCodeRecord>>,
     /// Stacks keep only their Python frames (`--python-only`).
     pub python_only: bool,
+    /// Stacks keep the interpreter's own frames around Python frames (`--all-frames`).
+    pub all_frames: bool,
+    /// The folder of a Python program's main script, for short paths.
+    program_dir: Option<String>,
+    /// Per module (same index as `modules`): it is the Python interpreter (holds its
+    /// evaluation loop) or the C library, whose frames around Python frames are plumbing.
+    plumbing: Vec<bool>,
     /// Things the user should know once (a binary that changed since the capture, say).
     pub warnings: Vec<String>,
 }
@@ -98,11 +221,32 @@ impl Symbolizer {
                 m.tried = true;
             }
         }
+        let program_dir = if cap.pycode.is_empty() {
+            None
+        } else {
+            program_dir(&cap.header.argv, &cap.pycode)
+        };
+        let plumbing = modules
+            .iter()
+            .map(|m| {
+                let n = m.name.as_str();
+                n.starts_with("libc.so")
+                    || n.starts_with("libc-")
+                    || n.starts_with("libpython3")
+                    // The `python3.11` launcher of a shared build (`_start`, `main`).
+                    || n == "python"
+                    || n.starts_with("python3")
+            })
+            .collect();
         Symbolizer {
             modules,
             cache: FastMap::default(),
+            module_cache: FastMap::default(),
             pycode: cap.pycode.clone(),
             python_only: false,
+            all_frames: false,
+            program_dir,
+            plumbing,
             warnings: Vec::new(),
         }
     }
@@ -123,13 +267,15 @@ impl Symbolizer {
             return vec![match self.pycode.get(&id) {
                 Some(c) => Frame {
                     function: c.qualname.clone(),
-                    file: Some(c.filename.clone()),
+                    file: Some(short_python_path(&c.filename, self.program_dir.as_deref())),
                     line: c.line_of(lasti),
+                    python: true,
                 },
                 None => Frame {
                     function: format!("[python code {id}]"),
                     file: None,
                     line: None,
+                    python: true,
                 },
             }];
         }
@@ -138,23 +284,13 @@ impl Symbolizer {
             .iter()
             .position(|l| l.ranges.iter().any(|&(lo, hi)| addr >= lo && addr < hi))
         else {
-            return vec![Frame {
-                function: format!("{addr:#x}"),
-                file: None,
-                line: None,
-            }];
+            return vec![Frame::native(format!("{addr:#x}"))];
         };
         self.load(i);
         let l = &self.modules[i];
         // A return address points after the call: look up the call itself.
         let probe = addr.wrapping_sub(1).wrapping_sub(l.module.base);
-        let fallback = || {
-            vec![Frame {
-                function: format!("{}+{:#x}", l.name, probe + 1),
-                file: None,
-                line: None,
-            }]
-        };
+        let fallback = || vec![Frame::native(format!("{}+{:#x}", l.name, probe + 1))];
         let Some(loader) = &l.loader else {
             return fallback();
         };
@@ -174,6 +310,7 @@ impl Symbolizer {
                     function: function.unwrap_or_default(),
                     file,
                     line,
+                    python: false,
                 });
             }
         }
@@ -190,6 +327,7 @@ impl Symbolizer {
                     function: name,
                     file,
                     line,
+                    python: false,
                 }];
             }
             return fallback();
@@ -212,6 +350,33 @@ impl Symbolizer {
             }
         }
         out
+    }
+
+    /// The module an address is in (index into `modules`).
+    fn module_of(&mut self, addr: u64) -> Option<usize> {
+        if let Some(&m) = self.module_cache.get(&addr) {
+            return (m != u32::MAX).then_some(m as usize);
+        }
+        let m = self
+            .modules
+            .iter()
+            .position(|l| l.ranges.iter().any(|&(lo, hi)| addr >= lo && addr < hi));
+        self.module_cache
+            .insert(addr, m.map_or(u32::MAX, |m| m as u32));
+        m
+    }
+
+    /// Marks the module of an evaluation loop's address as the interpreter (it may be the
+    /// `python3` executable itself rather than a libpython).
+    fn note_interpreter(&mut self, addr: u64) {
+        if let Some(m) = self.module_of(addr) {
+            self.plumbing[m] = true;
+        }
+    }
+
+    /// The address is in the interpreter or the C library.
+    fn is_plumbing(&mut self, addr: u64) -> bool {
+        self.module_of(addr).is_some_and(|m| self.plumbing[m])
     }
 
     fn load(&mut self, i: usize) {
@@ -292,6 +457,12 @@ pub fn stack_frames(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Ve
 
 /// Calls `f` on a stack's symbolized frames, outermost first (the frames of
 /// [`stack_frames`], without copying them: reports that only read them build no vector).
+///
+/// In a stack that ran Python code, each CPython evaluation loop is replaced by the Python frames
+/// it ran, and (unless `all_frames`) the interpreter's and the C library's native frames on the
+/// root side of the innermost Python frame are left out: they are the interpreter's plumbing
+/// (`_PyObject_VectorcallTstate`, `pyrun_file`, `__libc_start_main`). Extension modules' frames,
+/// and every frame from the innermost Python frame to the allocator, stay.
 pub fn for_each_frame(
     sym: &mut Symbolizer,
     stacks: &StackTable,
@@ -299,60 +470,105 @@ pub fn for_each_frame(
     mut f: impl FnMut(&Frame),
 ) {
     let addrs = stacks.frames(stack);
+    if !addrs.iter().any(|&a| pyframe::is_python(a)) {
+        for &addr in addrs.iter().rev() {
+            sym.frames(addr).iter().for_each(&mut f);
+        }
+        return;
+    }
+    // (frames of one address, the address), outermost first.
+    let mut seq: Vec<(Arc<[Frame]>, u64)> = Vec::with_capacity(addrs.len());
     let (n_py, runs) = python_runs(&addrs);
     if n_py == 0 {
-        // Native frames, and Python frames (if any) already in place, each run just outside
-        // its evaluation loop: the run stands for the loop, whose inlined callees stay.
+        // Python frames already in place, each run just outside its evaluation loop: the run
+        // stands for the loop, whose inlined callees stay.
         for (i, &addr) in addrs.iter().enumerate().rev() {
-            let python = pyframe::is_python(addr);
-            if sym.python_only && !python {
+            if pyframe::is_python(addr) {
+                seq.push((sym.frames(addr), addr));
                 continue;
             }
+            let frames = sym.frames(addr);
             let run_outside = addrs.get(i + 1).is_some_and(|&a| pyframe::is_python(a));
-            sym.frames(addr)
-                .iter()
-                .filter(|fr| !(run_outside && !python && fr.function == EVAL_LOOP))
-                .for_each(&mut f);
-        }
-        return;
-    }
-    let python = |sym: &mut Symbolizer, run: &[u64], f: &mut dyn FnMut(&Frame)| {
-        for &a in run.iter().rev() {
-            sym.frames(a).iter().for_each(&mut *f);
-        }
-    };
-    if sym.python_only {
-        for run in runs.iter().rev() {
-            python(sym, run, &mut f);
-        }
-        return;
-    }
-    // Which native frames are evaluation loops, innermost first.
-    let native = &addrs[n_py..];
-    let mut per_addr: Vec<Arc<[Frame]>> = native.iter().map(|&a| sym.frames(a)).collect();
-    per_addr.reverse(); // outermost first
-    let evals = per_addr
-        .iter()
-        .flat_map(|fs| fs.iter())
-        .filter(|fr| fr.function == EVAL_LOOP)
-        .count();
-    // The innermost loop ran the innermost run, and so on outwards. Runs beyond the loops seen
-    // (the native stack was cut short at its root) go at the root end.
-    for run in runs.iter().skip(evals).rev() {
-        python(sym, run, &mut f);
-    }
-    let mut eval_seen = 0;
-    for fs in &per_addr {
-        for fr in fs.iter() {
-            if fr.function == EVAL_LOOP {
-                let k = evals - 1 - eval_seen;
-                eval_seen += 1;
-                if let Some(run) = runs.get(k) {
-                    python(sym, run, &mut f);
-                    continue;
-                }
+            let is_loop = frames.iter().any(|fr| fr.function == EVAL_LOOP);
+            if is_loop {
+                sym.note_interpreter(addr);
             }
-            f(fr);
+            let frames: Arc<[Frame]> = if run_outside && is_loop {
+                frames
+                    .iter()
+                    .filter(|fr| fr.function != EVAL_LOOP)
+                    .cloned()
+                    .collect()
+            } else {
+                frames
+            };
+            seq.push((frames, addr));
+        }
+    } else {
+        // Which native frames are evaluation loops, innermost first.
+        let native = &addrs[n_py..];
+        let mut per_addr: Vec<(u64, Arc<[Frame]>)> =
+            native.iter().map(|&a| (a, sym.frames(a))).collect();
+        per_addr.reverse(); // outermost first
+        let mut evals = 0;
+        for (a, fs) in &per_addr {
+            let n = fs.iter().filter(|fr| fr.function == EVAL_LOOP).count();
+            if n > 0 {
+                sym.note_interpreter(*a);
+            }
+            evals += n;
+        }
+        let push_run = |sym: &mut Symbolizer, run: &[u64], seq: &mut Vec<(Arc<[Frame]>, u64)>| {
+            for &a in run.iter().rev() {
+                seq.push((sym.frames(a), a));
+            }
+        };
+        // The innermost loop ran the innermost run, and so on outwards. Runs beyond the loops
+        // seen (the native stack was cut short at its root) go at the root end.
+        for run in runs.iter().skip(evals).rev() {
+            push_run(sym, run, &mut seq);
+        }
+        let mut eval_seen = 0;
+        for (addr, fs) in &per_addr {
+            // Frames of one address up to (outside) its loop, the run, then the rest.
+            let mut pending: Vec<Frame> = Vec::new();
+            for fr in fs.iter() {
+                if fr.function == EVAL_LOOP {
+                    let k = evals - 1 - eval_seen;
+                    eval_seen += 1;
+                    if let Some(run) = runs.get(k) {
+                        if !pending.is_empty() {
+                            seq.push((std::mem::take(&mut pending).into(), *addr));
+                        }
+                        push_run(sym, run, &mut seq);
+                        continue;
+                    }
+                }
+                pending.push(fr.clone());
+            }
+            if !pending.is_empty() {
+                seq.push((pending.into(), *addr));
+            }
+        }
+    }
+    if sym.python_only {
+        for (frames, _) in &seq {
+            frames.iter().filter(|fr| fr.python).for_each(&mut f);
+        }
+        return;
+    }
+    // The innermost Python frame: plumbing is looked for on its root side only.
+    let innermost = seq
+        .iter()
+        .rposition(|(frames, _)| frames.iter().any(|fr| fr.python))
+        .unwrap_or(0);
+    for (i, (frames, addr)) in seq.iter().enumerate() {
+        let hide = i < innermost
+            && !sym.all_frames
+            && !frames.iter().any(|fr| fr.python)
+            && sym.is_plumbing(*addr);
+        if !hide {
+            frames.iter().for_each(&mut f);
         }
     }
 }

@@ -48,7 +48,7 @@ pub fn call_tree(v: &ViewSites, sym: &mut Symbolizer) -> TreeNode {
         root.allocations += site.allocations;
         let mut node = Some(&mut root);
         for_each_frame(sym, &v.stacks, site.stack, |f| {
-            if let Some(n) = node.take().map(|n| n.child(&f.function)) {
+            if let Some(n) = node.take().map(|n| n.child(&f.label())) {
                 n.bytes += site.bytes;
                 n.allocations += site.allocations;
                 node = Some(n);
@@ -65,7 +65,7 @@ pub fn render_tree(root: &TreeNode, depth: usize, min_share: f64) -> String {
     let mut out = String::new();
     let total = root.bytes.max(1);
     line(&mut out, "", "", root, total);
-    walk(&mut out, root, "", depth, total, min_share);
+    walk(&mut out, root, "", depth, depth, total, min_share);
     out
 }
 
@@ -79,8 +79,38 @@ fn line(out: &mut String, prefix: &str, branch: &str, n: &TreeNode, total: u64) 
     ));
 }
 
-fn walk(out: &mut String, node: &TreeNode, prefix: &str, depth: usize, total: u64, min_share: f64) {
+/// Levels below `node` (0 for a leaf).
+fn height(node: &TreeNode) -> usize {
+    node.children
+        .iter()
+        .map(|c| 1 + height(c))
+        .max()
+        .unwrap_or(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn walk(
+    out: &mut String,
+    node: &TreeNode,
+    prefix: &str,
+    depth: usize,
+    max_depth: usize,
+    total: u64,
+    min_share: f64,
+) {
     if depth == 0 {
+        // Say that the branch goes on, rather than end it as if it were a leaf.
+        if !node.children.is_empty() {
+            let more = height(node);
+            out.push_str(&format!(
+                "{:>7} {:>11} {:>10}  {prefix}└─ [{more} more level{} below: --depth {} shows them]\n",
+                "",
+                "",
+                "",
+                if more == 1 { "" } else { "s" },
+                max_depth + more
+            ));
+        }
         return;
     }
     // What the node allocated itself, beside its callees, as a leaf of its own.
@@ -102,7 +132,7 @@ fn walk(out: &mut String, node: &TreeNode, prefix: &str, depth: usize, total: u6
         let last = i + 1 == shown.len() && folded.is_empty();
         line(out, prefix, if last { "└─ " } else { "├─ " }, c, total);
         let deeper = format!("{prefix}{}", if last { "   " } else { "│  " });
-        walk(out, c, &deeper, depth - 1, total, min_share);
+        walk(out, c, &deeper, depth - 1, max_depth, total, min_share);
     }
     if !folded.is_empty() {
         let bytes = folded.iter().map(|c| c.bytes).sum();

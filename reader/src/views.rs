@@ -97,7 +97,8 @@ impl Capture {
 }
 
 /// Folded stacks (`root;...;leaf bytes`), one line per distinct function path, sorted. Frames
-/// are function names, inlined frames included.
+/// are their [labels](crate::Frame::label): function names, inlined frames included, and Python
+/// frames with their file and line.
 pub fn folded(v: &ViewSites, sym: &mut Symbolizer) -> Vec<(String, u64)> {
     // Summed by path in a hash map, sorted once at the end.
     let mut by: std::collections::HashMap<String, u64> = Default::default();
@@ -109,10 +110,11 @@ pub fn folded(v: &ViewSites, sym: &mut Symbolizer) -> Vec<(String, u64)> {
                 path.push(';');
             }
             // `;` separates frames in the folded format.
-            if f.function.contains(';') {
-                path.push_str(&f.function.replace(';', ":"));
+            let label = f.label();
+            if label.contains(';') {
+                path.push_str(&label.replace(';', ":"));
             } else {
-                path.push_str(&f.function);
+                path.push_str(&label);
             }
         });
         if path.is_empty() {
@@ -322,14 +324,20 @@ pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> 
                 let leaf = *v.stacks.frames(site.stack).first()?;
                 sym.frames(leaf).last().cloned()
             })
-            .unwrap_or(crate::Frame {
-                function: "[unknown]".into(),
-                file: None,
-                line: None,
-            });
+            .unwrap_or_else(|| crate::Frame::native("[unknown]"));
         // Whole stacks (the costly part: deep ones, each frame's names copied) only when
         // they are the key.
         let (key, stack) = match by {
+            // A Python function is known by its file too (`<module>` of each file apart).
+            GroupBy::Function if alloc.python => {
+                let f = crate::Frame {
+                    line: None,
+                    ..alloc.clone()
+                };
+                let label = f.label().into_owned();
+                add_to_row(&mut rows, label.clone(), &f, true, vec![label], site);
+                continue;
+            }
             GroupBy::Function => (alloc.function.clone(), vec![alloc.function.clone()]),
             GroupBy::Line => (describe(&alloc), vec![describe(&alloc)]),
             GroupBy::Stack => {
@@ -371,11 +379,8 @@ fn allocating_frame(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Op
 pub fn top_locations(v: &ViewSites, sym: &mut Symbolizer, n: usize) -> Vec<TableRow> {
     let mut rows = Rows::default();
     for site in &v.sites {
-        let f = allocating_frame(sym, &v.stacks, site.stack).unwrap_or(crate::Frame {
-            function: "[unknown]".into(),
-            file: None,
-            line: None,
-        });
+        let f = allocating_frame(sym, &v.stacks, site.stack)
+            .unwrap_or_else(|| crate::Frame::native("[unknown]"));
         let key = describe(&f);
         add_to_row(&mut rows, key.clone(), &f, true, vec![key], site);
     }
@@ -394,6 +399,7 @@ mod tests {
             function: function.to_string(),
             file: file.map(str::to_string),
             line: None,
+            python: false,
         };
         for w in [
             "operator new(unsigned long)",

@@ -137,7 +137,25 @@ fn bytes_at(rows: &[(String, String, u64, u64)], function: &str, file: &str, lin
         .sum()
 }
 
+/// Folded stacks with Python frames by name alone (`main`, not `main (app.py:12)`), summed by
+/// the resulting path.
 fn folded(cap: &std::path::Path, args: &[&str]) -> Vec<(String, u64)> {
+    let mut by: std::collections::BTreeMap<String, u64> = Default::default();
+    for (s, b) in folded_labels(cap, args) {
+        let names: Vec<&str> = s
+            .split(';')
+            .map(|f| match f.rsplit_once(" (") {
+                Some((name, _)) if f.ends_with(')') => name,
+                _ => f,
+            })
+            .collect();
+        *by.entry(names.join(";")).or_default() += b;
+    }
+    by.into_iter().collect()
+}
+
+/// Folded stacks as exported: Python frames labelled `qualname (file.py:LINE)`.
+fn folded_labels(cap: &std::path::Path, args: &[&str]) -> Vec<(String, u64)> {
     let out = memtrack_ok(|c| {
         c.args(["export", "--format", "folded"]).args(args).arg(cap);
     });
@@ -412,7 +430,18 @@ fn called_from_c(py: &Py) {
         (3 * (10 << 20)..3 * (10 << 20) + 3 * 256).contains(&b),
         "{b}"
     );
+    // By default the interpreter's C frames between `outer` and `inner` (sorted's, which
+    // called `inner` as its key) are left out; `--all-frames` shows them in place.
     for (stack, _) in big.iter().filter(|(_, b)| *b >= 10 << 20) {
+        assert!(stack.starts_with("<module>;outer;inner;"), "{stack}");
+    }
+    let every = folded(&cap, &["--allocated", "--all-frames"]);
+    let big_every: Vec<&(String, u64)> = every
+        .iter()
+        .filter(|(s, b)| s.contains(";inner;") && *b >= 10 << 20)
+        .collect();
+    assert!(!big_every.is_empty(), "{every:?}");
+    for (stack, _) in big_every {
         let at = |f: &str| stack.find(f).unwrap_or_else(|| panic!("no {f} in {stack}"));
         assert!(at(";<module>;") < at(";outer;"), "{stack}");
         assert!(at(";outer;") < at(";builtin_sorted"), "{stack}");
@@ -504,5 +533,150 @@ fn generators_and_coroutines(py: &Py) {
         (3 * mib..3 * mib + 256).contains(&line("fetch", 21)),
         "{:?}",
         &rows[..5]
+    );
+}
+
+#[test]
+fn python_frames_carry_file_and_line_and_hide_the_interpreter() {
+    for py in pythons() {
+        labels_and_plumbing(&py);
+    }
+}
+
+/// tests/fixtures/py_labels: two `build` functions in two files, `twice` allocating at two
+/// lines, and module-level blocks in both files (their sizes are in main.py's docstring).
+fn labels_and_plumbing(py: &Py) {
+    let work = py.work("python_labels");
+    let cap = traced_python(&work, py, "py_labels/main.py", "labels.cap");
+
+    // Each of the four allocations has a folded stack of its own, told apart by file:line (the
+    // files relative to the script's folder), with exactly its bytes.
+    let all = folded_labels(&cap, &["--peak"]);
+    let exactly = |label: &str, bytes: u64| {
+        let hits: Vec<&(String, u64)> = all
+            .iter()
+            .filter(|(s, _)| s.split(';').any(|f| f == label))
+            .collect();
+        assert!(
+            hits.iter().any(|(_, b)| *b == bytes),
+            "{}: no stack of {label} holds {bytes} bytes: {hits:?}",
+            py.version
+        );
+    };
+    exactly("build (main.py:15)", 3_000_001);
+    exactly("build (other.py:7)", 2_000_001);
+    exactly("twice (main.py:19)", 1_100_001);
+    exactly("twice (main.py:20)", 1_200_001);
+    exactly("<module> (main.py:23)", 600_001);
+    exactly("<module> (other.py:3)", 700_001);
+    // The interpreter's frames around Python frames are left out by default...
+    let plumbing = [
+        "_PyEval_EvalFrameDefault",
+        "_PyEval_Vector",
+        "PyEval_EvalCode",
+        "Py_RunMain",
+        "Py_BytesMain",
+        "__libc_start_main",
+        "_start",
+        "main",
+    ];
+    let (stack, _) = all
+        .iter()
+        .find(|(s, b)| *b == 3_000_001 && s.contains("build (main.py:15)"))
+        .unwrap();
+    let frames: Vec<&str> = stack.split(';').collect();
+    assert_eq!(
+        &frames[..2],
+        &["<module> (main.py:25)", "build (main.py:15)"],
+        "{}: {stack}",
+        py.version
+    );
+    for p in plumbing {
+        assert!(!frames.contains(&p), "{}: {p} in {stack}", py.version);
+    }
+    // ...and the allocator path below the innermost Python frame stays.
+    assert!(
+        frames[2..].contains(&"bytearray___init__") || frames[2..].contains(&"type_call"),
+        "{}: {stack}",
+        py.version
+    );
+    // `--all-frames` gives them back: the same allocation under Py_RunMain and the C start.
+    let every = folded_labels(&cap, &["--peak", "--all-frames"]);
+    let (stack, _) = every
+        .iter()
+        .find(|(s, b)| *b == 3_000_001 && s.contains("build (main.py:15)"))
+        .unwrap();
+    let frames: Vec<&str> = stack.split(';').collect();
+    for p in ["Py_RunMain", "_PyEval_Vector", "_start"] {
+        assert!(frames.contains(&p), "{}: {p} not in {stack}", py.version);
+    }
+
+    // The table by function keeps the two `build`s and the two `<module>`s apart by file.
+    let out = memtrack_ok(|c| {
+        c.args(["table", "--json", "--top", "1000", "--peak"])
+            .arg(&cap);
+    });
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |function: &str, file: &str| -> u64 {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["function"] == function && r["file"] == file)
+            .map(|r| r["total_bytes"].as_u64().unwrap())
+            .sum()
+    };
+    let near = |got: u64, want: u64, what: &str| {
+        // The bytearray objects themselves (57 bytes each, or so) sit beside their buffers.
+        assert!(
+            (want..want + 400).contains(&got),
+            "{}: {what}: {got}, want {want} (+ object headers): {v}",
+            py.version
+        );
+    };
+    near(row("build", "main.py"), 3_000_001, "build in main.py");
+    near(row("build", "other.py"), 2_000_001, "build in other.py");
+    near(row("twice", "main.py"), 2_300_002, "twice");
+    let text = String::from_utf8(
+        memtrack_ok(|c| {
+            c.args(["table", "--peak"]).arg(&cap);
+        })
+        .stdout,
+    )
+    .unwrap();
+    assert!(text.contains("build (main.py)"), "{text}");
+    assert!(text.contains("build (other.py)"), "{text}");
+
+    // `tree` at its default depth reaches the Python frames and their bytes.
+    let tree = String::from_utf8(
+        memtrack_ok(|c| {
+            c.args(["tree", "--peak"]).arg(&cap);
+        })
+        .stdout,
+    )
+    .unwrap();
+    for label in [
+        "build (main.py:15)",
+        "build (other.py:7)",
+        "twice (main.py:19)",
+        "twice (main.py:20)",
+    ] {
+        assert!(
+            tree.contains(label),
+            "{}: {label} not in\n{tree}",
+            py.version
+        );
+    }
+    // A tree cut by --depth says so.
+    let shallow = String::from_utf8(
+        memtrack_ok(|c| {
+            c.args(["tree", "--peak", "--depth", "1"]).arg(&cap);
+        })
+        .stdout,
+    )
+    .unwrap();
+    assert!(
+        shallow.contains("more levels below: --depth"),
+        "{}: {shallow}",
+        py.version
     );
 }
