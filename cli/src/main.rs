@@ -45,12 +45,18 @@ struct Cli {
     /// summary` lists them). Default: the whole tree.
     #[arg(long, global = true, value_name = "PID")]
     pid: Option<u32>,
+    /// Never name this function as the allocating location (an allocation wrapper: its caller
+    /// is named instead). A glob over the whole function name (`*`, `?`); repeatable.
+    #[arg(long, global = true, value_name = "PATTERN")]
+    skip_function: Vec<String>,
 }
 
 /// `--python-only`, for every report.
 static PYTHON_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// `--all-frames`, for every report.
 static ALL_FRAMES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `--skip-function`, for every report.
+static SKIP_FUNCTIONS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
 /// `function (file.c:12)`, an absolute file shortened to its name (a relative one, such as a
 /// Python file's `pkg/mod.py`, kept: its folders tell files apart); `function (file)` without a
@@ -85,6 +91,7 @@ fn symbolizer(cap: &Capture) -> Symbolizer {
     let mut sym = Symbolizer::new(cap);
     sym.python_only = PYTHON_ONLY.load(std::sync::atomic::Ordering::Relaxed);
     sym.all_frames = ALL_FRAMES.load(std::sync::atomic::Ordering::Relaxed);
+    sym.skip_functions = SKIP_FUNCTIONS.get().cloned().unwrap_or_default();
     sym
 }
 
@@ -482,6 +489,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     PYTHON_ONLY.store(cli.python_only, std::sync::atomic::Ordering::Relaxed);
     ALL_FRAMES.store(cli.all_frames, std::sync::atomic::Ordering::Relaxed);
+    let _ = SKIP_FUNCTIONS.set(cli.skip_function.clone());
     let pid = cli.pid;
     let result = match cli.cmd {
         Cmd::Run {

@@ -81,15 +81,24 @@ fn top3(
         .map(|s| Contributor {
             bytes: s.bytes,
             allocations: s.allocations,
-            frames: stack_frames(sym, stacks, s.stack)
-                .iter()
-                .rev()
-                .map(crate::views::describe)
-                .collect(),
+            frames: from_location(sym, stacks, s.stack),
             pid: None,
             process: None,
         })
         .collect()
+}
+
+/// A stack's frames, innermost first, from its allocating frame (the location of `table`:
+/// allocator wrappers below it, such as `operator new` or an `xmalloc`, left out).
+fn from_location(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Vec<String> {
+    let mut frames = stack_frames(sym, stacks, stack);
+    frames.reverse();
+    if let Some(at) = crate::views::allocating_frame(sym, stacks, stack)
+        .and_then(|loc| frames.iter().position(|f| *f == loc))
+    {
+        frames.drain(..at);
+    }
+    frames.iter().map(crate::views::describe).collect()
 }
 
 /// The limits as results, `measured` filled in by `figure(name)`.

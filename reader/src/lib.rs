@@ -21,6 +21,7 @@ mod check;
 mod diff;
 mod family;
 mod plot;
+mod modinfo;
 pub mod pprof;
 mod replay;
 mod stacks;

@@ -155,6 +155,8 @@ struct Loaded {
     ranges: Vec<(u64, u64)>,
     name: String,
     loader: Option<addr2line::Loader>,
+    /// Its symbols with sizes, `.eh_frame` bounds and code (for names and wrappers).
+    file: Option<crate::modinfo::ModuleFile>,
     tried: bool,
 }
 
@@ -176,6 +178,10 @@ pub struct Symbolizer {
     plumbing: Vec<bool>,
     /// Things the user should know once (a binary that changed since the capture, say).
     pub warnings: Vec<String>,
+    /// `--skip-function` patterns: functions that reports never name as the allocating one.
+    pub skip_functions: Vec<String>,
+    /// Wrapper verdicts by (return address, the skipped frame's return address or 0).
+    wrappers: FastMap<(u64, u64), bool>,
 }
 
 impl Symbolizer {
@@ -210,6 +216,7 @@ impl Symbolizer {
                     ranges,
                     name,
                     loader: None,
+                    file: None,
                     tried: false,
                 });
             }
@@ -248,6 +255,8 @@ impl Symbolizer {
             program_dir,
             plumbing,
             warnings: Vec::new(),
+            skip_functions: Vec::new(),
+            wrappers: FastMap::default(),
         }
     }
 
@@ -290,12 +299,14 @@ impl Symbolizer {
         let l = &self.modules[i];
         // A return address points after the call: look up the call itself.
         let probe = addr.wrapping_sub(1).wrapping_sub(l.module.base);
-        let fallback = || vec![Frame::native(format!("{}+{:#x}", l.name, probe + 1))];
-        let Some(loader) = &l.loader else {
-            return fallback();
-        };
+        // The symbol whose extent holds the address (not merely the nearest one before it: in
+        // a stripped binary that is some other function), else the function `.eh_frame` knows
+        // there, unnamed: `unknown@module+0xSTART`, by its start so that every call from one
+        // function groups into one row, and the start is what objdump or a debug build takes.
+        let function = l.file.as_ref().and_then(|f| f.function(probe));
+        let symbol = function.as_ref().and_then(|f| f.name);
         let mut out = Vec::new();
-        if let Ok(mut it) = loader.find_frames(probe) {
+        if let Some(Ok(mut it)) = l.loader.as_ref().map(|d| d.find_frames(probe)) {
             while let Ok(Some(f)) = it.next() {
                 let function = f
                     .function
@@ -317,27 +328,30 @@ impl Symbolizer {
         // addr2line yields the innermost frame first; callers want the outermost first.
         out.reverse();
         if out.iter().all(|f| f.function.is_empty()) {
-            if let Some(sym) = loader.find_symbol(probe) {
-                let name = addr2line::demangle_auto(sym.into(), None).into_owned();
-                let (file, line) = out
-                    .last()
-                    .map(|f| (f.file.clone(), f.line))
-                    .unwrap_or((None, None));
-                return vec![Frame {
-                    function: name,
-                    file,
-                    line,
-                    python: false,
-                }];
-            }
-            return fallback();
+            let name = match &function {
+                Some(f) => match f.name {
+                    Some(sym) => addr2line::demangle_auto(sym.into(), None).into_owned(),
+                    None => format!("unknown@{}+{:#x}", l.name, f.start),
+                },
+                None => format!("{}+{:#x}", l.name, probe + 1),
+            };
+            let (file, line) = out
+                .last()
+                .map(|f| (f.file.clone(), f.line))
+                .unwrap_or((None, None));
+            return vec![Frame {
+                function: name,
+                file,
+                line,
+                python: false,
+            }];
         }
         for f in out.iter_mut().filter(|f| f.function.is_empty()) {
             f.function = format!("{}+{:#x}", l.name, probe + 1);
         }
         // rustc's DWARF names a function without its path (`keep_blocks` inside namespace
         // `app`); the symbol table's demangled name has it (`app::keep_blocks`).
-        if let (Some(outer), Some(sym)) = (out.first_mut(), loader.find_symbol(probe)) {
+        if let (Some(outer), Some(sym)) = (out.first_mut(), symbol) {
             let base = outer.function.split('<').next().unwrap_or_default();
             if !base.is_empty() && !base.contains("::") {
                 let full = addr2line::demangle_auto(sym.into(), None);
@@ -389,7 +403,11 @@ impl Symbolizer {
         if !path.is_absolute() {
             return; // linux-vdso.so.1 and the like: no file
         }
-        let Ok(data) = std::fs::read(path) else {
+        let Some(data) = std::fs::File::open(path)
+            .ok()
+            // SAFETY: a read-only private mapping; the module file is not written while read.
+            .and_then(|f| unsafe { memmap2::Mmap::map(&f) }.ok())
+        else {
             self.warnings.push(format!(
                 "{}: cannot read it; its frames show as offsets",
                 m.path
@@ -418,6 +436,54 @@ impl Symbolizer {
             separate_debug_file(path, &m.build_id, &obj).unwrap_or_else(|| path.to_path_buf())
         };
         self.modules[i].loader = addr2line::Loader::new(&debug).ok();
+        self.modules[i].file = crate::modinfo::ModuleFile::open(path, Some(&debug));
+    }
+
+    /// Whether the function of return address `addr` only passes an allocation on to the
+    /// allocator (see [`crate::modinfo::ModuleFile::is_wrapper`]): `inner` is the return
+    /// address of the frame below it, already skipped (None: `addr` called the allocator).
+    pub(crate) fn is_wrapper_at(&mut self, addr: u64, inner: Option<u64>) -> bool {
+        let key = (addr, inner.unwrap_or(0));
+        if let Some(&w) = self.wrappers.get(&key) {
+            return w;
+        }
+        let w = self.wrapper_code(addr, inner);
+        self.wrappers.insert(key, w);
+        w
+    }
+
+    fn wrapper_code(&mut self, addr: u64, inner: Option<u64>) -> bool {
+        if pyframe::is_python(addr) {
+            return false;
+        }
+        let Some(i) = self.module_of(addr) else {
+            return false;
+        };
+        self.load(i);
+        let mut what = crate::modinfo::Inner::default();
+        if let Some(a) = inner {
+            what.names = self.frames(a).iter().map(|f| f.function.clone()).collect();
+            if self.module_of(a) == Some(i) {
+                let base = self.modules[i].module.base;
+                let probe = a.wrapping_sub(1).wrapping_sub(base);
+                if let Some(f) = self.modules[i]
+                    .file
+                    .as_ref()
+                    .and_then(|f| f.function(probe))
+                {
+                    what.starts.push(f.start);
+                    what.names.extend(f.name.map(str::to_string));
+                }
+            }
+        }
+        let l = &self.modules[i];
+        let probe = addr.wrapping_sub(1).wrapping_sub(l.module.base);
+        l.file.as_ref().is_some_and(|f| f.is_wrapper(probe, &what))
+    }
+
+    /// Whether `--skip-function` names the function.
+    pub(crate) fn skips(&self, function: &str) -> bool {
+        self.skip_functions.iter().any(|p| glob(p, function))
     }
 }
 
@@ -631,3 +697,43 @@ pub fn merged_addrs(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Ve
 
 /// CPython's evaluation loop: its native frames are replaced by the Python frames it ran.
 const EVAL_LOOP: &str = "_PyEval_EvalFrameDefault";
+
+/// Glob match of a whole name: `*` any run of characters, `?` one character.
+fn glob(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    // Iterative matcher with backtracking to the last `*`.
+    let (mut pi, mut ni, mut star, mut mark) = (0, 0, None, 0);
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = ni;
+            pi += 1;
+        } else if let Some(s) = star {
+            pi = s + 1;
+            mark += 1;
+            ni = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod glob_tests {
+    #[test]
+    fn globs_match_whole_names() {
+        use super::glob;
+        assert!(glob("xmalloc", "xmalloc"));
+        assert!(!glob("xmalloc", "xmalloc_array"));
+        assert!(glob("x*alloc", "xrealloc"));
+        assert!(glob("g_*", "g_malloc0"));
+        assert!(glob("*::alloc*", "pool::alloc_block"));
+        assert!(glob("a?c", "abc"));
+        assert!(!glob("a?c", "abbc"));
+        assert!(!glob("*alloc", "alloc_it"));
+    }
+}

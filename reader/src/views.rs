@@ -355,21 +355,27 @@ pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> 
 /// (the native frames below it are the interpreter's or an extension's); else its innermost
 /// frame past operator new / new[] and the other allocator wrappers. Symbolizes only the frames
 /// it looks at, not the whole stack.
-fn allocating_frame(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Option<crate::Frame> {
+pub(crate) fn allocating_frame(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Option<crate::Frame> {
     if let Some(f) = python_allocator(sym, stacks, stack) {
         return Some(f);
     }
     // Innermost first; inlined frames of one address come outermost first, so look from the
-    // back of each address's list.
+    // back of each address's list. A frame whose machine code only passes the allocation on
+    // (jq's jv_mem_alloc, git's xmalloc, g_malloc: see `Symbolizer::is_wrapper_at`) is skipped
+    // whole, as are frames named by `--skip-function`.
+    let mut inner = None;
     for a in stacks.frames(stack) {
-        if let Some(f) = sym
-            .frames(a)
-            .iter()
-            .rev()
-            .find(|f| !is_allocator_wrapper(f))
-        {
-            return Some(f.clone());
+        if !sym.is_wrapper_at(a, inner) {
+            let frames = sym.frames(a);
+            if let Some(f) = frames
+                .iter()
+                .rev()
+                .find(|f| !is_allocator_wrapper(f) && !sym.skips(&f.function))
+            {
+                return Some(f.clone());
+            }
         }
+        inner = Some(a);
     }
     None
 }
