@@ -10,6 +10,51 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+// Every report line goes through these instead of std's `println!`/`print!`, which panic when
+// standard output fails ("failed printing to stdout: Broken pipe" under `| head`).
+macro_rules! println {
+    () => {
+        $crate::stdout_write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::stdout_write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+macro_rules! print {
+    ($($arg:tt)*) => {
+        $crate::stdout_write(format_args!($($arg)*))
+    };
+}
+
+/// Writes to standard output. When it cannot: the reader of a pipe went away (`| head`), so
+/// memtrack stops quietly with exit 0 (as `cat` would have, killed by SIGPIPE, without the
+/// status); any other error (a full disk) is one message and exit 2.
+fn stdout_write(args: std::fmt::Arguments) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        stdout_failed(&e);
+    }
+}
+
+fn stdout_failed(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("memtrack: error: cannot write to standard output: {e}");
+    std::process::exit(2);
+}
+
+/// Whether an error comes from a reader of standard output that went away.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>()
+                .and_then(|j| j.io_error_kind())
+                == Some(std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 mod launch;
 mod subject;
 use subject::{Part, Subject};
@@ -124,12 +169,9 @@ enum Cmd {
         #[command(flatten)]
         limits: Limits,
         /// The command and its arguments.
-        #[arg(
-            required = true,
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "CMD"
-        )]
+        // Not `allow_hyphen_values`: a misspelled option before the command (`--follow-forks`)
+        // is an error, not a command; everything after the command's name passes untouched.
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
     /// Peak heap, leaks at exit, totals.
@@ -491,6 +533,20 @@ fn main() -> ExitCode {
     ALL_FRAMES.store(cli.all_frames, std::sync::atomic::Ordering::Relaxed);
     let _ = SKIP_FUNCTIONS.set(cli.skip_function.clone());
     let pid = cli.pid;
+    // No report writes over what it reads, nor over any capture.
+    let outputs = match &cli.cmd {
+        Cmd::Flamegraph { file, output, .. }
+        | Cmd::Export { file, output, .. }
+        | Cmd::Plot { file, output } => check_output(output.as_deref(), &[file]),
+        Cmd::Diff {
+            base, new, output, ..
+        } => check_output(output.as_deref(), &[base, new]),
+        _ => Ok(()),
+    };
+    if let Err(e) = outputs {
+        eprintln!("memtrack: error: {e:#}");
+        return ExitCode::from(2);
+    }
     let result = match cli.cmd {
         Cmd::Run {
             output,
@@ -561,6 +617,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => ExitCode::from(code),
+        // `memtrack export ... | head`: the reader had what it wanted.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("memtrack: error: {e:#}");
             ExitCode::from(2)
@@ -568,7 +626,47 @@ fn main() -> ExitCode {
     }
 }
 
-/// Finds `libmemtrack.so`: `MEMTRACK_PRELOAD`, else beside this executable.
+/// Refuses an `-o` that would destroy data: one of the command's `inputs` (the same file by
+/// device and inode, so links and `./` spellings count), any memtrack capture (a process
+/// tree's FILE.<pid> included), or a directory. `-` (standard output) and new files pass.
+fn check_output(output: Option<&Path>, inputs: &[&PathBuf]) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(out) = output.filter(|o| o.as_os_str() != "-") else {
+        return Ok(());
+    };
+    let Ok(meta) = std::fs::metadata(out) else {
+        return Ok(());
+    };
+    if meta.is_dir() {
+        bail!("cannot write {}: it is a directory", out.display());
+    }
+    for input in inputs {
+        if std::fs::metadata(input).is_ok_and(|m| m.dev() == meta.dev() && m.ino() == meta.ino()) {
+            bail!(
+                "refusing to write the report over {}, the capture it reads; choose another -o",
+                out.display()
+            );
+        }
+    }
+    let mut head = [0u8; 8];
+    // Regular files only: opening a FIFO or `/dev/stdout` to read would block or steal input.
+    let is_capture = meta.is_file()
+        && std::fs::File::open(out)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+            .is_ok()
+        && &head == memtrack_format::MAGIC;
+    if is_capture {
+        bail!(
+            "refusing to write the report over {}: it is a memtrack capture; choose another -o",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// Finds `libmemtrack.so`: `MEMTRACK_PRELOAD`, else beside this executable (a cargo build's
+/// target/release), else in `../lib/memtrack/` or `../lib/` from it (`install.sh PREFIX`
+/// puts them in PREFIX/bin and PREFIX/lib/memtrack).
 fn find_preload() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("MEMTRACK_PRELOAD") {
         let p = PathBuf::from(p);
@@ -581,14 +679,29 @@ fn find_preload() -> Result<PathBuf> {
         return Ok(std::path::absolute(&p)?);
     }
     let exe = std::env::current_exe().context("cannot locate the memtrack executable")?;
-    let lib = exe.with_file_name("libmemtrack.so");
-    if !lib.is_file() {
-        bail!(
-            "libmemtrack.so not found beside {} (build the whole workspace with `cargo build --release`, or set MEMTRACK_PRELOAD)",
-            exe.display()
-        );
+    // Through a symlink (~/bin/memtrack -> the build) too.
+    let real = std::fs::canonicalize(&exe).unwrap_or_else(|_| exe.clone());
+    let mut tried = Vec::new();
+    for e in [&exe, &real] {
+        let Some(dir) = e.parent() else { continue };
+        for cand in [
+            dir.join("libmemtrack.so"),
+            dir.join("../lib/memtrack/libmemtrack.so"),
+            dir.join("../lib/libmemtrack.so"),
+        ] {
+            if cand.is_file() {
+                return Ok(cand);
+            }
+            if !tried.contains(&cand) {
+                tried.push(cand);
+            }
+        }
     }
-    Ok(lib)
+    let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    bail!(
+        "libmemtrack.so (the library memtrack preloads into the command) not found; looked in {}. Install memtrack with `./install.sh [PREFIX]` from its source tree (it puts both in place), or build it with `cargo build --release` and run target/release/memtrack, or set MEMTRACK_PRELOAD=/path/to/libmemtrack.so",
+        tried.join(", ")
+    )
 }
 
 fn is_python(cmd: &Path) -> bool {
@@ -684,6 +797,13 @@ fn cmd_run(
                 .with_context(|| format!("bad output path {}", o.display()))?;
             // symlink_metadata: a link planted at the path counts as existing (and is never
             // followed: the tracker creates the capture with O_EXCL).
+            if o.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                bail!(
+                    "cannot write the capture to {}: it is a directory; give a file name, e.g. -o {}",
+                    o.display(),
+                    o.join("app.cap").display()
+                );
+            }
             if o.symlink_metadata().is_ok() {
                 if !force {
                     bail!(
@@ -707,6 +827,9 @@ fn cmd_run(
     if out.to_string_lossy().contains("%p") && output_is_template_conflict(&out) {
         bail!("the output name may not contain %p twice");
     }
+    // Before the command runs: else it would run untracked, every process of it saying that
+    // it cannot create its capture.
+    check_capture_dir(&out)?;
     let mut preload = lib.as_os_str().to_os_string();
     if let Some(existing) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
         preload.push(":");
@@ -820,6 +943,49 @@ fn cmd_run(
     Ok(code)
 }
 
+/// That the tracker will be able to create `out` (absolute, `%p` standing for a pid): a file
+/// of that name is created and removed again (what the user may do there, a read-only or
+/// special file system, a name too long: only trying tells).
+fn check_capture_dir(out: &Path) -> Result<()> {
+    let dir = out.parent().unwrap_or(Path::new("/"));
+    let cannot = |why: String| {
+        anyhow::anyhow!(
+            "cannot write the capture to {}: {why}; choose another -o",
+            out.display()
+        )
+    };
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(cannot(format!(
+                "the directory {} does not exist",
+                dir.display()
+            )))
+        }
+        Err(e) => return Err(cannot(format!("{}: {e}", dir.display()))),
+        Ok(m) if !m.is_dir() => {
+            return Err(cannot(format!("{} is not a directory", dir.display())))
+        }
+        Ok(_) => {}
+    }
+    let probe = PathBuf::from(
+        out.to_string_lossy()
+            .replace("%p", &std::process::id().to_string()),
+    );
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        // Another run's capture of that pid: not a problem of the directory.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(cannot(format!("cannot create a file there: {e}"))),
+    }
+}
+
 fn output_is_template_conflict(out: &Path) -> bool {
     out.to_string_lossy().matches("%p").count() > 1
 }
@@ -914,9 +1080,10 @@ fn cmd_summary(file: &Path, pid: Option<u32>, json: bool) -> Result<()> {
                 location = format!("[pid {pid}] {location}");
             }
             println!(
-                "    {:>11} in {:>9} allocations  {location}",
+                "    {:>11} in {:>9} {}  {location}",
                 human_bytes(t.total_bytes),
-                grouped(t.count)
+                grouped(t.count),
+                plural(t.count, "allocation")
             );
         }
     }
@@ -1017,6 +1184,20 @@ fn print_tree_summary(tree: &memtrack_reader::ProcessTree, chosen: u32) {
     }
 }
 
+/// `1 allocation`, `2,048 allocations`: a count with its noun (plural with an `s`).
+fn count(n: u64, noun: &str) -> String {
+    format!("{} {}", grouped(n), plural(n, noun))
+}
+
+/// The noun for `n` of it, padded to the plural's width (for columns).
+fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("{noun} ")
+    } else {
+        format!("{noun}s")
+    }
+}
+
 fn bytes(n: u64) -> String {
     if n < 1024 {
         format!("{} bytes", grouped(n))
@@ -1048,6 +1229,11 @@ fn print_summary(file: &Path, cap: &Capture, s: &Summary) {
             "  capture:        complete (ended by {})",
             s.end_reason.unwrap_or("exit")
         );
+    } else if subject::being_written(cap) {
+        println!(
+            "  capture:        still being written (no END record yet): its process is running; figures cover its first {:.3} s",
+            s.duration_seconds
+        );
     } else {
         println!(
             "  capture:        INCOMPLETE: cut off after {:.3} s (the process was killed or crashed); read up to its last complete record",
@@ -1066,33 +1252,35 @@ fn print_summary(file: &Path, cap: &Capture, s: &Summary) {
         }
     }
     println!(
-        "  peak heap:      {} in {} allocations, at {:.3} s",
+        "  peak heap:      {} in {}, at {:.3} s",
         bytes(s.peak_bytes),
-        grouped(s.peak_allocations),
+        count(s.peak_allocations, "allocation"),
         s.peak_time_seconds
     );
     let leak_word = if s.complete {
         "leaked at exit:"
+    } else if subject::being_written(cap) {
+        "live so far:"
     } else {
         "live at cut-off:"
     };
     println!(
-        "  {leak_word:<16}{} in {} allocations",
+        "  {leak_word:<15} {} in {}",
         bytes(s.leaked_bytes),
-        grouped(s.leaked_allocations)
+        count(s.leaked_allocations, "allocation")
     );
     println!(
-        "  allocated:      {} in {} calls",
+        "  allocated:      {} in {}",
         bytes(s.total_bytes),
-        grouped(s.total_allocations)
+        count(s.total_allocations, "call")
     );
     println!("  frees:          {}", grouped(s.total_frees));
     if s.unmatched_frees > 0 || s.overlapping_allocations > 0 || s.corrupt_chunks > 0 {
         println!(
-            "  note:           {} frees of blocks allocated before recording began, {} allocations over a live block, {} damaged chunks",
-            grouped(s.unmatched_frees),
-            grouped(s.overlapping_allocations),
-            s.corrupt_chunks
+            "  note:           {} of blocks allocated before recording began, {} over a live block, {}",
+            count(s.unmatched_frees, "free"),
+            count(s.overlapping_allocations, "allocation"),
+            count(s.corrupt_chunks as u64, "damaged chunk")
         );
     }
     for w in &cap.warnings {
@@ -1591,11 +1779,11 @@ fn cmd_table(
         return Ok(());
     }
     println!(
-        "memtrack table of {}: {}, {} in {} allocations",
+        "memtrack table of {}: {}, {} in {}",
         file.display(),
         view_title(view, &subject),
         bytes(parts.iter().map(|p| p.view.bytes).sum()),
-        grouped(parts.iter().map(|p| p.view.allocations).sum())
+        count(parts.iter().map(|p| p.view.allocations).sum(), "allocation")
     );
     if parts.len() > 1 {
         println!("  processes:");
@@ -1680,8 +1868,8 @@ fn cmd_stats(file: &Path, pid: Option<u32>, json: bool) -> Result<()> {
     }
     println!("memtrack stats of {}", cap.path().display());
     println!(
-        "  {} allocations, {} requested; {} temporary ({})",
-        grouped(st.allocated.allocations),
+        "  {}, {} requested; {} temporary ({})",
+        count(st.allocated.allocations, "allocation"),
         bytes(st.allocated.bytes),
         grouped(st.temporary.allocations),
         bytes(st.temporary.bytes)
@@ -1706,17 +1894,19 @@ fn cmd_stats(file: &Path, pid: Option<u32>, json: bool) -> Result<()> {
     println!("\nby allocator function");
     for k in &st.by_function {
         println!(
-            "  {:<16} {:>12} calls  {}",
+            "  {:<16} {:>12} {}  {}",
             k.function,
             grouped(k.count),
+            plural(k.count, "call"),
             bytes(k.bytes)
         );
     }
     println!("\ntop locations by count");
     for r in &by_count {
         println!(
-            "  {:>12} calls  {:>12}  {}",
+            "  {:>12} {}  {:>12}  {}",
             grouped(r.count),
+            plural(r.count, "call"),
             human_bytes(r.total_bytes),
             r.function
         );
@@ -1724,17 +1914,19 @@ fn cmd_stats(file: &Path, pid: Option<u32>, json: bool) -> Result<()> {
     println!("\ntop locations by bytes");
     for r in &by_bytes {
         println!(
-            "  {:>12}  {:>12} calls  {}",
+            "  {:>12}  {:>12} {}  {}",
             human_bytes(r.total_bytes),
             grouped(r.count),
+            plural(r.count, "call"),
             r.function
         );
     }
     println!("\ntemporary allocations");
     for r in temporary.iter().take(5) {
         println!(
-            "  {:>12} calls  {:>12}  {}",
+            "  {:>12} {}  {:>12}  {}",
             grouped(r.count),
+            plural(r.count, "call"),
             human_bytes(r.total_bytes),
             r.function
         );
@@ -1792,11 +1984,11 @@ fn cmd_tree(
     root.children
         .sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.name.cmp(&b.name)));
     println!(
-        "memtrack tree of {}: {}, {} in {} allocations",
+        "memtrack tree of {}: {}, {} in {}",
         file.display(),
         view_title(view, &subject),
         bytes(root.bytes),
-        grouped(root.allocations)
+        count(root.allocations, "allocation")
     );
     println!("{:>8} {:>11} {:>10}  call path", "share", "bytes", "count");
     print!("{}", render_tree(&root, depth, min_percent / 100.0));
@@ -1883,7 +2075,7 @@ fn check_report_for(
                 if r.unit == "bytes" {
                     bytes(n)
                 } else {
-                    format!("{} allocations", grouped(n))
+                    count(n, "allocation")
                 }
             };
             writeln!(
@@ -1908,17 +2100,19 @@ fn check_report_for(
                 let frames: Vec<&str> = c.frames.iter().take(10).map(String::as_str).collect();
                 writeln!(
                     out,
-                    "      {} in {} allocations{}: {}{}",
+                    "      {} in {}{}: {}{}",
                     human_bytes(c.bytes),
-                    grouped(c.allocations),
+                    count(c.allocations, "allocation"),
                     c.pid.map(|p| format!(" [pid {p}]")).unwrap_or_default(),
                     frames.join(" <- "),
                     if c.frames.len() > 10 { " <- ..." } else { "" }
                 )?;
             }
         }
-        if !complete {
-            writeln!(out, "  note: the capture is incomplete (the process was killed); figures cover what was recorded")?;
+        if !complete && subject::being_written(cap) {
+            writeln!(out, "  note: the capture is still being written (no END record yet); figures cover what was recorded so far")?;
+        } else if !complete {
+            writeln!(out, "  note: the capture is incomplete (the process was killed or crashed); figures cover what was recorded")?;
         }
         writeln!(
             out,

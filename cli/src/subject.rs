@@ -131,7 +131,7 @@ impl Subject {
     pub fn about(&self) -> String {
         match self.one() {
             Some(p) if self.is_one_of_many() => p.label(),
-            Some(p) => p.argv.join(" "),
+            Some(p) => memtrack_reader::shell_command(&p.argv),
             None => {
                 let more = self
                     .tree
@@ -148,4 +148,57 @@ impl Subject {
             }
         }
     }
+}
+
+/// True when `cap` has no `END` yet because its process is still writing it (not killed): the
+/// tracker holds a shared `flock` on the capture while it has it open, and the process of the
+/// header is alive and no younger than the capture (not a reused pid; not a forked child that
+/// still holds the descriptor after the writer died).
+pub fn being_written(cap: &Capture) -> bool {
+    use std::os::fd::AsRawFd;
+    if cap.end.is_some() {
+        return false;
+    }
+    let Ok(f) = std::fs::File::open(cap.path()) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor this function owns; LOCK_NB: never blocks. A lock taken
+    // is released when `f` closes.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    // Free (or locks unsupported here): no tracker has the file open.
+    if r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EWOULDBLOCK) {
+        return false;
+    }
+    process_started_by(cap.header.pid, cap.header.start_unix_ns)
+}
+
+/// Whether process `pid` is alive here and started no later than `unix_ns` (a second's leeway
+/// for the clocks' granularity): a process that took over the pid later started after it.
+fn process_started_by(pid: u32, unix_ns: u64) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The fields after the command name (which may hold spaces and parentheses): the state,
+    // then 18 more, then the start time in clock ticks since boot.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return false;
+    }
+    let Some(start_ticks) = fields.get(19).and_then(|t| t.parse::<u64>().ok()) else {
+        return false;
+    };
+    let uptime = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let (Some(uptime), Ok(now)) = (uptime, now) else {
+        return false;
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let started = now.as_secs_f64() - uptime + start_ticks as f64 / hz;
+    started <= unix_ns as f64 / 1e9 + 1.0
 }

@@ -119,7 +119,15 @@ impl Capture {
             error,
         };
         let file = File::open(&path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
+        let meta = file.metadata().map_err(io)?;
+        if meta.is_dir() {
+            // Else mapping it fails with "No such device".
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "this is a directory; give a capture file (a .cap written by `memtrack run`)",
+            )));
+        }
+        let len = meta.len();
         // SAFETY: the capture is opened read-only; a writer still appending only adds bytes past
         // what this reader indexes.
         let map = if len == 0 {

@@ -54,7 +54,7 @@ pub fn child_captures(capture: &Path) -> Vec<ChildCapture> {
                 command: if header.argv.is_empty() {
                     header.executable.clone()
                 } else {
-                    header.argv.join(" ")
+                    shell_command(&header.argv)
                 },
             })
         })

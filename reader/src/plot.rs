@@ -57,15 +57,15 @@ impl Capture {
             r.peak_time as f64 / span as f64
         };
         let peak_seconds = self.seconds(r.peak_time);
-        let x_end = if by_event {
-            format!("{} events", r.events)
+        let x_axis = if by_event {
+            XAxis::Events(span)
         } else {
-            format!("{:.3} s", self.seconds(end))
+            XAxis::Seconds(self.seconds(end))
         };
         let svg = chart(
             &format!(
                 "memtrack: heap in use over time ({})",
-                self.last_image().argv.join(" ")
+                crate::shell_command(&self.last_image().argv)
             ),
             &[(String::new(), "#c0392b", points)],
             peak,
@@ -76,7 +76,7 @@ impl Capture {
                 grouped(peak),
                 peak_seconds
             ),
-            &x_end,
+            x_axis,
         );
         Plot {
             svg,
@@ -167,8 +167,11 @@ impl crate::ProcessTree {
         }
         let svg = chart(
             &format!(
-                "memtrack: heap in use over time, {} processes ({})",
-                self.processes.iter().filter(|p| p.has_capture()).count(),
+                "memtrack: heap in use over time, {} ({})",
+                match self.processes.iter().filter(|p| p.has_capture()).count() {
+                    1 => "1 process".to_string(),
+                    n => format!("{n} processes"),
+                },
                 self.root().label()
             ),
             &lines,
@@ -180,7 +183,7 @@ impl crate::ProcessTree {
                 grouped(self.combined_peak_bytes),
                 peak_seconds
             ),
-            &format!("{:.3} s", span / 1e9),
+            XAxis::Seconds(span / 1e9),
         );
         Plot {
             svg,
@@ -190,22 +193,123 @@ impl crate::ProcessTree {
     }
 }
 
-/// Draws lines of values (one per slice of time) on one chart, `peak` at its top, the peak
-/// marked at `peak_frac` of the time axis; named lines get a legend.
+/// What the horizontal axis spans: seconds, or events in order (short captures).
+#[derive(Clone, Copy)]
+enum XAxis {
+    Seconds(f64),
+    Events(u64),
+}
+
+/// A round step (1, 2 or 5 times a power of ten) for about `ticks` ticks over `range`.
+fn nice_step(range: f64, ticks: f64) -> f64 {
+    if range <= 0.0 || !range.is_finite() {
+        return 1.0;
+    }
+    let raw = range / ticks;
+    let mag = 10f64.powf(raw.log10().floor());
+    let norm = raw / mag;
+    let m = if norm <= 1.0 {
+        1.0
+    } else if norm <= 2.0 {
+        2.0
+    } else if norm <= 5.0 {
+        5.0
+    } else {
+        10.0
+    };
+    m * mag
+}
+
+/// A tick's value in a unit, with the decimals its step needs: `0.5`, `20`, `0.05`.
+fn tick_number(v: f64, step: f64) -> String {
+    let decimals = if step >= 1.0 {
+        0
+    } else {
+        (-step.log10() - 1e-9).ceil() as usize
+    };
+    format!("{v:.decimals$}")
+}
+
+/// The horizontal axis's ticks (position as a fraction of the span, label) and its title.
+fn x_ticks(x: XAxis) -> (Vec<(f64, String)>, String) {
+    let (span, unit, per, title) = match x {
+        XAxis::Events(n) => (n.max(1) as f64, "", 1.0, "events, in order".to_string()),
+        XAxis::Seconds(s) => {
+            let (unit, per) = if s < 1.0 {
+                ("ms", 1e-3)
+            } else if s < 120.0 {
+                ("s", 1.0)
+            } else if s < 7200.0 {
+                ("min", 60.0)
+            } else {
+                ("h", 3600.0)
+            };
+            (s.max(1e-9), unit, per, format!("time ({unit})"))
+        }
+    };
+    let in_unit = span / per;
+    let step = nice_step(in_unit, 8.0);
+    let mut ticks = Vec::new();
+    let mut k = 0u32;
+    loop {
+        let v = step * k as f64;
+        if v > in_unit * (1.0 + 1e-9) {
+            break;
+        }
+        let label = if unit.is_empty() {
+            grouped(v.round() as u64)
+        } else {
+            tick_number(v, step)
+        };
+        ticks.push((v / in_unit, label));
+        k += 1;
+    }
+    (ticks, title)
+}
+
+/// The vertical axis's top (a round size at or above `peak`) and its ticks (bytes, label in
+/// B, KiB, MiB or GiB).
+fn y_ticks(peak: u64) -> (f64, Vec<(f64, String)>) {
+    let peak = peak.max(1) as f64;
+    let (unit, per) = [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)]
+        .into_iter()
+        .find(|&(_, per)| peak >= per as f64)
+        .map_or(("B", 1.0), |(u, per)| (u, per as f64));
+    let step = nice_step(peak / per, 5.0).max(if unit == "B" { 1.0 } else { 0.0 });
+    let top = (peak / per / step - 1e-9).ceil().max(1.0) * step;
+    let ticks = (0..)
+        .map(|k| k as f64 * step)
+        .take_while(|v| *v <= top * (1.0 + 1e-9))
+        .map(|v| {
+            let label = if v == 0.0 {
+                "0".to_string()
+            } else {
+                format!("{} {unit}", tick_number(v, step))
+            };
+            (v * per, label)
+        })
+        .collect();
+    (top * per, ticks)
+}
+
+/// Draws lines of values (one per slice of time) on one chart under a round size above
+/// `peak`, the peak marked at `peak_frac` of the time axis; both axes titled, with round
+/// ticks; named lines get a legend.
 fn chart(
     title: &str,
     lines: &[(String, &str, Vec<u64>)],
     peak: u64,
     peak_frac: f64,
     peak_label: &str,
-    x_end: &str,
+    x_axis: XAxis,
 ) -> String {
-    let (w, h, left, right, top, bottom) = (1000.0f64, 420.0f64, 90.0, 20.0, 50.0, 50.0);
+    let (w, h, left, right, top, bottom) = (1000.0f64, 440.0f64, 100.0, 30.0, 50.0, 70.0);
     let legend = lines.iter().filter(|l| !l.0.is_empty()).count();
     let h = h + 18.0 * legend as f64;
     let pw = w - left - right;
-    let ph = 420.0 - top - bottom;
-    let scale = if peak == 0 { 1.0 } else { ph / peak as f64 };
+    let ph = 440.0 - top - bottom;
+    let (y_max, y_tick_list) = y_ticks(peak);
+    let scale = ph / y_max;
     let peak_x = left + pw * peak_frac.clamp(0.0, 1.0);
     let label = peak_label.to_string();
     let command = title.to_string();
@@ -226,35 +330,44 @@ fn chart(
         w / 2.0,
         esc(&command)
     ));
-    // axes and grid
-    for k in 0..=4 {
-        let v = peak as f64 * k as f64 / 4.0;
+    // axes, grid and ticks
+    for (v, label) in &y_tick_list {
         let y = top + ph - v * scale;
         svg.push_str(&format!(
             "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\n",
             left + pw
         ));
         svg.push_str(&format!(
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\n",
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{label}</text>\n",
             left - 6.0,
-            y + 4.0,
-            human_bytes(v as u64)
+            y + 4.0
         ));
     }
+    let (x_tick_list, x_title) = x_ticks(x_axis);
+    for (f, label) in &x_tick_list {
+        let x = left + pw * f;
+        svg.push_str(&format!(
+            "<line x1=\"{x:.1}\" y1=\"{0}\" x2=\"{x:.1}\" y2=\"{1}\" stroke=\"#333\"/><text x=\"{x:.1}\" y=\"{2}\" text-anchor=\"middle\">{label}</text>\n",
+            top + ph,
+            top + ph + 5.0,
+            top + ph + 19.0
+        ));
+    }
+    svg.push_str(&format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-weight=\"bold\">{x_title}</text>\n",
+        left + pw / 2.0,
+        top + ph + 40.0
+    ));
+    svg.push_str(&format!(
+        "<text x=\"{0}\" y=\"{1}\" text-anchor=\"middle\" font-weight=\"bold\" transform=\"rotate(-90 {0} {1})\">heap in use</text>\n",
+        22.0,
+        top + ph / 2.0
+    ));
     svg.push_str(&format!(
             "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"#333\"/>\n<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#333\"/>\n",
             top + ph,
             left + pw
         ));
-    svg.push_str(&format!(
-        "<text x=\"{left}\" y=\"{}\">0</text>\n",
-        top + ph + 18.0
-    ));
-    svg.push_str(&format!(
-        "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{x_end}</text>\n",
-        left + pw,
-        top + ph + 18.0
-    ));
     // Named lines after the first are thinner; all get a legend below the axis.
     for (k, (name, colour, values)) in lines.iter().enumerate() {
         let mut points = String::new();
@@ -269,7 +382,7 @@ fn chart(
             points.trim_end()
         ));
         if !name.is_empty() {
-            let y = top + ph + 40.0 + 18.0 * k as f64;
+            let y = top + ph + 62.0 + 18.0 * k as f64;
             svg.push_str(&format!(
                     "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"{colour}\" stroke-width=\"3\"/><text x=\"{2}\" y=\"{3:.1}\">{4}</text>\n",
                     y - 4.0,
@@ -281,12 +394,13 @@ fn chart(
         }
     }
     // the peak
+    let peak_y = top + ph - peak as f64 * scale;
     svg.push_str(&format!(
-            "<line x1=\"{peak_x:.1}\" y1=\"{top}\" x2=\"{peak_x:.1}\" y2=\"{}\" stroke=\"#2c3e50\" stroke-dasharray=\"4 3\"/>\n",
+            "<line x1=\"{peak_x:.1}\" y1=\"{peak_y:.1}\" x2=\"{peak_x:.1}\" y2=\"{}\" stroke=\"#2c3e50\" stroke-dasharray=\"4 3\"/>\n",
             top + ph
         ));
     svg.push_str(&format!(
-        "<circle cx=\"{peak_x:.1}\" cy=\"{top}\" r=\"4\" fill=\"#2c3e50\"/>\n"
+        "<circle cx=\"{peak_x:.1}\" cy=\"{peak_y:.1}\" r=\"4\" fill=\"#2c3e50\"/>\n"
     ));
     let lx = if anchor == "end" {
         peak_x - 8.0
@@ -294,8 +408,8 @@ fn chart(
         peak_x + 8.0
     };
     svg.push_str(&format!(
-        "<text x=\"{lx:.1}\" y=\"{}\" text-anchor=\"{anchor}\" font-weight=\"bold\">{}</text>\n",
-        top + 4.0,
+        "<text x=\"{lx:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\" font-weight=\"bold\">{}</text>\n",
+        (peak_y - 8.0).max(top - 8.0),
         esc(&label)
     ));
     svg.push_str("</svg>\n");

@@ -289,10 +289,10 @@ pub fn profile_of(mut pieces: Vec<Piece<'_>>) -> Vec<u8> {
     let period_type = value_type(&mut strings, "space", "bytes");
     let default_type = strings.id("inuse_space");
     let comment = strings.id(&match pieces.len() {
-        1 => format!("memtrack capture of {}", header.argv.join(" ")),
+        1 => format!("memtrack capture of {}", crate::shell_command(&header.argv)),
         n => format!(
             "memtrack capture of {} and {} more processes",
-            header.argv.join(" "),
+            crate::shell_command(&header.argv),
             n - 1
         ),
     });

@@ -390,7 +390,7 @@ impl Capture {
             } else {
                 std::iter::once(&self.header)
                     .chain(&self.images)
-                    .map(|h| h.argv.join(" "))
+                    .map(|h| crate::shell_command(&h.argv))
                     .collect()
             },
             peak_bytes: r.peak_bytes,

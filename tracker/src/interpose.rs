@@ -400,6 +400,7 @@ pub(crate) fn create_capture(
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    lock_while_writing(fd);
     // SAFETY: getpid has no preconditions.
     let header = new_header(unsafe { libc::getpid() }, launch.parent_pid);
     if !crate::writer::write_all(fd, &header.encode()) {
@@ -409,6 +410,18 @@ pub(crate) fn create_capture(
     cfg.replace = modules.is_some();
     cfg.modules = modules;
     Ok(recorder::start(cfg, header.start_mono_ns))
+}
+
+/// Holds an advisory lock on the capture for as long as the process has it open, so that a
+/// reader (`memtrack summary`) can tell a capture still being written from one whose writer
+/// died: the kernel drops the lock with the last descriptor. Shared: after an exec the new
+/// image locks again while a forked child may still hold the old descriptor. Best effort:
+/// the result is ignored, errno kept.
+fn lock_while_writing(fd: i32) {
+    let _errno = SaveErrno::new();
+    // SAFETY: flock on the descriptor the tracker just opened; LOCK_NB: never blocks. The lock
+    // is on the tracker's own file, which the program does not use.
+    unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) };
 }
 
 /// Appends this image to the capture its previous image (same pid) finished with `END(exec)`.
@@ -457,6 +470,7 @@ fn continue_after_exec(path: &str, mut header: Header, launch: &Launch) -> bool 
     if fd < 0 {
         return false;
     }
+    lock_while_writing(fd);
     // Times stay relative to the capture's start, on the same monotonic clock.
     header.start_mono_ns = old.start_mono_ns;
     let mut image = Vec::new();
