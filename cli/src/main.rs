@@ -185,17 +185,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Memory flamegraph (interactive SVG) of one view, bytes as the count.
+    /// Memory flamegraph (interactive SVG) of one view, bytes as the count: an icicle graph
+    /// (root at the top, so the widest frames open on the first screen) unless `--flame`.
     #[command(
-        after_help = "EXAMPLES:\n    memtrack flamegraph svc.cap                # svc-peak.svg: live at the peak\n    memtrack flamegraph svc.cap --leaks -o leaks.svg\n    memtrack flamegraph svc.cap --allocated --inverted"
+        after_help = "EXAMPLES:\n    memtrack flamegraph svc.cap                # svc-peak.svg: live at the peak\n    memtrack flamegraph svc.cap --leaks -o leaks.svg\n    memtrack flamegraph svc.cap --allocated --inverted\n    memtrack flamegraph svc.cap --flame        # root at the bottom"
     )]
     Flamegraph {
         file: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
-        /// Allocation sites at the root, their callers above.
+        /// Allocation sites at the root, their callers next to them.
         #[arg(long)]
         inverted: bool,
+        /// Classic flame graph: root at the bottom, callees above.
+        #[arg(long, overrides_with = "icicle")]
+        flame: bool,
+        /// Icicle graph: root at the top, callees below (the default).
+        #[arg(long, overrides_with = "flame")]
+        icicle: bool,
         /// Output SVG [default: <capture>-<view>.svg beside the capture].
         #[arg(short, long, value_name = "OUT.svg")]
         output: Option<PathBuf>,
@@ -278,6 +285,10 @@ enum Cmd {
         format: ExportFormat,
         #[command(flatten)]
         view: ViewArgs,
+        /// JSON: each stack with its frames written out in full (`frames`) rather than as
+        /// indexes (`frame_ids`) into the one table of frames; many times larger.
+        #[arg(long)]
+        inline_frames: bool,
         /// Output file, `-` for standard output [default: -].
         #[arg(short, long, value_name = "OUT")]
         output: Option<PathBuf>,
@@ -588,14 +599,17 @@ fn main() -> ExitCode {
             file,
             view,
             inverted,
+            flame,
+            icicle: _,
             output,
-        } => cmd_flamegraph(&file, pid, view.view(), inverted, output).map(|()| 0),
+        } => cmd_flamegraph(&file, pid, view.view(), inverted, flame, output).map(|()| 0),
         Cmd::Export {
             file,
             format,
             view,
+            inline_frames,
             output,
-        } => cmd_export(&file, pid, format, view.view(), output).map(|()| 0),
+        } => cmd_export(&file, pid, format, view.view(), inline_frames, output).map(|()| 0),
         Cmd::Diff {
             base,
             new,
@@ -1371,9 +1385,14 @@ fn subject_parts(subject: &Subject, view: View, with_max: bool, quiet: bool) -> 
 
 /// The view's words for a title: the peak of a tree is its combined peak.
 fn view_title(view: View, subject: &Subject) -> String {
-    match (view, subject.one()) {
-        (View::Peak, None) => "live at the combined peak".into(),
-        _ => view_words(view).into(),
+    let words = match (view, subject.one()) {
+        (View::Peak, None) => "live at the combined peak",
+        _ => view_words(view),
+    };
+    if PYTHON_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        format!("{words}, Python frames only")
+    } else {
+        words.into()
     }
 }
 
@@ -1393,6 +1412,7 @@ fn cmd_export(
     pid: Option<u32>,
     format: ExportFormat,
     view: View,
+    inline_frames: bool,
     output: Option<PathBuf>,
 ) -> Result<()> {
     let subject = Subject::open(file, pid)?;
@@ -1424,30 +1444,31 @@ fn cmd_export(
             gz
         }
         ExportFormat::Json => {
-            let mut stacks = Vec::new();
+            let mut export = memtrack_reader::JsonExport::default();
             for part in &parts {
                 let mut sym = symbolizer(part.cap);
-                let mut st = memtrack_reader::exported_stacks(&part.view, &mut sym);
+                let process = part.label.clone().map(|l| (part.process.pid, l));
+                export.add(&part.view, &mut sym, process);
                 warn(&sym.warnings);
-                if part.label.is_some() {
-                    for x in &mut st {
-                        x.pid = Some(part.process.pid);
-                        x.process = part.label.clone();
-                    }
-                }
-                stacks.extend(st);
             }
-            stacks.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.pid.cmp(&b.pid)));
-            let v = memtrack_reader::ExportedView {
-                capture: file.display().to_string(),
-                view: view.name(),
-                bytes: stacks.iter().map(|s| s.bytes).sum(),
-                allocations: stacks.iter().map(|s| s.allocations).sum(),
-                stacks,
+            drop(parts);
+            // Written as it goes: a large view's text is never held whole.
+            let capture = file.display().to_string();
+            return match output.as_deref().filter(|o| o.as_os_str() != "-") {
+                Some(o) => {
+                    let f = std::fs::File::create(o)
+                        .with_context(|| format!("cannot create {}", o.display()))?;
+                    export
+                        .write(&capture, view, inline_frames, std::io::BufWriter::new(f))
+                        .with_context(|| format!("cannot write {}", o.display()))
+                }
+                None => Ok(export.write(
+                    &capture,
+                    view,
+                    inline_frames,
+                    std::io::BufWriter::new(std::io::stdout().lock()),
+                )?),
             };
-            let mut text = serde_json::to_string_pretty(&v)?;
-            text.push('\n');
-            text.into_bytes()
         }
     };
     write_out(output.as_deref(), &bytes)
@@ -1554,7 +1575,11 @@ fn cmd_diff(
                 "%"
             );
             for r in d.locations.iter().filter(|r| r.delta != 0).take(top) {
-                let location = location_label(&r.function, r.file.as_deref(), r.line);
+                // The file is already short (Python's relative to the program's directory).
+                let location = match (&r.file, r.line) {
+                    (Some(f), Some(l)) => format!("{} ({f}:{l})", r.function),
+                    _ => r.function.clone(),
+                };
                 text.push_str(&format!(
                     "{:>12} {:>12} {:>13} {:>8}  {location}\n",
                     human_bytes(r.before),
@@ -1597,17 +1622,14 @@ fn cmd_diff(
         "memtrack: {} grew by {grew}, more than {said}; the stacks that grew most:",
         view_words(view)
     );
-    for s in d.grown(3) {
+    // One line a stack, innermost frame first.
+    for s in d.grown(10) {
         eprintln!(
-            "  {} ({} -> {})\n    {}",
+            "  {} ({} -> {})  {}",
             signed_bytes(s.after as i64 - s.before as i64),
             human_bytes(s.before),
             human_bytes(s.after),
-            s.stack
-                .split(';')
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n    <- ")
+            s.one_line(6)
         );
     }
     Ok(1)
@@ -1660,9 +1682,13 @@ fn write_diff_svg(
     )?;
     let lines = String::from_utf8_lossy(&lines).into_owned();
     let mut opts = inferno::flamegraph::Options::default();
+    let what = if PYTHON_ONLY.load(std::sync::atomic::Ordering::Relaxed) {
+        format!("{}, Python frames only", view_words(view))
+    } else {
+        view_words(view).to_string()
+    };
     opts.title = format!(
-        "memtrack diff: {}, {} -> {} ({} vs {})",
-        view_words(view),
+        "memtrack diff: {what}, {} -> {} ({} vs {})",
         human_bytes(d.before_bytes),
         human_bytes(d.after_bytes),
         new.display(),
@@ -1670,6 +1696,8 @@ fn write_diff_svg(
     );
     opts.count_name = "bytes".into();
     opts.name_type = "Function:".into();
+    // Icicle, as `flamegraph` draws by default: the root on the first screen.
+    opts.direction = inferno::flamegraph::Direction::Inverted;
     let f =
         std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut w = std::io::BufWriter::new(f);
@@ -1691,6 +1719,7 @@ fn cmd_flamegraph(
     pid: Option<u32>,
     view: View,
     inverted: bool,
+    flame: bool,
     output: Option<PathBuf>,
 ) -> Result<()> {
     let subject = Subject::open(file, pid)?;
@@ -1712,6 +1741,11 @@ fn cmd_flamegraph(
     opts.colors =
         inferno::flamegraph::Palette::Basic(inferno::flamegraph::color::BasicPalette::Mem);
     opts.reverse_stack_order = inverted;
+    // Icicle by default: the root and the widest frames on the first screen, however deep the
+    // stacks (a Python service's reach 100 frames: as a flame graph its root is pages down).
+    if !flame {
+        opts.direction = inferno::flamegraph::Direction::Inverted;
+    }
     let text: Vec<String> = lines.iter().map(|(p, b)| format!("{p} {b}")).collect();
     let f =
         std::fs::File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;

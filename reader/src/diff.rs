@@ -1,6 +1,8 @@
 //! Comparing a view of two captures: what grew and what shrank, by stack and by allocating
-//! location. Stacks are matched by their symbolized frames (function names), never by
-//! addresses: two runs load their code at different addresses.
+//! location. Stacks are matched by their symbolized frames (function names, and Python frames'
+//! paths relative to the program's directory), never by addresses: two runs load their code at
+//! different addresses. Locations are matched by function and a file path that does not depend
+//! on where the program was checked out.
 
 use crate::views::{folded, table, GroupBy, TableRow, View, ViewSites};
 use crate::{Capture, Symbolizer};
@@ -14,10 +16,48 @@ pub struct DiffStack {
     pub after: u64,
 }
 
+impl DiffStack {
+    /// The stack on one line, innermost frame first (`alloc <- handler (svc.py:12) <- main`): of
+    /// the native frames below the innermost Python frame (the allocator's and interpreter's
+    /// path) only the first two, then at most `max` frames in all and a count of the rest.
+    pub fn one_line(&self, max: usize) -> String {
+        let frames: Vec<&str> = self.stack.split(';').rev().collect();
+        // Python frames are labelled `qualname (path.py:LINE)` (or `<frozen abc>:LINE`);
+        // native ones by their function alone.
+        let python = |f: &str| {
+            f.strip_suffix(')')
+                .and_then(|f| f.rsplit_once(':'))
+                .is_some_and(|(head, line)| {
+                    head.contains(" (")
+                        && !line.is_empty()
+                        && line.bytes().all(|b| b.is_ascii_digit())
+                })
+        };
+        // The allocator's path to the innermost Python frame, cut to its first two frames.
+        let (head, tail) = match frames.iter().position(|f| python(f)) {
+            Some(i) if i > 3 => (&frames[..2], &frames[i..]),
+            _ => (&frames[..0], &frames[..]),
+        };
+        let mut shown: Vec<&str> = head.to_vec();
+        if !head.is_empty() {
+            shown.push("...");
+        }
+        let room = max.saturating_sub(shown.len());
+        shown.extend(tail.iter().take(room));
+        let mut line = shown.join(" <- ");
+        if tail.len() > room {
+            line.push_str(&format!(" <- ... ({} more)", tail.len() - room));
+        }
+        line
+    }
+}
+
 /// One allocating location (function and file:line) in both captures.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct DiffRow {
     pub function: String,
+    /// As reports show it: a Python file relative to the program's directory or its library
+    /// folder, a native source file by its name alone (absolute paths differ between checkouts).
     pub file: Option<String>,
     pub line: Option<u32>,
     pub before: u64,
@@ -71,6 +111,17 @@ impl Diff {
 
 /// Function, file and line of an allocating location.
 type LocationKey = (String, Option<String>, Option<u32>);
+
+/// A file path that two checkouts of a program share: an absolute path (a native source file, a
+/// Python file outside the program's directory) by its file name; a relative one (Python paths
+/// are made relative to the program's directory or library folder) as it is.
+fn portable(file: &str) -> String {
+    if file.starts_with('/') {
+        file.rsplit('/').next().unwrap_or(file).to_string()
+    } else {
+        file.to_string()
+    }
+}
 
 fn change(before: u64, after: u64) -> u64 {
     before.abs_diff(after)
@@ -133,7 +184,7 @@ pub fn diff_sides<'a>(mut base: Vec<DiffSide<'a>>, mut new: Vec<DiffSide<'a>>, v
             .then(a.stack.cmp(&b.stack))
     });
 
-    let key = |r: &TableRow| (r.function.clone(), r.file.clone(), r.line);
+    let key = |r: &TableRow| (r.function.clone(), r.file.as_deref().map(portable), r.line);
     let mut rows: BTreeMap<LocationKey, (u64, u64)> = BTreeMap::new();
     for side in base.iter_mut() {
         for r in table(&side.view, side.sym, GroupBy::Line) {
@@ -182,5 +233,48 @@ pub fn diff_sides<'a>(mut base: Vec<DiffSide<'a>>, mut new: Vec<DiffSide<'a>>, v
         stacks,
         locations,
         warnings,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DiffStack;
+
+    fn line(stack: &str, max: usize) -> String {
+        DiffStack {
+            stack: stack.into(),
+            before: 0,
+            after: 1,
+        }
+        .one_line(max)
+    }
+
+    #[test]
+    fn one_line_reads_innermost_first_and_cuts_the_allocator_path() {
+        assert_eq!(line("main;outer;leaf", 6), "leaf <- outer <- main");
+        assert_eq!(line("a;b;c;d;e;f;g;h", 3), "h <- g <- f <- ... (5 more)");
+        // Four native frames below the innermost Python frame: the first two are kept.
+        assert_eq!(
+            line(
+                "<module> (svc.py:40);handler (app/h.py:12);type_call;bytearray___init__;bytearray___init___impl;PyByteArray_Resize",
+                6
+            ),
+            "PyByteArray_Resize <- bytearray___init___impl <- ... <- handler (app/h.py:12) <- <module> (svc.py:40)"
+        );
+        // Frozen modules are Python frames too; C++ signatures are not.
+        assert_eq!(
+            line(
+                "exec_module (<frozen abc>:7);f(int);g(int);h(int);operator new(unsigned long)",
+                6
+            ),
+            "operator new(unsigned long) <- h(int) <- ... <- exec_module (<frozen abc>:7)"
+        );
+        assert_eq!(
+            line(
+                "main;ns::f(int);ns::g(int);ns::h(int);alloc(unsigned long)",
+                2
+            ),
+            "alloc(unsigned long) <- ns::h(int) <- ... (3 more)"
+        );
     }
 }

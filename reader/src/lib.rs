@@ -19,9 +19,10 @@
 mod capture;
 mod check;
 mod diff;
+mod export;
 mod family;
-mod plot;
 mod modinfo;
+mod plot;
 pub mod pprof;
 mod replay;
 mod stacks;
@@ -32,6 +33,7 @@ mod views;
 
 pub use capture::{Capture, ChunkRef, Event, EventKind, ReadError, Warning};
 pub use check::{Budget, Contributor, LimitResult, ProcessShare};
+pub use export::JsonExport;
 pub use diff::{diff, diff_sides, Diff, DiffRow, DiffSide, DiffStack};
 pub use family::{
     child_captures, shell_command, shell_quote, ChildCapture, Process, ProcessFigures, ProcessTree,
@@ -44,10 +46,7 @@ pub use stacks::StackTable;
 pub use stats::{Bucket, KindStat, Stats};
 pub use symbols::{for_each_frame, stack_frames, Frame, Symbolizer};
 pub use tree::{call_tree, render_tree, TreeNode};
-pub use views::{
-    export_view, exported_stacks, folded, table, top_locations, ExportedStack, ExportedView,
-    GroupBy, TableRow, View, ViewSites,
-};
+pub use views::{folded, table, top_locations, GroupBy, TableRow, View, ViewSites};
 
 /// `1234567` -> `1,234,567`.
 pub fn grouped(n: u64) -> String {

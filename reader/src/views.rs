@@ -132,59 +132,6 @@ pub fn folded(v: &ViewSites, sym: &mut Symbolizer) -> Vec<(String, u64)> {
     out
 }
 
-/// A view as `memtrack export --format json` writes it (the schema is in the README).
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ExportedView {
-    pub capture: String,
-    pub view: &'static str,
-    /// Sums of the stacks below.
-    pub bytes: u64,
-    pub allocations: u64,
-    /// Largest first.
-    pub stacks: Vec<ExportedStack>,
-}
-
-/// One stack of an exported view.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct ExportedStack {
-    pub bytes: u64,
-    pub allocations: u64,
-    /// Outermost first, inlined frames as frames of their own; the last one allocated.
-    pub frames: Vec<crate::Frame>,
-    /// In a view of a process tree: the process, and its label (`python3 app.py [pid 42]`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub process: Option<String>,
-}
-
-/// `view` of `cap` with symbolized stacks, for scripts.
-pub fn export_view(cap: &Capture, view: View, sym: &mut Symbolizer) -> ExportedView {
-    let v = cap.view(view);
-    ExportedView {
-        capture: cap.path().display().to_string(),
-        view: view.name(),
-        bytes: v.bytes,
-        allocations: v.allocations,
-        stacks: exported_stacks(&v, sym),
-    }
-}
-
-/// The stacks of a view with their symbolized frames, empty ones left out.
-pub fn exported_stacks(v: &ViewSites, sym: &mut Symbolizer) -> Vec<ExportedStack> {
-    v.sites
-        .iter()
-        .filter(|s| s.bytes > 0 || s.allocations > 0)
-        .map(|s| ExportedStack {
-            bytes: s.bytes,
-            allocations: s.allocations,
-            frames: stack_frames(sym, &v.stacks, s.stack),
-            pid: None,
-            process: None,
-        })
-        .collect()
-}
-
 /// How `table` groups allocations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GroupBy {

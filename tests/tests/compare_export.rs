@@ -2,6 +2,7 @@
 //! tool pprof`) and JSON.
 
 use memtrack_tests::*;
+use std::path::Path;
 use std::process::Command;
 
 fn two_versions(work: &Work) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -116,7 +117,7 @@ fn diff_names_what_grew_and_gates_on_growth() {
                 .nth(1)
                 .unwrap();
             assert!(first.contains("+2.93 KiB"), "{stderr}");
-            assert!(stderr.contains("    grows\n    <- main"), "{stderr}");
+            assert!(first.contains(")  grows <- main <- "), "{stderr}");
         }
     }
     let bad = Command::new(&binaries().memtrack)
@@ -229,17 +230,181 @@ fn json_export_has_totals_and_symbolized_stacks() {
         .iter()
         .find(|s| s["bytes"] == 2000)
         .expect("the 2000-byte leak");
-    let frames: Vec<&str> = site["frames"]
-        .as_array()
-        .unwrap()
+    // Frames are written once, in `frames`; stacks refer to them by index.
+    let table = v["frames"].as_array().unwrap();
+    let frames_of = |stack: &serde_json::Value| -> Vec<serde_json::Value> {
+        stack["frame_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| table[i.as_u64().unwrap() as usize].clone())
+            .collect()
+    };
+    let frames = frames_of(site);
+    let names: Vec<&str> = frames
         .iter()
         .map(|f| f["function"].as_str().unwrap())
         .collect();
     assert_eq!(
-        &frames[frames.len() - 4..],
+        &names[names.len() - 4..],
         ["main", "outer", "helper", "leaf_alloc"]
     );
-    let leaf = site["frames"].as_array().unwrap().last().unwrap();
+    let leaf = frames.last().unwrap();
     assert_eq!(leaf["line"], 12);
     assert!(leaf["file"].as_str().unwrap().ends_with("reports.c"));
+    let mut distinct = table.clone();
+    distinct.sort_by_key(|f| f.to_string());
+    distinct.dedup();
+    assert_eq!(distinct.len(), table.len(), "a frame written twice");
+
+    // `--inline-frames`: the layout with each stack's frames in full, the same frames.
+    let out = memtrack_ok(|c| {
+        c.arg("export")
+            .arg(&t.capture)
+            .args(["--format", "json", "--leaks", "--inline-frames"]);
+    });
+    let inline: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(inline.get("frames").is_none());
+    assert_eq!(inline["bytes"], v["bytes"]);
+    for (a, b) in inline["stacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(stacks.iter())
+    {
+        assert_eq!(a["frames"].as_array().unwrap(), &frames_of(b));
+        assert_eq!(a["bytes"], b["bytes"]);
+    }
+}
+
+/// `python3 --version` is 3.11, the interpreter the figures below are of (elsewhere: skipped,
+/// except in CI).
+fn python311() -> bool {
+    let ok = Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).starts_with("Python 3.11."));
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 is not 3.11 in CI"
+        );
+        eprintln!("python3 is not 3.11 here: skipped");
+    }
+    ok
+}
+
+/// One script run from two checkouts (`a/` and `checkout-b/src/`): `diff` matches its frames by
+/// function and a path relative to the program's directory, so each of its lines is one row
+/// with both figures, none gone (-100%) and again new. `--fail-on-growth` names the stacks
+/// that grew one line each, innermost first.
+#[test]
+fn diff_matches_a_python_script_from_two_checkouts() {
+    if !python311() {
+        return;
+    }
+    let work = Work::new("diff_checkouts");
+    let mut runs = Vec::new();
+    for (dir, n) in [("a", "1"), ("checkout-b/src", "3")] {
+        let d = work.path(dir);
+        std::fs::create_dir_all(&d).unwrap();
+        let script = d.join("diff_svc.py");
+        std::fs::copy(fixtures_dir().join("diff_svc.py"), &script).unwrap();
+        let name = format!("{}.cap", dir.replace('/', "-"));
+        let t = run_traced_ok(
+            &work,
+            &name,
+            Path::new("python3"),
+            &[script.to_str().unwrap(), n],
+        );
+        runs.push(t.capture);
+    }
+    let (base, new) = (&runs[0], &runs[1]);
+    let json = memtrack_ok(|c| {
+        c.arg("diff").arg(base).arg(new).args(["--format", "json"]);
+    });
+    let d: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let mut rows: Vec<(String, u64, u64, u64)> = d["locations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["file"] == "diff_svc.py")
+        .map(|r| {
+            (
+                r["function"].as_str().unwrap().to_string(),
+                r["line"].as_u64().unwrap(),
+                r["before"].as_u64().unwrap(),
+                r["after"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    rows.sort();
+    let row = |f: &str, l: u64, b: u64, a: u64| (f.to_string(), l, b, a);
+    assert_eq!(
+        rows,
+        [
+            // The module's globals: KEEP, steady, grow.
+            row("<module>", 5, 400, 400),
+            row("<module>", 8, 152, 152),
+            row("<module>", 12, 152, 152),
+            // range(n)'s iterator; bytearray(1_000_000): 1,000,001 bytes and a 56-byte object.
+            row("grow", 13, 48, 48),
+            row("grow", 14, 1_000_057, 3_000_171),
+            // The same buffer and object, and KEEP's first 32-byte array.
+            row("steady", 9, 1_000_089, 1_000_089),
+        ],
+        "{}",
+        String::from_utf8_lossy(&json.stdout)
+    );
+    // No stack of the script is only on one side.
+    for s in d["stacks"].as_array().unwrap() {
+        let stack = s["stack"].as_str().unwrap();
+        if stack.contains("diff_svc.py") {
+            assert!(s["before"] != 0 && s["after"] != 0, "{s}");
+            assert!(
+                !stack.contains("/a/") && !stack.contains("checkout-b"),
+                "{s}"
+            );
+        }
+    }
+
+    let table = memtrack_ok(|c| {
+        c.arg("diff").arg(base).arg(new).args(["--format", "table"]);
+    });
+    let table = String::from_utf8(table.stdout).unwrap();
+    let ours: Vec<&str> = table
+        .lines()
+        .filter(|l| l.contains("diff_svc.py"))
+        .collect();
+    assert_eq!(
+        ours,
+        ["  976.62 KiB     2.86 MiB     +1.91 MiB  +200.0%  grow (diff_svc.py:14)"],
+        "{table}"
+    );
+
+    // The gate's message: at most ten stacks, one line each, innermost first.
+    for (python_only, top) in [
+        (true, "  +1.91 MiB (976.62 KiB -> 2.86 MiB)  grow (diff_svc.py:14) <- <module> (diff_svc.py:18)"),
+        (false, "  +1.91 MiB (976.56 KiB -> 2.86 MiB)  PyByteArray_Resize <- bytearray___init___impl <- ... <- grow (diff_svc.py:14) <- <module> (diff_svc.py:18)"),
+    ] {
+        let mut cmd = Command::new(&binaries().memtrack);
+        cmd.arg("diff")
+            .arg(base)
+            .arg(new)
+            .args(["--format", "table", "--fail-on-growth", "1MiB"]);
+        if python_only {
+            cmd.arg("--python-only");
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        let lines: Vec<&str> = stderr
+            .lines()
+            .skip_while(|l| !l.contains("the stacks that grew most:"))
+            .skip(1)
+            .collect();
+        assert_eq!(lines.len(), 10, "{stderr}");
+        assert_eq!(lines[0], top, "{stderr}");
+        assert!(lines.iter().all(|l| l.starts_with("  +")), "{stderr}");
+    }
 }
