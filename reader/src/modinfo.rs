@@ -256,6 +256,21 @@ impl ModuleFile {
         let mut consts: u32 = 0;
         let mut allocates = false;
         let mut failure_path = false;
+        // Targets of calls that something never reached follows (padding, a trap, the end):
+        // they do not return, wherever else they are called from.
+        let mut noreturn = Vec::new();
+        while at < code.len() {
+            let Some(i) = decode(&code[at..]) else {
+                return false;
+            };
+            at += i.len;
+            if let Op::Call(rel) = i.op {
+                if never_returns_here(&code[at..]) {
+                    noreturn.push((start + at as u64).wrapping_add(rel as u64));
+                }
+            }
+        }
+        at = 0;
         while at < code.len() {
             let Some(i) = decode(&code[at..]) else {
                 return false;
@@ -295,17 +310,21 @@ impl ModuleFile {
                         _ => (None, Some(target(rel))),
                     };
                     match self.classify(t, slot, inner) {
-                        Callee::Alloc(args) => {
-                            // Every size argument a constant: this function chose the size,
-                            // so it is where the allocation is made, not a wrapper.
-                            if args != 0 && args & !consts == 0 {
-                                return false;
-                            }
-                            allocates = true;
-                        }
+                        // Every size argument a constant: this call's size is chosen here
+                        // (a fallback such as git's `calloc(1, 1)` may sit beside the
+                        // caller's size); a wrapper passes on at least one size it was given.
+                        Callee::Alloc(args) => allocates |= args == 0 || args & !consts != 0,
                         Callee::Helper => {}
                         Callee::Error => failure_path = true,
-                        Callee::Other if never_returns_here(rest) => failure_path = true,
+                        Callee::Other
+                            if never_returns_here(rest)
+                                || t.is_some_and(|t| noreturn.contains(&t)) =>
+                        {
+                            failure_path = true
+                        }
+                        // Both first arguments constants: a look-up of configuration, not
+                        // work on the caller's data (git's xmalloc reads GIT_ALLOC_LIMIT so).
+                        Callee::Other if consts & (RDI | RSI) == RDI | RSI => {}
                         Callee::Other => return false,
                     }
                     consts = 0; // the callee may have changed every argument register
@@ -395,6 +414,8 @@ fn allocator_args(name: &str) -> Option<u32> {
 }
 
 const HELPERS: &[&str] = &[
+    "getenv",
+    "secure_getenv",
     "memcpy",
     "memmove",
     "memset",
