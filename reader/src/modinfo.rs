@@ -881,6 +881,44 @@ mod tests {
         assert_eq!(decode(&[0xbf, 100, 0, 0, 0]).unwrap().sets_const, RDI);
     }
 
+    /// git's xcalloc, shortened: calloc(n, size); on NULL `die` (once followed by a constant
+    /// calloc(1, 1) fallback, once at the end: so `die` does not return).
+    fn xcalloc_like(with_last_die: bool) -> Vec<u8> {
+        let rel = |to: i64, next: i64| ((to - next) as i32).to_le_bytes();
+        let (slot, die) = (0x5000i64, 0x2000i64);
+        let mut c = vec![0x53, 0x48, 0x89, 0xfb, 0xff, 0x15];
+        c.extend(rel(slot, 0x100a)); // call *calloc
+        c.extend([0x48, 0x85, 0xc0, 0x74, 0x02, 0x5b, 0xc3, 0xe8]);
+        c.extend(rel(die, 0x1016)); // call die
+        c.extend([0xbe, 1, 0, 0, 0, 0xbf, 1, 0, 0, 0, 0xff, 0x15]);
+        c.extend(rel(slot, 0x1026)); // call *calloc(1, 1)
+        c.extend([0x5b, 0xc3]);
+        if with_last_die {
+            c.push(0xe8);
+            c.extend(rel(die, 0x102d));
+        }
+        c
+    }
+
+    #[test]
+    fn a_callee_that_does_not_return_once_is_a_failure_path_everywhere() {
+        let mut got = FastMap::default();
+        got.insert(0x5000, "calloc".into());
+        let m = ModuleFile {
+            syms: Vec::new(),
+            fdes: Vec::new(),
+            got,
+            exec: Vec::new(),
+            data: None,
+            x86_64: true,
+        };
+        let inner = Inner::default();
+        assert_eq!(lens(&xcalloc_like(true)).len(), 14);
+        assert!(m.wrapper_code(0x1000, &xcalloc_like(true), &inner));
+        // Without the call that shows `die` never returns, the first one might: not a wrapper.
+        assert!(!m.wrapper_code(0x1000, &xcalloc_like(false), &inner));
+    }
+
     #[test]
     fn error_routines_by_word() {
         for n in [
