@@ -920,6 +920,39 @@ mod tests {
     }
 
     #[test]
+    fn symbols_name_addresses_within_their_size_only() {
+        let sym = |addr, size, name: &str| Sym {
+            addr,
+            size,
+            name: name.into(),
+        };
+        let m = ModuleFile {
+            syms: vec![
+                sym(0x100, 4, "tiny"),
+                sym(0x200, 0, "asm_entry"),
+                sym(0x300, 0, "label"),
+            ],
+            fdes: vec![(0x108, 0x150), (0x200, 0x240)],
+            got: FastMap::default(),
+            exec: Vec::new(),
+            data: None,
+            x86_64: true,
+        };
+        let at = |a| {
+            m.function(a)
+                .map(|f| (f.start, f.end, f.name.map(str::to_string)))
+        };
+        assert_eq!(at(0x102), Some((0x100, 0x104, Some("tiny".into()))));
+        // Past tiny's 4 bytes: the unnamed .eh_frame function there.
+        assert_eq!(at(0x120), Some((0x108, 0x150, None)));
+        // A size-0 symbol where an .eh_frame function starts: named, to that function's end.
+        assert_eq!(at(0x210), Some((0x200, 0x240, Some("asm_entry".into()))));
+        // Past it, or a size-0 symbol no .eh_frame function starts at: nothing known.
+        assert_eq!(at(0x250), None);
+        assert_eq!(at(0x310), None);
+    }
+
+    #[test]
     fn error_routines_by_word() {
         for n in [
             "die",
