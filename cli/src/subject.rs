@@ -159,17 +159,27 @@ pub fn being_written(cap: &Capture) -> bool {
     if cap.end.is_some() {
         return false;
     }
-    let Ok(f) = std::fs::File::open(cap.path()) else {
-        return false;
-    };
-    // SAFETY: flock on a descriptor this function owns; LOCK_NB: never blocks. A lock taken
-    // is released when `f` closes.
-    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    // Free (or locks unsupported here): no tracker has the file open.
-    if r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EWOULDBLOCK) {
+    if !process_started_by(cap.header.pid, cap.header.start_unix_ns) {
         return false;
     }
-    process_started_by(cap.header.pid, cap.header.start_unix_ns)
+    // The process lives: is a tracker holding the file? Asked a few times: between an exec
+    // and the new image's first allocation nobody does.
+    for attempt in 0..4 {
+        if attempt > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let Ok(f) = std::fs::File::open(cap.path()) else {
+            return false;
+        };
+        // SAFETY: flock on a descriptor this function owns; LOCK_NB: never blocks. A lock
+        // taken is released when `f` closes, at the end of this iteration.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            // Held (a tracker has it open), or locks unsupported here.
+            return std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK);
+        }
+    }
+    false
 }
 
 /// Whether process `pid` is alive here and started no later than `unix_ns` (a second's leeway
