@@ -332,9 +332,13 @@ struct ViewArgs {
     /// What was live at the high-water mark (the default).
     #[arg(long)]
     peak: bool,
-    /// What was still live at exit.
+    /// What the program left live: for a Python program, when its code ended, before the
+    /// interpreter's shutdown freed its modules; for others, at exit.
     #[arg(long)]
     leaks: bool,
+    /// What was still live when the process exited (Python: after interpreter shutdown).
+    #[arg(long)]
+    leaks_at_exit: bool,
     /// Everything ever allocated.
     #[arg(long)]
     allocated: bool,
@@ -346,6 +350,7 @@ struct ViewArgs {
 impl ViewArgs {
     fn view(self) -> View {
         match (self.leaks, self.allocated, self.temporary) {
+            _ if self.leaks_at_exit => View::LeaksAtExit,
             (true, _, _) => View::Leaks,
             (_, true, _) => View::Allocated,
             (_, _, true) => View::Temporary,
@@ -1278,10 +1283,24 @@ fn print_summary(file: &Path, cap: &Capture, s: &Summary) {
     } else {
         "live at cut-off:"
     };
+    // A Python program's `--leaks` is its state when its code ended (see View::Leaks); the
+    // heap at exit follows, after interpreter shutdown.
+    let (left, at_exit) = match s.python_shutdown_seconds {
+        Some(t) => {
+            println!(
+                "  leaked at end:  {} in {} (live when the Python program's code ended)",
+                bytes(s.leaked_bytes),
+                count(s.leaked_allocations, "allocation")
+            );
+            let note = format!(" (after {t:.3} s of interpreter shutdown)");
+            ((s.leaked_at_exit_bytes, s.leaked_at_exit_allocations), note)
+        }
+        None => ((s.leaked_bytes, s.leaked_allocations), String::new()),
+    };
     println!(
-        "  {leak_word:<15} {} in {}",
-        bytes(s.leaked_bytes),
-        count(s.leaked_allocations, "allocation")
+        "  {leak_word:<15} {} in {}{at_exit}",
+        bytes(left.0),
+        count(left.1, "allocation")
     );
     println!(
         "  allocated:      {} in {}",
@@ -1768,7 +1787,8 @@ fn cmd_flamegraph(
 fn view_words(view: View) -> &'static str {
     match view {
         View::Peak => "live at the peak",
-        View::Leaks => "leaked (live at exit)",
+        View::Leaks => "leaked (left live by the program)",
+        View::LeaksAtExit => "live at exit",
         View::Allocated => "allocated",
         View::Temporary => "temporary (freed before the thread allocated again)",
     }

@@ -58,6 +58,9 @@ pub mod record {
     /// run, with their figures: see [`crate::DroppedRecord`]. Appended after the launched
     /// process's `END`.
     pub const DROPPED: u8 = 9;
+    /// A Python program's own code ended and interpreter shutdown began, at a place in the
+    /// event order: see [`crate::PythonEndRecord`].
+    pub const PYTHON_END: u8 = 10;
 }
 
 /// Python frames inside stacks. A stack's frames may end (leaf side) in Python frames: the
@@ -185,6 +188,43 @@ impl DroppedRecord {
             });
         }
         Ok(DroppedRecord { processes })
+    }
+}
+
+/// The payload of a `PYTHON_END` record: the moment CPython began shutting down, which the
+/// reader takes as the end of the program for `--leaks`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonEndRecord {
+    /// A sequence number no event has: events below it happened before, events above it
+    /// during shutdown.
+    pub seq: u64,
+    /// Clock units since start.
+    pub time: u64,
+    /// How the tracker saw it: [`PythonEndRecord::BY_STACK`] or [`PythonEndRecord::BY_FLAG`].
+    pub how: u8,
+}
+
+impl PythonEndRecord {
+    /// An allocation made inside `Py_FinalizeEx` (before `threading._shutdown`, atexit).
+    pub const BY_STACK: u8 = 1;
+    /// CPython's finalizing flag, set after the atexit handlers, before modules are freed.
+    pub const BY_FLAG: u8 = 2;
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        put_uvarint(&mut b, self.seq);
+        put_uvarint(&mut b, self.time);
+        put_uvarint(&mut b, self.how as u64);
+        b
+    }
+
+    pub fn decode(payload: &[u8]) -> Result<PythonEndRecord, FormatError> {
+        let mut c = Cursor::new(payload);
+        Ok(PythonEndRecord {
+            seq: c.uvarint()?,
+            time: c.uvarint()?,
+            how: c.uvarint()?.min(255) as u8,
+        })
     }
 }
 
@@ -997,6 +1037,20 @@ mod tests {
         let frame = pyframe::encode(77, 123, true);
         assert!(pyframe::is_python(frame) && !pyframe::is_python(0x7fff_ffff_ffff));
         assert_eq!(pyframe::decode(frame), (77, 123, true));
+    }
+
+    #[test]
+    fn python_end_records_round_trip_and_reject_truncation() {
+        let rec = PythonEndRecord {
+            seq: 1 << 40,
+            time: 12_345_678,
+            how: PythonEndRecord::BY_FLAG,
+        };
+        let b = rec.encode();
+        assert_eq!(PythonEndRecord::decode(&b).unwrap(), rec);
+        for cut in 0..b.len() {
+            assert!(PythonEndRecord::decode(&b[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -79,6 +79,10 @@ pub struct Capture {
     pub exec_boundaries: Vec<u64>,
     /// Short helper processes of the tree whose captures `memtrack run` removed (`DROPPED`).
     pub dropped: Vec<memtrack_format::DroppedProcess>,
+    /// Where a Python program's own code ended and interpreter shutdown began (`PYTHON_END`),
+    /// when the last program image was CPython and got that far: `--leaks` is what was live
+    /// there.
+    pub python_end: Option<memtrack_format::PythonEndRecord>,
 }
 
 /// One event, in global order.
@@ -156,6 +160,7 @@ impl Capture {
             images: Vec::new(),
             exec_boundaries: Vec::new(),
             dropped: Vec::new(),
+            python_end: None,
             min_offset_from: Vec::new(),
             progress: Default::default(),
         };
@@ -273,6 +278,13 @@ impl Capture {
                         Err(e) => self.warnings.push(bad(e)),
                     }
                 }
+                record::PYTHON_END => {
+                    let payload = read(payload_off, plen as usize);
+                    match memtrack_format::PythonEndRecord::decode(&payload) {
+                        Ok(p) => self.python_end = Some(p),
+                        Err(e) => self.warnings.push(bad(e)),
+                    }
+                }
                 record::DROPPED => {
                     let payload = read(payload_off, plen as usize);
                     match memtrack_format::DroppedRecord::decode(&payload) {
@@ -286,6 +298,12 @@ impl Capture {
         }
         self.threads = tids.len();
         self.pycode = std::sync::Arc::new(pycode);
+        // A mark of an image that exec replaced says nothing of the last one's heap.
+        if let (Some(p), Some(&b)) = (self.python_end, self.exec_boundaries.last()) {
+            if p.seq < b {
+                self.python_end = None;
+            }
+        }
         // Stable: chunks of one thread never overlap in sequence numbers.
         self.chunks.sort_by_key(|c| c.header.base_seq);
         self.min_offset_from = vec![usize::MAX; self.chunks.len()];
@@ -322,6 +340,12 @@ impl Capture {
                 .warnings
                 .iter()
                 .any(|w| matches!(w, Warning::TornTail { .. }))
+    }
+
+    /// The sequence number at which `--leaks` looks at the heap: where a Python program's code
+    /// ended ([`Capture::python_end`]), else after the last event.
+    pub fn leaks_seq(&self) -> u64 {
+        self.python_end.map_or(u64::MAX, |p| p.seq)
     }
 
     /// Converts a time in clock units to seconds since the start.

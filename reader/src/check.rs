@@ -219,10 +219,16 @@ impl Capture {
             _ => s.total_bytes,
         });
         let mut allocated = None;
+        let mut leaks = None;
         for l in out.iter_mut().filter(|l| l.exceeded) {
             let by_count = l.unit == "allocations";
             l.top = match l.name {
                 "max_peak" => top3(&r.peak_by_stack(), &stacks, sym, false),
+                "max_leaked" | "max_leaked_allocations" if self.python_end.is_some() => {
+                    // Live where the Python program's code ended, not at exit.
+                    let v = leaks.get_or_insert_with(|| self.view(View::Leaks));
+                    top3(&v.sites, &v.stacks, sym, by_count)
+                }
                 "max_leaked" | "max_leaked_allocations" => {
                     top3(&r.live_by_stack(), &stacks, sym, by_count)
                 }

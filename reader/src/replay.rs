@@ -76,6 +76,9 @@ pub struct Replay {
     pub series_last: Vec<Option<u64>>,
     series_span: u64,
     series_by_event: bool,
+    /// Live bytes and allocations where `--leaks` looks ([`Capture::leaks_seq`]), when the
+    /// capture marks a Python program's end and the replay got there.
+    pub live_at_leaks_seq: Option<(u64, u64)>,
 }
 
 /// Per-stack live bytes, and their values at the last peak. Stacks changed since the last peak
@@ -307,8 +310,17 @@ pub struct Summary {
     pub peak_bytes: u64,
     pub peak_allocations: u64,
     pub peak_time_seconds: f64,
+    /// What `--leaks` shows: live when a Python program's code ended, if the capture marks
+    /// it (`leaks_measured_at`), else live at exit (at the cut-off of an incomplete capture).
     pub leaked_bytes: u64,
     pub leaked_allocations: u64,
+    /// "exit", or "python_program_end": where `leaked_*` were measured.
+    pub leaks_measured_at: &'static str,
+    /// Live at exit, whatever `leaks_measured_at` says (`--leaks-at-exit`).
+    pub leaked_at_exit_bytes: u64,
+    pub leaked_at_exit_allocations: u64,
+    /// Seconds from the Python program's end to the end of the capture: interpreter shutdown.
+    pub python_shutdown_seconds: Option<f64>,
     pub total_allocations: u64,
     pub total_bytes: u64,
     pub total_frees: u64,
@@ -345,6 +357,7 @@ impl Capture {
     ) -> (Replay, StackTable, usize) {
         let mut stacks = StackTable::default();
         let mut boundaries = self.exec_boundaries.iter().copied().peekable();
+        let cut = self.leaks_seq();
         let errors = self.with_events(&mut stacks, |events| {
             events.for_each_while(|ev| {
                 if ev.seq > until {
@@ -353,12 +366,19 @@ impl Capture {
                 while boundaries.next_if(|&b| ev.seq >= b).is_some() {
                     r.exec_reset();
                 }
+                if ev.seq > cut && r.live_at_leaks_seq.is_none() {
+                    r.live_at_leaks_seq = Some((r.live_bytes, r.live_allocations()));
+                }
                 r.apply(ev);
                 after(&r, ev);
                 true
             });
             events.errors
         });
+        if cut != u64::MAX && until >= cut && r.live_at_leaks_seq.is_none() {
+            // No event after the mark.
+            r.live_at_leaks_seq = Some((r.live_bytes, r.live_allocations()));
+        }
         (r, stacks, errors)
     }
 
@@ -381,6 +401,11 @@ impl Capture {
             .unwrap_or(0)
             .max(r.last_time)
             .max(self.last_chunk_time);
+        let program_end = self.python_end.filter(|_| r.live_at_leaks_seq.is_some());
+        let leaked = match (program_end, r.live_at_leaks_seq) {
+            (Some(_), Some(at)) => at,
+            _ => (r.live_bytes, r.live_allocations()),
+        };
         Summary {
             pid: self.header.pid,
             executable: self.last_image().executable.clone(),
@@ -396,8 +421,17 @@ impl Capture {
             peak_bytes: r.peak_bytes,
             peak_allocations: r.peak_allocations,
             peak_time_seconds: self.seconds(r.peak_time),
-            leaked_bytes: r.live_bytes,
-            leaked_allocations: r.live_allocations(),
+            leaked_bytes: leaked.0,
+            leaked_allocations: leaked.1,
+            leaks_measured_at: if program_end.is_some() {
+                "python_program_end"
+            } else {
+                "exit"
+            },
+            leaked_at_exit_bytes: r.live_bytes,
+            leaked_at_exit_allocations: r.live_allocations(),
+            python_shutdown_seconds: program_end
+                .map(|p| self.seconds(end_time.saturating_sub(p.time))),
             total_allocations: r.total_allocations,
             total_bytes: r.total_bytes,
             total_frees: r.total_frees,

@@ -11,8 +11,12 @@ use crate::symbols::{for_each_frame, stack_frames, Symbolizer};
 pub enum View {
     /// Live at the high-water mark.
     Peak,
-    /// Live at exit (at the cut-off for an incomplete capture).
+    /// Left by the program: live when a Python program's own code ended and interpreter
+    /// shutdown began ([`Capture::python_end`]); for any other program live at exit (at the
+    /// cut-off for an incomplete capture).
     Leaks,
+    /// Live at exit (at the cut-off for an incomplete capture), Python or not.
+    LeaksAtExit,
     /// Everything ever allocated.
     Allocated,
     /// Allocations freed again before the same thread allocated anything else.
@@ -24,6 +28,7 @@ impl View {
         match self {
             View::Peak => "peak",
             View::Leaks => "leaks",
+            View::LeaksAtExit => "leaks-at-exit",
             View::Allocated => "allocated",
             View::Temporary => "temporary",
         }
@@ -70,6 +75,10 @@ impl Capture {
     pub fn view(&self, view: View) -> ViewSites {
         let (sites, stacks) = match view {
             View::Leaks => {
+                let (r, stacks, _) = self.replay_until(self.leaks_seq());
+                (r.live_by_stack(), stacks)
+            }
+            View::LeaksAtExit => {
                 let (r, stacks, _) = self.replay();
                 (r.live_by_stack(), stacks)
             }

@@ -12,7 +12,7 @@
 //! (`PyCode_Type`, `PyUnicode_Type`, `PyBytes_Type`) first. Other versions, and builds whose
 //! object header differs (free-threaded ones), get native stacks only, with one warning line.
 
-use memtrack_format::{pyframe, PyCodeRecord};
+use memtrack_format::{pyframe, PyCodeRecord, PythonEndRecord};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 const OFF: u8 = 0;
@@ -27,6 +27,20 @@ static BYTES_TYPE: AtomicUsize = AtomicUsize::new(0);
 /// `_PyEval_EvalFrameDefault`'s code, `[lo, hi)` (0, 0 when its size is unknown).
 static EVAL_LO: AtomicUsize = AtomicUsize::new(0);
 static EVAL_HI: AtomicUsize = AtomicUsize::new(0);
+
+/// Interpreter shutdown, watched so that the reader can tell what the program left live from
+/// what CPython frees as it shuts down (see `shutdown_claim`).
+const SD_OFF: u8 = 0;
+const SD_WATCH: u8 = 1;
+/// An allocation's stack passed through `Py_FinalizeEx`: the next event marks the moment.
+const SD_SEEN: u8 = 2;
+const SD_DONE: u8 = 3;
+static SHUTDOWN: AtomicU8 = AtomicU8::new(SD_OFF);
+/// `Py_FinalizeEx`'s code, `[lo, hi)` (0, 0 when its size is unknown).
+static FINALIZE_LO: AtomicUsize = AtomicUsize::new(0);
+static FINALIZE_HI: AtomicUsize = AtomicUsize::new(0);
+/// The address of `_PyRuntime._finalizing` (0 when unknown).
+static FINALIZING_AT: AtomicUsize = AtomicUsize::new(0);
 
 /// How a frame says that an evaluation loop began with it.
 #[derive(Clone, Copy)]
@@ -183,12 +197,97 @@ pub(crate) fn detect() {
         EVAL_LO.store(lo, Ordering::Relaxed);
         EVAL_HI.store(hi, Ordering::Relaxed);
     }
+    if let Some((lo, hi)) = function_range(c"Py_FinalizeEx") {
+        FINALIZE_LO.store(lo, Ordering::Relaxed);
+        FINALIZE_HI.store(hi, Ordering::Relaxed);
+    }
+    FINALIZING_AT.store(finalizing_field(minor), Ordering::Relaxed);
+    SHUTDOWN.store(SD_WATCH, Ordering::Release);
     LAYOUT.store(index.unwrap_or(0) as u8, Ordering::Relaxed);
     GET_TSTATE.store(get, Ordering::Relaxed);
     CODE_TYPE.store(code, Ordering::Relaxed);
     UNICODE_TYPE.store(unicode, Ordering::Relaxed);
     BYTES_TYPE.store(bytes, Ordering::Relaxed);
     STATE.store(ON, Ordering::Release);
+}
+
+/// Where `_PyRuntime._finalizing` lies (0: unknown). It is the thread state that runs the
+/// shutdown, set by `Py_FinalizeEx` once the atexit handlers have run and before modules are
+/// freed. 3.11 and 3.12 keep it after five ints (`offsetof` over their headers: 24); 3.13's
+/// runtime state begins with debug offsets for out-of-process tools ("xdebugpy", a version,
+/// then `runtime_state.size`, `runtime_state.finalizing`), which say where it is.
+fn finalizing_field(minor: libc::c_ulong) -> usize {
+    let runtime = sym(c"_PyRuntime");
+    if runtime == 0 {
+        return 0;
+    }
+    match minor {
+        11 | 12 => runtime + 24,
+        13 => {
+            // SAFETY: `_PyRuntime` is CPython's static runtime state, far larger than 40 bytes.
+            let (cookie, off) = unsafe { (word(runtime), word(runtime + 32)) };
+            if cookie == usize::from_le_bytes(*b"xdebugpy") && (40..1 << 16).contains(&off) {
+                runtime + off
+            } else {
+                0
+            }
+        }
+        _ => 0,
+    }
+}
+
+/// Called with the native frames of a new Python stack (a miss of the stack memo, which every
+/// first stack inside `Py_FinalizeEx` is): notes when it runs inside `Py_FinalizeEx`.
+#[inline]
+pub(crate) fn note_native_stack(ips: &[u64]) {
+    if SHUTDOWN.load(Ordering::Relaxed) != SD_WATCH {
+        return;
+    }
+    let (lo, hi) = (
+        FINALIZE_LO.load(Ordering::Relaxed) as u64,
+        FINALIZE_HI.load(Ordering::Relaxed) as u64,
+    );
+    // Return addresses: in (lo, hi]. Near the root, outermost first.
+    if hi != 0 && ips.iter().any(|&ip| ip.wrapping_sub(lo + 1) < hi - lo) {
+        let _ = SHUTDOWN.compare_exchange(SD_WATCH, SD_SEEN, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+/// Whether the event about to be recorded is the first of interpreter shutdown: true once per
+/// process. Shutdown began when an allocation's stack passed through `Py_FinalizeEx` (before
+/// `threading._shutdown` and the atexit handlers run), or, failing that, when CPython set its
+/// finalizing flag (before modules are freed). Checked on every event, so that the mark falls
+/// exactly between the program's events and shutdown's; a realloc's second half waits for the
+/// next event (the block is in neither live set between the halves). Non-Python processes pay
+/// one load.
+#[inline(always)]
+pub(crate) fn shutdown_claim(realloc_half: bool) -> Option<u8> {
+    let s = SHUTDOWN.load(Ordering::Relaxed);
+    if s == SD_OFF || s == SD_DONE || realloc_half {
+        return None;
+    }
+    if s == SD_WATCH {
+        let at = FINALIZING_AT.load(Ordering::Relaxed);
+        // SAFETY: a pointer-sized field of CPython's static runtime state (`finalizing_field`);
+        // volatile: the main thread stores it while others read.
+        if at == 0 || unsafe { std::ptr::read_volatile(at as *const usize) } == 0 {
+            return None;
+        }
+    }
+    shutdown_claim_slow(s)
+}
+
+#[cold]
+fn shutdown_claim_slow(s: u8) -> Option<u8> {
+    let how = if s == SD_SEEN {
+        PythonEndRecord::BY_STACK
+    } else {
+        PythonEndRecord::BY_FLAG
+    };
+    SHUTDOWN
+        .compare_exchange(s, SD_DONE, Ordering::Relaxed, Ordering::Relaxed)
+        .ok()
+        .map(|_| how)
 }
 
 /// The code of a function the dynamic linker can find, from its symbol's value and size.

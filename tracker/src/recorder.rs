@@ -10,7 +10,7 @@ use crate::writer::{self, Msg};
 use crossbeam_channel::{Receiver, Sender};
 use memtrack_format::{
     op, put_ivarint, put_uvarint, record, AllocKind, ByteSink, ChunkHeader, EndReason,
-    ModulesRecord, MAX_FRAME_PREFIX,
+    ModulesRecord, PythonEndRecord, MAX_FRAME_PREFIX,
 };
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
@@ -760,6 +760,7 @@ impl OwnerState {
         if memo[slot].0 == h && memo[slot].1 != 0 {
             return memo[slot].1;
         }
+        python::note_native_stack(&self.walker.ips);
         // Runs, innermost first: each ends (outwards) at an entry frame.
         self.py_runs.clear();
         let mut start = 0;
@@ -1392,12 +1393,15 @@ pub(crate) fn record(ev: Ev, caller: Origin, g: &IgnoreAllocs) {
                 // was idle: a thread holds no buffer between its chunks.
                 b.data = rec.fresh_buffer();
             }
-            encode(rec, &mut b, ts.tid, ev, stack, &mut owner.new_nodes);
+            let mark = encode(rec, &mut b, ts.tid, ev, stack, &mut owner.new_nodes);
             let full = b
                 .data
                 .as_ref()
                 .is_some_and(|d| d.len() >= FLUSH_LIMIT.load(Ordering::Relaxed));
             drop(b);
+            if let Some(m) = mark {
+                send_python_end(rec, m);
+            }
             if full && rec.writer_started.load(Ordering::Relaxed) {
                 flush_own(rec, ts);
             }
@@ -1406,6 +1410,9 @@ pub(crate) fn record(ev: Ev, caller: Origin, g: &IgnoreAllocs) {
     }
 }
 
+/// Encodes one event; returns the `PYTHON_END` mark when interpreter shutdown began just before
+/// it (the mark takes a sequence number of its own, below the event's), for the caller to send
+/// once the buffer's lock is released.
 #[inline(always)]
 fn encode(
     rec: &Recorder,
@@ -1414,7 +1421,13 @@ fn encode(
     ev: Ev,
     stack: u32,
     nodes: &mut Vec<(u32, u32, u64)>,
-) {
+) -> Option<PythonEndRecord> {
+    let realloc_half = matches!(ev, Ev::Alloc(kind, ..) if kind.is_realloc());
+    let mark = python::shutdown_claim(realloc_half).map(|how| PythonEndRecord {
+        seq: next_seq(),
+        time: rec.event_time(),
+        how,
+    });
     let (seq, time) = b.begin_event(rec, tid);
     if let Some(d) = b.data.as_mut() {
         for &(id, parent, ip) in nodes.iter() {
@@ -1445,6 +1458,16 @@ fn encode(
         }
         t.commit();
     }
+    mark
+}
+
+/// Writes the mark of interpreter shutdown (see `python::shutdown_claim`).
+#[cold]
+fn send_python_end(rec: &Recorder, m: PythonEndRecord) {
+    let _errno = SaveErrno::new();
+    let mut framed = Vec::new();
+    memtrack_format::put_record(&mut framed, record::PYTHON_END, &m.encode());
+    rec.send_raw(framed);
 }
 
 /// Bytes one event may take in the stream encoding, stack nodes included.
@@ -1476,10 +1499,13 @@ fn record_orphan(rec: &Recorder, ev: Ev, caller: Origin) {
     let mut b = ChunkBuf::new(rec.fresh_buffer());
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() } as u32;
-    encode(rec, &mut b, tid, ev, stack, &mut owner.new_nodes);
+    let mark = encode(rec, &mut b, tid, ev, stack, &mut owner.new_nodes);
     if let Some((data, start)) = b.take_framed(None) {
         drop(guard);
         hand_off(rec, data, start);
+    }
+    if let Some(m) = mark {
+        send_python_end(rec, m);
     }
 }
 
