@@ -1250,7 +1250,7 @@ fn print_summary(file: &Path, cap: &Capture, s: &Summary) {
         );
     } else if subject::being_written(cap) {
         println!(
-            "  capture:        still being written (no END record yet): its process is running; figures cover its first {:.3} s",
+            "  capture:        still being written (no END record yet): its process is running; figures cover what it wrote so far ({:.3} s)",
             s.duration_seconds
         );
     } else {
