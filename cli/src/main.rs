@@ -1243,12 +1243,14 @@ fn print_summary(file: &Path, cap: &Capture, s: &Summary) {
         if s.threads == 1 { "" } else { "s" },
         grouped(s.events)
     );
-    if s.complete {
+    // Asked once: it may wait a little for a lock.
+    let live = subject::being_written(cap);
+    if s.complete && !live {
         println!(
             "  capture:        complete (ended by {})",
             s.end_reason.unwrap_or("exit")
         );
-    } else if subject::being_written(cap) {
+    } else if live {
         println!(
             "  capture:        still being written (no END record yet): its process is running; figures cover what it wrote so far ({:.3} s)",
             s.duration_seconds
@@ -1276,10 +1278,10 @@ fn print_summary(file: &Path, cap: &Capture, s: &Summary) {
         count(s.peak_allocations, "allocation"),
         s.peak_time_seconds
     );
-    let leak_word = if s.complete {
-        "leaked at exit:"
-    } else if subject::being_written(cap) {
+    let leak_word = if live {
         "live so far:"
+    } else if s.complete {
+        "leaked at exit:"
     } else {
         "live at cut-off:"
     };

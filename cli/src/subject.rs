@@ -150,13 +150,18 @@ impl Subject {
     }
 }
 
-/// True when `cap` has no `END` yet because its process is still writing it (not killed): the
+/// True when `cap` has no final `END` yet because its process is still writing it (not killed): the
 /// tracker holds a shared `flock` on the capture while it has it open, and the process of the
 /// header is alive and no younger than the capture (not a reused pid; not a forked child that
 /// still holds the descriptor after the writer died).
 pub fn being_written(cap: &Capture) -> bool {
     use std::os::fd::AsRawFd;
-    if cap.end.is_some() {
+    // An exec's END is the last record until the new image writes its first: the process
+    // goes on.
+    if cap
+        .end
+        .is_some_and(|e| e.reason != memtrack_format::EndReason::Exec)
+    {
         return false;
     }
     if !process_started_by(cap.header.pid, cap.header.start_unix_ns) {

@@ -382,6 +382,51 @@ fn a_capture_still_being_written_is_not_called_killed() {
 }
 
 #[test]
+fn a_forked_child_holding_the_capture_open_does_not_keep_it_alive() {
+    // The parent is killed; its forked child (no exec) still holds the capture's descriptor.
+    // python3 may be pyenv's shim: bash images that exec, then Python, all into one capture.
+    let work = Work::new("safety_forked_holder");
+    let cap = work.path("py.cap");
+    let script = "import os, time\nx = [bytearray(100) for _ in range(300)]\nif os.fork() == 0:\n    time.sleep(20)\n    os._exit(0)\ntime.sleep(60)\n";
+    let mut parent = Command::new("python3")
+        .args(["-c", script])
+        .env("LD_PRELOAD", &binaries().preload)
+        .env("MEMTRACK_OUTPUT", &cap)
+        .env("PYTHONMALLOC", "malloc")
+        .env_remove("MEMTRACK_LAUNCHER_PID")
+        .env_remove("MEMTRACK_FOLLOW_FORK")
+        .spawn()
+        .unwrap();
+    // Until the child is forked (after Python's start-up and the 300 blocks).
+    let start = Instant::now();
+    let children = loop {
+        // Python's own fork, not a pyenv shell's helpers.
+        let python = std::fs::read_link(format!("/proc/{}/exe", parent.id()))
+            .is_ok_and(|e| e.to_string_lossy().contains("python"));
+        let c = children_of(parent.id());
+        if python && !c.is_empty() {
+            break c;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no fork");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    wait_for_allocations(&cap, 300);
+    let live = capture_line(&cap);
+    parent.kill().unwrap();
+    parent.wait().unwrap();
+    let dead = capture_line(&cap);
+    for c in children {
+        // SAFETY: kill(2) of the child this test's program forked.
+        unsafe { libc::kill(c as i32, libc::SIGKILL) };
+    }
+    assert!(live.contains("still being written"), "{live}");
+    assert!(
+        dead.contains("(the process was killed or crashed)"),
+        "{dead}"
+    );
+}
+
+#[test]
 fn install_script_puts_a_working_memtrack_in_a_prefix() {
     let work = Work::new("safety_install");
     binaries();
@@ -465,4 +510,25 @@ fn plot_has_titled_axes_with_round_ticks() {
         assert!(texts.contains(&t), "no tick {t}: {texts:?}");
     }
     assert!(!texts.contains(&"80 KiB"), "{texts:?}");
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')?
+                        .1
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u32>()
+                        .ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
