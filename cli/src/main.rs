@@ -2052,7 +2052,24 @@ fn cmd_tree(
 }
 
 fn cmd_check(file: &Path, pid: Option<u32>, limits: Limits, json: bool) -> Result<u8> {
-    check_report_for(file, pid, limits, json, &mut std::io::stdout().lock())
+    // The verdict is the exit code: a reader that went away must not turn 1 into 0.
+    struct ClosedIsFine<W>(W);
+    impl<W: std::io::Write> std::io::Write for ClosedIsFine<W> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(buf.len()),
+                r => r,
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            match self.0.flush() {
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                r => r,
+            }
+        }
+    }
+    let mut out = ClosedIsFine(std::io::stdout().lock());
+    check_report_for(file, pid, limits, json, &mut out)
 }
 
 /// Checks the budgets of the whole tree and writes the report to `out`.

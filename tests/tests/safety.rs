@@ -28,6 +28,18 @@ fn varied_capture(work: &Work) -> std::path::PathBuf {
     run_traced_ok(work, "v.cap", &exe, &["1", "3000"]).capture
 }
 
+/// The write end of a pipe whose read end is already closed.
+fn closed_pipe() -> OwnedFd {
+    let mut fds = [0; 2];
+    // SAFETY: pipe(2) fills two new descriptors, each owned once below.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fds are fresh descriptors from pipe(2), owned here only.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read_end);
+    write_end
+}
+
 /// Every command that writes to standard output, on `cap` (`base` for diff).
 fn stdout_commands<'a>(cap: &'a str, base: &'a str) -> Vec<Vec<&'a str>> {
     vec![
@@ -93,13 +105,7 @@ fn reports_end_quietly_when_the_reader_of_their_output_goes_away() {
         assert!(stderr.is_empty(), "{args:?} wrote to stderr: {stderr}");
 
         // The reader gone before the first write (`| head -c0`): the first line fails.
-        let mut fds = [0; 2];
-        // SAFETY: pipe(2) fills two new descriptors, each owned once below.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: fds are fresh descriptors from pipe(2), owned here only.
-        let (read_end, write_end) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        drop(read_end);
+        let write_end = closed_pipe();
         let out = Command::new(&binaries().memtrack)
             .args(&args)
             .stdout(Stdio::from(write_end))
@@ -114,6 +120,16 @@ fn reports_end_quietly_when_the_reader_of_their_output_goes_away() {
         );
         assert!(stderr.is_empty(), "{args:?} (closed pipe): {stderr}");
     }
+    // `check` keeps its verdict: a budget exceeded is exit 1 whoever reads the report.
+    let write_end = closed_pipe();
+    let out = Command::new(&binaries().memtrack)
+        .args(["check", cap, "--max-peak", "1"])
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
 }
 
 #[test]
