@@ -1073,7 +1073,8 @@ fn cmd_summary(file: &Path, pid: Option<u32>, json: bool) -> Result<()> {
         print_tree_summary(tree, chosen);
     }
     // Of a tree: where the memory was at the combined peak, in every process.
-    let (top, heading) = if tree.is_tree() && pid.is_none() {
+    let recorded = tree.processes.iter().filter(|p| p.has_capture()).count();
+    let (top, heading) = if recorded > 1 && pid.is_none() {
         let mut rows = Vec::new();
         for part in subject.parts(View::Peak, false) {
             let mut sym = symbolizer(part.cap);
@@ -1124,19 +1125,23 @@ fn print_tree_summary(tree: &memtrack_reader::ProcessTree, chosen: u32) {
             ),
         }
     );
-    println!(
-        "  combined peak:  {} at {:.3} s (the most all processes' heaps held at once)",
-        bytes(tree.combined_peak_bytes),
-        tree.seconds(tree.combined_peak_mono_ns)
-    );
-    println!(
-        "  {:>9} {:>9} {:>11} {:>11} {:>11}  command",
-        "pid", "parent", "peak", "at comb.pk", "leaked"
-    );
+    // One recorded process (and helpers kept as figures): its own figures above say it all.
+    let table = recorded > 1;
+    if table {
+        println!(
+            "  combined peak:  {} at {:.3} s (the most all processes' heaps held at once)",
+            bytes(tree.combined_peak_bytes),
+            tree.seconds(tree.combined_peak_mono_ns)
+        );
+        println!(
+            "  {:>9} {:>9} {:>11} {:>11} {:>11}  command",
+            "pid", "parent", "peak", "at comb.pk", "leaked"
+        );
+    }
     const ROWS: usize = 25;
     let captured: Vec<&memtrack_reader::Process> =
         tree.processes.iter().filter(|p| p.has_capture()).collect();
-    for p in captured.iter().take(ROWS) {
+    for p in captured.iter().take(if table { ROWS } else { 0 }) {
         println!(
             "{} {:>9} {:>9} {:>11} {:>11} {:>11}  {}",
             if p.pid == chosen { " *" } else { "  " },
@@ -1187,7 +1192,7 @@ fn print_tree_summary(tree: &memtrack_reader::ProcessTree, chosen: u32) {
             })
             .collect();
         println!(
-            "    + {} short helper{} ({}{}): peaks up to {}, not in the combined peak",
+            "    + {} short helper{} ({}{}): peaks up to {}, not in the {}peak",
             helpers.len(),
             if helpers.len() == 1 { "" } else { "s" },
             listed.join(", "),
@@ -1198,7 +1203,8 @@ fn print_tree_summary(tree: &memtrack_reader::ProcessTree, chosen: u32) {
                     .map(|p| p.summary.peak_bytes)
                     .max()
                     .unwrap_or(0)
-            )
+            ),
+            if table { "combined " } else { "" }
         );
     }
 }
@@ -1717,6 +1723,8 @@ fn write_diff_svg(
     );
     opts.count_name = "bytes".into();
     opts.name_type = "Function:".into();
+    // Cut long labels at their end: a Python frame's function comes first, its file:line last.
+    opts.text_truncate_direction = inferno::flamegraph::TextTruncateDirection::Right;
     // Icicle, as `flamegraph` draws by default: the root on the first screen.
     opts.direction = inferno::flamegraph::Direction::Inverted;
     let f =
@@ -1759,6 +1767,8 @@ fn cmd_flamegraph(
     );
     opts.count_name = "bytes".into();
     opts.name_type = "Function:".into();
+    // Cut long labels at their end: a Python frame's function comes first, its file:line last.
+    opts.text_truncate_direction = inferno::flamegraph::TextTruncateDirection::Right;
     opts.colors =
         inferno::flamegraph::Palette::Basic(inferno::flamegraph::color::BasicPalette::Mem);
     opts.reverse_stack_order = inverted;

@@ -23,7 +23,9 @@ impl Subject {
     pub fn open(file: &Path, pid: Option<u32>) -> Result<Subject> {
         let tree = ProcessTree::open(file)?;
         let only = match pid {
-            None => (!tree.is_tree()).then_some(0),
+            // Short helpers kept only as figures are not in a view: with none other recorded,
+            // the report is about the launched process alone.
+            None => (tree.processes.iter().filter(|p| p.has_capture()).count() <= 1).then_some(0),
             Some(pid) => {
                 let Some(i) = tree.find(pid) else {
                     let pids: Vec<String> = tree
@@ -64,8 +66,15 @@ impl Subject {
 
     /// True when the report shows one process of a recorded tree (names and titles say which).
     pub fn is_one_of_many(&self) -> bool {
-        self.one()
-            .is_some_and(|p| self.tree.is_tree() || p.parent_pid != 0)
+        self.one().is_some_and(|p| {
+            self.tree
+                .processes
+                .iter()
+                .filter(|p| p.has_capture())
+                .count()
+                > 1
+                || p.parent_pid != 0
+        })
     }
 
     /// The view, one part per process that has anything in it; each labelled with its process

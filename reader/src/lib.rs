@@ -33,8 +33,8 @@ mod views;
 
 pub use capture::{Capture, ChunkRef, Event, EventKind, ReadError, Warning};
 pub use check::{Budget, Contributor, LimitResult, ProcessShare};
-pub use export::JsonExport;
 pub use diff::{diff, diff_sides, Diff, DiffRow, DiffSide, DiffStack};
+pub use export::JsonExport;
 pub use family::{
     child_captures, shell_command, shell_quote, ChildCapture, Process, ProcessFigures, ProcessTree,
 };

@@ -311,7 +311,11 @@ pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> 
 /// (the native frames below it are the interpreter's or an extension's); else its innermost
 /// frame past operator new / new[] and the other allocator wrappers. Symbolizes only the frames
 /// it looks at, not the whole stack.
-pub(crate) fn allocating_frame(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Option<crate::Frame> {
+pub(crate) fn allocating_frame(
+    sym: &mut Symbolizer,
+    stacks: &StackTable,
+    stack: u32,
+) -> Option<crate::Frame> {
     if let Some(f) = python_allocator(sym, stacks, stack) {
         return Some(f);
     }
