@@ -73,8 +73,9 @@ impl Frame {
 /// A Python source path as reports show it (the way Memray does): a file of the standard
 /// library or of an installed package relative to its `lib/pythonX.Y`, `site-packages` or
 /// `dist-packages` folder (`json/decoder.py`, `requests/api.py`); a file of the program relative
-/// to `program_dir` (`svc.py`, `app/handlers.py`); anything else as it is.
-pub fn short_python_path(path: &str, program_dir: Option<&str>) -> String {
+/// to the first of `program_dirs` that holds it (`svc.py`, `app/handlers.py`); anything else as
+/// it is.
+pub fn short_python_path(path: &str, program_dirs: &[String]) -> String {
     for marker in ["/site-packages/", "/dist-packages/"] {
         if let Some(i) = path.rfind(marker) {
             return path[i + marker.len()..].to_string();
@@ -96,14 +97,70 @@ pub fn short_python_path(path: &str, program_dir: Option<&str>) -> String {
             }
         }
     }
-    if let Some(dir) = program_dir {
-        if let Some(rest) = path.strip_prefix(dir) {
+    for dir in program_dirs {
+        if let Some(rest) = path.strip_prefix(dir.as_str()) {
             if let Some(rest) = rest.strip_prefix('/') {
                 return rest.to_string();
             }
         }
     }
     path.to_string()
+}
+
+/// A file of the standard library or of an installed package (or frozen, or not a path).
+fn is_library_path(path: &str) -> bool {
+    !path.starts_with('/')
+        || path.contains("/site-packages/")
+        || path.contains("/dist-packages/")
+        || path.contains("/lib/python3")
+}
+
+/// The deepest folder holding both folders `a` and `b`.
+fn common_dir<'a>(a: &'a str, b: &str) -> &'a str {
+    let (ab, bb) = (a.as_bytes(), b.as_bytes());
+    let i = ab.iter().zip(bb).take_while(|(x, y)| x == y).count();
+    if i == ab.len() && (i == bb.len() || bb[i] == b'/') {
+        return a;
+    }
+    if i == bb.len() && ab[i] == b'/' {
+        return &a[..i];
+    }
+    match ab[..i].iter().rposition(|&c| c == b'/') {
+        Some(j) => &a[..j],
+        None => "",
+    }
+}
+
+/// The folders Python files are shown relative to: the main script's, then the deepest folder
+/// holding every other program file (a console script's application imported from the working
+/// directory: `gunicorn app:app` runs `/srv/app/app.py`, shown as `app.py`).
+fn program_dirs(
+    argv: &[String],
+    codes: &std::collections::HashMap<u32, memtrack_format::PyCodeRecord>,
+) -> Vec<String> {
+    let main = program_dir(argv, codes);
+    let mut dirs: Vec<String> = main.iter().cloned().collect();
+    let mut common: Option<&str> = None;
+    for c in codes.values() {
+        let f = c.filename.as_str();
+        if is_library_path(f)
+            || main
+                .as_deref()
+                .is_some_and(|d| f.starts_with(&format!("{d}/")))
+        {
+            continue;
+        }
+        let dir = f.rsplit_once('/').map_or("", |(d, _)| d);
+        common = Some(match common {
+            None => dir,
+            Some(c) => common_dir(c, dir),
+        });
+    }
+    // Not the root itself, nor a top-level folder such as /usr or /home.
+    if let Some(c) = common.filter(|c| c.matches('/').count() >= 2) {
+        dirs.push(c.to_string());
+    }
+    dirs
 }
 
 /// The directory of a Python program's main script, from the command line and the code objects
@@ -127,7 +184,13 @@ fn program_dir(
         if a == "-c" {
             break;
         }
-        if a.ends_with(".py") {
+        // Options that take a value: skip it.
+        if matches!(a.as_str(), "-X" | "-W" | "-Q") {
+            args.next();
+            continue;
+        }
+        // The script: `app.py`, or a console script without the suffix (`bin/gunicorn`).
+        if !a.starts_with('-') {
             let name = Path::new(a).file_name()?.to_string_lossy().into_owned();
             wanted.push(format!("/{name}"));
             break;
@@ -171,8 +234,8 @@ pub struct Symbolizer {
     pub python_only: bool,
     /// Stacks keep the interpreter's own frames around Python frames (`--all-frames`).
     pub all_frames: bool,
-    /// The folder of a Python program's main script, for short paths.
-    program_dir: Option<String>,
+    /// The folders of a Python program's files, for short paths.
+    program_dirs: Vec<String>,
     /// Per module (same index as `modules`): it is the Python interpreter (holds its
     /// evaluation loop) or the C library, whose frames around Python frames are plumbing.
     plumbing: Vec<bool>,
@@ -228,10 +291,10 @@ impl Symbolizer {
                 m.tried = true;
             }
         }
-        let program_dir = if cap.pycode.is_empty() {
-            None
+        let program_dirs = if cap.pycode.is_empty() {
+            Vec::new()
         } else {
-            program_dir(&cap.header.argv, &cap.pycode)
+            program_dirs(&cap.header.argv, &cap.pycode)
         };
         let plumbing = modules
             .iter()
@@ -252,7 +315,7 @@ impl Symbolizer {
             pycode: cap.pycode.clone(),
             python_only: false,
             all_frames: false,
-            program_dir,
+            program_dirs,
             plumbing,
             warnings: Vec::new(),
             skip_functions: Vec::new(),
@@ -276,7 +339,7 @@ impl Symbolizer {
             return vec![match self.pycode.get(&id) {
                 Some(c) => Frame {
                     function: c.qualname.clone(),
-                    file: Some(short_python_path(&c.filename, self.program_dir.as_deref())),
+                    file: Some(short_python_path(&c.filename, &self.program_dirs)),
                     line: c.line_of(lasti),
                     python: true,
                 },
@@ -735,5 +798,64 @@ mod glob_tests {
         assert!(glob("a?c", "abc"));
         assert!(!glob("a?c", "abbc"));
         assert!(!glob("*alloc", "alloc_it"));
+    }
+
+    #[test]
+    fn python_paths_are_shortened_as_memray_shows_them() {
+        use super::{common_dir, program_dirs, short_python_path};
+        let dirs = vec!["/home/u/a".to_string()];
+        for (path, short) in [
+            ("/usr/lib/python3.11/json/decoder.py", "json/decoder.py"),
+            (
+                "/root/.pyenv/versions/3.13.0/lib/python3.13/asyncio/events.py",
+                "asyncio/events.py",
+            ),
+            (
+                "/usr/lib/python3/dist-packages/requests/api.py",
+                "requests/api.py",
+            ),
+            (
+                "/v/.venv/lib/python3.12/site-packages/flask/app.py",
+                "flask/app.py",
+            ),
+            ("/home/u/a/svc.py", "svc.py"),
+            ("/home/u/a/pkg/mod.py", "pkg/mod.py"),
+            ("/home/u/ab/x.py", "/home/u/ab/x.py"),
+            (
+                "<frozen importlib._bootstrap>",
+                "<frozen importlib._bootstrap>",
+            ),
+        ] {
+            assert_eq!(short_python_path(path, &dirs), short, "{path}");
+        }
+        assert_eq!(common_dir("/a/b/c", "/a/b/d"), "/a/b");
+        assert_eq!(common_dir("/a/b", "/a/b/d"), "/a/b");
+        assert_eq!(common_dir("/a/b/d", "/a/b"), "/a/b");
+        assert_eq!(common_dir("/a/bc", "/a/bd"), "/a");
+        // A console script in bin/, the application in the working directory.
+        let code = |id: u32, filename: &str| {
+            (
+                id,
+                memtrack_format::PyCodeRecord {
+                    id,
+                    qualname: "<module>".into(),
+                    filename: filename.into(),
+                    ..Default::default()
+                },
+            )
+        };
+        let codes = [
+            code(1, "/venv/bin/gunicorn"),
+            code(2, "/srv/app/app.py"),
+            code(3, "/srv/app/views/home.py"),
+            code(4, "/venv/lib/python3.11/site-packages/gunicorn/arbiter.py"),
+        ]
+        .into_iter()
+        .collect();
+        let argv: Vec<String> = ["python3", "/venv/bin/gunicorn", "app:app"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(program_dirs(&argv, &codes), ["/venv/bin", "/srv/app"]);
     }
 }
