@@ -1446,11 +1446,26 @@ fn cmd_export(
     let parts = subject_parts(&subject, view, false, true);
     let bytes = match format {
         ExportFormat::Folded => {
-            let mut text = String::new();
-            for (path, bytes) in folded_parts(&parts) {
-                text.push_str(&format!("{path} {bytes}\n"));
-            }
-            text.into_bytes()
+            let lines = folded_parts(&parts);
+            drop(parts);
+            // Written line by line: the text (hundreds of MB for deep stacks) is never held
+            // twice.
+            let write = |w: &mut dyn std::io::Write| -> std::io::Result<()> {
+                use std::io::Write;
+                let mut w = std::io::BufWriter::new(w);
+                for (path, bytes) in &lines {
+                    writeln!(w, "{path} {bytes}")?;
+                }
+                w.flush()
+            };
+            return match output.as_deref().filter(|o| o.as_os_str() != "-") {
+                Some(o) => {
+                    let mut f = std::fs::File::create(o)
+                        .with_context(|| format!("cannot create {}", o.display()))?;
+                    write(&mut f).with_context(|| format!("cannot write {}", o.display()))
+                }
+                None => Ok(write(&mut std::io::stdout().lock())?),
+            };
         }
         ExportFormat::Pprof => {
             let mut pieces = Vec::new();
