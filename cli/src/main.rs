@@ -1240,7 +1240,19 @@ fn print_summary(file: &Path, cap: &Capture, s: &Summary) {
     };
     println!("  command:        {cmdline} (pid {})", s.pid);
     if !s.exec_chain.is_empty() {
-        println!("  exec chain:     {}", s.exec_chain.join("  ->  "));
+        // A version manager's shims exec several wrappers (pyenv: six): the first and the
+        // last say where it started and what ran.
+        let chain = &s.exec_chain;
+        if chain.len() > 3 {
+            println!(
+                "  exec chain:     {}  ->  ({} more)  ->  {}",
+                chain[0],
+                chain.len() - 2,
+                chain[chain.len() - 1]
+            );
+        } else {
+            println!("  exec chain:     {}", chain.join("  ->  "));
+        }
     }
     println!(
         "  duration:       {:.3} s, {} thread{}, {} events",
@@ -1317,12 +1329,24 @@ fn print_summary(file: &Path, cap: &Capture, s: &Summary) {
     );
     println!("  frees:          {}", grouped(s.total_frees));
     if s.unmatched_frees > 0 || s.overlapping_allocations > 0 || s.corrupt_chunks > 0 {
-        println!(
-            "  note:           {} of blocks allocated before recording began, {} over a live block, {}",
-            count(s.unmatched_frees, "free"),
-            count(s.overlapping_allocations, "allocation"),
-            count(s.corrupt_chunks as u64, "damaged chunk")
-        );
+        // Only what happened.
+        let mut notes = Vec::new();
+        if s.unmatched_frees > 0 {
+            notes.push(format!(
+                "{} of blocks allocated before recording began",
+                count(s.unmatched_frees, "free")
+            ));
+        }
+        if s.overlapping_allocations > 0 {
+            notes.push(format!(
+                "{} over a live block",
+                count(s.overlapping_allocations, "allocation")
+            ));
+        }
+        if s.corrupt_chunks > 0 {
+            notes.push(count(s.corrupt_chunks as u64, "damaged chunk"));
+        }
+        println!("  note:           {}", notes.join(", "));
     }
     for w in &cap.warnings {
         if let memtrack_reader::Warning::BadRecord {
