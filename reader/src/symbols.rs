@@ -199,7 +199,7 @@ fn program_dir(
     let mut best: Option<&str> = None;
     for c in codes.values() {
         if let Some(w) = wanted.iter().find(|w| c.filename.ends_with(w.as_str())) {
-            if c.filename.contains("/site-packages/") || c.filename.contains("/lib/python3") {
+            if is_library_path(&c.filename) {
                 continue;
             }
             let dir = &c.filename[..c.filename.len() - w.len()];
@@ -351,11 +351,7 @@ impl Symbolizer {
                 },
             }];
         }
-        let Some(i) = self
-            .modules
-            .iter()
-            .position(|l| l.ranges.iter().any(|&(lo, hi)| addr >= lo && addr < hi))
-        else {
+        let Some(i) = self.module_of(addr) else {
             return vec![Frame::native(format!("{addr:#x}"))];
         };
         self.load(i);
@@ -786,7 +782,7 @@ fn glob(pattern: &str, name: &str) -> bool {
 }
 
 #[cfg(test)]
-mod glob_tests {
+mod tests {
     #[test]
     fn globs_match_whole_names() {
         use super::glob;
