@@ -895,9 +895,9 @@ fn cmd_run(
     // An ignored signal stays ignored across exec: the command gets back the dispositions
     // memtrack was started with (else Ctrl-C would not stop it, and Python, seeing SIGINT
     // ignored, would never raise KeyboardInterrupt); SIGPIPE too (see above).
+    let pipe_ignored = SIGPIPE_IGNORED_AT_START.load(std::sync::atomic::Ordering::Relaxed);
     // SAFETY: the closure runs in the forked child before exec and only calls signal(2), which
     // is async-signal-safe; the values are dispositions signal(2) returned.
-    let pipe_ignored = SIGPIPE_IGNORED_AT_START.load(std::sync::atomic::Ordering::Relaxed);
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
             libc::signal(libc::SIGINT, int_was);

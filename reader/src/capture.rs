@@ -132,11 +132,11 @@ impl Capture {
             )));
         }
         let len = meta.len();
-        // SAFETY: the capture is opened read-only; a writer still appending only adds bytes past
-        // what this reader indexes.
         let map = if len == 0 {
             None
         } else {
+            // SAFETY: the capture is opened read-only; a writer still appending only adds bytes
+            // past what this reader indexes.
             Some(unsafe { Mmap::map(&file) }.map_err(io)?)
         };
         let data: &[u8] = map.as_deref().unwrap_or(&[]);

@@ -296,6 +296,7 @@ fn gunicorn_master_and_two_workers_are_recorded() {
         s
     });
     let stop = |child: &mut std::process::Child| {
+        // SAFETY: kill(2) on the pid of our own child, which is not yet reaped.
         unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -100,12 +100,14 @@ fn register_fork_handlers() {
 unsafe impl GlobalAlloc for PrivateHeap {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        Held::take().dl().malloc(layout.size(), layout.align())
+        // SAFETY: the mutex is held (`Held`); the layout comes from the caller's contract.
+        unsafe { Held::take().dl().malloc(layout.size(), layout.align()) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        Held::take().dl().calloc(layout.size(), layout.align())
+        // SAFETY: as in `alloc`.
+        unsafe { Held::take().dl().calloc(layout.size(), layout.align()) }
     }
 
     #[inline]

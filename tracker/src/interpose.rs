@@ -730,8 +730,8 @@ pub unsafe fn posix_memalign(
     let g = enter();
     // SAFETY: forwarding.
     let rc = unsafe { f(out, align, size) };
-    // SAFETY: on success the real function stored the block in *out.
     let p = if rc == 0 {
+        // SAFETY: on success the real function stored the block in *out.
         unsafe { *out }
     } else {
         std::ptr::null_mut()

@@ -56,6 +56,7 @@ unsafe extern "C" fn collect(
 ) -> c_int {
     // SAFETY: `data` is the Vec passed by `enumerate_modules`; `info` is valid for this call.
     let out = unsafe { &mut *(data as *mut Vec<LoadedModule>) };
+    // SAFETY: `info` is valid for the duration of this callback.
     let info = unsafe { &*info };
     let base = info.dlpi_addr;
     let name = if info.dlpi_name.is_null() {
@@ -419,12 +420,13 @@ pub fn caller_above(
         return None;
     }
     let key = Some((start.ip, start.sp, marker));
-    // SAFETY: each address was read from this thread's live stack, within [sp0, stack_hi), by
-    // the walk that made the entry from the same stack pointer.
     let same = |reads: &[(u64, u64)]| {
-        reads
-            .iter()
-            .all(|&(a, v)| unsafe { std::ptr::read(a as *const u64) } == v)
+        reads.iter().all(|&(a, v)| {
+            // SAFETY: each address was read from this thread's live stack, within
+            // [sp0, stack_hi), by the walk that made the entry from the same stack pointer.
+            let now = unsafe { std::ptr::read(a as *const u64) };
+            now == v
+        })
     };
     let hit = memo
         .entries
