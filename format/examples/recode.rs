@@ -6,13 +6,12 @@
 //! `--time` also times the transcoder alone (best of 5 passes over all chunks), as the
 //! tracker's writer thread runs it; `--time-decode` the chunks' decoding, as the reader's
 //! workers run it.
-use memtrack_format::chunk::{encode_stream, Compact, CompactEvents, Compactor, Item};
 use memtrack_format::*;
 
-fn decode(payload: &[u8], encoding: Compact) -> (ChunkHeader, Vec<Item>) {
+fn decode(payload: &[u8], encoding: ColumnEncoding) -> (ChunkHeader, Vec<Item>) {
     let mut c = Cursor::new(payload);
     let h = ChunkHeader::decode(&mut c).expect("chunk header");
-    let mut z = CompactEvents::new(c.rest(), &h, encoding).expect("chunk");
+    let mut z = ColumnDecoder::new(c.rest(), &h, encoding).expect("chunk");
     let mut items = Vec::new();
     while let Some(it) = z.next_item().expect("item") {
         items.push(it);
@@ -24,7 +23,7 @@ fn main() {
     let path = std::env::args().nth(1).expect("usage: recode CAPTURE");
     let data = std::fs::read(&path).expect("read the capture");
     let (_, mut off) = Header::decode(&data).expect("capture header");
-    let mut compactor = Compactor::new();
+    let mut transcoder = Transcoder::new();
     let (mut events, mut chunks, mut before, mut after, mut same, mut nodes) =
         (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
     let mut out = Vec::new();
@@ -34,24 +33,26 @@ fn main() {
         let record_len = end - off;
         off = end;
         let encoding = match r.kind {
-            record::EVENTS_Z => Compact::Z,
-            record::EVENTS_T => Compact::T,
-            record::EVENTS_R => Compact::R,
+            record::EVENTS_Z => ColumnEncoding::Varint,
+            record::EVENTS_T => ColumnEncoding::Token,
+            record::EVENTS_R => ColumnEncoding::Rank,
             _ => continue,
         };
         let (h, items) = decode(r.payload, encoding);
         let stream = encode_stream(&h, &items);
         out.clear();
-        compactor.compact(&stream, 1, &mut out).expect("compact");
+        transcoder
+            .transcode(&stream, 1, &mut out)
+            .expect("transcode");
         streams.push(stream);
         let Next::Record(again) = next_record(&out, 0) else {
-            panic!("compact wrote no record")
+            panic!("transcode wrote no record")
         };
         assert!(
-            decode(again.payload, Compact::R) == (h, items.clone()),
+            decode(again.payload, ColumnEncoding::Rank) == (h, items.clone()),
             "chunk {chunks} does not round-trip"
         );
-        if encoding == Compact::R && out[..] == data[end - record_len..end] {
+        if encoding == ColumnEncoding::Rank && out[..] == data[end - record_len..end] {
             same += 1;
         }
         chunks += 1;
@@ -77,9 +78,9 @@ fn main() {
         while let Next::Record(r) = next_record(&data, off) {
             off = r.payload.as_ptr() as usize - data.as_ptr() as usize + r.payload.len();
             let encoding = match r.kind {
-                record::EVENTS_Z => Compact::Z,
-                record::EVENTS_T => Compact::T,
-                record::EVENTS_R => Compact::R,
+                record::EVENTS_Z => ColumnEncoding::Varint,
+                record::EVENTS_T => ColumnEncoding::Token,
+                record::EVENTS_R => ColumnEncoding::Rank,
                 _ => continue,
             };
             records.push((r.payload, encoding));
@@ -92,7 +93,7 @@ fn main() {
             for &(payload, encoding) in &records {
                 let mut c = Cursor::new(payload);
                 let h = ChunkHeader::decode(&mut c).expect("chunk header");
-                let mut z = CompactEvents::new(c.rest(), &h, encoding).expect("chunk");
+                let mut z = ColumnDecoder::new(c.rest(), &h, encoding).expect("chunk");
                 while let Some(it) = z.next_item().expect("item") {
                     n += matches!(it, Item::Event { .. }) as usize;
                 }
@@ -111,7 +112,9 @@ fn main() {
             let start = std::time::Instant::now();
             for stream in &streams {
                 out.clear();
-                compactor.compact(stream, 1, &mut out).expect("compact");
+                transcoder
+                    .transcode(stream, 1, &mut out)
+                    .expect("transcode");
             }
             best = best.min(start.elapsed().as_secs_f64());
         }

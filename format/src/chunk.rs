@@ -12,176 +12,10 @@
 //! decodes on its own. The earlier encodings, `EVENTS_Z` (version 2) and `EVENTS_T` (version 3),
 //! are still read.
 
-use crate::{op, put_uvarint, AllocKind, ChunkHeader, Cursor, FormatError};
-
-/// One decoded operation of an events chunk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Item {
-    Event {
-        seq: u64,
-        time: u64,
-        op: Op,
-    },
-    /// A stack trie node definition.
-    Node {
-        id: u64,
-        parent: u64,
-        ip: u64,
-    },
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Op {
-    Alloc {
-        kind: AllocKind,
-        addr: u64,
-        size: u64,
-        stack: u64,
-    },
-    Free {
-        addr: u64,
-    },
-    ReallocFree {
-        addr: u64,
-    },
-    ReallocFailed,
-}
-
-// ---------------------------------------------------------------- stream encoding (EVENTS)
-
-/// Decoder of the stream encoding; `data` is the payload after the chunk header.
-pub struct StreamEvents<'a> {
-    c: Cursor<'a>,
-    seq: u64,
-    time: u64,
-    addr: u64,
-}
-
-impl<'a> StreamEvents<'a> {
-    pub fn new(ops: &'a [u8], header: &ChunkHeader) -> Self {
-        StreamEvents {
-            c: Cursor::new(ops),
-            seq: header.base_seq,
-            time: header.base_time,
-            addr: 0,
-        }
-    }
-
-    /// The deltas every event starts with. The new values are returned in registers as well
-    /// as kept: reading them back from `self` as one 16-byte load stalled on the two 8-byte
-    /// stores just made (store forwarding), a tenth of the transcoder's time.
-    #[inline(always)]
-    fn head<const FAR: bool>(&mut self) -> Result<(u64, u64, u64), FormatError> {
-        // Wrapping: damaged input must not panic.
-        let seq = self.seq.wrapping_add(self.uv::<FAR>()?);
-        let time = self.time.wrapping_add(self.uv::<FAR>()?);
-        let addr = self.addr.wrapping_add(unzigzag(self.uv::<FAR>()?));
-        self.seq = seq;
-        self.time = time;
-        self.addr = addr;
-        Ok((seq, time, addr))
-    }
-
-    /// A varint; `FAR`: the item began at least `FAR_FROM_END` bytes from the end.
-    #[inline(always)]
-    fn uv<const FAR: bool>(&mut self) -> Result<u64, FormatError> {
-        if FAR {
-            // SAFETY: an item is an opcode and at most five varints of at most 10 bytes, so
-            // every varint of it starts within 41 bytes of the item's start, and 8 bytes from
-            // there are within the `FAR_FROM_END` bytes that were left.
-            unsafe { self.c.uvarint_unchecked() }
-        } else {
-            self.c.uvarint()
-        }
-    }
-
-    #[inline]
-    pub fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
-        if self.c.remaining() >= FAR_FROM_END {
-            self.item::<true>().map(Some)
-        } else if self.c.is_empty() {
-            Ok(None)
-        } else {
-            self.item::<false>().map(Some)
-        }
-    }
-
-    #[inline(always)]
-    fn item<const FAR: bool>(&mut self) -> Result<Item, FormatError> {
-        let opcode = self.c.u8()?;
-        if opcode == op::STACK_NODE {
-            let id = self.uv::<FAR>()?;
-            let parent = self.uv::<FAR>()?;
-            let ip = self.uv::<FAR>()?;
-            return Ok(Item::Node { id, parent, ip });
-        }
-        if opcode > op::REALLOC_FAILED {
-            return Err(FormatError::BadOp(opcode));
-        }
-        let (seq, time, addr) = self.head::<FAR>()?;
-        let op = match opcode {
-            op::FREE => Op::Free { addr },
-            op::REALLOC_FREE => Op::ReallocFree { addr },
-            op::REALLOC_FAILED => Op::ReallocFailed,
-            o => {
-                let kind = AllocKind::from_u8(o - op::ALLOC_BASE).ok_or(FormatError::BadOp(o))?;
-                let size = self.uv::<FAR>()?;
-                let stack = self.uv::<FAR>()?;
-                Op::Alloc {
-                    kind,
-                    addr,
-                    size,
-                    stack,
-                }
-            }
-        };
-        Ok(Item::Event { seq, time, op })
-    }
-}
-
-/// Bytes left from which on an item of the stream encoding is read without bounds checks: its
-/// last varint starts at most 41 bytes in and is read as 8 bytes (see `StreamEvents::uv`).
-const FAR_FROM_END: usize = 64;
-
-/// `items` in the stream encoding: a chunk's payload as the tracker's threads write it (for tests
-/// and tools; the tracker writes its events in place).
-pub fn encode_stream(header: &ChunkHeader, items: &[Item]) -> Vec<u8> {
-    let mut b = Vec::new();
-    header.encode(&mut b);
-    let (mut seq, mut time, mut addr) = (header.base_seq, header.base_time, 0u64);
-    for &item in items {
-        match item {
-            Item::Node { id, parent, ip } => {
-                b.push(op::STACK_NODE);
-                put_uvarint(&mut b, id);
-                put_uvarint(&mut b, parent);
-                put_uvarint(&mut b, ip);
-            }
-            Item::Event {
-                seq: s,
-                time: t,
-                op: o,
-            } => {
-                let (code, a) = match o {
-                    Op::Alloc { kind, addr, .. } => (op::ALLOC_BASE + kind as u8, addr),
-                    Op::Free { addr } => (op::FREE, addr),
-                    Op::ReallocFree { addr } => (op::REALLOC_FREE, addr),
-                    Op::ReallocFailed => (op::REALLOC_FAILED, addr),
-                };
-                b.push(code);
-                put_uvarint(&mut b, s.wrapping_sub(seq));
-                put_uvarint(&mut b, t.wrapping_sub(time));
-                crate::put_ivarint(&mut b, a.wrapping_sub(addr) as i64);
-                (seq, time, addr) = (s, t, a);
-                if let Op::Alloc { size, stack, .. } = o {
-                    put_uvarint(&mut b, size);
-                    put_uvarint(&mut b, stack);
-                }
-            }
-        }
-    }
-    b
-}
+use crate::{
+    put_uvarint, unzigzag, zigzag, AllocKind, ChunkHeader, Cursor, EventKind, FormatError,
+};
+use crate::{Item, StreamDecoder};
 
 // ---------------------------------------------------------------- compact encodings (EVENTS_Z, EVENTS_T)
 
@@ -481,17 +315,6 @@ static SELECT_IN_BYTE: [[u8; 8]; 256] = {
     t
 };
 
-#[inline]
-fn zigzag(v: u64) -> u64 {
-    let v = v as i64;
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-#[inline]
-fn unzigzag(u: u64) -> u64 {
-    (((u >> 1) as i64) ^ -((u & 1) as i64)) as u64
-}
-
 /// Largest decompressed column block accepted (damage guard: a chunk holds what one thread
 /// buffered, a few hundred KiB of stream encoding, and its columns are no larger).
 const MAX_BLOCK: u64 = 1 << 26;
@@ -778,7 +601,7 @@ impl Columns {
 
 /// Reusable state of the transcoder (the writer thread keeps one).
 #[derive(Default)]
-pub struct Compactor {
+pub struct Transcoder {
     out: Columns,
     /// Every address the chunk has met: allocated, freed, or where a block ends.
     blocks: AddrTable,
@@ -788,14 +611,14 @@ pub struct Compactor {
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
 }
 
-impl Compactor {
+impl Transcoder {
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Transcodes the stream-encoded `EVENTS` payload into a framed `EVENTS_R` record appended to
-    /// `out`.
-    pub fn compact(
+    /// Transcodes an `EVENTS` payload (chunk header and stream-encoded items, as the tracker's
+    /// threads write it) into a framed `EVENTS_R` record appended to `out`; `level` is zstd's.
+    pub fn transcode(
         &mut self,
         payload: &[u8],
         level: i32,
@@ -803,7 +626,7 @@ impl Compactor {
     ) -> Result<(), FormatError> {
         let mut c = Cursor::new(payload);
         let header = ChunkHeader::decode(&mut c)?;
-        let mut events = StreamEvents::new(c.rest(), &header);
+        let mut events = StreamDecoder::new(c.rest(), &header);
         self.out.clear();
         self.blocks.clear();
         self.live.clear();
@@ -815,7 +638,7 @@ impl Compactor {
         let mut n_ops = 0u64;
         while let Some(item) = events.next_item()? {
             n_ops += 1;
-            let (s, t, op) = match item {
+            let (s, t, event) = match item {
                 Item::Node { id, parent, ip } => {
                     cols.op(C_NODE);
                     cols.put(R_NODE, zigzag(id.wrapping_sub(node_prev)));
@@ -825,26 +648,26 @@ impl Compactor {
                     ip_prev = ip;
                     continue;
                 }
-                Item::Event { seq, time, op } => (seq, time, op),
+                Item::Event { seq, time, kind } => (seq, time, kind),
             };
             // Each field in the order the decoder reads it: op, seq, time, address, kind, size,
             // stack.
-            cols.op(match op {
-                Op::Alloc {
+            cols.op(match event {
+                EventKind::Alloc {
                     kind: AllocKind::Malloc,
                     ..
                 } => C_MALLOC,
-                Op::Alloc { .. } => C_ALLOC_OTHER,
-                Op::Free { .. } => C_FREE,
-                Op::ReallocFree { .. } => C_REALLOC_FREE,
-                Op::ReallocFailed => C_REALLOC_FAILED,
+                EventKind::Alloc { .. } => C_ALLOC_OTHER,
+                EventKind::Free { .. } => C_FREE,
+                EventKind::ReallocFree { .. } => C_REALLOC_FREE,
+                EventKind::ReallocFailed => C_REALLOC_FAILED,
             });
             cols.put(R_SEQ, s.wrapping_sub(seq));
             cols.put(R_TIME, t.wrapping_sub(time));
             seq = s;
             time = t;
-            match op {
-                Op::Alloc {
+            match event {
+                EventKind::Alloc {
                     kind,
                     addr,
                     size,
@@ -882,13 +705,13 @@ impl Compactor {
                     } else {
                         cols.put(R_SIZE, size);
                     }
-                    cols.put(R_STACK, zigzag(stack.wrapping_sub(stack_prev)));
-                    stack_prev = stack;
+                    cols.put(R_STACK, zigzag((stack as u64).wrapping_sub(stack_prev)));
+                    stack_prev = stack as u64;
                     self.blocks.entry(block_end(addr, size)).end_of = acnt;
                     self.live.insert(acnt as usize);
                     acnt += 1;
                 }
-                Op::Free { addr } | Op::ReallocFree { addr } => {
+                EventKind::Free { addr } | EventKind::ReallocFree { addr } => {
                     let slot = self.blocks.entry(addr);
                     let given = slot.tag & 3 == LIVE
                         && cols.put_below(
@@ -912,7 +735,7 @@ impl Compactor {
                     slot.num = fcnt;
                     slot.size = size;
                 }
-                Op::ReallocFailed => {}
+                EventKind::ReallocFailed => {}
             }
         }
         while cols.nops != 0 {
@@ -990,21 +813,34 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Which compact encoding a chunk is in.
+/// The column encodings a writer transcodes its chunks into, one per record type: fields in
+/// columns, each compressed with zstd on its own, every chunk still decoding on its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Compact {
+pub enum ColumnEncoding {
     /// `EVENTS_Z` (format version 2): varint columns, four address fields sharing one.
-    Z,
+    Varint,
     /// `EVENTS_T` (format version 3): token columns and a raw bit stream of extra bits.
-    T,
+    Token,
     /// `EVENTS_R` (format version 4): `EVENTS_T`'s tokens; frees by rank among live blocks,
     /// three ops to a byte, addresses after block ends, sizes relative to the reused block.
-    R,
+    Rank,
+}
+
+impl ColumnEncoding {
+    /// The encoding of an events record of type `kind` (`None`: not a column encoding).
+    pub fn of_record(kind: u8) -> Option<ColumnEncoding> {
+        match kind {
+            crate::record::EVENTS_Z => Some(ColumnEncoding::Varint),
+            crate::record::EVENTS_T => Some(ColumnEncoding::Token),
+            crate::record::EVENTS_R => Some(ColumnEncoding::Rank),
+            _ => None,
+        }
+    }
 }
 
 /// Decoder of the compact encodings. Owns the decompressed block (and, for `EVENTS_T`, a copy of
 /// the extra bits after it).
-pub struct CompactEvents {
+pub struct ColumnDecoder {
     block: Vec<u8>,
     cols: [Col; MAX_COLUMNS],
     /// Field to column (`EVENTS_Z` shares one column between the address fields).
@@ -1035,31 +871,35 @@ pub struct CompactEvents {
     ops: [u8; 3],
 }
 
-impl CompactEvents {
+impl ColumnDecoder {
     /// `data` is the `EVENTS_Z` or `EVENTS_T` payload after the chunk header.
-    pub fn new(data: &[u8], header: &ChunkHeader, encoding: Compact) -> Result<Self, FormatError> {
+    pub fn new(
+        data: &[u8],
+        header: &ChunkHeader,
+        encoding: ColumnEncoding,
+    ) -> Result<Self, FormatError> {
         let mut c = Cursor::new(data);
         let (mut block, spans, left) = match encoding {
-            Compact::Z => Self::z_block(&mut c)?,
-            Compact::T => Self::t_block(&mut c, FIELDS)?,
-            Compact::R => Self::t_block(&mut c, R_FIELDS)?,
+            ColumnEncoding::Varint => Self::z_block(&mut c)?,
+            ColumnEncoding::Token => Self::t_block(&mut c, FIELDS)?,
+            ColumnEncoding::Rank => Self::t_block(&mut c, R_FIELDS)?,
         };
         let extra = c.rest();
         let map = match encoding {
-            Compact::Z => &Z_COLUMNS,
-            Compact::T | Compact::R => &T_COLUMNS,
+            ColumnEncoding::Varint => &Z_COLUMNS,
+            ColumnEncoding::Token | ColumnEncoding::Rank => &T_COLUMNS,
         };
         let bits = Col {
             pos: block.len(),
             end: block.len() + extra.len(),
         };
         block.extend_from_slice(extra);
-        Ok(CompactEvents {
+        Ok(ColumnDecoder {
             block,
             cols: spans,
             map: *map,
-            tokens: encoding != Compact::Z,
-            rank: encoding == Compact::R,
+            tokens: encoding != ColumnEncoding::Varint,
+            rank: encoding == ColumnEncoding::Rank,
             bits,
             acc: 0,
             nbits: 0,
@@ -1270,7 +1110,7 @@ impl CompactEvents {
         }
         self.seq = self.seq.wrapping_add(self.uv(F_SEQ)?);
         self.time = self.time.wrapping_add(self.uv(F_TIME)?);
-        let op = match code {
+        let kind = match code {
             c if c < Z_ALLOC_NEW + 0x10 => {
                 let kind =
                     AllocKind::from_u8((c - Z_ALLOC_REUSED) & 0x0f).ok_or(FormatError::BadOp(c))?;
@@ -1280,11 +1120,12 @@ impl CompactEvents {
                 self.allocs.push(addr);
                 let size = self.uv(F_SIZE)?;
                 self.stack_prev = self.stack_prev.wrapping_add(self.iv(F_STACK)?);
-                Op::Alloc {
+                EventKind::Alloc {
                     kind,
                     addr,
                     size,
-                    stack: self.stack_prev,
+                    // u32 ids: see `StreamDecoder`.
+                    stack: self.stack_prev as u32,
                 }
             }
             Z_FREE_KNOWN | Z_REALLOC_FREE_KNOWN | Z_FREE_OTHER | Z_REALLOC_FREE_OTHER => {
@@ -1293,18 +1134,18 @@ impl CompactEvents {
                 let addr = resolve_addr(known, v, &self.allocs, &mut self.other_free)?;
                 self.frees.push(addr);
                 if code == Z_FREE_KNOWN || code == Z_FREE_OTHER {
-                    Op::Free { addr }
+                    EventKind::Free { addr }
                 } else {
-                    Op::ReallocFree { addr }
+                    EventKind::ReallocFree { addr }
                 }
             }
-            Z_REALLOC_FAILED => Op::ReallocFailed,
+            Z_REALLOC_FAILED => EventKind::ReallocFailed,
             c => return Err(FormatError::BadOp(c)),
         };
         Ok(Some(Item::Event {
             seq: self.seq,
             time: self.time,
-            op,
+            kind,
         }))
     }
 
@@ -1335,7 +1176,7 @@ impl CompactEvents {
         }
         self.seq = self.seq.wrapping_add(self.uv(R_SEQ)?);
         self.time = self.time.wrapping_add(self.uv(R_TIME)?);
-        let op = match class {
+        let kind = match class {
             C_MALLOC | C_ALLOC_OTHER => {
                 let t = self.u8(R_ALLOC)?;
                 let (addr, reused) = if t < A_AFTER {
@@ -1364,11 +1205,12 @@ impl CompactEvents {
                 self.stack_prev = self.stack_prev.wrapping_add(self.iv(R_STACK)?);
                 self.live.insert(self.r_allocs.len());
                 self.r_allocs.push((addr, size));
-                Op::Alloc {
+                EventKind::Alloc {
                     kind,
                     addr,
                     size,
-                    stack: self.stack_prev,
+                    // u32 ids: see `StreamDecoder`.
+                    stack: self.stack_prev as u32,
                 }
             }
             C_FREE | C_REALLOC_FREE => {
@@ -1386,26 +1228,26 @@ impl CompactEvents {
                 };
                 self.r_frees.push((addr, size));
                 if class == C_FREE {
-                    Op::Free { addr }
+                    EventKind::Free { addr }
                 } else {
-                    Op::ReallocFree { addr }
+                    EventKind::ReallocFree { addr }
                 }
             }
-            C_REALLOC_FAILED => Op::ReallocFailed,
+            C_REALLOC_FAILED => EventKind::ReallocFailed,
             c => return Err(FormatError::BadOp(c)),
         };
         Ok(Some(Item::Event {
             seq: self.seq,
             time: self.time,
-            op,
+            kind,
         }))
     }
 }
 
 /// Room to reserve for a rank chunk's allocations or frees (`left` is damage-checked only by the
 /// block size bound, so this stays modest).
-fn rank_capacity(encoding: Compact, left: u64) -> usize {
-    if encoding == Compact::R {
+fn rank_capacity(encoding: ColumnEncoding, left: u64) -> usize {
+    if encoding == ColumnEncoding::Rank {
         (left / 2 + 16).min(1 << 16) as usize
     } else {
         0
@@ -1425,6 +1267,7 @@ fn back(len: usize, v: u64) -> Result<usize, FormatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::encode_stream;
 
     fn stream_chunk(header: ChunkHeader, items: &[Item]) -> Vec<u8> {
         encode_stream(&header, items)
@@ -1438,7 +1281,7 @@ mod tests {
         assert_eq!(r.kind, crate::record::EVENTS_R);
         let mut c = Cursor::new(r.payload);
         let h = ChunkHeader::decode(&mut c).unwrap();
-        let mut z = CompactEvents::new(c.rest(), &h, Compact::R).unwrap();
+        let mut z = ColumnDecoder::new(c.rest(), &h, ColumnEncoding::Rank).unwrap();
         let mut items = Vec::new();
         while let Some(it) = z.next_item().unwrap() {
             items.push(it);
@@ -1449,7 +1292,7 @@ mod tests {
     fn stream_items(stream: &[u8]) -> Vec<Item> {
         let mut c = Cursor::new(stream);
         let h = ChunkHeader::decode(&mut c).unwrap();
-        let mut s = StreamEvents::new(c.rest(), &h);
+        let mut s = StreamDecoder::new(c.rest(), &h);
         let mut items = Vec::new();
         while let Some(it) = s.next_item().unwrap() {
             items.push(it);
@@ -1467,9 +1310,9 @@ mod tests {
         let ev = |seq, op| Item::Event {
             seq,
             time: 5 + seq / 3,
-            op,
+            kind: op,
         };
-        let alloc = |kind, addr, size, stack| Op::Alloc {
+        let alloc = |kind, addr, size, stack| EventKind::Alloc {
             kind,
             addr,
             size,
@@ -1488,13 +1331,13 @@ mod tests {
             },
             ev(100, alloc(AllocKind::Malloc, 0x1000, 24, 2)),
             ev(101, alloc(AllocKind::Calloc, 0x2000, 100, 1)),
-            ev(103, Op::Free { addr: 0x1000 }),
+            ev(103, EventKind::Free { addr: 0x1000 }),
             ev(104, alloc(AllocKind::Malloc, 0x1000, 16, 2)), // reuses the freed address
-            ev(105, Op::ReallocFree { addr: 0x2000 }),
+            ev(105, EventKind::ReallocFree { addr: 0x2000 }),
             ev(106, alloc(AllocKind::Realloc, 0x9000, 500, 1)),
-            ev(107, Op::ReallocFree { addr: 0x9000 }),
-            ev(108, Op::ReallocFailed),
-            ev(109, Op::Free { addr: 0x7777 }), // allocated in another chunk
+            ev(107, EventKind::ReallocFree { addr: 0x9000 }),
+            ev(108, EventKind::ReallocFailed),
+            ev(109, EventKind::Free { addr: 0x7777 }), // allocated in another chunk
             Item::Node {
                 id: 9,
                 parent: 2,
@@ -1507,7 +1350,7 @@ mod tests {
         assert_eq!(stream_items(&stream), items);
 
         let mut out = Vec::new();
-        Compactor::new().compact(&stream, 1, &mut out).unwrap();
+        Transcoder::new().transcode(&stream, 1, &mut out).unwrap();
         let (h2, back) = compacted_items(&out);
         assert_eq!(h2, header);
         assert_eq!(back, items);
@@ -1543,24 +1386,24 @@ mod tests {
             .map(|(i, &v)| Item::Event {
                 seq: 1 + i as u64 * 1000,
                 time: i as u64 * 77,
-                op: Op::Alloc {
+                kind: EventKind::Alloc {
                     kind: AllocKind::Malloc,
                     addr: v.rotate_left(17) ^ 0x5555,
                     size: v,
-                    stack: v >> 3,
+                    stack: (v >> 3) as u32,
                 },
             })
             .collect();
         let mut out = Vec::new();
-        Compactor::new()
-            .compact(&stream_chunk(header, &items), 3, &mut out)
+        Transcoder::new()
+            .transcode(&stream_chunk(header, &items), 3, &mut out)
             .unwrap();
         let crate::Next::Record(r) = crate::next_record(&out, 0) else {
             panic!("not a record")
         };
         let mut c = Cursor::new(r.payload);
         let h = ChunkHeader::decode(&mut c).unwrap();
-        let mut z = CompactEvents::new(c.rest(), &h, Compact::R).unwrap();
+        let mut z = ColumnDecoder::new(c.rest(), &h, ColumnEncoding::Rank).unwrap();
         let mut back = Vec::new();
         while let Some(it) = z.next_item().unwrap() {
             back.push(it);
@@ -1618,17 +1461,21 @@ mod tests {
             seq = seq.wrapping_add(v);
             time = time.wrapping_add(v >> 3);
             let op = match i % 4 {
-                0 => Op::Alloc {
+                0 => EventKind::Alloc {
                     kind: AllocKind::Malloc,
                     addr: v.rotate_left(7),
                     size: v,
-                    stack: v >> 1,
+                    stack: (v >> 1) as u32,
                 },
-                1 => Op::Free { addr: !v },
-                2 => Op::ReallocFailed,
-                _ => Op::ReallocFree { addr: v },
+                1 => EventKind::Free { addr: !v },
+                2 => EventKind::ReallocFailed,
+                _ => EventKind::ReallocFree { addr: v },
             };
-            items.push(Item::Event { seq, time, op });
+            items.push(Item::Event {
+                seq,
+                time,
+                kind: op,
+            });
             if i % 7 == 0 {
                 items.push(Item::Node {
                     id: v,
@@ -1643,7 +1490,7 @@ mod tests {
         let read_all = |bytes: &[u8]| {
             let mut c = Cursor::new(bytes);
             if let Ok(h) = ChunkHeader::decode(&mut c) {
-                let mut s = StreamEvents::new(c.rest(), &h);
+                let mut s = StreamDecoder::new(c.rest(), &h);
                 while let Ok(Some(_)) = s.next_item() {}
             }
         };
@@ -1671,18 +1518,22 @@ mod tests {
         let mut seq = 1;
         for i in 0..90_000u64 {
             let op = if i % 3 == 2 {
-                Op::Free {
+                EventKind::Free {
                     addr: 0x7000_0000_0000 + i * 48,
                 }
             } else {
-                Op::Alloc {
+                EventKind::Alloc {
                     kind: AllocKind::Malloc,
                     addr: 0x1000_0000 + i * 4096 + (i % 7) * 16,
                     size: 24 + i % 2000,
-                    stack: i % 5,
+                    stack: (i % 5) as u32,
                 }
             };
-            items.push(Item::Event { seq, time: 0, op });
+            items.push(Item::Event {
+                seq,
+                time: 0,
+                kind: op,
+            });
             seq += 1 + i % 3;
         }
         // Then frees of allocations made before the table grew, and reuses of their addresses.
@@ -1691,12 +1542,12 @@ mod tests {
             items.push(Item::Event {
                 seq,
                 time: 1,
-                op: Op::Free { addr },
+                kind: EventKind::Free { addr },
             });
             items.push(Item::Event {
                 seq: seq + 1,
                 time: 1,
-                op: Op::Alloc {
+                kind: EventKind::Alloc {
                     kind: AllocKind::Malloc,
                     addr,
                     size: 24 + i % 2000,
@@ -1710,19 +1561,19 @@ mod tests {
         let stream = stream_chunk(header, &items);
         let mut outs = Vec::new();
         for slots in [1 << 10, 1 << 16, 1 << 20] {
-            let mut c = Compactor::new();
+            let mut c = Transcoder::new();
             c.blocks = AddrTable::with_slots(slots);
             let mut out = Vec::new();
-            c.compact(&stream, 1, &mut out).unwrap();
+            c.transcode(&stream, 1, &mut out).unwrap();
             outs.push(out);
         }
         assert!(outs[0] == outs[2] && outs[1] == outs[2]);
         // Nor does the generation count's wrap (the table is then zeroed).
-        let mut c = Compactor::new();
+        let mut c = Transcoder::new();
         c.blocks.generation = (1 << 30) - 2;
         for _ in 0..3 {
             let mut out = Vec::new();
-            c.compact(&stream, 1, &mut out).unwrap();
+            c.transcode(&stream, 1, &mut out).unwrap();
             assert!(out == outs[1]);
         }
         assert_eq!(c.blocks.generation, 2);
@@ -1742,23 +1593,23 @@ mod tests {
             .map(|i| Item::Event {
                 seq: 1 + i,
                 time: 0,
-                op: if i % 2 == 0 {
-                    Op::Alloc {
+                kind: if i % 2 == 0 {
+                    EventKind::Alloc {
                         kind: AllocKind::Malloc,
                         addr: 0x1000 + i * 16,
                         size: i,
                         stack: 0,
                     }
                 } else {
-                    Op::Free {
+                    EventKind::Free {
                         addr: 0x1000 + (i - 1) * 16,
                     }
                 },
             })
             .collect();
         let mut out = Vec::new();
-        Compactor::new()
-            .compact(&stream_chunk(header, &items), 1, &mut out)
+        Transcoder::new()
+            .transcode(&stream_chunk(header, &items), 1, &mut out)
             .unwrap();
         for i in 0..out.len() {
             for flip in [0x01u8, 0x80, 0xff] {
@@ -1767,7 +1618,7 @@ mod tests {
                 if let crate::Next::Record(r) = crate::next_record(&d, 0) {
                     let mut c = Cursor::new(r.payload);
                     if let Ok(h) = ChunkHeader::decode(&mut c) {
-                        if let Ok(mut z) = CompactEvents::new(c.rest(), &h, Compact::R) {
+                        if let Ok(mut z) = ColumnDecoder::new(c.rest(), &h, ColumnEncoding::Rank) {
                             for _ in 0..1000 {
                                 match z.next_item() {
                                     Ok(Some(_)) => {}

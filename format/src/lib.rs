@@ -18,8 +18,14 @@
 //! assert_eq!(cur.uvarint().unwrap(), 300);
 //! ```
 
-pub mod chunk;
+mod chunk;
+mod event;
 pub mod hash;
+mod stream;
+
+pub use chunk::{ColumnDecoder, ColumnEncoding, Transcoder};
+pub use event::{AllocKind, ChunkHeader, EventKind, Item};
+pub use stream::{encode_stream, op, StreamDecoder, StreamEncoder};
 
 /// First eight bytes of every capture.
 pub const MAGIC: &[u8; 8] = b"MEMTRACK";
@@ -321,79 +327,6 @@ impl PyCodeRecord {
     }
 }
 
-/// Operation codes inside an events chunk. Every event op is followed by the sequence delta
-/// and the time delta, then its own fields.
-pub mod op {
-    /// Allocation ops are `ALLOC_BASE + kind` for `kind` in [`crate::AllocKind`].
-    pub const ALLOC_BASE: u8 = 0x00;
-    /// free(): a block released.
-    pub const FREE: u8 = 0x20;
-    /// First half of a realloc of a non-NULL pointer: the old block is released. The next event
-    /// of the same thread is the allocation half (`ALLOC_BASE + Realloc`) or `REALLOC_FAILED`.
-    pub const REALLOC_FREE: u8 = 0x21;
-    /// The realloc whose first half was recorded failed: the old block is live again.
-    pub const REALLOC_FAILED: u8 = 0x22;
-    /// Not an event: defines a stack trie node (`id`, `parent`, `ip`).
-    pub const STACK_NODE: u8 = 0x30;
-}
-
-/// Which function handed out a block.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum AllocKind {
-    Malloc = 0,
-    Calloc = 1,
-    Realloc = 2,
-    ReallocArray = 3,
-    PosixMemalign = 4,
-    AlignedAlloc = 5,
-    Memalign = 6,
-    Valloc = 7,
-    Pvalloc = 8,
-    /// Rust `GlobalAlloc::alloc` / `alloc_zeroed` through `memtrack_tracker::Tracker`.
-    RustAlloc = 9,
-}
-
-impl AllocKind {
-    pub const ALL: [AllocKind; 10] = [
-        AllocKind::Malloc,
-        AllocKind::Calloc,
-        AllocKind::Realloc,
-        AllocKind::ReallocArray,
-        AllocKind::PosixMemalign,
-        AllocKind::AlignedAlloc,
-        AllocKind::Memalign,
-        AllocKind::Valloc,
-        AllocKind::Pvalloc,
-        AllocKind::RustAlloc,
-    ];
-
-    pub fn from_u8(v: u8) -> Option<AllocKind> {
-        Self::ALL.get(v as usize).copied()
-    }
-
-    /// The C name of the function.
-    pub fn name(self) -> &'static str {
-        match self {
-            AllocKind::Malloc => "malloc",
-            AllocKind::Calloc => "calloc",
-            AllocKind::Realloc => "realloc",
-            AllocKind::ReallocArray => "reallocarray",
-            AllocKind::PosixMemalign => "posix_memalign",
-            AllocKind::AlignedAlloc => "aligned_alloc",
-            AllocKind::Memalign => "memalign",
-            AllocKind::Valloc => "valloc",
-            AllocKind::Pvalloc => "pvalloc",
-            AllocKind::RustAlloc => "rust_alloc",
-        }
-    }
-
-    /// True for the kinds whose allocation half follows a `REALLOC_FREE` of a non-NULL pointer.
-    pub fn is_realloc(self) -> bool {
-        matches!(self, AllocKind::Realloc | AllocKind::ReallocArray)
-    }
-}
-
 /// Errors from decoding. The reader wraps them with the file name.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FormatError {
@@ -458,6 +391,19 @@ pub fn put_uvarint<S: ByteSink + ?Sized>(buf: &mut S, v: u64) {
 #[inline]
 pub fn put_ivarint<S: ByteSink + ?Sized>(buf: &mut S, v: i64) {
     put_uvarint(buf, ((v << 1) ^ (v >> 63)) as u64);
+}
+
+/// `v` as a wrapping delta, zigzag-encoded: small negative deltas become small numbers.
+#[inline]
+pub(crate) fn zigzag(v: u64) -> u64 {
+    let v = v as i64;
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+/// The inverse of [`zigzag`].
+#[inline]
+pub(crate) fn unzigzag(u: u64) -> u64 {
+    (((u >> 1) as i64) ^ -((u & 1) as i64)) as u64
 }
 
 /// Appends a length-prefixed byte string.
@@ -793,33 +739,6 @@ pub fn next_record(data: &[u8], offset: usize) -> Next<'_> {
         payload: &data[start..start + len as usize],
         offset,
     })
-}
-
-/// The fixed fields at the start of an `EVENTS` payload. Every chunk starts its deltas from
-/// these values, so each chunk decodes on its own.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ChunkHeader {
-    /// Kernel thread id of the thread whose events these are.
-    pub tid: u32,
-    /// Sequence number before the chunk's first event (its first delta is relative to this).
-    pub base_seq: u64,
-    /// Time (in clock units since start) before the first event.
-    pub base_time: u64,
-}
-
-impl ChunkHeader {
-    pub fn encode<S: ByteSink + ?Sized>(&self, buf: &mut S) {
-        put_uvarint(buf, self.tid as u64);
-        put_uvarint(buf, self.base_seq);
-        put_uvarint(buf, self.base_time);
-    }
-    pub fn decode(c: &mut Cursor<'_>) -> Result<ChunkHeader, FormatError> {
-        Ok(ChunkHeader {
-            tid: c.uvarint()? as u32,
-            base_seq: c.uvarint()?,
-            base_time: c.uvarint()?,
-        })
-    }
 }
 
 /// One loaded module (shared object or executable) as mapped in the traced process.

@@ -2,9 +2,9 @@
 
 use crate::stacks::StackTable;
 use memmap2::Mmap;
-use memtrack_format::chunk::{Compact, CompactEvents, Item, Op, StreamEvents};
 use memtrack_format::{
-    op, record, AllocKind, ChunkHeader, Cursor, EndRecord, FormatError, Header, ModulesRecord,
+    op, record, ChunkHeader, ColumnDecoder, ColumnEncoding, Cursor, EndRecord, EventKind,
+    FormatError, Header, Item, ModulesRecord, StreamDecoder,
 };
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -49,8 +49,8 @@ pub struct ChunkRef {
     pub ops_offset: usize,
     pub end: usize,
     pub header: ChunkHeader,
-    /// The compact encoding the chunk is in, or `None` for the stream encoding (`EVENTS`).
-    pub compact: Option<Compact>,
+    /// The column encoding the chunk is in, or `None` for the stream encoding (`EVENTS`).
+    pub compact: Option<ColumnEncoding>,
 }
 
 /// An opened capture: the header, the record index, and the mapped bytes.
@@ -93,24 +93,6 @@ pub struct Event {
     pub time: u64,
     pub tid: u32,
     pub kind: EventKind,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventKind {
-    Alloc {
-        kind: AllocKind,
-        addr: u64,
-        size: u64,
-        stack: u32,
-    },
-    Free {
-        addr: u64,
-    },
-    /// The old block of a realloc was released; the thread's next event completes the realloc.
-    ReallocFree {
-        addr: u64,
-    },
-    ReallocFailed,
 }
 
 impl Capture {
@@ -230,12 +212,7 @@ impl Capture {
                                 ops_offset: payload_off + c.pos(),
                                 end,
                                 header: h,
-                                compact: match kind {
-                                    record::EVENTS_Z => Some(Compact::Z),
-                                    record::EVENTS_T => Some(Compact::T),
-                                    record::EVENTS_R => Some(Compact::R),
-                                    _ => None,
-                                },
+                                compact: ColumnEncoding::of_record(kind),
                             });
                             // A later END is only final if no events follow it (exec that failed).
                             self.end = None;
@@ -470,8 +447,8 @@ impl Capture {
 const MAX_STACK_ID: u64 = 1 << 27;
 
 enum Decoder<'a> {
-    Stream(StreamEvents<'a>),
-    Compact(Box<CompactEvents>),
+    Stream(StreamDecoder<'a>),
+    Columns(Box<ColumnDecoder>),
     /// Decoded ahead by a worker thread (its nodes already in the table); `true` when the
     /// chunk was damaged after these events.
     Ready {
@@ -496,11 +473,11 @@ impl<'a> ChunkCursor<'a> {
     fn new(data: &'a [u8], ch: &ChunkRef) -> Self {
         let ops = &data[ch.ops_offset..ch.end];
         let dec = match ch.compact {
-            Some(encoding) => match CompactEvents::new(ops, &ch.header, encoding) {
-                Ok(z) => Decoder::Compact(Box::new(z)),
+            Some(encoding) => match ColumnDecoder::new(ops, &ch.header, encoding) {
+                Ok(z) => Decoder::Columns(Box::new(z)),
                 Err(_) => Decoder::Broken,
             },
-            None => Decoder::Stream(StreamEvents::new(ops, &ch.header)),
+            None => Decoder::Stream(StreamDecoder::new(ops, &ch.header)),
         };
         ChunkCursor {
             dec,
@@ -516,7 +493,7 @@ impl<'a> ChunkCursor<'a> {
         loop {
             let item = match &mut self.dec {
                 Decoder::Stream(s) => s.next_item()?,
-                Decoder::Compact(z) => z.next_item()?,
+                Decoder::Columns(z) => z.next_item()?,
                 Decoder::Broken => return Err(FormatError::Compression),
                 Decoder::Ready {
                     events,
@@ -534,7 +511,7 @@ impl<'a> ChunkCursor<'a> {
                 }
             };
             let Some(item) = item else { return Ok(None) };
-            let (seq, time, op) = match item {
+            let (seq, time, kind) = match item {
                 Item::Node { id, parent, ip } => {
                     if id > MAX_STACK_ID || parent >= id {
                         return Err(FormatError::BadOp(op::STACK_NODE));
@@ -542,23 +519,7 @@ impl<'a> ChunkCursor<'a> {
                     stacks.node(id as u32, parent as u32, ip);
                     continue;
                 }
-                Item::Event { seq, time, op } => (seq, time, op),
-            };
-            let kind = match op {
-                Op::Alloc {
-                    kind,
-                    addr,
-                    size,
-                    stack,
-                } => EventKind::Alloc {
-                    kind,
-                    addr,
-                    size,
-                    stack: stack as u32,
-                },
-                Op::Free { addr } => EventKind::Free { addr },
-                Op::ReallocFree { addr } => EventKind::ReallocFree { addr },
-                Op::ReallocFailed => EventKind::ReallocFailed,
+                Item::Event { seq, time, kind } => (seq, time, kind),
             };
             return Ok(Some(Event {
                 seq,

@@ -31,15 +31,16 @@ mod symbols;
 mod tree;
 mod views;
 
-pub use capture::{Capture, ChunkRef, Event, EventKind, ReadError, Warning};
+pub use capture::{Capture, ChunkRef, Event, ReadError, Warning};
 pub use check::{Budget, Contributor, LimitResult, ProcessShare};
 pub use diff::{diff, diff_sides, Diff, DiffRow, DiffSide, DiffStack};
 pub use export::JsonExport;
 pub use family::{
     child_captures, shell_command, shell_quote, ChildCapture, Process, ProcessFigures, ProcessTree,
 };
-pub use memtrack_format::chunk::Compact;
-pub use memtrack_format::{AllocKind, DroppedProcess, EndReason, Header, Module, ModulesRecord};
+pub use memtrack_format::{
+    AllocKind, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module, ModulesRecord,
+};
 pub use plot::Plot;
 pub use replay::{Replay, SiteTotal, Summary};
 pub use stacks::StackTable;

@@ -1,8 +1,9 @@
 //! Replaying events: the live set, the peak, leaks and totals.
 
-use crate::capture::{Capture, Event, EventKind, ReadError};
+use crate::capture::{Capture, Event, ReadError};
 use crate::stacks::StackTable;
 use memtrack_format::EndReason;
+use memtrack_format::EventKind;
 
 type Map<K, V> = memtrack_format::hash::FastMap<K, V>;
 

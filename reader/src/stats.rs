@@ -1,12 +1,13 @@
 //! Allocation statistics in one pass over the events: size histogram, calls by allocator
 //! function, allocated and temporary allocations by stack.
 
-use crate::capture::{Capture, EventKind};
+use crate::capture::Capture;
 use crate::replay::SiteSums;
 use crate::stacks::StackTable;
 use crate::views::{View, ViewSites};
 use memtrack_format::hash::FastMap;
 use memtrack_format::AllocKind;
+use memtrack_format::EventKind;
 
 /// Allocations whose size lies in `[min, max]` (power-of-two buckets).
 #[derive(Clone, Debug, Default, serde::Serialize)]

@@ -1,10 +1,11 @@
 //! Views of a capture for reports: what was live at the peak, live at exit, or ever allocated,
 //! grouped by stack; and folded stacks for flamegraphs.
 
-use crate::capture::{Capture, EventKind};
+use crate::capture::Capture;
 use crate::replay::SiteTotal;
 use crate::stacks::StackTable;
 use crate::symbols::{for_each_frame, stack_frames, Symbolizer};
+use memtrack_format::EventKind;
 
 /// Which allocations a report covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

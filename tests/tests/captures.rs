@@ -1,6 +1,6 @@
 //! Old captures keep reading, and damaged captures never panic the reader.
 
-use memtrack_reader::{Capture, Compact};
+use memtrack_reader::{Capture, ColumnEncoding};
 use memtrack_tests::*;
 use std::path::PathBuf;
 
@@ -80,9 +80,9 @@ fn check_kept(name: &str, version: u16, expected: Figures, threads: usize) {
         // EVENTS_R.
         let encoding = match version {
             1 => None,
-            2 => Some(Compact::Z),
-            3 => Some(Compact::T),
-            _ => Some(Compact::R),
+            2 => Some(ColumnEncoding::Varint),
+            3 => Some(ColumnEncoding::Token),
+            _ => Some(ColumnEncoding::Rank),
         };
         assert!(!cap.chunks.is_empty(), "{name}");
         assert!(cap.chunks.iter().all(|c| c.compact == encoding), "{name}");

@@ -120,10 +120,10 @@ pub(crate) struct Recorder {
     pub pid: i32,
     /// Turns the threads' chunks into the compact encoding; used by the writer thread only
     /// (or by `finish` when no writer was ever started).
-    compactor: Mutex<memtrack_format::chunk::Compactor>,
+    compactor: Mutex<memtrack_format::Transcoder>,
     /// The same, for a program thread that transcodes its own chunk while the writer is
     /// behind (see `hand_off`).
-    helper: Mutex<memtrack_format::chunk::Compactor>,
+    helper: Mutex<memtrack_format::Transcoder>,
     start_mono_ns: u64,
     pub tx: Sender<Msg>,
     rx: Mutex<Option<Receiver<Msg>>>,
@@ -368,8 +368,8 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         file_id: id,
         // SAFETY: getpid has no preconditions.
         pid: unsafe { libc::getpid() },
-        compactor: Mutex::new(memtrack_format::chunk::Compactor::new()),
-        helper: Mutex::new(memtrack_format::chunk::Compactor::new()),
+        compactor: Mutex::new(memtrack_format::Transcoder::new()),
+        helper: Mutex::new(memtrack_format::Transcoder::new()),
         start_mono_ns,
         tx,
         rx: Mutex::new(Some(rx)),
@@ -1296,13 +1296,13 @@ fn flush_own(rec: &Recorder, ts: &ThreadState) {
 }
 
 /// The compact encoding of a framed events chunk (None: not a chunk, or not transcodable).
-fn compact_framed(c: &mut memtrack_format::chunk::Compactor, framed: &[u8]) -> Option<Vec<u8>> {
+fn compact_framed(c: &mut memtrack_format::Transcoder, framed: &[u8]) -> Option<Vec<u8>> {
     use memtrack_format::{next_record, Next};
     let Next::Record(r) = next_record(framed, 0) else {
         return None;
     };
     let mut out = Vec::with_capacity(framed.len() / 3);
-    c.compact(r.payload, 1, &mut out).ok()?;
+    c.transcode(r.payload, 1, &mut out).ok()?;
     Some(out)
 }
 

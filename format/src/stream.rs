@@ -1,0 +1,211 @@
+//! The stream encoding (`EVENTS`): one op byte and varints per event, cheap enough to write on
+//! the tracker's hot path, in place into its per-thread buffer. Its encoder and decoder.
+//!
+//! Every event op is followed by the deltas of the sequence number, the time and the address
+//! from the previous event of the chunk, then its own fields. A chunk starts its running values
+//! from its header, so each chunk decodes on its own.
+
+use crate::{put_ivarint, put_uvarint, unzigzag, AllocKind, ByteSink, ChunkHeader, Cursor};
+use crate::{EventKind, FormatError, Item};
+
+/// Operation codes inside an events chunk. Every event op is followed by the sequence delta
+/// and the time delta, then its own fields.
+pub mod op {
+    /// Allocation ops are `ALLOC_BASE + kind` for `kind` in [`crate::AllocKind`].
+    pub const ALLOC_BASE: u8 = 0x00;
+    /// free(): a block released.
+    pub const FREE: u8 = 0x20;
+    /// First half of a realloc of a non-NULL pointer: the old block is released. The next event
+    /// of the same thread is the allocation half (`ALLOC_BASE + Realloc`) or `REALLOC_FAILED`.
+    pub const REALLOC_FREE: u8 = 0x21;
+    /// The realloc whose first half was recorded failed: the old block is live again.
+    pub const REALLOC_FAILED: u8 = 0x22;
+    /// Not an event: defines a stack trie node (`id`, `parent`, `ip`).
+    pub const STACK_NODE: u8 = 0x30;
+}
+
+/// The stream encoder of one chunk: the running values the next event's deltas are taken from,
+/// which are also what a decoder holds after the events written so far. Small and `Copy`: the
+/// tracker keeps one in each thread's buffer, beside the bytes, and writes through any
+/// [`ByteSink`] (its in-place tail writer included); nothing here allocates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StreamEncoder {
+    seq: u64,
+    time: u64,
+    addr: u64,
+}
+
+impl StreamEncoder {
+    /// The encoder of the chunk `header` opens (its first event takes `seq == base_seq`); the
+    /// header itself is written by [`ChunkHeader::encode`], or by [`StreamEncoder::begin`].
+    #[inline]
+    pub fn new(header: &ChunkHeader) -> Self {
+        StreamEncoder {
+            seq: header.base_seq,
+            time: header.base_time,
+            addr: 0,
+        }
+    }
+
+    /// Writes `header` (the start of an `EVENTS` payload) and returns the chunk's encoder.
+    #[inline]
+    pub fn begin<S: ByteSink + ?Sized>(sink: &mut S, header: &ChunkHeader) -> Self {
+        header.encode(sink);
+        Self::new(header)
+    }
+
+    /// Writes the definition of a stack trie node (the running values do not change).
+    #[inline]
+    pub fn node<S: ByteSink + ?Sized>(sink: &mut S, id: u64, parent: u64, ip: u64) {
+        sink.push_byte(op::STACK_NODE);
+        put_uvarint(sink, id);
+        put_uvarint(sink, parent);
+        put_uvarint(sink, ip);
+    }
+
+    /// Writes one event. Sequence numbers and addresses are wrapping deltas. Times never run
+    /// backwards inside a chunk: a time below the previous event's is written as that time
+    /// (delta 0), so a chunk's times read back sorted.
+    #[inline(always)]
+    pub fn event<S: ByteSink + ?Sized>(
+        &mut self,
+        sink: &mut S,
+        seq: u64,
+        time: u64,
+        kind: EventKind,
+    ) {
+        let (opcode, addr) = match kind {
+            EventKind::Alloc { kind, addr, .. } => (op::ALLOC_BASE + kind as u8, addr),
+            EventKind::Free { addr } => (op::FREE, addr),
+            EventKind::ReallocFree { addr } => (op::REALLOC_FREE, addr),
+            EventKind::ReallocFailed => (op::REALLOC_FAILED, self.addr),
+        };
+        sink.push_byte(opcode);
+        put_uvarint(sink, seq.wrapping_sub(self.seq));
+        put_uvarint(sink, time.saturating_sub(self.time));
+        put_ivarint(sink, addr.wrapping_sub(self.addr) as i64);
+        self.seq = seq;
+        self.time = time.max(self.time);
+        self.addr = addr;
+        if let EventKind::Alloc { size, stack, .. } = kind {
+            put_uvarint(sink, size);
+            put_uvarint(sink, stack as u64);
+        }
+    }
+
+    /// Writes one item: [`StreamEncoder::event`] or [`StreamEncoder::node`].
+    #[inline]
+    pub fn item<S: ByteSink + ?Sized>(&mut self, sink: &mut S, item: &Item) {
+        match *item {
+            Item::Event { seq, time, kind } => self.event(sink, seq, time, kind),
+            Item::Node { id, parent, ip } => Self::node(sink, id, parent, ip),
+        }
+    }
+}
+
+/// A whole `EVENTS` payload, header and `items` in the stream encoding (for tests and tools: the
+/// tracker writes its events in place with a [`StreamEncoder`]).
+pub fn encode_stream(header: &ChunkHeader, items: &[Item]) -> Vec<u8> {
+    let mut b = Vec::new();
+    let mut enc = StreamEncoder::begin(&mut b, header);
+    for item in items {
+        enc.item(&mut b, item);
+    }
+    b
+}
+
+/// Decoder of the stream encoding.
+pub struct StreamDecoder<'a> {
+    c: Cursor<'a>,
+    seq: u64,
+    time: u64,
+    addr: u64,
+}
+
+impl<'a> StreamDecoder<'a> {
+    /// `ops`: the payload after the chunk header.
+    pub fn new(ops: &'a [u8], header: &ChunkHeader) -> Self {
+        StreamDecoder {
+            c: Cursor::new(ops),
+            seq: header.base_seq,
+            time: header.base_time,
+            addr: 0,
+        }
+    }
+
+    /// The deltas every event starts with. The new values are returned in registers as well
+    /// as kept: reading them back from `self` as one 16-byte load stalled on the two 8-byte
+    /// stores just made (store forwarding), a tenth of the transcoder's time.
+    #[inline(always)]
+    fn head<const FAR: bool>(&mut self) -> Result<(u64, u64, u64), FormatError> {
+        // Wrapping: damaged input must not panic.
+        let seq = self.seq.wrapping_add(self.uv::<FAR>()?);
+        let time = self.time.wrapping_add(self.uv::<FAR>()?);
+        let addr = self.addr.wrapping_add(unzigzag(self.uv::<FAR>()?));
+        self.seq = seq;
+        self.time = time;
+        self.addr = addr;
+        Ok((seq, time, addr))
+    }
+
+    /// A varint; `FAR`: the item began at least `FAR_FROM_END` bytes from the end.
+    #[inline(always)]
+    fn uv<const FAR: bool>(&mut self) -> Result<u64, FormatError> {
+        if FAR {
+            // SAFETY: an item is an opcode and at most five varints of at most 10 bytes, so
+            // every varint of it starts within 41 bytes of the item's start, and 8 bytes from
+            // there are within the `FAR_FROM_END` bytes that were left.
+            unsafe { self.c.uvarint_unchecked() }
+        } else {
+            self.c.uvarint()
+        }
+    }
+
+    #[inline]
+    pub fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
+        if self.c.remaining() >= FAR_FROM_END {
+            self.item::<true>().map(Some)
+        } else if self.c.is_empty() {
+            Ok(None)
+        } else {
+            self.item::<false>().map(Some)
+        }
+    }
+
+    #[inline(always)]
+    fn item<const FAR: bool>(&mut self) -> Result<Item, FormatError> {
+        let opcode = self.c.u8()?;
+        if opcode == op::STACK_NODE {
+            let id = self.uv::<FAR>()?;
+            let parent = self.uv::<FAR>()?;
+            let ip = self.uv::<FAR>()?;
+            return Ok(Item::Node { id, parent, ip });
+        }
+        if opcode > op::REALLOC_FAILED {
+            return Err(FormatError::BadOp(opcode));
+        }
+        let (seq, time, addr) = self.head::<FAR>()?;
+        let kind = match opcode {
+            op::FREE => EventKind::Free { addr },
+            op::REALLOC_FREE => EventKind::ReallocFree { addr },
+            op::REALLOC_FAILED => EventKind::ReallocFailed,
+            o => {
+                let alloc = AllocKind::from_u8(o - op::ALLOC_BASE).ok_or(FormatError::BadOp(o))?;
+                let size = self.uv::<FAR>()?;
+                // Stack ids are u32 (the trie's); a larger one is damage, kept as its low bits.
+                let stack = self.uv::<FAR>()? as u32;
+                EventKind::Alloc {
+                    kind: alloc,
+                    addr,
+                    size,
+                    stack,
+                }
+            }
+        };
+        Ok(Item::Event { seq, time, kind })
+    }
+}
+
+/// Bytes left from which on an item of the stream encoding is read without bounds checks: its
+/// last varint starts at most 41 bytes in and is read as 8 bytes (see `StreamDecoder::uv`).
+const FAR_FROM_END: usize = 64;
