@@ -439,6 +439,30 @@ pub fn read_uvarint(buf: &[u8], pos: &mut usize, end: usize) -> Result<u64, Form
 /// Largest encoded size of one record frame prefix (type + length varint).
 pub const MAX_FRAME_PREFIX: usize = 11;
 
+/// Frames a record in place: `buf` holds [`MAX_FRAME_PREFIX`] reserved bytes, then the payload.
+/// The frame prefix is written just before the payload; returns the offset of the record's first
+/// byte (the record is `buf[offset..]`, the same bytes [`put_record`] writes). A writer that
+/// reserved the room when it began the payload frames it without moving it.
+#[inline]
+pub fn frame_in_place(buf: &mut [u8], kind: u8) -> usize {
+    let mut prefix = [0u8; MAX_FRAME_PREFIX];
+    prefix[0] = kind;
+    let mut n = 1;
+    let mut v = buf.len().saturating_sub(MAX_FRAME_PREFIX) as u64;
+    while v >= 0x80 {
+        prefix[n] = (v as u8) | 0x80;
+        v >>= 7;
+        n += 1;
+    }
+    prefix[n] = v as u8;
+    n += 1;
+    let start = MAX_FRAME_PREFIX.saturating_sub(n);
+    if let Some(room) = buf.get_mut(start..MAX_FRAME_PREFIX) {
+        room.copy_from_slice(&prefix[..n]);
+    }
+    start
+}
+
 // ---------------------------------------------------------------- decoding
 
 /// A cursor over encoded bytes. Every read fails with [`FormatError::Truncated`] rather than
@@ -1071,6 +1095,19 @@ mod tests {
         assert_eq!(r2.kind, record::END);
         assert!(matches!(next_record(&buf, full), Next::Torn { offset } if offset == full));
         assert!(matches!(next_record(&buf[..full], full), Next::End));
+    }
+
+    #[test]
+    fn records_framed_in_place_are_those_put_record_writes() {
+        for len in [0usize, 1, 127, 128, 300, 16383, 16384, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let mut buf = vec![0u8; MAX_FRAME_PREFIX];
+            buf.extend_from_slice(&payload);
+            let start = frame_in_place(&mut buf, record::EVENTS);
+            let mut want = Vec::new();
+            put_record(&mut want, record::EVENTS, &payload);
+            assert_eq!(&buf[start..], &want[..], "{len}");
+        }
     }
 
     #[test]

@@ -209,3 +209,61 @@ impl<'a> StreamDecoder<'a> {
 /// Bytes left from which on an item of the stream encoding is read without bounds checks: its
 /// last varint starts at most 41 bytes in and is read as 8 bytes (see `StreamDecoder::uv`).
 const FAR_FROM_END: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes the tracker has always written for these events: a time below the previous
+    /// one saturates (delta 0), a failed realloc keeps the address (delta 0).
+    #[test]
+    fn the_encoder_writes_the_trackers_bytes() {
+        let header = ChunkHeader {
+            tid: 5,
+            base_seq: 10,
+            base_time: 100,
+        };
+        let mut b = Vec::new();
+        let mut enc = StreamEncoder::begin(&mut b, &header);
+        StreamEncoder::node(&mut b, 3, 0, 0x41);
+        let alloc = EventKind::Alloc {
+            kind: AllocKind::Calloc,
+            addr: 0x1000,
+            size: 24,
+            stack: 3,
+        };
+        enc.event(&mut b, 10, 100, alloc);
+        enc.event(&mut b, 12, 90, EventKind::Free { addr: 0x1000 });
+        enc.event(&mut b, 13, 101, EventKind::ReallocFailed);
+        #[rustfmt::skip]
+        let want = [
+            5, 10, 100,
+            op::STACK_NODE, 3, 0, 0x41,
+            op::ALLOC_BASE + 1, 0, 0, 0x80, 0x40, 24, 3,
+            op::FREE, 2, 0, 0,
+            op::REALLOC_FAILED, 1, 1, 0,
+        ];
+        assert_eq!(b, want);
+        let mut c = Cursor::new(&b);
+        let h = ChunkHeader::decode(&mut c).unwrap();
+        let mut d = StreamDecoder::new(c.rest(), &h);
+        let mut items = Vec::new();
+        while let Some(it) = d.next_item().unwrap() {
+            items.push(it);
+        }
+        let ev = |seq, time, kind| Item::Event { seq, time, kind };
+        assert_eq!(
+            items,
+            [
+                Item::Node {
+                    id: 3,
+                    parent: 0,
+                    ip: 0x41
+                },
+                ev(10, 100, alloc),
+                ev(12, 100, EventKind::Free { addr: 0x1000 }),
+                ev(13, 101, EventKind::ReallocFailed),
+            ]
+        );
+    }
+}
