@@ -303,7 +303,8 @@ fn a_process_that_outlives_the_command_keeps_its_capture() {
         &[
             os(Path::new("sh")),
             os(Path::new("-c")),
-            os(Path::new("sleep 1 & true")),
+            // The shell lingers 0.3 s so the forked child has made its capture when memtrack looks.
+            os(Path::new("sleep 1 & exec sleep 0.3")),
         ],
     );
     let child = only_child(&work, "s.cap", &stderr);
