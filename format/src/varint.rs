@@ -69,7 +69,7 @@ pub fn put_bytes(buf: &mut Vec<u8>, b: &[u8]) {
     buf.extend_from_slice(b);
 }
 
-/// Reads an unsigned varint from `buf[*pos..end]` (the compact decoder's columns).
+/// Reads an unsigned varint from `buf[*pos..end]` (the varint column encoding's columns).
 #[inline]
 pub fn read_uvarint(buf: &[u8], pos: &mut usize, end: usize) -> Result<u64, FormatError> {
     let end = end.min(buf.len());
