@@ -10,8 +10,8 @@
 //! tail when the traced process was killed mid-write; every chunk decodes on its own, so the
 //! reader decodes chunks on several threads and a lost chunk loses only its own events. The
 //! tracker writes each chunk in the cheap *stream* encoding on the program's threads, and its
-//! writer thread *transcodes* it into the *rank* encoding, a fifth of the size, before it reaches
-//! the file.
+//! writer thread *transcodes* it into the *rank* encoding, several times smaller, before it
+//! reaches the file.
 //!
 //! **How.** Integers are LEB128 varints ([`put_uvarint`], [`Cursor`]); within a chunk, sequence
 //! numbers, times and addresses are deltas from the chunk's [`ChunkHeader`]; stacks are ids of
