@@ -134,8 +134,8 @@ impl<'a> StreamDecoder<'a> {
     }
 
     /// The deltas every event starts with. The new values are returned in registers as well
-    /// as kept: reading them back from `self` as one 16-byte load stalled on the two 8-byte
-    /// stores just made (store forwarding), a tenth of the transcoder's time.
+    /// as kept: a caller reading them back from `self` would wait on the stores just made
+    /// (store forwarding) on every event the transcoder reads.
     #[inline(always)]
     fn head<const FAR: bool>(&mut self) -> Result<(u64, u64, u64), FormatError> {
         // Wrapping: damaged input must not panic.

@@ -1,0 +1,103 @@
+//! Events chunks in every encoding: the stream encoding the tracker writes, the transcoder into
+//! the rank encoding the file holds, and the decoders of every column encoding ever written.
+//!
+//! - [`stream`]: `EVENTS`, one op byte and varints per event, cheap enough for the hot path. Its
+//!   encoder and decoder.
+//! - [`rank`]: `EVENTS_R` (format version 4). [`rank::encode`] is the transcoder, stream in,
+//!   rank out; [`rank::decode`] its decoder.
+//! - [`legacy`]: `EVENTS_Z` (version 2) and `EVENTS_T` (version 3), decoded only.
+//! - [`block`], [`tokens`], [`live`]: what the column encodings share: the decompressed column
+//!   block and the reads from it, numbers split into tokens and extra bits, and the live set
+//!   behind the rank encoding's frees.
+//!
+//! Every chunk decodes on its own: its running values start from its [`ChunkHeader`] and its
+//! history from empty.
+
+mod block;
+mod legacy;
+mod live;
+mod rank;
+mod stream;
+mod tokens;
+
+#[cfg(test)]
+pub(crate) mod tests;
+
+pub use rank::encode::Transcoder;
+pub use stream::{encode_stream, op, StreamDecoder, StreamEncoder};
+
+use crate::{ChunkHeader, Cursor, FormatError, Item};
+use block::ColumnBlock;
+use legacy::LegacyDecoder;
+use rank::decode::RankDecoder;
+
+/// The column encodings a writer transcodes its chunks into, one per record type: fields in
+/// columns, each compressed with zstd on its own, every chunk still decoding on its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColumnEncoding {
+    /// `EVENTS_Z` (format version 2): varint columns, four address fields sharing one.
+    Varint,
+    /// `EVENTS_T` (format version 3): token columns and a raw bit stream of extra bits.
+    Token,
+    /// `EVENTS_R` (format version 4): `EVENTS_T`'s tokens; frees by rank among live blocks,
+    /// three ops to a byte, addresses after block ends, sizes relative to the reused block.
+    Rank,
+}
+
+impl ColumnEncoding {
+    /// The encoding of an events record of type `kind` (`None`: not a column encoding).
+    pub fn of_record(kind: u8) -> Option<ColumnEncoding> {
+        match kind {
+            crate::record::EVENTS_Z => Some(ColumnEncoding::Varint),
+            crate::record::EVENTS_T => Some(ColumnEncoding::Token),
+            crate::record::EVENTS_R => Some(ColumnEncoding::Rank),
+            _ => None,
+        }
+    }
+}
+
+/// Decoder of the column encodings: the chunk's decompressed columns, and the decoder of its
+/// encoding reading items from them.
+pub struct ColumnDecoder {
+    block: ColumnBlock,
+    items: Items,
+}
+
+enum Items {
+    Legacy(LegacyDecoder),
+    Rank(RankDecoder),
+}
+
+impl ColumnDecoder {
+    /// `data` is the payload after the chunk header.
+    pub fn new(
+        data: &[u8],
+        header: &ChunkHeader,
+        encoding: ColumnEncoding,
+    ) -> Result<Self, FormatError> {
+        let mut c = Cursor::new(data);
+        let (block, left) = match encoding {
+            ColumnEncoding::Varint => {
+                ColumnBlock::varint(&mut c, &legacy::VARINT_COLUMNS, legacy::VARINT_COLUMN_COUNT)?
+            }
+            ColumnEncoding::Token => ColumnBlock::tokens(&mut c, legacy::field::COUNT)?,
+            ColumnEncoding::Rank => ColumnBlock::tokens(&mut c, rank::col::COUNT)?,
+        };
+        let items = match encoding {
+            ColumnEncoding::Varint | ColumnEncoding::Token => {
+                Items::Legacy(LegacyDecoder::new(header, left))
+            }
+            ColumnEncoding::Rank => Items::Rank(RankDecoder::new(header, left)),
+        };
+        Ok(ColumnDecoder { block, items })
+    }
+
+    /// The next item, `None` after the chunk's last.
+    #[inline]
+    pub fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
+        match &mut self.items {
+            Items::Rank(d) => d.next_item(&mut self.block),
+            Items::Legacy(d) => d.next_item(&mut self.block),
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! Record types. Records are only ever added; a reader skips types it does not know.
+
+/// A chunk of events of one thread in the stream encoding, as the tracker's threads write it:
+/// see [`crate::ChunkHeader`] and [`crate::op`]. Format version 1 writes these to the file;
+/// later versions transcode each into their column encoding first (keeping it as it is only if
+/// that fails).
+pub const EVENTS: u8 = 1;
+/// The set of loaded modules at a point in time: see [`crate::ModulesRecord`].
+pub const MODULES: u8 = 2;
+/// The traced process (or image, before exec) finished its capture: see [`crate::EndRecord`].
+pub const END: u8 = 3;
+/// A new program image after `exec` continues the capture: the payload is a complete
+/// [`crate::Header`] (magic included) of the new image. Its events follow, with sequence
+/// numbers above every earlier one; blocks live before the exec are gone.
+pub const IMAGE: u8 = 4;
+/// A chunk of one thread's events in the varint column encoding (varint columns in one zstd
+/// frame): [`crate::ColumnEncoding::Varint`]. Written by format version 2.
+pub const EVENTS_Z: u8 = 5;
+/// A chunk of one thread's events in the token encoding (token columns, zstd, raw extra
+/// bits): [`crate::ColumnEncoding::Token`]. Written by format version 3.
+pub const EVENTS_T: u8 = 6;
+/// A Python code object met in a stack: see [`crate::PyCodeRecord`] and [`crate::pyframe`].
+pub const PYCODE: u8 = 7;
+/// A chunk of one thread's events in the rank encoding (`EVENTS_T`'s tokens, with frees
+/// named by their rank among live blocks, three ops to a byte, addresses predicted from block
+/// ends and sizes from the reused block): [`crate::ColumnEncoding::Rank`]. The writer transcodes
+/// every `EVENTS` chunk into one of these ([`crate::Transcoder`]; format version 4).
+pub const EVENTS_R: u8 = 8;
+/// Short helper processes of the tree whose own captures `memtrack run` removed after the
+/// run, with their figures: see [`crate::DroppedRecord`]. Appended after the launched
+/// process's `END`.
+pub const DROPPED: u8 = 9;
+/// A Python program's own code ended and interpreter shutdown began, at a place in the
+/// event order: see [`crate::PythonEndRecord`].
+pub const PYTHON_END: u8 = 10;
