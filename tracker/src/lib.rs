@@ -12,7 +12,7 @@
 //! unwound from DWARF CFI with a per-thread rule cache and interned in a trie.
 //!
 //! This crate exports no `malloc`: the `memtrack-preload` cdylib holds the `extern "C"` hooks
-//! and forwards them to [`interpose`]. Linked into a Rust program, [`Tracker`] is a
+//! and forwards them to [`hooks`]. Linked into a Rust program, [`Tracker`] is a
 //! `#[global_allocator]` with exact counters ([`stats`], [`measure`]) that can also record the
 //! program's own captures ([`start`], or `MEMTRACK_OUTPUT`).
 //!
@@ -26,19 +26,26 @@
 //! assert!(!memtrack_tracker::IgnoreAllocs::active());
 //! ```
 
-mod global;
+mod bootstrap;
+mod clock;
+mod env;
 mod guard;
 pub mod heap;
-pub mod interpose;
+pub mod hooks;
+mod lifecycle;
 mod mapbuf;
 mod python;
+mod real;
 mod recorder;
+mod rust_alloc;
+mod session;
 mod stacks;
-pub mod unwind;
+mod unwind;
 mod walker;
 mod writer;
 
-pub use global::{measure, reset_peak, start, stats, Recording, StartError, Stats, Tracker};
 pub use guard::IgnoreAllocs;
+pub use lifecycle::is_recording;
 pub use memtrack_format::{AllocKind, EndReason};
-pub use recorder::{finish, is_recording};
+pub use recorder::finish;
+pub use rust_alloc::{measure, reset_peak, start, stats, Recording, StartError, Stats, Tracker};

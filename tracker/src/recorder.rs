@@ -1,6 +1,8 @@
 //! Global recording state, per-thread buffers and the event encoder.
 
+use crate::clock;
 use crate::guard::{IgnoreAllocs, SaveErrno};
+use crate::lifecycle;
 use crate::mapbuf::MapBuf;
 use crate::python;
 use crate::stacks::{FastMap, Trie};
@@ -14,21 +16,9 @@ use memtrack_format::{
 };
 use std::cell::UnsafeCell;
 use std::mem::ManuallyDrop;
-use std::sync::atomic::{
-    AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
-};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
-
-pub(crate) const UNINIT: u8 = 0;
-pub(crate) const INITIALIZING: u8 = 1;
-pub(crate) const ACTIVE: u8 = 2;
-/// Off for good (no capture wanted, a forked child, an error).
-pub(crate) const DISABLED: u8 = 3;
-/// The capture was finished; `exec` failing can resume it.
-pub(crate) const FINISHED: u8 = 4;
-
-pub(crate) static STATE: AtomicU8 = AtomicU8::new(UNINIT);
 
 #[repr(align(128))]
 struct Padded<T>(T);
@@ -81,8 +71,6 @@ fn go_multi(threads: &[Arc<ThreadState>]) {
     }
 }
 
-/// Time unit of event times in the capture: microseconds.
-pub(crate) const CLOCK_UNIT_NS: u64 = 1000;
 /// A thread hands its buffer to the writer once it holds this many bytes, or fewer when threads
 /// are many (`FLUSH_LIMIT`).
 const FLUSH_AT: usize = 256 * 1024;
@@ -102,11 +90,6 @@ pub(crate) fn set_thread_count(n: usize) {
     FLUSH_LIMIT.store(each, Ordering::Relaxed);
 }
 
-/// True when events of this process are being recorded.
-pub fn is_recording() -> bool {
-    STATE.load(Ordering::Acquire) == ACTIVE
-}
-
 /// Python code objects: address -> (id, identity fields).
 type CodeIds = FastMap<usize, (u32, (usize, usize))>;
 
@@ -124,7 +107,6 @@ pub(crate) struct Recorder {
     /// The same, for a program thread that transcodes its own chunk while the writer is
     /// behind (see `hand_off`).
     helper: Mutex<memtrack_format::Transcoder>,
-    start_mono_ns: u64,
     pub tx: Sender<Msg>,
     rx: Mutex<Option<Receiver<Msg>>>,
     pool_tx: Sender<MapBuf>,
@@ -169,23 +151,6 @@ pub(crate) fn recorder() -> Option<&'static Recorder> {
 /// `fork` (threads are better not created inside an atfork handler).
 static WRITER_LATER: AtomicBool = AtomicBool::new(false);
 
-/// Event times: the writer thread publishes the time here every `TICK`, so an event pays one
-/// relaxed load instead of a clock read (38 ns through the vDSO on this VM, ~10% of the hot
-/// path). Event order never depends on it (sequence numbers do that); heaptrack likewise
-/// stamps events from a 10 ms timer.
-static CLOCK: Padded<AtomicU64> = Padded(AtomicU64::new(0));
-pub(crate) const TICK: Duration = Duration::from_millis(2);
-
-pub(crate) fn now_mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn file_id(fd: i32) -> Option<(u64, u64)> {
     // SAFETY: st is a valid out-pointer for fstat.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -197,7 +162,7 @@ impl Recorder {
     /// Writes framed bytes to the capture, if the descriptor still is the capture.
     pub fn write(&self, bytes: &[u8]) -> bool {
         if file_id(self.fd) != Some(self.file_id) {
-            if STATE.swap(DISABLED, Ordering::AcqRel) != DISABLED {
+            if lifecycle::disable() {
                 let msg = b"memtrack: the program closed the capture file's descriptor; recording stopped\n";
                 // SAFETY: plain write of a static message to stderr.
                 unsafe { libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len()) };
@@ -218,24 +183,6 @@ impl Recorder {
         self.write(compacted.as_deref().unwrap_or(framed))
     }
 
-    /// The precise time, in clock units since the start.
-    pub fn now_units(&self) -> u64 {
-        now_mono_ns().saturating_sub(self.start_mono_ns) / CLOCK_UNIT_NS
-    }
-
-    /// Publishes the time for events (the writer calls this every tick).
-    pub fn tick(&self) -> u64 {
-        let now = self.now_units();
-        CLOCK.0.fetch_max(now, Ordering::Relaxed);
-        now
-    }
-
-    /// The time of an event: the last published tick.
-    #[inline]
-    pub fn event_time(&self) -> u64 {
-        CLOCK.0.load(Ordering::Relaxed)
-    }
-
     pub fn recycle(&self, mut buf: MapBuf) {
         buf.clear();
         let _ = self.pool_tx.try_send(buf);
@@ -250,7 +197,7 @@ impl Recorder {
     fn modules_record(&self, list: &[LoadedModule]) -> Vec<u8> {
         let rec = ModulesRecord {
             seq: SEQ.0.load(Ordering::Relaxed),
-            time: self.now_units(),
+            time: clock::now_units(),
             modules: list.iter().map(|m| m.info.clone()).collect(),
         };
         let mut out = Vec::new();
@@ -370,7 +317,6 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         pid: unsafe { libc::getpid() },
         compactor: Mutex::new(memtrack_format::Transcoder::new()),
         helper: Mutex::new(memtrack_format::Transcoder::new()),
-        start_mono_ns,
         tx,
         rx: Mutex::new(Some(rx)),
         pool_tx,
@@ -396,10 +342,10 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
     MULTI.store(false, Ordering::Relaxed);
     register_membarrier();
     read_writer_behind();
+    // A forked child: its times start from its own start; its writer starts at its first
+    // event.
+    clock::start_at(start_mono_ns, cfg.replace);
     if cfg.replace {
-        // A forked child: its times start from its own start; its writer starts at its first
-        // event.
-        CLOCK.0.store(0, Ordering::Relaxed);
         WRITER_LATER.store(true, Ordering::Release);
     }
     let rec: &'static Recorder = Box::leak(Box::new(rec));
@@ -595,9 +541,9 @@ impl ChunkBuf {
 
     /// Takes the next sequence number and time and opens the chunk if needed.
     #[inline]
-    fn begin_event(&mut self, rec: &Recorder, tid: u32) -> (u64, u64) {
+    fn begin_event(&mut self, tid: u32) -> (u64, u64) {
         let seq = next_seq();
-        let time = rec.event_time();
+        let time = clock::event_time();
         if !self.open {
             if let Some(d) = self.data.as_mut() {
                 d.zeroed(MAX_FRAME_PREFIX);
@@ -1136,7 +1082,7 @@ static ASYM: AtomicBool = AtomicBool::new(false);
 /// `MEMTRACK_NO_MEMBARRIER=1` keeps to fences (for sandboxes where the syscall misbehaves; the
 /// tests run both ways).
 fn register_membarrier() {
-    if crate::interpose::getenv(c"MEMTRACK_NO_MEMBARRIER").is_some() {
+    if crate::env::getenv(c"MEMTRACK_NO_MEMBARRIER").is_some() {
         ASYM.store(false, Ordering::Release);
         return;
     }
@@ -1222,7 +1168,7 @@ fn new_thread_state(rec: &'static Recorder, g: &IgnoreAllocs) -> Option<&'static
     if WRITER_LATER.swap(false, Ordering::AcqRel) {
         // A forked child's first event may come long after the fork: its clock has not
         // ticked yet (the writer starts now), so the event would read time 0.
-        rec.tick();
+        clock::tick();
         start_writer();
     }
     // SAFETY: gettid has no preconditions.
@@ -1311,7 +1257,7 @@ fn compact_framed(c: &mut memtrack_format::Transcoder, framed: &[u8]) -> Option<
 static WRITER_BEHIND: AtomicUsize = AtomicUsize::new(8);
 
 fn read_writer_behind() {
-    let v = crate::interpose::getenv(c"MEMTRACK_WRITER_BEHIND");
+    let v = crate::env::getenv(c"MEMTRACK_WRITER_BEHIND");
     if let Some(n) = v.and_then(|v| v.to_str().ok()?.parse().ok()) {
         WRITER_BEHIND.store(n, Ordering::Relaxed);
     }
@@ -1393,7 +1339,7 @@ pub(crate) fn record(ev: Ev, caller: Origin, g: &IgnoreAllocs) {
                 // was idle: a thread holds no buffer between its chunks.
                 b.data = rec.fresh_buffer();
             }
-            let mark = encode(rec, &mut b, ts.tid, ev, stack, &mut owner.new_nodes);
+            let mark = encode(&mut b, ts.tid, ev, stack, &mut owner.new_nodes);
             let full = b
                 .data
                 .as_ref()
@@ -1415,7 +1361,6 @@ pub(crate) fn record(ev: Ev, caller: Origin, g: &IgnoreAllocs) {
 /// once the buffer's lock is released.
 #[inline(always)]
 fn encode(
-    rec: &Recorder,
     b: &mut ChunkBuf,
     tid: u32,
     ev: Ev,
@@ -1425,10 +1370,10 @@ fn encode(
     let realloc_half = matches!(ev, Ev::Alloc(kind, ..) if kind.is_realloc());
     let mark = python::shutdown_claim(realloc_half).map(|how| PythonEndRecord {
         seq: next_seq(),
-        time: rec.event_time(),
+        time: clock::event_time(),
         how,
     });
-    let (seq, time) = b.begin_event(rec, tid);
+    let (seq, time) = b.begin_event(tid);
     if let Some(d) = b.data.as_mut() {
         for &(id, parent, ip) in nodes.iter() {
             d.push_byte(op::STACK_NODE);
@@ -1499,7 +1444,7 @@ fn record_orphan(rec: &Recorder, ev: Ev, caller: Origin) {
     let mut b = ChunkBuf::new(rec.fresh_buffer());
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() } as u32;
-    let mark = encode(rec, &mut b, tid, ev, stack, &mut owner.new_nodes);
+    let mark = encode(&mut b, tid, ev, stack, &mut owner.new_nodes);
     if let Some((data, start)) = b.take_framed(None) {
         drop(guard);
         hand_off(rec, data, start);
@@ -1514,10 +1459,7 @@ fn record_orphan(rec: &Recorder, ev: Ev, caller: Origin) {
 /// Finishes the capture: every thread's buffered events are written, then an `END` record.
 /// Later events are not recorded. Safe to call more than once; only the first call acts.
 pub fn finish(reason: EndReason) {
-    if STATE
-        .compare_exchange(ACTIVE, FINISHED, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
+    if !lifecycle::finish() {
         return;
     }
     let Some(rec) = recorder() else { return };
@@ -1540,15 +1482,10 @@ pub fn finish(reason: EndReason) {
     drop(g);
 }
 
-/// After a failed `exec`: recording goes on in the same capture.
-pub(crate) fn resume() {
-    let _ = STATE.compare_exchange(FINISHED, ACTIVE, Ordering::AcqRel, Ordering::Acquire);
-}
-
 pub(crate) fn end_record(rec: &Recorder, reason: EndReason) -> Vec<u8> {
     memtrack_format::EndRecord {
         seq: SEQ.0.load(Ordering::Relaxed),
-        time: rec.now_units(),
+        time: clock::now_units(),
         reason,
         next_stack_id: rec.trie.lock().map(|t| t.next_id()).unwrap_or(u32::MAX / 2),
     }

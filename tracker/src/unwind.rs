@@ -317,57 +317,6 @@ pub struct Caller {
     pub bp: u64,
 }
 
-/// Unwinds from `caller` into `out`: the first frame is the caller's return address, so none of
-/// the tracker's own frames is ever walked. Returns the frame count and whether the walk reached
-/// the root (false when it stopped early).
-#[inline]
-pub fn capture_from(
-    unw: &Unw,
-    cache: &mut UnwCache,
-    stack_hi: u64,
-    caller: Caller,
-    out: &mut [u64],
-) -> (usize, bool) {
-    let sp0 = caller.sp;
-    let mut read_stack = |addr: u64| {
-        if addr >= sp0
-            && addr.checked_add(8).is_some_and(|e| e <= stack_hi)
-            && addr.is_multiple_of(8)
-        {
-            // SAFETY: [sp0, stack_hi) is this thread's live stack, mapped and readable.
-            Ok(unsafe { std::ptr::read(addr as *const u64) })
-        } else {
-            Err(())
-        }
-    };
-    if out.is_empty() {
-        return (0, false);
-    }
-    let mut regs = UnwindRegsX86_64::new(caller.ip, caller.sp, caller.bp);
-    let Some(mut frame) = framehop::FrameAddress::from_return_address(caller.ip) else {
-        return (0, true);
-    };
-    out[0] = caller.ip;
-    let mut n = 1;
-    loop {
-        match unw.unwind_frame(frame, &mut regs, cache, &mut read_stack) {
-            Ok(Some(ra)) => {
-                let Some(next) = framehop::FrameAddress::from_return_address(ra) else {
-                    return (n, true);
-                };
-                if n == out.len() {
-                    return (n, true);
-                }
-                out[n] = ra;
-                n += 1;
-                frame = next;
-            }
-            Ok(None) => return (n, true),
-            Err(_) => return (n, false),
-        }
-    }
-}
-
 /// Recent results of [`caller_above`] on a thread: unwinding is a pure function of the
 /// starting registers, the rules and the stack words read, so when all of them repeat, so does
 /// the result. Several, for an allocation function called at a few depths in turn.

@@ -1,8 +1,10 @@
 //! The writer thread: the only place that writes events to the capture file.
 
+use crate::clock;
 use crate::guard::IgnoreAllocs;
+use crate::lifecycle;
 use crate::mapbuf::MapBuf;
-use crate::recorder::{self, Recorder, DISABLED, STATE};
+use crate::recorder::{self, Recorder};
 use crossbeam_channel::{Receiver, TryRecvError};
 use memtrack_format::EndReason;
 use std::io::Write;
@@ -37,7 +39,7 @@ pub(crate) fn write_all(fd: i32, mut bytes: &[u8]) -> bool {
             if e == libc::EINTR {
                 continue;
             }
-            if STATE.swap(DISABLED, Ordering::AcqRel) != DISABLED {
+            if lifecycle::disable() {
                 write_failed(e);
             }
             return false;
@@ -95,7 +97,7 @@ fn write_failed(errno: i32) {
 
 pub(crate) fn run(rec: &'static Recorder, rx: Receiver<Msg>) {
     IgnoreAllocs::forever();
-    let mut last_sweep = rec.tick();
+    let mut last_sweep = clock::tick();
     loop {
         // Polled, never a blocking receive: a blocked receiver makes crossbeam's senders look up
         // `std::thread::current()`, which gives program threads a handle that std frees at thread
@@ -105,10 +107,10 @@ pub(crate) fn run(rec: &'static Recorder, rx: Receiver<Msg>) {
         // the clock and the sweep for the whole run.
         match take(&rx) {
             Ok(m) => handle(rec, &rx, m),
-            Err(TryRecvError::Empty) => std::thread::sleep(recorder::TICK),
+            Err(TryRecvError::Empty) => std::thread::sleep(clock::TICK),
             Err(TryRecvError::Disconnected) => return,
         }
-        let now = rec.tick();
+        let now = clock::tick();
         if now.saturating_sub(last_sweep) >= SWEEP_EVERY.as_micros() as u64 {
             sweep(rec, false);
             last_sweep = now;
@@ -157,7 +159,7 @@ fn drain(rec: &Recorder, rx: &Receiver<Msg>) {
 pub(crate) fn sweep(rec: &Recorder, force: bool) {
     let mut taken = Vec::new();
     if let Ok(mut reg) = rec.registry.lock() {
-        let now = rec.event_time();
+        let now = clock::event_time();
         // Threads whose buffer is still to be looked at; at the end, a thread in the middle
         // of an event is waited for briefly.
         let mut pending = vec![true; reg.len()];

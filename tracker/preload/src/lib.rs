@@ -1,9 +1,9 @@
 //! `libmemtrack.so`: the `LD_PRELOAD` shim. Only `extern "C"` exports live here; each
-//! forwards to `memtrack_tracker::interpose`, so no library that programs link exports
+//! forwards to `memtrack_tracker::hooks`, so no library that programs link exports
 //! `malloc`. A panic cannot unwind out of these functions: Rust aborts at an `extern "C"`
 //! boundary, and the tracker does not panic on its paths.
 
-use memtrack_tracker::interpose as ip;
+use memtrack_tracker::hooks as ip;
 use std::os::raw::{c_char, c_int, c_void};
 
 /// The tracker's own allocations come from a heap of its own, never from the program's malloc

@@ -28,7 +28,9 @@
 //! ```
 
 use crate::guard::IgnoreAllocs;
-use crate::recorder::{self, Ev, Origin, ACTIVE, INITIALIZING, STATE, UNINIT};
+use crate::lifecycle::{self, State};
+use crate::recorder::{self, Ev, Origin};
+use crate::session;
 use crate::unwind::{here_regs, Caller};
 use memtrack_format::{AllocKind, EndReason};
 use std::alloc::{GlobalAlloc, Layout};
@@ -73,9 +75,9 @@ static ENV_CHECKED: AtomicBool = AtomicBool::new(false);
 /// `Some` with the guard held when this call is to be recorded.
 #[inline(always)]
 fn recording() -> Option<IgnoreAllocs> {
-    match STATE.load(Relaxed) {
-        ACTIVE => IgnoreAllocs::enter(),
-        UNINIT if !ENV_CHECKED.load(Relaxed) => start_from_env(),
+    match lifecycle::current_relaxed() {
+        State::Active => IgnoreAllocs::enter(),
+        State::Uninit if !ENV_CHECKED.load(Relaxed) => start_from_env(),
         _ => None,
     }
 }
@@ -87,41 +89,25 @@ fn start_from_env() -> Option<IgnoreAllocs> {
     if ENV_CHECKED.swap(true, Ordering::AcqRel) {
         return None;
     }
-    if STATE
-        .compare_exchange(UNINIT, INITIALIZING, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
+    if !lifecycle::begin_init() {
         return None;
     }
-    match crate::interpose::open_from_env(false) {
+    match session::open_from_env(false) {
         Some(true) => {
-            began();
-            STATE.store(ACTIVE, Ordering::Release);
+            session::began_in_program();
+            lifecycle::end_init(State::Active);
             Some(g)
         }
         // Not set (or not readable yet, which a Rust program's allocator never sees): a later
         // `start` may still record.
         None => {
-            STATE.store(UNINIT, Ordering::Release);
+            lifecycle::end_init(State::Uninit);
             None
         }
         Some(false) => {
-            STATE.store(recorder::DISABLED, Ordering::Release);
+            lifecycle::end_init(State::Disabled);
             None
         }
-    }
-}
-
-/// After a capture was created: the writer thread, fork and exit handling.
-fn began() {
-    recorder::start_writer();
-    extern "C" fn at_exit() {
-        recorder::finish(EndReason::Exit);
-    }
-    // SAFETY: registers handlers that never unwind; `atfork_child` only stores to an atomic.
-    unsafe {
-        libc::pthread_atfork(None, None, Some(crate::interpose::atfork_child));
-        libc::atexit(at_exit);
     }
 }
 
@@ -273,30 +259,21 @@ pub fn start(path: impl AsRef<Path>) -> Result<Recording, StartError> {
     let _g = IgnoreAllocs::enter().ok_or(StartError::AlreadyRecorded)?;
     let path = path.as_ref().to_string_lossy().into_owned();
     ENV_CHECKED.store(true, Ordering::Release);
-    if STATE
-        .compare_exchange(UNINIT, INITIALIZING, Ordering::AcqRel, Ordering::Acquire)
-        .is_err()
-    {
+    if !lifecycle::begin_init() {
         return Err(StartError::AlreadyRecorded);
     }
-    let launch = crate::interpose::Launch {
-        preloaded: false,
-        root_path: path.clone(),
-        follow_fork: false,
-        parent_pid: 0,
-    };
-    match crate::interpose::create_capture(&path, &launch, None) {
+    match session::create_program_capture(&path) {
         Ok(true) => {
-            began();
-            STATE.store(ACTIVE, Ordering::Release);
+            session::began_in_program();
+            lifecycle::end_init(State::Active);
             Ok(Recording { _private: () })
         }
         Ok(false) => {
-            STATE.store(recorder::DISABLED, Ordering::Release);
+            lifecycle::end_init(State::Disabled);
             Err(StartError::Failed(path))
         }
         Err(source) => {
-            STATE.store(UNINIT, Ordering::Release);
+            lifecycle::end_init(State::Uninit);
             Err(StartError::Create { path, source })
         }
     }

@@ -1,0 +1,514 @@
+//! Bodies of the `LD_PRELOAD` hooks. `memtrack-preload` exports the C symbols and calls these;
+//! this module is public for that crate alone.
+//!
+//! Each hook forwards to the real function (see `real`) and, while recording, records what it
+//! did. Calls made before the real functions are known are served from the bootstrap arena.
+//!
+//! Must never: allocate from the program's heap outside the guard, change `errno` as the
+//! program sees it, or record a call the real function makes through the PLT (the guard is
+//! held across the real call).
+
+use crate::bootstrap;
+use crate::guard::{IgnoreAllocs, SaveErrno};
+use crate::lifecycle::{self, State};
+use crate::real::{real_fn, Real};
+use crate::real::{
+    Abort, Calloc, Dlclose, Execv, Execve, Exit, Fexecve, Free, Malloc, Memalign, PosixMemalign,
+    Realloc, ReallocArray, UsableSize,
+};
+use crate::recorder::{self, Ev, Origin};
+use crate::session;
+pub use crate::unwind::Caller;
+use memtrack_format::{AllocKind, EndReason};
+use std::os::raw::{c_char, c_int, c_void};
+
+/// The library constructor: decide about recording if no hook has yet, start the writer.
+pub fn constructor() {
+    session::constructor();
+}
+
+/// The library destructor: runs late in `exit` (libraries are finalised in reverse order of
+/// initialisation, and this one is initialised first), after the program's atexit handlers.
+pub fn destructor() {
+    recorder::finish(EndReason::Exit);
+}
+
+// ---------------------------------------------------------------- recording helpers
+
+/// Entered at the top of a hook: `Some` when this call is to be recorded. The guard is held
+/// across the real call, so allocation functions the real one calls through the PLT (glibc's
+/// `reallocarray` calls `realloc`) are not recorded a second time.
+#[inline(always)]
+fn enter() -> Option<IgnoreAllocs> {
+    match lifecycle::current_relaxed() {
+        State::Active => IgnoreAllocs::enter(),
+        State::Uninit if session::init() => IgnoreAllocs::enter(),
+        _ => None,
+    }
+}
+
+/// After the real call: record the block it handed out, if any, keeping its errno.
+#[inline(always)]
+fn done_alloc(
+    g: Option<IgnoreAllocs>,
+    kind: AllocKind,
+    p: *mut c_void,
+    size: usize,
+    caller: Caller,
+) {
+    if let Some(g) = g {
+        if !p.is_null() {
+            recorder::record(
+                Ev::Alloc(kind, p as u64, size as u64),
+                Origin::Caller(caller),
+                &g,
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the hooks
+
+/// # Safety
+/// C `malloc` contract.
+#[inline]
+pub unsafe fn malloc(size: usize, caller: Caller) -> *mut c_void {
+    let Some(f) = real_fn!(Real::Malloc, Malloc) else {
+        return bootstrap::alloc(size, 16);
+    };
+    let g = enter();
+    // SAFETY: forwarding the caller's arguments to the real function.
+    let p = unsafe { f(size) };
+    done_alloc(g, AllocKind::Malloc, p, size, caller);
+    p
+}
+
+/// # Safety
+/// C `free` contract.
+#[inline]
+pub unsafe fn free(p: *mut c_void) {
+    if p.is_null() || bootstrap::contains(p) {
+        return;
+    }
+    let Some(f) = real_fn!(Real::Free, Free) else {
+        return;
+    };
+    let g = enter();
+    if let Some(g) = &g {
+        // Recorded before the block goes back: no other thread can be handed it first.
+        recorder::record(Ev::Free(p as u64), Origin::Unknown, g);
+    }
+    // SAFETY: forwarding a pointer the program obtained from the real allocator.
+    unsafe { f(p) };
+    drop(g);
+}
+
+/// # Safety
+/// C `calloc` contract.
+#[inline]
+pub unsafe fn calloc(n: usize, m: usize, caller: Caller) -> *mut c_void {
+    let Some(f) = real_fn!(Real::Calloc, Calloc) else {
+        // The arena is zero-initialised static memory, never reused.
+        return n
+            .checked_mul(m)
+            .map_or(std::ptr::null_mut(), |s| bootstrap::alloc(s, 16));
+    };
+    let g = enter();
+    // SAFETY: forwarding.
+    let p = unsafe { f(n, m) };
+    done_alloc(g, AllocKind::Calloc, p, n.wrapping_mul(m), caller);
+    p
+}
+
+#[cold]
+unsafe fn realloc_from_arena(p: *mut c_void, size: usize, caller: Caller) -> *mut c_void {
+    // SAFETY: malloc contract; copies at most the old block's size.
+    unsafe {
+        let q = malloc(size, caller);
+        if !q.is_null() {
+            std::ptr::copy_nonoverlapping(
+                p as *const u8,
+                q as *mut u8,
+                size.min(bootstrap::size_of(p)),
+            );
+        }
+        q
+    }
+}
+
+/// realloc and reallocarray share this: `size` is None when `n * m` overflowed.
+#[inline]
+fn realloc_common(
+    kind: AllocKind,
+    p: *mut c_void,
+    size: Option<usize>,
+    caller: Caller,
+    call: impl FnOnce() -> *mut c_void,
+) -> *mut c_void {
+    let g = enter();
+    if let (Some(g), false) = (&g, p.is_null()) {
+        if size == Some(0) {
+            // glibc frees the block and returns NULL.
+            recorder::record(Ev::Free(p as u64), Origin::Unknown, g);
+        } else {
+            recorder::record(Ev::ReallocFree(p as u64), Origin::Unknown, g);
+        }
+    }
+    let q = call();
+    if let Some(g) = &g {
+        if !q.is_null() {
+            let ev = Ev::Alloc(kind, q as u64, size.unwrap_or(0) as u64);
+            recorder::record(ev, Origin::Caller(caller), g);
+        } else if !p.is_null() && size != Some(0) {
+            recorder::record(Ev::ReallocFailed, Origin::Unknown, g);
+        }
+    }
+    q
+}
+
+/// # Safety
+/// C `realloc` contract.
+#[inline]
+pub unsafe fn realloc(p: *mut c_void, size: usize, caller: Caller) -> *mut c_void {
+    if bootstrap::contains(p) {
+        // SAFETY: p came from the bootstrap arena.
+        return unsafe { realloc_from_arena(p, size, caller) };
+    }
+    let Some(f) = real_fn!(Real::Realloc, Realloc) else {
+        return bootstrap::alloc(size, 16);
+    };
+    // SAFETY: forwarding.
+    realloc_common(AllocKind::Realloc, p, Some(size), caller, || unsafe {
+        f(p, size)
+    })
+}
+
+/// # Safety
+/// C `reallocarray` contract.
+#[inline]
+pub unsafe fn reallocarray(p: *mut c_void, n: usize, m: usize, caller: Caller) -> *mut c_void {
+    if bootstrap::contains(p) {
+        return match n.checked_mul(m) {
+            // SAFETY: p came from the bootstrap arena.
+            Some(s) => unsafe { realloc_from_arena(p, s, caller) },
+            None => std::ptr::null_mut(),
+        };
+    }
+    let Some(f) = real_fn!(Real::ReallocArray, ReallocArray) else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: forwarding.
+    realloc_common(
+        AllocKind::ReallocArray,
+        p,
+        n.checked_mul(m),
+        caller,
+        || unsafe { f(p, n, m) },
+    )
+}
+
+/// # Safety
+/// C `posix_memalign` contract.
+#[inline]
+pub unsafe fn posix_memalign(
+    out: *mut *mut c_void,
+    align: usize,
+    size: usize,
+    caller: Caller,
+) -> c_int {
+    let Some(f) = real_fn!(Real::PosixMemalign, PosixMemalign) else {
+        let p = bootstrap::alloc(size, align);
+        if p.is_null() {
+            return libc::ENOMEM;
+        }
+        // SAFETY: out is the caller's valid out-pointer.
+        unsafe { *out = p };
+        return 0;
+    };
+    let g = enter();
+    // SAFETY: forwarding.
+    let rc = unsafe { f(out, align, size) };
+    let p = if rc == 0 {
+        // SAFETY: on success the real function stored the block in *out.
+        unsafe { *out }
+    } else {
+        std::ptr::null_mut()
+    };
+    done_alloc(g, AllocKind::PosixMemalign, p, size, caller);
+    rc
+}
+
+macro_rules! aligned_hook {
+    ($name:ident, $idx:expr, $kind:expr) => {
+        /// # Safety
+        /// The C function's contract.
+        #[inline]
+        pub unsafe fn $name(align: usize, size: usize, caller: Caller) -> *mut c_void {
+            let Some(f) = real_fn!($idx, Memalign) else {
+                return bootstrap::alloc(size, align);
+            };
+            let g = enter();
+            // SAFETY: forwarding.
+            let p = unsafe { f(align, size) };
+            done_alloc(g, $kind, p, size, caller);
+            p
+        }
+    };
+}
+aligned_hook!(aligned_alloc, Real::AlignedAlloc, AllocKind::AlignedAlloc);
+aligned_hook!(memalign, Real::Memalign, AllocKind::Memalign);
+
+macro_rules! page_hook {
+    ($name:ident, $idx:expr, $kind:expr) => {
+        /// # Safety
+        /// The C function's contract.
+        #[inline]
+        pub unsafe fn $name(size: usize, caller: Caller) -> *mut c_void {
+            let Some(f) = real_fn!($idx, Malloc) else {
+                return bootstrap::alloc(size, 4096);
+            };
+            let g = enter();
+            // SAFETY: forwarding.
+            let p = unsafe { f(size) };
+            done_alloc(g, $kind, p, size, caller);
+            p
+        }
+    };
+}
+page_hook!(valloc, Real::Valloc, AllocKind::Valloc);
+page_hook!(pvalloc, Real::Pvalloc, AllocKind::Pvalloc);
+
+/// # Safety
+/// C `malloc_usable_size` contract.
+pub unsafe fn malloc_usable_size(p: *mut c_void) -> usize {
+    if p.is_null() {
+        return 0;
+    }
+    if bootstrap::contains(p) {
+        return bootstrap::size_of(p);
+    }
+    match real_fn!(Real::UsableSize, UsableSize) {
+        // SAFETY: forwarding.
+        Some(f) => unsafe { f(p) },
+        None => 0,
+    }
+}
+
+/// # Safety
+/// C `dlclose` contract.
+pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
+    let Some(f) = real_fn!(Real::Dlclose, Dlclose) else {
+        return -1;
+    };
+    let active = lifecycle::is_recording();
+    let rec = recorder::recorder().filter(|_| active);
+    if let Some(r) = rec {
+        // Stop unwinding through tables that may be unmapped, before they are.
+        let _g = IgnoreAllocs::enter();
+        let _errno = SaveErrno::new();
+        r.invalidate_modules();
+    }
+    // SAFETY: forwarding.
+    let rc = unsafe { f(handle) };
+    if let Some(r) = rec {
+        if let Some(_g) = IgnoreAllocs::enter() {
+            let _errno = SaveErrno::new();
+            r.refresh_modules();
+        }
+    }
+    rc
+}
+
+/// # Safety
+/// C `execve` contract.
+pub unsafe fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    let Some(f) = real_fn!(Real::Execve, Execve) else {
+        return -1;
+    };
+    session::before_exec();
+    // SAFETY: forwarding.
+    let rc = unsafe { f(path, argv, envp) };
+    session::after_failed_exec();
+    rc
+}
+
+macro_rules! exec2_hook {
+    ($name:ident, $idx:expr) => {
+        /// # Safety
+        /// The C function's contract.
+        pub unsafe fn $name(path: *const c_char, argv: *const *const c_char) -> c_int {
+            let Some(f) = real_fn!($idx, Execv) else {
+                return -1;
+            };
+            session::before_exec();
+            // SAFETY: forwarding.
+            let rc = unsafe { f(path, argv) };
+            session::after_failed_exec();
+            rc
+        }
+    };
+}
+exec2_hook!(execv, Real::Execv);
+exec2_hook!(execvp, Real::Execvp);
+
+/// Which of the `execl` family a call was (its arguments end differently, and it calls a
+/// different `execv` form).
+pub const EXECL: u32 = 0;
+pub const EXECLE: u32 = 1;
+pub const EXECLP: u32 = 2;
+
+/// Argument lists longer than this are copied to mapped memory rather than the stack.
+const EXECL_ON_STACK: usize = 256;
+/// More arguments than this: E2BIG (the kernel's own limit on argv is far lower).
+const EXECL_MAX_ARGS: usize = 1 << 21;
+
+/// `execl`, `execle` and `execlp`, whose arguments come as C varargs (which stable Rust cannot
+/// take): gathers them into an argv array and calls the `execv`, `execve` or `execvp` hook, so
+/// the capture is finished before the image goes. Without this, a program that used them lost
+/// every event its image had recorded.
+///
+/// # Safety
+/// `regs` holds the six integer argument registers of an x86-64 System V call of the function
+/// `kind` names, and `stack` points at that call's stack arguments: together, its arguments in
+/// order (all pointers). The C function's contract holds: a null pointer ends the argument list
+/// (for `execle`, the environment pointer follows it).
+pub unsafe extern "C" fn execl_va(regs: *const usize, stack: *const usize, kind: u32) -> c_int {
+    // SAFETY: the caller's guarantee: argument i is in a register below 6, else on the stack.
+    let arg = |i: usize| unsafe {
+        if i < 6 {
+            *regs.add(i)
+        } else {
+            *stack.add(i - 6)
+        }
+    };
+    let path = arg(0) as *const c_char;
+    // argv runs from argument 1 to the null pointer that ends it.
+    let mut n = 0;
+    while arg(1 + n) != 0 {
+        n += 1;
+        if n > EXECL_MAX_ARGS {
+            // SAFETY: errno is this thread's.
+            unsafe { *libc::__errno_location() = libc::E2BIG };
+            return -1;
+        }
+    }
+    let envp = if kind == EXECLE {
+        arg(2 + n) as *const *const c_char
+    } else {
+        std::ptr::null()
+    };
+    let mut small = [std::ptr::null::<c_char>(); EXECL_ON_STACK];
+    let bytes = (n + 1) * std::mem::size_of::<*const c_char>();
+    let mapped = if n < EXECL_ON_STACK {
+        None
+    } else {
+        // SAFETY: an anonymous private mapping (not an allocation the program could see).
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return -1; // errno: mmap's (ENOMEM)
+        }
+        Some(p as *mut *const c_char)
+    };
+    let argv: *mut *const c_char = mapped.unwrap_or(small.as_mut_ptr());
+    for i in 0..=n {
+        // SAFETY: argv has room for n + 1 pointers; argument 1 + n is the null that ends them.
+        unsafe { *argv.add(i) = arg(1 + i) as *const c_char };
+    }
+    // SAFETY: forwarding the gathered arguments to the hooks of the array forms.
+    let rc = unsafe {
+        match kind {
+            EXECLE => execve(path, argv, envp),
+            EXECLP => execvp(path, argv),
+            _ => execv(path, argv),
+        }
+    };
+    if let Some(p) = mapped {
+        let _errno = SaveErrno::new();
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(p as *mut c_void, bytes) };
+    }
+    rc
+}
+
+/// # Safety
+/// C `execvpe` contract.
+pub unsafe fn execvpe(
+    file: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    let Some(f) = real_fn!(Real::Execvpe, Execve) else {
+        return -1;
+    };
+    session::before_exec();
+    // SAFETY: forwarding.
+    let rc = unsafe { f(file, argv, envp) };
+    session::after_failed_exec();
+    rc
+}
+
+/// # Safety
+/// C `fexecve` contract.
+pub unsafe fn fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+    let Some(f) = real_fn!(Real::Fexecve, Fexecve) else {
+        return -1;
+    };
+    session::before_exec();
+    // SAFETY: forwarding.
+    let rc = unsafe { f(fd, argv, envp) };
+    session::after_failed_exec();
+    rc
+}
+
+/// `abort` called by the program (through the PLT: glibc's own internal aborts, such as
+/// `assert` failures and heap corruption reports, do not pass here): the capture is finished
+/// with reason `abort`, then the real `abort` raises SIGABRT.
+pub fn abort_now() -> ! {
+    session::end_now(EndReason::Abort);
+    if let Some(f) = real_fn!(Real::Abort, Abort) {
+        // SAFETY: forwarding to libc's abort.
+        unsafe { f() }
+    }
+    // SAFETY: what abort does, without it: SIGABRT with the default action, then an exit.
+    unsafe {
+        libc::signal(libc::SIGABRT, libc::SIG_DFL);
+        libc::raise(libc::SIGABRT);
+        libc::syscall(libc::SYS_exit_group, 127 as libc::c_long);
+    }
+    loop {
+        std::hint::spin_loop();
+    }
+}
+
+/// # Safety
+/// C `_exit` contract.
+pub unsafe fn exit_now(status: c_int, upper: bool) -> ! {
+    session::end_now(EndReason::ImmediateExit);
+    let f = if upper {
+        real_fn!(Real::ExitNowUpper, Exit)
+    } else {
+        real_fn!(Real::ExitNow, Exit)
+    };
+    match f {
+        // SAFETY: forwarding.
+        Some(f) => unsafe { f(status) },
+        // SAFETY: the raw syscall ends the process whatever the libc state.
+        None => unsafe {
+            libc::syscall(libc::SYS_exit_group, status as libc::c_long);
+            std::process::abort()
+        },
+    }
+}

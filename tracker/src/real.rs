@@ -1,0 +1,166 @@
+//! The real functions the hooks stand in for, found with `dlsym(RTLD_NEXT, ..)`, so a program
+//! that links another allocator keeps it.
+//!
+//! Must never: call anything that may allocate before the table is filled (`dlsym` itself may
+//! call `calloc`, which the bootstrap arena serves meanwhile).
+
+use std::ffi::CStr;
+use std::os::raw::{c_char, c_int, c_void};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+
+/// A function of the C library that a hook forwards to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub(crate) enum Real {
+    Malloc,
+    Free,
+    Calloc,
+    Realloc,
+    ReallocArray,
+    PosixMemalign,
+    AlignedAlloc,
+    Memalign,
+    Valloc,
+    Pvalloc,
+    UsableSize,
+    Dlclose,
+    Execve,
+    Execv,
+    Execvp,
+    Execvpe,
+    Fexecve,
+    /// `_exit`.
+    ExitNow,
+    /// `_Exit`.
+    ExitNowUpper,
+    Abort,
+}
+
+const COUNT: usize = Real::Abort as usize + 1;
+
+impl Real {
+    const ALL: [Real; COUNT] = [
+        Real::Malloc,
+        Real::Free,
+        Real::Calloc,
+        Real::Realloc,
+        Real::ReallocArray,
+        Real::PosixMemalign,
+        Real::AlignedAlloc,
+        Real::Memalign,
+        Real::Valloc,
+        Real::Pvalloc,
+        Real::UsableSize,
+        Real::Dlclose,
+        Real::Execve,
+        Real::Execv,
+        Real::Execvp,
+        Real::Execvpe,
+        Real::Fexecve,
+        Real::ExitNow,
+        Real::ExitNowUpper,
+        Real::Abort,
+    ];
+
+    /// The C symbol.
+    const fn name(self) -> &'static CStr {
+        match self {
+            Real::Malloc => c"malloc",
+            Real::Free => c"free",
+            Real::Calloc => c"calloc",
+            Real::Realloc => c"realloc",
+            Real::ReallocArray => c"reallocarray",
+            Real::PosixMemalign => c"posix_memalign",
+            Real::AlignedAlloc => c"aligned_alloc",
+            Real::Memalign => c"memalign",
+            Real::Valloc => c"valloc",
+            Real::Pvalloc => c"pvalloc",
+            Real::UsableSize => c"malloc_usable_size",
+            Real::Dlclose => c"dlclose",
+            Real::Execve => c"execve",
+            Real::Execv => c"execv",
+            Real::Execvp => c"execvp",
+            Real::Execvpe => c"execvpe",
+            Real::Fexecve => c"fexecve",
+            Real::ExitNow => c"_exit",
+            Real::ExitNowUpper => c"_Exit",
+            Real::Abort => c"abort",
+        }
+    }
+
+    /// The function's address, resolving the table on first use; 0 while it is being filled
+    /// (or when the symbol does not exist).
+    #[inline(always)]
+    pub(crate) fn addr(self) -> usize {
+        let f = TABLE[self as usize].load(Ordering::Acquire);
+        if f != 0 {
+            return f;
+        }
+        resolve();
+        TABLE[self as usize].load(Ordering::Acquire)
+    }
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const NONE: AtomicUsize = AtomicUsize::new(0);
+static TABLE: [AtomicUsize; COUNT] = [NONE; COUNT];
+/// 0: not resolved, 1: being resolved, 2: resolved.
+static RESOLVE: AtomicU8 = AtomicU8::new(0);
+
+/// Fills the table, once (later calls, and calls made while it is being filled, return at once).
+#[cold]
+pub(crate) fn resolve() {
+    if RESOLVE
+        .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return;
+    }
+    for real in Real::ALL {
+        // SAFETY: dlsym with a valid NUL-terminated name.
+        let f = unsafe { libc::dlsym(libc::RTLD_NEXT, real.name().as_ptr()) };
+        TABLE[real as usize].store(f as usize, Ordering::Release);
+    }
+    RESOLVE.store(2, Ordering::Release);
+}
+
+/// `Some(f)`, the real function as a typed pointer, or `None` while the table is being filled.
+macro_rules! real_fn {
+    ($real:expr, $t:ty) => {{
+        let f = $crate::real::Real::addr($real);
+        // SAFETY: the table holds, for each `Real`, the address dlsym returned for its symbol,
+        // whose C signature is $t; zero (not resolved yet) is checked before the call.
+        (f != 0).then(|| unsafe { std::mem::transmute::<usize, $t>(f) })
+    }};
+}
+pub(crate) use real_fn;
+
+pub(crate) type Malloc = unsafe extern "C" fn(usize) -> *mut c_void;
+pub(crate) type Free = unsafe extern "C" fn(*mut c_void);
+pub(crate) type Calloc = unsafe extern "C" fn(usize, usize) -> *mut c_void;
+pub(crate) type Realloc = unsafe extern "C" fn(*mut c_void, usize) -> *mut c_void;
+pub(crate) type ReallocArray = unsafe extern "C" fn(*mut c_void, usize, usize) -> *mut c_void;
+pub(crate) type PosixMemalign = unsafe extern "C" fn(*mut *mut c_void, usize, usize) -> c_int;
+pub(crate) type Memalign = unsafe extern "C" fn(usize, usize) -> *mut c_void;
+pub(crate) type UsableSize = unsafe extern "C" fn(*mut c_void) -> usize;
+pub(crate) type Dlclose = unsafe extern "C" fn(*mut c_void) -> c_int;
+pub(crate) type Execve =
+    unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+pub(crate) type Execv = unsafe extern "C" fn(*const c_char, *const *const c_char) -> c_int;
+pub(crate) type Fexecve =
+    unsafe extern "C" fn(c_int, *const *const c_char, *const *const c_char) -> c_int;
+pub(crate) type Exit = unsafe extern "C" fn(c_int) -> !;
+pub(crate) type Abort = unsafe extern "C" fn() -> !;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_lists_every_function_in_order() {
+        for (i, r) in Real::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+        }
+        assert!(Real::ALL.iter().all(|r| !r.name().is_empty()));
+    }
+}
