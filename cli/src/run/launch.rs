@@ -1,5 +1,5 @@
-//! What `memtrack run` checks before it launches a command: that it exists, and that
-//! `LD_PRELOAD` can track it at all.
+//! What `memtrack run` works out before it launches a command: where the preload library is,
+//! that the command exists and that `LD_PRELOAD` can track it at all, and whether it runs Python.
 
 use anyhow::{bail, Context, Result};
 use std::io::Read;
@@ -95,6 +95,81 @@ fn elf_is_static(head: &[u8]) -> Option<bool> {
     // Without an interpreter the kernel starts the program itself (static, static PIE, or a
     // shared library run directly): no loader reads LD_PRELOAD.
     Some(!interp)
+}
+
+/// Finds `libmemtrack.so`: `MEMTRACK_PRELOAD`, else beside this executable (a cargo build's
+/// target/release), else in `../lib/memtrack/` or `../lib/` from it (`install.sh PREFIX`
+/// puts them in PREFIX/bin and PREFIX/lib/memtrack).
+pub fn find_preload() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MEMTRACK_PRELOAD") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!(
+                "MEMTRACK_PRELOAD names {}, which is not a file",
+                p.display()
+            );
+        }
+        return Ok(std::path::absolute(&p)?);
+    }
+    let exe = std::env::current_exe().context("cannot locate the memtrack executable")?;
+    // Through a symlink (~/bin/memtrack -> the build) too.
+    let real = std::fs::canonicalize(&exe).unwrap_or_else(|_| exe.clone());
+    let mut tried = Vec::new();
+    for e in [&exe, &real] {
+        let Some(dir) = e.parent() else { continue };
+        for cand in [
+            dir.join("libmemtrack.so"),
+            dir.join("../lib/memtrack/libmemtrack.so"),
+            dir.join("../lib/libmemtrack.so"),
+        ] {
+            if cand.is_file() {
+                return Ok(cand);
+            }
+            if !tried.contains(&cand) {
+                tried.push(cand);
+            }
+        }
+    }
+    let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
+    bail!(
+        "libmemtrack.so (the library memtrack preloads into the command) not found; looked in {}. Install memtrack with `./install.sh [PREFIX]` from its source tree (it puts both in place), or build it with `cargo build --release` and run target/release/memtrack, or set MEMTRACK_PRELOAD=/path/to/libmemtrack.so",
+        tried.join(", ")
+    )
+}
+
+fn is_python(cmd: &Path) -> bool {
+    let name = cmd.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    name.strip_prefix("python")
+        .is_some_and(|v| v.chars().all(|c| c.is_ascii_digit() || c == '.'))
+}
+
+/// A Python interpreter, or a script run by one (a console script: `#!/usr/bin/python3`,
+/// `#!/usr/bin/env python3`).
+pub fn runs_python(cmd: &Path) -> bool {
+    if is_python(cmd) {
+        return true;
+    }
+    let Ok(exe) = resolve(cmd) else {
+        return false;
+    };
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(exe)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+        .unwrap_or(0);
+    let Some(line) = head[..n].strip_prefix(b"#!") else {
+        return false;
+    };
+    let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+    let words: Vec<&[u8]> = line
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty())
+        .collect();
+    let interp = match words.as_slice() {
+        [env, prog, ..] if env.ends_with(b"/env") => prog,
+        [prog, ..] => prog,
+        [] => return false,
+    };
+    is_python(Path::new(&*String::from_utf8_lossy(interp)))
 }
 
 #[cfg(test)]

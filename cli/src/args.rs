@@ -1,0 +1,401 @@
+//! The command line: every subcommand, option and help text, and the parsers of sizes and
+//! growth limits. Nothing here reads a capture.
+
+use clap::{Parser, Subcommand};
+use memtrack_reader::View;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+pub(crate) const EXAMPLES: &str = "\
+EXAMPLES:
+    memtrack run -o svc.cap -- ./my-service --port 8080
+    memtrack summary svc.cap
+    memtrack summary svc.cap --json | jq .peak_bytes
+    memtrack flamegraph svc.cap -o peak.svg
+    memtrack export svc.cap --format folded --leaks -o leaks.folded
+    memtrack export svc.cap --format pprof -o heap.pb.gz
+    memtrack diff base.cap svc.cap --fail-on-growth 5%
+
+EXIT CODES:
+    run: the command's own exit code (128+N when it was killed by signal N)
+    others: 0 ok, 1 a check failed, 2 an error";
+
+#[derive(Parser)]
+#[command(name = "memtrack", version, about = "Track every native allocation of a program; report peak heap, leaks and where they came from", after_help = EXAMPLES)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+    /// In reports of Python programs, show only the Python frames of each stack.
+    #[arg(long, global = true)]
+    pub(crate) python_only: bool,
+    /// In reports of Python programs, keep the interpreter's own frames (the C frames of
+    /// CPython and libc between and above Python frames, hidden by default).
+    #[arg(long, global = true)]
+    pub(crate) all_frames: bool,
+    /// In reports on a process tree, report on this process alone (its pid, as `memtrack
+    /// summary` lists them). Default: the whole tree.
+    #[arg(long, global = true, value_name = "PID")]
+    pub(crate) pid: Option<u32>,
+    /// Never name this function as the allocating location (an allocation wrapper: its caller
+    /// is named instead). A glob over the whole function name (`*`, `?`); repeatable.
+    #[arg(long, global = true, value_name = "PATTERN")]
+    pub(crate) skip_function: Vec<String>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Run a command with every allocation recorded into a capture file.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack run -- ./my-service --port 8080\n    memtrack run -o svc.cap --force -- python3 app.py"
+    )]
+    Run {
+        /// Capture file to write [default: memtrack-<command>.<pid>.cap in the current directory]
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Overwrite the output file if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Record the processes the command starts (fork, with or without exec), each into a
+        /// capture of its own: FILE.<pid>. The default; accepted for scripts that pass it.
+        #[arg(long, overrides_with = "no_follow_fork")]
+        follow_fork: bool,
+        /// Record the launched process alone (and what it becomes through exec); say at the
+        /// end which programs its children ran unrecorded.
+        #[arg(long, overrides_with = "follow_fork")]
+        no_follow_fork: bool,
+        /// Keep the captures of short helper processes (ended cleanly, peak under 1 MiB, under
+        /// 2 s), which are otherwise removed and kept only as figures in FILE.
+        #[arg(long)]
+        keep_all: bool,
+        /// Budgets checked when the command has finished (see `memtrack check`).
+        #[command(flatten)]
+        limits: Limits,
+        /// The command and its arguments.
+        // Not `allow_hyphen_values`: a misspelled option before the command (`--follow-forks`)
+        // is an error, not a command; everything after the command's name passes untouched.
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+        command: Vec<OsString>,
+    },
+    /// Peak heap, leaks at exit, totals.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack summary svc.cap\n    memtrack summary svc.cap --json"
+    )]
+    Summary {
+        /// The capture file.
+        file: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Memory flamegraph (interactive SVG) of one view, bytes as the count: an icicle graph
+    /// (root at the top, so the widest frames open on the first screen) unless `--flame`.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack flamegraph svc.cap                # svc-peak.svg: live at the peak\n    memtrack flamegraph svc.cap --leaks -o leaks.svg\n    memtrack flamegraph svc.cap --allocated --inverted\n    memtrack flamegraph svc.cap --flame        # root at the bottom"
+    )]
+    Flamegraph {
+        file: PathBuf,
+        #[command(flatten)]
+        view: ViewArgs,
+        /// Allocation sites at the root, their callers next to them.
+        #[arg(long)]
+        inverted: bool,
+        /// Classic flame graph: root at the bottom, callees above.
+        #[arg(long, overrides_with = "icicle")]
+        flame: bool,
+        /// Icicle graph: root at the top, callees below (the default).
+        #[arg(long, overrides_with = "flame")]
+        icicle: bool,
+        /// Output SVG [default: <capture>-<view>.svg beside the capture].
+        #[arg(short, long, value_name = "OUT.svg")]
+        output: Option<PathBuf>,
+    },
+    /// Ranked table of allocation sites: Total | Max | Avg | Count | Location.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack table svc.cap                        # by function, live at the peak\n    memtrack table svc.cap --leaks --by line --top 20\n    memtrack table svc.cap --allocated --by stack --json"
+    )]
+    Table {
+        file: PathBuf,
+        #[command(flatten)]
+        view: ViewArgs,
+        /// Group by the allocating function, its file:line, or the whole stack.
+        #[arg(long, value_enum, default_value = "function")]
+        by: By,
+        /// Rows to show.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Print a JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Allocation statistics: sizes, allocator functions, top locations, temporary allocations.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack stats svc.cap\n    memtrack stats svc.cap --json"
+    )]
+    Stats {
+        file: PathBuf,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check budgets: exit 0 when every limit holds, 1 when one is exceeded, 2 on an error.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack check svc.cap --max-peak 512MiB --max-leaked 0\n    memtrack check svc.cap --max-allocations 1000000 --max-total 10GB --json\n\nSIZE: plain bytes or a number with a unit: 1048576, 512KiB, 1.5GiB, 10M (binary), 10MB (decimal)."
+    )]
+    Check {
+        file: PathBuf,
+        #[command(flatten)]
+        limits: Limits,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Call tree with inclusive bytes and counts, largest branches first.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack tree svc.cap\n    memtrack tree svc.cap --leaks --depth 20 --min-percent 0.1"
+    )]
+    Tree {
+        file: PathBuf,
+        #[command(flatten)]
+        view: ViewArgs,
+        /// Levels to show.
+        #[arg(long, default_value_t = 12)]
+        depth: usize,
+        /// Fold branches holding less than this share of the view.
+        #[arg(long, default_value_t = 1.0, value_name = "PERCENT")]
+        min_percent: f64,
+    },
+    /// Heap in use over time as an SVG chart, the peak marked.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack plot svc.cap                 # svc-plot.svg beside the capture\n    memtrack plot svc.cap -o heap.svg"
+    )]
+    Plot {
+        file: PathBuf,
+        /// Output SVG [default: <capture>-plot.svg beside the capture].
+        #[arg(short, long, value_name = "OUT.svg")]
+        output: Option<PathBuf>,
+    },
+    /// Export a view for other tools.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack export svc.cap --format folded > peak.folded     # for flamegraph.pl, speedscope\n    memtrack export svc.cap --format folded --leaks -o leaks.folded\n    memtrack export svc.cap --format pprof -o heap.pb.gz      # go tool pprof, Pyroscope, Parca\n    memtrack export svc.cap --format json --leaks > leaks.json"
+    )]
+    Export {
+        file: PathBuf,
+        /// Output format: `folded` (`root;...;leaf bytes`, one line per stack); `pprof` (gzipped
+        /// profile.proto with Go heap-profile sample types; in use = the view, peak by default);
+        /// `json` (the view's totals and stacks, frames outermost first).
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        #[command(flatten)]
+        view: ViewArgs,
+        /// JSON: each stack with its frames written out in full (`frames`) rather than as
+        /// indexes (`frame_ids`) into the one table of frames; many times larger.
+        #[arg(long)]
+        inline_frames: bool,
+        /// Output file, `-` for standard output [default: -].
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+    },
+    /// Compare a view of two captures: what grew, what shrank (differential flamegraph, table,
+    /// folded), and fail when the total grew too much.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack diff base.cap new.cap                       # base-vs-new-peak.svg: red grew, blue shrank\n    memtrack diff base.cap new.cap --leaks --format table\n    memtrack diff base.cap new.cap --fail-on-growth 5%   # CI: exit 1 when the peak grew more than 5%\n    memtrack diff base.cap new.cap --fail-on-growth 1MiB"
+    )]
+    Diff {
+        /// The baseline capture.
+        base: PathBuf,
+        /// The capture to compare with it.
+        new: PathBuf,
+        #[command(flatten)]
+        view: ViewArgs,
+        /// `svg` (differential flamegraph), `table` (locations whose bytes changed most),
+        /// `folded` (`stack before after` lines), `json`.
+        #[arg(long, value_enum, default_value = "svg")]
+        format: DiffFormat,
+        /// Output file [default: <base>-vs-<new>-<view>.svg for svg, standard output otherwise].
+        #[arg(short, long, value_name = "OUT")]
+        output: Option<PathBuf>,
+        /// Exit 1 when the view's total grew by more than this: a percentage of the base's total
+        /// (`5%`) or a size (`1MiB`).
+        #[arg(long, value_name = "PERCENT|SIZE", value_parser = parse_growth)]
+        fail_on_growth: Option<Growth>,
+        /// Rows of the table.
+        #[arg(long, default_value_t = 20)]
+        top: usize,
+    },
+    /// Print every record and event in order (for debugging captures).
+    #[command(hide = true)]
+    Dump { file: PathBuf },
+}
+
+/// Which allocations a report covers (default: `--peak`).
+#[derive(clap::Args, Clone, Copy)]
+#[group(multiple = false)]
+pub(crate) struct ViewArgs {
+    /// What was live at the high-water mark (the default).
+    #[arg(long)]
+    peak: bool,
+    /// What the program left live: for a Python program, when its code ended, before the
+    /// interpreter's shutdown freed its modules; for others, at exit.
+    #[arg(long)]
+    leaks: bool,
+    /// What was still live when the process exited (Python: after interpreter shutdown).
+    #[arg(long)]
+    leaks_at_exit: bool,
+    /// Everything ever allocated.
+    #[arg(long)]
+    allocated: bool,
+    /// Allocations freed again before the same thread allocated anything else.
+    #[arg(long)]
+    temporary: bool,
+}
+
+impl ViewArgs {
+    pub(crate) fn view(self) -> View {
+        match (self.leaks, self.allocated, self.temporary) {
+            _ if self.leaks_at_exit => View::LeaksAtExit,
+            (true, _, _) => View::Leaks,
+            (_, true, _) => View::Allocated,
+            (_, _, true) => View::Temporary,
+            _ => View::Peak,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+pub(crate) enum ExportFormat {
+    Folded,
+    Pprof,
+    Json,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DiffFormat {
+    Svg,
+    Table,
+    Folded,
+    Json,
+}
+
+/// A growth limit of `diff --fail-on-growth`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Growth {
+    Percent(f64),
+    Bytes(u64),
+}
+
+pub(crate) fn parse_growth(s: &str) -> std::result::Result<Growth, String> {
+    if let Some(p) = s.trim().strip_suffix('%') {
+        return p
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v >= 0.0)
+            .map(Growth::Percent)
+            .ok_or_else(|| format!("bad percentage {s:?} (expected e.g. 5%)"));
+    }
+    parse_size(s).map(Growth::Bytes)
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
+pub(crate) enum By {
+    Function,
+    Line,
+    Stack,
+}
+
+/// Parses a size: plain bytes or a number with a unit. `KiB`, `MiB`, `GiB`, `TiB` and the bare
+/// `K`, `M`, `G`, `T` are binary (1024); `kB`/`KB`, `MB`, `GB`, `TB` are decimal (1000).
+pub(crate) fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(format!(
+            "'{s}' is not a size: it should start with a number (1048576, 512KiB, 1.5GiB, 10MB)"
+        ));
+    }
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("'{num}' is not a number"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024f64.powi(2),
+        "g" | "gib" => 1024f64.powi(3),
+        "t" | "tib" => 1024f64.powi(4),
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        other => {
+            return Err(format!(
+                "unknown unit '{other}' in '{s}' (use B, KiB, MiB, GiB, TiB, K, M, G, T, or decimal kB, MB, GB, TB)"
+            ))
+        }
+    };
+    let bytes = value * mult;
+    if !bytes.is_finite() || bytes > u64::MAX as f64 {
+        return Err(format!("'{s}' is too large"));
+    }
+    if value.fract() != 0.0 && mult == 1.0 {
+        return Err(format!("'{s}': a number of bytes must be whole"));
+    }
+    Ok(bytes.round() as u64)
+}
+
+/// Budgets checked against a capture.
+#[derive(clap::Args, Clone, Copy, Default)]
+pub(crate) struct Limits {
+    /// Peak heap at most SIZE.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub(crate) max_peak: Option<u64>,
+    /// Bytes still live at exit at most SIZE.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub(crate) max_leaked: Option<u64>,
+    /// Allocations still live at exit at most N.
+    #[arg(long, value_name = "N")]
+    pub(crate) max_leaked_allocations: Option<u64>,
+    /// Allocation calls at most N.
+    #[arg(long, value_name = "N")]
+    pub(crate) max_allocations: Option<u64>,
+    /// Bytes allocated in all at most SIZE.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub(crate) max_total: Option<u64>,
+}
+
+impl Limits {
+    pub(crate) fn any(&self) -> bool {
+        self.max_peak.is_some()
+            || self.max_leaked.is_some()
+            || self.max_leaked_allocations.is_some()
+            || self.max_allocations.is_some()
+            || self.max_total.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_in_every_accepted_form() {
+        assert_eq!(parse_size("1048576"), Ok(1048576));
+        assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("1.5GiB"), Ok(1536 * 1024 * 1024));
+        assert_eq!(parse_size("10MB"), Ok(10_000_000));
+        assert_eq!(parse_size("10M"), Ok(10 * 1024 * 1024));
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("64 MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("2kB"), Ok(2000));
+        assert!(parse_size("10XB")
+            .unwrap_err()
+            .contains("unknown unit 'xb'"));
+        assert!(parse_size("MiB")
+            .unwrap_err()
+            .contains("start with a number"));
+        assert!(parse_size("1.5").is_err());
+        assert!(parse_size("1e30TB").is_err());
+    }
+}

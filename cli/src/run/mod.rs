@@ -1,0 +1,228 @@
+//! `memtrack run`: launches the command with the preload library, waits for it, then tidies
+//! its process tree's captures and checks budgets.
+
+mod launch;
+mod process_tree;
+mod signals;
+
+use crate::args::Limits;
+use anyhow::{bail, Context, Result};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+/// Which processes of the tree `memtrack run` records, and what it keeps of them.
+pub(crate) struct RunTree {
+    /// Every process the command starts records (the default; `--no-follow-fork` turns it off).
+    pub(crate) follow_fork: bool,
+    /// `--keep-all`: short helpers' captures are kept rather than folded into the root capture.
+    pub(crate) keep_all: bool,
+}
+
+pub(crate) fn cmd_run(
+    output: Option<PathBuf>,
+    force: bool,
+    tree: RunTree,
+    limits: Limits,
+    command: Vec<OsString>,
+) -> Result<u8> {
+    let lib = launch::find_preload()?;
+    let program = PathBuf::from(&command[0]);
+    launch::check_trackable(&launch::resolve(&program)?)?;
+    let out = match output {
+        Some(o) => {
+            let o = std::path::absolute(&o)
+                .with_context(|| format!("bad output path {}", o.display()))?;
+            // symlink_metadata: a link planted at the path counts as existing (and is never
+            // followed: the tracker creates the capture with O_EXCL).
+            if o.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                bail!(
+                    "cannot write the capture to {}: it is a directory; give a file name, e.g. -o {}",
+                    o.display(),
+                    o.join("app.cap").display()
+                );
+            }
+            if o.symlink_metadata().is_ok() {
+                if !force {
+                    bail!(
+                        "{} already exists; pass --force to overwrite it",
+                        o.display()
+                    );
+                }
+                std::fs::remove_file(&o)
+                    .with_context(|| format!("cannot remove {}", o.display()))?;
+            }
+            o
+        }
+        None => {
+            let name = program
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "cmd".into());
+            std::env::current_dir()?.join(format!("memtrack-{name}.%p.cap"))
+        }
+    };
+    if out.to_string_lossy().contains("%p") && output_is_template_conflict(&out) {
+        bail!("the output name may not contain %p twice");
+    }
+    // Before the command runs: else it would run untracked, every process of it saying that
+    // it cannot create its capture.
+    check_capture_dir(&out)?;
+    let mut preload = lib.as_os_str().to_os_string();
+    if let Some(existing) = std::env::var_os("LD_PRELOAD").filter(|v| !v.is_empty()) {
+        preload.push(":");
+        preload.push(existing);
+    }
+    let mut cmd = std::process::Command::new(&command[0]);
+    cmd.args(&command[1..])
+        .env("LD_PRELOAD", preload)
+        .env("MEMTRACK_OUTPUT", &out)
+        .env("MEMTRACK_LAUNCHER_PID", std::process::id().to_string());
+    let mut unrecorded = None;
+    if tree.follow_fork {
+        cmd.env("MEMTRACK_FOLLOW_FORK", "1")
+            .env_remove("MEMTRACK_UNRECORDED_SOCKET");
+    } else {
+        cmd.env_remove("MEMTRACK_FOLLOW_FORK");
+        // Exec'd descendants, which do not record, say so through this socket.
+        unrecorded = process_tree::Unrecorded::listen();
+        match &unrecorded {
+            Some(u) => cmd.env("MEMTRACK_UNRECORDED_SOCKET", u.name()),
+            None => cmd.env_remove("MEMTRACK_UNRECORDED_SOCKET"),
+        };
+    }
+    // A Python program anywhere in a recorded tree (under `uv run`, `sh -c`, `make`) allocates
+    // through malloc too; said only when the command itself is Python.
+    if std::env::var_os("PYTHONMALLOC").is_none() {
+        let python = launch::runs_python(&program);
+        if python {
+            eprintln!("memtrack: setting PYTHONMALLOC=malloc so that Python objects are allocated through malloc");
+        }
+        if python || tree.follow_fork {
+            cmd.env("PYTHONMALLOC", "malloc");
+        }
+    }
+    // Ctrl-C reaches the whole foreground process group, the command included: memtrack waits
+    // for it to shut down. SIGTERM and SIGHUP sent to memtrack alone are passed on.
+    // SAFETY: setting dispositions to SIG_IGN; the previous ones are kept for the command.
+    let (int_was, quit_was) = unsafe {
+        (
+            libc::signal(libc::SIGINT, libc::SIG_IGN),
+            libc::signal(libc::SIGQUIT, libc::SIG_IGN),
+        )
+    };
+    // An ignored signal stays ignored across exec: the command gets back the dispositions
+    // memtrack was started with (else Ctrl-C would not stop it, and Python, seeing SIGINT
+    // ignored, would never raise KeyboardInterrupt); SIGPIPE too (see above).
+    let pipe_ignored = signals::SIGPIPE_IGNORED_AT_START.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: the closure runs in the forked child before exec and only calls signal(2), which
+    // is async-signal-safe; the values are dispositions signal(2) returned.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::signal(libc::SIGINT, int_was);
+            libc::signal(libc::SIGQUIT, quit_was);
+            if pipe_ignored {
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            }
+            Ok(())
+        });
+    }
+    // SAFETY: installing handlers that only call async-signal-safe kill.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            signals::forward_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGHUP,
+            signals::forward_signal as *const () as libc::sighandler_t,
+        );
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => bail!("cannot run {}: {e}", program.display()),
+    };
+    signals::CHILD.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
+    let status = child.wait().context("waiting for the command")?;
+    let code = match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(c), _) => c as u8,
+        (None, Some(sig)) => (128 + sig) as u8,
+        _ => 1,
+    };
+    let unrecorded = unrecorded.map(process_tree::Unrecorded::finish);
+    let cap = process_tree::root_capture(&out, child.id());
+    if cap.is_file() {
+        let shown = process_tree::shown(&cap);
+        eprintln!("memtrack: capture written to {shown}");
+        if tree.follow_fork {
+            let folded = process_tree::fold_helpers(&cap, tree.keep_all);
+            process_tree::report(&cap, &folded);
+        }
+        process_tree::report_unrecorded(&cap, &unrecorded.unwrap_or_default());
+        eprintln!("memtrack: report on it with: memtrack summary {shown}   (or flamegraph, table, tree, stats, plot)");
+        if limits.any() {
+            // The command's own failure wins; else the budgets decide.
+            // On stderr: the program's standard output stays its own.
+            let checked = crate::check_report(&cap, limits, false, &mut std::io::stderr().lock())?;
+            return Ok(if code != 0 { code } else { checked });
+        }
+    } else {
+        eprintln!(
+            "memtrack: no capture was written to {}: the program may be statically linked (LD_PRELOAD cannot reach it) or it may have cleared LD_PRELOAD",
+            cap.display()
+        );
+        if limits.any() && code == 0 {
+            bail!("the budgets cannot be checked without a capture");
+        }
+    }
+    Ok(code)
+}
+
+/// That the tracker will be able to create `out` (absolute, `%p` standing for a pid): a file
+/// of that name is created and removed again (what the user may do there, a read-only or
+/// special file system, a name too long: only trying tells).
+fn check_capture_dir(out: &Path) -> Result<()> {
+    let dir = out.parent().unwrap_or(Path::new("/"));
+    let cannot = |why: String| {
+        anyhow::anyhow!(
+            "cannot write the capture to {}: {why}; choose another -o",
+            out.display()
+        )
+    };
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(cannot(format!(
+                "the directory {} does not exist",
+                dir.display()
+            )))
+        }
+        Err(e) => return Err(cannot(format!("{}: {e}", dir.display()))),
+        Ok(m) if !m.is_dir() => {
+            return Err(cannot(format!("{} is not a directory", dir.display())))
+        }
+        Ok(_) => {}
+    }
+    let probe = PathBuf::from(
+        out.to_string_lossy()
+            .replace("%p", &std::process::id().to_string()),
+    );
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        // Another run's capture of that pid: not a problem of the directory.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(cannot(format!("cannot create a file there: {e}"))),
+    }
+}
+
+fn output_is_template_conflict(out: &Path) -> bool {
+    out.to_string_lossy().matches("%p").count() > 1
+}
