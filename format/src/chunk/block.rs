@@ -3,7 +3,7 @@
 //! Damage anywhere is an error, never a panic or a read out of bounds.
 
 use super::tokens::Tokens;
-use crate::{read_uvarint, unzigzag, Cursor, FormatError};
+use crate::{read_uvarint, unzigzag, Cursor, FormatError, Item};
 
 /// Columns of the widest encoding (`EVENTS_T` and `EVENTS_R` have ten).
 pub(super) const MAX_COLUMNS: usize = 10;
@@ -167,6 +167,28 @@ impl ColumnBlock {
     #[inline(always)]
     pub(super) fn iv(&mut self, f: usize) -> Result<u64, FormatError> {
         Ok(unzigzag(self.uv(f)?))
+    }
+}
+
+/// Stack node definitions as every column encoding stores them, in one field: the id as a zigzag
+/// delta from the previous node's, `id - parent`, and the ip as a zigzag delta from the previous
+/// node's.
+#[derive(Default)]
+pub(super) struct Nodes {
+    id: u64,
+    ip: u64,
+}
+
+impl Nodes {
+    /// The next node definition, from field `f` of `b`.
+    #[inline]
+    pub(super) fn next(&mut self, b: &mut ColumnBlock, f: usize) -> Result<Item, FormatError> {
+        let id = self.id.wrapping_add(b.iv(f)?);
+        let parent = id.wrapping_sub(b.uv(f)?);
+        let ip = self.ip.wrapping_add(b.iv(f)?);
+        self.id = id;
+        self.ip = ip;
+        Ok(Item::Node { id, parent, ip })
     }
 }
 

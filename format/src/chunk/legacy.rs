@@ -4,7 +4,7 @@
 //! back through the chunk's frees and a freed block as a step back through its allocations.
 //! Nothing writes them any more; captures of those versions must keep reading the same.
 
-use super::block::{ColumnBlock, MAX_COLUMNS};
+use super::block::{ColumnBlock, Nodes, MAX_COLUMNS};
 use crate::{unzigzag, AllocKind, ChunkHeader, EventKind, FormatError, Item};
 
 /// Op codes of the ops column.
@@ -73,8 +73,7 @@ pub(super) struct LegacyDecoder {
     new_addr: u64,
     other_free: u64,
     stack_prev: u64,
-    node_prev: u64,
-    ip_prev: u64,
+    nodes: Nodes,
 }
 
 impl LegacyDecoder {
@@ -89,8 +88,7 @@ impl LegacyDecoder {
             new_addr: 0,
             other_free: 0,
             stack_prev: 0,
-            node_prev: 0,
-            ip_prev: 0,
+            nodes: Nodes::default(),
         }
     }
 
@@ -103,12 +101,7 @@ impl LegacyDecoder {
         self.left -= 1;
         let op = b.u8(field::OPS)?;
         if op == code::NODE {
-            let id = self.node_prev.wrapping_add(b.iv(field::NODE)?);
-            let parent = id.wrapping_sub(b.uv(field::NODE)?);
-            let ip = self.ip_prev.wrapping_add(b.iv(field::NODE)?);
-            self.node_prev = id;
-            self.ip_prev = ip;
-            return Ok(Some(Item::Node { id, parent, ip }));
+            return self.nodes.next(b, field::NODE).map(Some);
         }
         self.seq = self.seq.wrapping_add(b.uv(field::SEQ)?);
         self.time = self.time.wrapping_add(b.uv(field::TIME)?);

@@ -2,7 +2,7 @@
 //! allocations and frees, its live set) and resolves each address from it.
 
 use super::{alloc_symbol, block_end, class, col, free_symbol, SMALL_BLOCK, UNKNOWN_SIZE};
-use crate::chunk::block::ColumnBlock;
+use crate::chunk::block::{ColumnBlock, Nodes};
 use crate::chunk::live::LiveSet;
 use crate::{unzigzag, AllocKind, ChunkHeader, EventKind, FormatError, Item};
 
@@ -15,8 +15,7 @@ pub(in crate::chunk) struct RankDecoder {
     new_addr: u64,
     other_free: u64,
     stack_prev: u64,
-    node_prev: u64,
-    ip_prev: u64,
+    nodes: Nodes,
     /// Addresses and sizes of the chunk's allocations and frees.
     allocs: Vec<(u64, u64)>,
     frees: Vec<(u64, u64)>,
@@ -39,8 +38,7 @@ impl RankDecoder {
             new_addr: 0,
             other_free: 0,
             stack_prev: 0,
-            node_prev: 0,
-            ip_prev: 0,
+            nodes: Nodes::default(),
             allocs: Vec::with_capacity(capacity),
             frees: Vec::with_capacity(capacity),
             live: LiveSet::default(),
@@ -70,12 +68,7 @@ impl RankDecoder {
         let op = self.ops[3 - self.nops as usize];
         self.nops -= 1;
         if op == class::NODE {
-            let id = self.node_prev.wrapping_add(b.iv(col::NODE)?);
-            let parent = id.wrapping_sub(b.uv(col::NODE)?);
-            let ip = self.ip_prev.wrapping_add(b.iv(col::NODE)?);
-            self.node_prev = id;
-            self.ip_prev = ip;
-            return Ok(Some(Item::Node { id, parent, ip }));
+            return self.nodes.next(b, col::NODE).map(Some);
         }
         self.seq = self.seq.wrapping_add(b.uv(col::SEQ)?);
         self.time = self.time.wrapping_add(b.uv(col::TIME)?);
