@@ -16,9 +16,10 @@ use crate::real::{
     Abort, Calloc, Dlclose, Execv, Execve, Exit, Fexecve, Free, Malloc, Memalign, PosixMemalign,
     Realloc, ReallocArray, UsableSize,
 };
-use crate::recorder::{self, Ev, Origin};
+use crate::recorder::{self, Ev};
 use crate::session;
-pub use crate::unwind::Caller;
+pub use crate::stack::unwind::Caller;
+use crate::stack::StackStart;
 use memtrack_format::{AllocKind, EndReason};
 use std::os::raw::{c_char, c_int, c_void};
 
@@ -60,7 +61,7 @@ fn done_alloc(
         if !p.is_null() {
             recorder::record(
                 Ev::Alloc(kind, p as u64, size as u64),
-                Origin::Caller(caller),
+                StackStart::Registers(caller),
                 &g,
             );
         }
@@ -96,7 +97,7 @@ pub unsafe fn free(p: *mut c_void) {
     let g = enter();
     if let Some(g) = &g {
         // Recorded before the block goes back: no other thread can be handed it first.
-        recorder::record(Ev::Free(p as u64), Origin::Unknown, g);
+        recorder::record(Ev::Free(p as u64), StackStart::Here, g);
     }
     // SAFETY: forwarding a pointer the program obtained from the real allocator.
     unsafe { f(p) };
@@ -149,18 +150,18 @@ fn realloc_common(
     if let (Some(g), false) = (&g, p.is_null()) {
         if size == Some(0) {
             // glibc frees the block and returns NULL.
-            recorder::record(Ev::Free(p as u64), Origin::Unknown, g);
+            recorder::record(Ev::Free(p as u64), StackStart::Here, g);
         } else {
-            recorder::record(Ev::ReallocFree(p as u64), Origin::Unknown, g);
+            recorder::record(Ev::ReallocFree(p as u64), StackStart::Here, g);
         }
     }
     let q = call();
     if let Some(g) = &g {
         if !q.is_null() {
             let ev = Ev::Alloc(kind, q as u64, size.unwrap_or(0) as u64);
-            recorder::record(ev, Origin::Caller(caller), g);
+            recorder::record(ev, StackStart::Registers(caller), g);
         } else if !p.is_null() && size != Some(0) {
-            recorder::record(Ev::ReallocFailed, Origin::Unknown, g);
+            recorder::record(Ev::ReallocFailed, StackStart::Here, g);
         }
     }
     q

@@ -27,21 +27,20 @@
 //! ```
 
 mod bootstrap;
+mod capture_file;
 mod clock;
 mod env;
 mod guard;
+mod handoff;
 pub mod heap;
 pub mod hooks;
 mod lifecycle;
 mod mapbuf;
-mod python;
 mod real;
 mod recorder;
 mod rust_alloc;
 mod session;
-mod stacks;
-mod unwind;
-mod walker;
+mod stack;
 mod writer;
 
 pub use guard::IgnoreAllocs;

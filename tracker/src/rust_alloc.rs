@@ -29,9 +29,10 @@
 
 use crate::guard::IgnoreAllocs;
 use crate::lifecycle::{self, State};
-use crate::recorder::{self, Ev, Origin};
+use crate::recorder::{self, Ev};
 use crate::session;
-use crate::unwind::{here_regs, Caller};
+use crate::stack::unwind::{here_regs, Caller};
+use crate::stack::StackStart;
 use memtrack_format::{AllocKind, EndReason};
 use std::alloc::{GlobalAlloc, Layout};
 use std::path::Path;
@@ -124,14 +125,14 @@ fn on_alloc(
 ) {
     recorder::record(
         Ev::Alloc(kind, p as u64, size as u64),
-        Origin::Above(start, marker),
+        StackStart::AboveMarker(start, marker),
         g,
     );
 }
 
 #[inline(never)]
 fn on_free(g: &IgnoreAllocs, ev: Ev) {
-    recorder::record(ev, Origin::Unknown, g);
+    recorder::record(ev, StackStart::Here, g);
 }
 
 /// The address of a local of the calling frame.

@@ -10,8 +10,8 @@
 //! evaluation per frame, and nothing is hashed per frame. Nothing is patched on the stack, so
 //! exceptions and longjmp are unaffected.
 
-use crate::stacks::FastMap;
-use crate::unwind::{Caller, Unw, UnwCache, MAX_FRAMES};
+use crate::stack::trie::FastMap;
+use crate::stack::unwind::{self, AboveMemo, Caller, CfiUnwinder, UnwCache, BP_WINDOW, MAX_FRAMES};
 use framehop::x86_64::UnwindRegsX86_64;
 use framehop::{FrameAddress, Unwinder};
 
@@ -50,8 +50,6 @@ pub fn frame_hash(h: u64, ip: u64) -> u64 {
 /// for the next frame (`PASSES_BP`).
 const USES_BP: u8 = 1;
 const PASSES_BP: u8 = 2;
-/// A caller frame found less than this far above bp counts as found through bp.
-pub(crate) const BP_WINDOW: u64 = 1 << 16;
 
 /// A whole earlier walk, kept so a stack that recurs after others (a loop calling malloc from
 /// a few sites) is found without unwinding a frame.
@@ -129,12 +127,12 @@ pub struct Walker {
     /// Lookups `front` missed since it last grew.
     front_misses: usize,
     /// The previous `caller_above` (the tracker linked into a Rust program).
-    above: crate::unwind::AboveMemo,
+    above: AboveMemo,
     /// Walks before the previous one; `recent_next` is the slot to overwrite next.
     recent: [Snapshot; RECENT],
     recent_next: usize,
     /// Whether walks intern their frames. Off in a Python process, whose stacks are interned
-    /// with the Python frames in place (see `recorder::OwnerState::mixed_stack`): the walk then
+    /// with the Python frames in place (see `stack::ThreadStacks::interleaved_stack`): the walk then
     /// leaves its return addresses in `ips` and its node is 0.
     interning: bool,
     /// The last walk's frames (outermost first), kept only when not `interning`.
@@ -348,16 +346,16 @@ impl Walker {
     }
 
     /// Walks the stack of the caller of the function whose frame holds `marker`, from `start`
-    /// taken in that frame (see [`crate::unwind::caller_above`]).
+    /// taken in that frame (see [`unwind::caller_above`]).
     pub fn walk_above(
         &mut self,
-        unw: &Unw,
+        unw: &CfiUnwinder,
         stack_hi: u64,
         start: Caller,
         marker: u64,
         intern: &mut impl FnMut(u32, u64) -> u32,
     ) -> Walk {
-        match crate::unwind::caller_above(
+        match unwind::caller_above(
             unw,
             self.above_cache.get_or_insert_with(UnwCache::new),
             &mut self.above,
@@ -379,7 +377,7 @@ impl Walker {
     /// trie node in the process-wide table when this thread has not seen it.
     pub fn walk(
         &mut self,
-        unw: &Unw,
+        unw: &CfiUnwinder,
         stack_hi: u64,
         caller: Caller,
         intern: &mut impl FnMut(u32, u64) -> u32,
