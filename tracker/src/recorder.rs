@@ -16,8 +16,7 @@ use crate::stack::{self, python, StackStart, Stacks, ThreadStacks};
 use crate::writer::{self, Inbox, Msg, Writer};
 use crossbeam_channel::{Receiver, TryRecvError};
 use memtrack_format::{
-    op, put_ivarint, put_uvarint, record, AllocKind, ByteSink, EndReason, EndRecord,
-    PythonEndRecord,
+    record, AllocKind, EndReason, EndRecord, EventKind, PythonEndRecord, StreamEncoder,
 };
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
@@ -331,25 +330,26 @@ unsafe extern "C" fn thread_exit(p: *mut libc::c_void) {
 
 // ---------------------------------------------------------------- recording entry points
 
-/// What to record.
-#[derive(Clone, Copy)]
-pub(crate) enum Ev {
-    Alloc(AllocKind, u64, u64),
-    Free(u64),
-    ReallocFree(u64),
-    ReallocFailed,
+/// An allocation event, its stack to be filled in by [`record`].
+#[inline(always)]
+pub(crate) fn alloc_event(kind: AllocKind, addr: u64, size: u64) -> EventKind {
+    EventKind::Alloc {
+        kind,
+        addr,
+        size,
+        stack: 0,
+    }
 }
 
 /// Records one event for the calling thread. The caller holds the guard.
 #[inline]
-pub(crate) fn record(ev: Ev, start: StackStart, g: &IgnoreAllocs) {
+pub(crate) fn record(mut ev: EventKind, start: StackStart, g: &IgnoreAllocs) {
     let Some(rec) = recorder() else { return };
     match current_thread(rec, g) {
         Some(ts) => {
-            let stack = match ev {
-                Ev::Alloc(..) => ts.stacks.stack_id(&rec.stacks, &rec.handoff, start),
-                _ => 0,
-            };
+            if let EventKind::Alloc { stack, .. } = &mut ev {
+                *stack = ts.stacks.stack_id(&rec.stacks, &rec.handoff, start);
+            }
             let room = event_room(ts.stacks.new_nodes().len());
             let slot = &*ts.slot;
             let mut b = slot.lock();
@@ -365,7 +365,7 @@ pub(crate) fn record(ev: Ev, start: StackStart, g: &IgnoreAllocs) {
                 // idle: a thread holds no buffer between its chunks.
                 b.data = rec.handoff.fresh_buffer();
             }
-            let mark = encode(&mut b, ts.tid, ev, stack, ts.stacks.new_nodes());
+            let mark = encode(&mut b, ts.tid, ev, ts.stacks.new_nodes());
             let full = b.data.as_ref().is_some_and(|d| handoff::is_full(d.len()));
             drop(b);
             if let Some(m) = mark {
@@ -386,11 +386,10 @@ pub(crate) fn record(ev: Ev, start: StackStart, g: &IgnoreAllocs) {
 fn encode(
     b: &mut ChunkBuf,
     tid: u32,
-    ev: Ev,
-    stack: u32,
+    ev: EventKind,
     nodes: &mut Vec<(u32, u32, u64)>,
 ) -> Option<PythonEndRecord> {
-    let realloc_half = matches!(ev, Ev::Alloc(kind, ..) if kind.is_realloc());
+    let realloc_half = matches!(ev, EventKind::Alloc { kind, .. } if kind.is_realloc());
     let mark = python::shutdown_claim(realloc_half).map(|how| PythonEndRecord {
         seq: seq::next(),
         time: clock::event_time(),
@@ -398,35 +397,17 @@ fn encode(
     });
     let (seq, time) = (seq::next(), clock::event_time());
     b.begin_event(tid, seq, time);
-    if let Some(d) = b.data.as_mut() {
+    let ChunkBuf { data, enc, .. } = b;
+    if let Some(d) = data.as_mut() {
         for &(id, parent, ip) in nodes.iter() {
-            d.push_byte(op::STACK_NODE);
-            put_uvarint(d, id as u64);
-            put_uvarint(d, parent as u64);
-            put_uvarint(d, ip);
+            StreamEncoder::node(d, id as u64, parent as u64, ip);
         }
-    }
-    nodes.clear();
-    let (opcode, addr, body) = match ev {
-        Ev::Alloc(kind, addr, size) => (op::ALLOC_BASE + kind as u8, addr, Some((size, stack))),
-        Ev::Free(addr) => (op::FREE, addr, None),
-        Ev::ReallocFree(addr) => (op::REALLOC_FREE, addr, None),
-        Ev::ReallocFailed => (op::REALLOC_FAILED, b.last_addr, None),
-    };
-    let (dseq, dtime, daddr) = b.head_deltas(seq, time, addr);
-    if let Some(d) = b.data.as_mut() {
         // Written in place: no copy, and the buffer's length is stored once.
         let mut t = d.tail();
-        t.push_byte(opcode);
-        put_uvarint(&mut t, dseq);
-        put_uvarint(&mut t, dtime);
-        put_ivarint(&mut t, daddr);
-        if let Some((size, stack)) = body {
-            put_uvarint(&mut t, size);
-            put_uvarint(&mut t, stack as u64);
-        }
+        enc.event(&mut t, seq, time, ev);
         t.commit();
     }
+    nodes.clear();
     mark
 }
 
@@ -447,7 +428,7 @@ fn event_room(nodes: usize) -> usize {
 /// Events of a thread that has no state (exiting, after its destructor ran): each becomes a
 /// one-event chunk of its own.
 #[cold]
-fn record_orphan(rec: &Recorder, ev: Ev, start: StackStart) {
+fn record_orphan(rec: &Recorder, mut ev: EventKind, start: StackStart) {
     let _errno = SaveErrno::new();
     let Ok(mut guard) = rec.orphan.lock() else {
         return;
@@ -455,14 +436,13 @@ fn record_orphan(rec: &Recorder, ev: Ev, start: StackStart) {
     rec.handoff.share_sequence();
     let stacks = guard.get_or_insert_with(|| Box::new(ThreadStacks::new()));
     stacks.adopt_for_this_thread();
-    let stack = match ev {
-        Ev::Alloc(..) => stacks.stack_id(&rec.stacks, &rec.handoff, start),
-        _ => 0,
-    };
+    if let EventKind::Alloc { stack, .. } = &mut ev {
+        *stack = stacks.stack_id(&rec.stacks, &rec.handoff, start);
+    }
     let mut b = ChunkBuf::new(rec.handoff.fresh_buffer());
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() } as u32;
-    let mark = encode(&mut b, tid, ev, stack, stacks.new_nodes());
+    let mark = encode(&mut b, tid, ev, stacks.new_nodes());
     if let Some((data, start)) = b.take_framed(None) {
         drop(guard);
         rec.handoff.hand_off(data, start);

@@ -8,12 +8,13 @@
 
 use super::barrier;
 use crate::mapbuf::MapBuf;
-use memtrack_format::{record, ChunkHeader, MAX_FRAME_PREFIX};
+use memtrack_format::{frame_in_place, record, ChunkHeader, StreamEncoder, MAX_FRAME_PREFIX};
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// The part of a thread's state the writer may take: the chunk being filled.
+/// The part of a thread's state the writer may take: the chunk being filled, and the stream
+/// encoder's running values for it.
 pub(crate) struct ChunkBuf {
     /// None when no buffer could be mapped: events are then dropped (and counted as lost by the
     /// reader's consistency checks) rather than risking the program.
@@ -21,9 +22,8 @@ pub(crate) struct ChunkBuf {
     pub open: bool,
     /// Event time (clock units) when the chunk was opened.
     pub opened_at: u64,
-    last_seq: u64,
-    last_time: u64,
-    pub last_addr: u64,
+    /// Encodes the chunk's events from the values of the previous one.
+    pub enc: StreamEncoder,
 }
 
 impl ChunkBuf {
@@ -32,33 +32,19 @@ impl ChunkBuf {
             data,
             open: false,
             opened_at: 0,
-            last_seq: 0,
-            last_time: 0,
-            last_addr: 0,
+            enc: StreamEncoder::default(),
         }
     }
 
-    /// Frames the open chunk and returns it as (buffer, offset of its first byte).
+    /// Frames the open chunk and returns it as (buffer, offset of its first byte). The buffer's
+    /// first `MAX_FRAME_PREFIX` bytes were reserved for the frame when the chunk was opened.
     pub fn take_framed(&mut self, replacement: Option<MapBuf>) -> Option<(MapBuf, usize)> {
         if !self.open {
             return None;
         }
         self.open = false;
         let mut data = std::mem::replace(&mut self.data, replacement)?;
-        let payload_len = data.len() - MAX_FRAME_PREFIX;
-        let mut prefix = [0u8; MAX_FRAME_PREFIX];
-        let mut n = 1;
-        prefix[0] = record::EVENTS;
-        let mut v = payload_len as u64;
-        while v >= 0x80 {
-            prefix[n] = (v as u8) | 0x80;
-            v >>= 7;
-            n += 1;
-        }
-        prefix[n] = v as u8;
-        n += 1;
-        let start = MAX_FRAME_PREFIX - n;
-        data.as_mut_slice()[start..MAX_FRAME_PREFIX].copy_from_slice(&prefix[..n]);
+        let start = frame_in_place(data.as_mut_slice(), record::EVENTS);
         Some((data, start))
     }
 
@@ -66,35 +52,21 @@ impl ChunkBuf {
     #[inline]
     pub(crate) fn begin_event(&mut self, tid: u32, seq: u64, time: u64) {
         if !self.open {
-            if let Some(d) = self.data.as_mut() {
-                d.zeroed(MAX_FRAME_PREFIX);
-                ChunkHeader {
-                    tid,
-                    base_seq: seq,
-                    base_time: time,
+            let header = ChunkHeader {
+                tid,
+                base_seq: seq,
+                base_time: time,
+            };
+            self.enc = match self.data.as_mut() {
+                Some(d) => {
+                    d.zeroed(MAX_FRAME_PREFIX);
+                    StreamEncoder::begin(d, &header)
                 }
-                .encode(d);
-            }
+                None => StreamEncoder::new(&header),
+            };
             self.open = true;
             self.opened_at = time;
-            self.last_seq = seq;
-            self.last_time = time;
-            self.last_addr = 0;
         }
-    }
-
-    /// The deltas of an event's head from the previous event, which becomes this one.
-    #[inline(always)]
-    pub(crate) fn head_deltas(&mut self, seq: u64, time: u64, addr: u64) -> (u64, u64, i64) {
-        let d = (
-            seq - self.last_seq,
-            time.saturating_sub(self.last_time),
-            addr.wrapping_sub(self.last_addr) as i64,
-        );
-        self.last_seq = seq;
-        self.last_time = time.max(self.last_time);
-        self.last_addr = addr;
-        d
     }
 }
 
