@@ -139,8 +139,8 @@ pub(crate) fn write_all(fd: i32, mut bytes: &[u8]) -> bool {
 
 /// What `errno` means, for the errors a write can end with, in C's words; else "errno N" in
 /// `buf`. Not strerror: it translates through gettext, which outside the C locale reads LANGUAGE
-/// from the environment, and the program may be rewriting its environment meanwhile (the writer
-/// thread crashed so in bash, through dlerror; see `stack::prepare_writer_thread`).
+/// from the environment, and the program may be rewriting its environment meanwhile (see
+/// `stack::prepare_writer_thread`).
 fn errno_text(errno: i32, buf: &mut [u8; 24]) -> &[u8] {
     match errno {
         libc::EFBIG => b"File too large",

@@ -373,8 +373,8 @@ const EXECL_MAX_ARGS: usize = 1 << 21;
 
 /// `execl`, `execle` and `execlp`, whose arguments come as C varargs (which stable Rust cannot
 /// take): gathers them into an argv array and calls the `execv`, `execve` or `execvp` hook, so
-/// the capture is finished before the image goes. Without this, a program that used them lost
-/// every event its image had recorded.
+/// the capture is finished before the image goes (else the image's buffered events would be
+/// lost with it).
 ///
 /// # Safety
 /// `regs` holds the six integer argument registers of an x86-64 System V call of the function

@@ -109,8 +109,8 @@ pub(crate) fn run(w: &Writer, inbox: &impl Inbox) {
         // `std::thread::current()`, which gives program threads a handle that std frees at thread
         // exit, outside the guard, as if the program had freed an unknown block.
         // One message at a time, the clock published after each: with the queue kept full
-        // (threads waiting for room send as soon as one is made), draining it first starved
-        // the clock and the sweep for the whole run.
+        // (threads waiting for room send as soon as one is made), draining it first would
+        // starve the clock and the sweep for as long as the program keeps it full.
         match inbox.take() {
             Ok(m) => handle(w, inbox, m),
             Err(TryRecvError::Empty) => std::thread::sleep(clock::TICK),

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Sends to the writer. Back-pressure: while the writer is behind, the thread sleeps on a futex
-/// until the writer has taken a message (`room_made`); polling every 50 us instead, 256 threads
-/// kept the kernel's scheduler busy for seconds and starved the writer. Not crossbeam's blocking
+/// until the writer has taken a message (`room_made`): polling instead, hundreds of waiting
+/// threads keep the kernel's scheduler busy and starve the writer. Not crossbeam's blocking
 /// send: it parks through `std::thread::current()`, which panics in a thread whose TLS is being
 /// torn down (an exiting thread's last events come here), and elsewhere gives the program
 /// thread a thread-local that std frees outside the guard. Given up after 10 s rather than hang.

@@ -558,9 +558,8 @@ fn refresh_if_new_module(stacks: &Stacks, out: &Handoff, addr: u64) -> Option<Ar
 /// allocation. The message is left in the writer's dlerror state (per thread), not taken with
 /// dlerror(): that formats it through gettext, which outside the C locale reads LANGUAGE from
 /// the environment, and the program may be rewriting its environment at this moment (bash
-/// does; the writer thread crashed reading the array bash had just freed). Every library of the
-/// program is loaded by now (the writer starts from the library constructor): is it a Python
-/// interpreter?
+/// does, freeing the array being read). Every library of the program is loaded by now (the
+/// writer starts from the library constructor): is it a Python interpreter?
 pub(crate) fn prepare_writer_thread() {
     let _ = dl_find_object(false);
     python::detect();

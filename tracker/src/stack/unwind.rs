@@ -1,10 +1,10 @@
 //! Native stacks: the loaded modules and a DWARF CFI unwinder over their in-memory
 //! `.eh_frame` tables (framehop), with a per-thread cache of unwind rules.
 //!
-//! Why not the `backtrace` crate: libgcc's unwinder re-reads unwind tables for every frame and
-//! costs about 11x on a malloc-heavy loop (`shared/notes/unwinding-costs.md`). framehop caches
-//! the computed rule per instruction address, so a repeated call path costs a table lookup
-//! per frame, and it needs no frame pointers (Debian's libc and Python have none).
+//! Why not the `backtrace` crate: libgcc's unwinder re-reads unwind tables for every frame,
+//! several times the cost on a malloc-heavy loop (figures in `bench/RESULTS.md`). framehop
+//! caches the computed rule per instruction address, so a repeated call path costs a table
+//! lookup per frame, and it needs no frame pointers (Debian's libc and Python have none).
 
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{ExplicitModuleSectionInfo, Unwinder};

@@ -22,7 +22,7 @@ struct Frame {
     bp: u64,
     /// Trie node of the stack from the root down to this frame when interning; else a hash of
     /// its ips from the root down (`frame_hash`). One field for both keeps frames at 40 bytes:
-    /// walks are copied whole into `recent`, and deep stacks felt 16 more bytes a frame.
+    /// walks are copied whole into `recent`, so deep stacks pay for every byte of a frame.
     id: u64,
     /// End (exclusive) in `reads` of the words read to unwind this frame.
     reads_end: u32,
@@ -103,8 +103,8 @@ pub struct Walker {
     caches: Vec<UnwCache>,
     /// The rule cache of `caller_above`'s few frames (the tracker's own), apart: sharing the
     /// program's direct-mapped cache, one of them could land on the slot of a program frame
-    /// and both be evaluated from DWARF on every allocation (a 4x slowdown that came and went
-    /// with code layout from build to build). Made on first use: preloaded, no thread needs it.
+    /// and both be evaluated from DWARF on every allocation, depending on code layout. Made on
+    /// first use: preloaded, no thread needs it.
     above_cache: Option<UnwCache>,
     /// Unwinding steps taken, for the periodic look at the cache's misses.
     steps: u32,
@@ -146,8 +146,8 @@ pub struct Walker {
 const NODE_CACHE_MAX: usize = 1 << 13;
 
 /// Slots of `Walker::front` at first (4 KiB) and at most (64 KiB). A thread starts small and
-/// doubles it while it misses more often than it has slots: a program of a thousand threads
-/// paid 64 KiB each, written whole at each thread's start, for threads that meet a few nodes.
+/// doubles it while it misses more often than it has slots, so that a program of many threads
+/// that each meet a few nodes does not write 64 KiB at every thread's start.
 const FRONT_MIN: usize = 256;
 const FRONT_MAX: usize = 4096;
 
@@ -212,7 +212,7 @@ impl Walker {
 
     /// Copies the walk's frames into `ips` when they are not interned; the first `kept` frames
     /// are the previous walk's, whose ips are there already (a deep stack's outer part is
-    /// nearly always reused, and copying it was a cost per frame on every event).
+    /// nearly always reused, and copying it would cost a step per frame on every event).
     #[inline]
     fn keep_ips(&mut self, kept: usize) {
         if !self.interning {
