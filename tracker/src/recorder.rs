@@ -13,7 +13,7 @@ use crate::lifecycle;
 use crate::mapbuf::MapBuf;
 use crate::stack::unwind::{self, LoadedModule};
 use crate::stack::{self, python, StackStart, Stacks, ThreadStacks};
-use crate::writer::{self, Inbox, Msg, Writer};
+use crate::writer::{self, FramedChunk, Inbox, Msg, Writer};
 use crossbeam_channel::{Receiver, TryRecvError};
 use memtrack_format::{
     record, AllocKind, EndReason, EndRecord, EventKind, PythonEndRecord, StreamEncoder,
@@ -208,7 +208,7 @@ impl Inbox for WriterInbox {
         self.rx.as_ref().map_or(0, |rx| rx.len())
     }
 
-    fn take_chunks(&self, force: bool, max_age: u64) -> Vec<(MapBuf, usize)> {
+    fn take_chunks(&self, force: bool, max_age: u64) -> Vec<FramedChunk> {
         self.rec
             .handoff
             .take_chunks(force, clock::event_time(), max_age)
@@ -321,10 +321,10 @@ unsafe extern "C" fn thread_exit(p: *mut libc::c_void) {
     // writer's next sweep: a program that starts threads by the thousand would hold a sweep
     // interval's worth of them.
     drop(stacks);
-    let taken = slot.lock().take_framed(None);
+    let taken = slot.lock().take_framed();
     slot.mark_dead();
-    if let (Some(rec), Some((data, start))) = (recorder(), taken) {
-        rec.handoff.hand_off(data, start);
+    if let (Some(rec), Some(chunk)) = (recorder(), taken) {
+        rec.handoff.hand_off(chunk);
     }
 }
 
@@ -443,9 +443,9 @@ fn record_orphan(rec: &Recorder, mut ev: EventKind, start: StackStart) {
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() } as u32;
     let mark = encode(&mut b, tid, ev, stacks.new_nodes());
-    if let Some((data, start)) = b.take_framed(None) {
+    if let Some(chunk) = b.take_framed() {
         drop(guard);
-        rec.handoff.hand_off(data, start);
+        rec.handoff.hand_off(chunk);
     }
     if let Some(m) = mark {
         send_python_end(rec, m);

@@ -11,15 +11,44 @@ use crate::clock;
 use crate::guard::IgnoreAllocs;
 use crate::mapbuf::MapBuf;
 use crossbeam_channel::TryRecvError;
-use memtrack_format::{EndReason, EndRecord, Transcoder};
+use memtrack_format::{EndReason, EndRecord, Transcoder, MAX_FRAME_PREFIX};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// An events chunk framed in place in its buffer (`memtrack_format::frame_in_place`): the
+/// record starts at `start`, its payload `MAX_FRAME_PREFIX` bytes into the buffer. The writer
+/// transcodes the payload as it is, without parsing the frame again.
+pub(crate) struct FramedChunk {
+    buf: MapBuf,
+    start: usize,
+}
+
+impl FramedChunk {
+    pub(crate) fn new(buf: MapBuf, start: usize) -> Self {
+        FramedChunk { buf, start }
+    }
+
+    /// The whole record, frame prefix included.
+    fn framed(&self) -> &[u8] {
+        self.buf.as_slice().get(self.start..).unwrap_or(&[])
+    }
+
+    /// The `EVENTS` payload: chunk header and stream-encoded items.
+    fn payload(&self) -> &[u8] {
+        self.buf.as_slice().get(MAX_FRAME_PREFIX..).unwrap_or(&[])
+    }
+
+    /// The buffer, to be used again.
+    pub(crate) fn into_buf(self) -> MapBuf {
+        self.buf
+    }
+}
+
 /// What the writer is handed.
 pub(crate) enum Msg {
-    /// A framed events chunk starting at the given offset of the buffer.
-    Chunk(MapBuf, usize),
+    /// An events chunk.
+    Chunk(FramedChunk),
     /// A framed record, written as it is.
     Record(Vec<u8>),
     /// Write everything buffered, then `END`, then acknowledge.
@@ -38,8 +67,8 @@ pub(crate) trait Inbox {
     /// Messages queued now.
     fn queued(&self) -> usize;
     /// The open chunks of threads' buffers opened at least `max_age` clock units ago (every
-    /// non-empty one when `force`), framed, each as (buffer, offset of its first byte).
-    fn take_chunks(&self, force: bool, max_age: u64) -> Vec<(MapBuf, usize)>;
+    /// non-empty one when `force`), framed.
+    fn take_chunks(&self, force: bool, max_age: u64) -> Vec<FramedChunk>;
     /// A buffer written, for threads to take again.
     fn recycle(&self, buf: MapBuf);
     /// The `END` record, as of now.
@@ -70,33 +99,30 @@ impl Writer {
         self.file.write(bytes)
     }
 
-    /// Writes a framed `EVENTS` chunk, transcoded into the compact encoding.
-    pub(crate) fn write_chunk(&self, framed: &[u8]) -> bool {
+    /// Writes an events chunk, transcoded into the compact encoding.
+    pub(crate) fn write_chunk(&self, chunk: &FramedChunk) -> bool {
         let compacted = self
             .transcoder
             .lock()
             .ok()
-            .and_then(|mut c| transcode_framed(&mut c, framed));
+            .and_then(|mut c| transcode(&mut c, chunk.payload()));
         // A chunk that cannot be transcoded (never expected) is kept as it is.
-        self.file.write(compacted.as_deref().unwrap_or(framed))
+        self.file
+            .write(compacted.as_deref().unwrap_or(chunk.framed()))
     }
 
-    /// The compact encoding of a framed chunk, made on the calling thread when the helper
-    /// transcoder is free (None: it is busy, or the chunk is not transcodable).
-    pub(crate) fn transcode_aside(&self, framed: &[u8]) -> Option<Vec<u8>> {
+    /// The compact encoding of a chunk, made on the calling thread when the helper transcoder
+    /// is free (None: it is busy, or the chunk is not transcodable).
+    pub(crate) fn transcode_aside(&self, chunk: &FramedChunk) -> Option<Vec<u8>> {
         let mut c = self.helper.try_lock().ok()?;
-        transcode_framed(&mut c, framed)
+        transcode(&mut c, chunk.payload())
     }
 }
 
-/// The compact encoding of a framed events chunk (None: not a chunk, or not transcodable).
-fn transcode_framed(c: &mut Transcoder, framed: &[u8]) -> Option<Vec<u8>> {
-    use memtrack_format::{next_record, Next};
-    let Next::Record(r) = next_record(framed, 0) else {
-        return None;
-    };
-    let mut out = Vec::with_capacity(framed.len() / 3);
-    c.transcode(r.payload, 1, &mut out).ok()?;
+/// The compact encoding (a framed record) of an `EVENTS` payload (None: not transcodable).
+fn transcode(c: &mut Transcoder, payload: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(payload.len() / 3);
+    c.transcode(payload, 1, &mut out).ok()?;
     Some(out)
 }
 
@@ -126,9 +152,9 @@ pub(crate) fn run(w: &Writer, inbox: &impl Inbox) {
 
 fn handle(w: &Writer, inbox: &impl Inbox, m: Msg) {
     match m {
-        Msg::Chunk(data, start) => {
-            w.write_chunk(&data.as_slice()[start..]);
-            inbox.recycle(data);
+        Msg::Chunk(chunk) => {
+            w.write_chunk(&chunk);
+            inbox.recycle(chunk.into_buf());
         }
         Msg::Record(bytes) => {
             w.write_record(&bytes);
@@ -155,9 +181,9 @@ fn drain(w: &Writer, inbox: &impl Inbox) {
 
 /// Writes the chunks of buffers that are old enough (all non-empty ones when `force`).
 fn sweep(w: &Writer, inbox: &impl Inbox, force: bool) {
-    for (data, start) in inbox.take_chunks(force, MAX_AGE_US) {
-        w.write_chunk(&data.as_slice()[start..]);
-        inbox.recycle(data);
+    for chunk in inbox.take_chunks(force, MAX_AGE_US) {
+        w.write_chunk(&chunk);
+        inbox.recycle(chunk.into_buf());
     }
 }
 

@@ -17,7 +17,7 @@ pub(crate) use slot::{ChunkBuf, ThreadSlot};
 
 use crate::guard::SaveErrno;
 use crate::mapbuf::MapBuf;
-use crate::writer::{Msg, Writer};
+use crate::writer::{FramedChunk, Msg, Writer};
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -130,8 +130,8 @@ impl Handoff {
         }
     }
 
-    /// Hands a framed chunk (from offset `start` of `data`) to the writer.
-    pub(crate) fn hand_off(&self, data: MapBuf, start: usize) {
+    /// Hands a chunk to the writer.
+    pub(crate) fn hand_off(&self, chunk: FramedChunk) {
         let _errno = SaveErrno::new();
         if self.writer_started() {
             // The writer is behind: the program's threads outnumber the cores and it gets its
@@ -141,16 +141,16 @@ impl Handoff {
             // transcodes its own chunk (one at a time, beside the writer) and hands over only
             // the bytes to write.
             if self.tx.len() >= WRITER_BEHIND.load(Ordering::Relaxed) {
-                if let Some(out) = self.writer.transcode_aside(&data.as_slice()[start..]) {
-                    self.recycle(data);
+                if let Some(out) = self.writer.transcode_aside(&chunk) {
+                    self.recycle(chunk.into_buf());
                     self.send(Msg::Record(out));
                     return;
                 }
             }
-            self.send(Msg::Chunk(data, start));
+            self.send(Msg::Chunk(chunk));
         } else {
-            self.writer.write_chunk(&data.as_slice()[start..]);
-            self.recycle(data);
+            self.writer.write_chunk(&chunk);
+            self.recycle(chunk.into_buf());
         }
     }
 
@@ -160,9 +160,9 @@ impl Handoff {
     pub(crate) fn flush(&self, slot: &ThreadSlot) {
         // No buffer in its place until the thread's next event: a thread waiting in `send` for
         // room in the writer's queue would otherwise hold two.
-        let taken = slot.lock().take_framed(None);
-        if let Some((data, start)) = taken {
-            self.hand_off(data, start);
+        let taken = slot.lock().take_framed();
+        if let Some(chunk) = taken {
+            self.hand_off(chunk);
         }
     }
 
@@ -193,7 +193,7 @@ impl Handoff {
     /// Takes the open chunks of idle threads opened at least `max_age` clock units before
     /// `now` (all non-empty ones when `force`), and forgets the slots of threads that have
     /// exited and been emptied.
-    pub(crate) fn take_chunks(&self, force: bool, now: u64, max_age: u64) -> Vec<(MapBuf, usize)> {
+    pub(crate) fn take_chunks(&self, force: bool, now: u64, max_age: u64) -> Vec<FramedChunk> {
         let mut taken = Vec::new();
         let Ok(mut reg) = self.registry.lock() else {
             return taken;
@@ -214,7 +214,7 @@ impl Handoff {
                 if b.open && (force || now.saturating_sub(b.opened_at) >= max_age) {
                     // No buffer in its place: the thread takes one at its next event, so
                     // threads that have gone quiet hold none.
-                    if let Some(t) = b.take_framed(None) {
+                    if let Some(t) = b.take_framed() {
                         taken.push(t);
                     }
                 }

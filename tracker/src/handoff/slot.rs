@@ -8,6 +8,7 @@
 
 use super::barrier;
 use crate::mapbuf::MapBuf;
+use crate::writer::FramedChunk;
 use memtrack_format::{frame_in_place, record, ChunkHeader, StreamEncoder, MAX_FRAME_PREFIX};
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -36,16 +37,17 @@ impl ChunkBuf {
         }
     }
 
-    /// Frames the open chunk and returns it as (buffer, offset of its first byte). The buffer's
-    /// first `MAX_FRAME_PREFIX` bytes were reserved for the frame when the chunk was opened.
-    pub fn take_framed(&mut self, replacement: Option<MapBuf>) -> Option<(MapBuf, usize)> {
+    /// Frames the open chunk and takes it, with its buffer: none is left in its place (the
+    /// thread takes one at its next event). The buffer's first `MAX_FRAME_PREFIX` bytes were
+    /// reserved for the frame when the chunk was opened.
+    pub(crate) fn take_framed(&mut self) -> Option<FramedChunk> {
         if !self.open {
             return None;
         }
         self.open = false;
-        let mut data = std::mem::replace(&mut self.data, replacement)?;
+        let mut data = self.data.take()?;
         let start = frame_in_place(data.as_mut_slice(), record::EVENTS);
-        Some((data, start))
+        Some(FramedChunk::new(data, start))
     }
 
     /// Opens the chunk if needed, for an event of `tid` with this sequence number and time.
