@@ -2,9 +2,9 @@
 //!
 //! **Why**: through the program's `malloc`, the tracker's own allocations (each thread's stack
 //! caches, the stack trie, the transcoder's buffers) landed in glibc's per-thread arenas of the
-//! threads that made them, and stayed there once freed, fragmenting them: 4 threads with
-//! varied stacks held 163 MB, and 59 MB with a single arena (`MALLOC_ARENA_MAX=1`). They also
-//! shaped the program's own heap, which a tracker must leave as it would be.
+//! threads that made them, and stayed there once freed, fragmenting them (figures in
+//! `bench/RESULTS.md`). They also shaped the program's own heap, which a tracker must leave as
+//! it would be.
 //! **How**: a dlmalloc heap of its own, on pages from `mmap`, behind one mutex (the tracker
 //! allocates seldom on its hot paths), is the preload library's `#[global_allocator]`. A
 //! `fork` waits for the mutex, so the child never inherits it held by a thread it does not have.

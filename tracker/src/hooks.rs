@@ -16,10 +16,11 @@ use crate::real::{
     Abort, Calloc, Dlclose, Execv, Execve, Exit, Fexecve, Free, Malloc, Memalign, PosixMemalign,
     Realloc, ReallocArray, UsableSize,
 };
-use crate::recorder::{self, Ev, Origin};
+use crate::recorder::{self, alloc_event};
 use crate::session;
-pub use crate::unwind::Caller;
-use memtrack_format::{AllocKind, EndReason};
+pub use crate::stack::unwind::Caller;
+use crate::stack::StackStart;
+use memtrack_format::{AllocKind, EndReason, EventKind};
 use std::os::raw::{c_char, c_int, c_void};
 
 /// The library constructor: decide about recording if no hook has yet, start the writer.
@@ -59,8 +60,8 @@ fn done_alloc(
     if let Some(g) = g {
         if !p.is_null() {
             recorder::record(
-                Ev::Alloc(kind, p as u64, size as u64),
-                Origin::Caller(caller),
+                alloc_event(kind, p as u64, size as u64),
+                StackStart::Registers(caller),
                 &g,
             );
         }
@@ -96,7 +97,7 @@ pub unsafe fn free(p: *mut c_void) {
     let g = enter();
     if let Some(g) = &g {
         // Recorded before the block goes back: no other thread can be handed it first.
-        recorder::record(Ev::Free(p as u64), Origin::Unknown, g);
+        recorder::record(EventKind::Free { addr: p as u64 }, StackStart::Here, g);
     }
     // SAFETY: forwarding a pointer the program obtained from the real allocator.
     unsafe { f(p) };
@@ -149,18 +150,22 @@ fn realloc_common(
     if let (Some(g), false) = (&g, p.is_null()) {
         if size == Some(0) {
             // glibc frees the block and returns NULL.
-            recorder::record(Ev::Free(p as u64), Origin::Unknown, g);
+            recorder::record(EventKind::Free { addr: p as u64 }, StackStart::Here, g);
         } else {
-            recorder::record(Ev::ReallocFree(p as u64), Origin::Unknown, g);
+            recorder::record(
+                EventKind::ReallocFree { addr: p as u64 },
+                StackStart::Here,
+                g,
+            );
         }
     }
     let q = call();
     if let Some(g) = &g {
         if !q.is_null() {
-            let ev = Ev::Alloc(kind, q as u64, size.unwrap_or(0) as u64);
-            recorder::record(ev, Origin::Caller(caller), g);
+            let ev = alloc_event(kind, q as u64, size.unwrap_or(0) as u64);
+            recorder::record(ev, StackStart::Registers(caller), g);
         } else if !p.is_null() && size != Some(0) {
-            recorder::record(Ev::ReallocFailed, Origin::Unknown, g);
+            recorder::record(EventKind::ReallocFailed, StackStart::Here, g);
         }
     }
     q
@@ -368,8 +373,8 @@ const EXECL_MAX_ARGS: usize = 1 << 21;
 
 /// `execl`, `execle` and `execlp`, whose arguments come as C varargs (which stable Rust cannot
 /// take): gathers them into an argv array and calls the `execv`, `execve` or `execvp` hook, so
-/// the capture is finished before the image goes. Without this, a program that used them lost
-/// every event its image had recorded.
+/// the capture is finished before the image goes (else the image's buffered events would be
+/// lost with it).
 ///
 /// # Safety
 /// `regs` holds the six integer argument registers of an x86-64 System V call of the function

@@ -29,10 +29,11 @@
 
 use crate::guard::IgnoreAllocs;
 use crate::lifecycle::{self, State};
-use crate::recorder::{self, Ev, Origin};
+use crate::recorder::{self, alloc_event};
 use crate::session;
-use crate::unwind::{here_regs, Caller};
-use memtrack_format::{AllocKind, EndReason};
+use crate::stack::unwind::{here_regs, Caller};
+use crate::stack::StackStart;
+use memtrack_format::{AllocKind, EndReason, EventKind};
 use std::alloc::{GlobalAlloc, Layout};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, Ordering::Relaxed};
@@ -123,15 +124,15 @@ fn on_alloc(
     marker: u64,
 ) {
     recorder::record(
-        Ev::Alloc(kind, p as u64, size as u64),
-        Origin::Above(start, marker),
+        alloc_event(kind, p as u64, size as u64),
+        StackStart::AboveMarker(start, marker),
         g,
     );
 }
 
 #[inline(never)]
-fn on_free(g: &IgnoreAllocs, ev: Ev) {
-    recorder::record(ev, Origin::Unknown, g);
+fn on_free(g: &IgnoreAllocs, ev: EventKind) {
+    recorder::record(ev, StackStart::Here, g);
 }
 
 /// The address of a local of the calling frame.
@@ -183,7 +184,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
         let g = recording();
         if let Some(g) = &g {
             // Before the block goes back: no other thread can be handed it first.
-            on_free(g, Ev::Free(ptr as u64));
+            on_free(g, EventKind::Free { addr: ptr as u64 });
         }
         // SAFETY: forwarding a block this allocator handed out, with its layout.
         unsafe { self.inner.dealloc(ptr, layout) }
@@ -194,7 +195,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
         let m = 0u8;
         let g = recording();
         if let Some(g) = &g {
-            on_free(g, Ev::ReallocFree(ptr as u64));
+            on_free(g, EventKind::ReallocFree { addr: ptr as u64 });
         }
         // SAFETY: forwarding the caller's arguments.
         let p = unsafe { self.inner.realloc(ptr, layout, new_size) };
@@ -211,7 +212,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
                 on_alloc(g, AllocKind::Realloc, p, new_size, here_regs(), marker!(m));
             }
         } else if let Some(g) = &g {
-            on_free(g, Ev::ReallocFailed);
+            on_free(g, EventKind::ReallocFailed);
         }
         p
     }

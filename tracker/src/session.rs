@@ -6,6 +6,7 @@
 //! Used by the preload hooks and by the Rust allocator wrapper alike; must never be on the
 //! per-event path (everything here runs once per process image, or per exec, fork or exit).
 
+use crate::capture_file;
 use crate::env::{getenv, stderr_bytes};
 use crate::guard::{IgnoreAllocs, SaveErrno};
 use crate::lifecycle::{self, State};
@@ -216,44 +217,18 @@ fn new_header(pid: i32, parent_pid: u32) -> Header {
 pub(crate) fn create_capture(
     path: &str,
     launch: &Launch,
-    modules: Option<Vec<crate::unwind::LoadedModule>>,
+    modules: Option<Vec<crate::stack::unwind::LoadedModule>>,
 ) -> std::io::Result<bool> {
-    let cpath = std::ffi::CString::new(path)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: open with a valid path; O_EXCL: the first process to claim the name records (and
-    // a symlink planted at the path is never followed).
-    let fd = unsafe {
-        libc::open(
-            cpath.as_ptr(),
-            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
-            0o600 as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    lock_while_writing(fd);
+    let fd = capture_file::create(path)?;
     // SAFETY: getpid has no preconditions.
     let header = new_header(unsafe { libc::getpid() }, launch.parent_pid);
-    if !crate::writer::write_all(fd, &header.encode()) {
+    if !capture_file::write_all(fd, &header.encode()) {
         return Ok(false);
     }
     let mut cfg = launch.config(fd, 1, 1);
     cfg.replace = modules.is_some();
     cfg.modules = modules;
     Ok(recorder::start(cfg, header.start_mono_ns))
-}
-
-/// Holds an advisory lock on the capture for as long as the process has it open, so that a
-/// reader (`memtrack summary`) can tell a capture still being written from one whose writer
-/// died: the kernel drops the lock with the last descriptor. Shared: after an exec the new
-/// image locks again while a forked child may still hold the old descriptor. Best effort:
-/// the result is ignored, errno kept.
-fn lock_while_writing(fd: i32) {
-    let _errno = SaveErrno::new();
-    // SAFETY: flock on the descriptor the tracker just opened; LOCK_NB: never blocks. The lock
-    // is on the tracker's own file, which the program does not use.
-    unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) };
 }
 
 /// Appends this image to the capture its previous image (same pid) finished with `END(exec)`.
@@ -289,25 +264,14 @@ fn continue_after_exec(path: &str, mut header: Header, launch: &Launch) -> bool 
     let Some(end) = EndRecord::from_tail(&tail).filter(|e| e.reason == EndReason::Exec) else {
         return false;
     };
-    let Ok(cpath) = std::ffi::CString::new(path) else {
+    let Some(fd) = capture_file::reopen(path) else {
         return false;
     };
-    // SAFETY: open with a valid path.
-    let fd = unsafe {
-        libc::open(
-            cpath.as_ptr(),
-            libc::O_WRONLY | libc::O_APPEND | libc::O_CLOEXEC | libc::O_NOFOLLOW,
-        )
-    };
-    if fd < 0 {
-        return false;
-    }
-    lock_while_writing(fd);
     // Times stay relative to the capture's start, on the same monotonic clock.
     header.start_mono_ns = old.start_mono_ns;
     let mut image = Vec::new();
     put_record(&mut image, record::IMAGE, &header.encode());
-    if !crate::writer::write_all(fd, &image) {
+    if !capture_file::write_all(fd, &image) {
         return false;
     }
     // The header of the capture stays the first image's (its parent_pid included).

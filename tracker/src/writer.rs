@@ -1,101 +1,133 @@
-//! The writer thread: the only place that writes events to the capture file.
+//! The writer thread: the only place that writes events to the capture in steady state. It
+//! takes messages from the hand-off queue, transcodes each events chunk into the compact
+//! encoding, collects buffers that threads have left idle ([`Inbox::take_chunks`]), publishes
+//! the clock, and at the end writes what is left and the `END` record.
+//!
+//! Must never: reach into the recorder or the hand-off's per-thread state (everything it needs
+//! comes through [`Inbox`], which the recorder implements), or block on the program's threads.
 
+use crate::capture_file::CaptureFile;
 use crate::clock;
 use crate::guard::IgnoreAllocs;
-use crate::lifecycle;
 use crate::mapbuf::MapBuf;
-use crate::recorder::{self, Recorder};
-use crossbeam_channel::{Receiver, TryRecvError};
-use memtrack_format::EndReason;
-use std::io::Write;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use crossbeam_channel::TryRecvError;
+use memtrack_format::{EndReason, EndRecord, Transcoder, MAX_FRAME_PREFIX};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// An events chunk framed in place in its buffer (`memtrack_format::frame_in_place`): the
+/// record starts at `start`, its payload `MAX_FRAME_PREFIX` bytes into the buffer. The writer
+/// transcodes the payload as it is, without parsing the frame again.
+pub(crate) struct FramedChunk {
+    buf: MapBuf,
+    start: usize,
+}
+
+impl FramedChunk {
+    pub(crate) fn new(buf: MapBuf, start: usize) -> Self {
+        FramedChunk { buf, start }
+    }
+
+    /// The whole record, frame prefix included.
+    fn framed(&self) -> &[u8] {
+        self.buf.as_slice().get(self.start..).unwrap_or(&[])
+    }
+
+    /// The `EVENTS` payload: chunk header and stream-encoded items.
+    fn payload(&self) -> &[u8] {
+        self.buf.as_slice().get(MAX_FRAME_PREFIX..).unwrap_or(&[])
+    }
+
+    /// The buffer, to be used again.
+    pub(crate) fn into_buf(self) -> MapBuf {
+        self.buf
+    }
+}
+
+/// What the writer is handed.
 pub(crate) enum Msg {
-    /// A framed events chunk starting at the given offset of the buffer.
-    Chunk(MapBuf, usize),
-    /// A framed record.
-    Raw(Vec<u8>),
+    /// An events chunk.
+    Chunk(FramedChunk),
+    /// A framed record, written as it is.
+    Record(Vec<u8>),
     /// Write everything buffered, then `END`, then acknowledge.
     Finish(EndReason, Arc<AtomicBool>),
 }
 
 /// Buffers older than this are collected by the writer even when not full, so a killed
 /// process loses at most ~250 ms of events.
-const MAX_AGE_US: u64 = 150_000;
+pub(crate) const MAX_AGE_US: u64 = 150_000;
 const SWEEP_EVERY: Duration = Duration::from_millis(100);
 
-/// Writes all of `bytes` to `fd`. On a write error recording stops (the file stays readable up
-/// to its last complete record) and one line goes to stderr.
-pub(crate) fn write_all(fd: i32, mut bytes: &[u8]) -> bool {
-    while !bytes.is_empty() {
-        // SAFETY: bytes is a valid slice; fd is the capture file opened by the tracker.
-        let n = unsafe { libc::write(fd, bytes.as_ptr() as *const libc::c_void, bytes.len()) };
-        if n < 0 {
-            // SAFETY: errno of this thread.
-            let e = unsafe { *libc::__errno_location() };
-            if e == libc::EINTR {
-                continue;
-            }
-            if lifecycle::disable() {
-                write_failed(e);
-            }
-            return false;
-        }
-        bytes = &bytes[n as usize..];
-    }
-    true
+/// Where the writer's work comes from (implemented by the recorder over the hand-off).
+pub(crate) trait Inbox {
+    /// The next queued message.
+    fn take(&self) -> Result<Msg, TryRecvError>;
+    /// Messages queued now.
+    fn queued(&self) -> usize;
+    /// The open chunks of threads' buffers opened at least `max_age` clock units ago (every
+    /// non-empty one when `force`), framed.
+    fn take_chunks(&self, force: bool, max_age: u64) -> Vec<FramedChunk>;
+    /// A buffer written, for threads to take again.
+    fn recycle(&self, buf: MapBuf);
+    /// The `END` record, as of now.
+    fn end_record(&self, reason: EndReason) -> EndRecord;
 }
 
-/// What `errno` means, for the errors a write can end with, in C's words; else "errno N" in
-/// `buf`. Not strerror: it translates through gettext, which outside the C locale reads LANGUAGE
-/// from the environment, and the program may be rewriting its environment meanwhile (the writer
-/// thread crashed so in bash, through dlerror; see `recorder::writer_entry`).
-fn errno_text(errno: i32, buf: &mut [u8; 24]) -> &[u8] {
-    match errno {
-        libc::EFBIG => b"File too large",
-        libc::ENOSPC => b"No space left on device",
-        libc::EDQUOT => b"Disk quota exceeded",
-        libc::EIO => b"Input/output error",
-        libc::EROFS => b"Read-only file system",
-        libc::EBADF => b"Bad file descriptor",
-        libc::EPIPE => b"Broken pipe",
-        libc::EINVAL => b"Invalid argument",
-        libc::EPERM => b"Operation not permitted",
-        libc::EACCES => b"Permission denied",
-        libc::ENXIO => b"No such device or address",
-        libc::EAGAIN => b"Resource temporarily unavailable",
-        libc::ESTALE => b"Stale file handle",
-        _ => {
-            // core::fmt into the buffer: no allocation, no locale.
-            let left = {
-                let mut w = &mut buf[..];
-                let _ = write!(w, "errno {}", errno.unsigned_abs());
-                w.len()
-            };
-            &buf[..buf.len() - left]
+/// The capture and the transcoders that turn chunks into its compact encoding.
+pub(crate) struct Writer {
+    file: CaptureFile,
+    /// Used by the writer thread only (or by `finish` when no writer was ever started).
+    transcoder: Mutex<Transcoder>,
+    /// The same, for a program thread that transcodes its own chunk while the writer is
+    /// behind (see `handoff::Handoff::hand_off`).
+    helper: Mutex<Transcoder>,
+}
+
+impl Writer {
+    pub(crate) fn new(file: CaptureFile) -> Self {
+        Writer {
+            file,
+            transcoder: Mutex::new(Transcoder::new()),
+            helper: Mutex::new(Transcoder::new()),
         }
     }
-}
 
-/// One line on stderr saying why recording stopped; no allocation (any thread may get here).
-fn write_failed(errno: i32) {
-    let mut number = [0u8; 24];
-    let reason = errno_text(errno, &mut number);
-    let parts: [&[u8]; 3] = [
-        b"memtrack: writing the capture failed (",
-        reason,
-        b"); recording stopped, the program goes on untracked\n",
-    ];
-    for p in parts {
-        // SAFETY: plain writes of byte slices to stderr.
-        unsafe { libc::write(2, p.as_ptr() as *const libc::c_void, p.len()) };
+    /// Writes a framed record as it is.
+    pub(crate) fn write_record(&self, bytes: &[u8]) -> bool {
+        self.file.write(bytes)
+    }
+
+    /// Writes an events chunk, transcoded into the compact encoding.
+    pub(crate) fn write_chunk(&self, chunk: &FramedChunk) -> bool {
+        let compacted = self
+            .transcoder
+            .lock()
+            .ok()
+            .and_then(|mut c| transcode(&mut c, chunk.payload()));
+        // A chunk that cannot be transcoded (never expected) is kept as it is.
+        self.file
+            .write(compacted.as_deref().unwrap_or(chunk.framed()))
+    }
+
+    /// The compact encoding of a chunk, made on the calling thread when the helper transcoder
+    /// is free (None: it is busy, or the chunk is not transcodable).
+    pub(crate) fn transcode_aside(&self, chunk: &FramedChunk) -> Option<Vec<u8>> {
+        let mut c = self.helper.try_lock().ok()?;
+        transcode(&mut c, chunk.payload())
     }
 }
 
-pub(crate) fn run(rec: &'static Recorder, rx: Receiver<Msg>) {
+/// The compact encoding (a framed record) of an `EVENTS` payload (None: not transcodable).
+fn transcode(c: &mut Transcoder, payload: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(payload.len() / 3);
+    c.transcode(payload, 1, &mut out).ok()?;
+    Some(out)
+}
+
+/// The writer thread's loop, until the queue is disconnected.
+pub(crate) fn run(w: &Writer, inbox: &impl Inbox) {
     IgnoreAllocs::forever();
     let mut last_sweep = clock::tick();
     loop {
@@ -103,139 +135,60 @@ pub(crate) fn run(rec: &'static Recorder, rx: Receiver<Msg>) {
         // `std::thread::current()`, which gives program threads a handle that std frees at thread
         // exit, outside the guard, as if the program had freed an unknown block.
         // One message at a time, the clock published after each: with the queue kept full
-        // (threads waiting for room send as soon as one is made), draining it first starved
-        // the clock and the sweep for the whole run.
-        match take(&rx) {
-            Ok(m) => handle(rec, &rx, m),
+        // (threads waiting for room send as soon as one is made), draining it first would
+        // starve the clock and the sweep for as long as the program keeps it full.
+        match inbox.take() {
+            Ok(m) => handle(w, inbox, m),
             Err(TryRecvError::Empty) => std::thread::sleep(clock::TICK),
             Err(TryRecvError::Disconnected) => return,
         }
         let now = clock::tick();
         if now.saturating_sub(last_sweep) >= SWEEP_EVERY.as_micros() as u64 {
-            sweep(rec, false);
+            sweep(w, inbox, false);
             last_sweep = now;
         }
     }
 }
 
-fn handle(rec: &Recorder, rx: &Receiver<Msg>, m: Msg) {
+fn handle(w: &Writer, inbox: &impl Inbox, m: Msg) {
     match m {
-        Msg::Chunk(data, start) => {
-            rec.write_chunk(&data.as_slice()[start..]);
-            rec.recycle(data);
+        Msg::Chunk(chunk) => {
+            w.write_chunk(&chunk);
+            inbox.recycle(chunk.into_buf());
         }
-        Msg::Raw(bytes) => {
-            rec.write(&bytes);
+        Msg::Record(bytes) => {
+            w.write_record(&bytes);
         }
         Msg::Finish(reason, ack) => {
-            drain(rec, rx);
-            sweep(rec, true);
-            drain(rec, rx);
-            rec.write(&recorder::end_record(rec, reason));
+            drain(w, inbox);
+            sweep(w, inbox, true);
+            drain(w, inbox);
+            w.file.write_end(&inbox.end_record(reason));
             ack.store(true, Ordering::Release);
         }
     }
 }
 
-/// The next queued message; taking it makes room for a thread waiting in `recorder::send`.
-fn take(rx: &Receiver<Msg>) -> Result<Msg, TryRecvError> {
-    let m = rx.try_recv()?;
-    recorder::room_made();
-    Ok(m)
-}
-
 /// Writes what is queued now (not what arrives meanwhile, so it always ends).
-fn drain(rec: &Recorder, rx: &Receiver<Msg>) {
-    for _ in 0..rx.len() {
-        match take(rx) {
-            Ok(m) => handle(rec, rx, m),
+fn drain(w: &Writer, inbox: &impl Inbox) {
+    for _ in 0..inbox.queued() {
+        match inbox.take() {
+            Ok(m) => handle(w, inbox, m),
             Err(_) => break,
         }
     }
 }
 
-/// Collects buffers that are old enough (all non-empty ones when `force`) and forgets the
-/// states of threads that have exited and been emptied.
-pub(crate) fn sweep(rec: &Recorder, force: bool) {
-    let mut taken = Vec::new();
-    if let Ok(mut reg) = rec.registry.lock() {
-        let now = clock::event_time();
-        // Threads whose buffer is still to be looked at; at the end, a thread in the middle
-        // of an event is waited for briefly.
-        let mut pending = vec![true; reg.len()];
-        let mut gone = vec![false; reg.len()];
-        for attempt in 0..if force { 1000 } else { 1 } {
-            if attempt > 0 {
-                std::thread::yield_now();
-            }
-            // Only the threads still pending: a claim stalls the thread's next event.
-            let claimed = recorder::claim_all(&reg, |i| pending[i]);
-            for (i, guard) in claimed.into_iter().enumerate() {
-                let Some(mut b) = guard else { continue };
-                pending[i] = false;
-                let ts = &reg[i];
-                if b.open && (force || now.saturating_sub(b.opened_at) >= MAX_AGE_US) {
-                    // No buffer in its place: the thread takes one at its next event, so
-                    // threads that have gone quiet hold none.
-                    if let Some(t) = b.take_framed(None) {
-                        taken.push(t);
-                    }
-                }
-                gone[i] = ts.dead.load(Ordering::Acquire) && !b.open;
-            }
-            if !pending.contains(&true) {
-                break;
-            }
-        }
-        let mut i = 0;
-        reg.retain(|_| {
-            i += 1;
-            !gone[i - 1]
-        });
-        recorder::set_thread_count(reg.len());
-    }
-    for (data, start) in taken {
-        rec.write_chunk(&data.as_slice()[start..]);
-        rec.recycle(data);
+/// Writes the chunks of buffers that are old enough (all non-empty ones when `force`).
+fn sweep(w: &Writer, inbox: &impl Inbox, force: bool) {
+    for chunk in inbox.take_chunks(force, MAX_AGE_US) {
+        w.write_chunk(&chunk);
+        inbox.recycle(chunk.into_buf());
     }
 }
 
-/// `finish` when no writer thread was ever started.
-pub(crate) fn finish_inline(rec: &Recorder, reason: EndReason) {
-    sweep(rec, true);
-    rec.write(&recorder::end_record(rec, reason));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The table says what C's strerror says in the C locale (this process never sets one).
-    #[test]
-    fn errno_texts_are_cs_own() {
-        let mut buf = [0u8; 24];
-        for e in [
-            libc::EFBIG,
-            libc::ENOSPC,
-            libc::EDQUOT,
-            libc::EIO,
-            libc::EROFS,
-            libc::EBADF,
-            libc::EPIPE,
-            libc::EINVAL,
-            libc::EPERM,
-            libc::EACCES,
-            libc::ENXIO,
-            libc::EAGAIN,
-            libc::ESTALE,
-        ] {
-            // SAFETY: strerror returns a NUL-terminated string; this test is single-threaded
-            // in its use of it.
-            let c = unsafe { std::ffi::CStr::from_ptr(libc::strerror(e)) };
-            assert_eq!(errno_text(e, &mut buf), c.to_bytes(), "errno {e}");
-        }
-        assert_eq!(errno_text(1234, &mut buf), b"errno 1234");
-        assert_eq!(errno_text(0, &mut buf), b"errno 0");
-        assert_eq!(errno_text(i32::MIN, &mut buf), b"errno 2147483648");
-    }
+/// Ends the capture on the calling thread, when no writer thread was ever started.
+pub(crate) fn finish_inline(w: &Writer, inbox: &impl Inbox, reason: EndReason) {
+    sweep(w, inbox, true);
+    w.file.write_end(&inbox.end_record(reason));
 }

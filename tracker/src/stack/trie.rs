@@ -4,7 +4,7 @@
 pub use memtrack_format::hash::FastMap;
 
 /// Nodes the trie keeps (some 13 MiB) before it starts afresh: a program whose stacks never
-/// stop changing would otherwise grow it without bound (2 M nodes held 150 MB).
+/// stop changing would otherwise grow it without bound.
 const TRIE_MAX: usize = 1 << 18;
 
 /// The process-wide stack trie. Node 0 is the empty stack.

@@ -149,7 +149,7 @@ fn sym(name: &std::ffi::CStr) -> usize {
 
 /// Looks for a CPython interpreter in the process (after the program's libraries are loaded)
 /// and turns frame reading on when its version is understood.
-/// Runs on the writer thread (see `recorder::writer_entry`), once per process.
+/// Runs on the writer thread (see `stack::prepare_writer_thread`), once per process.
 pub(crate) fn detect() {
     static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if DONE.swap(true, Ordering::AcqRel) {

@@ -1,10 +1,10 @@
 //! Native stacks: the loaded modules and a DWARF CFI unwinder over their in-memory
 //! `.eh_frame` tables (framehop), with a per-thread cache of unwind rules.
 //!
-//! Why not the `backtrace` crate: libgcc's unwinder re-reads unwind tables for every frame and
-//! costs about 11x on a malloc-heavy loop (`shared/notes/unwinding-costs.md`). framehop caches
-//! the computed rule per instruction address, so a repeated call path costs a table lookup
-//! per frame, and it needs no frame pointers (Debian's libc and Python have none).
+//! Why not the `backtrace` crate: libgcc's unwinder re-reads unwind tables for every frame,
+//! several times the cost on a malloc-heavy loop (figures in `bench/RESULTS.md`). framehop
+//! caches the computed rule per instruction address, so a repeated call path costs a table
+//! lookup per frame, and it needs no frame pointers (Debian's libc and Python have none).
 
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{ExplicitModuleSectionInfo, Unwinder};
@@ -12,12 +12,16 @@ use memtrack_format::{Module, Segment};
 use std::ffi::CStr;
 use std::os::raw::{c_int, c_void};
 
+/// A caller frame found less than this far above bp counts as found through bp (the frame
+/// pointer rule puts it at bp + 16; a DWARF rule may use another offset).
+pub(crate) const BP_WINDOW: u64 = 1 << 16;
+
 /// Most frames kept per stack (the issue asks for at least 128).
 pub const MAX_FRAMES: usize = 256;
 
 /// Section data borrowed from the mapped module. The module stays mapped while its entry is in
 /// the unwinder: `dlclose` invalidates the unwinder before the real `dlclose` runs.
-pub type Unw = UnwinderX86_64<&'static [u8]>;
+pub type CfiUnwinder = UnwinderX86_64<&'static [u8]>;
 pub type UnwCache = CacheX86_64;
 
 /// One module as seen by `dl_iterate_phdr`.
@@ -183,15 +187,15 @@ fn eh_frame_address(hdr: &[u8], hdr_addr: u64) -> Option<u64> {
 }
 
 /// Builds an unwinder over `modules`.
-pub fn build_unwinder(modules: &[LoadedModule]) -> Unw {
-    let mut unw = Unw::new();
+pub fn build_unwinder(modules: &[LoadedModule]) -> CfiUnwinder {
+    let mut unw = CfiUnwinder::new();
     for m in modules {
         let (Some((hv, hl)), Some((ev, el))) = (m.eh_frame_hdr, m.eh_frame) else {
             continue;
         };
         let base = m.info.base;
         // SAFETY: both ranges lie in the module's loaded segments (checked in `collect`), and
-        // the module stays mapped while this unwinder is current (see `Unw`).
+        // the module stays mapped while this unwinder is current (see `CfiUnwinder`).
         let (hdr, eh) = unsafe {
             (
                 std::slice::from_raw_parts(base.wrapping_add(hv) as *const u8, hl as usize),
@@ -241,7 +245,7 @@ pub enum Skip {
 /// (false when it stopped early, e.g. in code of a module the unwinder does not know).
 #[inline(never)]
 pub fn capture(
-    unw: &Unw,
+    unw: &CfiUnwinder,
     cache: &mut UnwCache,
     stack_hi: u64,
     skip: Skip,
@@ -357,7 +361,7 @@ impl AboveMemo {
 /// before it gets there.
 #[inline(never)]
 pub fn caller_above(
-    unw: &Unw,
+    unw: &CfiUnwinder,
     cache: &mut UnwCache,
     memo: &mut AboveMemo,
     stack_hi: u64,
@@ -423,7 +427,7 @@ pub fn caller_above(
 /// step may have used bp (a caller frame found a little above bp, as the frame pointer rule
 /// finds it; a coincidence only makes the memo stricter).
 fn unwind_above(
-    unw: &Unw,
+    unw: &CfiUnwinder,
     cache: &mut UnwCache,
     start: Caller,
     marker: u64,
@@ -444,7 +448,7 @@ fn unwind_above(
         else {
             return (None, true);
         };
-        uses_bp |= regs.sp().wrapping_sub(bp) < crate::walker::BP_WINDOW;
+        uses_bp |= regs.sp().wrapping_sub(bp) < BP_WINDOW;
         if regs.sp() > marker {
             let caller = Caller {
                 ip: ra,

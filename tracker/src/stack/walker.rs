@@ -10,8 +10,8 @@
 //! evaluation per frame, and nothing is hashed per frame. Nothing is patched on the stack, so
 //! exceptions and longjmp are unaffected.
 
-use crate::stacks::FastMap;
-use crate::unwind::{Caller, Unw, UnwCache, MAX_FRAMES};
+use crate::stack::trie::FastMap;
+use crate::stack::unwind::{self, AboveMemo, Caller, CfiUnwinder, UnwCache, BP_WINDOW, MAX_FRAMES};
 use framehop::x86_64::UnwindRegsX86_64;
 use framehop::{FrameAddress, Unwinder};
 
@@ -22,7 +22,7 @@ struct Frame {
     bp: u64,
     /// Trie node of the stack from the root down to this frame when interning; else a hash of
     /// its ips from the root down (`frame_hash`). One field for both keeps frames at 40 bytes:
-    /// walks are copied whole into `recent`, and deep stacks felt 16 more bytes a frame.
+    /// walks are copied whole into `recent`, so deep stacks pay for every byte of a frame.
     id: u64,
     /// End (exclusive) in `reads` of the words read to unwind this frame.
     reads_end: u32,
@@ -50,8 +50,6 @@ pub fn frame_hash(h: u64, ip: u64) -> u64 {
 /// for the next frame (`PASSES_BP`).
 const USES_BP: u8 = 1;
 const PASSES_BP: u8 = 2;
-/// A caller frame found less than this far above bp counts as found through bp.
-pub(crate) const BP_WINDOW: u64 = 1 << 16;
 
 /// A whole earlier walk, kept so a stack that recurs after others (a loop calling malloc from
 /// a few sites) is found without unwinding a frame.
@@ -105,8 +103,8 @@ pub struct Walker {
     caches: Vec<UnwCache>,
     /// The rule cache of `caller_above`'s few frames (the tracker's own), apart: sharing the
     /// program's direct-mapped cache, one of them could land on the slot of a program frame
-    /// and both be evaluated from DWARF on every allocation (a 4x slowdown that came and went
-    /// with code layout from build to build). Made on first use: preloaded, no thread needs it.
+    /// and both be evaluated from DWARF on every allocation, depending on code layout. Made on
+    /// first use: preloaded, no thread needs it.
     above_cache: Option<UnwCache>,
     /// Unwinding steps taken, for the periodic look at the cache's misses.
     steps: u32,
@@ -129,12 +127,12 @@ pub struct Walker {
     /// Lookups `front` missed since it last grew.
     front_misses: usize,
     /// The previous `caller_above` (the tracker linked into a Rust program).
-    above: crate::unwind::AboveMemo,
+    above: AboveMemo,
     /// Walks before the previous one; `recent_next` is the slot to overwrite next.
     recent: [Snapshot; RECENT],
     recent_next: usize,
     /// Whether walks intern their frames. Off in a Python process, whose stacks are interned
-    /// with the Python frames in place (see `recorder::OwnerState::mixed_stack`): the walk then
+    /// with the Python frames in place (see `stack::ThreadStacks::interleaved_stack`): the walk then
     /// leaves its return addresses in `ips` and its node is 0.
     interning: bool,
     /// The last walk's frames (outermost first), kept only when not `interning`.
@@ -148,8 +146,8 @@ pub struct Walker {
 const NODE_CACHE_MAX: usize = 1 << 13;
 
 /// Slots of `Walker::front` at first (4 KiB) and at most (64 KiB). A thread starts small and
-/// doubles it while it misses more often than it has slots: a program of a thousand threads
-/// paid 64 KiB each, written whole at each thread's start, for threads that meet a few nodes.
+/// doubles it while it misses more often than it has slots, so that a program of many threads
+/// that each meet a few nodes does not write 64 KiB at every thread's start.
 const FRONT_MIN: usize = 256;
 const FRONT_MAX: usize = 4096;
 
@@ -214,7 +212,7 @@ impl Walker {
 
     /// Copies the walk's frames into `ips` when they are not interned; the first `kept` frames
     /// are the previous walk's, whose ips are there already (a deep stack's outer part is
-    /// nearly always reused, and copying it was a cost per frame on every event).
+    /// nearly always reused, and copying it would cost a step per frame on every event).
     #[inline]
     fn keep_ips(&mut self, kept: usize) {
         if !self.interning {
@@ -348,16 +346,16 @@ impl Walker {
     }
 
     /// Walks the stack of the caller of the function whose frame holds `marker`, from `start`
-    /// taken in that frame (see [`crate::unwind::caller_above`]).
+    /// taken in that frame (see [`unwind::caller_above`]).
     pub fn walk_above(
         &mut self,
-        unw: &Unw,
+        unw: &CfiUnwinder,
         stack_hi: u64,
         start: Caller,
         marker: u64,
         intern: &mut impl FnMut(u32, u64) -> u32,
     ) -> Walk {
-        match crate::unwind::caller_above(
+        match unwind::caller_above(
             unw,
             self.above_cache.get_or_insert_with(UnwCache::new),
             &mut self.above,
@@ -379,7 +377,7 @@ impl Walker {
     /// trie node in the process-wide table when this thread has not seen it.
     pub fn walk(
         &mut self,
-        unw: &Unw,
+        unw: &CfiUnwinder,
         stack_hi: u64,
         caller: Caller,
         intern: &mut impl FnMut(u32, u64) -> u32,
