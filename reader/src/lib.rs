@@ -25,6 +25,7 @@ mod modinfo;
 mod plot;
 pub mod pprof;
 mod replay;
+pub mod report;
 mod stacks;
 mod stats;
 mod symbols;

@@ -284,13 +284,6 @@ impl Symbolizer {
                 });
             }
         }
-        // MEMTRACK_SYMBOLIZE=0: no file is read, frames show as module+offset (fast, and the
-        // same on every machine).
-        if std::env::var_os("MEMTRACK_SYMBOLIZE").is_some_and(|v| v == "0") {
-            for m in &mut modules {
-                m.tried = true;
-            }
-        }
         let program_dirs = if cap.pycode.is_empty() {
             Vec::new()
         } else {
@@ -320,6 +313,14 @@ impl Symbolizer {
             warnings: Vec::new(),
             skip_functions: Vec::new(),
             wrappers: FastMap::default(),
+        }
+    }
+
+    /// Reads no file from now on: frames show as module+offset (fast, and the same on every
+    /// machine; the command's `MEMTRACK_SYMBOLIZE=0`).
+    pub fn read_no_files(&mut self) {
+        for m in &mut self.modules {
+            m.tried = true;
         }
     }
 
