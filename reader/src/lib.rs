@@ -34,7 +34,7 @@ mod views;
 
 pub use capture::{Capture, ChunkRef, Event, ReadError, Warning};
 pub use check::{Budget, Contributor, LimitResult, ProcessShare};
-pub use diff::{diff, diff_sides, Diff, DiffRow, DiffSide, DiffStack};
+pub use diff::{Diff, DiffRow, DiffSide, DiffStack};
 pub use export::JsonExport;
 pub use family::{
     child_captures, shell_command, shell_quote, ChildCapture, Process, ProcessFigures, ProcessTree,
@@ -43,12 +43,12 @@ pub use memtrack_format::{
     AllocKind, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module, ModulesRecord,
 };
 pub use plot::Plot;
-pub use replay::{Replay, SiteTotal, Summary};
+pub use replay::{Replay, Replayed, SiteTotal, Summary};
 pub use stacks::StackTable;
 pub use stats::{Bucket, KindStat, Stats};
-pub use symbols::{for_each_frame, stack_frames, Frame, Symbolizer};
-pub use tree::{call_tree, render_tree, TreeNode};
-pub use views::{folded, table, top_locations, GroupBy, TableRow, View, ViewSites};
+pub use symbols::{Frame, Symbolizer};
+pub use tree::TreeNode;
+pub use views::{GroupBy, TableRow, View, ViewSites};
 
 /// `1234567` -> `1,234,567`.
 pub fn grouped(n: u64) -> String {

@@ -59,7 +59,7 @@ pub fn compare(
             })
             .collect()
     }
-    let d = crate::diff_sides(side(pb, syms_b), side(pn, syms_n), view);
+    let d = Diff::of_sides(side(pb, syms_b), side(pn, syms_n), view);
     r.warn(&d.warnings);
     Ok(d)
 }

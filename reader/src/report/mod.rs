@@ -20,7 +20,7 @@ pub mod summary;
 pub mod table;
 pub mod tree;
 
-use crate::{folded, grouped, human_bytes, Capture, Symbolizer, View};
+use crate::{grouped, human_bytes, Capture, Symbolizer, View};
 use std::io::Write;
 use std::path::Path;
 pub use subject::{being_written, Part, Subject};
@@ -110,7 +110,7 @@ impl Reporter<'_> {
         let mut lines = Vec::new();
         for part in parts {
             let mut sym = self.symbolizer(part.cap);
-            let mut l = folded(&part.view, &mut sym);
+            let mut l = part.view.folded(&mut sym);
             self.warn(&sym.warnings);
             if let Some(label) = &part.label {
                 let label = label.replace(';', ":");

@@ -1,7 +1,7 @@
 //! `memtrack stats`: sizes, allocator functions, top locations, temporary allocations.
 
 use super::{bytes, count, plural, Reporter, Subject};
-use crate::{grouped, human_bytes, table, GroupBy, TableRow};
+use crate::{grouped, human_bytes, GroupBy, TableRow};
 use anyhow::Result;
 use std::io::Write;
 
@@ -19,7 +19,7 @@ pub fn stats(r: &mut Reporter, subject: &Subject, json: bool, out: &mut impl Wri
     let st = cap.stats();
     drop(progress);
     let mut sym = r.symbolizer(cap);
-    let mut by_count = table(&st.allocated, &mut sym, GroupBy::Function);
+    let mut by_count = st.allocated.table(&mut sym, GroupBy::Function);
     let by_bytes: Vec<_> = by_count.iter().take(5).cloned().collect();
     by_count.sort_by(|a, b| {
         b.count
@@ -27,7 +27,7 @@ pub fn stats(r: &mut Reporter, subject: &Subject, json: bool, out: &mut impl Wri
             .then(b.total_bytes.cmp(&a.total_bytes))
     });
     by_count.truncate(5);
-    let temporary = table(&st.temporary, &mut sym, GroupBy::Function);
+    let temporary = st.temporary.table(&mut sym, GroupBy::Function);
     r.warn(&sym.warnings);
     if json {
         let v = serde_json::json!({

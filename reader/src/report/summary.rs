@@ -20,12 +20,12 @@ pub fn summary(
     let shown_file = cap.path().to_path_buf();
     let progress = r.reading(cap, json);
     // One replay gives the figures and what each stack held at the peak.
-    let (replay, stacks, errors) = cap.replay_into(crate::Replay::tracking_sites(), u64::MAX);
+    let replayed = cap.replay_into(crate::Replay::tracking_sites(), u64::MAX);
     drop(progress);
-    let s = cap.summarize(&replay, errors);
-    let view = crate::ViewSites::new(View::Peak, replay.peak_by_stack(), stacks);
+    let s = cap.summarize(&replayed);
+    let view = crate::ViewSites::new(View::Peak, replayed.replay.peak_by_stack(), replayed.stacks);
     let mut sym = r.symbolizer(cap);
-    let top = crate::top_locations(&view, &mut sym, 5);
+    let top = view.top_locations(&mut sym, 5);
     r.warn(&sym.warnings);
     let parent_pid = cap.header.parent_pid;
     let chosen = cap.header.pid;
@@ -84,7 +84,7 @@ pub fn summary(
         let mut rows = Vec::new();
         for part in subject.parts(View::Peak, false) {
             let mut sym = r.symbolizer(part.cap);
-            let mut top = crate::top_locations(&part.view, &mut sym, 5);
+            let mut top = part.view.top_locations(&mut sym, 5);
             r.warn(&sym.warnings);
             if part.label.is_some() {
                 top.iter_mut()

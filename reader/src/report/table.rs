@@ -22,7 +22,7 @@ pub fn table(
     let mut rows = Vec::new();
     for part in &parts {
         let mut sym = r.symbolizer(part.cap);
-        let mut rows_of = crate::table(&part.view, &mut sym, group);
+        let mut rows_of = part.view.table(&mut sym, group);
         r.warn(&sym.warnings);
         if part.label.is_some() {
             for row in &mut rows_of {

@@ -1,7 +1,7 @@
 //! `memtrack tree`: the call tree of a view, largest branches first.
 
 use super::{bytes, count, Reporter, Subject};
-use crate::{call_tree, render_tree, View};
+use crate::View;
 use anyhow::Result;
 use std::io::Write;
 use std::path::Path;
@@ -24,7 +24,7 @@ pub fn tree(
     };
     for part in &parts {
         let mut sym = r.symbolizer(part.cap);
-        let mut t = call_tree(&part.view, &mut sym);
+        let mut t = part.view.call_tree(&mut sym);
         r.warn(&sym.warnings);
         match &part.label {
             None => root.children.append(&mut t.children),
@@ -51,6 +51,6 @@ pub fn tree(
         "{:>8} {:>11} {:>10}  call path",
         "share", "bytes", "count"
     )?;
-    write!(out, "{}", render_tree(&root, depth, min_percent / 100.0))?;
+    write!(out, "{}", root.render(depth, min_percent / 100.0))?;
     Ok(())
 }
