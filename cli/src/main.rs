@@ -1,10 +1,15 @@
 //! The `memtrack` command: parses the command line and hands each subcommand to the reader's
 //! reports, or, for `memtrack run`, to the launcher.
 //!
-//! What the command owns: argument parsing ([`args`]), standard output and output files
-//! ([`output`]), the progress bar ([`progress`]), launching a command under the preload
-//! library ([`run`]), and the exit code: 0 ok, 1 a check failed, 2 an error (`run`: the
-//! command's own). What a report says, and how, is `memtrack_reader::report`'s.
+//! **Why so little here**: what a report says and how it is laid out belongs beside the
+//! figures it shows, in `memtrack_reader::report`, where it can be tested without a process.
+//! The command owns what only a command can: argument parsing ([`args`]), standard output and
+//! output files ([`output`]: a closed pipe is success, no report is written over a capture),
+//! the progress bar ([`progress`]), the environment (`MEMTRACK_SYMBOLIZE`), launching a
+//! command under the preload library ([`run`]), and the exit code: each subcommand returns its
+//! code or an error, and [`main`] alone turns errors into codes: 0 ok, 1 a check failed, 2 an
+//! error (`run`: the command's own). The one exception is standard output failing in the middle
+//! of a text report, which ends the process where it happens (see `output::Stdout`).
 
 mod args;
 mod output;

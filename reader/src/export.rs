@@ -1,7 +1,7 @@
 //! `memtrack export --format json`: a view's stacks for scripts, each distinct frame written once
 //! in a table that stacks refer to by index, so that the output stays in proportion to the
-//! capture (deep stacks share most of their frames: written out per stack, a Python service's
-//! 24,000 stacks of 145 frames made 612 MB), and written as it goes rather than built whole.
+//! capture (deep stacks share most of their frames, so writing them out per stack multiplies the
+//! output many times over), and written as it goes rather than built whole.
 
 use crate::symbols::{Frame, Symbolizer};
 use crate::views::{View, ViewSites};
