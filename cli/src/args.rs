@@ -2,6 +2,7 @@
 //! growth limits. Nothing here reads a capture.
 
 use clap::{Parser, Subcommand};
+use memtrack_reader::report::diff::Growth;
 use memtrack_reader::View;
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -274,13 +275,6 @@ pub(crate) enum DiffFormat {
     Table,
     Folded,
     Json,
-}
-
-/// A growth limit of `diff --fail-on-growth`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Growth {
-    Percent(f64),
-    Bytes(u64),
 }
 
 pub(crate) fn parse_growth(s: &str) -> std::result::Result<Growth, String> {

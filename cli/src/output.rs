@@ -2,35 +2,52 @@
 //! guard that keeps a report from being written over a capture.
 
 use anyhow::{bail, Context, Result};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-// Every report line goes through these instead of std's `println!`/`print!`, which panic when
-// standard output fails ("failed printing to stdout: Broken pipe" under `| head`).
-macro_rules! println {
-    () => {
-        $crate::output::stdout_write(format_args!("\n"))
-    };
-    ($($arg:tt)*) => {
-        $crate::output::stdout_write(format_args!("{}\n", format_args!($($arg)*)))
-    };
-}
-macro_rules! print {
-    ($($arg:tt)*) => {
-        $crate::output::stdout_write(format_args!($($arg)*))
-    };
-}
+/// Standard output for reports written line by line, in place of std's `println!`, which
+/// panics when standard output fails ("failed printing to stdout: Broken pipe" under
+/// `| head`). When it cannot write: the reader of a pipe went away, so memtrack stops quietly
+/// with exit 0 (as `cat` would have, killed by SIGPIPE, without the status); any other error
+/// (a full disk) is one message and exit 2.
+pub(crate) struct Stdout;
 
-/// Writes to standard output. When it cannot: the reader of a pipe went away (`| head`), so
-/// memtrack stops quietly with exit 0 (as `cat` would have, killed by SIGPIPE, without the
-/// status); any other error (a full disk) is one message and exit 2.
-pub(crate) fn stdout_write(args: std::fmt::Arguments) {
-    use std::io::Write;
-    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
-        stdout_failed(&e);
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match std::io::stdout().lock().write(buf) {
+            Err(e) if e.kind() != std::io::ErrorKind::Interrupted => stdout_failed(&e),
+            r => r,
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match std::io::stdout().lock().flush() {
+            Err(e) => stdout_failed(&e),
+            r => r,
+        }
     }
 }
 
-pub(crate) fn stdout_failed(e: &std::io::Error) -> ! {
+/// Standard output for a report whose verdict is the exit code (`check`): a reader that went
+/// away must not turn 1 into 0, so a closed pipe is ignored.
+pub(crate) struct ClosedIsFine<W>(pub W);
+
+impl<W: Write> Write for ClosedIsFine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self.0.write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(buf.len()),
+            r => r,
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.0.flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r,
+        }
+    }
+}
+
+fn stdout_failed(e: &std::io::Error) -> ! {
     if e.kind() == std::io::ErrorKind::BrokenPipe {
         std::process::exit(0);
     }
@@ -89,7 +106,6 @@ pub(crate) fn check_output(output: Option<&Path>, inputs: &[&PathBuf]) -> Result
 
 /// Writes `bytes` to `output`, or to standard output when it is absent or `-`.
 pub(crate) fn write_out(output: Option<&Path>, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
     match output.filter(|o| o.as_os_str() != "-") {
         Some(o) => {
             std::fs::write(o, bytes).with_context(|| format!("cannot write {}", o.display()))

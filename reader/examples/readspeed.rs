@@ -21,7 +21,7 @@ fn main() {
             n as f64 / e.as_secs_f64() / 1e6
         );
         let t = Instant::now();
-        let (r, _, _) = cap.replay();
+        let memtrack_reader::Replayed { replay: r, .. } = cap.replay();
         let e = t.elapsed();
         println!(
             "replay: {e:?}, {:.1} M/s, {}",

@@ -408,8 +408,8 @@ const DECODERS: usize = 2;
 
 impl Capture {
     /// Runs `f` on the events in sequence order (as [`Capture::events`]), with the chunks
-    /// decoded ahead by worker threads: decoding costs about twice what a replay does, so it
-    /// is spread over the machine's cores while the merge and `f` run on the calling thread.
+    /// decoded ahead by worker threads: decoding is the larger share of the work, so it is
+    /// spread over the machine's cores while the merge and `f` run on the calling thread.
     pub fn with_events<R>(
         &self,
         stacks: &mut StackTable,

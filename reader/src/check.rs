@@ -4,7 +4,7 @@
 use crate::capture::Capture;
 use crate::replay::{Replay, SiteTotal};
 use crate::stacks::StackTable;
-use crate::symbols::{stack_frames, Symbolizer};
+use crate::symbols::Symbolizer;
 use crate::views::View;
 
 /// The limits to check; `None` is not checked.
@@ -91,7 +91,7 @@ fn top3(
 /// A stack's frames, innermost first, from its allocating frame (the location of `table`:
 /// allocator wrappers below it, such as `operator new` or an `xmalloc`, left out).
 fn from_location(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Vec<String> {
-    let mut frames = stack_frames(sym, stacks, stack);
+    let mut frames = sym.stack_frames(stacks, stack);
     frames.reverse();
     if let Some(at) = crate::views::allocating_frame(sym, stacks, stack)
         .and_then(|loc| frames.iter().position(|f| *f == loc))
@@ -209,8 +209,11 @@ impl Capture {
     /// Checks `budget`. Peak and leaks come from one replay; the allocated view is read again
     /// only when a total limit is exceeded (for its top stacks).
     pub fn check(&self, budget: &Budget, sym: &mut Symbolizer) -> Vec<LimitResult> {
-        let (r, stacks, errors) = self.replay_into(Replay::tracking_sites(), u64::MAX);
-        let s = self.summarize(&r, errors);
+        let replayed = self.replay_into(Replay::tracking_sites(), u64::MAX);
+        let s = self.summarize(&replayed);
+        let crate::Replayed {
+            replay: r, stacks, ..
+        } = replayed;
         let mut out = limits(budget, |name| match name {
             "max_peak" => s.peak_bytes,
             "max_leaked" => s.leaked_bytes,

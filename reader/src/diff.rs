@@ -4,7 +4,7 @@
 //! different addresses. Locations are matched by function and a file path that does not depend
 //! on where the program was checked out.
 
-use crate::views::{folded, table, GroupBy, TableRow, View, ViewSites};
+use crate::views::{GroupBy, TableRow, View, ViewSites};
 use crate::{Capture, Symbolizer};
 use std::collections::BTreeMap;
 
@@ -135,104 +135,111 @@ pub struct DiffSide<'a> {
     pub sym: &'a mut Symbolizer,
 }
 
-/// Compares `view` of `base` and `new`.
-pub fn diff(base: &Capture, new: &Capture, view: View) -> Diff {
-    let (mut sb, mut sn) = (Symbolizer::new(base), Symbolizer::new(new));
-    let b = DiffSide {
-        label: None,
-        view: base.view(view),
-        sym: &mut sb,
-    };
-    let n = DiffSide {
-        label: None,
-        view: new.view(view),
-        sym: &mut sn,
-    };
-    diff_sides(vec![b], vec![n], view)
-}
+impl Diff {
+    /// Compares `view` of `base` and `new`.
+    pub fn between(base: &Capture, new: &Capture, view: View) -> Diff {
+        let (mut sb, mut sn) = (Symbolizer::new(base), Symbolizer::new(new));
+        let b = DiffSide {
+            label: None,
+            view: base.view(view),
+            sym: &mut sb,
+        };
+        let n = DiffSide {
+            label: None,
+            view: new.view(view),
+            sym: &mut sn,
+        };
+        Diff::of_sides(vec![b], vec![n], view)
+    }
 
-/// Compares two sides, each one or more processes' views.
-pub fn diff_sides<'a>(mut base: Vec<DiffSide<'a>>, mut new: Vec<DiffSide<'a>>, view: View) -> Diff {
-    let mut stacks: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-    for (sides, after) in [(&mut base, false), (&mut new, true)] {
-        for side in sides.iter_mut() {
-            for (s, b) in folded(&side.view, side.sym) {
-                let s = match &side.label {
-                    Some(l) => format!("{};{s}", l.replace(';', ":")),
-                    None => s,
-                };
-                let e = stacks.entry(s).or_default();
-                if after {
-                    e.1 += b;
-                } else {
-                    e.0 += b;
+    /// Compares two sides, each one or more processes' views.
+    pub fn of_sides<'a>(
+        mut base: Vec<DiffSide<'a>>,
+        mut new: Vec<DiffSide<'a>>,
+        view: View,
+    ) -> Diff {
+        let mut stacks: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for (sides, after) in [(&mut base, false), (&mut new, true)] {
+            for side in sides.iter_mut() {
+                for (s, b) in side.view.folded(side.sym) {
+                    let s = match &side.label {
+                        Some(l) => format!("{};{s}", l.replace(';', ":")),
+                        None => s,
+                    };
+                    let e = stacks.entry(s).or_default();
+                    if after {
+                        e.1 += b;
+                    } else {
+                        e.0 += b;
+                    }
                 }
             }
         }
-    }
-    let mut stacks: Vec<DiffStack> = stacks
-        .into_iter()
-        .map(|(stack, (before, after))| DiffStack {
-            stack,
-            before,
-            after,
-        })
-        .collect();
-    stacks.sort_by(|a, b| {
-        change(b.before, b.after)
-            .cmp(&change(a.before, a.after))
-            .then(a.stack.cmp(&b.stack))
-    });
+        let mut stacks: Vec<DiffStack> = stacks
+            .into_iter()
+            .map(|(stack, (before, after))| DiffStack {
+                stack,
+                before,
+                after,
+            })
+            .collect();
+        stacks.sort_by(|a, b| {
+            change(b.before, b.after)
+                .cmp(&change(a.before, a.after))
+                .then(a.stack.cmp(&b.stack))
+        });
 
-    let key = |r: &TableRow| (r.function.clone(), r.file.as_deref().map(portable), r.line);
-    let mut rows: BTreeMap<LocationKey, (u64, u64)> = BTreeMap::new();
-    for side in base.iter_mut() {
-        for r in table(&side.view, side.sym, GroupBy::Line) {
-            rows.entry(key(&r)).or_default().0 += r.total_bytes;
-        }
-    }
-    for side in new.iter_mut() {
-        for r in table(&side.view, side.sym, GroupBy::Line) {
-            rows.entry(key(&r)).or_default().1 += r.total_bytes;
-        }
-    }
-    let mut locations: Vec<DiffRow> = rows
-        .into_iter()
-        .map(|((function, file, line), (before, after))| DiffRow {
-            function,
-            file,
-            line,
-            before,
-            after,
-            delta: after as i64 - before as i64,
-            percent: (before > 0).then(|| (after as f64 - before as f64) * 100.0 / before as f64),
-        })
-        .collect();
-    locations.sort_by(|a, b| {
-        change(b.before, b.after)
-            .cmp(&change(a.before, a.after))
-            .then(a.function.cmp(&b.function))
-    });
-    let mut warnings: Vec<String> = Vec::new();
-    for side in base.iter().chain(new.iter()) {
-        for w in &side.sym.warnings {
-            if !warnings.contains(w) {
-                warnings.push(w.clone());
+        let key = |r: &TableRow| (r.function.clone(), r.file.as_deref().map(portable), r.line);
+        let mut rows: BTreeMap<LocationKey, (u64, u64)> = BTreeMap::new();
+        for side in base.iter_mut() {
+            for r in side.view.table(side.sym, GroupBy::Line) {
+                rows.entry(key(&r)).or_default().0 += r.total_bytes;
             }
         }
-    }
-    let sum = |sides: &[DiffSide<'_>], f: fn(&ViewSites) -> u64| -> u64 {
-        sides.iter().map(|s| f(&s.view)).sum()
-    };
-    Diff {
-        view: view.name(),
-        before_bytes: sum(&base, |v| v.bytes),
-        after_bytes: sum(&new, |v| v.bytes),
-        before_allocations: sum(&base, |v| v.allocations),
-        after_allocations: sum(&new, |v| v.allocations),
-        stacks,
-        locations,
-        warnings,
+        for side in new.iter_mut() {
+            for r in side.view.table(side.sym, GroupBy::Line) {
+                rows.entry(key(&r)).or_default().1 += r.total_bytes;
+            }
+        }
+        let mut locations: Vec<DiffRow> = rows
+            .into_iter()
+            .map(|((function, file, line), (before, after))| DiffRow {
+                function,
+                file,
+                line,
+                before,
+                after,
+                delta: after as i64 - before as i64,
+                percent: (before > 0)
+                    .then(|| (after as f64 - before as f64) * 100.0 / before as f64),
+            })
+            .collect();
+        locations.sort_by(|a, b| {
+            change(b.before, b.after)
+                .cmp(&change(a.before, a.after))
+                .then(a.function.cmp(&b.function))
+        });
+        let mut warnings: Vec<String> = Vec::new();
+        for side in base.iter().chain(new.iter()) {
+            for w in &side.sym.warnings {
+                if !warnings.contains(w) {
+                    warnings.push(w.clone());
+                }
+            }
+        }
+        let sum = |sides: &[DiffSide<'_>], f: fn(&ViewSites) -> u64| -> u64 {
+            sides.iter().map(|s| f(&s.view)).sum()
+        };
+        Diff {
+            view: view.name(),
+            before_bytes: sum(&base, |v| v.bytes),
+            after_bytes: sum(&new, |v| v.bytes),
+            before_allocations: sum(&base, |v| v.allocations),
+            after_allocations: sum(&new, |v| v.allocations),
+            stacks,
+            locations,
+            warnings,
+        }
     }
 }
 

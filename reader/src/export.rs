@@ -1,9 +1,9 @@
 //! `memtrack export --format json`: a view's stacks for scripts, each distinct frame written once
 //! in a table that stacks refer to by index, so that the output stays in proportion to the
-//! capture (deep stacks share most of their frames: written out per stack, a Python service's
-//! 24,000 stacks of 145 frames made 612 MB), and written as it goes rather than built whole.
+//! capture (deep stacks share most of their frames, so writing them out per stack multiplies the
+//! output many times over), and written as it goes rather than built whole.
 
-use crate::symbols::{for_each_frame, Frame, Symbolizer};
+use crate::symbols::{Frame, Symbolizer};
 use crate::views::{View, ViewSites};
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -37,7 +37,7 @@ impl JsonExport {
         });
         for site in v.sites.iter().filter(|s| s.bytes > 0 || s.allocations > 0) {
             let mut frame_ids = Vec::new();
-            for_each_frame(sym, &v.stacks, site.stack, |f| {
+            sym.for_each_frame(&v.stacks, site.stack, |f| {
                 let id = match self.index.get(f) {
                     Some(&id) => id,
                     None => {

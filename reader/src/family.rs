@@ -334,7 +334,7 @@ impl ProcessTree {
         let start = cap.header.start_mono_ns;
         let unit = cap.header.clock_unit_ns.max(1);
         let mut ticks: Vec<Tick> = Vec::new();
-        let (r, _, errors) = cap.replay_with(Replay::new(), u64::MAX, |r: &Replay, ev: &Event| {
+        let replayed = cap.replay_with(Replay::new(), u64::MAX, |r: &Replay, ev: &Event| {
             if !ticks_wanted {
                 return;
             }
@@ -358,7 +358,7 @@ impl ProcessTree {
                 }),
             }
         });
-        let summary = cap.summarize(&r, errors);
+        let summary = cap.summarize(&replayed);
         let end_mono_ns = start.saturating_add((summary.duration_seconds * 1e9) as u64);
         if ticks_wanted && cap.complete() {
             // The process has exited: from then on it holds nothing.
@@ -540,7 +540,9 @@ impl ProcessTree {
                 (View::Peak, Some(u64::MAX)) if with_max => cap.view_with_max(view),
                 (View::Peak, Some(u64::MAX)) => cap.view(view),
                 (View::Peak, Some(seq)) => {
-                    let (r, stacks, _) = cap.replay_until(seq);
+                    let crate::Replayed {
+                        replay: r, stacks, ..
+                    } = cap.replay_until(seq);
                     ViewSites::new(view, r.live_by_stack(), stacks)
                 }
                 _ if with_max => cap.view_with_max(view),

@@ -1,19 +1,50 @@
-//! Reads memtrack captures and rebuilds what the heap looked like.
+//! Reads memtrack captures and rebuilds what the heap looked like, then reports on it.
 //!
 //! **What**: opens a capture (memory-mapped), indexes its records, and replays its events in
 //! their global order to compute the peak (the high-water mark of live requested bytes), what
-//! was still live at exit (leaks), and totals.
+//! was still live at exit (leaks), and totals; from a replay it builds views (which stacks held
+//! what, at the peak, at exit, over the run), symbolizes them, and renders the reports of the
+//! `memtrack` command ([`report`]): summary, stats, check, table, tree, flamegraph, diff,
+//! export, plot, dump.
+//!
 //! **Why**: a report must be exact and must open in seconds even for captures of hundreds of
 //! millions of events, so the replay streams: memory is bounded by the live allocations and the
-//! stack table, never by the number of events.
-//! **How**: each thread's events arrive in chunks that are sorted by a global sequence number;
-//! a k-way merge over the chunks yields one ordered stream. A capture cut short (the process
-//! was killed) is read up to its last complete record and reported as incomplete.
+//! stack table, never by the number of events. Rendering lives here, beside the figures, so
+//! that the command line only parses arguments and picks files, and every report can be tested
+//! by writing it into a buffer.
 //!
-//! ```no_run
-//! let cap = memtrack_reader::Capture::open("svc.cap").unwrap();
+//! **How**: each thread's events arrive in chunks that are sorted by a global sequence number;
+//! a k-way merge over the chunks yields one ordered stream ([`Capture::events`]), which
+//! [`Capture::replay`] applies to a [`Replay`] and returns as a [`Replayed`]. A capture cut short
+//! (the process was killed) is read up to its last complete record and reported as incomplete.
+//! A computation is a method of the value it reads: [`Capture`] (replay, view, summary, stats,
+//! plot, check), [`ViewSites`] (folded, table, top_locations, call_tree), [`Symbolizer`] (frames
+//! of a stack), [`Diff`] (between two views). Reports are functions of [`report`] that take a
+//! [`report::Reporter`] (the [`report::ReportOptions`], the diagnostics stream, the progress
+//! display) and write to the writer they are given.
+//!
+//! ```
+//! use memtrack_reader::report::{ProgressGuard, ReportOptions, Reporter, Subject};
+//! use memtrack_reader::{Capture, GroupBy, View};
+//!
+//! let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/captures/v4-every-function.cap");
+//! let cap = Capture::open(path).unwrap();
 //! let s = cap.summary().unwrap();
-//! println!("peak {} bytes, leaked {} bytes", s.peak_bytes, s.leaked_bytes);
+//! assert_eq!((s.peak_bytes, s.leaked_bytes), (14022, 3350));
+//!
+//! // The table of `memtrack table --by line`, into a buffer; frames as module+offset.
+//! let options = ReportOptions { no_symbols: true, ..Default::default() };
+//! let (mut diag, progress) = (Vec::new(), |_: &Capture, _: bool| -> ProgressGuard { Box::new(()) });
+//! let mut r = Reporter { options, diag: &mut diag, progress: &progress };
+//! let subject = Subject::open(path.as_ref(), None).unwrap();
+//! let mut out = Vec::new();
+//! memtrack_reader::report::table::table(
+//!     &mut r, &subject, path.as_ref(), View::Peak, GroupBy::Line, 3, false, &mut out,
+//! )
+//! .unwrap();
+//! let text = String::from_utf8(out).unwrap();
+//! assert!(text.contains("live at the peak, 14,022 bytes (13.69 KiB) in 10 allocations"));
+//! assert_eq!(text.lines().count(), 2 + 3);
 //! ```
 
 mod capture;
@@ -25,6 +56,7 @@ mod modinfo;
 mod plot;
 pub mod pprof;
 mod replay;
+pub mod report;
 mod stacks;
 mod stats;
 mod symbols;
@@ -33,7 +65,7 @@ mod views;
 
 pub use capture::{Capture, ChunkRef, Event, ReadError, Warning};
 pub use check::{Budget, Contributor, LimitResult, ProcessShare};
-pub use diff::{diff, diff_sides, Diff, DiffRow, DiffSide, DiffStack};
+pub use diff::{Diff, DiffRow, DiffSide, DiffStack};
 pub use export::JsonExport;
 pub use family::{
     child_captures, shell_command, shell_quote, ChildCapture, Process, ProcessFigures, ProcessTree,
@@ -42,12 +74,12 @@ pub use memtrack_format::{
     AllocKind, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module, ModulesRecord,
 };
 pub use plot::Plot;
-pub use replay::{Replay, SiteTotal, Summary};
+pub use replay::{Replay, Replayed, SiteTotal, Summary};
 pub use stacks::StackTable;
 pub use stats::{Bucket, KindStat, Stats};
-pub use symbols::{for_each_frame, stack_frames, Frame, Symbolizer};
-pub use tree::{call_tree, render_tree, TreeNode};
-pub use views::{folded, table, top_locations, GroupBy, TableRow, View, ViewSites};
+pub use symbols::{Frame, Symbolizer};
+pub use tree::TreeNode;
+pub use views::{GroupBy, TableRow, View, ViewSites};
 
 /// `1234567` -> `1,234,567`.
 pub fn grouped(n: u64) -> String {

@@ -37,7 +37,8 @@ impl Capture {
             .max()
             .unwrap_or(1);
         let span = if by_event { max_seq } else { end.max(1) };
-        let (r, _, _) = self.replay_into(Replay::sampling(POINTS, span, by_event), u64::MAX);
+        let crate::Replayed { replay: r, .. } =
+            self.replay_into(Replay::sampling(POINTS, span, by_event), u64::MAX);
         let peak = r.peak_bytes;
         let mut points = Vec::with_capacity(POINTS);
         let mut carry = 0u64;

@@ -193,7 +193,7 @@ pub fn profile_of(mut pieces: Vec<Piece<'_>>) -> Vec<u8> {
         });
         for (stack, v) in &stacks {
             // Python frames in place of the interpreter's evaluation loops, leaf first.
-            let addrs = crate::symbols::merged_addrs(sym, &allocated.stacks, *stack);
+            let addrs = sym.merged_addrs(&allocated.stacks, *stack);
             // Addresses of two processes may hold different code.
             let a_key = |a: u64| (piece_index, a);
             let mut ids = Vec::with_capacity(addrs.len());

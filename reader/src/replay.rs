@@ -336,16 +336,24 @@ pub struct Summary {
     pub corrupt_chunks: usize,
 }
 
+/// What a replay leaves: the heap's state and figures, the stacks its events named, and how
+/// many chunks could not be decoded.
+pub struct Replayed {
+    pub replay: Replay,
+    pub stacks: StackTable,
+    pub corrupt_chunks: usize,
+}
+
 impl Capture {
     /// Replays the events with seq <= `until` (all of them for `u64::MAX`). Two threads: one
     /// decodes and merges the chunks into batches, the other applies them, so the two halves of
     /// the work overlap; at most a few batches are in flight.
-    pub fn replay_until(&self, until: u64) -> (Replay, StackTable, usize) {
+    pub fn replay_until(&self, until: u64) -> Replayed {
         self.replay_into(Replay::new(), until)
     }
 
     /// Replays into `r` (e.g. a [`Replay::tracking_sites`]) the events with seq <= `until`.
-    pub fn replay_into(&self, r: Replay, until: u64) -> (Replay, StackTable, usize) {
+    pub fn replay_into(&self, r: Replay, until: u64) -> Replayed {
         self.replay_with(r, until, |_, _| {})
     }
 
@@ -355,7 +363,7 @@ impl Capture {
         mut r: Replay,
         until: u64,
         mut after: impl FnMut(&Replay, &Event),
-    ) -> (Replay, StackTable, usize) {
+    ) -> Replayed {
         let mut stacks = StackTable::default();
         let mut boundaries = self.exec_boundaries.iter().copied().peekable();
         let cut = self.leaks_seq();
@@ -380,22 +388,26 @@ impl Capture {
             // No event after the mark.
             r.live_at_leaks_seq = Some((r.live_bytes, r.live_allocations()));
         }
-        (r, stacks, errors)
+        Replayed {
+            replay: r,
+            stacks,
+            corrupt_chunks: errors,
+        }
     }
 
     /// Replays the whole capture.
-    pub fn replay(&self) -> (Replay, StackTable, usize) {
+    pub fn replay(&self) -> Replayed {
         self.replay_until(u64::MAX)
     }
 
     /// Peak, leaks and totals.
     pub fn summary(&self) -> Result<Summary, ReadError> {
-        let (r, _stacks, errors) = self.replay();
-        Ok(self.summarize(&r, errors))
+        Ok(self.summarize(&self.replay()))
     }
 
     /// Builds the summary from a finished replay.
-    pub fn summarize(&self, r: &Replay, corrupt_chunks: usize) -> Summary {
+    pub fn summarize(&self, replayed: &Replayed) -> Summary {
+        let (r, corrupt_chunks) = (&replayed.replay, replayed.corrupt_chunks);
         let end_time = self
             .end
             .map(|e| e.time)

@@ -284,13 +284,6 @@ impl Symbolizer {
                 });
             }
         }
-        // MEMTRACK_SYMBOLIZE=0: no file is read, frames show as module+offset (fast, and the
-        // same on every machine).
-        if std::env::var_os("MEMTRACK_SYMBOLIZE").is_some_and(|v| v == "0") {
-            for m in &mut modules {
-                m.tried = true;
-            }
-        }
         let program_dirs = if cap.pycode.is_empty() {
             Vec::new()
         } else {
@@ -320,6 +313,14 @@ impl Symbolizer {
             warnings: Vec::new(),
             skip_functions: Vec::new(),
             wrappers: FastMap::default(),
+        }
+    }
+
+    /// Reads no file from now on: frames show as module+offset (fast, and the same on every
+    /// machine; the command's `MEMTRACK_SYMBOLIZE=0`).
+    pub fn read_no_files(&mut self) {
+        for m in &mut self.modules {
+            m.tried = true;
         }
     }
 
@@ -573,127 +574,125 @@ fn separate_debug_file(path: &Path, build_id: &[u8], obj: &object::File<'_>) -> 
     candidates.into_iter().find(|c| c.is_file() && c != path)
 }
 
-/// A stack as symbolized frames, outermost first.
-pub fn stack_frames(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Vec<Frame> {
-    let mut out = Vec::new();
-    for_each_frame(sym, stacks, stack, |f| out.push(f.clone()));
-    out
-}
+impl Symbolizer {
+    /// A stack as symbolized frames, outermost first.
+    pub fn stack_frames(&mut self, stacks: &StackTable, stack: u32) -> Vec<Frame> {
+        let mut out = Vec::new();
+        self.for_each_frame(stacks, stack, |f| out.push(f.clone()));
+        out
+    }
 
-/// Calls `f` on a stack's symbolized frames, outermost first (the frames of
-/// [`stack_frames`], without copying them: reports that only read them build no vector).
-///
-/// In a stack that ran Python code, each CPython evaluation loop is replaced by the Python frames
-/// it ran, and (unless `all_frames`) the interpreter's and the C library's native frames on the
-/// root side of the innermost Python frame are left out: they are the interpreter's plumbing
-/// (`_PyObject_VectorcallTstate`, `pyrun_file`, `__libc_start_main`). Extension modules' frames,
-/// and every frame from the innermost Python frame to the allocator, stay.
-pub fn for_each_frame(
-    sym: &mut Symbolizer,
-    stacks: &StackTable,
-    stack: u32,
-    mut f: impl FnMut(&Frame),
-) {
-    let addrs = stacks.frames(stack);
-    if !addrs.iter().any(|&a| pyframe::is_python(a)) {
-        for &addr in addrs.iter().rev() {
-            sym.frames(addr).iter().for_each(&mut f);
-        }
-        return;
-    }
-    // (frames of one address, the address), outermost first.
-    let mut seq: Vec<(Arc<[Frame]>, u64)> = Vec::with_capacity(addrs.len());
-    let (n_py, runs) = python_runs(&addrs);
-    if n_py == 0 {
-        // Python frames already in place, each run just outside its evaluation loop: the run
-        // stands for the loop, whose inlined callees stay.
-        for (i, &addr) in addrs.iter().enumerate().rev() {
-            if pyframe::is_python(addr) {
-                seq.push((sym.frames(addr), addr));
-                continue;
+    /// Calls `f` on a stack's symbolized frames, outermost first (the frames of
+    /// [`Symbolizer::stack_frames`], without copying them: reports that only read them build no vector).
+    ///
+    /// In a stack that ran Python code, each CPython evaluation loop is replaced by the Python frames
+    /// it ran, and (unless `all_frames`) the interpreter's and the C library's native frames on the
+    /// root side of the innermost Python frame are left out: they are the interpreter's plumbing
+    /// (`_PyObject_VectorcallTstate`, `pyrun_file`, `__libc_start_main`). Extension modules' frames,
+    /// and every frame from the innermost Python frame to the allocator, stay.
+    pub fn for_each_frame(&mut self, stacks: &StackTable, stack: u32, mut f: impl FnMut(&Frame)) {
+        let addrs = stacks.frames(stack);
+        if !addrs.iter().any(|&a| pyframe::is_python(a)) {
+            for &addr in addrs.iter().rev() {
+                self.frames(addr).iter().for_each(&mut f);
             }
-            let frames = sym.frames(addr);
-            let run_outside = addrs.get(i + 1).is_some_and(|&a| pyframe::is_python(a));
-            let is_loop = frames.iter().any(|fr| fr.function == EVAL_LOOP);
-            if is_loop {
-                sym.note_interpreter(addr);
-            }
-            let frames: Arc<[Frame]> = if run_outside && is_loop {
-                frames
-                    .iter()
-                    .filter(|fr| fr.function != EVAL_LOOP)
-                    .cloned()
-                    .collect()
-            } else {
-                frames
-            };
-            seq.push((frames, addr));
+            return;
         }
-    } else {
-        // Which native frames are evaluation loops, innermost first.
-        let native = &addrs[n_py..];
-        let mut per_addr: Vec<(u64, Arc<[Frame]>)> =
-            native.iter().map(|&a| (a, sym.frames(a))).collect();
-        per_addr.reverse(); // outermost first
-        let mut evals = 0;
-        for (a, fs) in &per_addr {
-            let n = fs.iter().filter(|fr| fr.function == EVAL_LOOP).count();
-            if n > 0 {
-                sym.note_interpreter(*a);
-            }
-            evals += n;
-        }
-        let push_run = |sym: &mut Symbolizer, run: &[u64], seq: &mut Vec<(Arc<[Frame]>, u64)>| {
-            for &a in run.iter().rev() {
-                seq.push((sym.frames(a), a));
-            }
-        };
-        // The innermost loop ran the innermost run, and so on outwards. Runs beyond the loops
-        // seen (the native stack was cut short at its root) go at the root end.
-        for run in runs.iter().skip(evals).rev() {
-            push_run(sym, run, &mut seq);
-        }
-        let mut eval_seen = 0;
-        for (addr, fs) in &per_addr {
-            // Frames of one address up to (outside) its loop, the run, then the rest.
-            let mut pending: Vec<Frame> = Vec::new();
-            for fr in fs.iter() {
-                if fr.function == EVAL_LOOP {
-                    let k = evals - 1 - eval_seen;
-                    eval_seen += 1;
-                    if let Some(run) = runs.get(k) {
-                        if !pending.is_empty() {
-                            seq.push((std::mem::take(&mut pending).into(), *addr));
-                        }
-                        push_run(sym, run, &mut seq);
-                        continue;
-                    }
+        // (frames of one address, the address), outermost first.
+        let mut seq: Vec<(Arc<[Frame]>, u64)> = Vec::with_capacity(addrs.len());
+        let (n_py, runs) = python_runs(&addrs);
+        if n_py == 0 {
+            // Python frames already in place, each run just outside its evaluation loop: the run
+            // stands for the loop, whose inlined callees stay.
+            for (i, &addr) in addrs.iter().enumerate().rev() {
+                if pyframe::is_python(addr) {
+                    seq.push((self.frames(addr), addr));
+                    continue;
                 }
-                pending.push(fr.clone());
+                let frames = self.frames(addr);
+                let run_outside = addrs.get(i + 1).is_some_and(|&a| pyframe::is_python(a));
+                let is_loop = frames.iter().any(|fr| fr.function == EVAL_LOOP);
+                if is_loop {
+                    self.note_interpreter(addr);
+                }
+                let frames: Arc<[Frame]> = if run_outside && is_loop {
+                    frames
+                        .iter()
+                        .filter(|fr| fr.function != EVAL_LOOP)
+                        .cloned()
+                        .collect()
+                } else {
+                    frames
+                };
+                seq.push((frames, addr));
             }
-            if !pending.is_empty() {
-                seq.push((pending.into(), *addr));
+        } else {
+            // Which native frames are evaluation loops, innermost first.
+            let native = &addrs[n_py..];
+            let mut per_addr: Vec<(u64, Arc<[Frame]>)> =
+                native.iter().map(|&a| (a, self.frames(a))).collect();
+            per_addr.reverse(); // outermost first
+            let mut evals = 0;
+            for (a, fs) in &per_addr {
+                let n = fs.iter().filter(|fr| fr.function == EVAL_LOOP).count();
+                if n > 0 {
+                    self.note_interpreter(*a);
+                }
+                evals += n;
+            }
+            let push_run =
+                |sym: &mut Symbolizer, run: &[u64], seq: &mut Vec<(Arc<[Frame]>, u64)>| {
+                    for &a in run.iter().rev() {
+                        seq.push((sym.frames(a), a));
+                    }
+                };
+            // The innermost loop ran the innermost run, and so on outwards. Runs beyond the loops
+            // seen (the native stack was cut short at its root) go at the root end.
+            for run in runs.iter().skip(evals).rev() {
+                push_run(self, run, &mut seq);
+            }
+            let mut eval_seen = 0;
+            for (addr, fs) in &per_addr {
+                // Frames of one address up to (outside) its loop, the run, then the rest.
+                let mut pending: Vec<Frame> = Vec::new();
+                for fr in fs.iter() {
+                    if fr.function == EVAL_LOOP {
+                        let k = evals - 1 - eval_seen;
+                        eval_seen += 1;
+                        if let Some(run) = runs.get(k) {
+                            if !pending.is_empty() {
+                                seq.push((std::mem::take(&mut pending).into(), *addr));
+                            }
+                            push_run(self, run, &mut seq);
+                            continue;
+                        }
+                    }
+                    pending.push(fr.clone());
+                }
+                if !pending.is_empty() {
+                    seq.push((pending.into(), *addr));
+                }
             }
         }
-    }
-    if sym.python_only {
-        for (frames, _) in &seq {
-            frames.iter().filter(|fr| fr.python).for_each(&mut f);
+        if self.python_only {
+            for (frames, _) in &seq {
+                frames.iter().filter(|fr| fr.python).for_each(&mut f);
+            }
+            return;
         }
-        return;
-    }
-    // The innermost Python frame: plumbing is looked for on its root side only.
-    let innermost = seq
-        .iter()
-        .rposition(|(frames, _)| frames.iter().any(|fr| fr.python))
-        .unwrap_or(0);
-    for (i, (frames, addr)) in seq.iter().enumerate() {
-        let hide = i < innermost
-            && !sym.all_frames
-            && !frames.iter().any(|fr| fr.python)
-            && sym.is_plumbing(*addr);
-        if !hide {
-            frames.iter().for_each(&mut f);
+        // The innermost Python frame: plumbing is looked for on its root side only.
+        let innermost = seq
+            .iter()
+            .rposition(|(frames, _)| frames.iter().any(|fr| fr.python))
+            .unwrap_or(0);
+        for (i, (frames, addr)) in seq.iter().enumerate() {
+            let hide = i < innermost
+                && !self.all_frames
+                && !frames.iter().any(|fr| fr.python)
+                && self.is_plumbing(*addr);
+            if !hide {
+                frames.iter().for_each(&mut f);
+            }
         }
     }
 }
@@ -714,44 +713,46 @@ fn python_runs(addrs: &[u64]) -> (usize, Vec<Vec<u64>>) {
     (n_py, runs)
 }
 
-/// The addresses of a stack, leaf first, with each CPython evaluation loop's address replaced by
-/// the Python frames it ran (as [`stack_frames`] does with frames): for exports that keep
-/// addresses, such as pprof.
-pub fn merged_addrs(sym: &mut Symbolizer, stacks: &StackTable, stack: u32) -> Vec<u64> {
-    let addrs = stacks.frames(stack);
-    let (n_py, runs) = python_runs(&addrs);
-    if n_py == 0 {
-        // Python frames in place already (or none): drop the loops that ran them.
-        let is_loop_of_run = |i: usize, a: u64, sym: &mut Symbolizer| {
-            addrs.get(i + 1).is_some_and(|&o| pyframe::is_python(o))
-                && !pyframe::is_python(a)
-                && sym.frames(a).iter().any(|f| f.function == EVAL_LOOP)
-        };
+impl Symbolizer {
+    /// The addresses of a stack, leaf first, with each CPython evaluation loop's address replaced by
+    /// the Python frames it ran (as [`Symbolizer::stack_frames`] does with frames): for exports that keep
+    /// addresses, such as pprof.
+    pub fn merged_addrs(&mut self, stacks: &StackTable, stack: u32) -> Vec<u64> {
+        let addrs = stacks.frames(stack);
+        let (n_py, runs) = python_runs(&addrs);
+        if n_py == 0 {
+            // Python frames in place already (or none): drop the loops that ran them.
+            let is_loop_of_run = |i: usize, a: u64, sym: &mut Symbolizer| {
+                addrs.get(i + 1).is_some_and(|&o| pyframe::is_python(o))
+                    && !pyframe::is_python(a)
+                    && sym.frames(a).iter().any(|f| f.function == EVAL_LOOP)
+            };
+            let mut out = Vec::with_capacity(addrs.len());
+            for (i, &a) in addrs.iter().enumerate() {
+                if !is_loop_of_run(i, a, self) {
+                    out.push(a);
+                }
+            }
+            return out;
+        }
         let mut out = Vec::with_capacity(addrs.len());
-        for (i, &a) in addrs.iter().enumerate() {
-            if !is_loop_of_run(i, a, sym) {
-                out.push(a);
+        let mut k = 0;
+        for &a in &addrs[n_py..] {
+            if self.frames(a).iter().any(|f| f.function == EVAL_LOOP) {
+                if let Some(run) = runs.get(k) {
+                    out.extend_from_slice(run);
+                    k += 1;
+                    continue;
+                }
             }
+            out.push(a);
         }
-        return out;
-    }
-    let mut out = Vec::with_capacity(addrs.len());
-    let mut k = 0;
-    for &a in &addrs[n_py..] {
-        if sym.frames(a).iter().any(|f| f.function == EVAL_LOOP) {
-            if let Some(run) = runs.get(k) {
-                out.extend_from_slice(run);
-                k += 1;
-                continue;
-            }
+        // Runs without an evaluation loop on the (cut) native stack: at the root end.
+        for run in runs.iter().skip(k) {
+            out.extend_from_slice(run);
         }
-        out.push(a);
+        out
     }
-    // Runs without an evaluation loop on the (cut) native stack: at the root end.
-    for run in runs.iter().skip(k) {
-        out.extend_from_slice(run);
-    }
-    out
 }
 
 /// CPython's evaluation loop: its native frames are replaced by the Python frames it ran.

@@ -1,7 +1,7 @@
 //! A call tree of a view: inclusive bytes and allocation counts per call path, largest branches
 //! first, small branches folded.
 
-use crate::symbols::{for_each_frame, Symbolizer};
+use crate::symbols::Symbolizer;
 use crate::views::ViewSites;
 use crate::{grouped, human_bytes};
 
@@ -37,36 +37,40 @@ impl TreeNode {
     }
 }
 
-/// Builds the tree of a view: the root is the whole view, children are outermost frames.
-pub fn call_tree(v: &ViewSites, sym: &mut Symbolizer) -> TreeNode {
-    let mut root = TreeNode {
-        name: "[all]".into(),
-        ..Default::default()
-    };
-    for site in &v.sites {
-        root.bytes += site.bytes;
-        root.allocations += site.allocations;
-        let mut node = Some(&mut root);
-        for_each_frame(sym, &v.stacks, site.stack, |f| {
-            if let Some(n) = node.take().map(|n| n.child(&f.label())) {
-                n.bytes += site.bytes;
-                n.allocations += site.allocations;
-                node = Some(n);
-            }
-        });
+impl ViewSites {
+    /// Builds the tree of a view: the root is the whole view, children are outermost frames.
+    pub fn call_tree(&self, sym: &mut Symbolizer) -> TreeNode {
+        let mut root = TreeNode {
+            name: "[all]".into(),
+            ..Default::default()
+        };
+        for site in &self.sites {
+            root.bytes += site.bytes;
+            root.allocations += site.allocations;
+            let mut node = Some(&mut root);
+            sym.for_each_frame(&self.stacks, site.stack, |f| {
+                if let Some(n) = node.take().map(|n| n.child(&f.label())) {
+                    n.bytes += site.bytes;
+                    n.allocations += site.allocations;
+                    node = Some(n);
+                }
+            });
+        }
+        root.sort();
+        root
     }
-    root.sort();
-    root
 }
 
-/// Renders the tree as text. Branches below `min_share` of the whole are folded into one line;
-/// `depth` limits how deep it goes. A chain of single children is printed on one level each.
-pub fn render_tree(root: &TreeNode, depth: usize, min_share: f64) -> String {
-    let mut out = String::new();
-    let total = root.bytes.max(1);
-    line(&mut out, "", "", root, total);
-    walk(&mut out, root, "", depth, depth, total, min_share);
-    out
+impl TreeNode {
+    /// Renders the tree as text. Branches below `min_share` of the whole are folded into one line;
+    /// `depth` limits how deep it goes. A chain of single children is printed on one level each.
+    pub fn render(&self, depth: usize, min_share: f64) -> String {
+        let mut out = String::new();
+        let total = self.bytes.max(1);
+        line(&mut out, "", "", self, total);
+        walk(&mut out, self, "", depth, depth, total, min_share);
+        out
+    }
 }
 
 fn line(out: &mut String, prefix: &str, branch: &str, n: &TreeNode, total: u64) {

@@ -4,7 +4,7 @@
 use crate::capture::Capture;
 use crate::replay::SiteTotal;
 use crate::stacks::StackTable;
-use crate::symbols::{for_each_frame, stack_frames, Symbolizer};
+use crate::symbols::Symbolizer;
 use memtrack_format::EventKind;
 
 /// Which allocations a report covers.
@@ -67,8 +67,10 @@ impl Capture {
         if view != View::Peak {
             return self.view(view);
         }
-        let (whole, _, _) = self.replay();
-        let (r, stacks, _) = self.replay_until(whole.peak_seq);
+        let crate::Replayed { replay: whole, .. } = self.replay();
+        let crate::Replayed {
+            replay: r, stacks, ..
+        } = self.replay_until(whole.peak_seq);
         ViewSites::new(view, r.live_by_stack(), stacks)
     }
 
@@ -76,15 +78,21 @@ impl Capture {
     pub fn view(&self, view: View) -> ViewSites {
         let (sites, stacks) = match view {
             View::Leaks => {
-                let (r, stacks, _) = self.replay_until(self.leaks_seq());
+                let crate::Replayed {
+                    replay: r, stacks, ..
+                } = self.replay_until(self.leaks_seq());
                 (r.live_by_stack(), stacks)
             }
             View::LeaksAtExit => {
-                let (r, stacks, _) = self.replay();
+                let crate::Replayed {
+                    replay: r, stacks, ..
+                } = self.replay();
                 (r.live_by_stack(), stacks)
             }
             View::Peak => {
-                let (r, stacks, _) = self.replay_into(crate::Replay::tracking_sites(), u64::MAX);
+                let crate::Replayed {
+                    replay: r, stacks, ..
+                } = self.replay_into(crate::Replay::tracking_sites(), u64::MAX);
                 (r.peak_by_stack(), stacks)
             }
             View::Temporary => return self.stats().temporary,
@@ -106,40 +114,42 @@ impl Capture {
     }
 }
 
-/// Folded stacks (`root;...;leaf bytes`), one line per distinct function path, sorted. Frames
-/// are their [labels](crate::Frame::label): function names, inlined frames included, and Python
-/// frames with their file and line.
-pub fn folded(v: &ViewSites, sym: &mut Symbolizer) -> Vec<(String, u64)> {
-    // Summed by path in a hash map, sorted once at the end.
-    let mut by: std::collections::HashMap<String, u64> = Default::default();
-    let mut path = String::new();
-    for site in &v.sites {
-        path.clear();
-        for_each_frame(sym, &v.stacks, site.stack, |f| {
-            if !path.is_empty() {
-                path.push(';');
+impl ViewSites {
+    /// Folded stacks (`root;...;leaf bytes`), one line per distinct function path, sorted. Frames
+    /// are their [labels](crate::Frame::label): function names, inlined frames included, and Python
+    /// frames with their file and line.
+    pub fn folded(&self, sym: &mut Symbolizer) -> Vec<(String, u64)> {
+        // Summed by path in a hash map, sorted once at the end.
+        let mut by: std::collections::HashMap<String, u64> = Default::default();
+        let mut path = String::new();
+        for site in &self.sites {
+            path.clear();
+            sym.for_each_frame(&self.stacks, site.stack, |f| {
+                if !path.is_empty() {
+                    path.push(';');
+                }
+                // `;` separates frames in the folded format.
+                let label = f.label();
+                if label.contains(';') {
+                    path.push_str(&label.replace(';', ":"));
+                } else {
+                    path.push_str(&label);
+                }
+            });
+            if path.is_empty() {
+                path.push_str("[unknown]");
             }
-            // `;` separates frames in the folded format.
-            let label = f.label();
-            if label.contains(';') {
-                path.push_str(&label.replace(';', ":"));
-            } else {
-                path.push_str(&label);
+            match by.get_mut(path.as_str()) {
+                Some(b) => *b += site.bytes,
+                None => {
+                    by.insert(path.clone(), site.bytes);
+                }
             }
-        });
-        if path.is_empty() {
-            path.push_str("[unknown]");
         }
-        match by.get_mut(path.as_str()) {
-            Some(b) => *b += site.bytes,
-            None => {
-                by.insert(path.clone(), site.bytes);
-            }
-        }
+        let mut out: Vec<(String, u64)> = by.into_iter().filter(|(_, b)| *b > 0).collect();
+        out.sort_unstable();
+        out
     }
-    let mut out: Vec<(String, u64)> = by.into_iter().filter(|(_, b)| *b > 0).collect();
-    out.sort_unstable();
-    out
 }
 
 /// How `table` groups allocations.
@@ -271,41 +281,43 @@ pub(crate) fn describe(f: &crate::Frame) -> String {
     }
 }
 
-/// The view's allocations grouped and ranked by total bytes.
-pub fn table(v: &ViewSites, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> {
-    let mut rows = Rows::default();
-    for site in &v.sites {
-        // Failing that, the innermost frame.
-        let alloc = allocating_frame(sym, &v.stacks, site.stack)
-            .or_else(|| {
-                let leaf = *v.stacks.frames(site.stack).first()?;
-                sym.frames(leaf).last().cloned()
-            })
-            .unwrap_or_else(|| crate::Frame::native("[unknown]"));
-        // Whole stacks (the costly part: deep ones, each frame's names copied) only when
-        // they are the key.
-        let (key, stack) = match by {
-            // A Python function is known by its file too (`<module>` of each file apart).
-            GroupBy::Function if alloc.python => {
-                let f = crate::Frame {
-                    line: None,
-                    ..alloc.clone()
-                };
-                let label = f.label().into_owned();
-                add_to_row(&mut rows, label.clone(), &f, true, vec![label], site);
-                continue;
-            }
-            GroupBy::Function => (alloc.function.clone(), vec![alloc.function.clone()]),
-            GroupBy::Line => (describe(&alloc), vec![describe(&alloc)]),
-            GroupBy::Stack => {
-                let frames = stack_frames(sym, &v.stacks, site.stack);
-                let s: Vec<String> = frames.iter().map(describe).collect();
-                (s.join(";"), s)
-            }
-        };
-        add_to_row(&mut rows, key, &alloc, by != GroupBy::Function, stack, site);
+impl ViewSites {
+    /// The view's allocations grouped and ranked by total bytes.
+    pub fn table(&self, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> {
+        let mut rows = Rows::default();
+        for site in &self.sites {
+            // Failing that, the innermost frame.
+            let alloc = allocating_frame(sym, &self.stacks, site.stack)
+                .or_else(|| {
+                    let leaf = *self.stacks.frames(site.stack).first()?;
+                    sym.frames(leaf).last().cloned()
+                })
+                .unwrap_or_else(|| crate::Frame::native("[unknown]"));
+            // Whole stacks (the costly part: deep ones, each frame's names copied) only when
+            // they are the key.
+            let (key, stack) = match by {
+                // A Python function is known by its file too (`<module>` of each file apart).
+                GroupBy::Function if alloc.python => {
+                    let f = crate::Frame {
+                        line: None,
+                        ..alloc.clone()
+                    };
+                    let label = f.label().into_owned();
+                    add_to_row(&mut rows, label.clone(), &f, true, vec![label], site);
+                    continue;
+                }
+                GroupBy::Function => (alloc.function.clone(), vec![alloc.function.clone()]),
+                GroupBy::Line => (describe(&alloc), vec![describe(&alloc)]),
+                GroupBy::Stack => {
+                    let frames = sym.stack_frames(&self.stacks, site.stack);
+                    let s: Vec<String> = frames.iter().map(describe).collect();
+                    (s.join(";"), s)
+                }
+            };
+            add_to_row(&mut rows, key, &alloc, by != GroupBy::Function, stack, site);
+        }
+        ranked(rows)
     }
-    ranked(rows)
 }
 
 /// The allocating frame of a stack: its innermost Python frame when the interpreter was running
@@ -341,19 +353,21 @@ pub(crate) fn allocating_frame(
     None
 }
 
-/// The `n` locations (allocating function and file:line) that hold the most bytes in a view.
-/// Only each stack's allocating frame is symbolized (not whole stacks).
-pub fn top_locations(v: &ViewSites, sym: &mut Symbolizer, n: usize) -> Vec<TableRow> {
-    let mut rows = Rows::default();
-    for site in &v.sites {
-        let f = allocating_frame(sym, &v.stacks, site.stack)
-            .unwrap_or_else(|| crate::Frame::native("[unknown]"));
-        let key = describe(&f);
-        add_to_row(&mut rows, key.clone(), &f, true, vec![key], site);
+impl ViewSites {
+    /// The `n` locations (allocating function and file:line) that hold the most bytes in a view.
+    /// Only each stack's allocating frame is symbolized (not whole stacks).
+    pub fn top_locations(&self, sym: &mut Symbolizer, n: usize) -> Vec<TableRow> {
+        let mut rows = Rows::default();
+        for site in &self.sites {
+            let f = allocating_frame(sym, &self.stacks, site.stack)
+                .unwrap_or_else(|| crate::Frame::native("[unknown]"));
+            let key = describe(&f);
+            add_to_row(&mut rows, key.clone(), &f, true, vec![key], site);
+        }
+        let mut out = ranked(rows);
+        out.truncate(n);
+        out
     }
-    let mut out = ranked(rows);
-    out.truncate(n);
-    out
 }
 
 #[cfg(test)]

@@ -471,7 +471,11 @@ pub fn figures_both_ways(capture: &Path) -> (Figures, serde_json::Value) {
         .summary()
         .unwrap_or_else(|e| panic!("summary of {} failed: {e}", capture.display()));
     let from_summary = Figures::from_summary(&s);
-    let (replay, _stacks, corrupt) = cap.replay();
+    let memtrack_reader::Replayed {
+        replay,
+        stacks: _stacks,
+        corrupt_chunks: corrupt,
+    } = cap.replay();
     assert_eq!(corrupt, 0, "{}: corrupt chunks", capture.display());
     assert_eq!(
         Figures::from_replay(&replay),

@@ -196,8 +196,10 @@ fn one_pass_peak_view_equals_a_replay_up_to_the_peak() {
     for path in paths {
         let cap = Capture::open(&path).unwrap();
         let view = cap.view(memtrack_reader::View::Peak);
-        let (whole, _, _) = cap.replay();
-        let (at_peak, _, _) = cap.replay_until(whole.peak_seq);
+        let memtrack_reader::Replayed { replay: whole, .. } = cap.replay();
+        let memtrack_reader::Replayed {
+            replay: at_peak, ..
+        } = cap.replay_until(whole.peak_seq);
         let key = |v: &[memtrack_reader::SiteTotal]| -> Vec<(u32, u64, u64)> {
             v.iter()
                 .map(|s| (s.stack, s.bytes, s.allocations))
@@ -223,7 +225,7 @@ fn one_pass_peak_view_equals_a_replay_up_to_the_peak() {
 /// Python frames with their files and lines, read the same forever.
 #[test]
 fn a_kept_python_capture_keeps_its_python_frames() {
-    use memtrack_reader::{table, GroupBy, Symbolizer, View};
+    use memtrack_reader::{GroupBy, Symbolizer, View};
     let cap = Capture::open(kept("v3-python.cap")).unwrap();
     assert_eq!(
         figures(&cap),
@@ -239,7 +241,7 @@ fn a_kept_python_capture_keeps_its_python_frames() {
     );
     assert!(!cap.pycode.is_empty());
     let mut sym = Symbolizer::new(&cap);
-    let rows = table(&cap.view(View::Allocated), &mut sym, GroupBy::Line);
+    let rows = cap.view(View::Allocated).table(&mut sym, GroupBy::Line);
     let hold: Vec<_> = rows.iter().filter(|r| r.function == "hold").collect();
     assert_eq!(hold.len(), 1, "{hold:?}");
     // bytearray(100000): the object (56 bytes) and its buffer (100001), on line 3.

@@ -129,8 +129,10 @@ fn every_function_exact() {
 
     // The peak is reached by the 10000-byte malloc, with the 9 blocks a, b, c, e, f, g, h, i
     // and big live: replaying up to the peak's sequence number gives that live set.
-    let (full, _, _) = cap.replay();
-    let (at_peak, _, _) = cap.replay_until(full.peak_seq);
+    let memtrack_reader::Replayed { replay: full, .. } = cap.replay();
+    let memtrack_reader::Replayed {
+        replay: at_peak, ..
+    } = cap.replay_until(full.peak_seq);
     assert_eq!(at_peak.live_bytes, 13958);
     assert_eq!(at_peak.live_allocations(), 9);
 
@@ -209,8 +211,10 @@ fn realloc_chain_exact() {
         assert_stack_starts_in(&cap, &stacks, stack, &exe, &["resize", "main"]);
     }
     // Peak reached at the largest size.
-    let (r, _, _) = cap.replay();
-    let (at_peak, _, _) = cap.replay_until(r.peak_seq);
+    let memtrack_reader::Replayed { replay: r, .. } = cap.replay();
+    let memtrack_reader::Replayed {
+        replay: at_peak, ..
+    } = cap.replay_until(r.peak_seq);
     assert_eq!(at_peak.live_bytes, N * STEP);
     assert_eq!(at_peak.total_allocations, N);
 }

@@ -7,7 +7,7 @@
 //! It runs for `MEMTRACK_FUZZ_SECS` seconds (default 8) from seed `MEMTRACK_FUZZ_SEED`; a
 //! failure prints the seed and iteration to reproduce it.
 
-use memtrack_reader::{folded, Capture, Symbolizer, View};
+use memtrack_reader::{Capture, Symbolizer, View};
 use memtrack_tests::*;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -129,7 +129,7 @@ fn the_reader_survives_arbitrary_damage() {
                 let _ = cap.stats();
                 if iterations.is_multiple_of(16) {
                     let mut sym = Symbolizer::new(&cap);
-                    let _ = folded(&cap.view(View::Peak), &mut sym);
+                    let _ = cap.view(View::Peak).folded(&mut sym);
                 }
                 true
             }

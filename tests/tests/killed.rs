@@ -95,7 +95,9 @@ fn sigkill_mid_run_leaves_a_readable_incomplete_capture() {
     let cap = open_capture(&capture);
     assert!(!cap.complete());
     assert!(cap.end.is_none());
-    let (r, stacks, _) = cap.replay();
+    let memtrack_reader::Replayed {
+        replay: r, stacks, ..
+    } = cap.replay();
     let sites = r.live_by_stack();
     assert_eq!(sites.len(), 1, "{sites:?}");
     assert_eq!((sites[0].bytes, sites[0].allocations), (1000 * n, n));

@@ -41,7 +41,7 @@ fn exit_from_a_second_thread_ends_the_capture_cleanly() {
     assert_eq!(json["end_reason"], "exit", "{json}");
 
     let cap = open_capture(&t.capture);
-    let (replay, stacks, _) = cap.replay();
+    let memtrack_reader::Replayed { replay, stacks, .. } = cap.replay();
     let sites: Vec<_> = replay
         .live_by_stack()
         .into_iter()
@@ -179,7 +179,7 @@ fn deep_stack_frames(depth: u32) -> (Vec<u64>, usize) {
     let exe = work.compile("deep_stack.c");
     let t = run_traced_ok(&work, "deep.cap", &exe, &[depth.to_string()]);
     let cap = open_capture(&t.capture);
-    let (replay, stacks, _) = cap.replay();
+    let memtrack_reader::Replayed { replay, stacks, .. } = cap.replay();
     let live = replay.live_by_stack();
     let site = live
         .iter()
@@ -221,7 +221,7 @@ fn code_loaded_with_dlopen_is_unwound_and_its_module_recorded() {
     let exe = work.compile("dlopen_main.c");
     let t = run_traced_ok(&work, "dl.cap", &exe, &[lib.to_str().unwrap()]);
     let cap = open_capture(&t.capture);
-    let (_, stacks, _) = cap.replay();
+    let memtrack_reader::Replayed { stacks, .. } = cap.replay();
     let lib_site = function_range(&lib, "lib_site");
     let lib_alloc = function_range(&lib, "lib_alloc");
     let call_lib = function_range(&exe, "call_lib");
@@ -278,7 +278,7 @@ fn vfork_children_do_not_end_the_parents_capture() {
     assert!(json_bool(&json, "complete"), "{json}");
     assert_eq!(json["end_reason"], "exit", "{json}");
     let cap = open_capture(&t.capture);
-    let (replay, stacks, _) = cap.replay();
+    let memtrack_reader::Replayed { replay, stacks, .. } = cap.replay();
     let module = exe_module(&cap, &exe);
     let site = function_range(&exe, "parent_alloc");
     let mut mine: Vec<u64> = replay
@@ -358,7 +358,7 @@ fn pthread_getattr_np_inside_malloc_does_not_deadlock() {
     assert!(s.complete, "{s:?}");
     // glibc's own blocks (the /proc/self/maps stream, cpusets) come and go; the program keeps
     // its 1234 bytes plus the new thread's TLS table (one calloc per thread, never freed).
-    let (replay, _, _) = open_capture(&cap).replay();
+    let memtrack_reader::Replayed { replay, .. } = open_capture(&cap).replay();
     assert!(
         replay.live_by_stack().iter().any(|site| site.bytes == 1234),
         "{s:?}"

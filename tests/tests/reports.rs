@@ -1,7 +1,7 @@
 //! Report views through symbolization: folded stacks and flamegraphs attribute exact bytes to
 //! the fixtures' functions, with inlined frames, file and line, and demangled C++ names.
 
-use memtrack_reader::{folded, stack_frames, Symbolizer, View};
+use memtrack_reader::{Symbolizer, View};
 use memtrack_tests::*;
 use std::process::Command;
 
@@ -77,7 +77,7 @@ fn folded_views_attribute_exact_bytes_to_functions() {
         .iter()
         .find(|s| s.bytes == 2000)
         .expect("the 2000-byte site");
-    let frames = stack_frames(&mut sym, &v.stacks, site.stack);
+    let frames = sym.stack_frames(&v.stacks, site.stack);
     let n = frames.len();
     assert!(n >= 4, "{frames:#?}");
     let leaf = &frames[n - 1];
@@ -90,7 +90,7 @@ fn folded_views_attribute_exact_bytes_to_functions() {
     assert_eq!(frames[n - 4].function, "main");
     assert_eq!(frames[n - 4].location().as_deref(), Some("reports.c:23"));
     assert_eq!(
-        folded(&v, &mut sym).iter().map(|(_, b)| b).sum::<u64>(),
+        v.folded(&mut sym).iter().map(|(_, b)| b).sum::<u64>(),
         v.bytes
     );
 }
@@ -261,7 +261,7 @@ fn call_tree_has_inclusive_bytes_along_the_paths() {
     let cap = open_capture(&t.capture);
     let v = cap.view(View::Peak);
     let mut sym = Symbolizer::new(&cap);
-    let root = memtrack_reader::call_tree(&v, &mut sym);
+    let root = v.call_tree(&mut sym);
     assert_eq!((root.bytes, root.allocations), (53000, 3));
     // Down the single path to main.
     let mut node = &root;

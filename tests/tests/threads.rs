@@ -187,7 +187,11 @@ fn threads_exact() {
 
     // At the peak, the round's 32 blocks are live, all from the one produce() site in the
     // round loop; at exit the 4 leaks are live, from the other produce() site.
-    let (full, stacks, _) = cap.replay();
+    let memtrack_reader::Replayed {
+        replay: full,
+        stacks,
+        ..
+    } = cap.replay();
     let module = exe_module(&cap, &exe);
     let produce = function_range(&exe, "produce");
     let from_produce = |stack: u32| {
@@ -197,7 +201,9 @@ fn threads_exact() {
             .flatten()
             .is_some_and(|rel| produce.contains(&rel))
     };
-    let (at_peak, _, _) = cap.replay_until(full.peak_seq);
+    let memtrack_reader::Replayed {
+        replay: at_peak, ..
+    } = cap.replay_until(full.peak_seq);
     let sites: Vec<(u64, u64)> = at_peak
         .live_by_stack()
         .iter()

@@ -1,6 +1,6 @@
 //! One scenario: `MEMTRACK_OUTPUT` in the environment records a Rust program from its first
 //! allocation to its exit, threads included. The test runs itself again as the recorded child.
-use memtrack_reader::{folded, Capture, Symbolizer, View};
+use memtrack_reader::{Capture, Symbolizer, View};
 use std::alloc::System;
 use std::hint::black_box;
 
@@ -56,7 +56,8 @@ fn main() {
 
     let mut sym = Symbolizer::new(&cap);
     let bytes_in = |view: View, f: &str, sym: &mut Symbolizer| -> u64 {
-        folded(&cap.view(view), sym)
+        cap.view(view)
+            .folded(sym)
             .iter()
             .filter(|(l, _)| l.split(';').any(|fr| fr == f))
             .map(|(_, b)| b)

@@ -3,7 +3,7 @@
 //! holds it to exact stacks when one function allocates for two callers whose frames are the
 //! same size (only the return address above it tells them apart), and at six depths in turn
 //! (more than the memo keeps). Runs without libtest's threads, so the figures are exact.
-use memtrack_reader::{folded, Capture, Symbolizer, View};
+use memtrack_reader::{Capture, Symbolizer, View};
 use std::alloc::System;
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -63,7 +63,7 @@ fn main() {
 
     let cap = Capture::open(&path).expect("open the capture");
     let mut sym = Symbolizer::new(&cap);
-    let lines = folded(&cap.view(View::Allocated), &mut sym);
+    let lines = cap.view(View::Allocated).folded(&mut sym);
     let mut got: BTreeMap<String, u64> = BTreeMap::new();
     for (stack, bytes) in &lines {
         let frames: Vec<&str> = stack.split(';').collect();

@@ -1,7 +1,7 @@
 //! One scenario: `memtrack_tracker::start(path)` records a Rust program's allocations, with
 //! native stacks, until the guard drops. Runs without libtest's threads, so the figures are
 //! exact.
-use memtrack_reader::{folded, stack_frames, Capture, Symbolizer, View};
+use memtrack_reader::{Capture, Symbolizer, View};
 use std::alloc::System;
 use std::hint::black_box;
 
@@ -72,7 +72,7 @@ fn main() {
     // Stacks start at the program's code, with demangled Rust names.
     let mut sym = Symbolizer::new(&cap);
     let leaks = cap.view(View::Leaks);
-    let lines = folded(&leaks, &mut sym);
+    let lines = leaks.folded(&mut sym);
     let bytes_in = |f: &str| -> u64 {
         lines
             .iter()
@@ -85,7 +85,7 @@ fn main() {
     assert_eq!(bytes_in("record_start::grow"), 400, "{lines:#?}");
     assert_eq!(bytes_in("record_start::main"), 4249, "{lines:#?}");
     let peak = cap.view(View::Peak);
-    let peak_lines = folded(&peak, &mut sym);
+    let peak_lines = peak.folded(&mut sym);
     assert!(
         peak_lines
             .iter()
@@ -94,7 +94,7 @@ fn main() {
     );
     // No tracker frame in any stack: the innermost frames are the allocator's callers.
     for site in &leaks.sites {
-        for f in stack_frames(&mut sym, &leaks.stacks, site.stack) {
+        for f in sym.stack_frames(&leaks.stacks, site.stack) {
             assert!(
                 !f.function.contains("memtrack_tracker"),
                 "tracker frame {f:?} in {lines:#?}"

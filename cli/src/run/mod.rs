@@ -19,6 +19,7 @@ pub(crate) struct RunTree {
 }
 
 pub(crate) fn cmd_run(
+    r: &mut memtrack_reader::report::Reporter,
     output: Option<PathBuf>,
     force: bool,
     tree: RunTree,
@@ -165,7 +166,8 @@ pub(crate) fn cmd_run(
         if limits.any() {
             // The command's own failure wins; else the budgets decide.
             // On stderr: the program's standard output stays its own.
-            let checked = crate::check_report(&cap, limits, false, &mut std::io::stderr().lock())?;
+            let checked =
+                crate::check(r, &cap, None, limits, false, &mut std::io::stderr().lock())?;
             return Ok(if code != 0 { code } else { checked });
         }
     } else {

@@ -1,9 +1,10 @@
 //! What a report is about: the whole recorded process tree, or one process of it (`--pid`).
 
+use crate::{Capture, Process, ProcessTree, View, ViewSites};
 use anyhow::{bail, Result};
-use memtrack_reader::{Capture, Process, ProcessTree, View, ViewSites};
 use std::path::{Path, PathBuf};
 
+/// The process tree of a capture and, with `--pid`, the one process of it a report is about.
 pub struct Subject {
     pub tree: ProcessTree,
     /// The one process a report is about (`--pid`, or a tree of one process).
@@ -140,7 +141,7 @@ impl Subject {
     pub fn about(&self) -> String {
         match self.one() {
             Some(p) if self.is_one_of_many() => p.label(),
-            Some(p) => memtrack_reader::shell_command(&p.argv),
+            Some(p) => crate::shell_command(&p.argv),
             None => {
                 let more = self
                     .tree

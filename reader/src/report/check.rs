@@ -1,0 +1,117 @@
+//! `memtrack check`: budgets against a capture or a process tree; the verdict is the caller's
+//! exit code.
+
+use super::{bytes, count, Reporter, Subject};
+use crate::{human_bytes, Budget};
+use anyhow::Result;
+use std::io::Write;
+use std::path::Path;
+
+/// Checks `budget` against `subject` (opened from `file`) and writes the report to `out`;
+/// returns the exit code (0 held, 1 exceeded).
+pub fn check(
+    r: &mut Reporter,
+    subject: &Subject,
+    file: &Path,
+    budget: &Budget,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let cap = subject.main_capture();
+    let progress = r.reading(cap, json);
+    let (results, complete) = match subject.one() {
+        Some(_) => {
+            let mut sym = r.symbolizer(cap);
+            let results = cap.check(budget, &mut sym);
+            r.warn(&sym.warnings);
+            (results, cap.complete())
+        }
+        None => (
+            subject.tree.check(budget, |c| r.symbolizer(c)),
+            subject.tree.processes.iter().all(|p| p.summary.complete),
+        ),
+    };
+    drop(progress);
+    let exceeded = results.iter().filter(|r| r.exceeded).count();
+    if json {
+        let v = serde_json::json!({
+            "capture": file.display().to_string(),
+            "ok": exceeded == 0,
+            "complete": complete,
+            "pid": subject.one().map(|p| p.pid),
+            "processes": subject.tree.processes.len(),
+            "limits": results,
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+    } else {
+        match subject.one() {
+            Some(p) if subject.is_one_of_many() => writeln!(
+                out,
+                "memtrack check of {}, process {}",
+                file.display(),
+                p.label()
+            )?,
+            Some(_) => writeln!(out, "memtrack check of {}", file.display())?,
+            None => writeln!(
+                out,
+                "memtrack check of {}: {} processes, their combined peak and the sums of the rest",
+                file.display(),
+                subject.tree.processes.len()
+            )?,
+        }
+        for r in &results {
+            let show = |n: u64| {
+                if r.unit == "bytes" {
+                    bytes(n)
+                } else {
+                    count(n, "allocation")
+                }
+            };
+            writeln!(
+                out,
+                "  {:<24} {} {} limit {}  {}",
+                r.name.replace('_', "-"),
+                show(r.measured),
+                if r.exceeded { ">" } else { "<=" },
+                show(r.limit),
+                if r.exceeded { "EXCEEDED" } else { "ok" }
+            )?;
+            for p in &r.processes {
+                writeln!(
+                    out,
+                    "      pid {}: {}  {}",
+                    p.pid,
+                    show(p.measured),
+                    p.command
+                )?;
+            }
+            for c in &r.top {
+                let frames: Vec<&str> = c.frames.iter().take(10).map(String::as_str).collect();
+                writeln!(
+                    out,
+                    "      {} in {}{}: {}{}",
+                    human_bytes(c.bytes),
+                    count(c.allocations, "allocation"),
+                    c.pid.map(|p| format!(" [pid {p}]")).unwrap_or_default(),
+                    frames.join(" <- "),
+                    if c.frames.len() > 10 { " <- ..." } else { "" }
+                )?;
+            }
+        }
+        if !complete && super::being_written(cap) {
+            writeln!(out, "  note: the capture is still being written (no END record yet); figures cover what was recorded so far")?;
+        } else if !complete {
+            writeln!(out, "  note: the capture is incomplete (the process was killed or crashed); figures cover what was recorded")?;
+        }
+        writeln!(
+            out,
+            "result: {}",
+            if exceeded == 0 {
+                format!("all {} limits hold", results.len())
+            } else {
+                format!("{exceeded} of {} limits exceeded", results.len())
+            }
+        )?;
+    }
+    Ok(if exceeded == 0 { 0 } else { 1 })
+}

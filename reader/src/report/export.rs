@@ -1,0 +1,47 @@
+//! `memtrack export`: a view as folded stacks, a pprof profile or JSON.
+
+use super::{Part, Reporter};
+use crate::{JsonExport, Symbolizer};
+use std::io::Write;
+
+/// Writes `stack bytes` lines (from [`Reporter::folded_parts`]), line by line: the text
+/// (hundreds of MB for deep stacks) is never held twice.
+pub fn write_folded(lines: &[(String, u64)], w: &mut dyn Write) -> std::io::Result<()> {
+    let mut w = std::io::BufWriter::new(w);
+    for (path, bytes) in lines {
+        writeln!(w, "{path} {bytes}")?;
+    }
+    w.flush()
+}
+
+/// The parts as a gzipped pprof profile.
+pub fn pprof(r: &mut Reporter, parts: &[Part<'_>]) -> std::io::Result<Vec<u8>> {
+    let mut pieces = Vec::new();
+    let mut syms: Vec<Symbolizer> = parts.iter().map(|p| r.symbolizer(p.cap)).collect();
+    for (part, sym) in parts.iter().zip(syms.iter_mut()) {
+        pieces.push(crate::pprof::Piece {
+            cap: part.cap,
+            inuse: &part.view,
+            label: part.label.clone(),
+            pid: part.process.pid,
+            sym,
+        });
+    }
+    let gz = crate::pprof::profile_gz_of(pieces)?;
+    for sym in &syms {
+        r.warn(&sym.warnings);
+    }
+    Ok(gz)
+}
+
+/// The parts as a JSON export, ready to write.
+pub fn json(r: &mut Reporter, parts: &[Part<'_>]) -> JsonExport {
+    let mut export = JsonExport::default();
+    for part in parts {
+        let mut sym = r.symbolizer(part.cap);
+        let process = part.label.clone().map(|l| (part.process.pid, l));
+        export.add(&part.view, &mut sym, process);
+        r.warn(&sym.warnings);
+    }
+    export
+}

@@ -1,0 +1,219 @@
+//! The reports of the `memtrack` command, rendered as text, JSON and SVG.
+//!
+//! Each submodule renders one report into a writer it is given; none prints, reads the
+//! environment or keeps global state. What the command line chose arrives as a
+//! [`ReportOptions`] value inside a [`Reporter`], which also carries where warnings go and the
+//! progress display of long reads. Files and standard output are the caller's: a report that
+//! has something to compute before it writes (a flamegraph, a diff, an export) is split into a
+//! step that computes and a step that writes, so that the caller creates its output file only
+//! when there is something to put in it, as before.
+
+pub mod check;
+pub mod diff;
+pub mod dump;
+pub mod export;
+pub mod flamegraph;
+pub mod plot;
+pub mod stats;
+pub mod subject;
+pub mod summary;
+pub mod table;
+pub mod tree;
+
+use crate::{grouped, human_bytes, Capture, Symbolizer, View};
+use std::io::Write;
+use std::path::Path;
+pub use subject::{being_written, Part, Subject};
+
+/// The switches that change every report (the command line's global options).
+#[derive(Clone, Debug, Default)]
+pub struct ReportOptions {
+    /// Stacks keep only their Python frames (`--python-only`).
+    pub python_only: bool,
+    /// Stacks keep the interpreter's own frames around Python frames (`--all-frames`).
+    pub all_frames: bool,
+    /// Functions never named as the allocating one (`--skip-function`, globs).
+    pub skip_functions: Vec<String>,
+    /// Frames stay module+offset: no file is read (`MEMTRACK_SYMBOLIZE=0`; the same output on
+    /// every machine).
+    pub no_symbols: bool,
+}
+
+impl ReportOptions {
+    /// The symbolizer of `cap` with these options.
+    pub fn symbolizer(&self, cap: &Capture) -> Symbolizer {
+        let mut sym = Symbolizer::new(cap);
+        sym.python_only = self.python_only;
+        sym.all_frames = self.all_frames;
+        sym.skip_functions = self.skip_functions.clone();
+        if self.no_symbols {
+            sym.read_no_files();
+        }
+        sym
+    }
+}
+
+/// Something shown while a long read is under way; dropping it ends the display.
+pub type ProgressGuard = Box<dyn std::any::Any>;
+
+/// What every report is given besides its subject: the options, where warnings go, and the
+/// progress display of long reads.
+pub struct Reporter<'a> {
+    pub options: ReportOptions,
+    /// Warnings and notes for the person at the terminal (the command's standard error).
+    pub diag: &'a mut dyn Write,
+    /// Starts the display of a long read of a capture; `quiet` when the report's own output
+    /// is machine-readable (JSON), where the command shows none.
+    pub progress: &'a dyn Fn(&Capture, bool) -> ProgressGuard,
+}
+
+impl Reporter<'_> {
+    /// The symbolizer of `cap` with the report's options.
+    pub fn symbolizer(&self, cap: &Capture) -> Symbolizer {
+        self.options.symbolizer(cap)
+    }
+
+    /// The symbolizer's warnings (a binary changed since the capture, say).
+    pub fn warn(&mut self, warnings: &[String]) {
+        for w in warnings {
+            // A standard error that cannot be written to has nobody to tell.
+            let _ = writeln!(self.diag, "memtrack: warning: {w}");
+        }
+    }
+
+    /// A note on the diagnostics stream.
+    pub fn note(&mut self, args: std::fmt::Arguments) {
+        let _ = self.diag.write_fmt(args);
+    }
+
+    /// Shows the read of `cap` under way until the returned guard is dropped.
+    pub fn reading(&self, cap: &Capture, quiet: bool) -> ProgressGuard {
+        (self.progress)(cap, quiet)
+    }
+
+    /// A report's view of its subject, with the progress display while it is computed.
+    pub fn parts<'s>(
+        &self,
+        subject: &'s Subject,
+        view: View,
+        with_max: bool,
+        quiet: bool,
+    ) -> Vec<Part<'s>> {
+        let progress = self.reading(subject.main_capture(), quiet);
+        let parts = subject.parts(view, with_max);
+        drop(progress);
+        parts
+    }
+
+    /// The parts' folded stacks, each below its process's root frame when there are several.
+    pub fn folded_parts(&mut self, parts: &[Part<'_>]) -> Vec<(String, u64)> {
+        let mut lines = Vec::new();
+        for part in parts {
+            let mut sym = self.symbolizer(part.cap);
+            let mut l = part.view.folded(&mut sym);
+            self.warn(&sym.warnings);
+            if let Some(label) = &part.label {
+                let label = label.replace(';', ":");
+                for (path, _) in &mut l {
+                    *path = format!("{label};{path}");
+                }
+            }
+            lines.extend(l);
+        }
+        lines.sort();
+        lines
+    }
+
+    /// The view's words for a title: the peak of a tree is its combined peak.
+    pub fn view_title(&self, view: View, subject: &Subject) -> String {
+        let words = match (view, subject.one()) {
+            (View::Peak, None) => "live at the combined peak",
+            _ => view_words(view),
+        };
+        self.with_frames(words)
+    }
+
+    /// `words`, saying when only Python frames are shown.
+    pub(crate) fn with_frames(&self, words: &str) -> String {
+        if self.options.python_only {
+            format!("{words}, Python frames only")
+        } else {
+            words.into()
+        }
+    }
+}
+
+/// What a view holds, in words.
+pub fn view_words(view: View) -> &'static str {
+    match view {
+        View::Peak => "live at the peak",
+        View::Leaks => "leaked (left live by the program)",
+        View::LeaksAtExit => "live at exit",
+        View::Allocated => "allocated",
+        View::Temporary => "temporary (freed before the thread allocated again)",
+    }
+}
+
+/// `function (file.c:12)`, an absolute file shortened to its name (a relative one, such as a
+/// Python file's `pkg/mod.py`, kept: its folders tell files apart); `function (file)` without a
+/// line; the function alone without a file.
+fn location_label(function: &str, file: Option<&str>, line: Option<u32>) -> String {
+    let Some(f) = file else {
+        return function.to_string();
+    };
+    let short = if f.starts_with('/') {
+        Path::new(f)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        f.to_string()
+    };
+    match line {
+        Some(l) => format!("{function} ({short}:{l})"),
+        None => format!("{function} ({short})"),
+    }
+}
+
+/// `1 allocation`, `2,048 allocations`: a count with its noun (plural with an `s`).
+fn count(n: u64, noun: &str) -> String {
+    format!("{} {}", grouped(n), plural(n, noun))
+}
+
+/// The noun for `n` of it, padded to the plural's width (for columns).
+fn plural(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("{noun} ")
+    } else {
+        format!("{noun}s")
+    }
+}
+
+/// `512 bytes`, or `1,536 bytes (1.50 KiB)` from a KiB on.
+fn bytes(n: u64) -> String {
+    if n < 1024 {
+        format!("{} bytes", grouped(n))
+    } else {
+        format!("{} bytes ({})", grouped(n), human_bytes(n))
+    }
+}
+
+/// `+1.50 KiB`, `-12 B`.
+fn signed_bytes(n: i64) -> String {
+    if n < 0 {
+        format!("-{}", human_bytes(n.unsigned_abs()))
+    } else {
+        format!("+{}", human_bytes(n as u64))
+    }
+}
+
+/// An SVG that shows `title` and `note`: inferno refuses to draw a profile without counts.
+fn empty_svg(w: &mut impl Write, title: &str, note: &str) -> std::io::Result<()> {
+    let esc = |t: &str| t.replace('&', "&amp;").replace('<', "&lt;");
+    write!(
+        w,
+        "<?xml version=\"1.0\" standalone=\"no\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1200\" height=\"80\" font-family=\"Verdana, sans-serif\"><text x=\"600\" y=\"30\" text-anchor=\"middle\" font-size=\"16\">{}</text><text x=\"600\" y=\"60\" text-anchor=\"middle\" font-size=\"13\">{}</text></svg>\n",
+        esc(title),
+        esc(note)
+    )
+}

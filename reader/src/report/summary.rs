@@ -1,0 +1,374 @@
+//! `memtrack summary`: peak heap, leaks, totals, the process tree and the top locations.
+
+use super::{bytes, count, location_label, plural, Reporter, Subject};
+use crate::{grouped, human_bytes, Capture, Summary, View};
+use anyhow::Result;
+use std::io::Write;
+use std::path::Path;
+
+/// Writes the summary of `subject`, opened from `file` (`pid`: the `--pid` it was opened with):
+/// text, or one JSON object.
+pub fn summary(
+    r: &mut Reporter,
+    subject: &mut Subject,
+    file: &Path,
+    pid: Option<u32>,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let cap = subject.main_capture();
+    let shown_file = cap.path().to_path_buf();
+    let progress = r.reading(cap, json);
+    // One replay gives the figures and what each stack held at the peak.
+    let replayed = cap.replay_into(crate::Replay::tracking_sites(), u64::MAX);
+    drop(progress);
+    let s = cap.summarize(&replayed);
+    let view = crate::ViewSites::new(View::Peak, replayed.replay.peak_by_stack(), replayed.stacks);
+    let mut sym = r.symbolizer(cap);
+    let top = view.top_locations(&mut sym, 5);
+    r.warn(&sym.warnings);
+    let parent_pid = cap.header.parent_pid;
+    let chosen = cap.header.pid;
+    let children = if parent_pid == 0 && pid.is_none() {
+        crate::child_captures(file)
+    } else {
+        Vec::new()
+    };
+    if !subject.tree.analyzed {
+        subject.tree.set_summary(s.clone());
+    }
+    let cap = subject.main_capture();
+    let tree = &subject.tree;
+    if json {
+        let mut v = serde_json::to_value(&s)?;
+        v["capture"] = serde_json::Value::String(shown_file.display().to_string());
+        v["parent_pid"] = match parent_pid {
+            0 => serde_json::Value::Null,
+            p => p.into(),
+        };
+        v["children"] = serde_json::to_value(&children)?;
+        v["top_peak_locations"] = serde_json::to_value(
+            top.iter()
+                .map(|t| {
+                    serde_json::json!({
+                        "function": t.function, "file": t.file, "line": t.line,
+                        "bytes": t.total_bytes, "allocations": t.count,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        v["processes"] = serde_json::to_value(tree.figures())?;
+        v["combined_peak_bytes"] = tree.combined_peak_bytes.into();
+        v["combined_peak_time_seconds"] = tree.seconds(tree.combined_peak_mono_ns).into();
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(());
+    }
+    print_summary(out, &shown_file, cap, &s)?;
+    if parent_pid != 0 {
+        writeln!(out, "  forked from:    pid {parent_pid}")?;
+    }
+    if !children.is_empty() {
+        writeln!(
+            out,
+            "  children:       {} captures of processes it started ({}.<pid>)",
+            children.len(),
+            file.display()
+        )?;
+    }
+    if tree.is_tree() {
+        print_tree_summary(out, tree, chosen)?;
+    }
+    // Of a tree: where the memory was at the combined peak, in every process.
+    let recorded = tree.processes.iter().filter(|p| p.has_capture()).count();
+    let (top, heading) = if recorded > 1 && pid.is_none() {
+        let mut rows = Vec::new();
+        for part in subject.parts(View::Peak, false) {
+            let mut sym = r.symbolizer(part.cap);
+            let mut top = part.view.top_locations(&mut sym, 5);
+            r.warn(&sym.warnings);
+            if part.label.is_some() {
+                top.iter_mut()
+                    .for_each(|row| row.pid = Some(part.process.pid));
+            }
+            rows.extend(top);
+        }
+        rows.sort_by(|a, b| b.total_bytes.cmp(&a.total_bytes).then(a.pid.cmp(&b.pid)));
+        rows.truncate(5);
+        (rows, "top locations at the combined peak:")
+    } else {
+        (top, "top locations at the peak:")
+    };
+    if !top.is_empty() {
+        writeln!(out, "  {heading}")?;
+        for t in &top {
+            let mut location = location_label(&t.function, t.file.as_deref(), t.line);
+            if let Some(pid) = t.pid {
+                location = format!("[pid {pid}] {location}");
+            }
+            writeln!(
+                out,
+                "    {:>11} in {:>9} {}  {location}",
+                human_bytes(t.total_bytes),
+                grouped(t.count),
+                plural(t.count, "allocation")
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The processes of a tree, the combined peak and what each held then; `chosen` is marked.
+fn print_tree_summary(
+    out: &mut impl Write,
+    tree: &crate::ProcessTree,
+    chosen: u32,
+) -> std::io::Result<()> {
+    let recorded = tree.processes.iter().filter(|p| p.has_capture()).count();
+    writeln!(
+        out,
+        "  process tree:   {} process{} recorded{}",
+        recorded,
+        if recorded == 1 { "" } else { "es" },
+        match tree.processes.len() - recorded {
+            0 => String::new(),
+            n => format!(
+                ", and {n} short helper{} kept as figures",
+                if n == 1 { "" } else { "s" }
+            ),
+        }
+    )?;
+    // One recorded process (and helpers kept as figures): its own figures above say it all.
+    let table = recorded > 1;
+    if table {
+        writeln!(
+            out,
+            "  combined peak:  {} at {:.3} s (the most all processes' heaps held at once)",
+            bytes(tree.combined_peak_bytes),
+            tree.seconds(tree.combined_peak_mono_ns)
+        )?;
+        writeln!(
+            out,
+            "  {:>9} {:>9} {:>11} {:>11} {:>11}  command",
+            "pid", "parent", "peak", "at comb.pk", "leaked"
+        )?;
+    }
+    const ROWS: usize = 25;
+    let captured: Vec<&crate::Process> =
+        tree.processes.iter().filter(|p| p.has_capture()).collect();
+    for p in captured.iter().take(if table { ROWS } else { 0 }) {
+        writeln!(
+            out,
+            "{} {:>9} {:>9} {:>11} {:>11} {:>11}  {}",
+            if p.pid == chosen { " *" } else { "  " },
+            p.pid,
+            if p.parent_pid == 0 {
+                "-".to_string()
+            } else {
+                p.parent_pid.to_string()
+            },
+            human_bytes(p.summary.peak_bytes),
+            human_bytes(p.held_at_combined_peak),
+            human_bytes(p.summary.leaked_bytes),
+            p.command()
+        )?;
+    }
+    if captured.len() > ROWS {
+        let rest = &captured[ROWS..];
+        writeln!(out,
+            "    ... and {} more processes, peaks up to {} (memtrack summary --json lists them all)",
+            rest.len(),
+            human_bytes(rest.iter().map(|p| p.summary.peak_bytes).max().unwrap_or(0))
+        )?;
+    }
+    let helpers: Vec<&crate::Process> =
+        tree.processes.iter().filter(|p| !p.has_capture()).collect();
+    if !helpers.is_empty() {
+        let mut names: Vec<(String, usize)> = Vec::new();
+        for h in &helpers {
+            let name = Path::new(h.argv.first().unwrap_or(&h.executable))
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            match names.iter_mut().find(|(n, _)| *n == name) {
+                Some(e) => e.1 += 1,
+                None => names.push((name, 1)),
+            }
+        }
+        names.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let listed: Vec<String> = names
+            .iter()
+            .take(6)
+            .map(|(n, c)| {
+                if *c == 1 {
+                    n.clone()
+                } else {
+                    format!("{n} ×{c}")
+                }
+            })
+            .collect();
+        writeln!(
+            out,
+            "    + {} short helper{} ({}{}): peaks up to {}, not in the {}peak",
+            helpers.len(),
+            if helpers.len() == 1 { "" } else { "s" },
+            listed.join(", "),
+            if names.len() > 6 { ", ..." } else { "" },
+            human_bytes(
+                helpers
+                    .iter()
+                    .map(|p| p.summary.peak_bytes)
+                    .max()
+                    .unwrap_or(0)
+            ),
+            if table { "combined " } else { "" }
+        )?;
+    }
+    Ok(())
+}
+
+/// The figures of one capture.
+fn print_summary(
+    out: &mut impl Write,
+    file: &Path,
+    cap: &Capture,
+    s: &Summary,
+) -> std::io::Result<()> {
+    writeln!(out, "memtrack summary of {}", file.display())?;
+    let cmdline = if s.argv.is_empty() {
+        s.executable.clone()
+    } else {
+        crate::shell_command(&s.argv)
+    };
+    writeln!(out, "  command:        {cmdline} (pid {})", s.pid)?;
+    if !s.exec_chain.is_empty() {
+        // A version manager's shims exec several wrappers (pyenv: six): the first and the
+        // last say where it started and what ran.
+        let chain = &s.exec_chain;
+        if chain.len() > 3 {
+            writeln!(
+                out,
+                "  exec chain:     {}  ->  ({} more)  ->  {}",
+                chain[0],
+                chain.len() - 2,
+                chain[chain.len() - 1]
+            )?;
+        } else {
+            writeln!(out, "  exec chain:     {}", chain.join("  ->  "))?;
+        }
+    }
+    writeln!(
+        out,
+        "  duration:       {:.3} s, {} thread{}, {} events",
+        s.duration_seconds,
+        s.threads,
+        if s.threads == 1 { "" } else { "s" },
+        grouped(s.events)
+    )?;
+    // Asked once: it may wait a little for a lock.
+    let live = super::being_written(cap);
+    if s.complete && !live {
+        writeln!(
+            out,
+            "  capture:        complete (ended by {})",
+            s.end_reason.unwrap_or("exit")
+        )?;
+    } else if live {
+        writeln!(out,
+            "  capture:        still being written (no END record yet): its process is running; figures cover what it wrote so far ({:.3} s)",
+            s.duration_seconds
+        )?;
+    } else {
+        writeln!(out,
+            "  capture:        INCOMPLETE: cut off after {:.3} s (the process was killed or crashed); read up to its last complete record",
+            s.duration_seconds
+        )?;
+        let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        for w in &cap.warnings {
+            if let crate::Warning::TornTail { offset } = w {
+                writeln!(
+                    out,
+                    "                  (up to byte {} of {}: the last {} could not be read)",
+                    grouped(*offset),
+                    grouped(len),
+                    bytes(len.saturating_sub(*offset))
+                )?;
+            }
+        }
+    }
+    writeln!(
+        out,
+        "  peak heap:      {} in {}, at {:.3} s",
+        bytes(s.peak_bytes),
+        count(s.peak_allocations, "allocation"),
+        s.peak_time_seconds
+    )?;
+    let leak_word = if live {
+        "live so far:"
+    } else if s.complete {
+        "leaked at exit:"
+    } else {
+        "live at cut-off:"
+    };
+    // A Python program's `--leaks` is its state when its code ended (see View::Leaks); the
+    // heap at exit follows, after interpreter shutdown.
+    let (left, at_exit) = match s.python_shutdown_seconds {
+        Some(t) => {
+            writeln!(
+                out,
+                "  leaked at end:  {} in {} (live when the Python program's code ended)",
+                bytes(s.leaked_bytes),
+                count(s.leaked_allocations, "allocation")
+            )?;
+            let note = format!(" (after {t:.3} s of interpreter shutdown)");
+            ((s.leaked_at_exit_bytes, s.leaked_at_exit_allocations), note)
+        }
+        None => ((s.leaked_bytes, s.leaked_allocations), String::new()),
+    };
+    writeln!(
+        out,
+        "  {leak_word:<15} {} in {}{at_exit}",
+        bytes(left.0),
+        count(left.1, "allocation")
+    )?;
+    writeln!(
+        out,
+        "  allocated:      {} in {}",
+        bytes(s.total_bytes),
+        count(s.total_allocations, "call")
+    )?;
+    writeln!(out, "  frees:          {}", grouped(s.total_frees))?;
+    if s.unmatched_frees > 0 || s.overlapping_allocations > 0 || s.corrupt_chunks > 0 {
+        // Only what happened.
+        let mut notes = Vec::new();
+        if s.unmatched_frees > 0 {
+            notes.push(format!(
+                "{} of blocks allocated before recording began",
+                count(s.unmatched_frees, "free")
+            ));
+        }
+        if s.overlapping_allocations > 0 {
+            notes.push(format!(
+                "{} over a live block",
+                count(s.overlapping_allocations, "allocation")
+            ));
+        }
+        if s.corrupt_chunks > 0 {
+            notes.push(count(s.corrupt_chunks as u64, "damaged chunk"));
+        }
+        writeln!(out, "  note:           {}", notes.join(", "))?;
+    }
+    for w in &cap.warnings {
+        if let crate::Warning::BadRecord {
+            offset,
+            kind,
+            error,
+        } = w
+        {
+            writeln!(
+                out,
+                "  warning:        record of type {kind} at offset {offset} skipped: {error}"
+            )?;
+        }
+    }
+    Ok(())
+}
