@@ -78,6 +78,19 @@ pub enum EventKind {
     ReallocFree { addr: u64 },
     /// The realloc whose first half was recorded failed: the old block is live again.
     ReallocFailed,
+    /// The thread opened an occurrence of the region named `region` (an id of a `REGION_NAME`
+    /// record). Regions nest; the thread's next `RegionEnd` closes the innermost one.
+    RegionBegin { region: u32 },
+    /// The thread closed its innermost open region.
+    RegionEnd,
+}
+
+impl EventKind {
+    /// True for the events that change the heap (every kind but the region marks).
+    #[inline]
+    pub fn is_heap(&self) -> bool {
+        !matches!(self, EventKind::RegionBegin { .. } | EventKind::RegionEnd)
+    }
 }
 
 /// One decoded item of an events chunk: an event, or the definition of a stack trie node that

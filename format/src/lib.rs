@@ -65,6 +65,7 @@ mod header;
 mod python;
 pub mod record;
 mod records;
+mod region;
 mod varint;
 
 pub use chunk::{
@@ -79,6 +80,7 @@ pub use records::{
     DroppedProcess, DroppedRecord, EndReason, EndRecord, Module, ModulesRecord, Segment,
     END_RECORD_LEN,
 };
+pub use region::RegionNameRecord;
 pub use varint::{
     push_uvarint_bytewise, put_bytes, put_ivarint, put_uvarint, read_uvarint, ByteSink,
 };

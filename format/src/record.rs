@@ -33,3 +33,12 @@ pub const DROPPED: u8 = 9;
 /// A Python program's own code ended and interpreter shutdown began, at a place in the
 /// event order: see [`crate::PythonEndRecord`].
 pub const PYTHON_END: u8 = 10;
+/// The name of a region: `id` uvarint, then the name as bytes. Written once per name, before
+/// or after the marks that use it (a reader resolves names after reading): see
+/// [`crate::RegionNameRecord`].
+pub const REGION_NAME: u8 = 11;
+/// A chunk's region marks: the chunk's header, then its `REGION_BEGIN`/`REGION_END` ops in the
+/// stream encoding (as an `EVENTS` payload holding only those). Written by the transcoder right
+/// after the chunk's `EVENTS_R` record; a reader merges its marks by sequence number like any
+/// chunk's events. Old readers skip it and read the heap unchanged.
+pub const REGIONS: u8 = 12;

@@ -83,6 +83,8 @@ pub struct Capture {
     /// when the last program image was CPython and got that far: `--leaks` is what was live
     /// there.
     pub python_end: Option<memtrack_format::PythonEndRecord>,
+    /// Region names by id (`REGION_NAME` records; the first record of an id wins).
+    pub region_names: std::collections::HashMap<u32, String>,
 }
 
 /// One event, in global order.
@@ -143,6 +145,7 @@ impl Capture {
             exec_boundaries: Vec::new(),
             dropped: Vec::new(),
             python_end: None,
+            region_names: Default::default(),
             min_offset_from: Vec::new(),
             progress: Default::default(),
         };
@@ -200,7 +203,11 @@ impl Capture {
                 error: e.to_string(),
             };
             match kind {
-                record::EVENTS | record::EVENTS_Z | record::EVENTS_T | record::EVENTS_R => {
+                record::EVENTS
+                | record::EVENTS_Z
+                | record::EVENTS_T
+                | record::EVENTS_R
+                | record::REGIONS => {
                     let visible =
                         &head[prefix.min(head.len())..(prefix + plen as usize).min(head.len())];
                     let mut c = Cursor::new(visible);
@@ -259,6 +266,17 @@ impl Capture {
                     let payload = read(payload_off, plen as usize);
                     match memtrack_format::PythonEndRecord::decode(&payload) {
                         Ok(p) => self.python_end = Some(p),
+                        Err(e) => self.warnings.push(bad(e)),
+                    }
+                }
+                record::REGION_NAME => {
+                    let payload = read(payload_off, plen as usize);
+                    match memtrack_format::RegionNameRecord::decode(&payload) {
+                        Ok(r) => {
+                            self.region_names
+                                .entry(r.id)
+                                .or_insert_with(|| String::from_utf8_lossy(&r.name).into_owned());
+                        }
                         Err(e) => self.warnings.push(bad(e)),
                     }
                 }

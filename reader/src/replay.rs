@@ -244,6 +244,8 @@ impl Replay {
                     self.insert(addr, l);
                 }
             }
+            // Marks, not heap events: the regions report reads them.
+            EventKind::RegionBegin { .. } | EventKind::RegionEnd => return,
         }
         self.sample(ev.time, ev.seq);
     }

@@ -79,6 +79,7 @@ impl Capture {
                     EventKind::ReallocFree { .. } | EventKind::ReallocFailed => {
                         last.remove(&ev.tid);
                     }
+                    EventKind::RegionBegin { .. } | EventKind::RegionEnd => {}
                 }
                 true
             })

@@ -88,6 +88,9 @@ fn analyse(cap: &Capture, exe: &Path) -> (Analysis, StackTable) {
             EventKind::ReallocFree { .. } | EventKind::ReallocFailed => {
                 panic!("threads.c makes no realloc: {ev:?}")
             }
+            EventKind::RegionBegin { .. } | EventKind::RegionEnd => {
+                panic!("threads.c opens no region: {ev:?}")
+            }
         }
     }
     (a, stacks)

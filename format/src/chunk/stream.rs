@@ -22,6 +22,10 @@ pub mod op {
     pub const REALLOC_FAILED: u8 = 0x22;
     /// Not an event: defines a stack trie node (`id`, `parent`, `ip`).
     pub const STACK_NODE: u8 = 0x30;
+    /// The thread opened a region: the field after the deltas is the region's name id.
+    pub const REGION_BEGIN: u8 = 0x40;
+    /// The thread closed its innermost open region.
+    pub const REGION_END: u8 = 0x41;
 }
 
 /// The stream encoder of one chunk: the running values the next event's deltas are taken from,
@@ -79,6 +83,8 @@ impl StreamEncoder {
             EventKind::Free { addr } => (op::FREE, addr),
             EventKind::ReallocFree { addr } => (op::REALLOC_FREE, addr),
             EventKind::ReallocFailed => (op::REALLOC_FAILED, self.addr),
+            EventKind::RegionBegin { .. } => (op::REGION_BEGIN, self.addr),
+            EventKind::RegionEnd => (op::REGION_END, self.addr),
         };
         sink.push_byte(opcode);
         put_uvarint(sink, seq.wrapping_sub(self.seq));
@@ -87,9 +93,13 @@ impl StreamEncoder {
         self.seq = seq;
         self.time = time.max(self.time);
         self.addr = addr;
-        if let EventKind::Alloc { size, stack, .. } = kind {
-            put_uvarint(sink, size);
-            put_uvarint(sink, stack as u64);
+        match kind {
+            EventKind::Alloc { size, stack, .. } => {
+                put_uvarint(sink, size);
+                put_uvarint(sink, stack as u64);
+            }
+            EventKind::RegionBegin { region } => put_uvarint(sink, region as u64),
+            _ => {}
         }
     }
 
@@ -181,12 +191,16 @@ impl<'a> StreamDecoder<'a> {
             let ip = self.uv::<FAR>()?;
             return Ok(Item::Node { id, parent, ip });
         }
-        if opcode > op::REALLOC_FAILED {
+        if opcode > op::REALLOC_FAILED && opcode != op::REGION_BEGIN && opcode != op::REGION_END {
             return Err(FormatError::BadOp(opcode));
         }
         let (seq, time, addr) = self.head::<FAR>()?;
         let kind = match opcode {
             op::FREE => EventKind::Free { addr },
+            op::REGION_BEGIN => EventKind::RegionBegin {
+                region: self.uv::<FAR>()? as u32,
+            },
+            op::REGION_END => EventKind::RegionEnd,
             op::REALLOC_FREE => EventKind::ReallocFree { addr },
             op::REALLOC_FAILED => EventKind::ReallocFailed,
             o => {

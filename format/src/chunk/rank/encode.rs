@@ -6,7 +6,7 @@ use super::{alloc_symbol, block_end, class, col, free_symbol, SMALL_BLOCK, UNKNO
 use crate::chunk::live::LiveSet;
 use crate::chunk::tokens::{BitWriter, Long, Short};
 use crate::{put_record, put_uvarint, record, zigzag, AllocKind, ChunkHeader, Cursor, EventKind};
-use crate::{FormatError, Item, StreamDecoder};
+use crate::{FormatError, Item, StreamDecoder, StreamEncoder};
 
 /// What the chunk so far says about an address: one entry of the transcoder's one table.
 #[derive(Clone, Copy, Default)]
@@ -202,6 +202,8 @@ pub struct Transcoder {
     block: Vec<u8>,
     packed: Vec<u8>,
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    /// The chunk's region marks, in the stream encoding: they leave as a `REGIONS` record.
+    regions: Vec<u8>,
 }
 
 impl Transcoder {
@@ -211,6 +213,8 @@ impl Transcoder {
 
     /// Transcodes an `EVENTS` payload (chunk header and stream-encoded items, as the tracker's
     /// threads write it) into a framed `EVENTS_R` record appended to `out`; `level` is zstd's.
+    /// Region marks, which the rank encoding has no class for, follow it as a `REGIONS` record
+    /// (the same chunk header, the marks in the stream encoding) when the chunk has any.
     pub fn transcode(
         &mut self,
         payload: &[u8],
@@ -229,7 +233,15 @@ impl Transcoder {
         let (mut new_addr, mut other_free, mut stack_prev) = (0u64, 0u64, 0u64);
         let (mut node_prev, mut ip_prev) = (0u64, 0u64);
         let mut n_ops = 0u64;
+        self.regions.clear();
+        let mut marks = StreamEncoder::new(&header);
         while let Some(item) = events.next_item()? {
+            if let Item::Event { seq, time, kind } = item {
+                if !kind.is_heap() {
+                    marks.event(&mut self.regions, seq, time, kind);
+                    continue;
+                }
+            }
             n_ops += 1;
             let (s, t, event) = match item {
                 Item::Node { id, parent, ip } => {
@@ -254,6 +266,7 @@ impl Transcoder {
                 EventKind::Free { .. } => class::FREE,
                 EventKind::ReallocFree { .. } => class::REALLOC_FREE,
                 EventKind::ReallocFailed => class::REALLOC_FAILED,
+                EventKind::RegionBegin { .. } | EventKind::RegionEnd => continue,
             });
             cols.put(col::SEQ, s.wrapping_sub(seq));
             cols.put(col::TIME, t.wrapping_sub(time));
@@ -340,7 +353,8 @@ impl Transcoder {
                     slot.num = fcnt;
                     slot.size = size;
                 }
-                EventKind::ReallocFailed => {}
+                EventKind::ReallocFailed | EventKind::RegionBegin { .. } | EventKind::RegionEnd => {
+                }
             }
         }
         while cols.nops != 0 {
@@ -381,6 +395,12 @@ impl Transcoder {
         payload.extend_from_slice(&self.block);
         payload.extend_from_slice(&cols.bits.out);
         put_record(out, record::EVENTS_R, &payload);
+        if !self.regions.is_empty() {
+            payload.clear();
+            header.encode(&mut payload);
+            payload.extend_from_slice(&self.regions);
+            put_record(out, record::REGIONS, &payload);
+        }
         Ok(())
     }
 }
