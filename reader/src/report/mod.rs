@@ -14,6 +14,7 @@ pub mod dump;
 pub mod export;
 pub mod flamegraph;
 pub mod plot;
+pub mod regions;
 pub mod stats;
 pub mod subject;
 pub mod summary;
