@@ -75,7 +75,7 @@ pub use memtrack_format::{
     AllocKind, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module, ModulesRecord,
 };
 pub use plot::Plot;
-pub use regions::{Occurrence, RegionFigures, RegionSort, Regions};
+pub use regions::{Occurrence, RegionBudget, RegionFigures, RegionSort, Regions};
 pub use replay::{Replay, Replayed, SiteTotal, Summary};
 pub use stacks::StackTable;
 pub use stats::{Bucket, KindStat, Stats};

@@ -649,6 +649,97 @@ impl Regions {
     }
 }
 
+/// Limits on one region's figures (`check --region NAME --max-peak ...`); `None` is not
+/// checked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegionBudget {
+    /// A region name, or a path `a/b`.
+    pub name: String,
+    /// On `peak_growth_bytes` (the largest occurrence's).
+    pub max_peak: Option<u64>,
+    /// On `allocated_bytes` (all occurrences).
+    pub max_total: Option<u64>,
+    /// On `retained_bytes` (all occurrences).
+    pub max_leaked: Option<u64>,
+    /// On `allocations` (all occurrences).
+    pub max_allocations: Option<u64>,
+}
+
+impl Capture {
+    /// Checks each region's limits against its figures (every occurrence of the name, or of
+    /// the path); an exceeded peak or total names the three largest stacks of the region's
+    /// view. A region the capture does not have is an error.
+    pub fn check_regions(
+        &self,
+        budgets: &[RegionBudget],
+        sym: &mut crate::Symbolizer,
+    ) -> Result<Vec<crate::LimitResult>, String> {
+        for b in budgets {
+            self.check_region(&b.name)?;
+        }
+        if budgets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let regions = self.regions();
+        let mut out = Vec::new();
+        for b in budgets {
+            let f = regions.aggregate(self, |o| o.name == b.name || o.path == b.name);
+            let figure = |g: fn(&RegionFigures) -> u64| f.as_ref().map_or(0, g);
+            for (name, unit, limit, measured) in [
+                (
+                    "max_peak",
+                    "bytes",
+                    b.max_peak,
+                    figure(|f| f.peak_growth_bytes),
+                ),
+                (
+                    "max_leaked",
+                    "bytes",
+                    b.max_leaked,
+                    figure(|f| f.retained_bytes),
+                ),
+                (
+                    "max_allocations",
+                    "allocations",
+                    b.max_allocations,
+                    figure(|f| f.allocations),
+                ),
+                (
+                    "max_total",
+                    "bytes",
+                    b.max_total,
+                    figure(|f| f.allocated_bytes),
+                ),
+            ] {
+                let Some(limit) = limit else { continue };
+                let exceeded = measured > limit;
+                let top = match (exceeded, name) {
+                    (true, "max_peak") => {
+                        let v = self.region_view(View::Peak, &b.name);
+                        crate::check::top3(&v.sites, &v.stacks, sym, false)
+                    }
+                    (true, "max_total" | "max_allocations") => {
+                        let v = self.region_view(View::Allocated, &b.name);
+                        crate::check::top3(&v.sites, &v.stacks, sym, unit == "allocations")
+                    }
+                    _ => Vec::new(),
+                };
+                out.push(crate::LimitResult {
+                    name,
+                    unit,
+                    limit,
+                    measured,
+                    exceeded,
+                    top,
+                    processes: Vec::new(),
+                    region: Some(b.name.clone()),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
