@@ -63,6 +63,11 @@ impl Capture {
         } else {
             XAxis::Seconds(self.seconds(end))
         };
+        let bands = if self.region_names.is_empty() {
+            Vec::new()
+        } else {
+            self.region_bands(by_event, span)
+        };
         let svg = chart(
             &format!(
                 "memtrack: heap in use over time ({})",
@@ -78,6 +83,7 @@ impl Capture {
                 peak_seconds
             ),
             x_axis,
+            &bands,
         );
         Plot {
             svg,
@@ -85,6 +91,61 @@ impl Capture {
             peak_seconds,
         }
     }
+
+    /// One band per region path among the [`MAX_BANDS`] with the largest peak growth, each
+    /// with its occurrences as spans of the time axis (`[0, span)`: time units, or sequence
+    /// numbers when `by_event`).
+    fn region_bands(&self, by_event: bool, span: u64) -> Vec<Band> {
+        let regions = self.regions();
+        let mut figures = regions.figures(self, crate::RegionSort::Peak);
+        figures.sort_by(|a, b| {
+            b.peak_growth_bytes
+                .cmp(&a.peak_growth_bytes)
+                .then(a.path.cmp(&b.path))
+        });
+        figures.truncate(MAX_BANDS);
+        let frac = |v: u64| v as f64 / span.max(1) as f64;
+        figures
+            .iter()
+            .map(|f| Band {
+                label: format!("{} (peak +{})", f.path, human_bytes(f.peak_growth_bytes)),
+                spans: regions
+                    .occurrences
+                    .iter()
+                    .filter(|o| o.path == f.path)
+                    .map(|o| {
+                        let (a, b) = if by_event {
+                            (o.begin_seq, o.end_seq)
+                        } else {
+                            (o.begin_time, o.end_time)
+                        };
+                        (
+                            frac(a),
+                            frac(b),
+                            format!(
+                                "{} (thread {}): peak growth {}, heap peak {}, {:.3} s",
+                                o.path,
+                                o.tid,
+                                human_bytes(o.peak_growth_bytes),
+                                human_bytes(o.heap_peak_bytes),
+                                self.seconds(o.end_time.saturating_sub(o.begin_time))
+                            ),
+                        )
+                    })
+                    .collect(),
+            })
+            .collect()
+    }
+}
+
+/// Regions drawn as bands under a chart, at most (those with the largest peak growth).
+pub const MAX_BANDS: usize = 8;
+
+/// A labelled row under the chart: spans of the time axis (fractions of it), each with its
+/// tooltip.
+struct Band {
+    label: String,
+    spans: Vec<(f64, f64, String)>,
 }
 
 /// Colours of the processes' lines in a tree's chart, after the combined line's.
@@ -185,6 +246,7 @@ impl crate::ProcessTree {
                 peak_seconds
             ),
             XAxis::Seconds(span / 1e9),
+            &[],
         );
         Plot {
             svg,
@@ -303,10 +365,18 @@ fn chart(
     peak_frac: f64,
     peak_label: &str,
     x_axis: XAxis,
+    bands: &[Band],
 ) -> String {
     let (w, h, left, right, top, bottom) = (1000.0f64, 440.0f64, 100.0, 30.0, 50.0, 70.0);
     let legend = lines.iter().filter(|l| !l.0.is_empty()).count();
     let h = h + 18.0 * legend as f64;
+    // Region bands below the legend: a title row, then one row each.
+    let bands_top = h;
+    let h = if bands.is_empty() {
+        h
+    } else {
+        h + 24.0 + 20.0 * bands.len() as f64 + 10.0
+    };
     let pw = w - left - right;
     let ph = 440.0 - top - bottom;
     let (y_max, y_tick_list) = y_ticks(peak);
@@ -413,6 +483,38 @@ fn chart(
         (peak_y - 8.0).max(top - 8.0),
         esc(&label)
     ));
+    if !bands.is_empty() {
+        svg.push_str(&format!(
+            "<text x=\"{left}\" y=\"{:.1}\" font-weight=\"bold\">regions (largest peak growth first)</text>\n",
+            bands_top + 16.0
+        ));
+    }
+    const BAND_COLOURS: [&str; 4] = ["#16a085", "#2980b9", "#8e44ad", "#d35400"];
+    for (k, band) in bands.iter().enumerate() {
+        let y = bands_top + 24.0 + 20.0 * k as f64;
+        let colour = BAND_COLOURS[k % BAND_COLOURS.len()];
+        svg.push_str(&format!(
+            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#eee\"/>\n",
+            y + 7.0,
+            left + pw
+        ));
+        for (a, b, tip) in &band.spans {
+            let x = left + pw * a.clamp(0.0, 1.0);
+            let x2 = left + pw * b.clamp(0.0, 1.0);
+            svg.push_str(&format!(
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"14\" fill=\"{colour}\" fill-opacity=\"0.6\"><title>{}</title></rect>\n",
+                (x2 - x).max(1.5),
+                esc(tip)
+            ));
+        }
+        svg.push_str(&format!(
+            // Over the band, with a halo of the background so that it reads over the spans.
+            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" stroke=\"#fdfdf8\" stroke-width=\"3\" paint-order=\"stroke\">{}</text>\n",
+            left + 4.0,
+            y + 11.0,
+            esc(&band.label)
+        ));
+    }
     svg.push_str("</svg>\n");
     svg
 }

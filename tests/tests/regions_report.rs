@@ -463,3 +463,33 @@ fn check_applies_limits_after_each_region_to_it() {
         assert!(r.stderr.contains(message), "{args:?}: {}", r.stderr);
     }
 }
+
+#[test]
+fn plot_draws_a_band_per_region() {
+    let work = Work::new("regions_plot");
+    pipeline(&work.path("p.cap"));
+    let r = memtrack(&["plot", "p.cap", "-o", "p.svg"], work.dir());
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    let svg = std::fs::read_to_string(work.path("p.svg")).unwrap();
+    assert!(svg.contains(">regions (largest peak growth first)</text>"));
+    let labels: Vec<&str> = svg
+        .split("paint-order=\"stroke\">")
+        .skip(1)
+        .map(|s| s.split('<').next().unwrap())
+        .collect();
+    assert_eq!(
+        labels,
+        [
+            "search (peak +3.91 KiB)",
+            "load (peak +2.93 KiB)",
+            "search/rank (peak +500 B)"
+        ]
+    );
+    // One span per occurrence; the capture spans 230 ms over 870 pixels from x = 100: load
+    // runs from 20 to 40 ms.
+    assert_eq!(svg.matches("<rect x=").count(), 4);
+    assert!(
+        svg.contains("<rect x=\"175.7\" y=\"484.0\" width=\"75.7\" height=\"14\""),
+        "{svg}"
+    );
+}
