@@ -349,26 +349,35 @@ impl Capture {
         let until = targets.iter().map(|t| t.peak_seq).max().unwrap_or(0);
         let mut stacks = StackTable::default();
         let mut boundaries = self.exec_boundaries.iter().copied().peekable();
+        // Only the targets between their begin and their peak look at events.
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        order.sort_by_key(|&i| targets[i].begin_seq);
+        let mut order = order.into_iter().peekable();
+        let mut active: Vec<usize> = Vec::new();
         if !targets.is_empty() {
             self.with_events(&mut stacks, |events| {
                 events.for_each_while(|ev| {
                     if ev.seq > until {
                         return false;
                     }
-                    let reset = boundaries.next_if(|&x| ev.seq >= x).is_some();
-                    for (i, t) in targets.iter().enumerate() {
-                        if ev.seq > t.peak_seq {
-                            continue;
-                        }
-                        if reset {
+                    while boundaries.next_if(|&x| ev.seq >= x).is_some() {
+                        for &i in &active {
                             held[i] = Held::default();
                         }
-                        let mine = ev.tid == t.tid && ev.seq >= t.begin_seq;
-                        held[i].event(ev, mine);
-                        if ev.seq == t.peak_seq {
-                            out[i] = held[i].by_stack();
-                        }
                     }
+                    while let Some(i) = order.next_if(|&i| targets[i].begin_seq <= ev.seq) {
+                        active.push(i);
+                    }
+                    for &i in &active {
+                        held[i].event(ev, ev.tid == targets[i].tid);
+                    }
+                    active.retain(|&i| {
+                        if targets[i].peak_seq > ev.seq {
+                            return true;
+                        }
+                        out[i] = std::mem::take(&mut held[i]).by_stack();
+                        false
+                    });
                     true
                 });
             });
