@@ -3,36 +3,8 @@
 //! figures; here the raw marks are checked: names, begin and end order per thread, nesting, and
 //! the begins left without an end by `exit`, a thread's exit and SIGKILL.
 
-use memtrack_reader::{Capture, EventKind, StackTable};
 use memtrack_tests::*;
-use std::collections::BTreeMap;
 use std::path::Path;
-
-/// Each thread's marks and heap events in sequence order: `B name`, `E`, `A size`, `F`.
-fn streams(cap: &Capture) -> BTreeMap<u32, Vec<String>> {
-    let mut stacks = StackTable::default();
-    let mut out: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-    let mut last = 0;
-    for e in cap.events(&mut stacks) {
-        assert!(e.seq > last, "events merged by seq: {} after {last}", e.seq);
-        last = e.seq;
-        let t = match e.kind {
-            EventKind::RegionBegin { region } => format!("B {}", cap.region_names[&region]),
-            EventKind::RegionEnd => "E".into(),
-            EventKind::Alloc { size, .. } => format!("A {size}"),
-            EventKind::Free { .. } => "F".into(),
-            other => format!("{other:?}"),
-        };
-        out.entry(e.tid).or_default().push(t);
-    }
-    out
-}
-
-/// The thread's stream from its first mark on.
-fn from_first_mark(s: &[String]) -> &[String] {
-    let first = s.iter().position(|t| t.starts_with("B ")).expect("a mark");
-    &s[first..]
-}
 
 fn tokens(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -49,19 +21,6 @@ fn pipeline() -> Vec<String> {
     want
 }
 
-fn marks(s: &[String]) -> Vec<&str> {
-    s.iter()
-        .map(String::as_str)
-        .filter(|t| t.starts_with("B ") || *t == "E")
-        .collect()
-}
-
-fn names(cap: &Capture) -> Vec<&str> {
-    let mut n: Vec<&str> = cap.region_names.values().map(String::as_str).collect();
-    n.sort();
-    n
-}
-
 /// The main thread's stream: the pipeline, then `at_exit` left open (with, in the thread mode,
 /// pthread_create's own allocation between them).
 fn assert_main_thread(main: &[String], exe: &Path) {
@@ -70,7 +29,7 @@ fn assert_main_thread(main: &[String], exe: &Path) {
     assert_eq!(s[..want.len()], want[..], "{}", exe.display());
     let rest = &s[want.len()..];
     // Nothing ends at_exit: exit() leaves it open.
-    assert_eq!(marks(rest), ["B at_exit"], "{}", exe.display());
+    assert_eq!(marks_only(rest), ["B at_exit"], "{}", exe.display());
     let at = rest.iter().position(|t| t == "B at_exit").unwrap();
     assert_eq!(rest[at + 1], "A 250000", "{}", exe.display());
 }
@@ -94,8 +53,11 @@ fn c_pipeline_marks_nest_and_interleave_with_allocations_pie_and_non_pie_c_and_c
         let t = run_traced_ok(&work, &format!("{name}.cap"), &exe, &[] as &[&str]);
         let cap = open_capture(&t.capture);
         assert!(cap.complete());
-        assert_eq!(names(&cap), ["at_exit", "load_index", "rank", "search"]);
-        let s = streams(&cap);
+        assert_eq!(
+            region_names(&cap),
+            ["at_exit", "load_index", "rank", "search"]
+        );
+        let s = thread_streams(&cap);
         let marked: Vec<_> = s
             .iter()
             .filter(|(_, v)| v.iter().any(|t| t.starts_with("B ")))
@@ -112,7 +74,7 @@ fn a_second_thread_marks_its_own_regions_and_exits_with_one_open() {
     let t = run_traced_ok(&work, "thread.cap", &exe, &["thread"]);
     let cap = open_capture(&t.capture);
     assert_eq!(
-        names(&cap),
+        region_names(&cap),
         [
             "at_exit",
             "load_index",
@@ -122,7 +84,7 @@ fn a_second_thread_marks_its_own_regions_and_exits_with_one_open() {
             "worker_tail"
         ]
     );
-    let s = streams(&cap);
+    let s = thread_streams(&cap);
     let pid = cap.header.pid;
     assert_main_thread(&s[&pid], &exe);
     let others: Vec<_> = s
@@ -141,7 +103,7 @@ fn a_second_thread_marks_its_own_regions_and_exits_with_one_open() {
     ]);
     assert_eq!(w[..want.len()], want[..]);
     // The thread exited with worker_tail open.
-    assert_eq!(marks(&w[want.len()..]), Vec::<&str>::new());
+    assert_eq!(marks_only(&w[want.len()..]), Vec::<&str>::new());
 }
 
 #[test]
@@ -152,8 +114,8 @@ fn sigkill_leaves_the_open_region_without_an_end() {
     assert_eq!(t.run.shell_status(), 128 + 9, "{}", t.run.stderr);
     let cap = open_capture(&t.capture);
     assert!(!cap.complete(), "a killed process's capture has no END");
-    assert_eq!(names(&cap), ["doomed", "load_index"]);
-    let s = streams(&cap);
+    assert_eq!(region_names(&cap), ["doomed", "load_index"]);
+    let s = thread_streams(&cap);
     let main = from_first_mark(&s[&cap.header.pid]);
     let want = tokens(&["B load_index", "A 3000000", "E", "B doomed", "A 1000000"]);
     assert_eq!(main, &want[..]);
