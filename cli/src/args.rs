@@ -16,6 +16,9 @@ EXAMPLES:
     memtrack export svc.cap --format folded --leaks -o leaks.folded
     memtrack export svc.cap --format pprof -o heap.pb.gz
     memtrack diff base.cap svc.cap --fail-on-growth 5%
+    memtrack regions svc.cap                   # memory per marked region, largest first
+    memtrack flamegraph svc.cap --region search -o search.svg
+    memtrack check svc.cap --region search --max-peak 3MiB --region load --max-leaked 4MB
 
 EXIT CODES:
     run: the command's own exit code (128+N when it was killed by signal N)
@@ -70,7 +73,7 @@ pub(crate) enum Cmd {
         keep_all: bool,
         /// Budgets checked when the command has finished (see `memtrack check`).
         #[command(flatten)]
-        limits: Limits,
+        limits: LimitArgs,
         /// The command and its arguments.
         // Not `allow_hyphen_values`: a misspelled option before the command (`--follow-forks`)
         // is an error, not a command; everything after the command's name passes untouched.
@@ -97,6 +100,11 @@ pub(crate) enum Cmd {
         file: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
+        /// Only the allocations made inside occurrences of this region (a name, or a path
+        /// `parent/child`); the peak view is what the region held at the high-water mark of its
+        /// largest occurrence. See `memtrack regions`.
+        #[arg(long, value_name = "NAME")]
+        region: Option<String>,
         /// Allocation sites at the root, their callers next to them.
         #[arg(long)]
         inverted: bool,
@@ -118,6 +126,11 @@ pub(crate) enum Cmd {
         file: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
+        /// Only the allocations made inside occurrences of this region (a name, or a path
+        /// `parent/child`); the peak view is what the region held at the high-water mark of its
+        /// largest occurrence. See `memtrack regions`.
+        #[arg(long, value_name = "NAME")]
+        region: Option<String>,
         /// Group by the allocating function, its file:line, or the whole stack.
         #[arg(long, value_enum, default_value = "function")]
         by: By,
@@ -140,12 +153,12 @@ pub(crate) enum Cmd {
     },
     /// Check budgets: exit 0 when every limit holds, 1 when one is exceeded, 2 on an error.
     #[command(
-        after_help = "EXAMPLES:\n    memtrack check svc.cap --max-peak 512MiB --max-leaked 0\n    memtrack check svc.cap --max-allocations 1000000 --max-total 10GB --json\n\nSIZE: plain bytes or a number with a unit: 1048576, 512KiB, 1.5GiB, 10M (binary), 10MB (decimal)."
+        after_help = "EXAMPLES:\n    memtrack check svc.cap --max-peak 512MiB --max-leaked 0\n    memtrack check svc.cap --max-allocations 1000000 --max-total 10GB --json\n    memtrack check svc.cap --max-peak 1GiB --region search --max-peak 3MiB --region load --max-leaked 4MB\n\nSIZE: plain bytes or a number with a unit: 1048576, 512KiB, 1.5GiB, 10M (binary), 10MB (decimal)."
     )]
     Check {
         file: PathBuf,
         #[command(flatten)]
-        limits: Limits,
+        limits: LimitArgs,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -158,6 +171,11 @@ pub(crate) enum Cmd {
         file: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
+        /// Only the allocations made inside occurrences of this region (a name, or a path
+        /// `parent/child`); the peak view is what the region held at the high-water mark of its
+        /// largest occurrence. See `memtrack regions`.
+        #[arg(long, value_name = "NAME")]
+        region: Option<String>,
         /// Levels to show.
         #[arg(long, default_value_t = 12)]
         depth: usize,
@@ -188,6 +206,11 @@ pub(crate) enum Cmd {
         format: ExportFormat,
         #[command(flatten)]
         view: ViewArgs,
+        /// Only the allocations made inside occurrences of this region (a name, or a path
+        /// `parent/child`); the peak view is what the region held at the high-water mark of its
+        /// largest occurrence. See `memtrack regions`.
+        #[arg(long, value_name = "NAME")]
+        region: Option<String>,
         /// JSON: each stack with its frames written out in full (`frames`) rather than as
         /// indexes (`frame_ids`) into the one table of frames; many times larger.
         #[arg(long)]
@@ -208,6 +231,11 @@ pub(crate) enum Cmd {
         new: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
+        /// Only the allocations made inside occurrences of this region (a name, or a path
+        /// `parent/child`); the peak view is what the region held at the high-water mark of its
+        /// largest occurrence. See `memtrack regions`.
+        #[arg(long, value_name = "NAME")]
+        region: Option<String>,
         /// `svg` (differential flamegraph), `table` (locations whose bytes changed most),
         /// `folded` (`stack before after` lines), `json`.
         #[arg(long, value_enum, default_value = "svg")]
@@ -222,6 +250,21 @@ pub(crate) enum Cmd {
         /// Rows of the table.
         #[arg(long, default_value_t = 20)]
         top: usize,
+    },
+    /// Memory per marked region: each region's own peak growth, the heap's high-water mark while
+    /// it ran, allocated and retained bytes, occurrences and time; nested regions under their
+    /// parent.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack regions svc.cap\n    memtrack regions svc.cap --sort allocated\n    memtrack regions svc.cap --json | jq '.[] | {path, peak_growth_bytes}'\n\nPeak growth: the high-water mark of the bytes the region's own thread allocated inside it and\nhad not freed (nested regions included), over its largest occurrence. Max heap: the process's\nheap high-water mark while an occurrence was open. Avg growth: the mean over occurrences.\nRetained: own bytes still live when each occurrence ended, summed. A region left open (the\nthread exited, the process was killed) ends at its thread's last event and is flagged."
+    )]
+    Regions {
+        file: PathBuf,
+        /// Print a JSON array instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Rank by: peak growth, allocated bytes, retained bytes, occurrences, or total time.
+        #[arg(long, value_enum, default_value = "peak")]
+        sort: RegionSortArg,
     },
     /// Print every record and event in order (for debugging captures).
     #[command(hide = true)]
@@ -291,6 +334,15 @@ pub(crate) fn parse_growth(s: &str) -> std::result::Result<Growth, String> {
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]
+pub(crate) enum RegionSortArg {
+    Peak,
+    Allocated,
+    Retained,
+    Count,
+    Time,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy)]
 pub(crate) enum By {
     Function,
     Line,
@@ -339,24 +391,42 @@ pub(crate) fn parse_size(s: &str) -> std::result::Result<u64, String> {
     Ok(bytes.round() as u64)
 }
 
-/// Budgets checked against a capture.
-#[derive(clap::Args, Clone, Copy, Default)]
-pub(crate) struct Limits {
-    /// Peak heap at most SIZE.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub(crate) max_peak: Option<u64>,
-    /// Bytes still live at exit at most SIZE.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-    pub(crate) max_leaked: Option<u64>,
+/// Budgets checked against a capture, as given: each limit may follow a `--region`, which it
+/// then applies to (see [`LimitArgs::resolve`]).
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct LimitArgs {
+    /// Peak heap at most SIZE (after --region: the region's peak growth).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, action = clap::ArgAction::Append)]
+    pub(crate) max_peak: Vec<u64>,
+    /// Bytes still live at exit at most SIZE (after --region: the bytes its occurrences
+    /// retained).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, action = clap::ArgAction::Append)]
+    pub(crate) max_leaked: Vec<u64>,
     /// Allocations still live at exit at most N.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", action = clap::ArgAction::Append)]
+    pub(crate) max_leaked_allocations: Vec<u64>,
+    /// Allocation calls at most N (after --region: the region's).
+    #[arg(long, value_name = "N", action = clap::ArgAction::Append)]
+    pub(crate) max_allocations: Vec<u64>,
+    /// Bytes allocated in all at most SIZE (after --region: the region's allocated bytes).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, action = clap::ArgAction::Append)]
+    pub(crate) max_total: Vec<u64>,
+    /// The limits that follow apply to this region's figures (a name, or a path
+    /// `parent/child`; see `memtrack regions`); repeatable, each with its own limits. Limits
+    /// before any --region apply to the whole process.
+    #[arg(long, value_name = "NAME", action = clap::ArgAction::Append)]
+    pub(crate) region: Vec<String>,
+}
+
+/// Budgets checked against a capture: the process's, and each `--region`'s.
+#[derive(Clone, Default)]
+pub(crate) struct Limits {
+    pub(crate) max_peak: Option<u64>,
+    pub(crate) max_leaked: Option<u64>,
     pub(crate) max_leaked_allocations: Option<u64>,
-    /// Allocation calls at most N.
-    #[arg(long, value_name = "N")]
     pub(crate) max_allocations: Option<u64>,
-    /// Bytes allocated in all at most SIZE.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub(crate) max_total: Option<u64>,
+    pub(crate) regions: Vec<memtrack_reader::RegionBudget>,
 }
 
 impl Limits {
@@ -366,6 +436,96 @@ impl Limits {
             || self.max_leaked_allocations.is_some()
             || self.max_allocations.is_some()
             || self.max_total.is_some()
+            || !self.regions.is_empty()
+    }
+}
+
+impl LimitArgs {
+    /// Sorts the limits by the `--region` each follows, from where they stood on the command
+    /// line (`m`: the subcommand's matches). A limit given twice for the same subject, a
+    /// `--region` without a limit, or `--max-leaked-allocations` after one is an error.
+    pub(crate) fn resolve(self, m: &clap::ArgMatches) -> std::result::Result<Limits, String> {
+        let at =
+            |id: &str| -> Vec<usize> { m.indices_of(id).map(|i| i.collect()).unwrap_or_default() };
+        let regions_at = at("region");
+        // Which subject an option at index `i` belongs to: 0 the process, k the k-th region.
+        let subject = |i: usize| regions_at.iter().filter(|&&r| r < i).count();
+        let mut out = Limits {
+            regions: self
+                .region
+                .iter()
+                .map(|name| memtrack_reader::RegionBudget {
+                    name: name.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let mut place = |id: &str, flag: &str, values: &[u64]| -> std::result::Result<(), String> {
+            for (&v, i) in values.iter().zip(at(id)) {
+                let k = subject(i);
+                let slot = if k == 0 {
+                    match id {
+                        "max_peak" => &mut out.max_peak,
+                        "max_leaked" => &mut out.max_leaked,
+                        "max_leaked_allocations" => &mut out.max_leaked_allocations,
+                        "max_allocations" => &mut out.max_allocations,
+                        _ => &mut out.max_total,
+                    }
+                } else {
+                    let r = &mut out.regions[k - 1];
+                    match id {
+                        "max_peak" => &mut r.max_peak,
+                        "max_leaked" => &mut r.max_leaked,
+                        "max_allocations" => &mut r.max_allocations,
+                        "max_total" => &mut r.max_total,
+                        _ => {
+                            return Err(format!(
+                                "{flag} does not apply to a region (use --max-peak, --max-total, --max-leaked or --max-allocations after --region {})",
+                                r.name
+                            ))
+                        }
+                    }
+                };
+                if slot.replace(v).is_some() {
+                    return Err(match k {
+                        0 => format!(
+                            "{flag} given twice (a limit for a region follows its --region NAME)"
+                        ),
+                        k => format!(
+                            "{flag} given twice for --region {}",
+                            out.regions[k - 1].name
+                        ),
+                    });
+                }
+            }
+            Ok(())
+        };
+        place("max_peak", "--max-peak", &self.max_peak)?;
+        place("max_leaked", "--max-leaked", &self.max_leaked)?;
+        place(
+            "max_leaked_allocations",
+            "--max-leaked-allocations",
+            &self.max_leaked_allocations,
+        )?;
+        place(
+            "max_allocations",
+            "--max-allocations",
+            &self.max_allocations,
+        )?;
+        place("max_total", "--max-total", &self.max_total)?;
+        if let Some(r) = out.regions.iter().find(|r| {
+            r.max_peak.is_none()
+                && r.max_total.is_none()
+                && r.max_leaked.is_none()
+                && r.max_allocations.is_none()
+        }) {
+            return Err(format!(
+                "--region {} has no limit after it (e.g. --region {} --max-peak 100MiB)",
+                r.name, r.name
+            ));
+        }
+        Ok(out)
     }
 }
 

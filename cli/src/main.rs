@@ -17,10 +17,10 @@ mod progress;
 mod run;
 
 use anyhow::{bail, Context, Result};
-use args::{By, Cli, Cmd, DiffFormat, ExportFormat, Limits};
-use clap::Parser;
+use args::{By, Cli, Cmd, DiffFormat, ExportFormat, Limits, RegionSortArg};
+use clap::{CommandFactory, FromArgMatches};
 use memtrack_reader::report::{self, ProgressGuard, ReportOptions, Reporter, Subject};
-use memtrack_reader::{human_bytes, Budget, Capture, GroupBy, View};
+use memtrack_reader::{human_bytes, Budget, Capture, GroupBy, RegionSort, View};
 use output::{check_output, is_broken_pipe, write_out, ClosedIsFine, Stdout};
 use progress::Progress;
 use std::io::Write;
@@ -28,7 +28,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Where each limit stood on the command line says which `--region` it follows.
+    let limits_at = match matches.subcommand() {
+        Some(("check" | "run", m)) => Some(m.clone()),
+        _ => None,
+    };
     let options = ReportOptions {
         python_only: cli.python_only,
         all_frames: cli.all_frames,
@@ -55,7 +61,7 @@ fn main() -> ExitCode {
             diag: &mut diag,
             progress: &progress,
         };
-        dispatch(&mut r, cli.cmd, cli.pid)
+        dispatch(&mut r, cli.cmd, cli.pid, limits_at.as_ref())
     });
     match result {
         Ok(code) => ExitCode::from(code),
@@ -69,7 +75,18 @@ fn main() -> ExitCode {
 }
 
 /// Runs one subcommand; returns its exit code.
-fn dispatch(r: &mut Reporter, cmd: Cmd, pid: Option<u32>) -> Result<u8> {
+fn dispatch(
+    r: &mut Reporter,
+    cmd: Cmd,
+    pid: Option<u32>,
+    limits_at: Option<&clap::ArgMatches>,
+) -> Result<u8> {
+    let resolve = |limits: args::LimitArgs| -> Result<Limits> {
+        match limits_at {
+            Some(m) => limits.resolve(m).map_err(anyhow::Error::msg),
+            None => Ok(Limits::default()),
+        }
+    };
     match cmd {
         Cmd::Run {
             output,
@@ -84,15 +101,27 @@ fn dispatch(r: &mut Reporter, cmd: Cmd, pid: Option<u32>) -> Result<u8> {
                 follow_fork: !no_follow_fork,
                 keep_all,
             };
-            run::cmd_run(r, output, force, tree, limits, command)
+            run::cmd_run(r, output, force, tree, resolve(limits)?, command)
         }
         Cmd::Check { file, limits, json } => {
             let mut out = ClosedIsFine(std::io::stdout().lock());
-            check(r, &file, pid, limits, json, &mut out)
+            check(r, &file, pid, resolve(limits)?, json, &mut out)
         }
         Cmd::Summary { file, json } => {
             let mut subject = Subject::open(&file, pid)?;
             report::summary::summary(r, &mut subject, &file, pid, json, &mut Stdout)?;
+            Ok(0)
+        }
+        Cmd::Regions { file, json, sort } => {
+            let subject = Subject::open(&file, pid)?;
+            let sort = match sort {
+                RegionSortArg::Peak => RegionSort::Peak,
+                RegionSortArg::Allocated => RegionSort::Allocated,
+                RegionSortArg::Retained => RegionSort::Retained,
+                RegionSortArg::Count => RegionSort::Count,
+                RegionSortArg::Time => RegionSort::Time,
+            };
+            report::regions::regions(r, &subject, &file, sort, json, &mut Stdout)?;
             Ok(0)
         }
         Cmd::Dump { file } => {
@@ -109,11 +138,12 @@ fn dispatch(r: &mut Reporter, cmd: Cmd, pid: Option<u32>) -> Result<u8> {
         Cmd::Tree {
             file,
             view,
+            region,
             depth,
             min_percent,
         } => {
-            let subject = Subject::open(&file, pid)?;
             let view = view.view();
+            let subject = open_in(&file, pid, region, view)?;
             report::tree::tree(r, &subject, &file, view, depth, min_percent, &mut Stdout)?;
             Ok(0)
         }
@@ -124,11 +154,12 @@ fn dispatch(r: &mut Reporter, cmd: Cmd, pid: Option<u32>) -> Result<u8> {
         Cmd::Table {
             file,
             view,
+            region,
             by,
             top,
             json,
         } => {
-            let subject = Subject::open(&file, pid)?;
+            let subject = open_in(&file, pid, region, view.view())?;
             let group = match by {
                 By::Function => GroupBy::Function,
                 By::Line => GroupBy::Line,
@@ -141,16 +172,22 @@ fn dispatch(r: &mut Reporter, cmd: Cmd, pid: Option<u32>) -> Result<u8> {
         Cmd::Flamegraph {
             file,
             view,
+            region,
             inverted,
             flame,
             icicle: _,
             output,
         } => {
-            let subject = Subject::open(&file, pid)?;
             let view = view.view();
+            let name = region.clone();
+            let subject = open_in(&file, pid, region, view)?;
             let graph = report::flamegraph::flamegraph(r, &subject, view, inverted, flame);
             let out = output.unwrap_or_else(|| {
-                file.with_file_name(format!("{}-{}.svg", subject.stem(&file), view.name()))
+                let stem = match &name {
+                    Some(n) => format!("{}-{}", subject.stem(&file), n.replace('/', "-")),
+                    None => subject.stem(&file),
+                };
+                file.with_file_name(format!("{stem}-{}.svg", view.name()))
             });
             let what = graph.what.clone();
             graph_to(&out, |w| graph.write(w, &out))?;
@@ -164,23 +201,35 @@ fn dispatch(r: &mut Reporter, cmd: Cmd, pid: Option<u32>) -> Result<u8> {
             file,
             format,
             view,
+            region,
             inline_frames,
             output,
         } => {
-            export(r, &file, pid, format, view.view(), inline_frames, output)?;
+            let subject = open_in(&file, pid, region, view.view())?;
+            export(
+                r,
+                &file,
+                subject,
+                format,
+                view.view(),
+                inline_frames,
+                output,
+            )?;
             Ok(0)
         }
         Cmd::Diff {
             base,
             new,
             view,
+            region,
             format,
             output,
             fail_on_growth,
             top,
         } => {
             let view = view.view();
-            let d = report::diff::compare(r, &base, &new, pid, view)?;
+            no_temporary(&region, view)?;
+            let d = report::diff::compare_in(r, &base, &new, pid, view, region.as_deref())?;
             diff_to(r, &d, view, &base, &new, format, output, top)?;
             Ok(match fail_on_growth {
                 Some(limit) => report::diff::verdict(r, &d, view, limit),
@@ -188,6 +237,20 @@ fn dispatch(r: &mut Reporter, cmd: Cmd, pid: Option<u32>) -> Result<u8> {
             })
         }
     }
+}
+
+/// The subject of a view report, restricted to `region` when one is given (`--region`).
+fn open_in(file: &Path, pid: Option<u32>, region: Option<String>, view: View) -> Result<Subject> {
+    no_temporary(&region, view)?;
+    Subject::open(file, pid)?.with_region(region)
+}
+
+/// The temporary view has no region counterpart.
+fn no_temporary(region: &Option<String>, view: View) -> Result<()> {
+    if region.is_some() && view == View::Temporary {
+        bail!("--region does not apply to --temporary (use --peak, --leaks or --allocated)");
+    }
+    Ok(())
 }
 
 /// Creates the SVG `out` and has `draw` write it. The buffer is flushed as it is dropped, as
@@ -212,7 +275,7 @@ fn check(
     out: &mut dyn Write,
 ) -> Result<u8> {
     if !limits.any() {
-        bail!("no limit given: use --max-peak, --max-leaked, --max-leaked-allocations, --max-allocations or --max-total");
+        bail!("no limit given: use --max-peak, --max-leaked, --max-leaked-allocations, --max-allocations or --max-total (after --region NAME: limits on that region)");
     }
     let subject = Subject::open(file, pid)?;
     let budget = Budget {
@@ -222,7 +285,7 @@ fn check(
         max_allocations: limits.max_allocations,
         max_total: limits.max_total,
     };
-    report::check::check(r, &subject, file, &budget, json, out)
+    report::check::check_with_regions(r, &subject, file, &budget, &limits.regions, json, out)
 }
 
 fn plot(r: &mut Reporter, file: &Path, pid: Option<u32>, output: Option<PathBuf>) -> Result<()> {
@@ -243,13 +306,12 @@ fn plot(r: &mut Reporter, file: &Path, pid: Option<u32>, output: Option<PathBuf>
 fn export(
     r: &mut Reporter,
     file: &Path,
-    pid: Option<u32>,
+    subject: Subject,
     format: ExportFormat,
     view: View,
     inline_frames: bool,
     output: Option<PathBuf>,
 ) -> Result<()> {
-    let subject = Subject::open(file, pid)?;
     let parts = r.parts(&subject, view, false, true);
     let to_file = output.as_deref().filter(|o| o.as_os_str() != "-");
     match format {

@@ -54,9 +54,12 @@ pub struct LimitResult {
     /// In a process tree, when exceeded: the processes that contribute most, largest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<ProcessShare>,
+    /// A region's limit (`check --region NAME`): the region it applies to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
-fn top3(
+pub(crate) fn top3(
     sites: &[SiteTotal],
     stacks: &StackTable,
     sym: &mut Symbolizer,
@@ -126,6 +129,7 @@ fn limits(budget: &Budget, figure: impl Fn(&str) -> u64) -> Vec<LimitResult> {
             exceeded: measured > limit,
             top: Vec::new(),
             processes: Vec::new(),
+            region: None,
         })
     })
     .collect()

@@ -55,6 +55,7 @@ mod family;
 mod modinfo;
 mod plot;
 pub mod pprof;
+mod regions;
 mod replay;
 pub mod report;
 mod stacks;
@@ -74,6 +75,7 @@ pub use memtrack_format::{
     AllocKind, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module, ModulesRecord,
 };
 pub use plot::Plot;
+pub use regions::{Occurrence, RegionBudget, RegionFigures, RegionSort, Regions};
 pub use replay::{Replay, Replayed, SiteTotal, Summary};
 pub use stacks::StackTable;
 pub use stats::{Bucket, KindStat, Stats};

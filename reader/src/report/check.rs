@@ -2,7 +2,7 @@
 //! exit code.
 
 use super::{bytes, count, Reporter, Subject};
-use crate::{human_bytes, Budget};
+use crate::{human_bytes, Budget, RegionBudget};
 use anyhow::Result;
 use std::io::Write;
 use std::path::Path;
@@ -17,9 +17,27 @@ pub fn check(
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
+    check_with_regions(r, subject, file, budget, &[], json, out)
+}
+
+/// [`check`], with limits on regions' figures too (`--region NAME --max-peak ...`), checked
+/// against the subject's main capture (the launched process, or the `--pid` one). A region
+/// the capture does not have is an error.
+pub fn check_with_regions(
+    r: &mut Reporter,
+    subject: &Subject,
+    file: &Path,
+    budget: &Budget,
+    regions: &[RegionBudget],
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<u8> {
     let cap = subject.main_capture();
+    for b in regions {
+        cap.check_region(&b.name).map_err(anyhow::Error::msg)?;
+    }
     let progress = r.reading(cap, json);
-    let (results, complete) = match subject.one() {
+    let (mut results, complete) = match subject.one() {
         Some(_) => {
             let mut sym = r.symbolizer(cap);
             let results = cap.check(budget, &mut sym);
@@ -31,6 +49,14 @@ pub fn check(
             subject.tree.processes.iter().all(|p| p.summary.complete),
         ),
     };
+    if !regions.is_empty() {
+        let mut sym = r.symbolizer(cap);
+        results.extend(
+            cap.check_regions(regions, &mut sym)
+                .map_err(anyhow::Error::msg)?,
+        );
+        r.warn(&sym.warnings);
+    }
     drop(progress);
     let exceeded = results.iter().filter(|r| r.exceeded).count();
     if json {
@@ -67,10 +93,14 @@ pub fn check(
                     count(n, "allocation")
                 }
             };
+            let name = match &r.region {
+                Some(region) => format!("[{region}] {}", r.name.replace('_', "-")),
+                None => r.name.replace('_', "-"),
+            };
             writeln!(
                 out,
                 "  {:<24} {} {} limit {}  {}",
-                r.name.replace('_', "-"),
+                name,
                 show(r.measured),
                 if r.exceeded { ">" } else { "<=" },
                 show(r.limit),

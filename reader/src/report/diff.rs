@@ -25,7 +25,23 @@ pub fn compare(
     pid: Option<u32>,
     view: View,
 ) -> Result<Diff> {
-    let (sb, sn) = (Subject::open(base, None)?, Subject::open(new, pid)?);
+    compare_in(r, base, new, pid, view, None)
+}
+
+/// [`compare`], both views restricted to the region `region` (`--region`): the new capture
+/// must have it; a base without it compares as empty.
+pub fn compare_in(
+    r: &mut Reporter,
+    base: &Path,
+    new: &Path,
+    pid: Option<u32>,
+    view: View,
+    region: Option<&str>,
+) -> Result<Diff> {
+    let (sb, sn) = (
+        Subject::open(base, None)?,
+        Subject::open(new, pid)?.with_region(region.map(str::to_string))?,
+    );
     let sb = match sn.one() {
         Some(p) if sb.tree.is_tree() => {
             let same = sb
@@ -41,6 +57,8 @@ pub fn compare(
         }
         _ => sb,
     };
+    let mut sb = sb;
+    sb.region = region.map(str::to_string);
     let (pb, pn) = (sb.parts(view, false), sn.parts(view, false));
     let mut syms: Vec<Symbolizer> = pb
         .iter()

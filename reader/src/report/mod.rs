@@ -14,6 +14,7 @@ pub mod dump;
 pub mod export;
 pub mod flamegraph;
 pub mod plot;
+pub mod regions;
 pub mod stats;
 pub mod subject;
 pub mod summary;
@@ -130,7 +131,10 @@ impl Reporter<'_> {
             (View::Peak, None) => "live at the combined peak",
             _ => view_words(view),
         };
-        self.with_frames(words)
+        match &subject.region {
+            Some(region) => self.with_frames(&format!("{words}, region {region}")),
+            None => self.with_frames(words),
+        }
     }
 
     /// `words`, saying when only Python frames are shown.

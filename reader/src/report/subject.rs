@@ -9,6 +9,9 @@ pub struct Subject {
     pub tree: ProcessTree,
     /// The one process a report is about (`--pid`, or a tree of one process).
     only: Option<usize>,
+    /// `--region NAME`: views hold only the allocations made inside occurrences of the region
+    /// (see [`Capture::region_view`]).
+    pub region: Option<String>,
 }
 
 /// One process's share of a view.
@@ -51,7 +54,34 @@ impl Subject {
                 Some(i)
             }
         };
-        Ok(Subject { tree, only })
+        Ok(Subject {
+            tree,
+            only,
+            region: None,
+        })
+    }
+
+    /// The subject with its views restricted to the region `name` (`--region`); an error
+    /// naming the capture and its regions when none of its processes has that region.
+    pub fn with_region(mut self, name: Option<String>) -> Result<Subject> {
+        if let Some(name) = &name {
+            let has = |c: &Capture| c.check_region(name).is_ok();
+            let found = match self.one() {
+                Some(p) => p.capture.as_ref().is_some_and(has),
+                None => self
+                    .tree
+                    .processes
+                    .iter()
+                    .any(|p| p.capture.as_ref().is_some_and(has)),
+            };
+            if !found {
+                if let Err(e) = self.main_capture().check_region(name) {
+                    bail!("{e}");
+                }
+            }
+        }
+        self.region = name;
+        Ok(self)
     }
 
     /// The process the report is about, when it is about one.
@@ -81,8 +111,23 @@ impl Subject {
     /// The view, one part per process that has anything in it; each labelled with its process
     /// when there are several.
     pub fn parts(&self, view: View, with_max: bool) -> Vec<Part<'_>> {
-        let raw: Vec<(usize, ViewSites)> = match self.only {
-            Some(i) => {
+        let raw: Vec<(usize, ViewSites)> = match (self.only, &self.region) {
+            (Some(i), Some(name)) => {
+                let cap = self.tree.processes[i]
+                    .capture
+                    .as_ref()
+                    .expect("a process with a capture");
+                vec![(i, cap.region_view(view, name))]
+            }
+            (None, Some(name)) => self
+                .tree
+                .processes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| Some((i, p.capture.as_ref()?.region_view(view, name))))
+                .filter(|(_, v)| v.bytes > 0 || v.allocations > 0)
+                .collect(),
+            (Some(i), None) => {
                 let cap = self.tree.processes[i]
                     .capture
                     .as_ref()
@@ -94,7 +139,7 @@ impl Subject {
                 };
                 vec![(i, v)]
             }
-            None => self.tree.views(view, with_max),
+            (None, None) => self.tree.views(view, with_max),
         };
         let labelled = raw.len() > 1;
         raw.into_iter()

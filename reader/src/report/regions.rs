@@ -1,0 +1,87 @@
+//! `memtrack regions`: one row per region path, ranked, nested regions under their parent.
+
+use super::{Reporter, Subject};
+use crate::{grouped, human_bytes, RegionFigures, RegionSort, ViewSites};
+use anyhow::Result;
+use std::io::Write;
+use std::path::Path;
+
+/// The column heads of the text report.
+pub const HEADER: &str =
+    "Peak growth |   Max heap | Avg growth |  Allocated | Retained | Count | Time (s) | Region";
+
+/// The figures of every region path of the subject's capture, with their top locations, in
+/// the report's order.
+pub fn figures(r: &mut Reporter, subject: &Subject, sort: RegionSort) -> Vec<RegionFigures> {
+    let cap = subject.main_capture();
+    let regions = cap.regions();
+    let mut rows = regions.figures(cap, sort);
+    let largest: Vec<usize> = rows.iter().map(|f| f.largest).collect();
+    let (held, stacks) = cap.held_at_peaks(&regions, &largest);
+    let mut view = ViewSites::new(crate::View::Peak, Vec::new(), stacks);
+    let mut sym = r.symbolizer(cap);
+    for (row, sites) in rows.iter_mut().zip(held) {
+        view.sites = sites;
+        row.top_locations = view.top_locations(&mut sym, 3);
+    }
+    r.warn(&sym.warnings);
+    rows
+}
+
+/// Writes the regions report: text, or a JSON array (`[]` when the capture has no regions).
+pub fn regions(
+    r: &mut Reporter,
+    subject: &Subject,
+    file: &Path,
+    sort: RegionSort,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<()> {
+    let progress = r.reading(subject.main_capture(), json);
+    let rows = figures(r, subject, sort);
+    drop(progress);
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+        return Ok(());
+    }
+    if rows.is_empty() {
+        writeln!(
+            out,
+            "{}: no regions: the program marked none (memtrack_region_begin in C, memtrack_tracker::region in Rust, memtrack.region in Python)",
+            file.display()
+        )?;
+        return Ok(());
+    }
+    let occurrences: u64 = rows.iter().map(|f| f.occurrences).sum();
+    writeln!(
+        out,
+        "memtrack regions of {}: {} region{}, {} occurrence{}",
+        file.display(),
+        grouped(rows.len() as u64),
+        if rows.len() == 1 { "" } else { "s" },
+        grouped(occurrences),
+        if occurrences == 1 { "" } else { "s" }
+    )?;
+    writeln!(out, "{HEADER}")?;
+    for f in &rows {
+        let open = if f.unclosed > 0 {
+            format!(" ({} left open)", grouped(f.unclosed))
+        } else {
+            String::new()
+        };
+        writeln!(
+            out,
+            "{:>11} | {:>10} | {:>10} | {:>10} | {:>8} | {:>5} | {:>8.3} | {}{}{open}",
+            human_bytes(f.peak_growth_bytes),
+            human_bytes(f.heap_peak_bytes),
+            human_bytes(f.avg_growth_bytes),
+            human_bytes(f.allocated_bytes),
+            human_bytes(f.retained_bytes),
+            grouped(f.occurrences),
+            f.total_seconds,
+            "  ".repeat(f.depth),
+            f.name
+        )?;
+    }
+    Ok(())
+}
