@@ -49,6 +49,7 @@ pub fn region(name: &str) -> Region {
 }
 
 /// Enters region `name` on the calling thread; [`region_end`] leaves it. Prefer [`region`].
+/// Through the preload library (`memtrack run`) a name is cut at 255 bytes and at a NUL.
 pub fn region_begin(name: &str) {
     if lifecycle::current_relaxed() == State::Active {
         if let Some(g) = IgnoreAllocs::enter() {
