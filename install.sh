@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs memtrack: PREFIX/bin/memtrack and PREFIX/lib/memtrack/libmemtrack.so, the library
-# the command preloads into the programs it runs (it looks for it there).
+# the command preloads into the programs it runs (it looks for it there), and the Python region
+# marks in PREFIX/lib/memtrack/python (`memtrack run` puts them on PYTHONPATH).
 #
 #   ./install.sh [--no-build] [PREFIX]     PREFIX defaults to ~/.local
 #
@@ -43,7 +44,11 @@ mv -f "$prefix/bin/.memtrack.new" "$prefix/bin/memtrack"
 install -m 755 "$target/libmemtrack.so" "$prefix/lib/memtrack/.libmemtrack.so.new"
 mv -f "$prefix/lib/memtrack/.libmemtrack.so.new" "$prefix/lib/memtrack/libmemtrack.so"
 
-echo "installed $prefix/bin/memtrack and $prefix/lib/memtrack/libmemtrack.so"
+# The Python region marks (`import memtrack`), which `memtrack run` puts on PYTHONPATH.
+mkdir -p "$prefix/lib/memtrack/python/memtrack"
+install -m 644 "$src/python/memtrack/__init__.py" "$prefix/lib/memtrack/python/memtrack/__init__.py"
+
+echo "installed $prefix/bin/memtrack, $prefix/lib/memtrack/libmemtrack.so and $prefix/lib/memtrack/python"
 case ":${PATH:-}:" in
 *":$prefix/bin:"*) ;;
 *) echo "note: $prefix/bin is not on your PATH; add it, e.g.: export PATH=\"$prefix/bin:\$PATH\"" ;;

@@ -11,7 +11,7 @@
 //! when the test passes and kept (its path printed) when it fails. Every helper panics with a
 //! message that includes the stderr of whatever failed.
 
-use memtrack_reader::{Capture, Module, Replay, StackTable, Summary};
+use memtrack_reader::{Capture, EventKind, Module, Replay, StackTable, Summary};
 use std::ffi::OsStr;
 use std::ops::Range;
 use std::os::unix::process::ExitStatusExt;
@@ -645,4 +645,47 @@ pub fn strip_memtrack_lines(stderr: &str) -> String {
         .split_inclusive('\n')
         .filter(|l| !l.starts_with("memtrack:"))
         .collect()
+}
+
+/// Each thread's region marks and heap events in sequence order, as tokens: `B name` (a
+/// region begins), `E` (the innermost ends), `A size` (an allocation), `F` (a free); checks
+/// that the merge is ordered by sequence number.
+pub fn thread_streams(cap: &Capture) -> std::collections::BTreeMap<u32, Vec<String>> {
+    let mut stacks = StackTable::default();
+    let mut out: std::collections::BTreeMap<u32, Vec<String>> = Default::default();
+    let mut last = 0;
+    for e in cap.events(&mut stacks) {
+        assert!(e.seq > last, "events merged by seq: {} after {last}", e.seq);
+        last = e.seq;
+        let t = match e.kind {
+            EventKind::RegionBegin { region } => format!("B {}", cap.region_names[&region]),
+            EventKind::RegionEnd => "E".into(),
+            EventKind::Alloc { size, .. } => format!("A {size}"),
+            EventKind::Free { .. } => "F".into(),
+            other => format!("{other:?}"),
+        };
+        out.entry(e.tid).or_default().push(t);
+    }
+    out
+}
+
+/// A thread's tokens ([`thread_streams`]) from its first region mark on.
+pub fn from_first_mark(s: &[String]) -> &[String] {
+    let first = s.iter().position(|t| t.starts_with("B ")).expect("a mark");
+    &s[first..]
+}
+
+/// Only the region marks of a thread's tokens.
+pub fn marks_only(s: &[String]) -> Vec<&str> {
+    s.iter()
+        .map(String::as_str)
+        .filter(|t| t.starts_with("B ") || *t == "E")
+        .collect()
+}
+
+/// The region names a capture holds, sorted.
+pub fn region_names(cap: &Capture) -> Vec<&str> {
+    let mut n: Vec<&str> = cap.region_names.values().map(String::as_str).collect();
+    n.sort();
+    n
 }

@@ -459,6 +459,9 @@ fn install_script_puts_a_working_memtrack_in_a_prefix() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(prefix.join("lib/memtrack/libmemtrack.so").is_file());
+    assert!(prefix
+        .join("lib/memtrack/python/memtrack/__init__.py")
+        .is_file());
     let installed = prefix.join("bin/memtrack");
     let exe = work.compile("reports.c");
     let run = Command::new(&installed)

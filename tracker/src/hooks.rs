@@ -517,3 +517,26 @@ pub unsafe fn exit_now(status: c_int, upper: bool) -> ! {
         },
     }
 }
+
+// ---------------------------------------------------------------- regions
+
+/// `memtrack_region_begin`: the calling thread enters region `name` (a NUL-terminated string;
+/// null is ignored). Recorded while this process records; nothing otherwise.
+///
+/// # Safety
+/// `name` is null or points to a NUL-terminated string.
+pub unsafe fn region_begin(name: *const c_char) {
+    if name.is_null() {
+        return;
+    }
+    let Some(g) = enter() else { return };
+    // SAFETY: the caller's contract: a NUL-terminated string.
+    let name = unsafe { std::ffi::CStr::from_ptr(name) };
+    recorder::region_begin(name.to_bytes(), &g);
+}
+
+/// `memtrack_region_end`: the calling thread leaves its innermost open region.
+pub fn region_end() {
+    let Some(g) = enter() else { return };
+    recorder::region_end(&g);
+}

@@ -43,8 +43,10 @@ pub mod heap;
 pub mod hooks;
 mod lifecycle;
 mod mapbuf;
+mod mark;
 mod real;
 mod recorder;
+mod region;
 mod rust_alloc;
 mod session;
 mod stack;
@@ -52,6 +54,7 @@ mod writer;
 
 pub use guard::IgnoreAllocs;
 pub use lifecycle::is_recording;
+pub use mark::{region, region_begin, region_end, Region};
 pub use memtrack_format::{AllocKind, EndReason};
 pub use recorder::finish;
 pub use rust_alloc::{measure, reset_peak, start, stats, Recording, StartError, Stats, Tracker};

@@ -11,12 +11,14 @@ use crate::guard::{IgnoreAllocs, SaveErrno};
 use crate::handoff::{self, seq, ChunkBuf, Handoff, ThreadSlot};
 use crate::lifecycle;
 use crate::mapbuf::MapBuf;
+use crate::region::{self, SeenNames};
 use crate::stack::unwind::{self, LoadedModule};
 use crate::stack::{self, python, StackStart, Stacks, ThreadStacks};
 use crate::writer::{self, FramedChunk, Inbox, Msg, Writer};
 use crossbeam_channel::{Receiver, TryRecvError};
 use memtrack_format::{
-    record, AllocKind, EndReason, EndRecord, EventKind, PythonEndRecord, StreamEncoder,
+    record, AllocKind, EndReason, EndRecord, EventKind, PythonEndRecord, RegionNameRecord,
+    StreamEncoder,
 };
 use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +40,8 @@ pub(crate) struct Recorder {
     pub root_path: String,
     /// `--follow-fork`: forked children record into captures of their own.
     pub follow_fork: bool,
+    /// The region ids whose name this capture holds.
+    region_names: SeenNames,
 }
 
 /// The recorder of this process. Set once, except in a child forked under `--follow-fork`,
@@ -120,6 +124,7 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         thread_key: key,
         root_path: cfg.root_path,
         follow_fork: cfg.follow_fork,
+        region_names: SeenNames::new(),
     };
     // A forked child: its times start from its own start; its writer starts at its first
     // event.
@@ -377,6 +382,39 @@ pub(crate) fn record(mut ev: EventKind, start: StackStart, g: &IgnoreAllocs) {
         }
         None => record_orphan(rec, ev, start),
     }
+}
+
+/// Records the begin of region `name` for the calling thread (its name first, when this capture
+/// does not hold it yet). The caller holds the guard. No stack: a mark costs a sequence number,
+/// a time and a few bytes.
+#[inline]
+pub(crate) fn region_begin(name: &[u8], g: &IgnoreAllocs) {
+    let Some(rec) = recorder() else { return };
+    let id = region::id_of(name);
+    if rec.region_names.first_meeting(id) {
+        send_region_name(rec, id, name);
+    }
+    record(EventKind::RegionBegin { region: id }, StackStart::Here, g);
+}
+
+/// Records the end of the calling thread's innermost open region. The caller holds the guard.
+#[inline]
+pub(crate) fn region_end(g: &IgnoreAllocs) {
+    record(EventKind::RegionEnd, StackStart::Here, g);
+}
+
+/// Writes a `REGION_NAME` record (through the writer's queue, as `PYCODE` records go).
+#[cold]
+fn send_region_name(rec: &Recorder, id: u32, name: &[u8]) {
+    let _errno = SaveErrno::new();
+    let payload = RegionNameRecord {
+        id,
+        name: name.to_vec(),
+    }
+    .encode();
+    let mut framed = Vec::new();
+    memtrack_format::put_record(&mut framed, record::REGION_NAME, &payload);
+    rec.handoff.send_record(framed);
 }
 
 /// Encodes one event; returns the `PYTHON_END` mark when interpreter shutdown began just before

@@ -112,29 +112,60 @@ pub fn find_preload() -> Result<PathBuf> {
         return Ok(std::path::absolute(&p)?);
     }
     let exe = std::env::current_exe().context("cannot locate the memtrack executable")?;
-    // Through a symlink (~/bin/memtrack -> the build) too.
-    let real = std::fs::canonicalize(&exe).unwrap_or_else(|_| exe.clone());
-    let mut tried = Vec::new();
-    for e in [&exe, &real] {
-        let Some(dir) = e.parent() else { continue };
-        for cand in [
-            dir.join("libmemtrack.so"),
-            dir.join("../lib/memtrack/libmemtrack.so"),
-            dir.join("../lib/libmemtrack.so"),
-        ] {
-            if cand.is_file() {
-                return Ok(cand);
-            }
-            if !tried.contains(&cand) {
-                tried.push(cand);
-            }
-        }
+    let (found, tried) = beside_exe(
+        &exe,
+        &[
+            "libmemtrack.so",
+            "../lib/memtrack/libmemtrack.so",
+            "../lib/libmemtrack.so",
+        ],
+        |p| p.is_file(),
+    );
+    if let Some(p) = found {
+        return Ok(p);
     }
     let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
     bail!(
         "libmemtrack.so (the library memtrack preloads into the command) not found; looked in {}. Install memtrack with `./install.sh [PREFIX]` from its source tree (it puts both in place), or build it with `cargo build --release` and run target/release/memtrack, or set MEMTRACK_PRELOAD=/path/to/libmemtrack.so",
         tried.join(", ")
     )
+}
+
+/// The folder that holds the `memtrack` Python package (region marks), for `PYTHONPATH`: next
+/// to the executable (`python/`), where `install.sh` puts it (`../lib/memtrack/python`), or in
+/// the source tree of a build (`target/release/memtrack` -> `python/`). None when not found.
+pub fn find_python_package() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let (found, _) = beside_exe(
+        &exe,
+        &["python", "../lib/memtrack/python", "../../python"],
+        |p| p.join("memtrack/__init__.py").is_file(),
+    );
+    std::fs::canonicalize(found?).ok()
+}
+
+/// The first of `rel` (paths relative to the executable's folder, then to the folder of the
+/// file it links to: `~/bin/memtrack -> the build`) that `found` accepts, and every path tried.
+fn beside_exe(
+    exe: &Path,
+    rel: &[&str],
+    found: impl Fn(&Path) -> bool,
+) -> (Option<PathBuf>, Vec<PathBuf>) {
+    let real = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+    let mut tried = Vec::new();
+    for e in [exe, &real] {
+        let Some(dir) = e.parent() else { continue };
+        for r in rel {
+            let cand = dir.join(r);
+            if found(&cand) {
+                return (Some(cand), tried);
+            }
+            if !tried.contains(&cand) {
+                tried.push(cand);
+            }
+        }
+    }
+    (None, tried)
 }
 
 fn is_python(cmd: &Path) -> bool {

@@ -93,8 +93,19 @@ pub(crate) fn cmd_run(
     }
     // A Python program anywhere in a recorded tree (under `uv run`, `sh -c`, `make`) allocates
     // through malloc too; said only when the command itself is Python.
+    let python = launch::runs_python(&program);
+    if python {
+        // `import memtrack` (region marks) works without installing the package.
+        if let Some(dir) = launch::find_python_package() {
+            let mut path = dir.into_os_string();
+            if let Some(existing) = std::env::var_os("PYTHONPATH").filter(|v| !v.is_empty()) {
+                path.push(":");
+                path.push(existing);
+            }
+            cmd.env("PYTHONPATH", path);
+        }
+    }
     if std::env::var_os("PYTHONMALLOC").is_none() {
-        let python = launch::runs_python(&program);
         if python {
             eprintln!("memtrack: setting PYTHONMALLOC=malloc so that Python objects are allocated through malloc");
         }

@@ -216,6 +216,22 @@ pub extern "C" fn abort() -> ! {
     ip::abort_now()
 }
 
+/// The calling thread enters region `name` (`include/memtrack.h`); a null name is ignored.
+///
+/// # Safety
+/// `name` is null or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn memtrack_region_begin(name: *const c_char) {
+    // SAFETY: same contract.
+    unsafe { ip::region_begin(name) }
+}
+
+/// The calling thread leaves its innermost open region (`include/memtrack.h`).
+#[no_mangle]
+pub extern "C" fn memtrack_region_end() {
+    ip::region_end()
+}
+
 extern "C" fn memtrack_constructor() {
     ip::constructor();
 }
