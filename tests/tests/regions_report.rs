@@ -9,13 +9,23 @@ use memtrack_tests::*;
 use std::path::Path;
 use std::process::Command;
 
+/// `memtrack args` in `dir`, frames as module+offset (the synthetic captures name no module).
 fn memtrack(args: &[&str], dir: &Path) -> Run {
-    let out = Command::new(&binaries().memtrack)
-        .args(args)
-        .current_dir(dir)
-        .env("MEMTRACK_SYMBOLIZE", "0")
-        .output()
-        .expect("memtrack runs");
+    run_memtrack(args, dir, false)
+}
+
+/// `memtrack args` in `dir`, symbolized (captures of the C fixture).
+fn memtrack_sym(args: &[&str], dir: &Path) -> Run {
+    run_memtrack(args, dir, true)
+}
+
+fn run_memtrack(args: &[&str], dir: &Path, symbolize: bool) -> Run {
+    let mut cmd = Command::new(&binaries().memtrack);
+    cmd.args(args).current_dir(dir);
+    if !symbolize {
+        cmd.env("MEMTRACK_SYMBOLIZE", "0");
+    }
+    let out = cmd.output().expect("memtrack runs");
     Run {
         status: out.status,
         stdout: out.stdout,
@@ -191,47 +201,15 @@ fn regions_report_text_and_json() {
             assert!(row.get(k).is_some(), "{k} missing in {row}");
         }
     }
-    let figures: Vec<(String, String, Vec<u64>)> = rows
-        .iter()
-        .map(|r| {
-            let n = |k: &str| r[k].as_u64().unwrap();
-            (
-                r["name"].as_str().unwrap().to_string(),
-                r["path"].as_str().unwrap().to_string(),
-                [
-                    "occurrences",
-                    "peak_growth_bytes",
-                    "avg_growth_bytes",
-                    "heap_peak_bytes",
-                    "allocated_bytes",
-                    "allocations",
-                    "retained_bytes",
-                ]
-                .iter()
-                .map(|k| n(k))
-                .collect(),
-            )
-        })
-        .collect();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["search", "rank", "load"]);
     assert_eq!(
-        figures,
-        [
-            (
-                "search".into(),
-                "search".into(),
-                vec![2, 4000, 2375, 9000, 7650, 7, 1050]
-            ),
-            (
-                "rank".into(),
-                "search/rank".into(),
-                vec![1, 500, 500, 6500, 500, 1, 0]
-            ),
-            (
-                "load".into(),
-                "load".into(),
-                vec![1, 3000, 3000, 4000, 3000, 1, 3000]
-            ),
-        ]
+        region_rows("p.cap", work.dir()),
+        rows_of(&[
+            ("search", [2, 4000, 2375, 9000, 7650, 7, 1050, 1]),
+            ("search/rank", [1, 500, 500, 6500, 500, 1, 0, 0]),
+            ("load", [1, 3000, 3000, 4000, 3000, 1, 3000, 0]),
+        ])
     );
     let secs: Vec<(f64, f64)> = rows
         .iter()
@@ -491,5 +469,266 @@ fn plot_draws_a_band_per_region() {
     assert!(
         svg.contains("<rect x=\"175.7\" y=\"484.0\" width=\"75.7\" height=\"14\""),
         "{svg}"
+    );
+}
+
+/// `[path, occurrences, peak growth, avg growth, heap peak, allocated, allocations, retained,
+/// unclosed]` per row of `memtrack regions --json`.
+fn region_rows(cap: &str, dir: &Path) -> Vec<(String, Vec<u64>)> {
+    let r = memtrack_sym(&["regions", cap, "--json"], dir);
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let keys = [
+                "occurrences",
+                "peak_growth_bytes",
+                "avg_growth_bytes",
+                "heap_peak_bytes",
+                "allocated_bytes",
+                "allocations",
+                "retained_bytes",
+                "unclosed",
+            ];
+            (
+                r["path"].as_str().unwrap().to_string(),
+                keys.iter().map(|k| r[*k].as_u64().unwrap()).collect(),
+            )
+        })
+        .collect()
+}
+
+fn rows_of(want: &[(&str, [u64; 8])]) -> Vec<(String, Vec<u64>)> {
+    want.iter()
+        .map(|(p, v)| (p.to_string(), v.to_vec()))
+        .collect()
+}
+
+/// The C pipeline of the issue recorded for real: `load_index` keeps 3,000,000 bytes; `search`
+/// runs three times holding 1, 2 and 3 MB with `rank`'s 500,000 on top; `at_exit` is left open
+/// by exit(0); nothing else allocates before them (the heap starts at 0).
+#[test]
+fn c_pipeline_regions_exact() {
+    let work = Work::new("regions_c_pipeline");
+    let exe = work.compile("regions_pipeline.c");
+    run_traced_ok(&work, "p.cap", &exe, &[] as &[&str]);
+    let pipeline = [
+        (
+            "search",
+            [3, 3_500_000, 2_500_000, 6_500_000, 7_500_000, 6, 0, 0],
+        ),
+        (
+            "search/rank",
+            [3, 500_000, 500_000, 6_500_000, 1_500_000, 3, 0, 0],
+        ),
+        (
+            "load_index",
+            [
+                1, 3_000_000, 3_000_000, 3_000_000, 3_000_000, 1, 3_000_000, 0,
+            ],
+        ),
+    ];
+    let mut want = rows_of(&pipeline);
+    want.extend(rows_of(&[(
+        "at_exit",
+        [1, 250_000, 250_000, 3_250_000, 250_000, 1, 250_000, 1],
+    )]));
+    assert_eq!(region_rows("p.cap", work.dir()), want);
+    let r = memtrack_sym(&["regions", "p.cap", "--json"], work.dir());
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    let top: Vec<(String, u64)> = v[0]["top_locations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["function"].as_str().unwrap().to_string(),
+                t["total_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        top,
+        [
+            ("search".to_string(), 3_000_000),
+            ("rank".to_string(), 500_000)
+        ]
+    );
+
+    // --region attributes the region's bytes to the functions that allocated them.
+    let table = |args: &[&str]| -> Vec<(String, u64, u64)> {
+        let mut a = vec!["table", "p.cap", "--json"];
+        a.extend_from_slice(args);
+        let r = memtrack_sym(&a, work.dir());
+        assert_eq!(r.code(), Some(0), "{r:?}");
+        let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                (
+                    t["function"].as_str().unwrap().to_string(),
+                    t["total_bytes"].as_u64().unwrap(),
+                    t["count"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let s = |f: &str, b, c| (f.to_string(), b, c);
+    assert_eq!(
+        table(&["--region", "search"]),
+        [s("search", 3_000_000, 1), s("rank", 500_000, 1)]
+    );
+    assert_eq!(
+        table(&["--region", "search", "--allocated"]),
+        [s("search", 6_000_000, 3), s("rank", 1_500_000, 3)]
+    );
+    assert_eq!(
+        table(&["--region", "rank", "--allocated"]),
+        [s("rank", 1_500_000, 3)]
+    );
+    assert_eq!(
+        table(&["--region", "load_index", "--leaks"]),
+        [s("load_index", 3_000_000, 1)]
+    );
+    assert_eq!(
+        table(&["--region", "at_exit", "--leaks"]),
+        [s("main", 250_000, 1)]
+    );
+    let r = memtrack_sym(
+        &[
+            "export",
+            "p.cap",
+            "--format",
+            "folded",
+            "--region",
+            "search/rank",
+        ],
+        work.dir(),
+    );
+    let lines: Vec<&str> = r.stdout_text().leak().lines().collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].ends_with(";search;rank 500000"), "{lines:?}");
+
+    // Budgets per region, then the whole process's, from one command line.
+    let r = memtrack_sym(
+        &[
+            "check",
+            "p.cap",
+            "--max-peak",
+            "6500000",
+            "--region",
+            "search",
+            "--max-peak",
+            "3500000",
+            "--max-total",
+            "7500000",
+            "--region",
+            "load_index",
+            "--max-leaked",
+            "3000000",
+        ],
+        work.dir(),
+    );
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    let r = memtrack_sym(
+        &[
+            "check",
+            "p.cap",
+            "--region",
+            "search",
+            "--max-peak",
+            "3499999",
+        ],
+        work.dir(),
+    );
+    assert_eq!(r.code(), Some(1), "{r:?}");
+    assert!(
+        r.stdout_text()
+            .contains("2.86 MiB in 1 allocation : search (regions_pipeline.c:")
+            && r.stdout_text()
+                .contains("488.28 KiB in 1 allocation : rank (regions_pipeline.c:"),
+        "{}",
+        r.stdout_text()
+    );
+
+    // `run` takes the same budgets (reported on standard error).
+    let exe_s = exe.to_str().unwrap();
+    for (limit, code) in [("3500000", 0), ("3499999", 1)] {
+        let r = memtrack_sym(
+            &[
+                "run",
+                "-o",
+                "r.cap",
+                "--force",
+                "--region",
+                "search",
+                "--max-peak",
+                limit,
+                "--",
+                exe_s,
+            ],
+            work.dir(),
+        );
+        assert_eq!(r.code(), Some(code), "{r:?}");
+        assert!(
+            r.stderr
+                .contains("[search] max-peak        3,500,000 bytes"),
+            "{}",
+            r.stderr
+        );
+    }
+}
+
+/// A second thread's regions are its own; one left open when the thread exits ends at its
+/// last event. SIGKILL leaves a region open too.
+#[test]
+fn c_pipeline_regions_thread_and_kill() {
+    let work = Work::new("regions_c_thread");
+    let exe = work.compile("regions_pipeline.c");
+    run_traced_ok(&work, "t.cap", &exe, &["thread"]);
+    let got = region_rows("t.cap", work.dir());
+    let find = |p: &str| {
+        got.iter()
+            .find(|r| r.0 == p)
+            .unwrap_or_else(|| panic!("{p}: {got:?}"))
+            .1
+            .clone()
+    };
+    // The pipeline's figures are unchanged by the thread, which runs after it.
+    assert_eq!(find("search")[..3], [3, 3_500_000, 2_500_000]);
+    let worker = find("worker");
+    assert_eq!(
+        (worker[0], worker[1], worker[4], worker[5], worker[6], worker[7]),
+        (1, 700_000, 700_000, 1, 0, 0)
+    );
+    let tail = find("worker_tail");
+    assert_eq!(
+        (tail[0], tail[1], tail[4], tail[5], tail[6], tail[7]),
+        (1, 100_000, 100_000, 1, 100_000, 1)
+    );
+    // The main thread's at_exit does not count the worker's 100,000 kept bytes.
+    let at_exit = find("at_exit");
+    assert_eq!(
+        (at_exit[1], at_exit[4], at_exit[6], at_exit[7]),
+        (250_000, 250_000, 250_000, 1)
+    );
+
+    let t = run_traced(&work, "k.cap", &exe, &["kill"]);
+    assert_eq!(t.run.code(), Some(128 + 9), "killed: {:?}", t.run);
+    assert_eq!(
+        region_rows("k.cap", work.dir()),
+        rows_of(&[
+            (
+                "load_index",
+                [1, 3_000_000, 3_000_000, 3_000_000, 3_000_000, 1, 3_000_000, 0]
+            ),
+            (
+                "doomed",
+                [1, 1_000_000, 1_000_000, 4_000_000, 1_000_000, 1, 1_000_000, 1]
+            ),
+        ])
     );
 }
