@@ -127,6 +127,9 @@ struct Builder {
     snap: Vec<Option<Snap>>,
     /// Open occurrences of every thread.
     all_open: Vec<usize>,
+    /// At most the smallest heap peak among `all_open`: while the heap is no larger, no open
+    /// occurrence's heap peak changes (so most events skip them).
+    heap_floor: u64,
     threads: Map<u32, ThreadState>,
     owned: Map<u64, Owned>,
     pending_realloc: Map<u32, (u64, Owned)>,
@@ -254,6 +257,7 @@ impl Builder {
                 self.open.push(true);
                 self.snap.push(None);
                 self.all_open.push(o);
+                self.heap_floor = self.heap_floor.min(live_bytes);
                 return;
             }
             EventKind::RegionEnd => {
@@ -299,13 +303,19 @@ impl Builder {
             }
         }
         // The heap's high-water mark of every open occurrence.
+        if live_bytes <= self.heap_floor {
+            return;
+        }
+        let mut floor = u64::MAX;
         for i in 0..self.all_open.len() {
             let o = self.all_open[i];
             if live_bytes > self.occ[o].heap_peak_bytes {
                 self.snap_before_change(o, ev.tid);
                 self.occ[o].heap_peak_bytes = live_bytes;
             }
+            floor = floor.min(self.occ[o].heap_peak_bytes);
         }
+        self.heap_floor = floor;
     }
 
     /// An exec replaced the program image: its heap is gone, its threads with it.
