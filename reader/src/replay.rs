@@ -197,7 +197,8 @@ impl Replay {
     /// Applies one event.
     #[inline]
     pub fn apply(&mut self, ev: &Event) {
-        self.events += 1;
+        // Region marks are ordered with the events but are not heap events: not counted.
+        self.events += ev.kind.is_heap() as u64;
         self.last_seq = ev.seq;
         self.last_time = ev.time;
         match ev.kind {

@@ -536,6 +536,15 @@ fn c_pipeline_regions_exact() {
         [1, 250_000, 250_000, 3_250_000, 250_000, 1, 250_000, 1],
     )]));
     assert_eq!(region_rows("p.cap", work.dir()), want);
+    // Figures wider than a head ("244.14 KiB" under "Retained") widen its column: every row's
+    // separators stand under the header's.
+    let r = memtrack_sym(&["regions", "p.cap"], work.dir());
+    let text = String::from_utf8(r.stdout).unwrap();
+    let bars = |l: &str| -> Vec<usize> { l.match_indices(" | ").map(|(i, _)| i).collect() };
+    let mut lines = text.lines().skip(1);
+    let head = lines.next().unwrap();
+    assert!(head.contains("|   Retained |"), "{text}");
+    assert!(lines.all(|l| bars(l) == bars(head)), "{text}");
     let r = memtrack_sym(&["regions", "p.cap", "--json"], work.dir());
     let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     let top: Vec<(String, u64)> = v[0]["top_locations"]

@@ -62,26 +62,49 @@ pub fn regions(
         grouped(occurrences),
         if occurrences == 1 { "" } else { "s" }
     )?;
-    writeln!(out, "{HEADER}")?;
-    for f in &rows {
+    let cells: Vec<[String; 7]> = rows
+        .iter()
+        .map(|f| {
+            [
+                human_bytes(f.peak_growth_bytes),
+                human_bytes(f.heap_peak_bytes),
+                human_bytes(f.avg_growth_bytes),
+                human_bytes(f.allocated_bytes),
+                human_bytes(f.retained_bytes),
+                grouped(f.occurrences),
+                format!("{:.3}", f.total_seconds),
+            ]
+        })
+        .collect();
+    // The heads' widths unless a figure is wider ("1017.61 KiB"): columns stay aligned.
+    let heads: Vec<&str> = HEADER.split(" | ").collect();
+    let widths: Vec<usize> = (0..7)
+        .map(|i| {
+            cells
+                .iter()
+                .map(|c| c[i].len())
+                .chain([heads[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut head = String::new();
+    for (i, w) in widths.iter().enumerate() {
+        head.push_str(&format!("{:>w$} | ", heads[i].trim_start()));
+    }
+    head.push_str(heads[7]);
+    writeln!(out, "{head}")?;
+    for (f, c) in rows.iter().zip(&cells) {
         let open = if f.unclosed > 0 {
             format!(" ({} left open)", grouped(f.unclosed))
         } else {
             String::new()
         };
-        writeln!(
-            out,
-            "{:>11} | {:>10} | {:>10} | {:>10} | {:>8} | {:>5} | {:>8.3} | {}{}{open}",
-            human_bytes(f.peak_growth_bytes),
-            human_bytes(f.heap_peak_bytes),
-            human_bytes(f.avg_growth_bytes),
-            human_bytes(f.allocated_bytes),
-            human_bytes(f.retained_bytes),
-            grouped(f.occurrences),
-            f.total_seconds,
-            "  ".repeat(f.depth),
-            f.name
-        )?;
+        let mut line = String::new();
+        for (i, w) in widths.iter().enumerate() {
+            line.push_str(&format!("{:>w$} | ", c[i]));
+        }
+        writeln!(out, "{line}{}{}{open}", "  ".repeat(f.depth), f.name)?;
     }
     Ok(())
 }
