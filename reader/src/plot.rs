@@ -138,6 +138,9 @@ impl Capture {
     }
 }
 
+/// Height of one region band's row in a plot: its label's line and the band.
+const BAND_ROW: f64 = 30.0;
+
 /// Regions drawn as bands under a chart, at most (those with the largest peak growth).
 pub const MAX_BANDS: usize = 8;
 
@@ -370,12 +373,12 @@ fn chart(
     let (w, h, left, right, top, bottom) = (1000.0f64, 440.0f64, 100.0, 30.0, 50.0, 70.0);
     let legend = lines.iter().filter(|l| !l.0.is_empty()).count();
     let h = h + 18.0 * legend as f64;
-    // Region bands below the legend: a title row, then one row each.
+    // Region bands below the legend: a title row, then one row each (its label, its band).
     let bands_top = h;
     let h = if bands.is_empty() {
         h
     } else {
-        h + 24.0 + 20.0 * bands.len() as f64 + 10.0
+        h + 24.0 + BAND_ROW * bands.len() as f64 + 10.0
     };
     let pw = w - left - right;
     let ph = 440.0 - top - bottom;
@@ -491,29 +494,29 @@ fn chart(
     }
     const BAND_COLOURS: [&str; 4] = ["#16a085", "#2980b9", "#8e44ad", "#d35400"];
     for (k, band) in bands.iter().enumerate() {
-        let y = bands_top + 24.0 + 20.0 * k as f64;
+        let y = bands_top + 24.0 + BAND_ROW * k as f64;
         let colour = BAND_COLOURS[k % BAND_COLOURS.len()];
+        // The label on a line of its own above the band, so that no span hides it.
+        svg.push_str(&format!(
+            "<text x=\"{left}\" y=\"{:.1}\" font-size=\"11\">{}</text>\n",
+            y + 10.0,
+            esc(&band.label)
+        ));
         svg.push_str(&format!(
             "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#eee\"/>\n",
-            y + 7.0,
+            y + 20.0,
             left + pw
         ));
         for (a, b, tip) in &band.spans {
             let x = left + pw * a.clamp(0.0, 1.0);
             let x2 = left + pw * b.clamp(0.0, 1.0);
             svg.push_str(&format!(
-                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"14\" fill=\"{colour}\" fill-opacity=\"0.6\"><title>{}</title></rect>\n",
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"12\" fill=\"{colour}\" fill-opacity=\"0.6\"><title>{}</title></rect>\n",
+                y + 14.0,
                 (x2 - x).max(1.5),
                 esc(tip)
             ));
         }
-        svg.push_str(&format!(
-            // Over the band, with a halo of the background so that it reads over the spans.
-            "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" stroke=\"#fdfdf8\" stroke-width=\"3\" paint-order=\"stroke\">{}</text>\n",
-            left + 4.0,
-            y + 11.0,
-            esc(&band.label)
-        ));
     }
     svg.push_str("</svg>\n");
     svg
