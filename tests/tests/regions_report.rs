@@ -451,7 +451,7 @@ fn plot_draws_a_band_per_region() {
     let svg = std::fs::read_to_string(work.path("p.svg")).unwrap();
     assert!(svg.contains(">regions (largest peak growth first)</text>"));
     let labels: Vec<&str> = svg
-        .split("paint-order=\"stroke\">")
+        .split("font-size=\"11\">")
         .skip(1)
         .map(|s| s.split('<').next().unwrap())
         .collect();
@@ -467,7 +467,7 @@ fn plot_draws_a_band_per_region() {
     // runs from 20 to 40 ms.
     assert_eq!(svg.matches("<rect x=").count(), 4);
     assert!(
-        svg.contains("<rect x=\"175.7\" y=\"484.0\" width=\"75.7\" height=\"14\""),
+        svg.contains("<rect x=\"175.7\" y=\"508.0\" width=\"75.7\" height=\"12\""),
         "{svg}"
     );
 }
