@@ -10,11 +10,11 @@ fn tokens(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-/// load_index, then search three times (1, 2, 3 MB held) with rank nested in each.
+/// load_index, then search_batch three times (1, 2, 3 MB held) with rank nested in each.
 fn pipeline() -> Vec<String> {
     let mut want = tokens(&["B load_index", "A 3000000", "E"]);
     for k in 1..=3 {
-        want.push("B search".into());
+        want.push("B search_batch".into());
         want.push(format!("A {}", k * 1_000_000));
         want.extend(tokens(&["B rank", "A 500000", "F", "E", "F", "E"]));
     }
@@ -55,7 +55,7 @@ fn c_pipeline_marks_nest_and_interleave_with_allocations_pie_and_non_pie_c_and_c
         assert!(cap.complete());
         assert_eq!(
             region_names(&cap),
-            ["at_exit", "load_index", "rank", "search"]
+            ["at_exit", "load_index", "rank", "search_batch"]
         );
         let s = thread_streams(&cap);
         let marked: Vec<_> = s
@@ -79,7 +79,7 @@ fn a_second_thread_marks_its_own_regions_and_exits_with_one_open() {
             "at_exit",
             "load_index",
             "rank",
-            "search",
+            "search_batch",
             "worker",
             "worker_tail"
         ]

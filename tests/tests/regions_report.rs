@@ -506,7 +506,7 @@ fn rows_of(want: &[(&str, [u64; 8])]) -> Vec<(String, Vec<u64>)> {
         .collect()
 }
 
-/// The C pipeline of the issue recorded for real: `load_index` keeps 3,000,000 bytes; `search`
+/// The C pipeline of the issue recorded for real: `load_index` keeps 3,000,000 bytes; `search_batch`
 /// runs three times holding 1, 2 and 3 MB with `rank`'s 500,000 on top; `at_exit` is left open
 /// by exit(0); nothing else allocates before them (the heap starts at 0).
 #[test]
@@ -516,11 +516,11 @@ fn c_pipeline_regions_exact() {
     run_traced_ok(&work, "p.cap", &exe, &[] as &[&str]);
     let pipeline = [
         (
-            "search",
+            "search_batch",
             [3, 3_500_000, 2_500_000, 6_500_000, 7_500_000, 6, 0, 0],
         ),
         (
-            "search/rank",
+            "search_batch/rank",
             [3, 500_000, 500_000, 6_500_000, 1_500_000, 3, 0, 0],
         ),
         (
@@ -561,7 +561,7 @@ fn c_pipeline_regions_exact() {
     assert_eq!(
         top,
         [
-            ("search".to_string(), 3_000_000),
+            ("search_batch".to_string(), 3_000_000),
             ("rank".to_string(), 500_000)
         ]
     );
@@ -587,12 +587,12 @@ fn c_pipeline_regions_exact() {
     };
     let s = |f: &str, b, c| (f.to_string(), b, c);
     assert_eq!(
-        table(&["--region", "search"]),
-        [s("search", 3_000_000, 1), s("rank", 500_000, 1)]
+        table(&["--region", "search_batch"]),
+        [s("search_batch", 3_000_000, 1), s("rank", 500_000, 1)]
     );
     assert_eq!(
-        table(&["--region", "search", "--allocated"]),
-        [s("search", 6_000_000, 3), s("rank", 1_500_000, 3)]
+        table(&["--region", "search_batch", "--allocated"]),
+        [s("search_batch", 6_000_000, 3), s("rank", 1_500_000, 3)]
     );
     assert_eq!(
         table(&["--region", "rank", "--allocated"]),
@@ -613,13 +613,13 @@ fn c_pipeline_regions_exact() {
             "--format",
             "folded",
             "--region",
-            "search/rank",
+            "search_batch/rank",
         ],
         work.dir(),
     );
     let lines: Vec<&str> = r.stdout_text().leak().lines().collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(lines[0].ends_with(";search;rank 500000"), "{lines:?}");
+    assert!(lines[0].ends_with(";search_batch;rank 500000"), "{lines:?}");
 
     // Budgets per region, then the whole process's, from one command line.
     let r = memtrack_sym(
@@ -629,7 +629,7 @@ fn c_pipeline_regions_exact() {
             "--max-peak",
             "6500000",
             "--region",
-            "search",
+            "search_batch",
             "--max-peak",
             "3500000",
             "--max-total",
@@ -647,7 +647,7 @@ fn c_pipeline_regions_exact() {
             "check",
             "p.cap",
             "--region",
-            "search",
+            "search_batch",
             "--max-peak",
             "3499999",
         ],
@@ -656,7 +656,7 @@ fn c_pipeline_regions_exact() {
     assert_eq!(r.code(), Some(1), "{r:?}");
     assert!(
         r.stdout_text()
-            .contains("2.86 MiB in 1 allocation : search (regions_pipeline.c:")
+            .contains("2.86 MiB in 1 allocation : search_batch (regions_pipeline.c:")
             && r.stdout_text()
                 .contains("488.28 KiB in 1 allocation : rank (regions_pipeline.c:"),
         "{}",
@@ -673,7 +673,7 @@ fn c_pipeline_regions_exact() {
                 "r.cap",
                 "--force",
                 "--region",
-                "search",
+                "search_batch",
                 "--max-peak",
                 limit,
                 "--",
@@ -684,7 +684,7 @@ fn c_pipeline_regions_exact() {
         assert_eq!(r.code(), Some(code), "{r:?}");
         assert!(
             r.stderr
-                .contains("[search] max-peak        3,500,000 bytes"),
+                .contains("[search_batch] max-peak  3,500,000 bytes"),
             "{}",
             r.stderr
         );
@@ -707,7 +707,7 @@ fn c_pipeline_regions_thread_and_kill() {
             .clone()
     };
     // The pipeline's figures are unchanged by the thread, which runs after it.
-    assert_eq!(find("search")[..3], [3, 3_500_000, 2_500_000]);
+    assert_eq!(find("search_batch")[..3], [3, 3_500_000, 2_500_000]);
     let worker = find("worker");
     assert_eq!(
         (worker[0], worker[1], worker[4], worker[5], worker[6], worker[7]),
