@@ -102,5 +102,75 @@ pub fn main(what: &str) {
     let w = from_first_mark(others[0]);
     assert_eq!(w[..4], ["B worker", "A 700000", "F", "E"], "{what}");
     assert_eq!(marks_only(&w[4..]), Vec::<&str>::new(), "{what}");
+    check_figures(&capture, what);
     println!("regions under memtrack run, {what}: ok");
+}
+
+/// The figures `memtrack regions --json` gives for the scenario: own allocations are exact;
+/// heap peaks are the process's heap (runtime allocations included), so they are checked
+/// against the summary's peak and each other.
+fn check_figures(capture: &std::path::Path, what: &str) {
+    let out = Command::new(&binaries().memtrack)
+        .arg("regions")
+        .arg(capture)
+        .arg("--json")
+        .env("MEMTRACK_SYMBOLIZE", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{what}: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |path: &str| -> Vec<u64> {
+        let r = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["path"] == path)
+            .unwrap_or_else(|| panic!("{what}: no region {path} in {v}"));
+        [
+            "occurrences",
+            "peak_growth_bytes",
+            "avg_growth_bytes",
+            "allocated_bytes",
+            "allocations",
+            "retained_bytes",
+            "unclosed",
+            "heap_peak_bytes",
+        ]
+        .iter()
+        .map(|k| r[*k].as_u64().unwrap())
+        .collect()
+    };
+    let (search, rank, load, worker) = (
+        row("search"),
+        row("search/rank"),
+        row("load_index"),
+        row("worker"),
+    );
+    // occurrences, peak growth, avg growth, allocated, allocations, retained, left open
+    assert_eq!(
+        search[..7],
+        [3, 3_500_000, 2_500_000, 7_500_000, 6, 0, 0],
+        "{what}"
+    );
+    assert_eq!(
+        rank[..7],
+        [3, 500_000, 500_000, 1_500_000, 3, 0, 0],
+        "{what}"
+    );
+    assert_eq!(
+        load[..7],
+        [1, 3_000_000, 3_000_000, 3_000_000, 1, 3_000_000, 0],
+        "{what}"
+    );
+    assert_eq!(
+        worker[..7],
+        [1, 700_000, 700_000, 700_000, 1, 0, 0],
+        "{what}"
+    );
+    // The process's peak is during the third search, with rank's block on top of its 3 MB;
+    // load_index's own peak came 3,500,000 bytes lower (nothing else allocates between them).
+    let peak = summary_json(capture)["peak_bytes"].as_u64().unwrap();
+    assert_eq!(search[7], peak, "{what}");
+    assert_eq!(rank[7], peak, "{what}");
+    assert_eq!(load[7], peak - 3_500_000, "{what}");
 }
