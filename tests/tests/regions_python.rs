@@ -59,6 +59,42 @@ fn python_regions_decorator_with_thread_and_asyncio() {
     // The thread's region is its own.
     let worker = &worker[0].1;
     assert_eq!(worker[..], ["B worker", "A 700001", "E"]);
+
+    // The report names the Python functions that hold each region's bytes at its peak: a
+    // bytearray of n bytes is its buffer (n + 1) and its object (56 bytes) at the same line;
+    // the interpreter's small objects come after, below 100,000 bytes.
+    let out = std::process::Command::new(&binaries().memtrack)
+        .args(["regions", "--json"])
+        .arg(&t.capture)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let top = |path: &str| -> Vec<(String, u64)> {
+        let r = v.as_array().unwrap().iter().find(|r| r["path"] == path);
+        let r = r.unwrap_or_else(|| panic!("no region {path} in {v}"));
+        r["top_locations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["function"].as_str().unwrap().to_string(),
+                    l["total_bytes"].as_u64().unwrap(),
+                )
+            })
+            .filter(|l| l.1 >= 100_000)
+            .collect()
+    };
+    let l = |f: &str, b: u64| (f.to_string(), b);
+    assert_eq!(top("load_index"), [l("load_index", 3_000_057)]);
+    assert_eq!(top("search"), [l("search", 3_000_057), l("rank", 500_057)]);
+    assert_eq!(top("worker"), [l("worker", 700_057)]);
+    // What the asyncio section of the README says: the other task's block is in the region.
+    assert_eq!(
+        top("slow_task"),
+        [l("other", 600_057), l("slow_task", 400_057)]
+    );
 }
 
 #[test]
