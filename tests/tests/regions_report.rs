@@ -545,6 +545,14 @@ fn c_pipeline_regions_exact() {
     let head = lines.next().unwrap();
     assert!(head.contains("|   Retained |"), "{text}");
     assert!(lines.all(|l| bars(l) == bars(head)), "{text}");
+    // The summary says the capture has regions, and where to look.
+    let r = memtrack_sym(&["summary", "p.cap"], work.dir());
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains(
+            "\n  regions:        4 marked (at_exit, load_index, rank, search_batch): memtrack regions ranks them\n"
+        ),
+        "{r:?}"
+    );
     let r = memtrack_sym(&["regions", "p.cap", "--json"], work.dir());
     let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     let top: Vec<(String, u64)> = v[0]["top_locations"]

@@ -337,6 +337,19 @@ fn print_summary(
         count(s.total_allocations, "call")
     )?;
     writeln!(out, "  frees:          {}", grouped(s.total_frees))?;
+    if !cap.region_names.is_empty() {
+        let mut names: Vec<&str> = cap.region_names.values().map(String::as_str).collect();
+        names.sort_unstable();
+        let n = names.len();
+        names.truncate(4);
+        writeln!(
+            out,
+            "  regions:        {} marked ({}{}): memtrack regions ranks them",
+            grouped(n as u64),
+            names.join(", "),
+            if n > 4 { ", ..." } else { "" }
+        )?;
+    }
     if s.unmatched_frees > 0 || s.overlapping_allocations > 0 || s.corrupt_chunks > 0 {
         // Only what happened.
         let mut notes = Vec::new();
