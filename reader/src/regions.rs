@@ -635,37 +635,83 @@ impl Regions {
             .iter()
             .filter_map(|p| self.aggregate(cap, |o| o.path == *p))
             .collect();
-        let key = |f: &RegionFigures| -> (u64, u64) {
-            match sort {
-                RegionSort::Peak => (f.peak_growth_bytes, f.heap_peak_bytes),
-                RegionSort::Allocated => (f.allocated_bytes, f.allocations),
-                RegionSort::Retained => (f.retained_bytes, f.peak_growth_bytes),
-                RegionSort::Count => (f.occurrences, f.peak_growth_bytes),
-                RegionSort::Time => ((f.total_seconds * 1e9) as u64, f.peak_growth_bytes),
-            }
-        };
-        fn parent(path: &str) -> &str {
-            path.rsplit_once('/').map_or("", |(p, _)| p)
-        }
-        let mut out = Vec::with_capacity(all.len());
-        // Depth-first from the top level; siblings largest first (ties by path).
-        fn walk<'a>(
-            all: &'a [RegionFigures],
-            under: &str,
-            key: &dyn Fn(&RegionFigures) -> (u64, u64),
-            out: &mut Vec<&'a RegionFigures>,
-        ) {
-            let mut kids: Vec<&RegionFigures> =
-                all.iter().filter(|f| parent(&f.path) == under).collect();
-            kids.sort_by(|a, b| key(b).cmp(&key(a)).then(a.path.cmp(&b.path)));
-            for k in kids {
-                out.push(k);
-                walk(all, &k.path, key, out);
-            }
-        }
-        walk(&all, "", &key, &mut out);
-        out.into_iter().cloned().collect()
+        order_rows(all, sort)
     }
+}
+
+/// Rows in tree order: top-level paths largest first by `sort`, each followed by its nested
+/// paths, ordered the same way.
+pub fn order_rows(all: Vec<RegionFigures>, sort: RegionSort) -> Vec<RegionFigures> {
+    let key = |f: &RegionFigures| -> (u64, u64) {
+        match sort {
+            RegionSort::Peak => (f.peak_growth_bytes, f.heap_peak_bytes),
+            RegionSort::Allocated => (f.allocated_bytes, f.allocations),
+            RegionSort::Retained => (f.retained_bytes, f.peak_growth_bytes),
+            RegionSort::Count => (f.occurrences, f.peak_growth_bytes),
+            RegionSort::Time => ((f.total_seconds * 1e9) as u64, f.peak_growth_bytes),
+        }
+    };
+    fn parent(path: &str) -> &str {
+        path.rsplit_once('/').map_or("", |(p, _)| p)
+    }
+    let mut out = Vec::with_capacity(all.len());
+    // Depth-first from the top level; siblings largest first (ties by path).
+    fn walk<'a>(
+        all: &'a [RegionFigures],
+        under: &str,
+        key: &dyn Fn(&RegionFigures) -> (u64, u64),
+        out: &mut Vec<&'a RegionFigures>,
+    ) {
+        let mut kids: Vec<&RegionFigures> =
+            all.iter().filter(|f| parent(&f.path) == under).collect();
+        kids.sort_by(|a, b| key(b).cmp(&key(a)).then(a.path.cmp(&b.path)));
+        for k in kids {
+            out.push(k);
+            walk(all, &k.path, key, out);
+        }
+    }
+    walk(&all, "", &key, &mut out);
+    out.into_iter().cloned().collect()
+}
+
+/// The rows of several processes' regions as one report: per path, occurrences, allocations
+/// and times add up, peaks are the largest of any process (each process has its own heap),
+/// the average growth is over every occurrence, and the top locations are those of the
+/// process whose occurrence grew most.
+pub fn merge_rows(per_process: Vec<Vec<RegionFigures>>, sort: RegionSort) -> Vec<RegionFigures> {
+    let mut by_path: std::collections::BTreeMap<String, (RegionFigures, u128)> =
+        std::collections::BTreeMap::new();
+    for f in per_process.into_iter().flatten() {
+        let growth = f.avg_growth_bytes as u128 * f.occurrences as u128;
+        match by_path.get_mut(&f.path) {
+            None => {
+                by_path.insert(f.path.clone(), (f, growth));
+            }
+            Some((g, sum)) => {
+                *sum += growth;
+                if f.peak_growth_bytes > g.peak_growth_bytes {
+                    g.peak_growth_bytes = f.peak_growth_bytes;
+                    g.top_locations = f.top_locations;
+                }
+                g.occurrences += f.occurrences;
+                g.heap_peak_bytes = g.heap_peak_bytes.max(f.heap_peak_bytes);
+                g.allocated_bytes = g.allocated_bytes.saturating_add(f.allocated_bytes);
+                g.allocations += f.allocations;
+                g.retained_bytes = g.retained_bytes.saturating_add(f.retained_bytes);
+                g.total_seconds += f.total_seconds;
+                g.max_seconds = g.max_seconds.max(f.max_seconds);
+                g.unclosed += f.unclosed;
+            }
+        }
+    }
+    let all = by_path
+        .into_values()
+        .map(|(mut g, sum)| {
+            g.avg_growth_bytes = (sum / g.occurrences.max(1) as u128) as u64;
+            g
+        })
+        .collect();
+    order_rows(all, sort)
 }
 
 /// Limits on one region's figures (`check --region NAME --max-peak ...`); `None` is not
@@ -734,8 +780,12 @@ impl Capture {
                 let exceeded = measured > limit;
                 let top = match (exceeded, name) {
                     (true, "max_peak") => {
-                        let v = self.region_view(View::Peak, &b.name);
-                        crate::check::top3(&v.sites, &v.stacks, sym, false)
+                        // What the occurrence that grew most held at its own peak: the
+                        // figure measured, not what earlier occurrences kept.
+                        let largest = f.as_ref().map_or(0, |f| f.largest);
+                        let (held, stacks) = self.held_at_peaks(&regions, &[largest]);
+                        let sites = held.into_iter().next().unwrap_or_default();
+                        crate::check::top3(&sites, &stacks, sym, false)
                     }
                     (true, "max_total" | "max_allocations") => {
                         let v = self.region_view(View::Allocated, &b.name);

@@ -749,3 +749,52 @@ fn c_pipeline_regions_thread_and_kill() {
         ])
     );
 }
+
+/// A pre-fork server: only the workers mark regions. Without `--pid`, `regions` and
+/// `check --region` read every process that marked them; peaks are the largest of any
+/// process, totals add up.
+#[test]
+fn regions_of_forked_workers_are_reported_and_checked_together() {
+    let work = Work::new("regions_fork");
+    let exe = work.compile("regions_fork.c");
+    run_traced_ok(&work, "f.cap", &exe, &[] as &[&str]);
+    assert_eq!(
+        region_rows("f.cap", work.dir()),
+        rows_of(&[(
+            "request",
+            [2, 3_000_000, 2_500_000, 3_000_000, 5_000_000, 2, 0, 0]
+        )])
+    );
+    let r = memtrack_sym(&["regions", "f.cap"], work.dir());
+    assert!(
+        r.stdout_text()
+            .contains("1 region, 2 occurrences in 2 processes"),
+        "{r:?}"
+    );
+    let check = |args: &[&str]| {
+        let mut a = vec!["check", "f.cap", "--region", "request"];
+        a.extend_from_slice(args);
+        memtrack_sym(&a, work.dir())
+    };
+    let r = check(&["--max-peak", "3000000", "--max-total", "5000000"]);
+    assert_eq!(r.code(), Some(0), "{r:?}");
+    let r = check(&["--max-peak", "2999999"]);
+    assert_eq!(r.code(), Some(1), "{r:?}");
+    let text = r.stdout_text();
+    assert!(
+        text.contains("[request] max-peak       3,000,000 bytes"),
+        "{text}"
+    );
+    // Both workers are named, the larger first, and the stacks are that worker's.
+    let pids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("pid "))
+        .collect();
+    assert_eq!(pids.len(), 2, "{text}");
+    assert!(pids[0].contains(": 3,000,000 bytes"), "{text}");
+    assert!(pids[1].contains(": 2,000,000 bytes"), "{text}");
+    assert!(
+        text.contains("2.86 MiB in 1 allocation : handle (regions_fork.c:"),
+        "{text}"
+    );
+}

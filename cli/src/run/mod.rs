@@ -94,14 +94,20 @@ pub(crate) fn cmd_run(
     // A Python program anywhere in a recorded tree (under `uv run`, `sh -c`, `make`) allocates
     // through malloc too; said only when the command itself is Python.
     let python = launch::runs_python(&program);
-    if python {
-        // `import memtrack` (region marks) works without installing the package.
+    if python || tree.follow_fork {
+        // `import memtrack` (region marks) works without installing the package, also in
+        // Python programs started through a launcher (`gunicorn` is a shell shim under pyenv).
+        // After the user's own entries, so that theirs win; non-Python programs ignore it.
         if let Some(dir) = launch::find_python_package() {
-            let mut path = dir.into_os_string();
-            if let Some(existing) = std::env::var_os("PYTHONPATH").filter(|v| !v.is_empty()) {
-                path.push(":");
-                path.push(existing);
-            }
+            let path = match std::env::var_os("PYTHONPATH").filter(|v| !v.is_empty()) {
+                Some(existing) => {
+                    let mut p = existing;
+                    p.push(":");
+                    p.push(dir);
+                    p
+                }
+                None => dir.into_os_string(),
+            };
             cmd.env("PYTHONPATH", path);
         }
     }

@@ -33,8 +33,21 @@ pub fn check_with_regions(
     out: &mut dyn Write,
 ) -> Result<u8> {
     let cap = subject.main_capture();
+    // Without --pid, a region's limits apply to every recorded process that marked it (a
+    // pre-fork server's workers); with one process, to that process.
+    let marked: Vec<(&crate::Process, &crate::Capture)> = match subject.one() {
+        Some(p) => vec![(p, cap)],
+        None => subject
+            .tree
+            .processes
+            .iter()
+            .filter_map(|p| p.capture.as_ref().map(|c| (p, c)))
+            .collect(),
+    };
     for b in regions {
-        cap.check_region(&b.name).map_err(anyhow::Error::msg)?;
+        if !marked.iter().any(|(_, c)| c.check_region(&b.name).is_ok()) {
+            cap.check_region(&b.name).map_err(anyhow::Error::msg)?;
+        }
     }
     let progress = r.reading(cap, json);
     let (mut results, complete) = match subject.one() {
@@ -49,13 +62,59 @@ pub fn check_with_regions(
             subject.tree.processes.iter().all(|p| p.summary.complete),
         ),
     };
-    if !regions.is_empty() {
-        let mut sym = r.symbolizer(cap);
-        results.extend(
-            cap.check_regions(regions, &mut sym)
-                .map_err(anyhow::Error::msg)?,
-        );
-        r.warn(&sym.warnings);
+    for b in regions {
+        // Per process, then one result per limit: peaks are the largest of any process (each
+        // has its own heap), totals add up; the stacks are the largest contributor's.
+        let mut merged: Vec<crate::LimitResult> = Vec::new();
+        let mut shares: Vec<Vec<crate::ProcessShare>> = Vec::new();
+        for (p, c) in marked
+            .iter()
+            .filter(|(_, c)| c.check_region(&b.name).is_ok())
+        {
+            let mut sym = r.symbolizer(c);
+            let got = c
+                .check_regions(std::slice::from_ref(b), &mut sym)
+                .map_err(anyhow::Error::msg)?;
+            r.warn(&sym.warnings);
+            if merged.is_empty() {
+                shares = vec![Vec::new(); got.len()];
+                merged = got
+                    .iter()
+                    .cloned()
+                    .map(|mut g| {
+                        g.measured = 0;
+                        g
+                    })
+                    .collect();
+            }
+            for ((m, g), share) in merged.iter_mut().zip(got).zip(shares.iter_mut()) {
+                share.push(crate::ProcessShare {
+                    pid: p.pid,
+                    command: p.command(),
+                    measured: g.measured,
+                });
+                let largest = share.iter().all(|s| s.measured <= g.measured);
+                if largest {
+                    m.top = g.top;
+                }
+                m.measured = if m.name == "max_peak" {
+                    m.measured.max(g.measured)
+                } else {
+                    m.measured.saturating_add(g.measured)
+                };
+            }
+        }
+        for (mut m, mut share) in merged.into_iter().zip(shares) {
+            m.exceeded = m.measured > m.limit;
+            if !m.exceeded {
+                m.top.clear();
+            } else if share.len() > 1 {
+                share.sort_by_key(|s| std::cmp::Reverse(s.measured));
+                share.truncate(3);
+                m.processes = share;
+            }
+            results.push(m);
+        }
     }
     drop(progress);
     let exceeded = results.iter().filter(|r| r.exceeded).count();

@@ -1,7 +1,7 @@
 //! `memtrack regions`: one row per region path, ranked, nested regions under their parent.
 
 use super::{Reporter, Subject};
-use crate::{grouped, human_bytes, RegionFigures, RegionSort, ViewSites};
+use crate::{grouped, human_bytes, Capture, RegionFigures, RegionSort, ViewSites};
 use anyhow::Result;
 use std::io::Write;
 use std::path::Path;
@@ -11,9 +11,36 @@ pub const HEADER: &str =
     "Peak growth |   Max heap | Avg growth |  Allocated | Retained | Count | Time (s) | Region";
 
 /// The figures of every region path of the subject's capture, with their top locations, in
-/// the report's order.
+/// the report's order. For a process tree without `--pid`, every recorded process that marked
+/// regions (a pre-fork server's workers) counts: its rows are merged by path.
 pub fn figures(r: &mut Reporter, subject: &Subject, sort: RegionSort) -> Vec<RegionFigures> {
-    let cap = subject.main_capture();
+    let mut per_process: Vec<Vec<RegionFigures>> = marking(subject)
+        .into_iter()
+        .map(|cap| process_figures(r, cap, sort))
+        .collect();
+    match per_process.len() {
+        0 => Vec::new(),
+        1 => per_process.pop().unwrap_or_default(),
+        _ => crate::regions::merge_rows(per_process, sort),
+    }
+}
+
+/// The captures a regions report reads: the one process's, or every recorded process's that
+/// marked regions.
+fn marking(subject: &Subject) -> Vec<&Capture> {
+    match subject.one() {
+        Some(_) => vec![subject.main_capture()],
+        None => subject
+            .tree
+            .processes
+            .iter()
+            .filter_map(|p| p.capture.as_ref())
+            .filter(|c| !c.region_names.is_empty())
+            .collect(),
+    }
+}
+
+fn process_figures(r: &mut Reporter, cap: &Capture, sort: RegionSort) -> Vec<RegionFigures> {
     let regions = cap.regions();
     let mut rows = regions.figures(cap, sort);
     let largest: Vec<usize> = rows.iter().map(|f| f.largest).collect();
@@ -53,14 +80,20 @@ pub fn regions(
         return Ok(());
     }
     let occurrences: u64 = rows.iter().map(|f| f.occurrences).sum();
+    let procs = marking(subject).len();
     writeln!(
         out,
-        "memtrack regions of {}: {} region{}, {} occurrence{}",
+        "memtrack regions of {}: {} region{}, {} occurrence{}{}",
         file.display(),
         grouped(rows.len() as u64),
         if rows.len() == 1 { "" } else { "s" },
         grouped(occurrences),
-        if occurrences == 1 { "" } else { "s" }
+        if occurrences == 1 { "" } else { "s" },
+        if procs > 1 {
+            format!(" in {procs} processes (peaks are each process's own; --pid PID shows one)")
+        } else {
+            String::new()
+        }
     )?;
     let cells: Vec<[String; 7]> = rows
         .iter()
