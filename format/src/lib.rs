@@ -66,6 +66,7 @@ mod python;
 pub mod record;
 mod records;
 mod region;
+mod rss;
 mod varint;
 
 pub use chunk::{
@@ -81,6 +82,7 @@ pub use records::{
     END_RECORD_LEN,
 };
 pub use region::RegionNameRecord;
+pub use rss::RssRecord;
 pub use varint::{
     push_uvarint_bytewise, put_bytes, put_ivarint, put_uvarint, read_uvarint, ByteSink,
 };

@@ -42,3 +42,7 @@ pub const REGION_NAME: u8 = 11;
 /// after the chunk's `EVENTS_R` record; a reader merges its marks by sequence number like any
 /// chunk's events. Old readers skip it and read the heap unchanged.
 pub const REGIONS: u8 = 12;
+/// A sample of the process's resident memory: `seq` uvarint (the global sequence value when
+/// sampled), `time` uvarint, `rss_bytes` uvarint. Written by the tracker's writer thread when
+/// the value changed, and once before `END`: see [`crate::RssRecord`]. Old readers skip it.
+pub const RSS: u8 = 13;
