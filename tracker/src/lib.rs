@@ -47,6 +47,7 @@ mod mark;
 mod real;
 mod recorder;
 mod region;
+mod rss;
 mod rust_alloc;
 mod session;
 mod stack;

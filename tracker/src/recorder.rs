@@ -231,6 +231,10 @@ impl Inbox for WriterInbox {
             next_stack_id: self.rec.stacks.next_stack_id(),
         }
     }
+
+    fn seq_now(&self) -> u64 {
+        seq::peek()
+    }
 }
 
 // ---------------------------------------------------------------- per-thread state

@@ -10,8 +10,11 @@ use crate::capture_file::CaptureFile;
 use crate::clock;
 use crate::guard::IgnoreAllocs;
 use crate::mapbuf::MapBuf;
+use crate::rss::RssSampler;
 use crossbeam_channel::TryRecvError;
-use memtrack_format::{EndReason, EndRecord, Transcoder, MAX_FRAME_PREFIX};
+use memtrack_format::{
+    frame_in_place, record, ByteSink, EndReason, EndRecord, RssRecord, Transcoder, MAX_FRAME_PREFIX,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -73,6 +76,9 @@ pub(crate) trait Inbox {
     fn recycle(&self, buf: MapBuf);
     /// The `END` record, as of now.
     fn end_record(&self, reason: EndReason) -> EndRecord;
+    /// The global sequence value now (the number the next event takes), read without
+    /// disturbing the threads that take numbers.
+    fn seq_now(&self) -> u64;
 }
 
 /// The capture and the transcoders that turn chunks into its compact encoding.
@@ -129,6 +135,8 @@ fn transcode(c: &mut Transcoder, payload: &[u8]) -> Option<Vec<u8>> {
 /// The writer thread's loop, until the queue is disconnected.
 pub(crate) fn run(w: &Writer, inbox: &impl Inbox) {
     IgnoreAllocs::forever();
+    // Opened here, by this process's own writer: a forked child's writer opens its own.
+    let mut rss = RssSampler::open();
     let mut last_sweep = clock::tick();
     loop {
         // Polled, never a blocking receive: a blocked receiver makes crossbeam's senders look up
@@ -138,11 +146,12 @@ pub(crate) fn run(w: &Writer, inbox: &impl Inbox) {
         // (threads waiting for room send as soon as one is made), draining it first would
         // starve the clock and the sweep for as long as the program keeps it full.
         match inbox.take() {
-            Ok(m) => handle(w, inbox, m),
+            Ok(m) => handle(w, inbox, &mut rss, m),
             Err(TryRecvError::Empty) => std::thread::sleep(clock::TICK),
             Err(TryRecvError::Disconnected) => return,
         }
         let now = clock::tick();
+        sample_rss(w, inbox, &mut rss, now, false);
         if now.saturating_sub(last_sweep) >= SWEEP_EVERY.as_micros() as u64 {
             sweep(w, inbox, false);
             last_sweep = now;
@@ -150,7 +159,7 @@ pub(crate) fn run(w: &Writer, inbox: &impl Inbox) {
     }
 }
 
-fn handle(w: &Writer, inbox: &impl Inbox, m: Msg) {
+fn handle(w: &Writer, inbox: &impl Inbox, rss: &mut RssSampler, m: Msg) {
     match m {
         Msg::Chunk(chunk) => {
             w.write_chunk(&chunk);
@@ -160,9 +169,10 @@ fn handle(w: &Writer, inbox: &impl Inbox, m: Msg) {
             w.write_record(&bytes);
         }
         Msg::Finish(reason, ack) => {
-            drain(w, inbox);
+            drain(w, inbox, rss);
             sweep(w, inbox, true);
-            drain(w, inbox);
+            drain(w, inbox, rss);
+            sample_rss(w, inbox, rss, clock::now_units(), true);
             w.file.write_end(&inbox.end_record(reason));
             ack.store(true, Ordering::Release);
         }
@@ -170,10 +180,10 @@ fn handle(w: &Writer, inbox: &impl Inbox, m: Msg) {
 }
 
 /// Writes what is queued now (not what arrives meanwhile, so it always ends).
-fn drain(w: &Writer, inbox: &impl Inbox) {
+fn drain(w: &Writer, inbox: &impl Inbox, rss: &mut RssSampler) {
     for _ in 0..inbox.queued() {
         match inbox.take() {
-            Ok(m) => handle(w, inbox, m),
+            Ok(m) => handle(w, inbox, rss, m),
             Err(_) => break,
         }
     }
@@ -190,5 +200,54 @@ fn sweep(w: &Writer, inbox: &impl Inbox, force: bool) {
 /// Ends the capture on the calling thread, when no writer thread was ever started.
 pub(crate) fn finish_inline(w: &Writer, inbox: &impl Inbox, reason: EndReason) {
     sweep(w, inbox, true);
+    sample_rss(w, inbox, &mut RssSampler::open(), clock::now_units(), true);
     w.file.write_end(&inbox.end_record(reason));
+}
+
+/// Writes an `RSS` record when a sample is due and changed (always when `force`). The record
+/// is framed in a stack buffer: nothing is allocated.
+fn sample_rss(w: &Writer, inbox: &impl Inbox, rss: &mut RssSampler, now: u64, force: bool) {
+    let Some(rss_bytes) = rss.due(now, force) else {
+        return;
+    };
+    // Taken after the read: every event whose effect the sample can show is numbered below.
+    let sample = RssRecord {
+        seq: inbox.seq_now(),
+        time: now,
+        rss_bytes,
+    };
+    let mut buf = FixedBuf {
+        bytes: [0; MAX_FRAME_PREFIX + RssRecord::MAX_LEN],
+        len: MAX_FRAME_PREFIX,
+    };
+    sample.write_to(&mut buf);
+    let len = buf.len;
+    let Some(framed) = buf.bytes.get_mut(..len) else {
+        return;
+    };
+    let start = frame_in_place(framed, record::RSS);
+    if w.write_record(framed.get(start..).unwrap_or(&[])) {
+        rss.written(rss_bytes);
+    }
+}
+
+/// A byte sink over a stack array (bytes past its end are dropped, never expected: the array
+/// holds the longest record).
+struct FixedBuf<const N: usize> {
+    bytes: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> ByteSink for FixedBuf<N> {
+    fn push_byte(&mut self, b: u8) {
+        if let Some(slot) = self.bytes.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+    fn push_slice(&mut self, s: &[u8]) {
+        for &b in s {
+            self.push_byte(b);
+        }
+    }
 }
