@@ -85,6 +85,8 @@ pub struct Capture {
     pub python_end: Option<memtrack_format::PythonEndRecord>,
     /// Region names by id (`REGION_NAME` records; the first record of an id wins).
     pub region_names: std::collections::HashMap<u32, String>,
+    /// Resident memory samples (`RSS` records), in file order (which is sample order).
+    pub rss: Vec<memtrack_format::RssRecord>,
 }
 
 /// One event, in global order.
@@ -146,6 +148,7 @@ impl Capture {
             dropped: Vec::new(),
             python_end: None,
             region_names: Default::default(),
+            rss: Vec::new(),
             min_offset_from: Vec::new(),
             progress: Default::default(),
         };
@@ -277,6 +280,13 @@ impl Capture {
                                 .entry(r.id)
                                 .or_insert_with(|| String::from_utf8_lossy(&r.name).into_owned());
                         }
+                        Err(e) => self.warnings.push(bad(e)),
+                    }
+                }
+                record::RSS => {
+                    let payload = read(payload_off, plen as usize);
+                    match memtrack_format::RssRecord::decode(&payload) {
+                        Ok(r) => self.rss.push(r),
                         Err(e) => self.warnings.push(bad(e)),
                     }
                 }

@@ -80,6 +80,9 @@ pub struct Replay {
     /// Live bytes and allocations where `--leaks` looks ([`Capture::leaks_seq`]), when the
     /// capture marks a Python program's end and the replay got there.
     pub live_at_leaks_seq: Option<(u64, u64)>,
+    /// Live bytes just before the sequence value of the capture's highest RSS sample
+    /// ([`Capture::peak_rss`]), when the replay got past it.
+    pub live_at_peak_rss: Option<u64>,
 }
 
 /// Per-stack live bytes, and their values at the last peak. Stacks changed since the last peak
@@ -337,6 +340,11 @@ pub struct Summary {
     pub unmatched_frees: u64,
     pub overlapping_allocations: u64,
     pub corrupt_chunks: usize,
+    /// The highest resident memory sampled (`RSS` records; None: the capture has none), when,
+    /// and the heap's live bytes then.
+    pub peak_rss_bytes: Option<u64>,
+    pub peak_rss_time_seconds: Option<f64>,
+    pub heap_at_peak_rss_bytes: Option<u64>,
 }
 
 /// What a replay leaves: the heap's state and figures, the stacks its events named, and how
@@ -370,10 +378,15 @@ impl Capture {
         let mut stacks = StackTable::default();
         let mut boundaries = self.exec_boundaries.iter().copied().peekable();
         let cut = self.leaks_seq();
+        let rss_seq = self.peak_rss().map_or(u64::MAX, |p| p.seq);
         let errors = self.with_events(&mut stacks, |events| {
             events.for_each_while(|ev| {
                 if ev.seq > until {
                     return false;
+                }
+                // Before an exec's reset: a sample of an earlier image saw that image's heap.
+                if ev.seq >= rss_seq && r.live_at_peak_rss.is_none() {
+                    r.live_at_peak_rss = Some(r.live_bytes);
                 }
                 while boundaries.next_if(|&b| ev.seq >= b).is_some() {
                     r.exec_reset();
@@ -391,6 +404,10 @@ impl Capture {
             // No event after the mark.
             r.live_at_leaks_seq = Some((r.live_bytes, r.live_allocations()));
         }
+        if rss_seq != u64::MAX && until >= rss_seq && r.live_at_peak_rss.is_none() {
+            // No event after the sample.
+            r.live_at_peak_rss = Some(r.live_bytes);
+        }
         Replayed {
             replay: r,
             stacks,
@@ -401,6 +418,17 @@ impl Capture {
     /// Replays the whole capture.
     pub fn replay(&self) -> Replayed {
         self.replay_until(u64::MAX)
+    }
+
+    /// The highest resident-memory sample (the first of equal ones), if the capture has any.
+    pub fn peak_rss(&self) -> Option<memtrack_format::RssRecord> {
+        self.rss.iter().copied().reduce(|best, s| {
+            if s.rss_bytes > best.rss_bytes {
+                s
+            } else {
+                best
+            }
+        })
     }
 
     /// Peak, leaks and totals.
@@ -422,6 +450,13 @@ impl Capture {
             (Some(_), Some(at)) => at,
             _ => (r.live_bytes, r.live_allocations()),
         };
+        let peak_rss = self.peak_rss();
+        // Live bytes after the last event numbered below the sample: from this replay when it
+        // got there, else from one more replay up to it.
+        let heap_at_peak_rss = peak_rss.map(|p| {
+            r.live_at_peak_rss
+                .unwrap_or_else(|| self.replay_until(p.seq.saturating_sub(1)).replay.live_bytes)
+        });
         Summary {
             pid: self.header.pid,
             executable: self.last_image().executable.clone(),
@@ -468,6 +503,9 @@ impl Capture {
             unmatched_frees: r.unmatched_frees,
             overlapping_allocations: r.overlapping_allocations,
             corrupt_chunks,
+            peak_rss_bytes: peak_rss.map(|p| p.rss_bytes),
+            peak_rss_time_seconds: peak_rss.map(|p| self.seconds(p.time)),
+            heap_at_peak_rss_bytes: heap_at_peak_rss,
         }
     }
 }

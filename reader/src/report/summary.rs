@@ -302,6 +302,18 @@ fn print_summary(
         count(s.peak_allocations, "allocation"),
         s.peak_time_seconds
     )?;
+    if let (Some(rss), Some(t), Some(heap)) = (
+        s.peak_rss_bytes,
+        s.peak_rss_time_seconds,
+        s.heap_at_peak_rss_bytes,
+    ) {
+        writeln!(
+            out,
+            "  peak RSS:       {} at {t:.3} s (heap then: {})",
+            bytes(rss),
+            bytes(heap)
+        )?;
+    }
     let leak_word = if live {
         "live so far:"
     } else if s.complete {
