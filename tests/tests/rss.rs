@@ -100,6 +100,32 @@ fn peak_rss_is_sampled_while_the_touched_block_is_live_with_the_heap_then() {
     );
 }
 
+/// `memtrack dump` lists the samples.
+#[test]
+fn dump_lists_every_sample() {
+    let work = Work::new("rss-dump");
+    let exe = work.compile("rss_phases.c");
+    let t = run_traced_ok(&work, "rss.cap", &exe, &[] as &[&str]);
+    let cap = open_capture(&t.capture);
+    let out = memtrack_ok(|c| {
+        c.arg("dump").arg(&t.capture);
+    });
+    let text = String::from_utf8_lossy(&out.stdout);
+    let listed: Vec<&str> = text.lines().filter(|l| l.starts_with("rss at")).collect();
+    let want: Vec<String> = cap
+        .rss
+        .iter()
+        .map(|r| {
+            format!(
+                "rss at seq {} time {}: {} bytes",
+                r.seq, r.time, r.rss_bytes
+            )
+        })
+        .collect();
+    assert!(!want.is_empty());
+    assert_eq!(listed, want);
+}
+
 /// A capture without samples (written before the tracker sampled) gives nulls, and no line.
 #[test]
 fn a_capture_without_samples_has_null_rss_keys() {

@@ -21,6 +21,13 @@ pub fn dump(cap: &Capture, out: &mut impl Write) -> std::io::Result<()> {
             )?;
         }
     }
+    for r in &cap.rss {
+        writeln!(
+            out,
+            "rss at seq {} time {}: {} bytes",
+            r.seq, r.time, r.rss_bytes
+        )?;
+    }
     let mut stacks = crate::StackTable::default();
     let events: Vec<_> = cap.events(&mut stacks).collect();
     for ev in events {
