@@ -62,39 +62,46 @@ pub fn check_with_regions(
             subject.tree.processes.iter().all(|p| p.summary.complete),
         ),
     };
-    for b in regions {
-        // Per process, then one result per limit: peaks are the largest of any process (each
-        // has its own heap), totals add up; the stacks are the largest contributor's.
-        let mut merged: Vec<crate::LimitResult> = Vec::new();
-        let mut shares: Vec<Vec<crate::ProcessShare>> = Vec::new();
-        for (p, c) in marked
-            .iter()
-            .filter(|(_, c)| c.check_region(&b.name).is_ok())
-        {
-            let mut sym = r.symbolizer(c);
-            let got = c
-                .check_regions(std::slice::from_ref(b), &mut sym)
-                .map_err(anyhow::Error::msg)?;
-            r.warn(&sym.warnings);
-            if merged.is_empty() {
-                shares = vec![Vec::new(); got.len()];
-                merged = got
-                    .iter()
-                    .cloned()
-                    .map(|mut g| {
-                        g.measured = 0;
-                        g
-                    })
-                    .collect();
-            }
-            for ((m, g), share) in merged.iter_mut().zip(got).zip(shares.iter_mut()) {
+    // Per process (one replay and one symbolizer each, for all its regions' limits), then one
+    // result per limit: peaks are the largest of any process (each has its own heap), totals
+    // add up; the stacks are the largest contributor's.
+    let mut merged: Vec<Vec<(crate::LimitResult, Vec<crate::ProcessShare>)>> =
+        vec![Vec::new(); regions.len()];
+    for (p, c) in &marked {
+        let here: Vec<usize> = (0..regions.len())
+            .filter(|&i| c.check_region(&regions[i].name).is_ok())
+            .collect();
+        if here.is_empty() {
+            continue;
+        }
+        let budgets: Vec<RegionBudget> = here.iter().map(|&i| regions[i].clone()).collect();
+        let mut sym = r.symbolizer(c);
+        let mut got = c
+            .check_regions(&budgets, &mut sym)
+            .map_err(anyhow::Error::msg)?
+            .into_iter();
+        r.warn(&sym.warnings);
+        for &i in &here {
+            // check_regions gives one result per limit set, budget after budget.
+            let b = &regions[i];
+            let n = [b.max_peak, b.max_leaked, b.max_allocations, b.max_total]
+                .iter()
+                .filter(|l| l.is_some())
+                .count();
+            let slots = &mut merged[i];
+            for (k, g) in got.by_ref().take(n).enumerate() {
+                if slots.len() <= k {
+                    let mut m = g.clone();
+                    m.measured = 0;
+                    slots.push((m, Vec::new()));
+                }
+                let (m, share) = &mut slots[k];
                 share.push(crate::ProcessShare {
                     pid: p.pid,
                     command: p.command(),
                     measured: g.measured,
                 });
-                let largest = share.iter().all(|s| s.measured <= g.measured);
-                if largest {
+                if share.iter().all(|s| s.measured <= g.measured) {
                     m.top = g.top;
                 }
                 m.measured = if m.name == "max_peak" {
@@ -104,17 +111,17 @@ pub fn check_with_regions(
                 };
             }
         }
-        for (mut m, mut share) in merged.into_iter().zip(shares) {
-            m.exceeded = m.measured > m.limit;
-            if !m.exceeded {
-                m.top.clear();
-            } else if share.len() > 1 {
-                share.sort_by_key(|s| std::cmp::Reverse(s.measured));
-                share.truncate(3);
-                m.processes = share;
-            }
-            results.push(m);
+    }
+    for (mut m, mut share) in merged.into_iter().flatten() {
+        m.exceeded = m.measured > m.limit;
+        if !m.exceeded {
+            m.top.clear();
+        } else if share.len() > 1 {
+            share.sort_by_key(|s| std::cmp::Reverse(s.measured));
+            share.truncate(3);
+            m.processes = share;
         }
+        results.push(m);
     }
     drop(progress);
     let exceeded = results.iter().filter(|r| r.exceeded).count();
