@@ -179,9 +179,11 @@ fn location_label(function: &str, file: Option<&str>, line: Option<u32>) -> Stri
     }
 }
 
-/// `1 allocation`, `2,048 allocations`: a count with its noun (plural with an `s`).
+/// `1 allocation`, `2,048 allocations`: a count with its noun (plural with an `s`), for running
+/// text (unpadded, unlike [`plural`]).
 fn count(n: u64, noun: &str) -> String {
-    format!("{} {}", grouped(n), plural(n, noun))
+    let s = if n == 1 { "" } else { "s" };
+    format!("{} {noun}{s}", grouped(n))
 }
 
 /// The noun for `n` of it, padded to the plural's width (for columns).
