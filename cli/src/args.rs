@@ -94,7 +94,7 @@ pub(crate) enum Cmd {
     /// Memory flamegraph (interactive SVG) of one view, bytes as the count: an icicle graph
     /// (root at the top, so the widest frames open on the first screen) unless `--flame`.
     #[command(
-        after_help = "EXAMPLES:\n    memtrack flamegraph svc.cap                # svc-peak.svg: live at the peak\n    memtrack flamegraph svc.cap --leaks -o leaks.svg\n    memtrack flamegraph svc.cap --allocated --inverted\n    memtrack flamegraph svc.cap --flame        # root at the bottom"
+        after_help = "EXAMPLES:\n    memtrack flamegraph svc.cap                # svc-peak.svg: live at the peak\n    memtrack flamegraph svc.cap --leaks -o leaks.svg\n    memtrack flamegraph svc.cap --allocated --inverted\n    memtrack flamegraph svc.cap --mapped       # svc-mapped.svg: mmap at its peak\n    memtrack flamegraph svc.cap --flame        # root at the bottom"
     )]
     Flamegraph {
         file: PathBuf,
@@ -120,7 +120,7 @@ pub(crate) enum Cmd {
     },
     /// Ranked table of allocation sites: Total | Max | Avg | Count | Location.
     #[command(
-        after_help = "EXAMPLES:\n    memtrack table svc.cap                        # by function, live at the peak\n    memtrack table svc.cap --leaks --by line --top 20\n    memtrack table svc.cap --allocated --by stack --json"
+        after_help = "EXAMPLES:\n    memtrack table svc.cap                        # by function, live at the peak\n    memtrack table svc.cap --leaks --by line --top 20\n    memtrack table svc.cap --allocated --by stack --json\n    memtrack table svc.cap --mapped --leaks       # mmap still mapped at exit"
     )]
     Table {
         file: PathBuf,
@@ -271,10 +271,23 @@ pub(crate) enum Cmd {
     Dump { file: PathBuf },
 }
 
-/// Which allocations a report covers (default: `--peak`).
+/// Which allocations a report covers (default: `--peak`), of the heap or (`--mapped`) of
+/// mapped memory.
+#[derive(clap::Args, Clone, Copy)]
+pub(crate) struct ViewArgs {
+    #[command(flatten)]
+    which: WhichView,
+    /// Mapped memory (anonymous and file-backed `mmap`, apart from the heap) instead of the
+    /// heap: what was mapped at the mapped-memory peak; with --leaks (or --leaks-at-exit),
+    /// what was still mapped at exit; with --allocated, every mapping made.
+    #[arg(long, conflicts_with = "temporary")]
+    mapped: bool,
+}
+
+/// The heap views, one at a time.
 #[derive(clap::Args, Clone, Copy)]
 #[group(multiple = false)]
-pub(crate) struct ViewArgs {
+struct WhichView {
     /// What was live at the high-water mark (the default).
     #[arg(long)]
     peak: bool,
@@ -295,8 +308,16 @@ pub(crate) struct ViewArgs {
 
 impl ViewArgs {
     pub(crate) fn view(self) -> View {
-        match (self.leaks, self.allocated, self.temporary) {
-            _ if self.leaks_at_exit => View::LeaksAtExit,
+        let w = self.which;
+        if self.mapped {
+            return match (w.leaks || w.leaks_at_exit, w.allocated) {
+                (true, _) => View::MappedLeaks,
+                (_, true) => View::MappedAllocated,
+                _ => View::Mapped,
+            };
+        }
+        match (w.leaks, w.allocated, w.temporary) {
+            _ if w.leaks_at_exit => View::LeaksAtExit,
             (true, _, _) => View::Leaks,
             (_, true, _) => View::Allocated,
             (_, _, true) => View::Temporary,

@@ -245,10 +245,13 @@ fn open_in(file: &Path, pid: Option<u32>, region: Option<String>, view: View) ->
     Subject::open(file, pid)?.with_region(region)
 }
 
-/// The temporary view has no region counterpart.
+/// The temporary and mapped views have no region counterpart.
 fn no_temporary(region: &Option<String>, view: View) -> Result<()> {
     if region.is_some() && view == View::Temporary {
         bail!("--region does not apply to --temporary (use --peak, --leaks or --allocated)");
+    }
+    if region.is_some() && view.is_mapped() {
+        bail!("--region does not apply to --mapped (regions measure the heap)");
     }
     Ok(())
 }

@@ -83,13 +83,52 @@ pub enum EventKind {
     RegionBegin { region: u32 },
     /// The thread closed its innermost open region.
     RegionEnd,
+    /// `mmap` (or `mmap64`) made a mapping: `size` bytes (whole pages) at `addr`, by the stack
+    /// `stack`. `file` is 0 for anonymous memory, else the id of a `MAP_FILE` record naming the
+    /// mapped file; `shared`: `MAP_SHARED`. Not heap: its own figures (`--mapped`).
+    Map {
+        addr: u64,
+        size: u64,
+        stack: u32,
+        file: u32,
+        shared: bool,
+    },
+    /// `munmap` of `[addr, addr + size)` (whole pages): any part of one or more mappings.
+    Unmap { addr: u64, size: u64 },
+    /// `mremap` moved or resized `[old_addr, old_addr + old_size)` to `[addr, addr + size)`
+    /// (the same address when it stayed), by the stack `stack`; the new range keeps the old
+    /// one's file and sharing.
+    Remap {
+        old_addr: u64,
+        old_size: u64,
+        addr: u64,
+        size: u64,
+        stack: u32,
+    },
 }
 
 impl EventKind {
-    /// True for the events that change the heap (every kind but the region marks).
+    /// True for the events that change the heap (every kind but the region marks and the
+    /// mapped-memory events).
     #[inline]
     pub fn is_heap(&self) -> bool {
-        !matches!(self, EventKind::RegionBegin { .. } | EventKind::RegionEnd)
+        !matches!(
+            self,
+            EventKind::RegionBegin { .. }
+                | EventKind::RegionEnd
+                | EventKind::Map { .. }
+                | EventKind::Unmap { .. }
+                | EventKind::Remap { .. }
+        )
+    }
+
+    /// True for the mapped-memory events (`Map`, `Unmap`, `Remap`).
+    #[inline]
+    pub fn is_mapped(&self) -> bool {
+        matches!(
+            self,
+            EventKind::Map { .. } | EventKind::Unmap { .. } | EventKind::Remap { .. }
+        )
     }
 }
 

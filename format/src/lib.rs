@@ -62,6 +62,7 @@ mod event;
 mod frame;
 pub mod hash;
 mod header;
+mod mapped;
 mod python;
 pub mod record;
 mod records;
@@ -76,6 +77,7 @@ pub use cursor::Cursor;
 pub use event::{AllocKind, ChunkHeader, EventKind, Item};
 pub use frame::{frame_in_place, next_record, put_record, Next, RawRecord, MAX_FRAME_PREFIX};
 pub use header::{Header, FIXED_HEADER_LEN, FORMAT_VERSION, MAGIC};
+pub use mapped::MapFileRecord;
 pub use python::{pyframe, PyCodeRecord, PythonEndRecord};
 pub use records::{
     DroppedProcess, DroppedRecord, EndReason, EndRecord, Module, ModulesRecord, Segment,

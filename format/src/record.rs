@@ -46,3 +46,13 @@ pub const REGIONS: u8 = 12;
 /// sampled), `time` uvarint, `rss_bytes` uvarint. Written by the tracker's writer thread when
 /// the value changed, and once before `END`: see [`crate::RssRecord`]. Old readers skip it.
 pub const RSS: u8 = 13;
+/// A chunk's mapped-memory events: the chunk's header, then its `MAP`, `UNMAP` and `REMAP` ops
+/// in the stream encoding (as an `EVENTS` payload holding only those). Written by the
+/// transcoder after the chunk's `EVENTS_R` record (and `REGIONS`, if any); a reader merges
+/// them by sequence number like any chunk's events. Old readers skip it and read the heap
+/// unchanged.
+pub const MAPPED: u8 = 14;
+/// The file behind file-backed mappings: `id` uvarint (what `MAP` events name in `file`),
+/// then the path as bytes. Written once per path, before the first `MAP` that names it: see
+/// [`crate::MapFileRecord`].
+pub const MAP_FILE: u8 = 15;

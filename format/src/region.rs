@@ -36,10 +36,7 @@ impl RegionNameRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        next_record, record, ChunkHeader, EventKind, Item, Next, StreamDecoder, StreamEncoder,
-        Transcoder,
-    };
+    use crate::{record, ChunkHeader, EventKind};
 
     #[test]
     fn a_name_round_trips() {
@@ -74,29 +71,7 @@ mod tests {
             (104, 9, EventKind::RegionEnd),
             (105, 9, EventKind::RegionEnd),
         ];
-        let mut payload = Vec::new();
-        let mut enc = StreamEncoder::begin(&mut payload, &header);
-        for &(seq, time, kind) in &items {
-            enc.event(&mut payload, seq, time, kind);
-        }
-        let mut out = Vec::new();
-        Transcoder::new().transcode(&payload, 1, &mut out).unwrap();
-        let mut pos = 0;
-        let mut types = Vec::new();
-        let mut marks = Vec::new();
-        while let Next::Record(r) = next_record(&out, pos) {
-            types.push(r.kind);
-            if r.kind == record::REGIONS {
-                let mut c = Cursor::new(r.payload);
-                let h = ChunkHeader::decode(&mut c).unwrap();
-                assert_eq!(h, header);
-                let mut d = StreamDecoder::new(c.rest(), &h);
-                while let Some(Item::Event { seq, time, kind }) = d.next_item().unwrap() {
-                    marks.push((seq, time, kind));
-                }
-            }
-            pos = r.payload.as_ptr() as usize - out.as_ptr() as usize + r.payload.len();
-        }
+        let (types, marks) = crate::mapped::side_records(&header, &items, record::REGIONS);
         assert_eq!(types, [record::EVENTS_R, record::REGIONS]);
         let want: Vec<_> = items.iter().copied().filter(|e| !e.2.is_heap()).collect();
         assert_eq!(marks, want);

@@ -87,6 +87,9 @@ pub struct Capture {
     pub region_names: std::collections::HashMap<u32, String>,
     /// Resident memory samples (`RSS` records), in file order (which is sample order).
     pub rss: Vec<memtrack_format::RssRecord>,
+    /// The files behind file-backed mappings, by id (`MAP_FILE` records; the first of an id
+    /// wins).
+    pub map_files: std::collections::HashMap<u32, String>,
 }
 
 /// One event, in global order.
@@ -148,6 +151,7 @@ impl Capture {
             dropped: Vec::new(),
             python_end: None,
             region_names: Default::default(),
+            map_files: Default::default(),
             rss: Vec::new(),
             min_offset_from: Vec::new(),
             progress: Default::default(),
@@ -210,7 +214,8 @@ impl Capture {
                 | record::EVENTS_Z
                 | record::EVENTS_T
                 | record::EVENTS_R
-                | record::REGIONS => {
+                | record::REGIONS
+                | record::MAPPED => {
                     let visible =
                         &head[prefix.min(head.len())..(prefix + plen as usize).min(head.len())];
                     let mut c = Cursor::new(visible);
@@ -279,6 +284,17 @@ impl Capture {
                             self.region_names
                                 .entry(r.id)
                                 .or_insert_with(|| String::from_utf8_lossy(&r.name).into_owned());
+                        }
+                        Err(e) => self.warnings.push(bad(e)),
+                    }
+                }
+                record::MAP_FILE => {
+                    let payload = read(payload_off, plen as usize);
+                    match memtrack_format::MapFileRecord::decode(&payload) {
+                        Ok(r) => {
+                            self.map_files
+                                .entry(r.id)
+                                .or_insert_with(|| String::from_utf8_lossy(&r.path).into_owned());
                         }
                         Err(e) => self.warnings.push(bad(e)),
                     }

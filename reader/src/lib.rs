@@ -52,6 +52,7 @@ mod check;
 mod diff;
 mod export;
 mod family;
+mod mapped;
 mod modinfo;
 mod plot;
 pub mod pprof;
@@ -71,6 +72,7 @@ pub use export::JsonExport;
 pub use family::{
     child_captures, shell_command, shell_quote, ChildCapture, Process, ProcessFigures, ProcessTree,
 };
+pub use mapped::{FileFigures, MappedSet};
 pub use memtrack_format::{
     AllocKind, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module, ModulesRecord,
 };
@@ -78,7 +80,7 @@ pub use plot::Plot;
 pub use regions::{Occurrence, RegionBudget, RegionFigures, RegionSort, Regions};
 pub use replay::{Replay, Replayed, SiteTotal, Summary};
 pub use stacks::StackTable;
-pub use stats::{Bucket, KindStat, Stats};
+pub use stats::{Bucket, FileMapStat, KindStat, Stats};
 pub use symbols::{Frame, Symbolizer};
 pub use tree::TreeNode;
 pub use views::{GroupBy, TableRow, View, ViewSites};

@@ -219,6 +219,10 @@ impl Builder {
         live_bytes: u64,
         names: &std::collections::HashMap<u32, String>,
     ) {
+        if ev.kind.is_mapped() {
+            // Mapped memory is not the heap regions measure.
+            return;
+        }
         let t = self.threads.entry(ev.tid).or_default();
         t.last_seq = ev.seq;
         t.last_time = ev.time;
@@ -267,6 +271,7 @@ impl Builder {
                 }
                 return;
             }
+            EventKind::Map { .. } | EventKind::Unmap { .. } | EventKind::Remap { .. } => return,
             EventKind::Alloc {
                 kind, addr, size, ..
             } => {
@@ -456,7 +461,8 @@ impl Capture {
             }
             View::Leaks => self.leaks_seq(),
             View::LeaksAtExit | View::Allocated => u64::MAX,
-            View::Temporary => {
+            // Not defined for a region (the CLI refuses them with --region).
+            View::Temporary | View::Mapped | View::MappedLeaks | View::MappedAllocated => {
                 return ViewSites::new(view, Vec::new(), StackTable::default());
             }
         };
@@ -553,7 +559,11 @@ impl Held {
                     self.live.insert(addr, b);
                 }
             }
-            EventKind::RegionBegin { .. } | EventKind::RegionEnd => {}
+            EventKind::RegionBegin { .. }
+            | EventKind::RegionEnd
+            | EventKind::Map { .. }
+            | EventKind::Unmap { .. }
+            | EventKind::Remap { .. } => {}
         }
     }
 

@@ -1,6 +1,7 @@
 //! Replaying events: the live set, the peak, leaks and totals.
 
 use crate::capture::{Capture, Event, ReadError};
+use crate::mapped::MappedSet;
 use crate::stacks::StackTable;
 use memtrack_format::EndReason;
 use memtrack_format::EventKind;
@@ -37,6 +38,19 @@ impl SiteSums {
         e.bytes = e.bytes.saturating_add(size);
         e.allocations += 1;
         e.max = e.max.max(size);
+    }
+
+    /// Sets a stack's figures (what it holds is already summed up elsewhere).
+    pub(crate) fn set(&mut self, stack: u32, bytes: u64, allocations: u64, max: u64) {
+        self.0.insert(
+            stack,
+            SiteTotal {
+                stack,
+                bytes,
+                allocations,
+                max,
+            },
+        );
     }
 
     /// Largest first (ties by stack id, so the order is stable).
@@ -83,6 +97,14 @@ pub struct Replay {
     /// Live bytes just before the sequence value of the capture's highest RSS sample
     /// ([`Capture::peak_rss`]), when the replay got past it.
     pub live_at_peak_rss: Option<u64>,
+    /// Mapped memory (`mmap`, not heap): the ranges, per-stack and per-file figures.
+    pub mapped: MappedSet,
+    /// Bytes mapped now (`mapped.bytes`).
+    pub mapped_bytes: u64,
+    /// The most bytes mapped at once, the event that got there and its time.
+    pub peak_mapped_bytes: u64,
+    pub peak_mapped_seq: u64,
+    pub peak_mapped_time: u64,
 }
 
 /// Per-stack live bytes, and their values at the last peak. Stacks changed since the last peak
@@ -250,6 +272,18 @@ impl Replay {
             }
             // Marks, not heap events: the regions report reads them.
             EventKind::RegionBegin { .. } | EventKind::RegionEnd => return,
+            // Mapped memory: figures of its own, never the heap's.
+            EventKind::Map { .. } | EventKind::Unmap { .. } | EventKind::Remap { .. } => {
+                self.mapped.apply(&ev.kind, ev.seq);
+                self.mapped_bytes = self.mapped.bytes;
+                if self.mapped_bytes > self.peak_mapped_bytes {
+                    self.peak_mapped_bytes = self.mapped_bytes;
+                    self.peak_mapped_seq = ev.seq;
+                    self.peak_mapped_time = ev.time;
+                    self.mapped.mark_peak();
+                }
+                return;
+            }
         }
         self.sample(ev.time, ev.seq);
     }
@@ -267,6 +301,8 @@ impl Replay {
         self.live.clear();
         self.pending_realloc.clear();
         self.live_bytes = 0;
+        self.mapped.clear();
+        self.mapped_bytes = 0;
     }
 
     /// Number of allocations live now.
@@ -345,6 +381,11 @@ pub struct Summary {
     pub peak_rss_bytes: Option<u64>,
     pub peak_rss_time_seconds: Option<f64>,
     pub heap_at_peak_rss_bytes: Option<u64>,
+    /// Mapped memory (`mmap`, apart from the heap): the most at once, when, and at exit; 0
+    /// when the capture has no mapped-memory events.
+    pub peak_mapped_bytes: u64,
+    pub peak_mapped_time_seconds: f64,
+    pub mapped_at_exit_bytes: u64,
 }
 
 /// What a replay leaves: the heap's state and figures, the stacks its events named, and how
@@ -506,6 +547,9 @@ impl Capture {
             peak_rss_bytes: peak_rss.map(|p| p.rss_bytes),
             peak_rss_time_seconds: peak_rss.map(|p| self.seconds(p.time)),
             heap_at_peak_rss_bytes: heap_at_peak_rss,
+            peak_mapped_bytes: r.peak_mapped_bytes,
+            peak_mapped_time_seconds: self.seconds(r.peak_mapped_time),
+            mapped_at_exit_bytes: r.mapped_bytes,
         }
     }
 }

@@ -26,6 +26,20 @@ pub struct KindStat {
     pub bytes: u64,
 }
 
+/// The mappings of one file (file-backed `mmap`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FileMapStat {
+    pub file: String,
+    /// `mmap` calls that mapped it.
+    pub mappings: u64,
+    /// Bytes they mapped, in all.
+    pub mapped_bytes: u64,
+    /// The most bytes of it mapped at once.
+    pub peak_bytes: u64,
+    /// Bytes of it still mapped at exit.
+    pub at_exit_bytes: u64,
+}
+
 pub struct Stats {
     pub histogram: Vec<Bucket>,
     pub by_function: Vec<KindStat>,
@@ -33,6 +47,8 @@ pub struct Stats {
     /// Allocations freed again before the same thread allocated anything else (heaptrack's
     /// definition), by stack.
     pub temporary: ViewSites,
+    /// File-backed mappings by file, the most mapped at once first.
+    pub mapped_files: Vec<FileMapStat>,
 }
 
 impl Capture {
@@ -44,9 +60,14 @@ impl Capture {
         let mut temporary = SiteSums::default();
         // Per thread: its most recent allocation (address, size, stack), until anything else.
         let mut last: FastMap<u32, (u64, u64, u32)> = FastMap::default();
+        let mut mapped = crate::MappedSet::default();
+        let mut boundaries = self.exec_boundaries.iter().copied().peekable();
         // Decoded ahead on worker threads, as for the replay.
         self.with_events(&mut stacks, |events| {
             events.for_each_while(|ev| {
+                while boundaries.next_if(|&b| ev.seq >= b).is_some() {
+                    mapped.clear();
+                }
                 match ev.kind {
                     EventKind::Alloc {
                         kind,
@@ -80,6 +101,10 @@ impl Capture {
                         last.remove(&ev.tid);
                     }
                     EventKind::RegionBegin { .. } | EventKind::RegionEnd => {}
+                    // Not heap: they leave the thread's last allocation as it was.
+                    EventKind::Map { .. } | EventKind::Unmap { .. } | EventKind::Remap { .. } => {
+                        mapped.apply(&ev.kind, ev.seq);
+                    }
                 }
                 true
             })
@@ -109,11 +134,32 @@ impl Capture {
             .collect();
         let allocated = ViewSites::new(View::Allocated, allocated.into_sorted(), stacks.clone());
         let temporary = ViewSites::new(View::Temporary, temporary.into_sorted(), stacks);
+        let mut mapped_files: Vec<FileMapStat> = mapped
+            .files
+            .iter()
+            .map(|(id, f)| FileMapStat {
+                file: self
+                    .map_files
+                    .get(id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("file#{id}")),
+                mappings: f.mappings,
+                mapped_bytes: f.mapped_bytes,
+                peak_bytes: f.peak_bytes,
+                at_exit_bytes: f.live_bytes,
+            })
+            .collect();
+        mapped_files.sort_by(|a, b| {
+            (b.peak_bytes, b.mapped_bytes)
+                .cmp(&(a.peak_bytes, a.mapped_bytes))
+                .then_with(|| a.file.cmp(&b.file))
+        });
         Stats {
             histogram,
             by_function,
             allocated,
             temporary,
+            mapped_files,
         }
     }
 }

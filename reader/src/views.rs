@@ -22,6 +22,12 @@ pub enum View {
     Allocated,
     /// Allocations freed again before the same thread allocated anything else.
     Temporary,
+    /// Mapped memory (`mmap`, not heap) held at its own peak (`--mapped`).
+    Mapped,
+    /// Mapped memory still mapped at exit (`--mapped --leaks`).
+    MappedLeaks,
+    /// Every mapping made (`--mapped --allocated`).
+    MappedAllocated,
 }
 
 impl View {
@@ -32,7 +38,27 @@ impl View {
             View::LeaksAtExit => "leaks-at-exit",
             View::Allocated => "allocated",
             View::Temporary => "temporary",
+            View::Mapped => "mapped",
+            View::MappedLeaks => "mapped-leaks",
+            View::MappedAllocated => "mapped-allocated",
         }
+    }
+
+    /// What the view counts: "allocation", or "mapping" for mapped memory.
+    pub fn unit(self) -> &'static str {
+        if self.is_mapped() {
+            "mapping"
+        } else {
+            "allocation"
+        }
+    }
+
+    /// True for the views of mapped memory rather than the heap.
+    pub fn is_mapped(self) -> bool {
+        matches!(
+            self,
+            View::Mapped | View::MappedLeaks | View::MappedAllocated
+        )
     }
 }
 
@@ -96,6 +122,32 @@ impl Capture {
                 (r.peak_by_stack(), stacks)
             }
             View::Temporary => return self.stats().temporary,
+            View::Mapped | View::MappedLeaks => {
+                let crate::Replayed {
+                    replay: r, stacks, ..
+                } = self.replay();
+                let sites = if view == View::Mapped {
+                    r.mapped.peak_by_stack()
+                } else {
+                    r.mapped.live_by_stack()
+                };
+                (sites, stacks)
+            }
+            View::MappedAllocated => {
+                let mut stacks = StackTable::default();
+                let mut sums = crate::replay::SiteSums::default();
+                self.with_events(&mut stacks, |events| {
+                    events.for_each_while(|ev| {
+                        match ev.kind {
+                            EventKind::Map { size, stack, .. }
+                            | EventKind::Remap { size, stack, .. } => sums.add(stack, size),
+                            _ => {}
+                        }
+                        true
+                    })
+                });
+                (sums.into_sorted(), stacks)
+            }
             View::Allocated => {
                 let mut stacks = StackTable::default();
                 let mut sums = crate::replay::SiteSums::default();

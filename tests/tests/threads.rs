@@ -91,6 +91,10 @@ fn analyse(cap: &Capture, exe: &Path) -> (Analysis, StackTable) {
             EventKind::RegionBegin { .. } | EventKind::RegionEnd => {
                 panic!("threads.c opens no region: {ev:?}")
             }
+            // Thread stacks come from glibc's own mmap, which is not the program's.
+            EventKind::Map { .. } | EventKind::Unmap { .. } | EventKind::Remap { .. } => {
+                panic!("threads.c maps nothing: {ev:?}")
+            }
         }
     }
     (a, stacks)

@@ -13,8 +13,8 @@ use crate::guard::{IgnoreAllocs, SaveErrno};
 use crate::lifecycle::{self, State};
 use crate::real::{real_fn, Real};
 use crate::real::{
-    Abort, Calloc, Dlclose, Execv, Execve, Exit, Fexecve, Free, Malloc, Memalign, PosixMemalign,
-    Realloc, ReallocArray, UsableSize,
+    Abort, Calloc, Dlclose, Execv, Execve, Exit, Fexecve, Free, Malloc, Memalign, Mmap, Mremap,
+    Munmap, PosixMemalign, Realloc, ReallocArray, UsableSize,
 };
 use crate::recorder::{self, alloc_event};
 use crate::session;
@@ -539,4 +539,240 @@ pub unsafe fn region_begin(name: *const c_char) {
 pub fn region_end() {
     let Some(g) = enter() else { return };
     recorder::region_end(&g);
+}
+
+// ---------------------------------------------------------------- mapped memory
+
+/// The address range of the library this code is linked into (the preload library's text and
+/// data), read from its own program headers: found without a lock, an allocation or a call.
+fn own_code() -> (u64, u64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LO: AtomicU64 = AtomicU64::new(0);
+    static HI: AtomicU64 = AtomicU64::new(0);
+    let hi = HI.load(Ordering::Acquire);
+    if hi != 0 {
+        return (LO.load(Ordering::Relaxed), hi);
+    }
+    extern "C" {
+        /// The ELF header of this object, placed by the linker (a hidden symbol: never
+        /// another object's).
+        static __ehdr_start: libc::Elf64_Ehdr;
+    }
+    // SAFETY: the linker maps the ELF header and the program headers of every loaded object;
+    // `e_phoff`/`e_phnum` describe the latter, inside the first loaded segment.
+    let (lo, hi) = unsafe {
+        let eh = &raw const __ehdr_start;
+        let base = eh as u64;
+        let phdrs = (base + (*eh).e_phoff) as *const libc::Elf64_Phdr;
+        let mut first = u64::MAX;
+        let mut end = 0u64;
+        for i in 0..(*eh).e_phnum as usize {
+            let ph = &*phdrs.add(i);
+            if ph.p_type == libc::PT_LOAD {
+                first = first.min(ph.p_vaddr);
+                end = end.max(ph.p_vaddr + ph.p_memsz);
+            }
+        }
+        // The header is at the first segment's start: the load bias is `base - first`.
+        (base, base - first.min(end) + end)
+    };
+    LO.store(lo, Ordering::Relaxed);
+    HI.store(hi.max(lo + 1), Ordering::Release);
+    (lo, hi)
+}
+
+/// True when the call came from this library (its heap's pages, chunk buffers, the Rust
+/// runtime's own maps): the tracker's mappings are never recorded.
+#[inline]
+fn from_tracker(caller: &Caller) -> bool {
+    let (lo, hi) = own_code();
+    caller.ip >= lo && caller.ip < hi
+}
+
+/// The page size, from the auxiliary vector (no system call, errno untouched).
+fn page_size() -> u64 {
+    // SAFETY: getauxval has no preconditions.
+    let p = unsafe { libc::getauxval(libc::AT_PAGESZ) };
+    if p.is_power_of_two() {
+        p
+    } else {
+        4096
+    }
+}
+
+/// `len` rounded up to whole pages, as the kernel maps it.
+#[inline]
+fn pages(len: usize) -> u64 {
+    let p = page_size();
+    (len as u64).saturating_add(p - 1) & !(p - 1)
+}
+
+/// The path of the file open as `fd` (`/proc/self/fd/N`), into `buf`; None if unknown.
+fn fd_path(fd: c_int, buf: &mut [u8; 4096]) -> Option<&[u8]> {
+    let mut link = *b"/proc/self/fd/\0\0\0\0\0\0\0\0\0\0\0\0";
+    let mut digits = [0u8; 10];
+    let (mut n, mut v) = (0, fd as u32);
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        link[14 + i] = digits[n - 1 - i];
+    }
+    // SAFETY: `link` is NUL-terminated (14 + at most 10 digits < its 26 bytes); `buf` is
+    // writable for its length.
+    let got = unsafe {
+        libc::readlink(
+            link.as_ptr() as *const c_char,
+            buf.as_mut_ptr() as *mut c_char,
+            buf.len(),
+        )
+    };
+    (got > 0).then(|| &buf[..got as usize])
+}
+
+/// The real `mmap` (the system call itself while the table of real functions is being filled).
+///
+/// # Safety
+/// C `mmap` contract.
+unsafe fn real_mmap(
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+) -> *mut c_void {
+    match real_fn!(Real::Mmap, Mmap) {
+        // SAFETY: forwarding.
+        Some(f) => unsafe { f(addr, len, prot, flags, fd, off) },
+        // SAFETY: the system call takes the same arguments (and sets errno on failure).
+        None => unsafe {
+            libc::syscall(libc::SYS_mmap, addr, len, prot, flags, fd, off) as *mut c_void
+        },
+    }
+}
+
+/// # Safety
+/// C `mmap` (and `mmap64`) contract.
+pub unsafe fn mmap(
+    addr: *mut c_void,
+    len: usize,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: libc::off_t,
+    caller: Caller,
+) -> *mut c_void {
+    if from_tracker(&caller) {
+        // SAFETY: forwarding.
+        return unsafe { real_mmap(addr, len, prot, flags, fd, off) };
+    }
+    let g = enter();
+    // SAFETY: forwarding.
+    let p = unsafe { real_mmap(addr, len, prot, flags, fd, off) };
+    if let (Some(g), false) = (g, p == libc::MAP_FAILED) {
+        let _errno = SaveErrno::new();
+        let size = pages(len);
+        let ev = if prot == libc::PROT_NONE {
+            // An address-space reservation is not memory; one placed over mapped memory
+            // (MAP_FIXED) gives that memory back.
+            (flags & libc::MAP_FIXED != 0).then_some(EventKind::Unmap {
+                addr: p as u64,
+                size,
+            })
+        } else {
+            let mut buf = [0u8; 4096];
+            let file = if flags & libc::MAP_ANONYMOUS == 0 && fd >= 0 {
+                fd_path(fd, &mut buf).map_or(0, recorder::map_file_id)
+            } else {
+                0
+            };
+            Some(EventKind::Map {
+                addr: p as u64,
+                size,
+                stack: 0,
+                file,
+                shared: flags & libc::MAP_SHARED != 0,
+            })
+        };
+        if let Some(ev) = ev {
+            recorder::record(ev, StackStart::Registers(caller), &g);
+        }
+    }
+    p
+}
+
+/// # Safety
+/// C `munmap` contract.
+pub unsafe fn munmap(addr: *mut c_void, len: usize, caller: Caller) -> c_int {
+    let f = real_fn!(Real::Munmap, Munmap);
+    let call = || match f {
+        // SAFETY: forwarding.
+        Some(f) => unsafe { f(addr, len) },
+        // SAFETY: the system call takes the same arguments.
+        None => unsafe { libc::syscall(libc::SYS_munmap, addr, len) as c_int },
+    };
+    if from_tracker(&caller) {
+        return call();
+    }
+    let g = enter();
+    if let Some(g) = &g {
+        // Recorded before the range goes back (no other thread can be given it first); the
+        // kernel refuses only a misaligned address or an empty length, and unmaps otherwise.
+        if len != 0 && (addr as u64) & (page_size() - 1) == 0 {
+            let ev = EventKind::Unmap {
+                addr: addr as u64,
+                size: pages(len),
+            };
+            recorder::record(ev, StackStart::Here, g);
+        }
+    }
+    let rc = call();
+    drop(g);
+    rc
+}
+
+/// # Safety
+/// C `mremap` contract (`new_addr` is read only with `MREMAP_FIXED`).
+pub unsafe fn mremap(
+    old: *mut c_void,
+    old_size: usize,
+    new_size: usize,
+    flags: c_int,
+    new_addr: *mut c_void,
+    caller: Caller,
+) -> *mut c_void {
+    let call = || match real_fn!(Real::Mremap, Mremap) {
+        // SAFETY: forwarding; the fifth argument is what the caller passed (read by the
+        // kernel only with MREMAP_FIXED).
+        Some(f) => unsafe { f(old, old_size, new_size, flags, new_addr) },
+        // SAFETY: the system call takes the same arguments.
+        None => unsafe {
+            libc::syscall(libc::SYS_mremap, old, old_size, new_size, flags, new_addr) as *mut c_void
+        },
+    };
+    if from_tracker(&caller) {
+        return call();
+    }
+    let g = enter();
+    let p = call();
+    if let (Some(g), false) = (g, p == libc::MAP_FAILED) {
+        let _errno = SaveErrno::new();
+        // MREMAP_DONTUNMAP leaves the old range mapped.
+        let keeps_old = flags & libc::MREMAP_DONTUNMAP != 0;
+        let ev = EventKind::Remap {
+            old_addr: old as u64,
+            old_size: if keeps_old { 0 } else { pages(old_size) },
+            addr: p as u64,
+            size: pages(new_size),
+            stack: 0,
+        };
+        recorder::record(ev, StackStart::Registers(caller), &g);
+    }
+    p
 }

@@ -34,9 +34,12 @@ pub(crate) enum Real {
     /// `_Exit`.
     ExitNowUpper,
     Abort,
+    Mmap,
+    Munmap,
+    Mremap,
 }
 
-const COUNT: usize = Real::Abort as usize + 1;
+const COUNT: usize = Real::Mremap as usize + 1;
 
 impl Real {
     const ALL: [Real; COUNT] = [
@@ -60,6 +63,9 @@ impl Real {
         Real::ExitNow,
         Real::ExitNowUpper,
         Real::Abort,
+        Real::Mmap,
+        Real::Munmap,
+        Real::Mremap,
     ];
 
     /// The C symbol.
@@ -85,6 +91,9 @@ impl Real {
             Real::ExitNow => c"_exit",
             Real::ExitNowUpper => c"_Exit",
             Real::Abort => c"abort",
+            Real::Mmap => c"mmap",
+            Real::Munmap => c"munmap",
+            Real::Mremap => c"mremap",
         }
     }
 
@@ -151,6 +160,10 @@ pub(crate) type Fexecve =
     unsafe extern "C" fn(c_int, *const *const c_char, *const *const c_char) -> c_int;
 pub(crate) type Exit = unsafe extern "C" fn(c_int) -> !;
 pub(crate) type Abort = unsafe extern "C" fn() -> !;
+pub(crate) type Mmap =
+    unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, c_int, libc::off_t) -> *mut c_void;
+pub(crate) type Munmap = unsafe extern "C" fn(*mut c_void, usize) -> c_int;
+pub(crate) type Mremap = unsafe extern "C" fn(*mut c_void, usize, usize, c_int, ...) -> *mut c_void;
 
 #[cfg(test)]
 mod tests {

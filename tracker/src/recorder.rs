@@ -42,6 +42,8 @@ pub(crate) struct Recorder {
     pub follow_fork: bool,
     /// The region ids whose name this capture holds.
     region_names: SeenNames,
+    /// The ids of mapped files whose `MAP_FILE` record this capture holds.
+    map_files: SeenNames,
 }
 
 /// The recorder of this process. Set once, except in a child forked under `--follow-fork`,
@@ -125,6 +127,7 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         root_path: cfg.root_path,
         follow_fork: cfg.follow_fork,
         region_names: SeenNames::new(),
+        map_files: SeenNames::new(),
     };
     // A forked child: its times start from its own start; its writer starts at its first
     // event.
@@ -350,13 +353,44 @@ pub(crate) fn alloc_event(kind: AllocKind, addr: u64, size: u64) -> EventKind {
     }
 }
 
+/// The stack field of the events that carry one.
+#[inline(always)]
+fn stack_of(ev: &mut EventKind) -> Option<&mut u32> {
+    match ev {
+        EventKind::Alloc { stack, .. }
+        | EventKind::Map { stack, .. }
+        | EventKind::Remap { stack, .. } => Some(stack),
+        _ => None,
+    }
+}
+
+/// The id of the mapped file `path` (never 0, which means anonymous); its `MAP_FILE` record
+/// is sent the first time the capture meets it. The caller holds the guard.
+pub(crate) fn map_file_id(path: &[u8]) -> u32 {
+    let id = region::id_of(path);
+    if let Some(rec) = recorder() {
+        if rec.map_files.first_meeting(id) {
+            let _errno = SaveErrno::new();
+            let payload = memtrack_format::MapFileRecord {
+                id,
+                path: path.to_vec(),
+            }
+            .encode();
+            let mut framed = Vec::new();
+            memtrack_format::put_record(&mut framed, record::MAP_FILE, &payload);
+            rec.handoff.send_record(framed);
+        }
+    }
+    id
+}
+
 /// Records one event for the calling thread. The caller holds the guard.
 #[inline]
 pub(crate) fn record(mut ev: EventKind, start: StackStart, g: &IgnoreAllocs) {
     let Some(rec) = recorder() else { return };
     match current_thread(rec, g) {
         Some(ts) => {
-            if let EventKind::Alloc { stack, .. } = &mut ev {
+            if let Some(stack) = stack_of(&mut ev) {
                 *stack = ts.stacks.stack_id(&rec.stacks, &rec.handoff, start);
             }
             let room = event_room(ts.stacks.new_nodes().len());
@@ -464,7 +498,8 @@ fn send_python_end(rec: &Recorder, m: PythonEndRecord) {
 
 /// Bytes one event may take in the stream encoding, stack nodes included.
 fn event_room(nodes: usize) -> usize {
-    64 + nodes * 32
+    // The longest event (`Remap`) is an op and seven varints: 71 bytes.
+    80 + nodes * 32
 }
 
 /// Events of a thread that has no state (exiting, after its destructor ran): each becomes a
@@ -478,7 +513,7 @@ fn record_orphan(rec: &Recorder, mut ev: EventKind, start: StackStart) {
     rec.handoff.share_sequence();
     let stacks = guard.get_or_insert_with(|| Box::new(ThreadStacks::new()));
     stacks.adopt_for_this_thread();
-    if let EventKind::Alloc { stack, .. } = &mut ev {
+    if let Some(stack) = stack_of(&mut ev) {
         *stack = stacks.stack_id(&rec.stacks, &rec.handoff, start);
     }
     let mut b = ChunkBuf::new(rec.handoff.fresh_buffer());

@@ -26,6 +26,14 @@ pub mod op {
     pub const REGION_BEGIN: u8 = 0x40;
     /// The thread closed its innermost open region.
     pub const REGION_END: u8 = 0x41;
+    /// A mapping made: after the deltas (the address's is the mapping's), `size`, `stack`, and
+    /// `file << 1 | shared`.
+    pub const MAP: u8 = 0x42;
+    /// A range unmapped: after the deltas (the range's start), `size`.
+    pub const UNMAP: u8 = 0x43;
+    /// A range remapped: after the deltas (the new address's), `size`, `stack`, the old
+    /// address as a signed delta from the new one, `old_size`.
+    pub const REMAP: u8 = 0x44;
 }
 
 /// The stream encoder of one chunk: the running values the next event's deltas are taken from,
@@ -85,6 +93,9 @@ impl StreamEncoder {
             EventKind::ReallocFailed => (op::REALLOC_FAILED, self.addr),
             EventKind::RegionBegin { .. } => (op::REGION_BEGIN, self.addr),
             EventKind::RegionEnd => (op::REGION_END, self.addr),
+            EventKind::Map { addr, .. } => (op::MAP, addr),
+            EventKind::Unmap { addr, .. } => (op::UNMAP, addr),
+            EventKind::Remap { addr, .. } => (op::REMAP, addr),
         };
         sink.push_byte(opcode);
         put_uvarint(sink, seq.wrapping_sub(self.seq));
@@ -99,6 +110,30 @@ impl StreamEncoder {
                 put_uvarint(sink, stack as u64);
             }
             EventKind::RegionBegin { region } => put_uvarint(sink, region as u64),
+            EventKind::Map {
+                size,
+                stack,
+                file,
+                shared,
+                ..
+            } => {
+                put_uvarint(sink, size);
+                put_uvarint(sink, stack as u64);
+                put_uvarint(sink, (file as u64) << 1 | shared as u64);
+            }
+            EventKind::Unmap { size, .. } => put_uvarint(sink, size),
+            EventKind::Remap {
+                old_addr,
+                old_size,
+                addr,
+                size,
+                stack,
+            } => {
+                put_uvarint(sink, size);
+                put_uvarint(sink, stack as u64);
+                put_ivarint(sink, old_addr.wrapping_sub(addr) as i64);
+                put_uvarint(sink, old_size);
+            }
             _ => {}
         }
     }
@@ -162,8 +197,8 @@ impl<'a> StreamDecoder<'a> {
     #[inline(always)]
     fn uv<const FAR: bool>(&mut self) -> Result<u64, FormatError> {
         if FAR {
-            // SAFETY: an item is an opcode and at most five varints of at most 10 bytes, so
-            // every varint of it starts within 41 bytes of the item's start, and 8 bytes from
+            // SAFETY: an item is an opcode and at most seven varints of at most 10 bytes, so
+            // every varint of it starts within 61 bytes of the item's start, and 8 bytes from
             // there are within the `FAR_FROM_END` bytes that were left.
             unsafe { self.c.uvarint_unchecked() }
         } else {
@@ -191,7 +226,7 @@ impl<'a> StreamDecoder<'a> {
             let ip = self.uv::<FAR>()?;
             return Ok(Item::Node { id, parent, ip });
         }
-        if opcode > op::REALLOC_FAILED && opcode != op::REGION_BEGIN && opcode != op::REGION_END {
+        if opcode > op::REALLOC_FAILED && !(op::REGION_BEGIN..=op::REMAP).contains(&opcode) {
             return Err(FormatError::BadOp(opcode));
         }
         let (seq, time, addr) = self.head::<FAR>()?;
@@ -201,6 +236,35 @@ impl<'a> StreamDecoder<'a> {
                 region: self.uv::<FAR>()? as u32,
             },
             op::REGION_END => EventKind::RegionEnd,
+            op::MAP => {
+                let size = self.uv::<FAR>()?;
+                let stack = self.uv::<FAR>()? as u32;
+                let how = self.uv::<FAR>()?;
+                EventKind::Map {
+                    addr,
+                    size,
+                    stack,
+                    file: (how >> 1).min(u32::MAX as u64) as u32,
+                    shared: how & 1 != 0,
+                }
+            }
+            op::UNMAP => EventKind::Unmap {
+                addr,
+                size: self.uv::<FAR>()?,
+            },
+            op::REMAP => {
+                let size = self.uv::<FAR>()?;
+                let stack = self.uv::<FAR>()? as u32;
+                let old_addr = addr.wrapping_add(unzigzag(self.uv::<FAR>()?));
+                let old_size = self.uv::<FAR>()?;
+                EventKind::Remap {
+                    old_addr,
+                    old_size,
+                    addr,
+                    size,
+                    stack,
+                }
+            }
             op::REALLOC_FREE => EventKind::ReallocFree { addr },
             op::REALLOC_FAILED => EventKind::ReallocFailed,
             o => {
@@ -221,8 +285,8 @@ impl<'a> StreamDecoder<'a> {
 }
 
 /// Bytes left from which on an item of the stream encoding is read without bounds checks: its
-/// last varint starts at most 41 bytes in and is read as 8 bytes (see `StreamDecoder::uv`).
-const FAR_FROM_END: usize = 64;
+/// last varint starts at most 61 bytes in and is read as 8 bytes (see `StreamDecoder::uv`).
+const FAR_FROM_END: usize = 72;
 
 #[cfg(test)]
 mod tests {

@@ -155,6 +155,9 @@ pub fn view_words(view: View) -> &'static str {
         View::LeaksAtExit => "live at exit",
         View::Allocated => "allocated",
         View::Temporary => "temporary (freed before the thread allocated again)",
+        View::Mapped => "mapped at the mapped-memory peak",
+        View::MappedLeaks => "still mapped at exit",
+        View::MappedAllocated => "mapped (every mapping made)",
     }
 }
 

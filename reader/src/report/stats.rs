@@ -42,6 +42,7 @@ pub fn stats(r: &mut Reporter, subject: &Subject, json: bool, out: &mut impl Wri
             "temporary_allocations": st.temporary.allocations,
             "temporary_bytes": st.temporary.bytes,
             "top_temporary": temporary.iter().take(5).collect::<Vec<_>>(),
+            "mapped_files": st.mapped_files,
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
@@ -97,7 +98,27 @@ pub fn stats(r: &mut Reporter, subject: &Subject, json: bool, out: &mut impl Wri
         )?;
     }
     let temporary = &temporary[..temporary.len().min(5)];
-    by_calls(out, "temporary allocations", temporary)
+    by_calls(out, "temporary allocations", temporary)?;
+    if !st.mapped_files.is_empty() {
+        writeln!(out, "\nfile-backed mappings (mmap)")?;
+        writeln!(
+            out,
+            "  {:>12}  {:>12}  {:>12}  {:>10}  file",
+            "peak", "mapped", "at exit", "mappings"
+        )?;
+        for f in &st.mapped_files {
+            writeln!(
+                out,
+                "  {:>12}  {:>12}  {:>12}  {:>10}  {}",
+                human_bytes(f.peak_bytes),
+                human_bytes(f.mapped_bytes),
+                human_bytes(f.at_exit_bytes),
+                grouped(f.mappings),
+                f.file
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// A heading and rows of `calls  bytes  function`.

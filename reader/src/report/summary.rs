@@ -314,6 +314,15 @@ fn print_summary(
             bytes(heap)
         )?;
     }
+    if s.peak_mapped_bytes > 0 {
+        writeln!(
+            out,
+            "  peak mapped:    {} at {:.3} s, {} at exit (mmap, apart from the heap)",
+            bytes(s.peak_mapped_bytes),
+            s.peak_mapped_time_seconds,
+            bytes(s.mapped_at_exit_bytes)
+        )?;
+    }
     let leak_word = if live {
         "live so far:"
     } else if s.complete {

@@ -48,7 +48,7 @@ pub fn table(
         file.display(),
         r.view_title(view, subject),
         bytes(parts.iter().map(|p| p.view.bytes).sum()),
-        count(parts.iter().map(|p| p.view.allocations).sum(), "allocation")
+        count(parts.iter().map(|p| p.view.allocations).sum(), view.unit())
     )?;
     if parts.len() > 1 {
         writeln!(out, "  processes:")?;

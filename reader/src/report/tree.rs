@@ -44,7 +44,7 @@ pub fn tree(
         file.display(),
         r.view_title(view, subject),
         bytes(root.bytes),
-        count(root.allocations, "allocation")
+        count(root.allocations, view.unit())
     )?;
     writeln!(
         out,

@@ -62,6 +62,66 @@ trampoline!(reallocarray => reallocarray_imp(p: *mut c_void, n: usize, m: usize)
 trampoline!(posix_memalign => posix_memalign_imp(out: *mut *mut c_void, align: usize, size: usize) -> c_int,
     regs: "rcx", "r8", "r9", body: |c| ip::posix_memalign(out, align, size, c));
 
+// The mapping functions take six register arguments, which leave no register for the caller's:
+// their trampolines keep a frame and pass the address of the return address as the seventh
+// argument, on the stack. From it: the return address (the caller's ip), the stack pointer
+// after the return, and the caller's rbp saved just below it.
+macro_rules! trampoline6 {
+    ($(#[$doc:meta])* $name:ident => $imp:ident ( $($arg:ident : $ty:ty),* ) -> $ret:ty,
+     body: $body:expr) => {
+        $(#[$doc])*
+        /// # Safety
+        /// The C function's contract.
+        #[unsafe(naked)]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            core::arch::naked_asm!(
+                // rsp is 8 past a multiple of 16 here: after the push and 16 bytes, 16-aligned
+                // for the call, with the seventh argument at [rsp].
+                "push rbp",
+                "mov rbp, rsp",
+                "lea rax, [rbp + 8]",
+                "sub rsp, 16",
+                "mov [rsp], rax",
+                "call {imp}",
+                "leave",
+                "ret",
+                imp = sym $imp,
+            )
+        }
+
+        unsafe extern "C" fn $imp($($arg: $ty,)* frame: *const u64) -> $ret {
+            // SAFETY: `frame` points at the return address pushed by the program's call, with
+            // the caller's rbp (pushed by the trampoline) just below it.
+            let caller = unsafe {
+                ip::Caller {
+                    ip: *frame,
+                    sp: frame as u64 + 8,
+                    bp: *frame.sub(1),
+                }
+            };
+            // SAFETY: the program's call, forwarded with the same contract.
+            unsafe { $body(caller) }
+        }
+    };
+}
+
+trampoline6!(mmap => mmap_imp(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int,
+    off: i64) -> *mut c_void,
+    body: |c| ip::mmap(addr, len, prot, flags, fd, off, c));
+trampoline6!(
+    /// The large-file name of `mmap` (the same function on 64-bit Linux).
+    mmap64 => mmap64_imp(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int,
+    off: i64) -> *mut c_void,
+    body: |c| ip::mmap(addr, len, prot, flags, fd, off, c));
+// `mremap` is variadic (the new address comes only with MREMAP_FIXED): the fifth register is
+// read as it is, the sixth is unused.
+trampoline6!(mremap => mremap_imp(old: *mut c_void, old_size: usize, new_size: usize,
+    flags: c_int, new_addr: *mut c_void, _unused: usize) -> *mut c_void,
+    body: |c| ip::mremap(old, old_size, new_size, flags, new_addr, c));
+trampoline!(munmap => munmap_imp(addr: *mut c_void, len: usize) -> c_int,
+    regs: "rdx", "rcx", "r8", body: |c| ip::munmap(addr, len, c));
+
 /// # Safety
 /// C `free`.
 #[no_mangle]

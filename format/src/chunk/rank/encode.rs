@@ -204,6 +204,9 @@ pub struct Transcoder {
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
     /// The chunk's region marks, in the stream encoding: they leave as a `REGIONS` record.
     regions: Vec<u8>,
+    /// The chunk's mapped-memory events, in the stream encoding: they leave as a `MAPPED`
+    /// record.
+    mapped: Vec<u8>,
 }
 
 impl Transcoder {
@@ -234,9 +237,15 @@ impl Transcoder {
         let (mut node_prev, mut ip_prev) = (0u64, 0u64);
         let mut n_ops = 0u64;
         self.regions.clear();
+        self.mapped.clear();
         let mut marks = StreamEncoder::new(&header);
+        let mut maps = StreamEncoder::new(&header);
         while let Some(item) = events.next_item()? {
             if let Item::Event { seq, time, kind } = item {
+                if kind.is_mapped() {
+                    maps.event(&mut self.mapped, seq, time, kind);
+                    continue;
+                }
                 if !kind.is_heap() {
                     marks.event(&mut self.regions, seq, time, kind);
                     continue;
@@ -266,7 +275,11 @@ impl Transcoder {
                 EventKind::Free { .. } => class::FREE,
                 EventKind::ReallocFree { .. } => class::REALLOC_FREE,
                 EventKind::ReallocFailed => class::REALLOC_FAILED,
-                EventKind::RegionBegin { .. } | EventKind::RegionEnd => continue,
+                EventKind::RegionBegin { .. }
+                | EventKind::RegionEnd
+                | EventKind::Map { .. }
+                | EventKind::Unmap { .. }
+                | EventKind::Remap { .. } => continue,
             });
             cols.put(col::SEQ, s.wrapping_sub(seq));
             cols.put(col::TIME, t.wrapping_sub(time));
@@ -353,8 +366,12 @@ impl Transcoder {
                     slot.num = fcnt;
                     slot.size = size;
                 }
-                EventKind::ReallocFailed | EventKind::RegionBegin { .. } | EventKind::RegionEnd => {
-                }
+                EventKind::ReallocFailed
+                | EventKind::RegionBegin { .. }
+                | EventKind::RegionEnd
+                | EventKind::Map { .. }
+                | EventKind::Unmap { .. }
+                | EventKind::Remap { .. } => {}
             }
         }
         while cols.nops != 0 {
@@ -400,6 +417,12 @@ impl Transcoder {
             header.encode(&mut payload);
             payload.extend_from_slice(&self.regions);
             put_record(out, record::REGIONS, &payload);
+        }
+        if !self.mapped.is_empty() {
+            payload.clear();
+            header.encode(&mut payload);
+            payload.extend_from_slice(&self.mapped);
+            put_record(out, record::MAPPED, &payload);
         }
         Ok(())
     }
