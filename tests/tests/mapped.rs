@@ -27,7 +27,9 @@ fn table_rows(capture: &std::path::Path, extra: &[&str]) -> Vec<(String, u64, u6
 }
 
 fn rows(want: &[(&str, u64, u64)]) -> Vec<(String, u64, u64)> {
-    want.iter().map(|&(f, b, c)| (f.to_string(), b, c)).collect()
+    want.iter()
+        .map(|&(f, b, c)| (f.to_string(), b, c))
+        .collect()
 }
 
 #[test]
@@ -54,9 +56,7 @@ fn every_kind_of_mapping_is_recorded_exactly_and_apart_from_the_heap() {
                 size, file, shared, ..
             } => format!("map {size} file={} shared={shared}", file != 0),
             EventKind::Unmap { size, .. } => format!("unmap {size}"),
-            EventKind::Remap {
-                old_size, size, ..
-            } => format!("remap {old_size} -> {size}"),
+            EventKind::Remap { old_size, size, .. } => format!("remap {old_size} -> {size}"),
             _ => unreachable!(),
         })
         .collect();
@@ -98,9 +98,8 @@ fn every_kind_of_mapping_is_recorded_exactly_and_apart_from_the_heap() {
     });
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(
-        text.contains(
-            "  peak mapped:    9,449,472 bytes (9.01 MiB) at ",
-        ) && text.contains("s, 7,352,320 bytes (7.01 MiB) at exit (mmap, apart from the heap)"),
+        text.contains("  peak mapped:    9,449,472 bytes (9.01 MiB) at ",)
+            && text.contains("s, 7,352,320 bytes (7.01 MiB) at exit (mmap, apart from the heap)"),
         "{text}"
     );
 
@@ -205,7 +204,10 @@ fn the_phases_fixture_maps_16_mib_from_map_16mb_and_keeps_its_heap_figures() {
     });
     let svg = std::fs::read_to_string(&svg).unwrap();
     assert!(svg.contains("map_16mb"), "the SVG names map_16mb");
-    assert!(!svg.contains("hold_8mb"), "no heap function in the mapped view");
+    assert!(
+        !svg.contains("hold_8mb"),
+        "no heap function in the mapped view"
+    );
     let out = memtrack_ok(|c| {
         c.arg("export")
             .arg(&t.capture)
