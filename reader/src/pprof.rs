@@ -158,7 +158,13 @@ pub fn profile_of(mut pieces: Vec<Piece<'_>>) -> Vec<u8> {
     let pid_key = strings.id("pid");
     for (piece_index, piece) in pieces.iter_mut().enumerate() {
         let sym = &mut *piece.sym;
-        let allocated = piece.cap.view(View::Allocated);
+        // alloc_* of the same kind of memory as the in-use view: every mapping made for a
+        // mapped view.
+        let allocated = piece.cap.view(if piece.inuse.view.is_mapped() {
+            View::MappedAllocated
+        } else {
+            View::Allocated
+        });
         // stack id -> [alloc_objects, alloc_space, inuse_objects, inuse_space]
         let mut values: HashMap<u32, [u64; 4]> = HashMap::new();
         for s in &allocated.sites {
