@@ -239,3 +239,45 @@ fn mapped_views_refuse_what_they_cannot_mean() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
 }
+
+/// Four threads map and unmap at once; a forked child maps memory of its own, which its own
+/// capture holds (the parent's mappings it inherits are the parent's).
+#[test]
+fn threads_and_a_forked_child_map_exactly() {
+    let work = Work::new("mapped-threads");
+    let exe = work.compile("mapped_threads.c");
+    let cap = work.path("threads.cap");
+    memtrack_ok(|c| {
+        c.arg("run")
+            .arg("-o")
+            .arg(&cap)
+            .args(["--force", "--keep-all", "--"])
+            .arg(&exe)
+            .current_dir(work.dir());
+    });
+    let json = summary_json(&cap);
+    assert_eq!(json_u64(&json, "peak_mapped_bytes"), 16 * MIB, "{json}");
+    assert_eq!(json_u64(&json, "mapped_at_exit_bytes"), 8 * MIB, "{json}");
+    assert!(json_u64(&json, "threads") >= 4, "{json}");
+    let parent = json_u64(&json, "pid").to_string();
+    assert_eq!(
+        table_rows(&cap, &["--mapped", "--pid", &parent]),
+        rows(&[("map_region", 16 * MIB, 256)])
+    );
+    assert_eq!(
+        table_rows(&cap, &["--mapped", "--leaks", "--pid", &parent]),
+        rows(&[("map_region", 8 * MIB, 128)])
+    );
+    let children: Vec<u64> = json["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(children.len(), 1, "{json}");
+    let child = children[0].to_string();
+    assert_eq!(
+        table_rows(&cap, &["--mapped", "--leaks", "--pid", &child]),
+        rows(&[("child_map", 3 * MIB, 1)])
+    );
+}

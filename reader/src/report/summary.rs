@@ -317,10 +317,11 @@ fn print_summary(
     if s.peak_mapped_bytes > 0 {
         writeln!(
             out,
-            "  peak mapped:    {} at {:.3} s, {} at exit (mmap, apart from the heap)",
+            "  peak mapped:    {} at {:.3} s, {} at {} (mmap, apart from the heap)",
             bytes(s.peak_mapped_bytes),
             s.peak_mapped_time_seconds,
-            bytes(s.mapped_at_exit_bytes)
+            bytes(s.mapped_at_exit_bytes),
+            if s.complete { "exit" } else { "cut-off" }
         )?;
     }
     let leak_word = if live {
