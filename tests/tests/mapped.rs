@@ -91,8 +91,9 @@ fn every_kind_of_mapping_is_recorded_exactly_and_apart_from_the_heap() {
         7 * MIB + FILE_BYTES,
         "{json}"
     );
+    // (The clock is the writer's tick: a run this short may map everything at 0.)
     let when = json["peak_mapped_time_seconds"].as_f64().unwrap();
-    assert!(when > 0.0 && when <= json["duration_seconds"].as_f64().unwrap());
+    assert!((0.0..=json["duration_seconds"].as_f64().unwrap()).contains(&when));
     let text = memtrack_ok(|c| {
         c.arg("summary").arg(&t.capture);
     });
