@@ -111,7 +111,7 @@ impl RssSampler {
     }
 
     /// Sampling off for good.
-    fn off(&mut self) {
+    pub(crate) fn off(&mut self) {
         if self.fd >= 0 && file_id(self.fd) == Some(self.id) {
             // SAFETY: the descriptor is still the file we opened.
             unsafe { libc::close(self.fd) };

@@ -173,6 +173,10 @@ fn handle(w: &Writer, inbox: &impl Inbox, rss: &mut RssSampler, m: Msg) {
             sweep(w, inbox, true);
             drain(w, inbox, rss);
             sample_rss(w, inbox, rss, clock::now_units(), true);
+            // Nothing after END: the loop goes on until the queue closes, and a sample written
+            // after END would hide it from the next image of an exec, which continues the
+            // capture only when the file ends with END (it then ran unrecorded).
+            rss.off();
             w.file.write_end(&inbox.end_record(reason));
             ack.store(true, Ordering::Release);
         }
