@@ -43,8 +43,8 @@ pub struct MappedSet {
     /// Pieces of each live mapping (an unmap in its middle leaves two): a mapping counts once
     /// per stack while any piece of it is left.
     pieces: FastMap<u64, u32>,
-    /// stack -> (bytes, mappings) mapped now.
-    by_stack: FastMap<u32, (u64, u64)>,
+    /// stack -> (bytes, mappings) mapped now, and whether it changed since the last peak.
+    by_stack: FastMap<u32, (u64, u64, bool)>,
     /// Stacks changed since the last peak, and their values at it.
     dirty: Vec<u32>,
     at_peak: FastMap<u32, (u64, u64)>,
@@ -110,8 +110,10 @@ impl MappedSet {
     /// Records the current state as the mapped peak (per-stack figures).
     pub fn mark_peak(&mut self) {
         for s in self.dirty.drain(..) {
-            let v = self.by_stack.get(&s).copied().unwrap_or((0, 0));
-            self.at_peak.insert(s, v);
+            if let Some(e) = self.by_stack.get_mut(&s) {
+                e.2 = false;
+                self.at_peak.insert(s, (e.0, e.1));
+            }
         }
     }
 
@@ -122,7 +124,12 @@ impl MappedSet {
 
     /// What is mapped now, by stack, largest first.
     pub fn live_by_stack(&self) -> Vec<SiteTotal> {
-        sorted(&self.by_stack, &self.largest)
+        let now: FastMap<u32, (u64, u64)> = self
+            .by_stack
+            .iter()
+            .map(|(&s, e)| (s, (e.0, e.1)))
+            .collect();
+        sorted(&now, &self.largest)
     }
 
     /// Every mapping is gone (the image was replaced by exec).
@@ -134,7 +141,7 @@ impl MappedSet {
     }
 
     fn account(&mut self, stack: u32, file: u32, bytes: u64, mappings: i64, add: bool) {
-        let e = self.by_stack.entry(stack).or_insert((0, 0));
+        let e = self.by_stack.entry(stack).or_insert((0, 0, false));
         if add {
             e.0 = e.0.saturating_add(bytes);
             self.bytes = self.bytes.saturating_add(bytes);
@@ -143,7 +150,8 @@ impl MappedSet {
             self.bytes = self.bytes.saturating_sub(bytes);
         }
         e.1 = (e.1 as i64 + mappings).max(0) as u64;
-        if !self.dirty.contains(&stack) {
+        if !e.2 {
+            e.2 = true;
             self.dirty.push(stack);
         }
         if file != 0 {
