@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use memtrack_reader::report::diff::Growth;
-use memtrack_reader::View;
+use memtrack_reader::{View, Window};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -90,6 +90,10 @@ pub(crate) enum Cmd {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// With --at or --between: the window's figures too (live then; peak, allocated and
+        /// frees within it) and its top locations.
+        #[command(flatten)]
+        window: WindowArgs,
     },
     /// Memory flamegraph (interactive SVG) of one view, bytes as the count: an icicle graph
     /// (root at the top, so the widest frames open on the first screen) unless `--flame`.
@@ -100,6 +104,8 @@ pub(crate) enum Cmd {
         file: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
+        #[command(flatten)]
+        window: WindowArgs,
         /// Only the allocations made inside occurrences of this region (a name, or a path
         /// `parent/child`); the peak view is what the region held at the high-water mark of its
         /// largest occurrence. See `memtrack regions`.
@@ -126,6 +132,8 @@ pub(crate) enum Cmd {
         file: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
+        #[command(flatten)]
+        window: WindowArgs,
         /// Only the allocations made inside occurrences of this region (a name, or a path
         /// `parent/child`); the peak view is what the region held at the high-water mark of its
         /// largest occurrence. See `memtrack regions`.
@@ -162,6 +170,10 @@ pub(crate) enum Cmd {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// With --between: the limits apply to the window (its peak, the allocations made in
+        /// it, those of them leaked); with --at: --max-peak is what was live then.
+        #[command(flatten)]
+        window: WindowArgs,
     },
     /// Call tree with inclusive bytes and counts, largest branches first.
     #[command(
@@ -171,6 +183,8 @@ pub(crate) enum Cmd {
         file: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
+        #[command(flatten)]
+        window: WindowArgs,
         /// Only the allocations made inside occurrences of this region (a name, or a path
         /// `parent/child`); the peak view is what the region held at the high-water mark of its
         /// largest occurrence. See `memtrack regions`.
@@ -206,6 +220,8 @@ pub(crate) enum Cmd {
         format: ExportFormat,
         #[command(flatten)]
         view: ViewArgs,
+        #[command(flatten)]
+        window: WindowArgs,
         /// Only the allocations made inside occurrences of this region (a name, or a path
         /// `parent/child`); the peak view is what the region held at the high-water mark of its
         /// largest occurrence. See `memtrack regions`.
@@ -231,6 +247,8 @@ pub(crate) enum Cmd {
         new: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
+        #[command(flatten)]
+        window: WindowArgs,
         /// Only the allocations made inside occurrences of this region (a name, or a path
         /// `parent/child`); the peak view is what the region held at the high-water mark of its
         /// largest occurrence. See `memtrack regions`.
@@ -303,6 +321,37 @@ impl ViewArgs {
             _ => View::Peak,
         }
     }
+}
+
+/// A window of time. Times are seconds since the launched process started (in a process tree,
+/// the root's start; `memtrack summary` shows each process's start), as `1.5`, `1.5s`,
+/// `1500ms`; a time past the end of the capture is brought back to its end, with a note.
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct WindowArgs {
+    /// What was live at this moment: the state after the last event at or before it.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_time, conflicts_with = "between")]
+    at: Option<f64>,
+    /// Only the window from A to B: the peak view is the high-water mark within it (from
+    /// what was live at A); --allocated the allocations made in it; --leaks, --leaks-at-exit
+    /// and --temporary those of them leaked or freed at once.
+    #[arg(long, num_args = 2, value_names = ["A", "B"], value_parser = parse_time, allow_negative_numbers = false)]
+    between: Option<Vec<f64>>,
+}
+
+impl WindowArgs {
+    /// The window asked for, if any; an error when its start is after its end.
+    pub(crate) fn window(&self) -> std::result::Result<Option<Window>, String> {
+        match (self.at, self.between.as_deref()) {
+            (Some(t), _) => Ok(Some(Window::at(t))),
+            (None, Some(&[a, b])) => Window::between(a, b).map(Some).map_err(|e| e.to_string()),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// A time: seconds (`1.5`, `1.5s`) or with a unit (`1500ms`).
+fn parse_time(s: &str) -> std::result::Result<f64, String> {
+    memtrack_reader::parse_seconds(s)
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]

@@ -125,15 +125,20 @@ impl Reporter<'_> {
         lines
     }
 
-    /// The view's words for a title: the peak of a tree is its combined peak.
-    pub fn view_title(&self, view: View, subject: &Subject) -> String {
-        let words = match (view, subject.one()) {
-            (View::Peak, None) => "live at the combined peak",
-            _ => view_words(view),
+    /// The view's words for a title: the peak of a tree is its combined peak; in a window,
+    /// the window and (`--between`'s peak) when its high-water mark was, from `parts`.
+    pub fn view_title(&self, view: View, subject: &Subject, parts: &[Part<'_>]) -> String {
+        let words = match (subject.window, view, subject.one()) {
+            (Some(w), _, _) => {
+                let at = parts.iter().find_map(|p| p.view.at_seconds);
+                window_words(view, &w, at)
+            }
+            (None, View::Peak, None) => "live at the combined peak".to_string(),
+            _ => view_words(view).to_string(),
         };
         match &subject.region {
             Some(region) => self.with_frames(&format!("{words}, region {region}")),
-            None => self.with_frames(words),
+            None => self.with_frames(&words),
         }
     }
 
@@ -155,6 +160,25 @@ pub fn view_words(view: View) -> &'static str {
         View::LeaksAtExit => "live at exit",
         View::Allocated => "allocated",
         View::Temporary => "temporary (freed before the thread allocated again)",
+    }
+}
+
+/// What a view holds in a window, in words: `live at 1.200 s`, `live at the peak between
+/// 1.000 s and 1.500 s, at 1.003 s` (`at`: when the peak was), `allocated between ...`.
+pub fn window_words(view: View, w: &crate::Window, at: Option<f64>) -> String {
+    let span = w.words();
+    match view {
+        View::Peak if w.is_at() => format!("live {span}"),
+        View::Peak => match at {
+            Some(t) => format!("live at the peak {span}, at {}", crate::seconds_text(t)),
+            None => format!("live at the peak {span}"),
+        },
+        View::Allocated => format!("allocated {span}"),
+        View::Leaks => format!("allocated {span} and left live by the program"),
+        View::LeaksAtExit => format!("allocated {span} and still live at exit"),
+        View::Temporary => {
+            format!("temporary (freed before the thread allocated again), allocated {span}")
+        }
     }
 }
 
