@@ -197,7 +197,9 @@ pub(crate) enum Cmd {
         #[arg(long, default_value_t = 1.0, value_name = "PERCENT")]
         min_percent: f64,
     },
-    /// Heap in use over time as an SVG chart, the peak marked.
+    /// Memory over time as an SVG chart: the heap in use and resident memory (RSS), each in a
+    /// panel of its own scale on one time axis, each peak marked with its size and time;
+    /// regions as bands below.
     #[command(
         after_help = "EXAMPLES:\n    memtrack plot svc.cap                 # svc-plot.svg beside the capture\n    memtrack plot svc.cap -o heap.svg"
     )]

@@ -328,8 +328,12 @@ fn plot(r: &mut Reporter, file: &Path, pid: Option<u32>, output: Option<PathBuf>
     let out =
         output.unwrap_or_else(|| file.with_file_name(format!("{}-plot.svg", subject.stem(file))));
     std::fs::write(&out, plot.svg).with_context(|| format!("cannot write {}", out.display()))?;
+    let rss = plot
+        .peak_rss
+        .map(|(b, t)| format!("; resident memory peak {} at {t:.3} s", human_bytes(b)))
+        .unwrap_or_default();
     eprintln!(
-        "memtrack: heap over time written to {} (peak {} at {:.3} s)",
+        "memtrack: memory over time written to {} (heap peak {} at {:.3} s{rss})",
         out.display(),
         human_bytes(plot.peak_bytes),
         plot.peak_seconds

@@ -321,3 +321,61 @@ fn bad_windows_are_errors() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("only --max-peak"), "{err}");
 }
+
+#[test]
+fn plot_draws_heap_and_resident_memory_each_on_its_own_scale() {
+    let (work, _) = capture();
+    let out = work.path("phases-plot.svg");
+    ok("plot", &["-o", out.to_str().unwrap()]);
+    let svg = std::fs::read_to_string(out).unwrap();
+    let texts: Vec<&str> = svg
+        .split("<text")
+        .skip(1)
+        .filter_map(|t| t.split_once('>')?.1.split_once("</text>").map(|(x, _)| x))
+        .collect();
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.starts_with("memtrack: memory over time (") && t.ends_with("/phases)")),
+        "{texts:?}"
+    );
+    assert!(texts.contains(&"heap in use") && texts.contains(&"resident (RSS)"));
+    assert!(texts.contains(&"time (s)"), "{texts:?}");
+    let heap_peak = texts
+        .iter()
+        .find(|t| t.starts_with("peak 8.00 MiB (8,388,608 bytes) at "))
+        .unwrap_or_else(|| panic!("no heap peak: {texts:?}"));
+    let at: f64 = heap_peak
+        .rsplit(" at ")
+        .next()
+        .unwrap()
+        .trim_end_matches(" s")
+        .parse()
+        .unwrap();
+    assert!((0.98..1.1).contains(&at), "{heap_peak}");
+    // The touched blocks are resident: RSS peaks above the 16 MiB mapping, on its own axis.
+    let rss_peak = texts
+        .iter()
+        .find_map(|t| t.strip_prefix("peak RSS "))
+        .unwrap_or_else(|| panic!("no RSS peak: {texts:?}"));
+    let bytes: u64 = rss_peak
+        .split(" (")
+        .nth(1)
+        .and_then(|b| b.split(" bytes").next())
+        .map(|b| b.replace(',', "").parse().unwrap())
+        .unwrap();
+    assert!(bytes > 16_777_216, "{rss_peak}");
+    // The heap's line: 1,000 points, its top at 8 MiB on an axis of 10 MiB (320 px from y 50).
+    let heap: Vec<f64> = svg
+        .split("points=\"")
+        .nth(1)
+        .and_then(|p| p.split('"').next())
+        .unwrap()
+        .split_whitespace()
+        .map(|p| p.split(',').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(heap.len(), 1000);
+    let top = heap.iter().cloned().fold(f64::MAX, f64::min);
+    assert!((top - (50.0 + 320.0 * (1.0 - 0.8))).abs() < 0.5, "{top}");
+    assert_eq!(svg.matches("<polyline").count(), 2, "heap and RSS lines");
+}
