@@ -13,6 +13,8 @@ EXAMPLES:
     memtrack summary svc.cap
     memtrack summary svc.cap --json | jq .peak_bytes
     memtrack flamegraph svc.cap -o peak.svg
+    memtrack table svc.cap --at 1.5s              # what was live 1.5 s after the start
+    memtrack flamegraph svc.cap --between 10 20   # the high-water mark between 10 s and 20 s
     memtrack export svc.cap --format folded --leaks -o leaks.folded
     memtrack export svc.cap --format pprof -o heap.pb.gz
     memtrack diff base.cap svc.cap --fail-on-growth 5%
@@ -82,7 +84,7 @@ pub(crate) enum Cmd {
     },
     /// Peak heap, leaks at exit, totals.
     #[command(
-        after_help = "EXAMPLES:\n    memtrack summary svc.cap\n    memtrack summary svc.cap --json"
+        after_help = "EXAMPLES:\n    memtrack summary svc.cap\n    memtrack summary svc.cap --json\n    memtrack summary svc.cap --between 10 20     # peak, allocated and frees within the window"
     )]
     Summary {
         /// The capture file.
@@ -161,7 +163,7 @@ pub(crate) enum Cmd {
     },
     /// Check budgets: exit 0 when every limit holds, 1 when one is exceeded, 2 on an error.
     #[command(
-        after_help = "EXAMPLES:\n    memtrack check svc.cap --max-peak 512MiB --max-leaked 0\n    memtrack check svc.cap --max-allocations 1000000 --max-total 10GB --json\n    memtrack check svc.cap --max-peak 1GiB --region search --max-peak 3MiB --region load --max-leaked 4MB\n\nSIZE: plain bytes or a number with a unit: 1048576, 512KiB, 1.5GiB, 10M (binary), 10MB (decimal)."
+        after_help = "EXAMPLES:\n    memtrack check svc.cap --max-peak 512MiB --max-leaked 0\n    memtrack check svc.cap --max-allocations 1000000 --max-total 10GB --json\n    memtrack check svc.cap --max-peak 1GiB --region search --max-peak 3MiB --region load --max-leaked 4MB\n    memtrack check svc.cap --between 30s 60s --max-peak 200MiB --max-leaked 0   # the steady state\n\nSIZE: plain bytes or a number with a unit: 1048576, 512KiB, 1.5GiB, 10M (binary), 10MB (decimal)."
     )]
     Check {
         file: PathBuf,
