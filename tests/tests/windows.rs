@@ -379,3 +379,78 @@ fn plot_draws_heap_and_resident_memory_each_on_its_own_scale() {
     assert!((top - (50.0 + 320.0 * (1.0 - 0.8))).abs() < 0.5, "{top}");
     assert_eq!(svg.matches("<polyline").count(), 2, "heap and RSS lines");
 }
+
+#[test]
+fn diff_of_a_window_compares_the_same_moment() {
+    let (_, cap) = capture();
+    let cap = cap.to_str().unwrap();
+    let (code, text, err) = memtrack("diff", &[cap, "--at", "1.2", "--format", "table"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.starts_with("memtrack diff of live at 1.200 s: 8.00 MiB -> 8.00 MiB (+0 B"),
+        "{text}"
+    );
+}
+
+#[test]
+fn windows_on_a_process_tree_use_the_launched_process_clock() {
+    let work = Work::new("windows_tree");
+    let exe = work.compile("window_fork.c");
+    let t = run_traced_ok(&work, "wf.cap", &exe, &[] as &[&str]);
+    let run = |args: &[&str]| {
+        let out = Command::new(&binaries().memtrack)
+            .args(args)
+            .current_dir(work.dir())
+            .output()
+            .expect("memtrack runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cap = t.capture.to_str().unwrap();
+    // At 0.45 s the parent holds its block and the child, started at 0.2 s, its own.
+    let (code, text, err) = run(&["table", cap, "--at", "0.45"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("live at 0.450 s, 3,000,000 bytes (2.86 MiB) in 2 allocations"),
+        "{text}"
+    );
+    assert!(
+        text.contains("] child_block") && text.contains("] parent_block"),
+        "{text}"
+    );
+    let (_, text, _) = run(&["table", cap, "--at", "0.1"]);
+    assert!(
+        text.contains("live at 0.100 s, 1,000,000 bytes (976.56 KiB) in 1 allocation"),
+        "{text}"
+    );
+    assert!(!text.contains("child_block"), "{text}");
+    // The combined peak within a window is not computed: a clear refusal.
+    let (code, _, err) = run(&["table", cap, "--between", "0", "1"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("give --pid PID"), "{err}");
+    // One process's peak in a window, on the launched process's clock.
+    let child = std::fs::read_dir(work.dir())
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find_map(|n| n.strip_prefix("wf.cap.").map(str::to_string))
+        .expect("the child's capture");
+    let (code, text, err) = run(&["table", cap, "--pid", &child, "--between", "0.25", "0.5"]);
+    assert_eq!(code, 0, "{err}");
+    let title = text.lines().next().unwrap();
+    let at: f64 = title
+        .split(", at ")
+        .nth(1)
+        .and_then(|t| t.split(" s,").next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{title}"));
+    assert!((0.29..0.4).contains(&at), "{title}");
+    assert!(
+        title
+            .trim_end()
+            .ends_with("2,000,000 bytes (1.91 MiB) in 1 allocation"),
+        "{title}"
+    );
+}
