@@ -25,11 +25,16 @@ fn capture() -> &'static (Work, PathBuf) {
 /// stderr.
 fn memtrack(sub: &str, args: &[&str]) -> (i32, String, String) {
     let (work, cap) = capture();
+    let mut all = vec![sub, cap.to_str().unwrap()];
+    all.extend(args);
+    memtrack_in(work.dir(), &all)
+}
+
+/// `memtrack ARGS` in `dir`: exit code, stdout, stderr.
+fn memtrack_in(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(&binaries().memtrack)
-        .arg(sub)
-        .arg(cap)
         .args(args)
-        .current_dir(work.dir())
+        .current_dir(dir)
         .output()
         .expect("memtrack runs");
     (
@@ -397,18 +402,7 @@ fn windows_on_a_process_tree_use_the_launched_process_clock() {
     let work = Work::new("windows_tree");
     let exe = work.compile("window_fork.c");
     let t = run_traced_ok(&work, "wf.cap", &exe, &[] as &[&str]);
-    let run = |args: &[&str]| {
-        let out = Command::new(&binaries().memtrack)
-            .args(args)
-            .current_dir(work.dir())
-            .output()
-            .expect("memtrack runs");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| memtrack_in(work.dir(), args);
     let cap = t.capture.to_str().unwrap();
     // At 0.45 s the parent holds its block and the child, started at 0.2 s, its own.
     let (code, text, err) = run(&["table", cap, "--at", "0.45"]);
