@@ -421,10 +421,23 @@ fn windows_on_a_process_tree_use_the_launched_process_clock() {
         "{text}"
     );
     assert!(!text.contains("child_block"), "{text}");
-    // The combined peak within a window is not computed: a clear refusal.
-    let (code, _, err) = run(&["table", cap, "--between", "0", "1"]);
-    assert_eq!(code, 2);
-    assert!(err.contains("give --pid PID"), "{err}");
+    // The combined high-water mark within a window: both blocks from 0.3 s to 0.6 s.
+    let (code, text, err) = run(&["table", cap, "--between", "0", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("live at the combined peak between 0.000 s and ")
+            && text.contains(", 3,000,000 bytes (2.86 MiB) in 2 allocations"),
+        "{text}"
+    );
+    assert!(err.contains("1.000 s past the end of the capture"), "{err}");
+    // After the child's exit only the parent's block is left.
+    let (code, text, err) = run(&["table", cap, "--between", "0.62", "0.68"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("live at the combined peak between 0.620 s and 0.680 s, at 0.620 s, 1,000,000 bytes (976.56 KiB) in 1 allocation"),
+        "{text}"
+    );
+    assert!(!text.contains("child_block"), "{text}");
     // One process's peak in a window, on the launched process's clock.
     let child = std::fs::read_dir(work.dir())
         .unwrap()

@@ -129,9 +129,15 @@ impl Reporter<'_> {
     /// the window and (`--between`'s peak) when its high-water mark was, from `parts`.
     pub fn view_title(&self, view: View, subject: &Subject, parts: &[Part<'_>]) -> String {
         let words = match (subject.window, view, subject.one()) {
-            (Some(w), _, _) => {
+            (Some(w), _, one) => {
                 let at = parts.iter().find_map(|p| p.view.at_seconds);
-                window_words(view, &w, at)
+                let words = window_words(view, &w, at);
+                match (view, one) {
+                    (View::Peak, None) if !w.is_at() => {
+                        words.replacen("at the peak", "at the combined peak", 1)
+                    }
+                    _ => words,
+                }
             }
             (None, View::Peak, None) => "live at the combined peak".to_string(),
             _ => view_words(view).to_string(),

@@ -90,7 +90,7 @@ impl Subject {
     /// The subject with its views restricted to `window` (`--at`, `--between`) for `view`
     /// (`None`: a report without views, such as `summary`), its times brought within the
     /// capture; returns a note when they were past its end. An error when the view means
-    /// nothing in the window, with `--region`, or for the combined peak of a process tree.
+    /// nothing in the window, or with `--region`.
     pub fn with_window(
         &mut self,
         window: Option<Window>,
@@ -104,9 +104,6 @@ impl Subject {
         }
         if self.region.is_some() {
             bail!("--region and a time window (--at, --between) do not combine: a region's views are already its own occurrences' (see memtrack regions)");
-        }
-        if view == Some(View::Peak) && !w.is_at() && self.one().is_none() {
-            bail!("--between on a process tree: the combined peak within a window is not computed; give --pid PID for one process's peak in it, or --at T for every process's heap at one moment");
         }
         let (w, note) = w.clamped(self.end_seconds());
         self.window = Some(w);
@@ -167,6 +164,17 @@ impl Subject {
     /// when there are several.
     pub fn parts(&self, view: View, with_max: bool) -> Vec<Part<'_>> {
         let raw: Vec<(usize, ViewSites)> = match (self.only, &self.region) {
+            (None, None) if view == View::Peak && self.window.is_some_and(|w| !w.is_at()) => {
+                // A tree's peak in a window is its combined high-water mark there.
+                let w = self.window.expect("a window");
+                let root = self.tree.root().start_mono_ns;
+                let mono = |t: f64| root.saturating_add((t.max(0.0) * 1e9).round() as u64);
+                let (mut views, at) = self.tree.peak_views_in(mono(w.start), mono(w.end));
+                for (_, v) in &mut views {
+                    v.at_seconds = Some(self.tree.seconds(at));
+                }
+                views
+            }
             (only, None) if self.window.is_some() => {
                 let w = self.window.expect("a window");
                 self.tree
