@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand};
 use memtrack_reader::report::diff::Growth;
-use memtrack_reader::View;
+use memtrack_reader::{View, Window};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -13,6 +13,8 @@ EXAMPLES:
     memtrack summary svc.cap
     memtrack summary svc.cap --json | jq .peak_bytes
     memtrack flamegraph svc.cap -o peak.svg
+    memtrack table svc.cap --at 1.5s              # what was live 1.5 s after the start
+    memtrack flamegraph svc.cap --between 10 20   # the high-water mark between 10 s and 20 s
     memtrack export svc.cap --format folded --leaks -o leaks.folded
     memtrack export svc.cap --format pprof -o heap.pb.gz
     memtrack diff base.cap svc.cap --fail-on-growth 5%
@@ -82,7 +84,7 @@ pub(crate) enum Cmd {
     },
     /// Peak heap, leaks at exit, totals.
     #[command(
-        after_help = "EXAMPLES:\n    memtrack summary svc.cap\n    memtrack summary svc.cap --json"
+        after_help = "EXAMPLES:\n    memtrack summary svc.cap\n    memtrack summary svc.cap --json\n    memtrack summary svc.cap --between 10 20     # peak, allocated and frees within the window"
     )]
     Summary {
         /// The capture file.
@@ -90,6 +92,10 @@ pub(crate) enum Cmd {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// With --at or --between: the window's figures too (live then; peak, allocated and
+        /// frees within it) and its top locations.
+        #[command(flatten)]
+        window: WindowArgs,
     },
     /// Memory flamegraph (interactive SVG) of one view, bytes as the count: an icicle graph
     /// (root at the top, so the widest frames open on the first screen) unless `--flame`.
@@ -100,6 +106,8 @@ pub(crate) enum Cmd {
         file: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
+        #[command(flatten)]
+        window: WindowArgs,
         /// Only the allocations made inside occurrences of this region (a name, or a path
         /// `parent/child`); the peak view is what the region held at the high-water mark of its
         /// largest occurrence. See `memtrack regions`.
@@ -126,6 +134,8 @@ pub(crate) enum Cmd {
         file: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
+        #[command(flatten)]
+        window: WindowArgs,
         /// Only the allocations made inside occurrences of this region (a name, or a path
         /// `parent/child`); the peak view is what the region held at the high-water mark of its
         /// largest occurrence. See `memtrack regions`.
@@ -153,7 +163,7 @@ pub(crate) enum Cmd {
     },
     /// Check budgets: exit 0 when every limit holds, 1 when one is exceeded, 2 on an error.
     #[command(
-        after_help = "EXAMPLES:\n    memtrack check svc.cap --max-peak 512MiB --max-leaked 0\n    memtrack check svc.cap --max-allocations 1000000 --max-total 10GB --json\n    memtrack check svc.cap --max-peak 1GiB --region search --max-peak 3MiB --region load --max-leaked 4MB\n\nSIZE: plain bytes or a number with a unit: 1048576, 512KiB, 1.5GiB, 10M (binary), 10MB (decimal)."
+        after_help = "EXAMPLES:\n    memtrack check svc.cap --max-peak 512MiB --max-leaked 0\n    memtrack check svc.cap --max-allocations 1000000 --max-total 10GB --json\n    memtrack check svc.cap --max-peak 1GiB --region search --max-peak 3MiB --region load --max-leaked 4MB\n    memtrack check svc.cap --between 30s 60s --max-peak 200MiB --max-leaked 0   # the steady state\n\nSIZE: plain bytes or a number with a unit: 1048576, 512KiB, 1.5GiB, 10M (binary), 10MB (decimal)."
     )]
     Check {
         file: PathBuf,
@@ -162,6 +172,10 @@ pub(crate) enum Cmd {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+        /// With --between: the limits apply to the window (its peak, the allocations made in
+        /// it, those of them leaked); with --at: --max-peak is what was live then.
+        #[command(flatten)]
+        window: WindowArgs,
     },
     /// Call tree with inclusive bytes and counts, largest branches first.
     #[command(
@@ -171,6 +185,8 @@ pub(crate) enum Cmd {
         file: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
+        #[command(flatten)]
+        window: WindowArgs,
         /// Only the allocations made inside occurrences of this region (a name, or a path
         /// `parent/child`); the peak view is what the region held at the high-water mark of its
         /// largest occurrence. See `memtrack regions`.
@@ -183,7 +199,9 @@ pub(crate) enum Cmd {
         #[arg(long, default_value_t = 1.0, value_name = "PERCENT")]
         min_percent: f64,
     },
-    /// Heap in use over time as an SVG chart, the peak marked.
+    /// Memory over time as an SVG chart: the heap in use and resident memory (RSS), each in a
+    /// panel of its own scale on one time axis, each peak marked with its size and time;
+    /// regions as bands below.
     #[command(
         after_help = "EXAMPLES:\n    memtrack plot svc.cap                 # svc-plot.svg beside the capture\n    memtrack plot svc.cap -o heap.svg"
     )]
@@ -206,6 +224,8 @@ pub(crate) enum Cmd {
         format: ExportFormat,
         #[command(flatten)]
         view: ViewArgs,
+        #[command(flatten)]
+        window: WindowArgs,
         /// Only the allocations made inside occurrences of this region (a name, or a path
         /// `parent/child`); the peak view is what the region held at the high-water mark of its
         /// largest occurrence. See `memtrack regions`.
@@ -231,6 +251,8 @@ pub(crate) enum Cmd {
         new: PathBuf,
         #[command(flatten)]
         view: ViewArgs,
+        #[command(flatten)]
+        window: WindowArgs,
         /// Only the allocations made inside occurrences of this region (a name, or a path
         /// `parent/child`); the peak view is what the region held at the high-water mark of its
         /// largest occurrence. See `memtrack regions`.
@@ -324,6 +346,37 @@ impl ViewArgs {
             _ => View::Peak,
         }
     }
+}
+
+/// A window of time. Times are seconds since the launched process started (in a process tree,
+/// the root's start; `memtrack summary` shows each process's start), as `1.5`, `1.5s`,
+/// `1500ms`; a time past the end of the capture is brought back to its end, with a note.
+#[derive(clap::Args, Clone, Default)]
+pub(crate) struct WindowArgs {
+    /// What was live at this moment: the state after the last event at or before it.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_time, conflicts_with = "between")]
+    at: Option<f64>,
+    /// Only the window from A to B: the peak view is the high-water mark within it (from
+    /// what was live at A); --allocated the allocations made in it; --leaks, --leaks-at-exit
+    /// and --temporary those of them leaked or freed at once.
+    #[arg(long, num_args = 2, value_names = ["A", "B"], value_parser = parse_time, allow_negative_numbers = false)]
+    between: Option<Vec<f64>>,
+}
+
+impl WindowArgs {
+    /// The window asked for, if any; an error when its start is after its end.
+    pub(crate) fn window(&self) -> std::result::Result<Option<Window>, String> {
+        match (self.at, self.between.as_deref()) {
+            (Some(t), _) => Ok(Some(Window::at(t))),
+            (None, Some(&[a, b])) => Window::between(a, b).map(Some).map_err(|e| e.to_string()),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// A time: seconds (`1.5`, `1.5s`) or with a unit (`1500ms`).
+fn parse_time(s: &str) -> std::result::Result<f64, String> {
+    memtrack_reader::parse_seconds(s)
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]

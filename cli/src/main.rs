@@ -103,12 +103,20 @@ fn dispatch(
             };
             run::cmd_run(r, output, force, tree, resolve(limits)?, command)
         }
-        Cmd::Check { file, limits, json } => {
+        Cmd::Check {
+            file,
+            limits,
+            json,
+            window,
+        } => {
             let mut out = ClosedIsFine(std::io::stdout().lock());
-            check(r, &file, pid, resolve(limits)?, json, &mut out)
+            let window = window.window().map_err(anyhow::Error::msg)?;
+            check(r, &file, pid, resolve(limits)?, window, json, &mut out)
         }
-        Cmd::Summary { file, json } => {
+        Cmd::Summary { file, json, window } => {
             let mut subject = Subject::open(&file, pid)?;
+            let window = window.window().map_err(anyhow::Error::msg)?;
+            note_clamped(r, subject.with_window(window, None)?);
             report::summary::summary(r, &mut subject, &file, pid, json, &mut Stdout)?;
             Ok(0)
         }
@@ -138,12 +146,13 @@ fn dispatch(
         Cmd::Tree {
             file,
             view,
+            window,
             region,
             depth,
             min_percent,
         } => {
             let view = view.view();
-            let subject = open_in(&file, pid, region, view)?;
+            let subject = open_in(r, &file, pid, region, view, &window)?;
             report::tree::tree(r, &subject, &file, view, depth, min_percent, &mut Stdout)?;
             Ok(0)
         }
@@ -154,12 +163,13 @@ fn dispatch(
         Cmd::Table {
             file,
             view,
+            window,
             region,
             by,
             top,
             json,
         } => {
-            let subject = open_in(&file, pid, region, view.view())?;
+            let subject = open_in(r, &file, pid, region, view.view(), &window)?;
             let group = match by {
                 By::Function => GroupBy::Function,
                 By::Line => GroupBy::Line,
@@ -172,6 +182,7 @@ fn dispatch(
         Cmd::Flamegraph {
             file,
             view,
+            window,
             region,
             inverted,
             flame,
@@ -180,7 +191,7 @@ fn dispatch(
         } => {
             let view = view.view();
             let name = region.clone();
-            let subject = open_in(&file, pid, region, view)?;
+            let subject = open_in(r, &file, pid, region, view, &window)?;
             let graph = report::flamegraph::flamegraph(r, &subject, view, inverted, flame);
             let out = output.unwrap_or_else(|| {
                 let stem = match &name {
@@ -201,11 +212,12 @@ fn dispatch(
             file,
             format,
             view,
+            window,
             region,
             inline_frames,
             output,
         } => {
-            let subject = open_in(&file, pid, region, view.view())?;
+            let subject = open_in(r, &file, pid, region, view.view(), &window)?;
             export(
                 r,
                 &file,
@@ -221,6 +233,7 @@ fn dispatch(
             base,
             new,
             view,
+            window,
             region,
             format,
             output,
@@ -229,7 +242,8 @@ fn dispatch(
         } => {
             let view = view.view();
             no_temporary(&region, view)?;
-            let d = report::diff::compare_in(r, &base, &new, pid, view, region.as_deref())?;
+            let window = window.window().map_err(anyhow::Error::msg)?;
+            let d = report::diff::compare_in(r, &base, &new, pid, view, region.as_deref(), window)?;
             diff_to(r, &d, view, &base, &new, format, output, top)?;
             Ok(match fail_on_growth {
                 Some(limit) => report::diff::verdict(r, &d, view, limit),
@@ -239,10 +253,28 @@ fn dispatch(
     }
 }
 
-/// The subject of a view report, restricted to `region` when one is given (`--region`).
-fn open_in(file: &Path, pid: Option<u32>, region: Option<String>, view: View) -> Result<Subject> {
+/// The subject of a view report, restricted to `region` when one is given (`--region`), and to
+/// a window of time (`--at`, `--between`).
+fn open_in(
+    r: &mut Reporter,
+    file: &Path,
+    pid: Option<u32>,
+    region: Option<String>,
+    view: View,
+    window: &args::WindowArgs,
+) -> Result<Subject> {
     no_temporary(&region, view)?;
-    Subject::open(file, pid)?.with_region(region)
+    let window = window.window().map_err(anyhow::Error::msg)?;
+    let mut subject = Subject::open(file, pid)?.with_region(region)?;
+    note_clamped(r, subject.with_window(window, Some(view))?);
+    Ok(subject)
+}
+
+/// Says that a window's times were brought within the capture.
+fn note_clamped(r: &mut Reporter, note: Option<String>) {
+    if let Some(note) = note {
+        r.note(format_args!("memtrack: note: {note}\n"));
+    }
 }
 
 /// The temporary and mapped views have no region counterpart.
@@ -274,13 +306,15 @@ fn check(
     file: &Path,
     pid: Option<u32>,
     limits: Limits,
+    window: Option<memtrack_reader::Window>,
     json: bool,
     out: &mut dyn Write,
 ) -> Result<u8> {
     if !limits.any() {
         bail!("no limit given: use --max-peak, --max-leaked, --max-leaked-allocations, --max-allocations or --max-total (after --region NAME: limits on that region)");
     }
-    let subject = Subject::open(file, pid)?;
+    let mut subject = Subject::open(file, pid)?;
+    note_clamped(r, subject.with_window(window, None)?);
     let budget = Budget {
         max_peak: limits.max_peak,
         max_leaked: limits.max_leaked,
@@ -297,8 +331,12 @@ fn plot(r: &mut Reporter, file: &Path, pid: Option<u32>, output: Option<PathBuf>
     let out =
         output.unwrap_or_else(|| file.with_file_name(format!("{}-plot.svg", subject.stem(file))));
     std::fs::write(&out, plot.svg).with_context(|| format!("cannot write {}", out.display()))?;
+    let rss = plot
+        .peak_rss
+        .map(|(b, t)| format!("; resident memory peak {} at {t:.3} s", human_bytes(b)))
+        .unwrap_or_default();
     eprintln!(
-        "memtrack: heap over time written to {} (peak {} at {:.3} s)",
+        "memtrack: memory over time written to {} (heap peak {} at {:.3} s{rss})",
         out.display(),
         human_bytes(plot.peak_bytes),
         plot.peak_seconds
@@ -336,7 +374,7 @@ fn export(
             write_out(output.as_deref(), &gz)
         }
         ExportFormat::Json => {
-            let export = report::export::json(r, &parts);
+            let export = report::export::json(r, &parts, subject.window);
             drop(parts);
             // Written as it goes: a large view's text is never held whole.
             let capture = file.display().to_string();

@@ -248,3 +248,40 @@ impl Capture {
         out
     }
 }
+
+impl Capture {
+    /// Checks `budget` within a window of time: the peak is the window's high-water mark
+    /// (`--at`: what was live then), totals count the allocations made in it, leaks those of
+    /// them still live where `--leaks` looks.
+    pub fn check_window(
+        &self,
+        budget: &Budget,
+        span: &crate::Span,
+        sym: &mut Symbolizer,
+    ) -> Vec<LimitResult> {
+        let f = self.window_figures(span);
+        let leaks = (budget.max_leaked.is_some() || budget.max_leaked_allocations.is_some())
+            .then(|| self.window_view(View::Leaks, span));
+        let (leaked, leaked_n) = leaks.as_ref().map_or((0, 0), |v| (v.bytes, v.allocations));
+        let mut out = limits(budget, |name| match name {
+            "max_peak" if span.at => f.live_at_end_bytes,
+            "max_peak" => f.peak_bytes,
+            "max_leaked" => leaked,
+            "max_leaked_allocations" => leaked_n,
+            "max_allocations" => f.allocations,
+            _ => f.allocated_bytes,
+        });
+        let mut allocated = None;
+        let mut peak = None;
+        for l in out.iter_mut().filter(|l| l.exceeded) {
+            let by_count = l.unit == "allocations";
+            let v = match l.name {
+                "max_peak" => peak.get_or_insert_with(|| self.window_view(View::Peak, span)),
+                "max_leaked" | "max_leaked_allocations" => leaks.as_ref().expect("measured"),
+                _ => allocated.get_or_insert_with(|| self.window_view(View::Allocated, span)),
+            };
+            l.top = top3(&v.sites, &v.stacks, sym, by_count);
+        }
+        out
+    }
+}

@@ -83,6 +83,10 @@ pub struct Diff {
     /// Warnings of the symbolizers (stale binaries, missing files).
     #[serde(skip)]
     pub warnings: Vec<String>,
+    /// `--at` or `--between`: both sides are of this window of time, each on its own
+    /// capture's clock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<crate::Window>,
 }
 
 impl Diff {
@@ -231,6 +235,7 @@ impl Diff {
             sides.iter().map(|s| f(&s.view)).sum()
         };
         Diff {
+            window: None,
             view: view.name(),
             before_bytes: sum(&base, |v| v.bytes),
             after_bytes: sum(&new, |v| v.bytes),

@@ -16,6 +16,8 @@ pub struct JsonExport {
     stacks: Vec<Stack>,
     /// Labels of the processes of a tree, by their index in `Stack::process`.
     processes: Vec<(u32, String)>,
+    /// `--at`, `--between`: the window of time, and when what the view holds was live.
+    pub window: Option<(crate::Window, Option<f64>)>,
 }
 
 struct Stack {
@@ -83,6 +85,13 @@ impl JsonExport {
             json(&capture)?,
             json(&view.name())?
         )?;
+        if let Some((window, at)) = &self.window {
+            let mut v = serde_json::to_value(window).map_err(io::Error::other)?;
+            if let Some(at) = at {
+                v["at_seconds"] = (*at).into();
+            }
+            writeln!(w, "\"window\": {v},")?;
+        }
         if !inline_frames {
             w.write_all(b"\"frames\": [")?;
             for (i, f) in self.frames.iter().enumerate() {

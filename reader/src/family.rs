@@ -96,7 +96,7 @@ pub fn shell_command(argv: &[String]) -> String {
 
 /// One clock tick of a process's heap: the most that was live in it (and at which event), and
 /// what was live after its last event.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Tick {
     /// CLOCK_MONOTONIC, nanoseconds.
     mono_ns: u64,
@@ -104,6 +104,33 @@ struct Tick {
     max_seq: u64,
     end_live: u64,
     end_seq: u64,
+}
+
+/// Collects a process's heap tick by tick into `ticks` (`start`: its start, `unit`: its clock
+/// unit in ns). A time earlier than the last tick's (a thread stamped the tick before) counts in
+/// the last tick, so each tick ends a prefix of the sequence order.
+fn tick_recorder(start: u64, unit: u64, ticks: &mut Vec<Tick>) -> impl FnMut(&Replay, &Event) + '_ {
+    move |r: &Replay, ev: &Event| {
+        let mono_ns = start.saturating_add(ev.time.saturating_mul(unit));
+        let live = r.live_bytes;
+        match ticks.last_mut() {
+            Some(t) if t.mono_ns >= mono_ns => {
+                if live > t.max_live {
+                    t.max_live = live;
+                    t.max_seq = ev.seq;
+                }
+                t.end_live = live;
+                t.end_seq = ev.seq;
+            }
+            _ => ticks.push(Tick {
+                mono_ns,
+                max_live: live,
+                max_seq: ev.seq,
+                end_live: live,
+                end_seq: ev.seq,
+            }),
+        }
+    }
 }
 
 /// One process of a recorded tree.
@@ -340,30 +367,13 @@ impl ProcessTree {
         let start = cap.header.start_mono_ns;
         let unit = cap.header.clock_unit_ns.max(1);
         let mut ticks: Vec<Tick> = Vec::new();
+        let mut record = tick_recorder(start, unit, &mut ticks);
         let replayed = cap.replay_with(Replay::new(), u64::MAX, |r: &Replay, ev: &Event| {
-            if !ticks_wanted {
-                return;
-            }
-            let mono_ns = start.saturating_add(ev.time.saturating_mul(unit));
-            let live = r.live_bytes;
-            match ticks.last_mut() {
-                Some(t) if t.mono_ns == mono_ns => {
-                    if live > t.max_live {
-                        t.max_live = live;
-                        t.max_seq = ev.seq;
-                    }
-                    t.end_live = live;
-                    t.end_seq = ev.seq;
-                }
-                _ => ticks.push(Tick {
-                    mono_ns,
-                    max_live: live,
-                    max_seq: ev.seq,
-                    end_live: live,
-                    end_seq: ev.seq,
-                }),
+            if ticks_wanted {
+                record(r, ev);
             }
         });
+        drop(record);
         let summary = cap.summarize(&replayed);
         let end_mono_ns = start.saturating_add((summary.duration_seconds * 1e9) as u64);
         if ticks_wanted && cap.complete() {
@@ -532,6 +542,88 @@ impl ProcessTree {
                 }
             })
             .collect()
+    }
+
+    /// The combined high-water mark of the tree within `[from, to]` (monotonic ns), starting
+    /// from what every process held at `from`: what each process held then, as views (empty
+    /// ones left out), and when it was (monotonic ns). Every capture is replayed again, tick by
+    /// tick, and then up to its state at the mark.
+    pub fn peak_views_in(&self, from: u64, to: u64) -> (Vec<(usize, ViewSites)>, u64) {
+        let mut ticks: Vec<Vec<Tick>> = Vec::new();
+        for p in &self.processes {
+            let mut t = Vec::new();
+            if let Some(cap) = &p.capture {
+                let unit = cap.header.clock_unit_ns.max(1);
+                let mut record = tick_recorder(p.start_mono_ns, unit, &mut t);
+                cap.replay_with(Replay::new(), u64::MAX, |r, ev| record(r, ev));
+                drop(record);
+                if cap.complete() {
+                    // The process has exited: from then on it holds nothing.
+                    let end = p
+                        .start_mono_ns
+                        .saturating_add((cap.end_seconds() * 1e9) as u64);
+                    let end = t.last().map_or(end, |l: &Tick| l.mono_ns.max(end));
+                    t.push(Tick {
+                        mono_ns: end,
+                        ..Tick::default()
+                    });
+                }
+            }
+            ticks.push(t);
+        }
+        let mut order: Vec<(u64, usize, usize)> = Vec::new();
+        for (i, t) in ticks.iter().enumerate() {
+            order.extend(t.iter().enumerate().map(|(k, t)| (t.mono_ns, i, k)));
+        }
+        order.sort_unstable();
+        let n = self.processes.len();
+        let mut held = vec![0u64; n];
+        let mut sum = 0u64;
+        let first = order.partition_point(|&(mono, _, _)| mono < from);
+        for &(_, i, k) in &order[..first] {
+            let t = ticks[i][k];
+            sum = sum - held[i] + t.end_live;
+            held[i] = t.end_live;
+        }
+        // `None`: the state at the window's start.
+        let (mut best, mut best_at, mut best_mono) = (sum, None, from);
+        for (at, &(mono, i, k)) in order.iter().enumerate().skip(first) {
+            if mono > to {
+                break;
+            }
+            let t = ticks[i][k];
+            let here = sum - held[i] + t.max_live;
+            if here > best {
+                (best, best_at, best_mono) = (here, Some(at), mono);
+            }
+            sum = sum - held[i] + t.end_live;
+            held[i] = t.end_live;
+        }
+        let mut seq: Vec<Option<u64>> = vec![None; n];
+        for &(_, i, k) in &order[..best_at.unwrap_or(first)] {
+            let t = ticks[i][k];
+            seq[i] = (t.end_live > 0).then_some(t.end_seq);
+        }
+        if let Some(at) = best_at {
+            let (_, i, k) = order[at];
+            let t = ticks[i][k];
+            seq[i] = (t.max_live > 0).then_some(t.max_seq);
+        }
+        let views = self
+            .processes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let cap = p.capture.as_ref()?;
+                let s = seq[i]?;
+                let crate::Replayed {
+                    replay: r, stacks, ..
+                } = cap.replay_until(s);
+                let v = ViewSites::new(View::Peak, r.live_by_stack(), stacks);
+                (v.bytes > 0).then_some((i, v))
+            })
+            .collect();
+        (views, best_mono)
     }
 
     /// One view of every process that has a capture, `(index into processes, its sites)`,

@@ -64,6 +64,7 @@ mod stats;
 mod symbols;
 mod tree;
 mod views;
+mod window;
 
 pub use capture::{Capture, ChunkRef, Event, ReadError, Warning};
 pub use check::{Budget, Contributor, LimitResult, ProcessShare};
@@ -84,6 +85,7 @@ pub use stats::{Bucket, FileMapStat, KindStat, Stats};
 pub use symbols::{Frame, Symbolizer};
 pub use tree::TreeNode;
 pub use views::{GroupBy, TableRow, View, ViewSites};
+pub use window::{parse_seconds, seconds_text, Span, Window, WindowError, WindowFigures};
 
 /// `1234567` -> `1,234,567`.
 pub fn grouped(n: u64) -> String {

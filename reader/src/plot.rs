@@ -1,4 +1,6 @@
-//! Heap in use over time as an SVG chart, the peak marked with its time and size.
+//! Memory over time as an SVG chart: the heap in use and resident memory, each in a panel of its
+//! own scale (a heap of kilobytes stays readable under a resident memory of gigabytes) on one
+//! time axis, each peak marked with its time and size; region bands below.
 
 use crate::capture::Capture;
 use crate::replay::Replay;
@@ -9,6 +11,8 @@ pub struct Plot {
     pub svg: String,
     pub peak_bytes: u64,
     pub peak_seconds: f64,
+    /// The highest resident-memory sample and when, when the chart draws it.
+    pub peak_rss: Option<(u64, f64)>,
 }
 
 fn esc(s: &str) -> String {
@@ -68,20 +72,37 @@ impl Capture {
         } else {
             self.region_bands(by_event, span)
         };
-        let svg = chart(
-            &format!(
-                "memtrack: heap in use over time ({})",
-                crate::shell_command(&self.last_image().argv)
-            ),
-            &[(String::new(), "#c0392b", points)],
+        let heap = Panel {
+            axis_title: "heap in use",
+            colour: HEAP_COLOUR,
+            height: 320.0,
+            series: vec![Series::whole(String::new(), HEAP_COLOUR, points)],
             peak,
             peak_frac,
-            &format!(
+            peak_label: format!(
                 "peak {} ({} bytes) at {:.3} s",
                 human_bytes(peak),
                 grouped(peak),
                 peak_seconds
             ),
+            note: None,
+        };
+        let mut panels = vec![heap];
+        // TODO(issue 22, mapped memory): a third panel, "mapped memory", from the replay's
+        // mapped series and its peak (`peak_mapped_bytes`, `peak_mapped_time`), built like
+        // the heap's; the chart stacks as many panels as it is given.
+        panels.extend(self.rss_panel(POINTS, span, by_event));
+        let what = if panels.len() > 1 {
+            "memory"
+        } else {
+            "heap in use"
+        };
+        let svg = chart(
+            &format!(
+                "memtrack: {what} over time ({})",
+                crate::shell_command(&self.last_image().argv)
+            ),
+            &panels,
             x_axis,
             &bands,
         );
@@ -89,7 +110,55 @@ impl Capture {
             svg,
             peak_bytes: peak,
             peak_seconds,
+            peak_rss: self.peak_rss().map(|p| (p.rss_bytes, self.seconds(p.time))),
         }
+    }
+
+    /// Resident memory over time, when the capture has samples: per slice of `[0, span)` (time
+    /// units, or sequence numbers when `by_event`) the highest sample in it, the last one
+    /// carried on until the next; nothing before the first sample.
+    fn rss_panel(&self, points: usize, span: u64, by_event: bool) -> Option<Panel> {
+        let peak = self.peak_rss()?;
+        let x = |s: &memtrack_format::RssRecord| if by_event { s.seq } else { s.time };
+        let slice = |v: u64| ((v as u128 * points as u128) / span.max(1) as u128) as usize;
+        let mut values: Vec<Option<u64>> = vec![None; points];
+        let mut last = vec![None; points];
+        for s in &self.rss {
+            let i = slice(x(s)).min(points - 1);
+            values[i] = Some(values[i].map_or(s.rss_bytes, |v: u64| v.max(s.rss_bytes)));
+            last[i] = Some(s.rss_bytes);
+        }
+        let mut carry = None;
+        for (v, l) in values.iter_mut().zip(last) {
+            match (*v, carry) {
+                (None, c) => *v = c,
+                (Some(m), Some(c)) => *v = Some(m.max(c)),
+                (Some(_), None) => {}
+            }
+            if l.is_some() {
+                carry = l;
+            }
+        }
+        Some(Panel {
+            axis_title: "resident (RSS)",
+            colour: RSS_COLOUR,
+            height: 200.0,
+            series: vec![Series {
+                name: String::new(),
+                colour: RSS_COLOUR,
+                values,
+            }],
+            peak: peak.rss_bytes,
+            peak_frac: x(&peak) as f64 / span.max(1) as f64,
+            peak_label: format!(
+                "peak RSS {} ({} bytes) at {:.3} s",
+                human_bytes(peak.rss_bytes),
+                grouped(peak.rss_bytes),
+                self.seconds(peak.time)
+            ),
+            note: (self.rss.len() < 2)
+                .then(|| "a single sample of resident memory (sampled at most every 10 ms)".into()),
+        })
     }
 
     /// One band per region path among the [`MAX_BANDS`] with the largest peak growth, each
@@ -226,10 +295,33 @@ impl crate::ProcessTree {
             .combined_peak_bytes
             .max(combined.iter().copied().max().unwrap_or(0));
         let peak_seconds = self.seconds(self.combined_peak_mono_ns);
-        let mut lines = vec![("all processes".to_string(), "#c0392b", combined)];
+        let mut series = vec![Series::whole(
+            "all processes".to_string(),
+            HEAP_COLOUR,
+            combined,
+        )];
         for (k, (i, values)) in shown.into_iter().enumerate() {
-            lines.push((self.processes[i].label(), PROCESS_COLOURS[k], values));
+            series.push(Series::whole(
+                self.processes[i].label(),
+                PROCESS_COLOURS[k],
+                values,
+            ));
         }
+        let heap = Panel {
+            axis_title: "heap in use",
+            colour: HEAP_COLOUR,
+            height: 320.0,
+            series,
+            peak,
+            peak_frac: peak_seconds * 1e9 / span,
+            peak_label: format!(
+                "combined peak {} ({} bytes) at {:.3} s",
+                human_bytes(self.combined_peak_bytes),
+                grouped(self.combined_peak_bytes),
+                peak_seconds
+            ),
+            note: None,
+        };
         let svg = chart(
             &format!(
                 "memtrack: heap in use over time, {} ({})",
@@ -239,15 +331,7 @@ impl crate::ProcessTree {
                 },
                 self.root().label()
             ),
-            &lines,
-            peak,
-            peak_seconds * 1e9 / span,
-            &format!(
-                "combined peak {} ({} bytes) at {:.3} s",
-                human_bytes(self.combined_peak_bytes),
-                grouped(self.combined_peak_bytes),
-                peak_seconds
-            ),
+            &[heap],
             XAxis::Seconds(span / 1e9),
             &[],
         );
@@ -255,6 +339,7 @@ impl crate::ProcessTree {
             svg,
             peak_bytes: self.combined_peak_bytes,
             peak_seconds,
+            peak_rss: None,
         }
     }
 }
@@ -358,39 +443,90 @@ fn y_ticks(peak: u64) -> (f64, Vec<(f64, String)>) {
     (top * per, ticks)
 }
 
-/// Draws lines of values (one per slice of time) on one chart under a round size above
-/// `peak`, the peak marked at `peak_frac` of the time axis; both axes titled, with round
-/// ticks; named lines get a legend.
-fn chart(
-    title: &str,
-    lines: &[(String, &str, Vec<u64>)],
+/// The heap's colour (the first line of its panel).
+const HEAP_COLOUR: &str = "#c0392b";
+/// Resident memory's colour.
+const RSS_COLOUR: &str = "#2471a3";
+
+/// One line of a panel: a value per slice of time (`None`: not known then, not drawn).
+struct Series {
+    /// Named lines get a legend.
+    name: String,
+    colour: &'static str,
+    values: Vec<Option<u64>>,
+}
+
+impl Series {
+    /// A line known at every slice.
+    fn whole(name: String, colour: &'static str, values: Vec<u64>) -> Series {
+        Series {
+            name,
+            colour,
+            values: values.into_iter().map(Some).collect(),
+        }
+    }
+}
+
+/// One quantity over time, on a vertical scale of its own (a small heap stays readable under a
+/// large resident memory): its lines, and its peak marked at `peak_frac` of the time axis.
+struct Panel {
+    axis_title: &'static str,
+    colour: &'static str,
+    height: f64,
+    series: Vec<Series>,
     peak: u64,
     peak_frac: f64,
-    peak_label: &str,
-    x_axis: XAxis,
-    bands: &[Band],
-) -> String {
-    let (w, h, left, right, top, bottom) = (1000.0f64, 440.0f64, 100.0, 30.0, 50.0, 70.0);
-    let legend = lines.iter().filter(|l| !l.0.is_empty()).count();
-    let h = h + 18.0 * legend as f64;
+    peak_label: String,
+    /// Said in the middle of the panel (too few points to draw a line, say).
+    note: Option<String>,
+}
+
+/// The title, cut with an ellipsis to fit the chart's width (a long command line otherwise
+/// runs off both sides); a closing parenthesis stays.
+fn fit_title(title: &str, max_chars: usize) -> String {
+    let n = title.chars().count();
+    if n <= max_chars {
+        return title.to_string();
+    }
+    let close = title.ends_with(')');
+    let keep = max_chars.saturating_sub(1 + close as usize);
+    let mut out: String = title.chars().take(keep).collect();
+    out.push('…');
+    if close {
+        out.push(')');
+    }
+    out
+}
+
+/// Draws the panels one above the other on one time axis (ticks under each, titled under the
+/// last), each under a round size above its peak with its own ticks and its peak marked;
+/// named lines get a legend, and region bands follow.
+fn chart(title: &str, panels: &[Panel], x_axis: XAxis, bands: &[Band]) -> String {
+    let (w, left, right, top) = (1000.0f64, 100.0, 30.0, 50.0);
+    // Between panels: the tick labels of the one above.
+    const GAP: f64 = 40.0;
+    let pw = w - left - right;
+    let tops: Vec<f64> = panels
+        .iter()
+        .scan(top, |y, p| {
+            let t = *y;
+            *y += p.height + GAP;
+            Some(t)
+        })
+        .collect();
+    let bottom = tops.last().copied().unwrap_or(top) + panels.last().map_or(0.0, |p| p.height);
+    let legend: Vec<&Series> = panels
+        .iter()
+        .flat_map(|p| &p.series)
+        .filter(|s| !s.name.is_empty())
+        .collect();
+    let h = bottom + 70.0 + 18.0 * legend.len() as f64;
     // Region bands below the legend: a title row, then one row each (its label, its band).
     let bands_top = h;
     let h = if bands.is_empty() {
         h
     } else {
         h + 24.0 + BAND_ROW * bands.len() as f64 + 10.0
-    };
-    let pw = w - left - right;
-    let ph = 440.0 - top - bottom;
-    let (y_max, y_tick_list) = y_ticks(peak);
-    let scale = ph / y_max;
-    let peak_x = left + pw * peak_frac.clamp(0.0, 1.0);
-    let label = peak_label.to_string();
-    let command = title.to_string();
-    let anchor = if peak_x > left + pw * 0.6 {
-        "end"
-    } else {
-        "start"
     };
     let mut svg = String::new();
     svg.push_str(&format!(
@@ -399,93 +535,142 @@ fn chart(
     svg.push_str(&format!(
         "<rect width=\"{w}\" height=\"{h}\" fill=\"#fdfdf8\"/>\n"
     ));
+    // About 10 px a character at 16 px: the title stays within the chart, whole in a tooltip.
+    let shown = fit_title(title, 95);
+    let tip = if shown == title {
+        String::new()
+    } else {
+        format!("<title>{}</title>", esc(title))
+    };
     svg.push_str(&format!(
-        "<text x=\"{}\" y=\"24\" font-size=\"16\" text-anchor=\"middle\">{}</text>\n",
+        "<text x=\"{}\" y=\"24\" font-size=\"16\" text-anchor=\"middle\">{tip}{}</text>\n",
         w / 2.0,
-        esc(&command)
+        esc(&shown)
     ));
-    // axes, grid and ticks
-    for (v, label) in &y_tick_list {
-        let y = top + ph - v * scale;
+    let (x_tick_list, x_title) = x_ticks(x_axis);
+    for (panel, &ptop) in panels.iter().zip(&tops) {
+        let ph = panel.height;
+        // Some room above the peak for its label, clear of the panel above.
+        let (y_max, y_tick_list) = y_ticks(panel.peak + panel.peak / 16);
+        let scale = ph / y_max;
+        // axes, grid and ticks
+        for (v, label) in &y_tick_list {
+            let y = ptop + ph - v * scale;
+            svg.push_str(&format!(
+                "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\n",
+                left + pw
+            ));
+            svg.push_str(&format!(
+                "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{label}</text>\n",
+                left - 6.0,
+                y + 4.0
+            ));
+        }
+        for (f, label) in &x_tick_list {
+            let x = left + pw * f;
+            svg.push_str(&format!(
+                "<line x1=\"{x:.1}\" y1=\"{0}\" x2=\"{x:.1}\" y2=\"{1}\" stroke=\"#333\"/><text x=\"{x:.1}\" y=\"{2}\" text-anchor=\"middle\">{label}</text>\n",
+                ptop + ph,
+                ptop + ph + 5.0,
+                ptop + ph + 19.0
+            ));
+        }
         svg.push_str(&format!(
-            "<line x1=\"{left}\" y1=\"{y:.1}\" x2=\"{}\" y2=\"{y:.1}\" stroke=\"#ddd\"/>\n",
+            "<text x=\"{0}\" y=\"{1}\" text-anchor=\"middle\" font-weight=\"bold\" fill=\"{2}\" transform=\"rotate(-90 {0} {1})\">{3}</text>\n",
+            22.0,
+            ptop + ph / 2.0,
+            panel.colour,
+            panel.axis_title
+        ));
+        svg.push_str(&format!(
+            "<line x1=\"{left}\" y1=\"{ptop}\" x2=\"{left}\" y2=\"{}\" stroke=\"#333\"/>\n<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#333\"/>\n",
+            ptop + ph,
             left + pw
         ));
+        // The first line is the panel's own; the ones after it (processes) are thinner.
+        for (k, series) in panel.series.iter().enumerate() {
+            let n = series.values.len().max(1) as f64;
+            let mut run = String::new();
+            let mut runs = Vec::new();
+            for (i, v) in series.values.iter().enumerate() {
+                match v {
+                    Some(v) => {
+                        let x = left + pw * (i as f64 + 0.5) / n;
+                        let y = ptop + ph - *v as f64 * scale;
+                        run.push_str(&format!("{x:.1},{y:.1} "));
+                    }
+                    None if !run.is_empty() => runs.push(std::mem::take(&mut run)),
+                    None => {}
+                }
+            }
+            runs.push(run);
+            for points in runs.iter().filter(|r| !r.is_empty()) {
+                if let Some((x, y)) = points
+                    .trim_end()
+                    .split_once(',')
+                    .filter(|_| !points.trim_end().contains(' '))
+                {
+                    // One point (a single sample): a dot, since a line of one point is not drawn.
+                    svg.push_str(&format!(
+                        "<circle cx=\"{x}\" cy=\"{y}\" r=\"2.5\" fill=\"{}\"/>\n",
+                        series.colour
+                    ));
+                    continue;
+                }
+                svg.push_str(&format!(
+                    "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"{}\" points=\"{}\"/>\n",
+                    series.colour,
+                    if k == 0 { 1.5 } else { 1.0 },
+                    points.trim_end()
+                ));
+            }
+        }
+        if let Some(note) = &panel.note {
+            svg.push_str(&format!(
+                "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#777\">{}</text>\n",
+                left + pw / 2.0,
+                ptop + ph / 2.0,
+                esc(note)
+            ));
+        }
+        // the peak
+        let peak_x = left + pw * panel.peak_frac.clamp(0.0, 1.0);
+        let peak_y = ptop + ph - panel.peak as f64 * scale;
         svg.push_str(&format!(
-            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{label}</text>\n",
-            left - 6.0,
-            y + 4.0
+            "<line x1=\"{peak_x:.1}\" y1=\"{peak_y:.1}\" x2=\"{peak_x:.1}\" y2=\"{}\" stroke=\"#2c3e50\" stroke-dasharray=\"4 3\"/>\n",
+            ptop + ph
         ));
-    }
-    let (x_tick_list, x_title) = x_ticks(x_axis);
-    for (f, label) in &x_tick_list {
-        let x = left + pw * f;
         svg.push_str(&format!(
-            "<line x1=\"{x:.1}\" y1=\"{0}\" x2=\"{x:.1}\" y2=\"{1}\" stroke=\"#333\"/><text x=\"{x:.1}\" y=\"{2}\" text-anchor=\"middle\">{label}</text>\n",
-            top + ph,
-            top + ph + 5.0,
-            top + ph + 19.0
+            "<circle cx=\"{peak_x:.1}\" cy=\"{peak_y:.1}\" r=\"4\" fill=\"#2c3e50\"/>\n"
+        ));
+        let (anchor, lx) = if peak_x > left + pw * 0.6 {
+            ("end", peak_x - 8.0)
+        } else {
+            ("start", peak_x + 8.0)
+        };
+        svg.push_str(&format!(
+            "<text x=\"{lx:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\" font-weight=\"bold\">{}</text>\n",
+            (peak_y - 8.0).max(ptop - 8.0),
+            esc(&panel.peak_label)
         ));
     }
     svg.push_str(&format!(
         "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" font-weight=\"bold\">{x_title}</text>\n",
         left + pw / 2.0,
-        top + ph + 40.0
+        bottom + 40.0
     ));
-    svg.push_str(&format!(
-        "<text x=\"{0}\" y=\"{1}\" text-anchor=\"middle\" font-weight=\"bold\" transform=\"rotate(-90 {0} {1})\">heap in use</text>\n",
-        22.0,
-        top + ph / 2.0
-    ));
-    svg.push_str(&format!(
-            "<line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"#333\"/>\n<line x1=\"{left}\" y1=\"{0}\" x2=\"{1}\" y2=\"{0}\" stroke=\"#333\"/>\n",
-            top + ph,
-            left + pw
-        ));
-    // Named lines after the first are thinner; all get a legend below the axis.
-    for (k, (name, colour, values)) in lines.iter().enumerate() {
-        let mut points = String::new();
-        for (i, v) in values.iter().enumerate() {
-            let x = left + pw * (i as f64 + 0.5) / values.len().max(1) as f64;
-            let y = top + ph - *v as f64 * scale;
-            points.push_str(&format!("{x:.1},{y:.1} "));
-        }
+    for (k, series) in legend.iter().enumerate() {
+        let y = bottom + 62.0 + 18.0 * k as f64;
         svg.push_str(&format!(
-            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"{}\" points=\"{}\"/>\n",
-            if k == 0 { 1.5 } else { 1.0 },
-            points.trim_end()
-        ));
-        if !name.is_empty() {
-            let y = top + ph + 62.0 + 18.0 * k as f64;
-            svg.push_str(&format!(
-                    "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"{colour}\" stroke-width=\"3\"/><text x=\"{2}\" y=\"{3:.1}\">{4}</text>\n",
-                    y - 4.0,
-                    left + 24.0,
-                    left + 32.0,
-                    y,
-                    esc(name)
-                ));
-        }
+                "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"{2}\" stroke-width=\"3\"/><text x=\"{3}\" y=\"{4:.1}\">{5}</text>\n",
+                y - 4.0,
+                left + 24.0,
+                series.colour,
+                left + 32.0,
+                y,
+                esc(&series.name)
+            ));
     }
-    // the peak
-    let peak_y = top + ph - peak as f64 * scale;
-    svg.push_str(&format!(
-            "<line x1=\"{peak_x:.1}\" y1=\"{peak_y:.1}\" x2=\"{peak_x:.1}\" y2=\"{}\" stroke=\"#2c3e50\" stroke-dasharray=\"4 3\"/>\n",
-            top + ph
-        ));
-    svg.push_str(&format!(
-        "<circle cx=\"{peak_x:.1}\" cy=\"{peak_y:.1}\" r=\"4\" fill=\"#2c3e50\"/>\n"
-    ));
-    let lx = if anchor == "end" {
-        peak_x - 8.0
-    } else {
-        peak_x + 8.0
-    };
-    svg.push_str(&format!(
-        "<text x=\"{lx:.1}\" y=\"{:.1}\" text-anchor=\"{anchor}\" font-weight=\"bold\">{}</text>\n",
-        (peak_y - 8.0).max(top - 8.0),
-        esc(&label)
-    ));
     if !bands.is_empty() {
         svg.push_str(&format!(
             "<text x=\"{left}\" y=\"{:.1}\" font-weight=\"bold\">regions (largest peak growth first)</text>\n",
@@ -520,4 +705,20 @@ fn chart(
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn long_titles_are_cut_with_an_ellipsis() {
+        let long = format!(
+            "memtrack: heap in use over time (python3 app.py {})",
+            "x".repeat(200)
+        );
+        let t = super::fit_title(&long, 95);
+        assert_eq!(t.chars().count(), 95);
+        assert!(t.starts_with("memtrack: heap in use over time (python3 app.py xx"));
+        assert!(t.ends_with("x…)"), "{t}");
+        assert_eq!(super::fit_title("memtrack (ls)", 95), "memtrack (ls)");
+    }
 }

@@ -522,14 +522,14 @@ impl Capture {
 
 /// Blocks made by the allocations a caller picks, while they are live.
 #[derive(Default)]
-struct Held {
+pub(crate) struct Held {
     live: Map<u64, (u64, u32)>,
     pending_realloc: Map<u32, (u64, (u64, u32))>,
 }
 
 impl Held {
     /// Applies `ev`; `mine`: an allocation it makes is one of these blocks.
-    fn event(&mut self, ev: &Event, mine: bool) {
+    pub(crate) fn event(&mut self, ev: &Event, mine: bool) {
         match ev.kind {
             EventKind::Alloc {
                 kind,
@@ -567,7 +567,7 @@ impl Held {
         }
     }
 
-    fn by_stack(&self) -> Vec<SiteTotal> {
+    pub(crate) fn by_stack(&self) -> Vec<SiteTotal> {
         let mut sums = SiteSums::default();
         for &(size, stack) in self.live.values() {
             sums.add(stack, size);

@@ -388,6 +388,13 @@ pub struct Summary {
     pub mapped_at_exit_bytes: u64,
 }
 
+/// Where [`Capture::replay_steps`] calls its step: before an event is applied, or after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    Before,
+    After,
+}
+
 /// What a replay leaves: the heap's state and figures, the stacks its events named, and how
 /// many chunks could not be decoded.
 pub struct Replayed {
@@ -412,14 +419,32 @@ impl Capture {
     /// [`Capture::replay_into`], calling `after` with the replay's state after each event.
     pub fn replay_with(
         &self,
-        mut r: Replay,
+        r: Replay,
         until: u64,
         mut after: impl FnMut(&Replay, &Event),
+    ) -> Replayed {
+        self.replay_steps(r, until, |step, r, ev| {
+            if step == Step::After {
+                after(r, ev);
+            }
+            true
+        })
+    }
+
+    /// The replay of events with seq <= `until`, calling `step` with the replay's state before
+    /// each event (`Step::Before`, after any exec's reset; returning false stops the replay
+    /// there, before the event) and after it (`Step::After`).
+    pub(crate) fn replay_steps(
+        &self,
+        mut r: Replay,
+        until: u64,
+        mut step: impl FnMut(Step, &Replay, &Event) -> bool,
     ) -> Replayed {
         let mut stacks = StackTable::default();
         let mut boundaries = self.exec_boundaries.iter().copied().peekable();
         let cut = self.leaks_seq();
         let rss_seq = self.peak_rss().map_or(u64::MAX, |p| p.seq);
+        let mut stopped = false;
         let errors = self.with_events(&mut stacks, |events| {
             events.for_each_while(|ev| {
                 if ev.seq > until {
@@ -432,20 +457,24 @@ impl Capture {
                 while boundaries.next_if(|&b| ev.seq >= b).is_some() {
                     r.exec_reset();
                 }
+                if !step(Step::Before, &r, ev) {
+                    stopped = true;
+                    return false;
+                }
                 if ev.seq > cut && r.live_at_leaks_seq.is_none() {
                     r.live_at_leaks_seq = Some((r.live_bytes, r.live_allocations()));
                 }
                 r.apply(ev);
-                after(&r, ev);
+                step(Step::After, &r, ev);
                 true
             });
             events.errors
         });
-        if cut != u64::MAX && until >= cut && r.live_at_leaks_seq.is_none() {
+        if !stopped && cut != u64::MAX && until >= cut && r.live_at_leaks_seq.is_none() {
             // No event after the mark.
             r.live_at_leaks_seq = Some((r.live_bytes, r.live_allocations()));
         }
-        if rss_seq != u64::MAX && until >= rss_seq && r.live_at_peak_rss.is_none() {
+        if !stopped && rss_seq != u64::MAX && until >= rss_seq && r.live_at_peak_rss.is_none() {
             // No event after the sample.
             r.live_at_peak_rss = Some(r.live_bytes);
         }

@@ -57,9 +57,7 @@ impl Capture {
         let mut hist = vec![Bucket::default(); 65];
         let mut kinds: Vec<(u64, u64)> = vec![(0, 0); AllocKind::ALL.len()];
         let mut allocated = SiteSums::default();
-        let mut temporary = SiteSums::default();
-        // Per thread: its most recent allocation (address, size, stack), until anything else.
-        let mut last: FastMap<u32, (u64, u64, u32)> = FastMap::default();
+        let mut temporary = Temporaries::default();
         let mut mapped = crate::MappedSet::default();
         let mut boundaries = self.exec_boundaries.iter().copied().peekable();
         // Decoded ahead on worker threads, as for the replay.
@@ -68,44 +66,27 @@ impl Capture {
                 while boundaries.next_if(|&b| ev.seq >= b).is_some() {
                     mapped.clear();
                 }
-                match ev.kind {
-                    EventKind::Alloc {
-                        kind,
-                        addr,
-                        size,
-                        stack,
-                    } => {
-                        let b = if size == 0 {
-                            0
-                        } else {
-                            64 - (size - 1).leading_zeros() as usize
-                        };
-                        let bucket = &mut hist[b.min(64)];
-                        bucket.count += 1;
-                        bucket.bytes = bucket.bytes.saturating_add(size);
-                        let k = &mut kinds[kind as usize];
-                        k.0 += 1;
-                        k.1 = k.1.saturating_add(size);
-                        allocated.add(stack, size);
-                        last.insert(ev.tid, (addr, size, stack));
-                    }
-                    EventKind::Free { addr } => {
-                        if let Some(&(a, size, stack)) = last.get(&ev.tid) {
-                            if a == addr {
-                                temporary.add(stack, size);
-                            }
-                        }
-                        last.remove(&ev.tid);
-                    }
-                    EventKind::ReallocFree { .. } | EventKind::ReallocFailed => {
-                        last.remove(&ev.tid);
-                    }
-                    EventKind::RegionBegin { .. } | EventKind::RegionEnd => {}
-                    // Not heap: they leave the thread's last allocation as it was.
-                    EventKind::Map { .. } | EventKind::Unmap { .. } | EventKind::Remap { .. } => {
-                        mapped.apply(&ev.kind, ev.seq);
-                    }
+                if ev.kind.is_mapped() {
+                    mapped.apply(&ev.kind, ev.seq);
                 }
+                if let EventKind::Alloc {
+                    kind, size, stack, ..
+                } = ev.kind
+                {
+                    let b = if size == 0 {
+                        0
+                    } else {
+                        64 - (size - 1).leading_zeros() as usize
+                    };
+                    let bucket = &mut hist[b.min(64)];
+                    bucket.count += 1;
+                    bucket.bytes = bucket.bytes.saturating_add(size);
+                    let k = &mut kinds[kind as usize];
+                    k.0 += 1;
+                    k.1 = k.1.saturating_add(size);
+                    allocated.add(stack, size);
+                }
+                temporary.event(ev, true);
                 true
             })
         });
@@ -133,7 +114,7 @@ impl Capture {
             })
             .collect();
         let allocated = ViewSites::new(View::Allocated, allocated.into_sorted(), stacks.clone());
-        let temporary = ViewSites::new(View::Temporary, temporary.into_sorted(), stacks);
+        let temporary = ViewSites::new(View::Temporary, temporary.sums.into_sorted(), stacks);
         let mut mapped_files: Vec<FileMapStat> = mapped
             .files
             .iter()
@@ -160,6 +141,42 @@ impl Capture {
             allocated,
             temporary,
             mapped_files,
+        }
+    }
+}
+
+/// Temporary allocations being found: per thread its most recent allocation (address, size,
+/// stack, whether it counts), until the thread does anything else.
+#[derive(Default)]
+pub(crate) struct Temporaries {
+    last: FastMap<u32, (u64, u64, u32, bool)>,
+    pub(crate) sums: SiteSums,
+}
+
+impl Temporaries {
+    /// Takes the next event; an allocation that is not `counted` (made outside a window) is
+    /// followed but never summed.
+    #[inline]
+    pub(crate) fn event(&mut self, ev: &crate::Event, counted: bool) {
+        match ev.kind {
+            EventKind::Alloc {
+                addr, size, stack, ..
+            } => {
+                self.last.insert(ev.tid, (addr, size, stack, counted));
+            }
+            EventKind::Free { addr } => {
+                if let Some((a, size, stack, counted)) = self.last.remove(&ev.tid) {
+                    if a == addr && counted {
+                        self.sums.add(stack, size);
+                    }
+                }
+            }
+            EventKind::ReallocFree { .. } | EventKind::ReallocFailed => {
+                self.last.remove(&ev.tid);
+            }
+            EventKind::RegionBegin { .. } | EventKind::RegionEnd => {}
+            // Not heap: they leave the thread's last allocation as it was.
+            EventKind::Map { .. } | EventKind::Unmap { .. } | EventKind::Remap { .. } => {}
         }
     }
 }

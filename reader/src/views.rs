@@ -69,6 +69,9 @@ pub struct ViewSites {
     pub stacks: StackTable,
     pub bytes: u64,
     pub allocations: u64,
+    /// In a window of time: when what the view holds was live (`--at`'s moment, the time of
+    /// `--between`'s high-water mark), in seconds since the launched process started.
+    pub at_seconds: Option<f64>,
 }
 
 impl ViewSites {
@@ -82,6 +85,7 @@ impl ViewSites {
             stacks,
             bytes,
             allocations,
+            at_seconds: None,
         }
     }
 }

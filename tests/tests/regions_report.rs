@@ -664,9 +664,9 @@ fn c_pipeline_regions_exact() {
     assert_eq!(r.code(), Some(1), "{r:?}");
     assert!(
         r.stdout_text()
-            .contains("2.86 MiB in 1 allocation : search_batch (regions_pipeline.c:")
+            .contains("2.86 MiB in 1 allocation: search_batch (regions_pipeline.c:")
             && r.stdout_text()
-                .contains("488.28 KiB in 1 allocation : rank (regions_pipeline.c:"),
+                .contains("488.28 KiB in 1 allocation: rank (regions_pipeline.c:"),
         "{}",
         r.stdout_text()
     );
@@ -794,7 +794,7 @@ fn regions_of_forked_workers_are_reported_and_checked_together() {
     assert!(pids[0].contains(": 3,000,000 bytes"), "{text}");
     assert!(pids[1].contains(": 2,000,000 bytes"), "{text}");
     assert!(
-        text.contains("2.86 MiB in 1 allocation : handle (regions_fork.c:"),
+        text.contains("2.86 MiB in 1 allocation: handle (regions_fork.c:"),
         "{text}"
     );
 }

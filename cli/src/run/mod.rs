@@ -183,8 +183,15 @@ pub(crate) fn cmd_run(
         if limits.any() {
             // The command's own failure wins; else the budgets decide.
             // On stderr: the program's standard output stays its own.
-            let checked =
-                crate::check(r, &cap, None, limits, false, &mut std::io::stderr().lock())?;
+            let checked = crate::check(
+                r,
+                &cap,
+                None,
+                limits,
+                None,
+                false,
+                &mut std::io::stderr().lock(),
+            )?;
             return Ok(if code != 0 { code } else { checked });
         }
     } else {

@@ -3,7 +3,7 @@
 
 use super::{bytes, count, Reporter, Subject};
 use crate::{human_bytes, Budget, RegionBudget};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use std::io::Write;
 use std::path::Path;
 
@@ -33,6 +33,22 @@ pub fn check_with_regions(
     out: &mut dyn Write,
 ) -> Result<u8> {
     let cap = subject.main_capture();
+    if let Some(w) = subject.window {
+        if subject.one().is_none() {
+            bail!("check with --at or --between on a process tree: give --pid PID (a window's limits apply to one process)");
+        }
+        if !regions.is_empty() {
+            bail!("--region limits and a time window (--at, --between) do not combine");
+        }
+        if w.is_at()
+            && (budget.max_leaked.is_some()
+                || budget.max_leaked_allocations.is_some()
+                || budget.max_allocations.is_some()
+                || budget.max_total.is_some())
+        {
+            bail!("--at is one moment: only --max-peak (what was live then) applies; for totals and leaks use --between A B");
+        }
+    }
     // Without --pid, a region's limits apply to every recorded process that marked it (a
     // pre-fork server's workers); with one process, to that process.
     let marked: Vec<(&crate::Process, &crate::Capture)> = match subject.one() {
@@ -53,7 +69,10 @@ pub fn check_with_regions(
     let (mut results, complete) = match subject.one() {
         Some(_) => {
             let mut sym = r.symbolizer(cap);
-            let results = cap.check(budget, &mut sym);
+            let results = match subject.span() {
+                Some(span) => cap.check_window(budget, &span, &mut sym),
+                None => cap.check(budget, &mut sym),
+            };
             r.warn(&sym.warnings);
             (results, cap.complete())
         }
@@ -134,6 +153,10 @@ pub fn check_with_regions(
             "processes": subject.tree.processes.len(),
             "limits": results,
         });
+        let mut v = v;
+        if let Some(w) = subject.window {
+            v["window"] = serde_json::to_value(w)?;
+        }
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         match subject.one() {
@@ -143,7 +166,10 @@ pub fn check_with_regions(
                 file.display(),
                 p.label()
             )?,
-            Some(_) => writeln!(out, "memtrack check of {}", file.display())?,
+            Some(_) => match subject.window {
+                Some(w) => writeln!(out, "memtrack check of {}, {}", file.display(), w.words())?,
+                None => writeln!(out, "memtrack check of {}", file.display())?,
+            },
             None => writeln!(
                 out,
                 "memtrack check of {}: {} processes, their combined peak and the sums of the rest",

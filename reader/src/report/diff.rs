@@ -25,7 +25,7 @@ pub fn compare(
     pid: Option<u32>,
     view: View,
 ) -> Result<Diff> {
-    compare_in(r, base, new, pid, view, None)
+    compare_in(r, base, new, pid, view, None, None)
 }
 
 /// [`compare`], both views restricted to the region `region` (`--region`): the new capture
@@ -37,11 +37,15 @@ pub fn compare_in(
     pid: Option<u32>,
     view: View,
     region: Option<&str>,
+    window: Option<crate::Window>,
 ) -> Result<Diff> {
-    let (sb, sn) = (
+    let (sb, mut sn) = (
         Subject::open(base, None)?,
         Subject::open(new, pid)?.with_region(region.map(str::to_string))?,
     );
+    if let Some(note) = sn.with_window(window, Some(view))? {
+        r.note(format_args!("memtrack: note: {}: {note}\n", new.display()));
+    }
     let sb = match sn.one() {
         Some(p) if sb.tree.is_tree() => {
             let same = sb
@@ -59,6 +63,9 @@ pub fn compare_in(
     };
     let mut sb = sb;
     sb.region = region.map(str::to_string);
+    if let Some(note) = sb.with_window(window, Some(view))? {
+        r.note(format_args!("memtrack: note: {}: {note}\n", base.display()));
+    }
     let (pb, pn) = (sb.parts(view, false), sn.parts(view, false));
     let mut syms: Vec<Symbolizer> = pb
         .iter()
@@ -77,7 +84,9 @@ pub fn compare_in(
             })
             .collect()
     }
-    let d = Diff::of_sides(side(pb, syms_b), side(pn, syms_n), view);
+    let window = sn.window;
+    let mut d = Diff::of_sides(side(pb, syms_b), side(pn, syms_n), view);
+    d.window = window;
     r.warn(&d.warnings);
     Ok(d)
 }
@@ -95,7 +104,7 @@ pub fn table(d: &Diff, view: View, top: usize, out: &mut impl Write) -> std::io:
     writeln!(
         out,
         "memtrack diff of {}: {} -> {} ({}{})\n{:>12} {:>12} {:>13} {:>8}  Location",
-        view_words(view),
+        diff_words(d, view),
         human_bytes(d.before_bytes),
         human_bytes(d.after_bytes),
         signed_bytes(d.growth()),
@@ -150,13 +159,13 @@ pub fn verdict(r: &mut Reporter, d: &Diff, view: View, limit: Growth) -> u8 {
     if !exceeded {
         r.note(format_args!(
             "memtrack: {} grew by {grew}: within {said}\n",
-            view_words(view)
+            diff_words(d, view)
         ));
         return 0;
     }
     r.note(format_args!(
         "memtrack: {} grew by {grew}, more than {said}; the stacks that grew most:\n",
-        view_words(view)
+        diff_words(d, view)
     ));
     // One line a stack, innermost frame first.
     for s in d.grown(10) {
@@ -200,7 +209,7 @@ pub fn svg(
     )?;
     let lines = String::from_utf8_lossy(&lines).into_owned();
     let mut opts = inferno::flamegraph::Options::default();
-    let what = r.with_frames(view_words(view));
+    let what = r.with_frames(&diff_words(d, view));
     opts.title = format!(
         "memtrack diff: {what}, {} -> {} ({} vs {})",
         human_bytes(d.before_bytes),
@@ -225,4 +234,12 @@ pub fn svg(
     inferno::flamegraph::from_lines(&mut opts, lines.lines(), w)
         .map_err(|e| anyhow::anyhow!("cannot draw the flamegraph: {e}"))?;
     Ok(())
+}
+
+/// What a diff compares, in words (with its window of time).
+fn diff_words(d: &Diff, view: View) -> String {
+    match &d.window {
+        Some(w) => super::window_words(view, w, None),
+        None => view_words(view).to_string(),
+    }
 }

@@ -34,9 +34,10 @@ pub fn pprof(r: &mut Reporter, parts: &[Part<'_>]) -> std::io::Result<Vec<u8>> {
     Ok(gz)
 }
 
-/// The parts as a JSON export, ready to write.
-pub fn json(r: &mut Reporter, parts: &[Part<'_>]) -> JsonExport {
+/// The parts as a JSON export, ready to write; `window`: the subject's (`--at`, `--between`).
+pub fn json(r: &mut Reporter, parts: &[Part<'_>], window: Option<crate::Window>) -> JsonExport {
     let mut export = JsonExport::default();
+    export.window = window.map(|w| (w, parts.iter().find_map(|p| p.view.at_seconds)));
     for part in parts {
         let mut sym = r.symbolizer(part.cap);
         let process = part.label.clone().map(|l| (part.process.pid, l));

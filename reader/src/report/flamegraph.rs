@@ -27,7 +27,7 @@ pub fn flamegraph(
     let parts = r.parts(subject, view, false, false);
     let lines = r.folded_parts(&parts);
     let total: u64 = parts.iter().map(|p| p.view.bytes).sum();
-    let what = r.view_title(view, subject);
+    let what = r.view_title(view, subject, &parts);
     let mut opts = inferno::flamegraph::Options::default();
     opts.title = format!(
         "memtrack: {what}, {} ({})",

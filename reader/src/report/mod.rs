@@ -125,15 +125,26 @@ impl Reporter<'_> {
         lines
     }
 
-    /// The view's words for a title: the peak of a tree is its combined peak.
-    pub fn view_title(&self, view: View, subject: &Subject) -> String {
-        let words = match (view, subject.one()) {
-            (View::Peak, None) => "live at the combined peak",
-            _ => view_words(view),
+    /// The view's words for a title: the peak of a tree is its combined peak; in a window,
+    /// the window and (`--between`'s peak) when its high-water mark was, from `parts`.
+    pub fn view_title(&self, view: View, subject: &Subject, parts: &[Part<'_>]) -> String {
+        let words = match (subject.window, view, subject.one()) {
+            (Some(w), _, one) => {
+                let at = parts.iter().find_map(|p| p.view.at_seconds);
+                let words = window_words(view, &w, at);
+                match (view, one) {
+                    (View::Peak, None) if !w.is_at() => {
+                        words.replacen("at the peak", "at the combined peak", 1)
+                    }
+                    _ => words,
+                }
+            }
+            (None, View::Peak, None) => "live at the combined peak".to_string(),
+            _ => view_words(view).to_string(),
         };
         match &subject.region {
             Some(region) => self.with_frames(&format!("{words}, region {region}")),
-            None => self.with_frames(words),
+            None => self.with_frames(&words),
         }
     }
 
@@ -158,6 +169,35 @@ pub fn view_words(view: View) -> &'static str {
         View::Mapped => "mapped at the mapped-memory peak",
         View::MappedLeaks => "still mapped at exit",
         View::MappedAllocated => "mapped (every mapping made)",
+    }
+}
+
+/// What a view holds in a window, in words: `live at 1.200 s`, `live at the peak between
+/// 1.000 s and 1.500 s, at 1.003 s` (`at`: when the peak was), `allocated between ...`.
+pub fn window_words(view: View, w: &crate::Window, at: Option<f64>) -> String {
+    let span = w.words();
+    match view {
+        View::Peak if w.is_at() => format!("live {span}"),
+        View::Peak => match at {
+            Some(t) => format!("live at the peak {span}, at {}", crate::seconds_text(t)),
+            None => format!("live at the peak {span}"),
+        },
+        View::Allocated => format!("allocated {span}"),
+        View::Leaks => format!("allocated {span} and left live by the program"),
+        View::LeaksAtExit => format!("allocated {span} and still live at exit"),
+        View::Temporary => {
+            format!("temporary (freed before the thread allocated again), allocated {span}")
+        }
+        View::Mapped if w.is_at() => format!("mapped {span}"),
+        View::Mapped => match at {
+            Some(t) => format!(
+                "mapped at the mapped-memory peak {span}, at {}",
+                crate::seconds_text(t)
+            ),
+            None => format!("mapped at the mapped-memory peak {span}"),
+        },
+        View::MappedAllocated => format!("mapped (mappings made) {span}"),
+        View::MappedLeaks => format!("mapped {span} and still mapped at exit"),
     }
 }
 

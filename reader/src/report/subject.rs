@@ -1,6 +1,6 @@
 //! What a report is about: the whole recorded process tree, or one process of it (`--pid`).
 
-use crate::{Capture, Process, ProcessTree, View, ViewSites};
+use crate::{Capture, Process, ProcessTree, Span, View, ViewSites, Window};
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
@@ -12,6 +12,8 @@ pub struct Subject {
     /// `--region NAME`: views hold only the allocations made inside occurrences of the region
     /// (see [`Capture::region_view`]).
     pub region: Option<String>,
+    /// `--at` or `--between`: views are of that window of time (see [`Capture::window_view`]).
+    pub window: Option<Window>,
 }
 
 /// One process's share of a view.
@@ -58,6 +60,7 @@ impl Subject {
             tree,
             only,
             region: None,
+            window: None,
         })
     }
 
@@ -82,6 +85,55 @@ impl Subject {
         }
         self.region = name;
         Ok(self)
+    }
+
+    /// The subject with its views restricted to `window` (`--at`, `--between`) for `view`
+    /// (`None`: a report without views, such as `summary`), its times brought within the
+    /// capture; returns a note when they were past its end. An error when the view means
+    /// nothing in the window, or with `--region`.
+    pub fn with_window(
+        &mut self,
+        window: Option<Window>,
+        view: Option<View>,
+    ) -> Result<Option<String>> {
+        let Some(w) = window else {
+            return Ok(None);
+        };
+        if let Some(why) = view.and_then(|v| w.refusal(v)) {
+            bail!("{why}");
+        }
+        if self.region.is_some() {
+            bail!("--region and a time window (--at, --between) do not combine: a region's views are already its own occurrences' (see memtrack regions)");
+        }
+        let (w, note) = w.clamped(self.end_seconds());
+        self.window = Some(w);
+        Ok(note)
+    }
+
+    /// Seconds from the launched process's start to the end of the last capture of the
+    /// subject.
+    pub fn end_seconds(&self) -> f64 {
+        let end = |i: usize| {
+            let p = &self.tree.processes[i];
+            p.capture
+                .as_ref()
+                .map_or(0.0, |c| self.offset_ns(i) as f64 / 1e9 + c.end_seconds())
+        };
+        match self.only {
+            Some(i) => end(i),
+            None => (0..self.tree.processes.len()).map(end).fold(0.0, f64::max),
+        }
+    }
+
+    /// How long after the launched process the `i`th process started.
+    fn offset_ns(&self, i: usize) -> i128 {
+        self.tree.processes[i].start_mono_ns as i128 - self.tree.root().start_mono_ns as i128
+    }
+
+    /// The window on the clock of the subject's main capture (`--pid`'s, else the root's).
+    pub fn span(&self) -> Option<Span> {
+        let w = self.window?;
+        Some(w.span(self.offset_ns(self.only.unwrap_or(0))))
     }
 
     /// The process the report is about, when it is about one.
@@ -112,6 +164,34 @@ impl Subject {
     /// when there are several.
     pub fn parts(&self, view: View, with_max: bool) -> Vec<Part<'_>> {
         let raw: Vec<(usize, ViewSites)> = match (self.only, &self.region) {
+            (None, None) if view == View::Peak && self.window.is_some_and(|w| !w.is_at()) => {
+                // A tree's peak in a window is its combined high-water mark there.
+                let w = self.window.expect("a window");
+                let root = self.tree.root().start_mono_ns;
+                let mono = |t: f64| root.saturating_add((t.max(0.0) * 1e9).round() as u64);
+                let (mut views, at) = self.tree.peak_views_in(mono(w.start), mono(w.end));
+                for (_, v) in &mut views {
+                    v.at_seconds = Some(self.tree.seconds(at));
+                }
+                views
+            }
+            (only, None) if self.window.is_some() => {
+                let w = self.window.expect("a window");
+                self.tree
+                    .processes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| only.is_none_or(|o| o == *i))
+                    .filter_map(|(i, p)| {
+                        let v = p
+                            .capture
+                            .as_ref()?
+                            .window_view(view, &w.span(self.offset_ns(i)));
+                        Some((i, v))
+                    })
+                    .filter(|(_, v)| only.is_some() || v.bytes > 0 || v.allocations > 0)
+                    .collect()
+            }
             (Some(i), Some(name)) => {
                 let cap = self.tree.processes[i]
                     .capture

@@ -24,8 +24,18 @@ pub fn summary(
     drop(progress);
     let s = cap.summarize(&replayed);
     let view = crate::ViewSites::new(View::Peak, replayed.replay.peak_by_stack(), replayed.stacks);
+    // In a window (`--at`, `--between`): its figures, and the top locations of what was live
+    // at its moment or high-water mark, of the main capture.
+    let window = subject.span().map(|span| {
+        let _progress = r.reading(cap, json);
+        (
+            cap.window_figures(&span),
+            cap.window_view(View::Peak, &span),
+        )
+    });
     let mut sym = r.symbolizer(cap);
     let top = view.top_locations(&mut sym, 5);
+    let window_top = window.as_ref().map(|(_, v)| v.top_locations(&mut sym, 5));
     r.warn(&sym.warnings);
     let parent_pid = cap.header.parent_pid;
     let chosen = cap.header.pid;
@@ -47,19 +57,15 @@ pub fn summary(
             p => p.into(),
         };
         v["children"] = serde_json::to_value(&children)?;
-        v["top_peak_locations"] = serde_json::to_value(
-            top.iter()
-                .map(|t| {
-                    serde_json::json!({
-                        "function": t.function, "file": t.file, "line": t.line,
-                        "bytes": t.total_bytes, "allocations": t.count,
-                    })
-                })
-                .collect::<Vec<_>>(),
-        )?;
+        v["top_peak_locations"] = locations_json(&top);
         v["processes"] = serde_json::to_value(tree.figures())?;
         v["combined_peak_bytes"] = tree.combined_peak_bytes.into();
         v["combined_peak_time_seconds"] = tree.seconds(tree.combined_peak_mono_ns).into();
+        if let (Some((f, _)), Some(top)) = (&window, &window_top) {
+            let mut w = serde_json::to_value(f)?;
+            w["top_locations"] = locations_json(top);
+            v["window"] = w;
+        }
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
@@ -80,7 +86,19 @@ pub fn summary(
     }
     // Of a tree: where the memory was at the combined peak, in every process.
     let recorded = tree.processes.iter().filter(|p| p.has_capture()).count();
-    let (top, heading) = if recorded > 1 && pid.is_none() {
+    let heading_at;
+    let (top, heading) = if let (Some((f, _)), Some(top)) = (&window, window_top) {
+        print_window(out, f)?;
+        heading_at = if f.at {
+            format!(
+                "top locations live at {}:",
+                crate::seconds_text(f.end_seconds)
+            )
+        } else {
+            "top locations at the window's peak:".to_string()
+        };
+        (top, heading_at.as_str())
+    } else if recorded > 1 && pid.is_none() {
         let mut rows = Vec::new();
         for part in subject.parts(View::Peak, false) {
             let mut sym = r.symbolizer(part.cap);
@@ -113,6 +131,69 @@ pub fn summary(
                 plural(t.count, "allocation")
             )?;
         }
+    }
+    Ok(())
+}
+
+/// The top locations as JSON.
+fn locations_json(top: &[crate::TableRow]) -> serde_json::Value {
+    top.iter()
+        .map(|t| {
+            serde_json::json!({
+                "function": t.function, "file": t.file, "line": t.line,
+                "bytes": t.total_bytes, "allocations": t.count,
+            })
+        })
+        .collect()
+}
+
+/// The figures of a window of time (`--at`, `--between`).
+fn print_window(out: &mut impl Write, f: &crate::WindowFigures) -> std::io::Result<()> {
+    let rss = match (f.rss_bytes, f.rss_time_seconds) {
+        (Some(b), Some(t)) => Some((b, t)),
+        _ => None,
+    };
+    if f.at {
+        writeln!(out, "  at {}:", crate::seconds_text(f.end_seconds))?;
+        writeln!(
+            out,
+            "    live:         {} in {}",
+            bytes(f.live_at_end_bytes),
+            count(f.live_at_end_allocations, "allocation")
+        )?;
+        if let Some((b, t)) = rss {
+            writeln!(out, "    RSS:          {} (sampled at {t:.3} s)", bytes(b))?;
+        }
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "  between {} and {}:",
+        crate::seconds_text(f.start_seconds),
+        crate::seconds_text(f.end_seconds)
+    )?;
+    writeln!(
+        out,
+        "    peak heap:    {} in {}, at {:.3} s",
+        bytes(f.peak_bytes),
+        count(f.peak_allocations, "allocation"),
+        f.peak_time_seconds
+    )?;
+    writeln!(
+        out,
+        "    live:         {} at the start, {} at the end",
+        bytes(f.live_at_start_bytes),
+        bytes(f.live_at_end_bytes)
+    )?;
+    writeln!(
+        out,
+        "    allocated:    {} in {}",
+        bytes(f.allocated_bytes),
+        count(f.allocations, "call")
+    )?;
+    writeln!(out, "    frees:        {}", grouped(f.frees))?;
+    if let Some((b, t)) = rss {
+        writeln!(out, "    peak RSS:     {} at {t:.3} s", bytes(b))?;
     }
     Ok(())
 }

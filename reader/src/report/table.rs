@@ -46,7 +46,7 @@ pub fn table(
         out,
         "memtrack table of {}: {}, {} in {}",
         file.display(),
-        r.view_title(view, subject),
+        r.view_title(view, subject, &parts),
         bytes(parts.iter().map(|p| p.view.bytes).sum()),
         count(parts.iter().map(|p| p.view.allocations).sum(), view.unit())
     )?;

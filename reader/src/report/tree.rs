@@ -42,7 +42,7 @@ pub fn tree(
         out,
         "memtrack tree of {}: {}, {} in {}",
         file.display(),
-        r.view_title(view, subject),
+        r.view_title(view, subject, &parts),
         bytes(root.bytes),
         count(root.allocations, view.unit())
     )?;
