@@ -13,6 +13,7 @@ EXAMPLES:
     memtrack summary svc.cap
     memtrack summary svc.cap --json | jq .peak_bytes
     memtrack flamegraph svc.cap -o peak.svg
+    memtrack report svc.cap                    # interactive HTML: svc-report.html
     memtrack export svc.cap --format folded --leaks -o leaks.folded
     memtrack export svc.cap --format pprof -o heap.pb.gz
     memtrack diff base.cap svc.cap --fail-on-growth 5%
@@ -191,6 +192,18 @@ pub(crate) enum Cmd {
         file: PathBuf,
         /// Output SVG [default: <capture>-plot.svg beside the capture].
         #[arg(short, long, value_name = "OUT.svg")]
+        output: Option<PathBuf>,
+    },
+    /// An interactive HTML report: memory over time, and the flamegraph and table of any time
+    /// window (one self-contained file; no network needed to view it).
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack report svc.cap               # svc-report.html beside the capture\n    memtrack report svc.cap -o report.html\n    memtrack report tree.cap --pid 4242   # one process of a recorded tree"
+    )]
+    Report {
+        file: PathBuf,
+        /// Output HTML [default: <capture>-report.html beside the capture, without the
+        /// capture's extension: svc.cap gives svc-report.html].
+        #[arg(short, long, value_name = "OUT.html")]
         output: Option<PathBuf>,
     },
     /// Export a view for other tools.

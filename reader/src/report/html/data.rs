@@ -1,0 +1,528 @@
+//! The data a report page embeds: the run cut into time buckets, the high-water mark of each
+//! bucket, and the allocations grouped into intervals between buckets, so that the page can
+//! compute every view of any window exactly without the events.
+//!
+//! Each bucket `k` has a snapshot: the moment its heap was highest (the state after one of its
+//! events, or the state it started with). Positions of events are half-buckets: an event of
+//! bucket `k` sits at `2k` when it is part of that snapshot (its seq is below `bound[k]`) and
+//! at `2k + 1` when it came after it. An interval `(alloc, free)` is live at the snapshot of
+//! `k` exactly when `alloc <= 2k < free`, so the live set at each bucket's high-water mark is
+//! exact, and the peak of a window is its highest bucket's.
+
+use crate::capture::Capture;
+use crate::replay::Replay;
+use crate::symbols::Symbolizer;
+use memtrack_format::hash::FastMap;
+use memtrack_format::EventKind;
+use serde::Serialize;
+
+/// Time buckets of the timeline, at most.
+pub const BUCKETS: usize = 1000;
+
+/// Interval rows kept before the least important stacks are merged.
+pub const ROW_BUDGET: usize = 400_000;
+
+/// `free` of an allocation never freed.
+const NEVER: u32 = u32::MAX;
+
+/// Flags of an interval row.
+const TEMPORARY: u8 = 1;
+const LEAKED: u8 = 2;
+
+/// Everything the page shows, as columns (the page reads them with one `JSON.parse`).
+#[derive(Serialize, Default)]
+pub struct Data {
+    pub summary: Header,
+    /// Seconds the timeline spans, and whether buckets are by event order (short runs).
+    pub span_seconds: f64,
+    pub by_event: bool,
+    /// Per bucket: the heap's high-water mark in it.
+    pub heap: Vec<u64>,
+    /// Per bucket: the highest resident-memory sample in it (carried over empty buckets; 0
+    /// before the first sample).
+    pub rss: Vec<u64>,
+    /// Per bucket: the seconds of its high-water mark.
+    pub peak_time: Vec<f64>,
+    // TODO(mapped memory): a `mapped` column per bucket beside `heap` once the replay has
+    // `mapped_bytes`; the page draws every series listed in its SERIES table.
+    /// Frame labels, as the flamegraph command names them.
+    pub frames: Vec<String>,
+    /// The call tree of every stack: node `i` is frame `node_frame[i]` below `node_parent[i]`
+    /// (node 0 is the root; parents come before their children).
+    pub node_parent: Vec<u32>,
+    pub node_frame: Vec<u32>,
+    /// Per node: whether its own frame is a Python frame.
+    pub node_python: Vec<u8>,
+    /// Per stack: its node, the node of its Python frames alone, and its allocating location.
+    pub stack_node: Vec<u32>,
+    pub stack_py_node: Vec<u32>,
+    pub stack_loc: Vec<u32>,
+    /// Allocating locations: `function (file:line)`.
+    pub locs: Vec<String>,
+    /// Thread ids, in order of first allocation.
+    pub threads: Vec<u32>,
+    /// Interval rows: allocations of one stack and thread, made at position `alloc` and freed
+    /// at `free` (`u32::MAX`: never), `count` of them holding `bytes`; `flags` 1: temporary,
+    /// 2: leaked.
+    pub row_stack: Vec<u32>,
+    pub row_thread: Vec<u32>,
+    pub row_alloc: Vec<u32>,
+    pub row_free: Vec<u32>,
+    pub row_count: Vec<u64>,
+    pub row_bytes: Vec<u64>,
+    pub row_flags: Vec<u8>,
+    /// Stacks merged into `[smaller stacks]` to keep the page small, and the share of every
+    /// view each of them stayed under.
+    pub pruned_stacks: usize,
+    pub pruned_below_percent: f64,
+}
+
+/// The summary header's figures.
+#[derive(Serialize, Default)]
+pub struct Header {
+    pub command: String,
+    pub pid: u32,
+    pub duration_seconds: f64,
+    pub peak_bytes: u64,
+    pub peak_time_seconds: f64,
+    pub peak_rss_bytes: Option<u64>,
+    pub peak_rss_time_seconds: Option<f64>,
+    pub leaked_bytes: u64,
+    pub leaked_allocations: u64,
+    pub leaks_measured_at: &'static str,
+    pub total_allocations: u64,
+    pub total_bytes: u64,
+    pub complete: bool,
+    pub end_reason: Option<&'static str>,
+    pub threads: usize,
+    pub python_only: bool,
+    /// Said on the page: which process of a tree this is.
+    pub note: Option<String>,
+}
+
+/// Where an event falls on the time axis.
+struct Axis {
+    n: u64,
+    span: u64,
+    by_event: bool,
+}
+
+impl Axis {
+    fn of(cap: &Capture) -> Axis {
+        let end = cap
+            .end
+            .map(|e| e.time)
+            .unwrap_or(0)
+            .max(cap.last_chunk_time);
+        // As `plot`: below 50 ms the clock tick says little, events are spread by order.
+        let by_event = cap.seconds(end) < 0.05;
+        let max_seq = cap
+            .end
+            .map(|e| e.seq)
+            .into_iter()
+            .chain(cap.chunks.iter().map(|c| c.header.base_seq + 1))
+            .max()
+            .unwrap_or(1);
+        Axis {
+            n: BUCKETS as u64,
+            span: if by_event { max_seq } else { end }.max(1),
+            by_event,
+        }
+    }
+
+    fn bucket(&self, time: u64, seq: u64) -> usize {
+        let x = if self.by_event { seq } else { time };
+        ((x as u128 * self.n as u128) / self.span as u128).min(self.n as u128 - 1) as usize
+    }
+}
+
+/// One live allocation being followed.
+#[derive(Clone, Copy)]
+struct Held {
+    stack: u32,
+    thread: u32,
+    alloc: u32,
+    size: u64,
+    leaked: bool,
+}
+
+type RowKey = (u32, u32, u32, u32, u8);
+
+/// Rows being summed.
+#[derive(Default)]
+struct Rows(FastMap<RowKey, (u64, u64)>);
+
+impl Rows {
+    fn add(&mut self, h: Held, free: u32, temporary: bool) {
+        let flags = if temporary { TEMPORARY } else { 0 } | if h.leaked { LEAKED } else { 0 };
+        let e = self
+            .0
+            .entry((h.stack, h.thread, h.alloc, free, flags))
+            .or_default();
+        e.0 += 1;
+        e.1 = e.1.saturating_add(h.size);
+    }
+}
+
+/// Builds the page's data from one capture.
+pub fn build(cap: &Capture, sym: &mut Symbolizer, header: Header) -> Data {
+    let axis = Axis::of(cap);
+    let n = BUCKETS;
+    // Pass 1: each bucket's high-water mark and the seq bound of its snapshot.
+    let mut heap = vec![0u64; n];
+    let mut bound = vec![0u64; n];
+    let mut peak_time = vec![0u64; n];
+    let mut cur = 0usize;
+    let (mut carry, mut next_seq, mut last_time) = (0u64, 0u64, 0u64);
+    cap.replay_with(Replay::new(), u64::MAX, |r, ev| {
+        let k = axis.bucket(ev.time, ev.seq);
+        while cur < k {
+            cur += 1;
+            (heap[cur], bound[cur], peak_time[cur]) = (carry, next_seq, last_time);
+        }
+        if r.live_bytes > heap[k] {
+            (heap[k], bound[k], peak_time[k]) = (r.live_bytes, ev.seq + 1, ev.time);
+        }
+        (carry, next_seq, last_time) = (r.live_bytes, ev.seq + 1, ev.time);
+    });
+    while cur + 1 < n {
+        cur += 1;
+        (heap[cur], bound[cur], peak_time[cur]) = (carry, next_seq, last_time);
+    }
+
+    // Pass 2: every allocation's interval.
+    let pos = |time: u64, seq: u64| -> u32 {
+        let k = axis.bucket(time, seq);
+        (2 * k + (seq >= bound[k]) as usize) as u32
+    };
+    let mut rows = Rows::default();
+    let mut live: FastMap<u64, Held> = FastMap::default();
+    let mut pending: FastMap<u32, (u64, Held, u32)> = FastMap::default();
+    let mut last: FastMap<u32, u64> = FastMap::default();
+    let mut threads: Vec<u32> = Vec::new();
+    let mut thread_ix: FastMap<u32, u32> = FastMap::default();
+    let mut boundaries = cap.exec_boundaries.iter().copied().peekable();
+    let cut = cap.leaks_seq();
+    let mut cut_passed = false;
+    let mut stacks = cap
+        .replay_with(Replay::new(), u64::MAX, |_, ev| {
+            let p = pos(ev.time, ev.seq);
+            // The image was replaced by exec: its heap is gone, not leaked.
+            while boundaries.next_if(|&b| ev.seq >= b).is_some() {
+                for (_, h) in live.drain() {
+                    rows.add(h, p, false);
+                }
+                for (_, (_, h, at)) in pending.drain() {
+                    rows.add(h, at, false);
+                }
+            }
+            if ev.seq > cut && !cut_passed {
+                cut_passed = true;
+                live.values_mut().for_each(|h| h.leaked = true);
+            }
+            match ev.kind {
+                EventKind::Alloc {
+                    kind,
+                    addr,
+                    size,
+                    stack,
+                } => {
+                    if kind.is_realloc() {
+                        if let Some((_, h, at)) = pending.remove(&ev.tid) {
+                            rows.add(h, at, false);
+                        }
+                    }
+                    let next = threads.len() as u32;
+                    let thread = *thread_ix.entry(ev.tid).or_insert_with(|| {
+                        threads.push(ev.tid);
+                        next
+                    });
+                    let h = Held {
+                        stack,
+                        thread,
+                        alloc: p,
+                        size,
+                        leaked: false,
+                    };
+                    if let Some(old) = live.insert(addr, h) {
+                        rows.add(old, p, false);
+                    }
+                    last.insert(ev.tid, addr);
+                }
+                EventKind::Free { addr } => {
+                    if let Some(h) = live.remove(&addr) {
+                        rows.add(h, p, last.get(&ev.tid) == Some(&addr));
+                    }
+                    last.remove(&ev.tid);
+                }
+                EventKind::ReallocFree { addr } => {
+                    if let Some(h) = live.remove(&addr) {
+                        pending.insert(ev.tid, (addr, h, p));
+                    }
+                    last.remove(&ev.tid);
+                }
+                EventKind::ReallocFailed => {
+                    if let Some((addr, h, _)) = pending.remove(&ev.tid) {
+                        // Back where it was, as the replay does.
+                        live.insert(addr, h);
+                    }
+                    last.remove(&ev.tid);
+                }
+                EventKind::RegionBegin { .. } | EventKind::RegionEnd => {}
+            }
+        })
+        .stacks;
+    for (_, (_, h, at)) in pending.drain() {
+        rows.add(h, at, false);
+    }
+    let leaked_all = cut == u64::MAX;
+    for (_, mut h) in live.drain() {
+        h.leaked |= leaked_all;
+        rows.add(h, NEVER, false);
+    }
+
+    let mut data = Data {
+        summary: header,
+        span_seconds: if axis.by_event {
+            cap.seconds(
+                cap.end
+                    .map(|e| e.time)
+                    .unwrap_or(0)
+                    .max(cap.last_chunk_time),
+            )
+        } else {
+            cap.seconds(axis.span)
+        },
+        by_event: axis.by_event,
+        heap,
+        rss: rss_per_bucket(cap, &axis),
+        peak_time: peak_time.iter().map(|&t| cap.seconds(t)).collect(),
+        threads,
+        ..Data::default()
+    };
+    stacks_and_rows(&mut data, rows, sym, &mut stacks);
+    data
+}
+
+/// The highest RSS sample of each bucket, carried over buckets without one.
+fn rss_per_bucket(cap: &Capture, axis: &Axis) -> Vec<u64> {
+    let mut rss = vec![0u64; axis.n as usize];
+    let mut seen = vec![false; rss.len()];
+    for s in &cap.rss {
+        let k = axis.bucket(s.time, s.seq);
+        rss[k] = rss[k].max(s.rss_bytes);
+        seen[k] = true;
+    }
+    let mut carry = 0;
+    for (v, seen) in rss.iter_mut().zip(seen) {
+        if seen {
+            carry = *v;
+        } else {
+            *v = carry;
+        }
+    }
+    rss
+}
+
+/// The frame table, the call tree, the locations; the rows with stacks renumbered densely
+/// (and the least important merged when there are too many rows).
+fn stacks_and_rows(
+    data: &mut Data,
+    rows: Rows,
+    sym: &mut Symbolizer,
+    stacks: &mut crate::stacks::StackTable,
+) {
+    let mut rows: Vec<(RowKey, (u64, u64))> = rows.0.into_iter().collect();
+    rows.sort_unstable_by_key(|r| r.0);
+    // Importance of a stack: its largest share of allocated bytes, or of what was leaked.
+    let (mut alloc, mut leak): (FastMap<u32, u64>, FastMap<u32, u64>) = Default::default();
+    let (mut rows_of, mut total_alloc, mut total_leak) =
+        (FastMap::<u32, usize>::default(), 0u64, 0u64);
+    for ((stack, _, _, _, flags), (_, bytes)) in &rows {
+        *alloc.entry(*stack).or_default() += bytes;
+        total_alloc += bytes;
+        if flags & LEAKED != 0 {
+            *leak.entry(*stack).or_default() += bytes;
+            total_leak += bytes;
+        }
+        *rows_of.entry(*stack).or_default() += 1;
+    }
+    let share = |s: u32| -> f64 {
+        let a = alloc.get(&s).copied().unwrap_or(0) as f64 / total_alloc.max(1) as f64;
+        let l = leak.get(&s).copied().unwrap_or(0) as f64 / total_leak.max(1) as f64;
+        a.max(l)
+    };
+    let mut order: Vec<u32> = alloc.keys().copied().collect();
+    order.sort_by(|a, b| share(*b).total_cmp(&share(*a)).then(a.cmp(b)));
+    let mut kept: FastMap<u32, u32> = FastMap::default();
+    let mut used = 0usize;
+    let mut pruned_below = 0.0f64;
+    for &s in &order {
+        let r = rows_of[&s];
+        if rows.len() > ROW_BUDGET && used + r > ROW_BUDGET * 3 / 4 {
+            pruned_below = pruned_below.max(share(s));
+            continue;
+        }
+        used += r;
+        kept.insert(s, kept.len() as u32);
+    }
+    let pruned = order.len() - kept.len();
+    // Dense stack ids, in the order of importance; the merged ones last.
+    let mut by_dense: Vec<u32> = vec![0; kept.len()];
+    for (&s, &d) in &kept {
+        by_dense[d as usize] = s;
+    }
+    let mut tree = Tree::default();
+    for &s in &by_dense {
+        let (node, py_node, loc) = tree.stack(sym, stacks, s);
+        data.stack_node.push(node);
+        data.stack_py_node.push(py_node);
+        data.stack_loc.push(loc);
+    }
+    let merged = kept.len() as u32;
+    if pruned > 0 {
+        let label = format!("[{pruned} smaller stacks]");
+        let f = tree.frame(&label);
+        let node = tree.child(0, f, false);
+        let loc = tree.loc(&label);
+        data.stack_node.push(node);
+        data.stack_py_node.push(node);
+        data.stack_loc.push(loc);
+        data.pruned_stacks = pruned;
+        data.pruned_below_percent = pruned_below * 100.0;
+    }
+    // Rows of merged stacks summed under their new key.
+    let mut out: Vec<(RowKey, (u64, u64))> = Vec::with_capacity(rows.len().min(ROW_BUDGET));
+    let mut merged_rows: FastMap<RowKey, (u64, u64)> = FastMap::default();
+    for ((s, t, a, f, fl), (c, b)) in rows {
+        match kept.get(&s) {
+            Some(&d) => out.push(((d, t, a, f, fl), (c, b))),
+            None => {
+                let e = merged_rows.entry((merged, t, a, f, fl)).or_default();
+                e.0 += c;
+                e.1 += b;
+            }
+        }
+    }
+    out.extend(merged_rows);
+    out.sort_unstable_by_key(|r| (r.0 .2, r.0 .0));
+    for ((s, t, a, f, fl), (c, b)) in out {
+        data.row_stack.push(s);
+        data.row_thread.push(t);
+        data.row_alloc.push(a);
+        data.row_free.push(f);
+        data.row_flags.push(fl);
+        data.row_count.push(c);
+        data.row_bytes.push(b);
+    }
+    data.frames = tree.frames;
+    data.node_parent = tree.parent;
+    data.node_frame = tree.frame_of;
+    data.node_python = tree.python;
+    data.locs = tree.locs;
+}
+
+/// The call tree of the stacks, by frame label, as folded stacks merge them.
+struct Tree {
+    frames: Vec<String>,
+    frame_ix: FastMap<String, u32>,
+    parent: Vec<u32>,
+    frame_of: Vec<u32>,
+    python: Vec<u8>,
+    children: FastMap<(u32, u32), u32>,
+    locs: Vec<String>,
+    loc_ix: FastMap<String, u32>,
+}
+
+impl Default for Tree {
+    fn default() -> Self {
+        Tree {
+            frames: vec!["all".into()],
+            frame_ix: FastMap::default(),
+            parent: vec![0],
+            frame_of: vec![0],
+            python: vec![0],
+            children: FastMap::default(),
+            locs: Vec::new(),
+            loc_ix: FastMap::default(),
+        }
+    }
+}
+
+impl Tree {
+    fn frame(&mut self, label: &str) -> u32 {
+        if let Some(&f) = self.frame_ix.get(label) {
+            return f;
+        }
+        let f = self.frames.len() as u32;
+        self.frames.push(label.to_string());
+        self.frame_ix.insert(label.to_string(), f);
+        f
+    }
+
+    fn child(&mut self, parent: u32, frame: u32, python: bool) -> u32 {
+        if let Some(&c) = self.children.get(&(parent, frame)) {
+            return c;
+        }
+        let c = self.parent.len() as u32;
+        self.parent.push(parent);
+        self.frame_of.push(frame);
+        self.python.push(python as u8);
+        self.children.insert((parent, frame), c);
+        c
+    }
+
+    fn loc(&mut self, label: &str) -> u32 {
+        if let Some(&l) = self.loc_ix.get(label) {
+            return l;
+        }
+        let l = self.locs.len() as u32;
+        self.locs.push(label.to_string());
+        self.loc_ix.insert(label.to_string(), l);
+        l
+    }
+
+    /// A stack's node, the node of its Python frames alone, and its location.
+    fn stack(
+        &mut self,
+        sym: &mut Symbolizer,
+        stacks: &crate::stacks::StackTable,
+        stack: u32,
+    ) -> (u32, u32, u32) {
+        let mut frames: Vec<(String, bool)> = Vec::new();
+        sym.for_each_frame(stacks, stack, |f| {
+            frames.push((f.label().replace(';', ":"), f.python));
+        });
+        let (mut node, mut py_node) = (0u32, 0u32);
+        for (label, python) in &frames {
+            let f = self.frame(label);
+            node = self.child(node, f, *python);
+            if *python {
+                py_node = self.child(py_node, f, true);
+            }
+        }
+        // As folded stacks: a stack without frames is `[unknown]`.
+        let unknown = |t: &mut Tree| {
+            let f = t.frame("[unknown]");
+            t.child(0, f, false)
+        };
+        if node == 0 {
+            node = unknown(self);
+        }
+        if py_node == 0 {
+            py_node = unknown(self);
+        }
+        let f = crate::views::allocating_frame(sym, stacks, stack)
+            .or_else(|| {
+                let leaf = *stacks.frames(stack).first()?;
+                sym.frames(leaf).last().cloned()
+            })
+            .unwrap_or_else(|| crate::Frame::native("[unknown]"));
+        let loc = self.loc(&super::super::location_label(
+            &f.function,
+            f.file.as_deref(),
+            f.line,
+        ));
+        (node, py_node, loc)
+    }
+}
