@@ -20,7 +20,7 @@ use serde::Serialize;
 pub const BUCKETS: usize = 1000;
 
 /// Interval rows kept before the least important stacks are merged.
-pub const ROW_BUDGET: usize = 400_000;
+pub const ROW_BUDGET: usize = 1_000_000;
 
 /// `free` of an allocation never freed.
 const NEVER: u32 = u32::MAX;
@@ -324,62 +324,85 @@ fn rss_per_bucket(cap: &Capture, axis: &Axis) -> Vec<u64> {
     rss
 }
 
-/// The frame table, the call tree, the locations; the rows with stacks renumbered densely
-/// (and the least important merged when there are too many rows).
+/// The frame table, the call tree, the locations; the rows with stacks renumbered densely.
+/// Stacks the page cannot tell apart (the same frames and location) become one; when there are
+/// still too many rows, the least important stacks are merged into one frame.
 fn stacks_and_rows(
     data: &mut Data,
     rows: Rows,
     sym: &mut Symbolizer,
     stacks: &mut crate::stacks::StackTable,
 ) {
-    let mut rows: Vec<(RowKey, (u64, u64))> = rows.0.into_iter().collect();
-    rows.sort_unstable_by_key(|r| r.0);
-    // Importance of a stack: its largest share of allocated bytes, or of what was leaked.
-    let (mut alloc, mut leak): (FastMap<u32, u64>, FastMap<u32, u64>) = Default::default();
-    let (mut rows_of, mut total_alloc, mut total_leak) =
-        (FastMap::<u32, usize>::default(), 0u64, 0u64);
-    for ((stack, _, _, _, flags), (_, bytes)) in &rows {
-        *alloc.entry(*stack).or_default() += bytes;
+    // Raw stack ids to groups of stacks the page shows alike.
+    let mut raw: Vec<u32> = rows.0.keys().map(|k| k.0).collect();
+    raw.sort_unstable();
+    raw.dedup();
+    let mut probe = Tree::default();
+    let mut group_of: FastMap<u32, u32> = FastMap::default();
+    let mut groups: FastMap<(u32, u32, u32), u32> = FastMap::default();
+    let mut first_raw: Vec<u32> = Vec::new();
+    // Ids of the same return addresses are symbolized once.
+    let mut by_addrs: FastMap<Vec<u64>, (u32, u32, u32)> = FastMap::default();
+    for &s in &raw {
+        let addrs = stacks.frames(s);
+        let key = match by_addrs.get(&addrs) {
+            Some(&k) => k,
+            None => {
+                let k = probe.stack(sym, stacks, s);
+                by_addrs.insert(addrs, k);
+                k
+            }
+        };
+        let next = groups.len() as u32;
+        let g = *groups.entry(key).or_insert_with(|| {
+            first_raw.push(s);
+            next
+        });
+        group_of.insert(s, g);
+    }
+    drop((probe, by_addrs));
+    let mut grouped: FastMap<RowKey, (u64, u64)> = FastMap::default();
+    for ((s, t, a, f, fl), (c, b)) in rows.0 {
+        let e = grouped.entry((group_of[&s], t, a, f, fl)).or_default();
+        e.0 += c;
+        e.1 = e.1.saturating_add(b);
+    }
+    // Importance of a group: its largest share of allocated bytes, or of what was leaked.
+    let n = first_raw.len();
+    let (mut alloc, mut leak, mut rows_of) = (vec![0u64; n], vec![0u64; n], vec![0usize; n]);
+    let (mut total_alloc, mut total_leak) = (0u64, 0u64);
+    for (&(g, _, _, _, flags), &(_, bytes)) in &grouped {
+        alloc[g as usize] += bytes;
         total_alloc += bytes;
         if flags & LEAKED != 0 {
-            *leak.entry(*stack).or_default() += bytes;
+            leak[g as usize] += bytes;
             total_leak += bytes;
         }
-        *rows_of.entry(*stack).or_default() += 1;
+        rows_of[g as usize] += 1;
     }
-    let share = |s: u32| -> f64 {
-        let a = alloc.get(&s).copied().unwrap_or(0) as f64 / total_alloc.max(1) as f64;
-        let l = leak.get(&s).copied().unwrap_or(0) as f64 / total_leak.max(1) as f64;
-        a.max(l)
+    let share = |g: usize| -> f64 {
+        (alloc[g] as f64 / total_alloc.max(1) as f64).max(leak[g] as f64 / total_leak.max(1) as f64)
     };
-    let mut order: Vec<u32> = alloc.keys().copied().collect();
-    order.sort_by(|a, b| share(*b).total_cmp(&share(*a)).then(a.cmp(b)));
-    let mut kept: FastMap<u32, u32> = FastMap::default();
-    let mut used = 0usize;
-    let mut pruned_below = 0.0f64;
-    for &s in &order {
-        let r = rows_of[&s];
-        if rows.len() > ROW_BUDGET && used + r > ROW_BUDGET * 3 / 4 {
-            pruned_below = pruned_below.max(share(s));
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&a, &b| share(b).total_cmp(&share(a)).then(a.cmp(&b)));
+    let over = grouped.len() > ROW_BUDGET;
+    let mut kept: Vec<Option<u32>> = vec![None; n];
+    let (mut used, mut dense, mut pruned, mut pruned_below) = (0usize, 0u32, 0usize, 0.0f64);
+    let mut tree = Tree::default();
+    for &g in &order {
+        if over && used + rows_of[g] > ROW_BUDGET * 3 / 4 {
+            pruned += 1;
+            pruned_below = pruned_below.max(share(g));
             continue;
         }
-        used += r;
-        kept.insert(s, kept.len() as u32);
-    }
-    let pruned = order.len() - kept.len();
-    // Dense stack ids, in the order of importance; the merged ones last.
-    let mut by_dense: Vec<u32> = vec![0; kept.len()];
-    for (&s, &d) in &kept {
-        by_dense[d as usize] = s;
-    }
-    let mut tree = Tree::default();
-    for &s in &by_dense {
-        let (node, py_node, loc) = tree.stack(sym, stacks, s);
+        used += rows_of[g];
+        kept[g] = Some(dense);
+        dense += 1;
+        let (node, py_node, loc) = tree.stack(sym, stacks, first_raw[g]);
         data.stack_node.push(node);
         data.stack_py_node.push(py_node);
         data.stack_loc.push(loc);
     }
-    let merged = kept.len() as u32;
     if pruned > 0 {
         let label = format!("[{pruned} smaller stacks]");
         let f = tree.frame(&label);
@@ -391,21 +414,17 @@ fn stacks_and_rows(
         data.pruned_stacks = pruned;
         data.pruned_below_percent = pruned_below * 100.0;
     }
-    // Rows of merged stacks summed under their new key.
-    let mut out: Vec<(RowKey, (u64, u64))> = Vec::with_capacity(rows.len().min(ROW_BUDGET));
-    let mut merged_rows: FastMap<RowKey, (u64, u64)> = FastMap::default();
-    for ((s, t, a, f, fl), (c, b)) in rows {
-        match kept.get(&s) {
-            Some(&d) => out.push(((d, t, a, f, fl), (c, b))),
-            None => {
-                let e = merged_rows.entry((merged, t, a, f, fl)).or_default();
-                e.0 += c;
-                e.1 += b;
-            }
-        }
+    // Rows of merged groups summed under their new key.
+    let mut out: FastMap<RowKey, (u64, u64)> = FastMap::default();
+    for ((g, t, a, f, fl), (c, b)) in grouped {
+        let e = out
+            .entry((kept[g as usize].unwrap_or(dense), t, a, f, fl))
+            .or_default();
+        e.0 += c;
+        e.1 = e.1.saturating_add(b);
     }
-    out.extend(merged_rows);
-    out.sort_unstable_by_key(|r| (r.0 .2, r.0 .0));
+    let mut out: Vec<(RowKey, (u64, u64))> = out.into_iter().collect();
+    out.sort_unstable_by_key(|r| (r.0 .2, r.0 .0, r.0 .1, r.0 .3, r.0 .4));
     for ((s, t, a, f, fl), (c, b)) in out {
         data.row_stack.push(s);
         data.row_thread.push(t);
