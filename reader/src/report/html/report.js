@@ -21,6 +21,7 @@
   }
   const grouped = (n) => Math.round(n).toString().replace(/\B(?=(\d{3})+(?!\d))/g, ",");
   const exact = (n) => grouped(n) + " bytes";
+  const plural = (n, w) => grouped(n) + " " + w + (Math.round(n) === 1 ? "" : "s");
   const secs = (s) => (s < 10 ? s.toFixed(3) : s.toFixed(2)) + " s";
   const esc = (t) => t.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;").replace(/"/g, "&quot;");
   const tOf = (k) => (k / N) * D.span_seconds; // start of bucket k
@@ -73,10 +74,10 @@
     let t = tile("Peak heap", human(h.peak_bytes), "at " + secs(h.peak_time_seconds), exact(h.peak_bytes));
     t += h.peak_rss_bytes == null ? tile("Peak RSS", "n/a", "no samples") :
       tile("Peak RSS", human(h.peak_rss_bytes), "at " + secs(h.peak_rss_time_seconds), exact(h.peak_rss_bytes));
-    t += tile("Leaked", human(h.leaked_bytes), grouped(h.leaked_allocations) + " allocations" +
+    t += tile("Leaked", human(h.leaked_bytes), plural(h.leaked_allocations, "allocation") +
       (h.leaks_measured_at === "python_program_end" ? " (at Python's end)" : ""), exact(h.leaked_bytes),
       h.leaked_bytes > 0 ? "bad" : "ok");
-    t += tile("Allocated", human(h.total_bytes), grouped(h.total_allocations) + " allocations", exact(h.total_bytes));
+    t += tile("Allocated", human(h.total_bytes), plural(h.total_allocations, "allocation"), exact(h.total_bytes));
     t += tile("Duration", secs(h.duration_seconds), h.threads + (h.threads === 1 ? " thread" : " threads"));
     t += tile("Capture", h.complete ? "complete" : "cut off",
       h.complete ? "ended by " + (h.end_reason || "exit") : "the process did not finish writing it", "",
@@ -229,7 +230,7 @@
       const label = D.frames[D.node_frame[n]];
       const top = S.shape === "flame" ? (maxDepth - d) * ROW : d * ROW;
       const pct = ((val[n] / val[0]) * 100).toFixed(2);
-      const title = `${label}\n${human(val[n])} (${exact(val[n])}), ${pct}% of the selection\n${grouped(cnt[n])} allocations`;
+      const title = `${label}\n${human(val[n])} (${exact(val[n])}), ${pct}% of the selection\n${plural(cnt[n], "allocation")}`;
       html += `<div class="fr${m ? " m" : ""}${faded ? " up" : ""}" data-n="${n}" data-name="${esc(label)}" data-bytes="${val[n]}" title="${esc(title)}" ` +
         `style="left:${x.toFixed(1)}px;top:${top}px;width:${Math.max(w - 1, 0.5).toFixed(1)}px;background:${color(label, D.node_python[n] === 1)}">` +
         (w > 28 ? esc(label) : "") + `</div>`;
@@ -258,7 +259,7 @@
       `<td class="num" title="${exact(b[l])}" data-bytes="${b[l]}"><span class="bar" style="width:${Math.round((b[l] / max) * 60)}px"></span>${human(b[l])}</td>` +
       `<td class="num">${((b[l] / sel.total) * 100).toFixed(1)}%</td><td class="num">${grouped(c[l])}</td>` +
       `<td class="num" title="${exact(Math.round(b[l] / c[l]))}">${human(Math.round(b[l] / c[l]))}</td></tr>`).join("");
-    $("tablenote").textContent = rows.length > shown.length ? `the ${shown.length} largest of ${rows.length} locations` : `${rows.length} locations`;
+    $("tablenote").textContent = rows.length > shown.length ? `the ${shown.length} largest of ${rows.length} locations` : plural(rows.length, "location");
     for (const th of document.querySelectorAll("#table th")) th.classList.toggle("on", th.dataset.sort === S.sort && th.textContent !== "Share");
   }
 
@@ -272,9 +273,11 @@
     const t0 = tOf(S.k0), t1 = tOf(S.k1 + 1);
     let w = whole ? `Whole run (0 to ${secs(D.span_seconds)})` : `Window <b>${secs(t0)}</b> to <b>${secs(t1)}</b>`;
     const hw = D.heap[sel.peakK];
-    w += `: heap high-water mark <b title="${exact(hw)}">${human(hw)}</b> at ${secs(D.peak_time[sel.peakK])}`;
+    const at = D.peak_time[sel.peakK], from = tOf(sel.peakK);
+    w += `: heap high-water mark <b title="${exact(hw)}">${human(hw)}</b> ` +
+      (at < from ? `at ${secs(from)} (held since ${secs(at)})` : `at ${secs(at)}`);
     $("selection").innerHTML = w;
-    let what = `<b>${WORDS[S.view]}</b>: <b title="${exact(sel.total)}">${human(sel.total)}</b> in ${grouped(sel.count)} allocations`;
+    let what = `<b>${WORDS[S.view]}</b>: <b title="${exact(sel.total)}">${human(sel.total)}</b> in ${plural(sel.count, "allocation")}`;
     if (S.thread >= 0) what += `, thread ${D.threads[S.thread]} only` + (S.view === "peak" ? " (at the whole heap's high-water mark)" : "");
     if (S.py) what += ", Python frames only";
     if (D.pruned_stacks > 0) what += ` &middot; <span class="hint">${grouped(D.pruned_stacks)} stacks that each held under ${D.pruned_below_percent.toPrecision(2)}% of every view are merged into one frame; totals stay exact</span>`;
@@ -312,16 +315,19 @@
   controls();
   timeline();
   update();
-  const loadMs = performance.now();
-  $("footer").textContent = `memtrack report; ${grouped(NS)} stacks, ${grouped(D.row_stack.length)} intervals, ` +
-    `${N} time buckets (${secs(D.span_seconds / N)} each); ` + (D.summary.note ? D.summary.note + "; " : "") +
-    `rendered in ${Math.round(loadMs)} ms.`;
-  // For tests and scripts: where a time is on the page, and how long the page took.
+  // For tests and scripts: where a time is on the page, how long the page took to show (from
+  // navigation to the first frame painted after the first render), and a window picked by code.
   window.memtrack = {
-    loadMs, buckets: N, span: D.span_seconds, state: S,
+    loadMs: null, buckets: N, span: D.span_seconds, state: S,
     xOf(t) { const r = $("hit").getBoundingClientRect(); return r.left + (t / D.span_seconds) * r.width; },
     yMid() { const r = $("hit").getBoundingClientRect(); return r.top + r.height / 2; },
-    select(t0, t1) { S.k0 = kOf(t0); S.k1 = kOf(t1); S.zoom = 0; update(); },
+    select(t0, t1) { const s = performance.now(); S.k0 = kOf(t0); S.k1 = kOf(t1); S.zoom = 0; update(); return performance.now() - s; },
   };
-  document.body.dataset.ready = "1";
+  requestAnimationFrame(() => setTimeout(() => {
+    const loadMs = window.memtrack.loadMs = performance.now();
+    $("footer").textContent = `memtrack report; ${grouped(NS)} stacks, ${grouped(D.row_stack.length)} intervals, ` +
+      `${N} time buckets (${secs(D.span_seconds / N)} each); ` + (D.summary.note ? D.summary.note + "; " : "") +
+      `shown in ${Math.round(loadMs)} ms.`;
+    document.body.dataset.ready = "1";
+  }, 0));
 })();

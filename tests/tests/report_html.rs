@@ -1,0 +1,388 @@
+//! `memtrack report` in a real browser: headless Chromium (Debian's `chromium`, which `.ci/run`
+//! installs) driven through the DevTools protocol over `--remote-debugging-pipe` (file
+//! descriptors 3 and 4, NUL-separated JSON: no socket, no extra crate). A drag across the
+//! timeline over each phase of `phases.c` must show that phase's function, with its exact bytes,
+//! in the flamegraph and the table; and a report of 131,072 stacks and a million events must
+//! load in under 3 seconds.
+
+use memtrack_tests::*;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// The flamegraph's frames and the table's rows as (name, bytes), and the line that says what
+/// they show.
+type Shown = (Vec<(String, u64)>, Vec<(String, u64)>, String);
+
+/// A page in headless Chromium, spoken to through the DevTools protocol.
+struct Browser {
+    child: Child,
+    to: std::fs::File,
+    from: BufReader<std::fs::File>,
+    next_id: u64,
+    session: String,
+}
+
+/// A pipe's (read, write) ends, both close-on-exec.
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two descriptors it is given room for.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(r, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: both are new descriptors that nothing else owns.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+impl Browser {
+    /// Opens `url` in a 1200x800 headless window.
+    fn open(browser: &str, profile: &Path, url: &str) -> Browser {
+        use std::os::fd::AsRawFd;
+        let (cmd_r, cmd_w) = pipe(); // we write commands, the browser reads fd 3
+        let (ev_r, ev_w) = pipe(); // the browser writes fd 4, we read
+        let (in_fd, out_fd) = (cmd_r.as_raw_fd(), ev_w.as_raw_fd());
+        let mut cmd = Command::new(browser);
+        cmd.args(CHROMIUM_FLAGS)
+            .args(["--remote-debugging-pipe", "--window-size=1200,800"])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2, close) on
+        // descriptors this process owns: the pipe ends go to 3 and 4 by way of free numbers,
+        // so that neither overwrites the other; dup2's copies are not close-on-exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let a = libc::fcntl(in_fd, libc::F_DUPFD_CLOEXEC, 10);
+                let b = libc::fcntl(out_fd, libc::F_DUPFD_CLOEXEC, 10);
+                if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(a);
+                libc::close(b);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("chromium starts");
+        drop((cmd_r, ev_w));
+        let mut b = Browser {
+            child,
+            to: std::fs::File::from(cmd_w),
+            from: BufReader::new(std::fs::File::from(ev_r)),
+            next_id: 0,
+            session: String::new(),
+        };
+        let target = b.call("Target.createTarget", json!({ "url": url }));
+        let target = target["targetId"]
+            .as_str()
+            .expect("a target id")
+            .to_string();
+        let attached = b.call(
+            "Target.attachToTarget",
+            json!({ "targetId": target, "flatten": true }),
+        );
+        b.session = attached["sessionId"]
+            .as_str()
+            .expect("a session id")
+            .to_string();
+        b
+    }
+
+    /// Sends a command (to the page once attached) and returns its result.
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = json!({ "id": id, "method": method, "params": params });
+        if !self.session.is_empty() {
+            msg["sessionId"] = json!(self.session);
+        }
+        let mut bytes = serde_json::to_vec(&msg).unwrap();
+        bytes.push(0);
+        self.to
+            .write_all(&bytes)
+            .expect("the browser reads commands");
+        loop {
+            let mut buf = Vec::new();
+            let n = self
+                .from
+                .read_until(0, &mut buf)
+                .expect("the browser answers");
+            assert!(n > 0, "the browser closed the pipe during {method}");
+            buf.pop();
+            let v: Value = serde_json::from_slice(&buf).expect("JSON from the browser");
+            if v["id"] == json!(id) {
+                assert!(v.get("error").is_none(), "{method}: {}", v["error"]);
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// The value of a JavaScript expression (JSON-able).
+    fn eval(&mut self, expr: &str) -> Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            json!({ "expression": expr, "returnByValue": true, "awaitPromise": true }),
+        );
+        assert!(
+            r.get("exceptionDetails").is_none(),
+            "{expr}: {}",
+            r["exceptionDetails"]
+        );
+        r["result"]["value"].clone()
+    }
+
+    /// Waits until the report's script has run (at most `secs` seconds).
+    fn wait_ready(&mut self, secs: u64) {
+        let start = std::time::Instant::now();
+        while self.eval("document.body && document.body.dataset.ready === '1'") != json!(true) {
+            assert!(
+                start.elapsed().as_secs() < secs,
+                "the report did not finish loading in {secs} s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    fn mouse(&mut self, kind: &str, x: f64, y: f64, buttons: u32, clicks: u32) {
+        self.call(
+            "Input.dispatchMouseEvent",
+            json!({ "type": kind, "x": x, "y": y, "button": "left", "buttons": buttons,
+                    "clickCount": clicks }),
+        );
+    }
+
+    /// Drags the mouse across the timeline from `t0` to `t1` seconds.
+    fn drag(&mut self, t0: f64, t1: f64) {
+        let y = self.eval("memtrack.yMid()").as_f64().unwrap();
+        let x0 = self.eval(&format!("memtrack.xOf({t0})")).as_f64().unwrap();
+        let x1 = self.eval(&format!("memtrack.xOf({t1})")).as_f64().unwrap();
+        self.mouse("mouseMoved", x0, y, 0, 0);
+        self.mouse("mousePressed", x0, y, 1, 1);
+        for i in 1..=5 {
+            let x = x0 + (x1 - x0) * i as f64 / 5.0;
+            self.mouse("mouseMoved", x, y, 1, 0);
+        }
+        self.mouse("mouseReleased", x1, y, 0, 1);
+    }
+
+    /// What the page shows: the flamegraph's frames and the table's rows, as (name, bytes).
+    fn shown(&mut self) -> Shown {
+        let v = self.eval(
+            "JSON.stringify({ frames: [...document.querySelectorAll('#flame .fr')].map(d => [d.dataset.name, +d.dataset.bytes]), \
+             rows: [...document.querySelectorAll('#table tbody tr')].map(r => [r.cells[0].textContent, +r.cells[1].dataset.bytes]), \
+             what: document.getElementById('what').textContent })",
+        );
+        let v: Value = serde_json::from_str(v.as_str().unwrap()).unwrap();
+        let pairs = |k: &str| -> Vec<(String, u64)> {
+            v[k].as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_u64().unwrap()))
+                .collect()
+        };
+        (
+            pairs("frames"),
+            pairs("rows"),
+            v["what"].as_str().unwrap().to_string(),
+        )
+    }
+
+    fn screenshot(&mut self, png: &Path) {
+        let r = self.call("Page.captureScreenshot", json!({ "format": "png" }));
+        let data = r["data"].as_str().expect("screenshot data");
+        std::fs::write(png, base64_decode(data)).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Standard base64 (the screenshot's encoding).
+fn base64_decode(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a') as u32 + 26,
+            b'0'..=b'9' => (c - b'0') as u32 + 52,
+            b'+' => 62,
+            _ => 63,
+        }
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= val(c) << (18 - 6 * i);
+        }
+        out.extend(&n.to_be_bytes()[1..chunk.len()]);
+    }
+    out
+}
+
+/// The one frame called `name` in the flamegraph, and its bytes.
+fn frame_bytes(frames: &[(String, u64)], name: &str) -> Option<u64> {
+    frames.iter().find(|(n, _)| n == name).map(|f| f.1)
+}
+
+#[test]
+fn report_windows_show_each_phase_exactly() {
+    let Some(browser) = chromium() else {
+        return;
+    };
+    let work = Work::new("report_html");
+    let exe = work.compile("phases.c");
+    let t = run_traced_ok(&work, "phases.cap", &exe, &[] as &[&str]);
+    memtrack_ok(|c| {
+        c.arg("report").arg(&t.capture);
+    });
+    // The default name: the capture's stem and -report.html, beside it.
+    let page = work.path("phases-report.html");
+    assert!(page.is_file(), "no {}", page.display());
+    let html = std::fs::read_to_string(&page).unwrap();
+    for remote in ["http://", "https://", "//cdn"] {
+        assert!(
+            !html.contains(&format!("src=\"{remote}"))
+                && !html.contains(&format!("href=\"{remote}")),
+            "the page loads something from {remote}"
+        );
+    }
+    let mut b = Browser::open(
+        browser,
+        &work.path("profile"),
+        &format!("file://{}", page.display()),
+    );
+    b.wait_ready(20);
+
+    // The whole run: the high-water mark is the 8 MiB phase.
+    let (frames, rows, _) = b.shown();
+    assert_eq!(frame_bytes(&frames, "all"), Some(8_388_608), "{frames:?}");
+    assert_eq!(frame_bytes(&frames, "hold_8mb"), Some(8_388_608));
+    assert_eq!(frame_bytes(&frames, "hold_4mb"), None);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].1, 8_388_608, "{rows:?}");
+
+    // A window over each phase shows that phase alone, in both places.
+    for (t0, t1, name, bytes) in [
+        (0.25, 0.55, "hold_4mb", 4_194_304u64),
+        (1.05, 1.35, "hold_8mb", 8_388_608),
+    ] {
+        b.drag(t0, t1);
+        let (frames, rows, what) = b.shown();
+        assert_eq!(
+            frame_bytes(&frames, "all"),
+            Some(bytes),
+            "{t0}-{t1}: {frames:?}"
+        );
+        assert_eq!(
+            frame_bytes(&frames, name),
+            Some(bytes),
+            "{t0}-{t1}: {frames:?}"
+        );
+        assert_eq!(frame_bytes(&frames, "main"), Some(bytes));
+        assert_eq!(rows.len(), 1, "{t0}-{t1}: {rows:?}");
+        assert!(
+            rows[0].0.starts_with(&format!("{name} (phases.c:")),
+            "{t0}-{t1}: {rows:?}"
+        );
+        assert_eq!(rows[0].1, bytes, "{rows:?}");
+        assert!(what.contains("live at the high-water mark"), "{what}");
+        b.screenshot(&work.path(&format!("{name}.png")));
+    }
+    // Between the phases nothing is live; what was allocated in a window around the first is
+    // its block.
+    b.drag(0.7, 0.9);
+    let (frames, rows, _) = b.shown();
+    assert!(frames.is_empty() && rows.is_empty(), "{frames:?} {rows:?}");
+    b.drag(0.1, 0.7);
+    b.eval("document.querySelector('[data-view=allocated]').click()");
+    let (frames, rows, what) = b.shown();
+    assert_eq!(
+        frame_bytes(&frames, "hold_4mb"),
+        Some(4_194_304),
+        "{frames:?}"
+    );
+    assert_eq!(frame_bytes(&frames, "hold_8mb"), None, "{frames:?}");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(what.starts_with("allocated in the window"), "{what}");
+    // Search highlights the matching frame and sums it.
+    b.eval("const s = document.getElementById('search'); s.value = 'hold_'; s.dispatchEvent(new Event('input'))");
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    let matched =
+        b.eval("[...document.querySelectorAll('#flame .fr.m')].map(d => d.dataset.name).join()");
+    assert_eq!(matched, json!("hold_4mb"));
+    let details = b.eval("document.getElementById('details').textContent");
+    assert!(
+        details.as_str().unwrap().contains("4,194,304 bytes"),
+        "{details}"
+    );
+    // Double-click: the whole run again; leaks: none.
+    let (x, y) = (
+        b.eval("memtrack.xOf(1.0)").as_f64().unwrap(),
+        b.eval("memtrack.yMid()").as_f64().unwrap(),
+    );
+    b.mouse("mousePressed", x, y, 1, 2);
+    b.mouse("mouseReleased", x, y, 0, 2);
+    b.eval("document.querySelector('[data-view=leaks]').click()");
+    let (frames, _, _) = b.shown();
+    assert!(frames.is_empty(), "{frames:?}");
+    b.eval("document.querySelector('[data-view=allocated]').click()");
+    let (frames, _, _) = b.shown();
+    assert_eq!(frame_bytes(&frames, "all"), Some(4_194_304 + 8_388_608));
+    let png = work.path("hold_4mb.png");
+    let shot = std::fs::read(&png).unwrap();
+    assert!(
+        shot.starts_with(b"\x89PNG") && shot.len() > 20_000,
+        "{} bytes",
+        shot.len()
+    );
+}
+
+/// A report of 131,072 distinct stacks and about a million events opens in under 3 seconds
+/// (the page's own clock: from navigation to its first complete render).
+#[test]
+fn large_report_loads_in_under_3_seconds() {
+    let Some(browser) = chromium() else {
+        return;
+    };
+    let work = Work::new("report_html_large");
+    let exe = work.compile("many_stacks.c");
+    let t = run_traced_ok(&work, "many.cap", &exe, &["17", "4"]);
+    let page = work.path("many.html");
+    let out = memtrack_ok(|c| {
+        c.arg("report").arg(&t.capture).arg("-o").arg(&page);
+    });
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("131,072 stacks"), "{said}");
+    let size = std::fs::metadata(&page).unwrap().len();
+    let mut b = Browser::open(
+        browser,
+        &work.path("profile"),
+        &format!("file://{}", page.display()),
+    );
+    b.wait_ready(60);
+    let ms = b.eval("memtrack.loadMs").as_f64().unwrap();
+    eprintln!(
+        "large report: {:.1} MB, loaded in {ms:.0} ms",
+        size as f64 / 1e6
+    );
+    assert!(ms < 3000.0, "the large report took {ms:.0} ms to load");
+    // A window picked is shown again within a second.
+    let pick = b.eval("memtrack.select(1.0, 2.0)").as_f64().unwrap();
+    eprintln!("large report: a window recomputed and drawn in {pick:.0} ms");
+    assert!(pick < 1000.0, "a new window took {pick:.0} ms");
+    let (frames, rows, _) = b.shown();
+    assert!(frame_bytes(&frames, "left").is_some() && frame_bytes(&frames, "right").is_some());
+    assert_eq!(
+        rows[0].0,
+        "place (many_stacks.c:20)".to_string(),
+        "{rows:?}"
+    );
+}
