@@ -47,12 +47,12 @@ pub struct Data {
     // `mapped_bytes`; the page draws every series listed in its SERIES table.
     /// Frame labels, as the flamegraph command names them.
     pub frames: Vec<String>,
-    /// The call tree of every stack: node `i` is frame `node_frame[i]` below `node_parent[i]`
-    /// (node 0 is the root; parents come before their children).
-    pub node_parent: Vec<u32>,
+    /// The call tree of every stack, nodes in depth-first order (node 0 is the root): node `i`
+    /// is frame `node_frame[i]` below node `i - node_up[i]`.
     pub node_frame: Vec<u32>,
-    /// Per node: whether its own frame is a Python frame.
-    pub node_python: Vec<u8>,
+    pub node_up: Vec<u32>,
+    /// The nodes whose own frame is a Python frame.
+    pub python_nodes: Vec<u32>,
     /// Per stack: its node, the node of its Python frames alone, and its allocating location.
     pub stack_node: Vec<u32>,
     pub stack_py_node: Vec<u32>,
@@ -61,16 +61,18 @@ pub struct Data {
     pub locs: Vec<String>,
     /// Thread ids, in order of first allocation.
     pub threads: Vec<u32>,
-    /// Interval rows: allocations of one stack and thread, made at position `alloc` and freed
-    /// at `free` (`u32::MAX`: never), `count` of them holding `bytes`; `flags` 1: temporary,
-    /// 2: leaked.
+    /// Interval rows, sorted by allocation position: `row_count` allocations of stack
+    /// `row_stack` and thread `row_thread` (empty: all of the one thread), holding `row_bytes`,
+    /// made at position `row_alloc` (each the difference from the row before) and freed at
+    /// `row_alloc + row_free - 1` (`row_free` 0: never). `row_count` and `row_flags` are
+    /// (row, value) pairs of the rows where they are not 1 and 0; flags 1: temporary, 2: leaked.
     pub row_stack: Vec<u32>,
     pub row_thread: Vec<u32>,
     pub row_alloc: Vec<u32>,
     pub row_free: Vec<u32>,
-    pub row_count: Vec<u64>,
     pub row_bytes: Vec<u64>,
-    pub row_flags: Vec<u8>,
+    pub row_count: Vec<u64>,
+    pub row_flags: Vec<u32>,
     /// Stacks merged into `[smaller stacks]` to keep the page small, and the share of every
     /// view each of them stayed under.
     pub pruned_stacks: usize,
@@ -425,19 +427,50 @@ fn stacks_and_rows(
     }
     let mut out: Vec<(RowKey, (u64, u64))> = out.into_iter().collect();
     out.sort_unstable_by_key(|r| (r.0 .2, r.0 .0, r.0 .1, r.0 .3, r.0 .4));
-    for ((s, t, a, f, fl), (c, b)) in out {
+    let one_thread = data.threads.len() <= 1;
+    let mut prev = 0u32;
+    for (i, ((s, t, a, f, fl), (c, b))) in out.into_iter().enumerate() {
         data.row_stack.push(s);
-        data.row_thread.push(t);
-        data.row_alloc.push(a);
-        data.row_free.push(f);
-        data.row_flags.push(fl);
-        data.row_count.push(c);
+        if !one_thread {
+            data.row_thread.push(t);
+        }
+        data.row_alloc.push(a - prev);
+        prev = a;
+        data.row_free.push(if f == NEVER { 0 } else { f - a + 1 });
         data.row_bytes.push(b);
+        if c != 1 {
+            data.row_count.extend([i as u64, c]);
+        }
+        if fl != 0 {
+            data.row_flags.extend([i as u32, fl as u32]);
+        }
+    }
+    // Depth-first numbering: a node's parent is usually close before it, so `node_up` is small.
+    let n = tree.parent.len();
+    let mut kids: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for i in 1..n {
+        kids[tree.parent[i] as usize].push(i as u32);
+    }
+    let mut new_id = vec![0u32; n];
+    let mut order = Vec::with_capacity(n);
+    let mut todo = vec![0u32];
+    while let Some(i) = todo.pop() {
+        new_id[i as usize] = order.len() as u32;
+        order.push(i);
+        todo.extend(kids[i as usize].iter().rev());
+    }
+    for &old in &order {
+        let o = old as usize;
+        data.node_frame.push(tree.frame_of[o]);
+        data.node_up.push(new_id[o] - new_id[tree.parent[o] as usize]);
+        if tree.python[o] != 0 {
+            data.python_nodes.push(new_id[o]);
+        }
+    }
+    for s in data.stack_node.iter_mut().chain(data.stack_py_node.iter_mut()) {
+        *s = new_id[*s as usize];
     }
     data.frames = tree.frames;
-    data.node_parent = tree.parent;
-    data.node_frame = tree.frame_of;
-    data.node_python = tree.python;
     data.locs = tree.locs;
 }
 

@@ -2,11 +2,31 @@
 // (see reader/src/report/html/data.rs for its layout and why it is exact).
 "use strict";
 (function () {
+  const timing = { script: performance.now() };
   const D = JSON.parse(document.getElementById("memtrack-data").textContent);
+  timing.parsed = performance.now();
   const N = D.heap.length;
   const NEVER = 4294967295;
   const NS = D.stack_node.length;
-  const NN = D.node_parent.length;
+  const NN = D.node_frame.length;
+  // The compact columns (see data.rs) back to plain ones.
+  D.node_parent = new Uint32Array(NN);
+  D.node_python = new Uint8Array(NN);
+  for (let i = 1; i < NN; i++) D.node_parent[i] = i - D.node_up[i];
+  for (const n of D.python_nodes) D.node_python[n] = 1;
+  {
+    const R = D.row_stack.length, alloc = new Uint32Array(R), free = new Uint32Array(R);
+    const count = new Float64Array(R).fill(1), flags = new Uint8Array(R);
+    let a = 0;
+    for (let i = 0; i < R; i++) {
+      a += D.row_alloc[i]; alloc[i] = a;
+      free[i] = D.row_free[i] === 0 ? NEVER : a + D.row_free[i] - 1;
+    }
+    for (let i = 0; i < D.row_count.length; i += 2) count[D.row_count[i]] = D.row_count[i + 1];
+    for (let i = 0; i < D.row_flags.length; i += 2) flags[D.row_flags[i]] = D.row_flags[i + 1];
+    D.row_alloc = alloc; D.row_free = free; D.row_count = count; D.row_flags = flags;
+    if (D.row_thread.length !== R) D.row_thread = new Uint32Array(R);
+  }
   const $ = (id) => document.getElementById(id);
   const S = { k0: 0, k1: N - 1, view: "peak", shape: "icicle", py: D.summary.python_only,
     thread: -1, search: "", zoom: 0, sort: "bytes" };
@@ -174,6 +194,7 @@
 
   // ---- the flamegraph ----
   const ROW = 18;
+  const MIN_W = 1; // frames narrower than a pixel are not drawn (search still counts them)
   function color(label, python) {
     let h = 0;
     for (let i = 0; i < label.length; i++) h = (h * 31 + label.charCodeAt(i)) >>> 0;
@@ -210,13 +231,13 @@
       items.push([n, x, w, d, m, false]);
       if (d > maxDepth) maxDepth = d;
       const ks = [];
-      for (let j = kidStart[n]; j < kidStart[n + 1]; j++) { const c = kids[j]; if (val[c] > 0 && (val[c] / total) * W >= 0.4) ks.push(c); }
+      for (let j = kidStart[n]; j < kidStart[n + 1]; j++) { const c = kids[j]; if (val[c] > 0 && (val[c] / total) * W >= MIN_W) ks.push(c); }
       ks.sort((a, b) => val[b] - val[a] || a - b);
       let cx = x;
       for (const c of ks) { stack.push([c, cx, d + 1, inMatch || m]); cx += (val[c] / total) * W; }
       if (re !== null && !m && !inMatch) { // matches too narrow to draw still count
         const sub = [];
-        for (let j = kidStart[n]; j < kidStart[n + 1]; j++) { const c = kids[j]; if (val[c] > 0 && (val[c] / total) * W < 0.4) sub.push(c); }
+        for (let j = kidStart[n]; j < kidStart[n + 1]; j++) { const c = kids[j]; if (val[c] > 0 && (val[c] / total) * W < MIN_W) sub.push(c); }
         while (sub.length) {
           const c = sub.pop();
           if (re.test(D.frames[D.node_frame[c]])) { matched += val[c]; continue; }
@@ -311,14 +332,16 @@
     window.addEventListener("resize", () => { clearTimeout(rt); rt = setTimeout(() => { timeline(); update(); }, 100); });
   }
 
+  timing.decoded = performance.now();
   header();
   controls();
   timeline();
   update();
+  timing.rendered = performance.now();
   // For tests and scripts: where a time is on the page, how long the page took to show (from
   // navigation to the first frame painted after the first render), and a window picked by code.
   window.memtrack = {
-    loadMs: null, buckets: N, span: D.span_seconds, state: S,
+    loadMs: null, timing, buckets: N, span: D.span_seconds, state: S,
     xOf(t) { const r = $("hit").getBoundingClientRect(); return r.left + (t / D.span_seconds) * r.width; },
     yMid() { const r = $("hit").getBoundingClientRect(); return r.top + r.height / 2; },
     select(t0, t1) { const s = performance.now(); S.k0 = kOf(t0); S.k1 = kOf(t1); S.zoom = 0; update(); return performance.now() - s; },
@@ -328,6 +351,9 @@
     $("footer").textContent = `memtrack report; ${grouped(NS)} stacks, ${grouped(D.row_stack.length)} intervals, ` +
       `${N} time buckets (${secs(D.span_seconds / N)} each); ` + (D.summary.note ? D.summary.note + "; " : "") +
       `shown in ${Math.round(loadMs)} ms.`;
+    timing.shown = loadMs;
+    timing.frames = document.querySelectorAll("#flame .fr").length;
+    document.body.dataset.timing = JSON.stringify(timing, (k, v) => (typeof v === "number" ? Math.round(v) : v));
     document.body.dataset.ready = "1";
   }, 0));
 })();
