@@ -190,6 +190,26 @@ impl Browser {
         )
     }
 
+    /// Every frame drawn (the path above a zoomed frame left out), by its folded path.
+    fn paths(&mut self) -> Vec<(String, u64)> {
+        let v = self.eval(
+            "JSON.stringify([...document.querySelectorAll('#flame .fr:not(.up)')].map(d => [memtrack.path(+d.dataset.n), +d.dataset.bytes]))",
+        );
+        let v: Value = serde_json::from_str(v.as_str().unwrap()).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_u64().unwrap()))
+            .collect()
+    }
+
+    /// Sets a control's value as a user would and lets the page react.
+    fn set(&mut self, selector: &str, value: &str) {
+        self.eval(&format!(
+            "(() => {{ const e = document.querySelector({selector:?}); if (e.type === 'checkbox') e.checked = {value}; else e.value = {value:?}; e.dispatchEvent(new Event('change')); }})()"
+        ));
+    }
+
     fn screenshot(&mut self, png: &Path) {
         let r = self.call("Page.captureScreenshot", json!({ "format": "png" }));
         let data = r["data"].as_str().expect("screenshot data");
@@ -383,6 +403,155 @@ fn large_report_loads_in_under_3_seconds() {
     assert_eq!(
         rows[0].0,
         "place (many_stacks.c:20)".to_string(),
+        "{rows:?}"
+    );
+}
+
+/// The page's flamegraph of the whole run is `memtrack export --format folded`'s: the same
+/// frame names, and every drawn path holds exactly the bytes of the folded lines under it.
+fn assert_same_as_folded(b: &mut Browser, capture: &Path, args: &[&str]) {
+    let out = memtrack_ok(|c| {
+        c.arg("export")
+            .arg(capture)
+            .args(["--format", "folded"])
+            .args(args);
+    });
+    let folded: Vec<(String, u64)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let (p, n) = l.rsplit_once(' ').unwrap();
+            (p.to_string(), n.parse().unwrap())
+        })
+        .collect();
+    assert!(!folded.is_empty());
+    let drawn = b.paths();
+    let total: u64 = folded.iter().map(|f| f.1).sum();
+    assert!(
+        drawn.contains(&(String::new(), total)),
+        "{args:?}: the root is not {total}"
+    );
+    // Every path of the folded lines (and its prefixes) wide enough to be drawn (2 px or more
+    // in a graph about 1,150 px wide): drawn with the bytes of all the lines under it.
+    let mut under: std::collections::HashMap<String, u64> = Default::default();
+    for (line, bytes) in &folded {
+        let mut end = 0;
+        while let Some(i) = line[end..].find(';').map(|i| i + end) {
+            *under.entry(line[..i].to_string()).or_default() += bytes;
+            end = i + 1;
+        }
+        *under.entry(line.clone()).or_default() += bytes;
+    }
+    let drawn: std::collections::HashMap<String, u64> = drawn.into_iter().collect();
+    let mut checked = 0;
+    for (path, bytes) in &under {
+        if bytes * 500 >= total {
+            checked += 1;
+            assert_eq!(drawn.get(path), Some(bytes), "{args:?}: {path}");
+        }
+    }
+    assert!(checked >= 5, "{args:?}: only {checked} paths compared");
+}
+
+/// Threads: each worker's own allocations under the thread filter, and the flamegraph the
+/// same as the folded export.
+#[test]
+fn report_threads_and_names_match_the_cli() {
+    let Some(browser) = chromium() else {
+        return;
+    };
+    let work = Work::new("report_html_threads");
+    let exe = work.compile("threads.c");
+    let t = run_traced_ok(&work, "threads.cap", &exe, &["100"]);
+    let page = work.path("threads.html");
+    memtrack_ok(|c| {
+        c.arg("report").arg(&t.capture).arg("-o").arg(&page);
+    });
+    let mut b = Browser::open(
+        browser,
+        &work.path("profile"),
+        &format!("file://{}", page.display()),
+    );
+    b.wait_ready(20);
+    assert_same_as_folded(&mut b, &t.capture, &[]);
+    b.eval("document.querySelector('[data-view=allocated]').click()");
+    assert_same_as_folded(&mut b, &t.capture, &["--allocated"]);
+
+    // Per worker: 100 rounds of 8 blocks (640 bytes a round) and its leak of 100 + t bytes,
+    // all from produce; main made none of them.
+    let threads = b
+        .eval("document.getElementById('thread').options.length")
+        .as_u64()
+        .unwrap();
+    assert_eq!(threads, 1 + 5, "all threads, main and 4 workers");
+    let mut produced = Vec::new();
+    let mut leaked = Vec::new();
+    for i in 0..5 {
+        b.set("#thread", &i.to_string());
+        b.eval("document.querySelector('[data-view=allocated]').click()");
+        let (frames, _, what) = b.shown();
+        assert!(what.contains("thread "), "{what}");
+        b.eval("document.querySelector('[data-view=leaks]').click()");
+        let (leaks, _, _) = b.shown();
+        if let Some(p) = frame_bytes(&frames, "produce") {
+            produced.push(p);
+            leaked.push(frame_bytes(&leaks, "produce").unwrap());
+        }
+    }
+    produced.sort();
+    leaked.sort();
+    assert_eq!(produced, [64_100, 64_101, 64_102, 64_103]);
+    assert_eq!(leaked, [100, 101, 102, 103]);
+}
+
+/// A Python program: the Python-only switch draws what `--python-only` exports, and the
+/// whole flamegraph what the export without it does.
+#[test]
+fn report_python_only_switch_matches_the_cli() {
+    let Some(browser) = chromium() else {
+        return;
+    };
+    let python = Command::new("python3").arg("--version").output();
+    if !python.is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 is not installed in CI"
+        );
+        eprintln!("python3 not installed here: skipped");
+        return;
+    }
+    let work = Work::new("report_html_python");
+    let cap = work.path("app.cap");
+    memtrack_ok(|c| {
+        c.arg("run")
+            .arg("-o")
+            .arg(&cap)
+            .arg("--")
+            .arg("python3")
+            .arg(fixtures_dir().join("py_app.py"))
+            .current_dir(work.dir());
+    });
+    let page = work.path("app.html");
+    memtrack_ok(|c| {
+        c.arg("report").arg(&cap).arg("-o").arg(&page);
+    });
+    let mut b = Browser::open(
+        browser,
+        &work.path("profile"),
+        &format!("file://{}", page.display()),
+    );
+    b.wait_ready(20);
+    assert_same_as_folded(&mut b, &cap, &[]);
+    b.set("#python", "true");
+    assert_same_as_folded(&mut b, &cap, &["--python-only"]);
+    let (frames, rows, what) = b.shown();
+    assert!(what.contains("Python frames only"), "{what}");
+    assert!(frame_bytes(&frames, "checkpoint_notifier (py_app.py:13)").unwrap() >= 50 << 20);
+    // The Python frames directly below the root: no interpreter frames between them.
+    let top = "<module> (py_app.py:27);main (py_app.py:23);checkpoint_notifier (py_app.py:13)";
+    let held = b.paths().into_iter().find(|p| p.0 == top).map(|p| p.1);
+    assert!(held.is_some_and(|h| h >= 50 << 20), "{top}: {held:?}");
+    assert!(
+        rows[0].0.starts_with("checkpoint_notifier (py_app.py:13)"),
         "{rows:?}"
     );
 }

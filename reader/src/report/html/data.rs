@@ -462,12 +462,17 @@ fn stacks_and_rows(
     for &old in &order {
         let o = old as usize;
         data.node_frame.push(tree.frame_of[o]);
-        data.node_up.push(new_id[o] - new_id[tree.parent[o] as usize]);
+        data.node_up
+            .push(new_id[o] - new_id[tree.parent[o] as usize]);
         if tree.python[o] != 0 {
             data.python_nodes.push(new_id[o]);
         }
     }
-    for s in data.stack_node.iter_mut().chain(data.stack_py_node.iter_mut()) {
+    for s in data
+        .stack_node
+        .iter_mut()
+        .chain(data.stack_py_node.iter_mut())
+    {
         *s = new_id[*s as usize];
     }
     data.frames = tree.frames;
@@ -561,8 +566,9 @@ impl Tree {
         if node == 0 {
             node = unknown(self);
         }
+        // As `--python-only`: a stack that ran no Python code keeps its native frames.
         if py_node == 0 {
-            py_node = unknown(self);
+            py_node = node;
         }
         let f = crate::views::allocating_frame(sym, stacks, stack)
             .or_else(|| {

@@ -344,6 +344,7 @@
     loadMs: null, timing, buckets: N, span: D.span_seconds, state: S,
     xOf(t) { const r = $("hit").getBoundingClientRect(); return r.left + (t / D.span_seconds) * r.width; },
     yMid() { const r = $("hit").getBoundingClientRect(); return r.top + r.height / 2; },
+    path(n) { const p = []; for (; n !== 0; n = D.node_parent[n]) p.push(D.frames[D.node_frame[n]]); return p.reverse().join(";"); },
     select(t0, t1) { const s = performance.now(); S.k0 = kOf(t0); S.k1 = kOf(t1); S.zoom = 0; update(); return performance.now() - s; },
   };
   requestAnimationFrame(() => setTimeout(() => {
