@@ -555,3 +555,56 @@ fn report_python_only_switch_matches_the_cli() {
         "{rows:?}"
     );
 }
+
+/// Past its row budget the page merges the stacks that hold least into one, and every total
+/// stays exact: reports.c's three stacks in a budget of two rows keep peak_site (the most
+/// allocated) and merge the two that leak, whose 3,000 bytes stay leaked.
+#[test]
+fn pruned_stacks_keep_exact_totals() {
+    use memtrack_reader::report::{html, ProgressGuard, ReportOptions, Reporter, Subject};
+    let work = Work::new("report_html_pruned");
+    let exe = work.compile("reports.c");
+    let t = run_traced_ok(&work, "reports.cap", &exe, &[] as &[&str]);
+    let subject = Subject::open(&t.capture, None).unwrap();
+    let mut diag = Vec::new();
+    let progress = |_: &memtrack_reader::Capture, _: bool| -> ProgressGuard { Box::new(()) };
+    let mut r = Reporter {
+        options: ReportOptions::default(),
+        diag: &mut diag,
+        progress: &progress,
+    };
+    let figures = |d: &html::Data| -> (u64, u64, usize) {
+        let leaked_rows: Vec<usize> = d
+            .row_flags
+            .chunks(2)
+            .filter(|p| p[1] & 2 != 0)
+            .map(|p| p[0] as usize)
+            .collect();
+        let all: u64 = d.row_bytes.iter().sum();
+        let leaked: u64 = leaked_rows.iter().map(|&i| d.row_bytes[i]).sum();
+        (all, leaked, d.pruned_stacks)
+    };
+    let whole = html::report_with(&mut r, &subject, html::ROW_BUDGET).unwrap();
+    let (all, leaked, pruned) = figures(whole.data());
+    assert_eq!(pruned, 0);
+    let stacks = whole.data().stack_node.len();
+    assert!(stacks >= 3, "{stacks} stacks");
+    let small = html::report_with(&mut r, &subject, 2).unwrap();
+    let d = small.data();
+    assert_eq!(figures(d), (all, leaked, stacks - 1), "{:?}", d.frames);
+    assert!(leaked >= 3000, "{leaked}");
+    // One stack kept (peak_site), the merged one last, named so on the page.
+    assert_eq!(d.stack_node.len(), 2);
+    assert!(
+        d.frames.contains(&"peak_site".to_string()),
+        "{:?}",
+        d.frames
+    );
+    assert!(
+        !d.frames.contains(&"leak_direct".to_string()),
+        "{:?}",
+        d.frames
+    );
+    let merged = d.frames[d.node_frame[*d.stack_node.last().unwrap() as usize] as usize].clone();
+    assert_eq!(merged, format!("[{} smaller stacks]", stacks - 1));
+}

@@ -22,6 +22,11 @@ pub struct HtmlReport {
 }
 
 impl HtmlReport {
+    /// The data the page embeds.
+    pub fn data(&self) -> &Data {
+        &self.data
+    }
+
     /// What the page holds, for the caller's message.
     pub fn describe(&self) -> String {
         let mut s = format!(
@@ -67,6 +72,11 @@ impl HtmlReport {
 /// Computes the report of the subject's process: the one `--pid` names, else the launched one
 /// (a page shows one process of a tree; it says which).
 pub fn report(r: &mut Reporter, subject: &Subject) -> Result<HtmlReport> {
+    report_with(r, subject, ROW_BUDGET)
+}
+
+/// [`report`] with stacks merged past `row_budget` interval rows instead of [`ROW_BUDGET`].
+pub fn report_with(r: &mut Reporter, subject: &Subject, row_budget: usize) -> Result<HtmlReport> {
     let cap = subject.main_capture();
     let process = subject.one().unwrap_or(subject.tree.root());
     let progress = r.reading(cap, false);
@@ -102,7 +112,7 @@ pub fn report(r: &mut Reporter, subject: &Subject) -> Result<HtmlReport> {
             format!("one process of {recorded} recorded (memtrack report --pid PID shows another)")
         }),
     };
-    let data = data::build(cap, &mut sym, header);
+    let data = data::build(cap, &mut sym, header, row_budget);
     drop(progress);
     r.warn(&sym.warnings);
     Ok(HtmlReport {

@@ -19,7 +19,7 @@ use serde::Serialize;
 /// Time buckets of the timeline, at most.
 pub const BUCKETS: usize = 1000;
 
-/// Interval rows kept before the least important stacks are merged.
+/// Interval rows kept before the least important stacks are merged (into 3/4 of it).
 pub const ROW_BUDGET: usize = 1_000_000;
 
 /// `free` of an allocation never freed.
@@ -167,7 +167,7 @@ impl Rows {
 }
 
 /// Builds the page's data from one capture.
-pub fn build(cap: &Capture, sym: &mut Symbolizer, header: Header) -> Data {
+pub fn build(cap: &Capture, sym: &mut Symbolizer, header: Header, row_budget: usize) -> Data {
     let axis = Axis::of(cap);
     let n = BUCKETS;
     // Pass 1: each bucket's high-water mark and the seq bound of its snapshot.
@@ -302,7 +302,7 @@ pub fn build(cap: &Capture, sym: &mut Symbolizer, header: Header) -> Data {
         threads,
         ..Data::default()
     };
-    stacks_and_rows(&mut data, rows, sym, &mut stacks);
+    stacks_and_rows(&mut data, rows, sym, &mut stacks, row_budget);
     data
 }
 
@@ -334,6 +334,7 @@ fn stacks_and_rows(
     rows: Rows,
     sym: &mut Symbolizer,
     stacks: &mut crate::stacks::StackTable,
+    row_budget: usize,
 ) {
     // Raw stack ids to groups of stacks the page shows alike.
     let mut raw: Vec<u32> = rows.0.keys().map(|k| k.0).collect();
@@ -343,6 +344,7 @@ fn stacks_and_rows(
     let mut group_of: FastMap<u32, u32> = FastMap::default();
     let mut groups: FastMap<(u32, u32, u32), u32> = FastMap::default();
     let mut first_raw: Vec<u32> = Vec::new();
+    let mut group_key: Vec<(u32, u32, u32)> = Vec::new();
     // Ids of the same return addresses are symbolized once.
     let mut by_addrs: FastMap<Vec<u64>, (u32, u32, u32)> = FastMap::default();
     for &s in &raw {
@@ -358,11 +360,12 @@ fn stacks_and_rows(
         let next = groups.len() as u32;
         let g = *groups.entry(key).or_insert_with(|| {
             first_raw.push(s);
+            group_key.push(key);
             next
         });
         group_of.insert(s, g);
     }
-    drop((probe, by_addrs));
+    drop(by_addrs);
     let mut grouped: FastMap<RowKey, (u64, u64)> = FastMap::default();
     for ((s, t, a, f, fl), (c, b)) in rows.0 {
         let e = grouped.entry((group_of[&s], t, a, f, fl)).or_default();
@@ -387,12 +390,14 @@ fn stacks_and_rows(
     };
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by(|&a, &b| share(b).total_cmp(&share(a)).then(a.cmp(&b)));
-    let over = grouped.len() > ROW_BUDGET;
+    let over = grouped.len() > row_budget;
     let mut kept: Vec<Option<u32>> = vec![None; n];
     let (mut used, mut dense, mut pruned, mut pruned_below) = (0usize, 0u32, 0usize, 0.0f64);
-    let mut tree = Tree::default();
+    // Without pruning, the tree made while grouping is the page's; else one of the kept stacks
+    // alone.
+    let mut tree = if over { Tree::default() } else { probe };
     for &g in &order {
-        if over && used + rows_of[g] > ROW_BUDGET * 3 / 4 {
+        if over && used + rows_of[g] > row_budget * 3 / 4 {
             pruned += 1;
             pruned_below = pruned_below.max(share(g));
             continue;
@@ -400,7 +405,11 @@ fn stacks_and_rows(
         used += rows_of[g];
         kept[g] = Some(dense);
         dense += 1;
-        let (node, py_node, loc) = tree.stack(sym, stacks, first_raw[g]);
+        let (node, py_node, loc) = if over {
+            tree.stack(sym, stacks, first_raw[g])
+        } else {
+            group_key[g]
+        };
         data.stack_node.push(node);
         data.stack_py_node.push(py_node);
         data.stack_loc.push(loc);
