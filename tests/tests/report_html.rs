@@ -510,15 +510,22 @@ fn report_python_only_switch_matches_the_cli() {
     let Some(browser) = chromium() else {
         return;
     };
-    let python = Command::new("python3").arg("--version").output();
-    if !python.is_ok_and(|o| o.status.success()) {
+    // The interpreter itself, not a launcher script (pyenv's shims exec it through bash).
+    let python = Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output();
+    let Some(python) = python
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    else {
         assert!(
             std::env::var_os("CI").is_none(),
             "python3 is not installed in CI"
         );
         eprintln!("python3 not installed here: skipped");
         return;
-    }
+    };
     let work = Work::new("report_html_python");
     let cap = work.path("app.cap");
     memtrack_ok(|c| {
@@ -526,7 +533,7 @@ fn report_python_only_switch_matches_the_cli() {
             .arg("-o")
             .arg(&cap)
             .arg("--")
-            .arg("python3")
+            .arg(&python)
             .arg(fixtures_dir().join("py_app.py"))
             .current_dir(work.dir());
     });

@@ -176,8 +176,12 @@ pub fn build(cap: &Capture, sym: &mut Symbolizer, header: Header, row_budget: us
     let mut peak_time = vec![0u64; n];
     let mut cur = 0usize;
     let (mut carry, mut next_seq, mut last_time) = (0u64, 0u64, 0u64);
+    // Times in seq order may step back by a clock tick between threads: each event is placed no
+    // earlier than the one before it, the same way in both passes, so buckets never go back.
+    let mut clock = 0u64;
     cap.replay_with(Replay::new(), u64::MAX, |r, ev| {
-        let k = axis.bucket(ev.time, ev.seq);
+        clock = clock.max(ev.time);
+        let k = axis.bucket(clock, ev.seq);
         while cur < k {
             cur += 1;
             (heap[cur], bound[cur], peak_time[cur]) = (carry, next_seq, last_time);
@@ -206,9 +210,11 @@ pub fn build(cap: &Capture, sym: &mut Symbolizer, header: Header, row_budget: us
     let mut boundaries = cap.exec_boundaries.iter().copied().peekable();
     let cut = cap.leaks_seq();
     let mut cut_passed = false;
+    let mut clock = 0u64;
     let mut stacks = cap
         .replay_with(Replay::new(), u64::MAX, |_, ev| {
-            let p = pos(ev.time, ev.seq);
+            clock = clock.max(ev.time);
+            let p = pos(clock, ev.seq);
             // The image was replaced by exec: its heap is gone, not leaked.
             while boundaries.next_if(|&b| ev.seq >= b).is_some() {
                 for (_, h) in live.drain() {
