@@ -15,6 +15,7 @@ EXAMPLES:
     memtrack flamegraph svc.cap -o peak.svg
     memtrack table svc.cap --at 1.5s              # what was live 1.5 s after the start
     memtrack flamegraph svc.cap --between 10 20   # the high-water mark between 10 s and 20 s
+    memtrack report svc.cap                       # interactive HTML: svc-report.html
     memtrack export svc.cap --format folded --leaks -o leaks.folded
     memtrack export svc.cap --format pprof -o heap.pb.gz
     memtrack diff base.cap svc.cap --fail-on-growth 5%
@@ -209,6 +210,18 @@ pub(crate) enum Cmd {
         file: PathBuf,
         /// Output SVG [default: <capture>-plot.svg beside the capture].
         #[arg(short, long, value_name = "OUT.svg")]
+        output: Option<PathBuf>,
+    },
+    /// An interactive HTML report: memory over time, and the flamegraph and table of any time
+    /// window (one self-contained file; no network needed to view it).
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack report svc.cap               # svc-report.html beside the capture\n    memtrack report svc.cap -o report.html\n    memtrack report tree.cap --pid 4242   # one process of a recorded tree"
+    )]
+    Report {
+        file: PathBuf,
+        /// Output HTML [default: <capture>-report.html beside the capture, without the
+        /// capture's extension: svc.cap gives svc-report.html].
+        #[arg(short, long, value_name = "OUT.html")]
         output: Option<PathBuf>,
     },
     /// Export a view for other tools.

@@ -46,7 +46,8 @@ fn main() -> ExitCode {
     let outputs = match &cli.cmd {
         Cmd::Flamegraph { file, output, .. }
         | Cmd::Export { file, output, .. }
-        | Cmd::Plot { file, output } => check_output(output.as_deref(), &[file]),
+        | Cmd::Plot { file, output }
+        | Cmd::Report { file, output } => check_output(output.as_deref(), &[file]),
         Cmd::Diff {
             base, new, output, ..
         } => check_output(output.as_deref(), &[base, new]),
@@ -158,6 +159,10 @@ fn dispatch(
         }
         Cmd::Plot { file, output } => {
             plot(r, &file, pid, output)?;
+            Ok(0)
+        }
+        Cmd::Report { file, output } => {
+            html_report(r, &file, pid, output)?;
             Ok(0)
         }
         Cmd::Table {
@@ -340,6 +345,26 @@ fn plot(r: &mut Reporter, file: &Path, pid: Option<u32>, output: Option<PathBuf>
         out.display(),
         human_bytes(plot.peak_bytes),
         plot.peak_seconds
+    );
+    Ok(())
+}
+
+/// `memtrack report`: the HTML page, written once it is computed.
+fn html_report(
+    r: &mut Reporter,
+    file: &Path,
+    pid: Option<u32>,
+    output: Option<PathBuf>,
+) -> Result<()> {
+    let subject = Subject::open(file, pid)?;
+    let page = report::html::report(r, &subject)?;
+    let out = output
+        .unwrap_or_else(|| file.with_file_name(format!("{}-report.html", subject.stem(file))));
+    graph_to(&out, |w| page.write(w, &out))?;
+    eprintln!(
+        "memtrack: report written to {} ({})",
+        out.display(),
+        page.describe()
     );
     Ok(())
 }

@@ -689,3 +689,37 @@ pub fn region_names(cap: &Capture) -> Vec<&str> {
     n.sort();
     n
 }
+
+/// The browser of the page tests, or None (the test is skipped) when none is installed outside
+/// CI.
+pub fn chromium() -> Option<&'static str> {
+    let found = ["chromium", "chromium-browser", "google-chrome"]
+        .into_iter()
+        .find(|c| {
+            Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    if found.is_none() {
+        // CI installs it (.ci/run): there, its absence is a failure, not a skip.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "chromium is not installed in CI"
+        );
+        eprintln!("chromium not installed here: skipped (install Debian's chromium to run it)");
+    }
+    found
+}
+
+/// Headless, and quiet: no network, updates, sync or first-run pages.
+pub const CHROMIUM_FLAGS: [&str; 8] = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+];

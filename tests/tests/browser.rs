@@ -6,38 +6,8 @@ use memtrack_tests::*;
 use std::path::Path;
 use std::process::Command;
 
-/// The browser, or None (the test is skipped) when none is installed outside CI.
-fn chromium() -> Option<&'static str> {
-    let found = ["chromium", "chromium-browser", "google-chrome"]
-        .into_iter()
-        .find(|c| {
-            Command::new(c)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
-    if found.is_none() {
-        // CI installs it (.ci/run): there, its absence is a failure, not a skip.
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "chromium is not installed in CI"
-        );
-        eprintln!("chromium not installed here: skipped (install Debian's chromium to run it)");
-    }
-    found
-}
-
 /// Headless, and quiet: no network, updates, sync or first-run pages.
-const FLAGS: [&str; 8] = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-];
+const FLAGS: [&str; 8] = CHROMIUM_FLAGS;
 
 #[test]
 fn flamegraph_renders_in_headless_chromium() {

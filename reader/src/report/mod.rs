@@ -13,6 +13,7 @@ pub mod diff;
 pub mod dump;
 pub mod export;
 pub mod flamegraph;
+pub mod html;
 pub mod plot;
 pub mod regions;
 pub mod stats;
