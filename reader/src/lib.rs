@@ -52,6 +52,7 @@ mod check;
 mod diff;
 mod export;
 mod family;
+mod follow;
 mod modinfo;
 mod plot;
 pub mod pprof;
@@ -70,6 +71,9 @@ pub use diff::{Diff, DiffRow, DiffSide, DiffStack};
 pub use export::JsonExport;
 pub use family::{
     child_captures, shell_command, shell_quote, ChildCapture, Process, ProcessFigures, ProcessTree,
+};
+pub use follow::{
+    Follower, History, Horizon, LiveRow, Measure, Point, Poll, HISTORY_SECONDS, SETTLE_NS,
 };
 pub use memtrack_format::{
     AllocKind, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module, ModulesRecord,
