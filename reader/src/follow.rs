@@ -106,6 +106,8 @@ struct Start {
 /// changed since the view started (`None` in [`Measure::AllocatedSinceStart`]).
 #[derive(Clone, Debug)]
 pub struct LiveRow {
+    /// The location as `memtrack table` prints it.
+    pub label: String,
     pub row: TableRow,
     pub growth: Option<i64>,
 }
@@ -441,7 +443,9 @@ impl Follower {
                     let key = (row.function.clone(), row.file.clone(), row.line);
                     row.total_bytes as i64 - before.get(&key).copied().unwrap_or(0) as i64
                 });
-                LiveRow { row, growth }
+                let label =
+                    crate::report::location_label(&row.function, row.file.as_deref(), row.line);
+                LiveRow { label, row, growth }
             })
             .collect()
     }
