@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 /// How often the view reads the capture and redraws.
 const REFRESH: Duration = Duration::from_secs(1);
 /// File bytes read per step while catching up with a large capture (the view stays responsive).
-const CATCH_UP_BYTES: usize = 64 << 20;
+const CATCH_UP_BYTES: usize = 8 << 20;
 /// The time span of the chart: the last this many seconds.
 const CHART_SECONDS: u64 = 300;
 
@@ -40,8 +40,12 @@ pub(crate) fn live(
     mut command: Option<&mut Running>,
 ) -> Result<()> {
     if command.is_none() {
-        // Fail before the terminal is taken over.
-        Follower::open(file)?;
+        // Fail before the terminal is taken over; a capture whose header is not written yet is
+        // waited for.
+        match Follower::open(file) {
+            Err(memtrack_reader::ReadError::TruncatedHeader { .. }) | Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     let mut view = View::new(options, file);
     let mut term = Screen::take()?;
@@ -244,7 +248,7 @@ impl<'a> View<'a> {
     fn draw(&mut self, frame: &mut Frame, command: Option<&Running>) {
         let [title, figures, chart, table, keys] = Layout::vertical([
             Constraint::Length(1),
-            Constraint::Length(2),
+            Constraint::Length(2 + command.is_some() as u16),
             Constraint::Percentage(40),
             Constraint::Min(5),
             Constraint::Length(1),
@@ -255,13 +259,20 @@ impl<'a> View<'a> {
         let Some(f) = &self.follower else {
             let why = self.waiting.clone().unwrap_or_default();
             frame.render_widget(Paragraph::new(why), figures);
-            frame.render_widget(Paragraph::new(keys_line(command)), keys);
+            frame.render_widget(Paragraph::new(keys_line()), keys);
             return;
         };
-        frame.render_widget(Paragraph::new(self.figures(f)), figures);
+        let mut lines = self.figures(f);
+        if let Some(c) = command {
+            lines.push(Line::from(format!(
+                "the command's output goes to {}",
+                c.log.display()
+            )));
+        }
+        frame.render_widget(Paragraph::new(lines), figures);
         draw_chart(frame, chart, f, self.gone || f.finished());
         self.draw_table(frame, table);
-        let mut line = keys_line(command);
+        let mut line = keys_line();
         if let Some(n) = &self.note {
             line.push_span(Span::styled(
                 format!("   {n}"),
@@ -270,7 +281,7 @@ impl<'a> View<'a> {
         } else {
             line.push_span(Span::styled(
                 format!(
-                    "   last refresh: {} read, {} ms",
+                    "   refresh: {} in {} ms",
                     human_bytes(self.cost.0),
                     self.cost.1.as_millis()
                 ),
@@ -287,13 +298,6 @@ impl<'a> View<'a> {
             spans.push(Span::raw(self.file.display().to_string()));
             return Line::from(spans);
         };
-        let cap = f.capture();
-        let h = cap.last_image();
-        spans.push(Span::raw(format!(
-            "{}  [pid {}]  ",
-            memtrack_reader::shell_command(&h.argv),
-            cap.header.pid
-        )));
         let state = match command.and_then(|c| c.status) {
             _ if self.behind => Span::styled(
                 format!("reading the capture: {} so far", human_bytes(f.offset())),
@@ -320,6 +324,13 @@ impl<'a> View<'a> {
             ),
         };
         spans.push(state);
+        // The command last: a long one is cut at the screen's edge, not the state.
+        let cap = f.capture();
+        spans.push(Span::raw(format!(
+            "   [pid {}] {}",
+            cap.header.pid,
+            memtrack_reader::shell_command(&cap.last_image().argv),
+        )));
         Line::from(spans)
     }
 
@@ -467,9 +478,9 @@ fn draw_chart(frame: &mut Frame, area: Rect, f: &Follower, ended: bool) {
     frame.render_widget(chart, area);
 }
 
-fn keys_line(command: Option<&Running>) -> Line<'static> {
+fn keys_line() -> Line<'static> {
     let key = Style::new().add_modifier(Modifier::BOLD).fg(Color::Yellow);
-    let mut spans = vec![
+    Line::from(vec![
         Span::styled("l", key),
         Span::raw(" live  "),
         Span::styled("a", key),
@@ -478,11 +489,7 @@ fn keys_line(command: Option<&Running>) -> Line<'static> {
         Span::raw(" by function/line  "),
         Span::styled("q", key),
         Span::raw(" quit"),
-    ];
-    if let Some(c) = command {
-        spans.push(Span::raw(format!("   output: {}", c.log.display())));
-    }
-    Line::from(spans)
+    ])
 }
 
 /// `12:03` or `1:02:03` from seconds.

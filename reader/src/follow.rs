@@ -299,10 +299,12 @@ impl Follower {
         self.pending.sort_by_key(|e| e.seq);
         let n = self.ready(horizon);
         poll.applied = n as u64;
-        let ready: Vec<Event> = self.pending.drain(..n).collect();
-        for ev in &ready {
+        let pending = std::mem::take(&mut self.pending);
+        for ev in &pending[..n] {
             self.apply(ev);
         }
+        self.pending = pending;
+        self.pending.drain(..n);
         for s in std::mem::take(&mut self.cap.rss) {
             self.rss.add(s.time / self.units_per_second, s.rss_bytes);
         }
@@ -325,7 +327,8 @@ impl Follower {
         }
         self.damaged_chunks += d.damaged as usize;
         if let Some(applied) = self.applied {
-            self.late_events += d.events.iter().filter(|e| e.seq <= applied).count() as u64;
+            // A thread's events are in order.
+            self.late_events += d.events.partition_point(|e| e.seq <= applied) as u64;
         }
         let count = d.events.len() as u64;
         self.pending.extend(d.events);

@@ -348,7 +348,13 @@ fn run_live_passes_the_exit_code_through_and_keeps_the_output() {
     });
     assert_eq!(heap_mib(&s), Some(5.0), "{s}");
     assert!(s.contains("live_view_grows_here"), "{s}");
-    assert!(s.contains(&format!("output: {}", output.display())), "{s}");
+    assert!(
+        s.contains(&format!(
+            "the command's output goes to {}",
+            output.display()
+        )),
+        "{s}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert!(!status.exists(), "the view waits for q");
     session.keys("q");
