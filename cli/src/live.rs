@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
-/// How often the view reads the capture and redraws.
+/// How often the view reads what the capture gained and redraws its figures (the cost is what
+/// was read, however often: a short interval only brings the figures sooner).
+const POLL: Duration = Duration::from_millis(250);
+/// How often the table of locations is computed again (it looks at every stack).
 const REFRESH: Duration = Duration::from_secs(1);
 /// File bytes read per step while catching up with a large capture (the view stays responsive).
 const CATCH_UP_BYTES: usize = 8 << 20;
@@ -58,7 +61,7 @@ pub(crate) fn live(
         view.refresh(command.as_deref());
         term.0.draw(|f| view.draw(f, command.as_deref()))?;
         // Keys until the next refresh (at once while catching up with a large capture).
-        let until = view.last_refresh + if view.behind { Duration::ZERO } else { REFRESH };
+        let until = view.last_poll + if view.behind { Duration::ZERO } else { POLL };
         loop {
             let left = until.saturating_duration_since(Instant::now());
             if !event::poll(left)? {
@@ -143,14 +146,18 @@ struct View<'a> {
     rows: Vec<LiveRow>,
     /// Rows the table has room for.
     room: usize,
-    last_refresh: Instant,
+    last_poll: Instant,
+    /// When the table was last computed (None: never).
+    last_table: Option<Instant>,
     /// The file holds more than the last read took.
     behind: bool,
     /// The traced process is gone without finishing its capture.
     gone: bool,
     /// The start that growth counts from is set (once what the capture held is read).
     started: bool,
-    /// The cost of the last refresh: bytes read, time taken.
+    /// What the reads since the last table cost (bytes read, this thread's CPU time), and that
+    /// for the second before (shown).
+    acc: (u64, Duration),
     cost: (u64, Duration),
     note: Option<String>,
 }
@@ -168,10 +175,12 @@ impl<'a> View<'a> {
             by: GroupBy::Function,
             rows: Vec::new(),
             room: 20,
-            last_refresh: Instant::now(),
+            last_poll: Instant::now(),
+            last_table: None,
             behind: false,
             gone: false,
             started: false,
+            acc: (0, Duration::ZERO),
             cost: (0, Duration::ZERO),
             note: None,
         }
@@ -180,7 +189,8 @@ impl<'a> View<'a> {
     /// Reads what the capture gained and recomputes the table.
     fn refresh(&mut self, command: Option<&Running>) {
         let t0 = Instant::now();
-        self.last_refresh = t0;
+        let cpu0 = thread_cpu();
+        self.last_poll = t0;
         if self.follower.is_none() {
             match Follower::open(&self.file) {
                 Ok(f) => {
@@ -221,7 +231,7 @@ impl<'a> View<'a> {
                 {
                     self.gone = true;
                 }
-                self.cost = (p.bytes, Duration::ZERO);
+                self.acc.0 += p.bytes;
             }
             Err(e) => self.note = Some(format!("{e}")),
         }
@@ -234,8 +244,14 @@ impl<'a> View<'a> {
         if let Some(sym) = self.sym.as_mut() {
             sym.update_python_code(cap);
         }
-        self.rows_for_screen();
-        self.cost.1 = t0.elapsed();
+        if self.last_table.is_none_or(|t| t.elapsed() >= REFRESH) {
+            self.rows_for_screen();
+            self.last_table = Some(t0);
+            self.acc.1 += thread_cpu().saturating_sub(cpu0);
+            self.cost = std::mem::take(&mut self.acc);
+        } else {
+            self.acc.1 += thread_cpu().saturating_sub(cpu0);
+        }
     }
 
     /// The table's rows for the current measure and grouping.
@@ -281,7 +297,7 @@ impl<'a> View<'a> {
         } else {
             line.push_span(Span::styled(
                 format!(
-                    "   refresh: {} in {} ms",
+                    "   last second: read {}, {} ms of CPU",
                     human_bytes(self.cost.0),
                     self.cost.1.as_millis()
                 ),
@@ -490,6 +506,17 @@ fn keys_line() -> Line<'static> {
         Span::styled("q", key),
         Span::raw(" quit"),
     ])
+}
+
+/// The CPU time of the calling thread (what a refresh costs, whatever else the machine runs).
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out-pointer; CLOCK_THREAD_CPUTIME_ID exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// `12:03` or `1:02:03` from seconds.

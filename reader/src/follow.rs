@@ -133,6 +133,8 @@ pub struct Follower {
     offset: usize,
     /// Events decoded and not yet applied, in sequence order.
     pending: Vec<Event>,
+    /// Storage for the next chunk's events (the allocation kept from one read to the next).
+    spare: Vec<Event>,
     replay: Replay,
     stacks: StackTable,
     /// Exec boundaries already applied.
@@ -186,6 +188,7 @@ impl Follower {
             index: IndexState::default(),
             offset: first,
             pending: Vec::new(),
+            spare: Vec::new(),
             replay: Replay::tracking_sites(),
             stacks: StackTable::default(),
             execs: 0,
@@ -295,16 +298,25 @@ impl Follower {
         for ch in &chunks {
             poll.decoded += self.decode(ch, &mut buf).map_err(io)?;
         }
-        // Each thread's events are in order already: a stable sort merges the runs.
-        self.pending.sort_by_key(|e| e.seq);
+        // Each thread's events are in order already: a stable sort merges the runs (one
+        // thread's alone need none).
+        if !self.pending.is_sorted_by_key(|e| e.seq) {
+            self.pending.sort_by_key(|e| e.seq);
+        }
         let n = self.ready(horizon);
         poll.applied = n as u64;
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
         for ev in &pending[..n] {
             self.apply(ev);
         }
-        self.pending = pending;
-        self.pending.drain(..n);
+        if n == pending.len() {
+            // Its storage decodes the next chunk.
+            pending.clear();
+            self.spare = pending;
+        } else {
+            pending.drain(..n);
+            self.pending = pending;
+        }
         for s in std::mem::take(&mut self.cap.rss) {
             self.rss.add(s.time / self.units_per_second, s.rss_bytes);
         }
@@ -321,7 +333,7 @@ impl Follower {
             end: buf.len(),
             ..*ch
         };
-        let d = decode_chunk(buf, &local, Vec::new());
+        let mut d = decode_chunk(buf, &local, std::mem::take(&mut self.spare));
         for &(id, parent, ip) in &d.nodes {
             self.stacks.insert(id, parent, ip);
         }
@@ -331,7 +343,14 @@ impl Follower {
             self.late_events += d.events.partition_point(|e| e.seq <= applied) as u64;
         }
         let count = d.events.len() as u64;
-        self.pending.extend(d.events);
+        if self.pending.is_empty() {
+            // The common case (everything before was applied): no copy.
+            self.pending = d.events;
+        } else {
+            self.pending.extend_from_slice(&d.events);
+            d.events.clear();
+            self.spare = d.events;
+        }
         Ok(count)
     }
 
