@@ -213,7 +213,7 @@ impl<'a> View<'a> {
         let horizon = if command_ended || self.gone {
             Horizon::All
         } else {
-            Horizon::At(f.clock_now())
+            Horizon::Safe
         };
         match f.poll(horizon, CATCH_UP_BYTES) {
             Ok(p) => {
@@ -384,6 +384,17 @@ impl<'a> View<'a> {
                     human_bytes(since_bytes),
                     memtrack_reader::grouped(since_count)
                 )),
+                // Never expected: the tracker writes within 250 ms, the view waits 750.
+                Span::styled(
+                    match f.late_events {
+                        0 => String::new(),
+                        n => format!(
+                            "   ({} events came late, applied out of order)",
+                            memtrack_reader::grouped(n)
+                        ),
+                    },
+                    Style::new().fg(Color::Yellow),
+                ),
             ]),
         ]
     }

@@ -7,10 +7,11 @@
 //! in sequence order; a chunk of a quiet thread (or of a thread not seen yet) can arrive after
 //! another thread's later events. Sequence numbers are dense (every event takes the next
 //! one), so decoded events wait until they are safe to apply in order: the run of numbers
-//! that follows the last one applied, and past a gap only events older than [`SETTLE_NS`]
-//! (the tracker writes every buffer within about 250 ms of its first event, so a number still
-//! missing then was lost). An event that arrives below what was applied all the same (a writer
-//! that fell far behind) is applied when it arrives and counted in [`Follower::late_events`].
+//! that follows the last one applied, and past a gap only events [`SETTLE_NS`] older than the
+//! newest event read (the tracker writes every buffer within about 250 ms of its first event,
+//! so a number still missing then was lost). The clock is not asked: a starved writer stops
+//! the file and its event times alike. An event that arrives below what was applied all
+//! the same is applied when it arrives and counted in [`Follower::late_events`].
 
 use crate::capture::{decode_chunk, Capture, ChunkRef, Event, IndexState, ReadError};
 use crate::replay::{Replay, SiteSums, SiteTotal};
@@ -28,6 +29,9 @@ use std::path::Path;
 /// sweep), with room left for a busy writer.
 pub const SETTLE_NS: u64 = 750_000_000;
 
+/// [`SETTLE_NS`] while the file holds more than the follower has read.
+pub const BEHIND_SETTLE_NS: u64 = 5_000_000_000;
+
 /// Seconds of heap and RSS history kept (one point per second).
 pub const HISTORY_SECONDS: usize = 3600;
 
@@ -36,9 +40,8 @@ pub const HISTORY_SECONDS: usize = 3600;
 pub enum Horizon {
     /// All of them: the capture is finished, or the caller knows better (tests).
     All,
-    /// The capture's clock reads this now (units since its start, see
-    /// [`Follower::clock_now`]): apply what is safe to (see the module's doc).
-    At(u64),
+    /// What is safe to apply (see the module's doc).
+    Safe,
 }
 
 /// What the table of a live view sums.
@@ -133,6 +136,8 @@ pub struct Follower {
     offset: usize,
     /// Events decoded and not yet applied, in sequence order.
     pending: Vec<Event>,
+    /// The newest event time read.
+    file_time: u64,
     /// Storage for the next chunk's events (the allocation kept from one read to the next).
     spare: Vec<Event>,
     replay: Replay,
@@ -189,6 +194,7 @@ impl Follower {
             offset: first,
             pending: Vec::new(),
             spare: Vec::new(),
+            file_time: 0,
             replay: Replay::tracking_sites(),
             stacks: StackTable::default(),
             execs: 0,
@@ -303,7 +309,7 @@ impl Follower {
         if !self.pending.is_sorted_by_key(|e| e.seq) {
             self.pending.sort_by_key(|e| e.seq);
         }
-        let n = self.ready(horizon);
+        let n = self.ready(horizon, !poll.behind);
         poll.applied = n as u64;
         let mut pending = std::mem::take(&mut self.pending);
         for ev in &pending[..n] {
@@ -343,6 +349,9 @@ impl Follower {
             self.late_events += d.events.partition_point(|e| e.seq <= applied) as u64;
         }
         let count = d.events.len() as u64;
+        if let Some(last) = d.events.last() {
+            self.file_time = self.file_time.max(last.time);
+        }
         if self.pending.is_empty() {
             // The common case (everything before was applied): no copy.
             self.pending = d.events;
@@ -354,15 +363,25 @@ impl Follower {
         Ok(count)
     }
 
-    /// How many of the pending events (a prefix) may be applied now.
-    fn ready(&self, horizon: Horizon) -> usize {
-        let now = match horizon {
-            _ if self.ended() => return self.pending.len(),
-            Horizon::All => return self.pending.len(),
-            Horizon::At(now) => now,
+    /// How many of the pending events (a prefix) may be applied now; `caught_up`: the last read
+    /// reached the end of the file.
+    fn ready(&self, horizon: Horizon, caught_up: bool) -> usize {
+        if self.ended() || horizon == Horizon::All {
+            return self.pending.len();
+        }
+        let unit = self.cap.header.clock_unit_ns.max(1);
+        // A missing number is an event at most ~250 ms older than the newest one in the file
+        // (it waits in a buffer or the writer's queue). Event times, not the clock: they lag
+        // the clock when the tracker's writer is starved, and a reader that is behind must not
+        // take the rest of the file for lost. While the file holds more than was read, a
+        // thread descheduled inside its buffer on a loaded machine can be further behind than
+        // that: a wider margin. None: nothing is that old yet.
+        let margin = if caught_up {
+            SETTLE_NS
+        } else {
+            BEHIND_SETTLE_NS
         };
-        // None: nothing is that old yet.
-        let settled = now.checked_sub(SETTLE_NS / self.cap.header.clock_unit_ns.max(1));
+        let settled = self.file_time.checked_sub(margin / unit);
         // Numbers taken by something that is not an event (the mark of Python's end).
         let marks = self.cap.python_end.map(|p| p.seq);
         let mut next = self.applied.map_or(1, |a| a + 1);
@@ -376,10 +395,14 @@ impl Follower {
             if e.seq <= next || settled.is_some_and(|t| e.time <= t) {
                 next = next.max(e.seq + 1);
                 n += 1;
-            } else {
-                break;
+                continue;
             }
+            break;
         }
+        // Not the clock: when the tracker's writer is starved the file stops growing with
+        // numbers missing that are not lost, and its event times stop too. A number lost just
+        // before the program went quiet holds what follows until newer events come (or the
+        // capture ends).
         n
     }
 
@@ -516,8 +539,8 @@ mod tests {
         assert!(full.threads > 1);
         let total = full.replay().replay.events;
         let mut f = Follower::open(&path).unwrap();
-        // The clock at the capture's start, but the capture is complete: everything.
-        f.poll(Horizon::At(0), usize::MAX).unwrap();
+        // Only what is safe, but the capture is complete: everything.
+        f.poll(Horizon::Safe, usize::MAX).unwrap();
         assert!(f.finished(), "a complete capture applies everything");
         assert_eq!(f.replay().events, total);
 
@@ -542,12 +565,13 @@ mod tests {
                 .take_while(|&(i, &s)| s == i as u64 + 1)
                 .count();
             let mut f = Follower::open(&cut).unwrap();
-            let p = f.poll(Horizon::At(0), usize::MAX).unwrap();
+            let p = f.poll(Horizon::Safe, usize::MAX).unwrap();
             assert_eq!(p.decoded as usize, seqs.len());
             assert_eq!(p.applied as usize, run, "at {end}: {seqs:?}");
             assert_eq!(f.replay().last_seq, if run > 0 { run as u64 } else { 0 });
             waited += seqs.len() - run;
-            let p = f.poll(Horizon::At(u64::MAX / 2), usize::MAX).unwrap();
+            // The process is gone: all of it, out of order as it came.
+            let p = f.poll(Horizon::All, usize::MAX).unwrap();
             assert_eq!(p.applied as usize, seqs.len() - run);
             assert!(!f.finished());
             assert_eq!(f.late_events, 0);

@@ -73,7 +73,8 @@ pub use family::{
     child_captures, shell_command, shell_quote, ChildCapture, Process, ProcessFigures, ProcessTree,
 };
 pub use follow::{
-    Follower, History, Horizon, LiveRow, Measure, Point, Poll, HISTORY_SECONDS, SETTLE_NS,
+    Follower, History, Horizon, LiveRow, Measure, Point, Poll, BEHIND_SETTLE_NS, HISTORY_SECONDS,
+    SETTLE_NS,
 };
 pub use memtrack_format::{
     AllocKind, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module, ModulesRecord,

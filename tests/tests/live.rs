@@ -43,8 +43,8 @@ fn grows_in_steps(work: &Work, capture: &Path) {
                 .unwrap();
             std::io::Write::write_all(&mut file, &data[written..step]).unwrap();
             written = step;
-            // The clock at the capture's start: only events whose every predecessor is in.
-            f.poll(Horizon::At(0), 1 << 20).unwrap();
+            // Only events whose every predecessor is in (the file's times are too short to bridge).
+            f.poll(Horizon::Safe, 1 << 20).unwrap();
         }
         assert_eq!(f.offset() as usize, end, "{name}: record {i}");
         if f.replay().events == 0 && !f.finished() {
