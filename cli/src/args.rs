@@ -10,6 +10,7 @@ use std::path::PathBuf;
 pub(crate) const EXAMPLES: &str = "\
 EXAMPLES:
     memtrack run -o svc.cap -- ./my-service --port 8080
+    memtrack run --live -- ./my-service        # watch its heap while it runs
     memtrack summary svc.cap
     memtrack summary svc.cap --json | jq .peak_bytes
     memtrack flamegraph svc.cap -o peak.svg
@@ -53,7 +54,7 @@ pub(crate) struct Cli {
 pub(crate) enum Cmd {
     /// Run a command with every allocation recorded into a capture file.
     #[command(
-        after_help = "EXAMPLES:\n    memtrack run -- ./my-service --port 8080\n    memtrack run -o svc.cap --force -- python3 app.py"
+        after_help = "EXAMPLES:\n    memtrack run -- ./my-service --port 8080\n    memtrack run -o svc.cap --force -- python3 app.py\n    memtrack run --live -- ./my-service --port 8080     # watch it; output in memtrack-my-service.<pid>.out"
     )]
     Run {
         /// Capture file to write [default: memtrack-<command>.<pid>.cap in the current directory]
@@ -74,6 +75,16 @@ pub(crate) enum Cmd {
         /// 2 s), which are otherwise removed and kept only as figures in FILE.
         #[arg(long)]
         keep_all: bool,
+        /// Show the live view (see `memtrack live`) on the terminal while the command runs;
+        /// its standard output and error go to a file (`--live-output`), its standard input is
+        /// empty. Ctrl-C is passed to the command as without `--live`; q leaves the view and
+        /// memtrack waits for the command as usual (it is not stopped).
+        #[arg(long)]
+        live: bool,
+        /// With `--live`: where the command's standard output and error go [default: the
+        /// capture's name with `.out` for `.cap`].
+        #[arg(long, value_name = "FILE", requires = "live")]
+        live_output: Option<PathBuf>,
         /// Budgets checked when the command has finished (see `memtrack check`).
         #[command(flatten)]
         limits: LimitArgs,
@@ -82,6 +93,17 @@ pub(crate) enum Cmd {
         // is an error, not a command; everything after the command's name passes untouched.
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<OsString>,
+    },
+    /// Follow a capture while it is written: heap and RSS over the last minutes, the locations
+    /// holding the most live bytes, growth since the view started; refreshed every second.
+    /// Keys: l live, a allocated since the view started, b by function / by line, q quit.
+    /// For a process tree, the launched process's capture is followed (not its children's).
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack live svc.cap                       # while `memtrack run -o svc.cap` runs elsewhere\n    memtrack run --live -- ./my-service         # run and watch; its output goes to a file\n    memtrack run --live --live-output svc.log -o svc.cap -- python3 app.py\n\nA finished capture shows its final state. The view reads only what was appended since its\nlast refresh, so it stays cheap on a capture that grows for hours."
+    )]
+    Live {
+        /// The capture file (being written, or finished).
+        file: PathBuf,
     },
     /// Peak heap, leaks at exit, totals.
     #[command(

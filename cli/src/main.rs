@@ -12,6 +12,7 @@
 //! of a text report, which ends the process where it happens (see `output::Stdout`).
 
 mod args;
+mod live;
 mod output;
 mod progress;
 mod run;
@@ -95,14 +96,23 @@ fn dispatch(
             follow_fork: _,
             no_follow_fork,
             keep_all,
+            live,
+            live_output,
             limits,
             command,
         } => {
             let tree = run::RunTree {
                 follow_fork: !no_follow_fork,
                 keep_all,
+                live: live.then_some(run::Live {
+                    output: live_output,
+                }),
             };
             run::cmd_run(r, output, force, tree, resolve(limits)?, command)
+        }
+        Cmd::Live { file } => {
+            live::live(&r.options, &file, None)?;
+            Ok(0)
         }
         Cmd::Check {
             file,

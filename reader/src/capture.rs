@@ -42,6 +42,17 @@ pub enum Warning {
     },
 }
 
+/// What indexing carries from one stretch of records to the next (see
+/// [`Capture::index_records`]).
+#[derive(Default)]
+pub(crate) struct IndexState {
+    /// Threads with events.
+    pub(crate) tids: std::collections::HashSet<u32>,
+    /// An exec's END, until the new image's header says the exec took place: an exec that
+    /// failed is followed by more events of the same image, whose heap is still live.
+    exec_end: Option<u64>,
+}
+
 /// An events chunk found in the file.
 #[derive(Debug, Clone, Copy)]
 pub struct ChunkRef {
@@ -135,7 +146,19 @@ impl Capture {
             Err(FormatError::Truncated) => return Err(ReadError::TruncatedHeader { path }),
             Err(error) => return Err(ReadError::Format { path, error }),
         };
-        let mut cap = Capture {
+        let mut cap = Capture::unmapped(path, header);
+        cap.index(&file, data.len(), first);
+        if let Some(m) = &map {
+            let _ = m.advise(memmap2::Advice::Sequential);
+        }
+        cap.map = map;
+        Ok(cap)
+    }
+
+    /// A capture of `header` with nothing indexed yet (no mapping: its events are read by
+    /// whoever indexes it, see [`crate::Follower`]).
+    pub(crate) fn unmapped(path: PathBuf, header: Header) -> Capture {
+        Capture {
             path,
             map: None,
             header,
@@ -155,18 +178,47 @@ impl Capture {
             rss: Vec::new(),
             min_offset_from: Vec::new(),
             progress: Default::default(),
-        };
-        cap.index(&file, data.len(), first);
-        if let Some(m) = &map {
-            let _ = m.advise(memmap2::Advice::Sequential);
         }
-        cap.map = map;
-        Ok(cap)
     }
 
     /// Indexes the records with small reads of the file, not through the mapping: touching
     /// the mapping at every chunk would make the kernel map large parts of the file at once.
-    fn index(&mut self, file: &File, len: usize, mut off: usize) {
+    fn index(&mut self, file: &File, len: usize, off: usize) {
+        let mut state = IndexState::default();
+        let (_, torn) = self.index_records(file, len, off, &mut state);
+        if let Some(offset) = torn {
+            self.warnings.push(Warning::TornTail {
+                offset: offset as u64,
+            });
+        }
+        self.threads = state.tids.len();
+        // A mark of an image that exec replaced says nothing of the last one's heap.
+        if let (Some(p), Some(&b)) = (self.python_end, self.exec_boundaries.last()) {
+            if p.seq < b {
+                self.python_end = None;
+            }
+        }
+        // Stable: chunks of one thread never overlap in sequence numbers.
+        self.chunks.sort_by_key(|c| c.header.base_seq);
+        self.min_offset_from = vec![usize::MAX; self.chunks.len()];
+        let mut min = usize::MAX;
+        for (i, c) in self.chunks.iter().enumerate().rev() {
+            min = min.min(c.ops_offset);
+            self.min_offset_from[i] = min;
+        }
+    }
+
+    /// Indexes the complete records of `file` from `off` to `len`: events chunks are appended
+    /// to `chunks` (in file order), every other record goes to its field. Returns the offset
+    /// after the last complete record, and the offset of a record cut off there (a torn tail,
+    /// or one still being written), if any.
+    pub(crate) fn index_records(
+        &mut self,
+        file: &File,
+        len: usize,
+        mut off: usize,
+        state: &mut IndexState,
+    ) -> (usize, Option<usize>) {
         use std::os::unix::fs::FileExt;
         let read = |at: usize, n: usize| -> Vec<u8> {
             let mut buf = vec![0u8; n.min(len.saturating_sub(at))];
@@ -180,19 +232,13 @@ impl Capture {
             buf.truncate(got);
             buf
         };
-        let mut tids = std::collections::HashSet::new();
-        let mut pycode = std::collections::HashMap::new();
-        // An exec's END, until the new image's header says the exec took place: an exec that
-        // failed is followed by more events of the same image, whose heap is still live.
-        let mut exec_end: Option<u64> = None;
+        let IndexState { tids, exec_end } = state;
         while off < len {
             let head = read(off, 64);
-            let torn = |w: &mut Vec<Warning>| w.push(Warning::TornTail { offset: off as u64 });
             let Some(&kind) = head.first() else { break };
             let mut c = Cursor::new(&head[1..]);
             let Ok(plen) = c.uvarint() else {
-                torn(&mut self.warnings);
-                break;
+                return (off, Some(off));
             };
             let prefix = 1 + c.pos();
             let payload_off = off + prefix;
@@ -200,8 +246,7 @@ impl Capture {
                 Some(e) if kind != 0 && e <= len as u64 => e as usize,
                 _ => {
                     // A zero type byte is never written: it is the zero fill of a torn tail.
-                    torn(&mut self.warnings);
-                    break;
+                    return (off, Some(off));
                 }
             };
             let bad = |e: FormatError| Warning::BadRecord {
@@ -231,7 +276,7 @@ impl Capture {
                             });
                             // A later END is only final if no events follow it (exec that failed).
                             self.end = None;
-                            exec_end = None;
+                            *exec_end = None;
                         }
                         Err(e) => self.warnings.push(bad(e)),
                     }
@@ -246,7 +291,7 @@ impl Capture {
                         record::END => match EndRecord::decode(&payload) {
                             Ok(e) => {
                                 if e.reason == memtrack_format::EndReason::Exec {
-                                    exec_end = Some(e.seq);
+                                    *exec_end = Some(e.seq);
                                 }
                                 self.end = Some(e);
                             }
@@ -265,7 +310,8 @@ impl Capture {
                     let payload = read(payload_off, plen as usize);
                     match memtrack_format::PyCodeRecord::decode(&payload) {
                         Ok(p) => {
-                            pycode.insert(p.id, p);
+                            // Copied only when a symbolizer still holds the map.
+                            std::sync::Arc::make_mut(&mut self.pycode).insert(p.id, p);
                         }
                         Err(e) => self.warnings.push(bad(e)),
                     }
@@ -317,22 +363,7 @@ impl Capture {
             }
             off = end;
         }
-        self.threads = tids.len();
-        self.pycode = std::sync::Arc::new(pycode);
-        // A mark of an image that exec replaced says nothing of the last one's heap.
-        if let (Some(p), Some(&b)) = (self.python_end, self.exec_boundaries.last()) {
-            if p.seq < b {
-                self.python_end = None;
-            }
-        }
-        // Stable: chunks of one thread never overlap in sequence numbers.
-        self.chunks.sort_by_key(|c| c.header.base_seq);
-        self.min_offset_from = vec![usize::MAX; self.chunks.len()];
-        let mut min = usize::MAX;
-        for (i, c) in self.chunks.iter().enumerate().rev() {
-            min = min.min(c.ops_offset);
-            self.min_offset_from[i] = min;
-        }
+        (off, None)
     }
 
     /// The header of the image that ran last (the launched program, or what it exec'd into).
@@ -417,13 +448,14 @@ impl NodeSink for Vec<(u32, u32, u64)> {
 }
 
 /// A chunk decoded by a worker thread.
-struct Decoded {
-    events: Vec<Event>,
-    nodes: Vec<(u32, u32, u64)>,
-    damaged: bool,
+pub(crate) struct Decoded {
+    pub(crate) events: Vec<Event>,
+    pub(crate) nodes: Vec<(u32, u32, u64)>,
+    pub(crate) damaged: bool,
 }
 
-fn decode_chunk(data: &[u8], ch: &ChunkRef, mut events: Vec<Event>) -> Decoded {
+/// Decodes the chunk `ch` of `data` (offsets in `ch` are into `data`), into `events`'s storage.
+pub(crate) fn decode_chunk(data: &[u8], ch: &ChunkRef, mut events: Vec<Event>) -> Decoded {
     let mut cur = ChunkCursor::new(data, ch);
     // A compact chunk takes about 2 bytes per event: sized once rather than grown by copying.
     let bytes = ch.end.saturating_sub(ch.ops_offset);

@@ -52,6 +52,7 @@ mod check;
 mod diff;
 mod export;
 mod family;
+mod follow;
 mod mapped;
 mod modinfo;
 mod plot;
@@ -72,6 +73,10 @@ pub use diff::{Diff, DiffRow, DiffSide, DiffStack};
 pub use export::JsonExport;
 pub use family::{
     child_captures, shell_command, shell_quote, ChildCapture, Process, ProcessFigures, ProcessTree,
+};
+pub use follow::{
+    Follower, History, Horizon, LiveRow, Measure, Point, Poll, BEHIND_SETTLE_NS, HISTORY_SECONDS,
+    SETTLE_NS,
 };
 pub use mapped::{FileFigures, MappedSet};
 pub use memtrack_format::{

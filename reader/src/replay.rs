@@ -55,10 +55,18 @@ impl SiteSums {
 
     /// Largest first (ties by stack id, so the order is stable).
     pub(crate) fn into_sorted(self) -> Vec<SiteTotal> {
-        let mut v: Vec<SiteTotal> = self.0.into_values().collect();
-        v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));
-        v
+        sorted(self.0.into_values().collect())
     }
+
+    /// The same, leaving the sums as they are.
+    pub(crate) fn sorted(&self) -> Vec<SiteTotal> {
+        sorted(self.0.values().copied().collect())
+    }
+}
+
+fn sorted(mut v: Vec<SiteTotal>) -> Vec<SiteTotal> {
+    v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));
+    v
 }
 
 /// The state of the heap while events are replayed.
@@ -329,6 +337,27 @@ impl Replay {
             .collect();
         v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.stack.cmp(&b.stack)));
         v
+    }
+
+    /// What is live now grouped by stack, largest first, from the per-stack figures a
+    /// [`Replay::tracking_sites`] keeps as it goes (the same as [`Replay::live_by_stack`],
+    /// without a pass over the live set; empty for another replay).
+    pub fn live_sites(&self) -> Vec<SiteTotal> {
+        let Some(t) = &self.sites else {
+            return Vec::new();
+        };
+        let dense = t.dense.iter().enumerate().map(|(i, e)| (i as u32, e));
+        let v: Vec<SiteTotal> = dense
+            .chain(t.sparse.iter().map(|(&s, e)| (s, e)))
+            .filter(|(_, e)| e.1 > 0)
+            .map(|(stack, &(bytes, allocations, _))| SiteTotal {
+                stack,
+                bytes,
+                allocations,
+                max: 0,
+            })
+            .collect();
+        sorted(v)
     }
 
     /// The live allocations grouped by stack, largest first.

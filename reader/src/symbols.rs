@@ -316,6 +316,17 @@ impl Symbolizer {
         }
     }
 
+    /// Takes the Python code objects of `cap` known now (a capture still being written gains
+    /// them as the program runs): frames of code that was unknown are resolved again.
+    pub fn update_python_code(&mut self, cap: &Capture) {
+        if Arc::ptr_eq(&self.pycode, &cap.pycode) {
+            return;
+        }
+        self.pycode = cap.pycode.clone();
+        self.program_dirs = program_dirs(&cap.header.argv, &cap.pycode);
+        self.cache.retain(|&a, _| !pyframe::is_python(a));
+    }
+
     /// Reads no file from now on: frames show as module+offset (fast, and the same on every
     /// machine; the command's `MEMTRACK_SYMBOLIZE=0`).
     pub fn read_no_files(&mut self) {

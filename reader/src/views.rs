@@ -340,40 +340,50 @@ pub(crate) fn describe(f: &crate::Frame) -> String {
 impl ViewSites {
     /// The view's allocations grouped and ranked by total bytes.
     pub fn table(&self, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> {
-        let mut rows = Rows::default();
-        for site in &self.sites {
-            // Failing that, the innermost frame.
-            let alloc = allocating_frame(sym, &self.stacks, site.stack)
-                .or_else(|| {
-                    let leaf = *self.stacks.frames(site.stack).first()?;
-                    sym.frames(leaf).last().cloned()
-                })
-                .unwrap_or_else(|| crate::Frame::native("[unknown]"));
-            // Whole stacks (the costly part: deep ones, each frame's names copied) only when
-            // they are the key.
-            let (key, stack) = match by {
-                // A Python function is known by its file too (`<module>` of each file apart).
-                GroupBy::Function if alloc.python => {
-                    let f = crate::Frame {
-                        line: None,
-                        ..alloc.clone()
-                    };
-                    let label = f.label().into_owned();
-                    add_to_row(&mut rows, label.clone(), &f, true, vec![label], site);
-                    continue;
-                }
-                GroupBy::Function => (alloc.function.clone(), vec![alloc.function.clone()]),
-                GroupBy::Line => (describe(&alloc), vec![describe(&alloc)]),
-                GroupBy::Stack => {
-                    let frames = sym.stack_frames(&self.stacks, site.stack);
-                    let s: Vec<String> = frames.iter().map(describe).collect();
-                    (s.join(";"), s)
-                }
-            };
-            add_to_row(&mut rows, key, &alloc, by != GroupBy::Function, stack, site);
-        }
-        ranked(rows)
+        table_rows(&self.sites, &self.stacks, sym, by)
     }
+}
+
+/// `sites` (stacks of `stacks`) grouped and ranked by total bytes, as `memtrack table` shows them.
+pub(crate) fn table_rows(
+    sites: &[SiteTotal],
+    stacks: &StackTable,
+    sym: &mut Symbolizer,
+    by: GroupBy,
+) -> Vec<TableRow> {
+    let mut rows = Rows::default();
+    for site in sites {
+        // Failing that, the innermost frame.
+        let alloc = allocating_frame(sym, stacks, site.stack)
+            .or_else(|| {
+                let leaf = *stacks.frames(site.stack).first()?;
+                sym.frames(leaf).last().cloned()
+            })
+            .unwrap_or_else(|| crate::Frame::native("[unknown]"));
+        // Whole stacks (the costly part: deep ones, each frame's names copied) only when
+        // they are the key.
+        let (key, stack) = match by {
+            // A Python function is known by its file too (`<module>` of each file apart).
+            GroupBy::Function if alloc.python => {
+                let f = crate::Frame {
+                    line: None,
+                    ..alloc.clone()
+                };
+                let label = f.label().into_owned();
+                add_to_row(&mut rows, label.clone(), &f, true, vec![label], site);
+                continue;
+            }
+            GroupBy::Function => (alloc.function.clone(), vec![alloc.function.clone()]),
+            GroupBy::Line => (describe(&alloc), vec![describe(&alloc)]),
+            GroupBy::Stack => {
+                let frames = sym.stack_frames(stacks, site.stack);
+                let s: Vec<String> = frames.iter().map(describe).collect();
+                (s.join(";"), s)
+            }
+        };
+        add_to_row(&mut rows, key, &alloc, by != GroupBy::Function, stack, site);
+    }
+    ranked(rows)
 }
 
 /// The allocating frame of a stack: its innermost Python frame when the interpreter was running

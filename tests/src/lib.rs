@@ -723,3 +723,25 @@ pub const CHROMIUM_FLAGS: [&str; 8] = [
     "--disable-component-update",
     "--disable-sync",
 ];
+/// A child process killed (and reaped) on drop, so that a failing test leaves none behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `exe` set to run with the shim preloaded directly (not under `memtrack run`, so that signals
+/// reach the traced process itself), recording into `capture`, in the executable's directory.
+pub fn shim_command(exe: &Path, capture: &Path) -> Command {
+    let mut cmd = Command::new(exe);
+    if let Some(dir) = exe.parent() {
+        cmd.current_dir(dir);
+    }
+    cmd.env("LD_PRELOAD", &binaries().preload)
+        .env("MEMTRACK_OUTPUT", capture)
+        .env_remove("MEMTRACK_LAUNCHER_PID");
+    cmd
+}

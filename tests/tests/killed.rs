@@ -4,18 +4,8 @@
 use memtrack_reader::Capture;
 use memtrack_tests::*;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Kills the child if the test fails before it does.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Allocations in the capture so far, read while the process still writes it (a torn tail is
 /// expected and fine).
@@ -31,15 +21,10 @@ fn sigkill_mid_run_leaves_a_readable_incomplete_capture() {
     let work = Work::new("killed");
     let exe = work.compile("killed.c");
     let capture = work.path("killed.cap");
-    let b = binaries();
     // The fixture is started directly with the shim, so that the SIGKILL reaches the traced
     // process itself (not `memtrack run`).
-    let child = Command::new(&exe)
+    let child = shim_command(&exe, &capture)
         .arg("loop")
-        .current_dir(work.dir())
-        .env("LD_PRELOAD", &b.preload)
-        .env("MEMTRACK_OUTPUT", &capture)
-        .env_remove("MEMTRACK_LAUNCHER_PID")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -104,7 +89,7 @@ fn sigkill_mid_run_leaves_a_readable_incomplete_capture() {
     assert_stack_starts_in(&cap, &stacks, sites[0].stack, &exe, &["grow", "main"]);
 
     // The text summary reads it too and says it is incomplete.
-    let out = Command::new(&b.memtrack)
+    let out = Command::new(&binaries().memtrack)
         .arg("summary")
         .arg(&capture)
         .output()

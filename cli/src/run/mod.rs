@@ -16,6 +16,80 @@ pub(crate) struct RunTree {
     pub(crate) follow_fork: bool,
     /// `--keep-all`: short helpers' captures are kept rather than folded into the root capture.
     pub(crate) keep_all: bool,
+    /// `--live`: the live view on the terminal, the command's output to a file.
+    pub(crate) live: Option<Live>,
+}
+
+/// `memtrack run --live`.
+pub(crate) struct Live {
+    /// `--live-output`.
+    pub(crate) output: Option<PathBuf>,
+}
+
+/// The file the command's standard output and error go to under `--live`.
+struct LogFile {
+    file: std::fs::File,
+    path: PathBuf,
+    /// The name to give it once the command's pid is known (the capture's name has `%p`).
+    named_after: Option<PathBuf>,
+}
+
+impl LogFile {
+    /// Creates `given`, or the capture's name `out` with `.out` for `.cap`.
+    fn create(given: Option<&Path>, out: &Path, force: bool) -> Result<LogFile> {
+        let (path, named_after) = match given {
+            Some(p) => (
+                std::path::absolute(p).with_context(|| format!("bad path {}", p.display()))?,
+                None,
+            ),
+            None => {
+                let s = out.to_string_lossy();
+                let s = s.strip_suffix(".cap").unwrap_or(&s);
+                let name = PathBuf::from(format!("{s}.out"));
+                if s.contains("%p") {
+                    let now = s.replace("%p", &format!("live-{}", std::process::id()));
+                    (PathBuf::from(format!("{now}.out")), Some(name))
+                } else {
+                    (name, None)
+                }
+            }
+        };
+        if path == out {
+            bail!(
+                "--live-output {} is the capture itself; give another file",
+                path.display()
+            );
+        }
+        if path.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+            bail!(
+                "cannot write the command's output to {}: it is a directory",
+                path.display()
+            );
+        }
+        if path.symlink_metadata().is_ok() && !force {
+            bail!(
+                "{} already exists; pass --force to overwrite it, or --live-output to choose another file",
+                path.display()
+            );
+        }
+        let file = std::fs::File::create(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(LogFile {
+            file,
+            path,
+            named_after,
+        })
+    }
+
+    /// Names the file after the command's pid, like its capture.
+    fn settle(&mut self, pid: u32) {
+        if let Some(t) = self.named_after.take() {
+            let to = process_tree::root_capture(&t, pid);
+            if std::fs::rename(&self.path, &to).is_ok() {
+                self.path = to;
+            }
+        }
+    }
 }
 
 pub(crate) fn cmd_run(
@@ -73,7 +147,17 @@ pub(crate) fn cmd_run(
         preload.push(":");
         preload.push(existing);
     }
+    let mut log = match &tree.live {
+        Some(l) => Some(LogFile::create(l.output.as_deref(), &out, force)?),
+        None => None,
+    };
     let mut cmd = std::process::Command::new(&command[0]);
+    if let Some(log) = &log {
+        // The terminal is the view's: the command gets no input from it.
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(log.file.try_clone()?)
+            .stderr(log.file.try_clone()?);
+    }
     cmd.args(&command[1..])
         .env("LD_PRELOAD", preload)
         .env("MEMTRACK_OUTPUT", &out)
@@ -160,7 +244,13 @@ pub(crate) fn cmd_run(
         Err(e) => bail!("cannot run {}: {e}", program.display()),
     };
     signals::CHILD.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
-    let status = child.wait().context("waiting for the command")?;
+    let status = match log.as_mut() {
+        Some(log) => {
+            log.settle(child.id());
+            watch(r, &out, &mut child, &log.path)?
+        }
+        None => child.wait().context("waiting for the command")?,
+    };
     let code = match (
         status.code(),
         std::os::unix::process::ExitStatusExt::signal(&status),
@@ -180,6 +270,12 @@ pub(crate) fn cmd_run(
         }
         process_tree::report_unrecorded(&cap, &unrecorded.unwrap_or_default());
         eprintln!("memtrack: report on it with: memtrack summary {shown}   (or flamegraph, table, tree, stats, plot)");
+        if let Some(log) = &log {
+            eprintln!(
+                "memtrack: the command's output is in {}",
+                log.path.display()
+            );
+        }
         if limits.any() {
             // The command's own failure wins; else the budgets decide.
             // On stderr: the program's standard output stays its own.
@@ -204,6 +300,38 @@ pub(crate) fn cmd_run(
         }
     }
     Ok(code)
+}
+
+/// `--live`: the live view of the command's capture until q, then waits for the command if it
+/// still runs (q leaves the view, it does not stop the command).
+fn watch(
+    r: &memtrack_reader::report::Reporter,
+    out: &Path,
+    child: &mut std::process::Child,
+    log: &Path,
+) -> Result<std::process::ExitStatus> {
+    let cap = process_tree::root_capture(out, child.id());
+    let mut running = crate::live::Running {
+        child,
+        log,
+        status: None,
+    };
+    let shown = crate::live::live(&r.options, &cap, Some(&mut running));
+    let status = running.status;
+    if let Err(e) = shown {
+        eprintln!("memtrack: the live view stopped: {e:#}");
+    }
+    match status {
+        Some(st) => Ok(st),
+        None => {
+            eprintln!(
+                "memtrack: left the live view; the command runs on (pid {}), its output going to {}; waiting for it to end (Ctrl-C stops it)",
+                child.id(),
+                log.display()
+            );
+            child.wait().context("waiting for the command")
+        }
+    }
 }
 
 /// That the tracker will be able to create `out` (absolute, `%p` standing for a pid): a file

@@ -205,7 +205,7 @@ pub fn window_words(view: View, w: &crate::Window, at: Option<f64>) -> String {
 /// `function (file.c:12)`, an absolute file shortened to its name (a relative one, such as a
 /// Python file's `pkg/mod.py`, kept: its folders tell files apart); `function (file)` without a
 /// line; the function alone without a file.
-fn location_label(function: &str, file: Option<&str>, line: Option<u32>) -> String {
+pub(crate) fn location_label(function: &str, file: Option<&str>, line: Option<u32>) -> String {
     let Some(f) = file else {
         return function.to_string();
     };
