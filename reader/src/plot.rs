@@ -1,5 +1,5 @@
-//! Memory over time as an SVG chart: the heap in use and resident memory, each in a panel of its
-//! own scale (a heap of kilobytes stays readable under a resident memory of gigabytes) on one
+//! Memory over time as an SVG chart: the heap in use, mapped memory (when the program mapped
+//! any) and resident memory, each in a panel of its own scale (a heap of kilobytes stays readable under a resident memory of gigabytes) on one
 //! time axis, each peak marked with its time and size; region bands below.
 
 use crate::capture::Capture;
@@ -44,23 +44,15 @@ impl Capture {
         let crate::Replayed { replay: r, .. } =
             self.replay_into(Replay::sampling(POINTS, span, by_event), u64::MAX);
         let peak = r.peak_bytes;
-        let mut points = Vec::with_capacity(POINTS);
-        let mut carry = 0u64;
-        for i in 0..POINTS {
-            points.push(match r.series_last[i] {
-                Some(last) => {
-                    let v = r.series[i].max(carry);
-                    carry = last;
-                    v
-                }
-                None => carry,
-            });
-        }
-        let peak_frac = if by_event {
-            r.peak_seq as f64 / span as f64
-        } else {
-            r.peak_time as f64 / span as f64
+        let points = carried(&r.series, &r.series_last);
+        let frac = |seq: u64, time: u64| {
+            if by_event {
+                seq as f64 / span as f64
+            } else {
+                time as f64 / span as f64
+            }
         };
+        let peak_frac = frac(r.peak_seq, r.peak_time);
         let peak_seconds = self.seconds(r.peak_time);
         let x_axis = if by_event {
             XAxis::Events(span)
@@ -88,9 +80,29 @@ impl Capture {
             note: None,
         };
         let mut panels = vec![heap];
-        // TODO(issue 22, mapped memory): a third panel, "mapped memory", from the replay's
-        // mapped series and its peak (`peak_mapped_bytes`, `peak_mapped_time`), built like
-        // the heap's; the chart stacks as many panels as it is given.
+        // Only when something was mapped: plots of programs that map nothing stay as they were.
+        if r.peak_mapped_bytes > 0 {
+            let peak = r.peak_mapped_bytes;
+            panels.push(Panel {
+                axis_title: "mapped memory",
+                colour: MAPPED_COLOUR,
+                height: 200.0,
+                series: vec![Series::whole(
+                    String::new(),
+                    MAPPED_COLOUR,
+                    carried(&r.mapped_series, &r.mapped_series_last),
+                )],
+                peak,
+                peak_frac: frac(r.peak_mapped_seq, r.peak_mapped_time),
+                peak_label: format!(
+                    "peak mapped {} ({} bytes) at {:.3} s",
+                    human_bytes(peak),
+                    grouped(peak),
+                    self.seconds(r.peak_mapped_time)
+                ),
+                note: None,
+            });
+        }
         panels.extend(self.rss_panel(POINTS, span, by_event));
         let what = if panels.len() > 1 {
             "memory"
@@ -205,6 +217,23 @@ impl Capture {
             })
             .collect()
     }
+}
+
+/// Per slice of a sampled series, its highest value, with the value after the last event of
+/// the slice before carried into it (and into slices without events).
+fn carried(most: &[u64], last: &[Option<u64>]) -> Vec<u64> {
+    let mut carry = 0u64;
+    most.iter()
+        .zip(last)
+        .map(|(&m, &l)| match l {
+            Some(l) => {
+                let v = m.max(carry);
+                carry = l;
+                v
+            }
+            None => carry,
+        })
+        .collect()
 }
 
 /// Height of one region band's row in a plot: its label's line and the band.
@@ -447,6 +476,8 @@ fn y_ticks(peak: u64) -> (f64, Vec<(f64, String)>) {
 const HEAP_COLOUR: &str = "#c0392b";
 /// Resident memory's colour.
 const RSS_COLOUR: &str = "#2471a3";
+/// Mapped memory's colour.
+const MAPPED_COLOUR: &str = "#7d3c98";
 
 /// One line of a panel: a value per slice of time (`None`: not known then, not drawn).
 struct Series {

@@ -97,6 +97,10 @@ pub struct Replay {
     pub series: Vec<u64>,
     /// The heap in use after the last event of each slice (`None`: no event in the slice).
     pub series_last: Vec<Option<u64>>,
+    /// Mapped memory over time, sampled like `series`: the most mapped in each slice.
+    pub mapped_series: Vec<u64>,
+    /// The bytes mapped after the last mapping event of each slice (`None`: none in it).
+    pub mapped_series_last: Vec<Option<u64>>,
     series_span: u64,
     series_by_event: bool,
     /// Live bytes and allocations where `--leaks` looks ([`Capture::leaks_seq`]), when the
@@ -182,10 +186,20 @@ impl Replay {
         Replay {
             series: vec![0; points.max(1)],
             series_last: vec![None; points.max(1)],
+            mapped_series: vec![0; points.max(1)],
+            mapped_series_last: vec![None; points.max(1)],
             series_span: span.max(1),
             series_by_event: by_event,
             ..Self::default()
         }
+    }
+
+    /// The slice of the sampled series that an event at `time`/`seq` falls in.
+    #[inline]
+    fn slice(&self, time: u64, seq: u64) -> usize {
+        let x = if self.series_by_event { seq } else { time };
+        let n = self.series.len() as u64;
+        ((x as u128 * n as u128) / self.series_span as u128).min(n as u128 - 1) as usize
     }
 
     #[inline]
@@ -193,11 +207,19 @@ impl Replay {
         if self.series.is_empty() {
             return;
         }
-        let x = if self.series_by_event { seq } else { time };
-        let n = self.series.len() as u64;
-        let i = ((x as u128 * n as u128) / self.series_span as u128).min(n as u128 - 1) as usize;
+        let i = self.slice(time, seq);
         self.series[i] = self.series[i].max(self.live_bytes);
         self.series_last[i] = Some(self.live_bytes);
+    }
+
+    #[inline]
+    fn sample_mapped(&mut self, time: u64, seq: u64) {
+        if self.mapped_series.is_empty() {
+            return;
+        }
+        let i = self.slice(time, seq);
+        self.mapped_series[i] = self.mapped_series[i].max(self.mapped_bytes);
+        self.mapped_series_last[i] = Some(self.mapped_bytes);
     }
 
     /// A replay that also keeps per-stack figures at the peak (see [`Replay::peak_by_stack`]).
@@ -290,6 +312,7 @@ impl Replay {
                     self.peak_mapped_time = ev.time;
                     self.mapped.mark_peak();
                 }
+                self.sample_mapped(ev.time, ev.seq);
                 return;
             }
         }

@@ -281,6 +281,38 @@ fn report_windows_show_each_phase_exactly() {
     );
     b.wait_ready(20);
 
+    // The timeline's mapped series: the 16 MiB map from 1.6 s to 2.0 s and nothing before,
+    // drawn with its legend, and its peak in a header card.
+    let mapped = b.eval(
+        "(() => { const D = JSON.parse(document.getElementById('memtrack-data').textContent); \
+         const at = (t) => D.mapped[Math.floor(t / D.span_seconds * D.mapped.length)]; \
+         return [Math.max(...D.mapped), at(1.0), at(1.8), D.summary.peak_mapped_bytes, \
+           [...document.querySelectorAll('#legend span')].map((s) => s.textContent), \
+           document.querySelectorAll('#tsvg path').length, \
+           [...document.querySelectorAll('.tile .k')].map((k) => k.textContent)]; })()",
+    );
+    assert_eq!(mapped[0], json!(16_777_216), "{mapped}");
+    assert_eq!(mapped[1], json!(0), "{mapped}");
+    assert_eq!(mapped[2], json!(16_777_216), "{mapped}");
+    assert_eq!(mapped[3], json!(16_777_216), "{mapped}");
+    assert_eq!(
+        mapped[4],
+        json!([
+            "Heap (high-water mark)",
+            "Mapped (mmap, high-water mark)",
+            "Resident (RSS)"
+        ]),
+        "{mapped}"
+    );
+    assert_eq!(mapped[5], json!(3), "{mapped}");
+    assert!(
+        mapped[6]
+            .as_array()
+            .unwrap()
+            .contains(&json!("Peak mapped")),
+        "{mapped}"
+    );
+
     // The whole run: the high-water mark is the 8 MiB phase.
     let (frames, rows, _) = b.shown();
     assert_eq!(frame_bytes(&frames, "all"), Some(8_388_608), "{frames:?}");

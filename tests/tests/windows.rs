@@ -328,7 +328,7 @@ fn bad_windows_are_errors() {
 }
 
 #[test]
-fn plot_draws_heap_and_resident_memory_each_on_its_own_scale() {
+fn plot_draws_heap_mapped_and_resident_memory_each_on_its_own_scale() {
     let (work, _) = capture();
     let out = work.path("phases-plot.svg");
     ok("plot", &["-o", out.to_str().unwrap()]);
@@ -382,7 +382,21 @@ fn plot_draws_heap_and_resident_memory_each_on_its_own_scale() {
     assert_eq!(heap.len(), 1000);
     let top = heap.iter().cloned().fold(f64::MAX, f64::min);
     assert!((top - (50.0 + 320.0 * (1.0 - 0.8))).abs() < 0.5, "{top}");
-    assert_eq!(svg.matches("<polyline").count(), 2, "heap and RSS lines");
+    // The 16 MiB mapping has a panel of its own, between the heap's and resident memory's.
+    assert!(texts.contains(&"mapped memory"), "{texts:?}");
+    let mapped_peak = texts
+        .iter()
+        .find_map(|t| t.strip_prefix("peak mapped 16.00 MiB (16,777,216 bytes) at "))
+        .unwrap_or_else(|| panic!("no mapped peak: {texts:?}"));
+    let at: f64 = mapped_peak.trim_end_matches(" s").parse().unwrap();
+    assert!((1.58..1.9).contains(&at), "{mapped_peak}");
+    let at = |t: &str| texts.iter().position(|x| *x == t).unwrap();
+    assert!(at("heap in use") < at("mapped memory") && at("mapped memory") < at("resident (RSS)"));
+    assert_eq!(
+        svg.matches("<polyline").count(),
+        3,
+        "heap, mapped and RSS lines"
+    );
 }
 
 #[test]

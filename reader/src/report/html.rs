@@ -99,6 +99,8 @@ pub fn report_with(r: &mut Reporter, subject: &Subject, row_budget: usize) -> Re
         peak_time_seconds: summary.peak_time_seconds,
         peak_rss_bytes: summary.peak_rss_bytes,
         peak_rss_time_seconds: summary.peak_rss_time_seconds,
+        peak_mapped_bytes: summary.peak_mapped_bytes,
+        peak_mapped_time_seconds: summary.peak_mapped_time_seconds,
         leaked_bytes: summary.leaked_bytes,
         leaked_allocations: summary.leaked_allocations,
         leaks_measured_at: summary.leaks_measured_at,

@@ -43,8 +43,9 @@ pub struct Data {
     pub rss: Vec<u64>,
     /// Per bucket: the seconds of its high-water mark.
     pub peak_time: Vec<f64>,
-    // TODO(mapped memory): a `mapped` column per bucket beside `heap` once the replay has
-    // `mapped_bytes`; the page draws every series listed in its SERIES table.
+    /// Per bucket: the high-water mark of the bytes mapped (mmap) in it; all 0 when the
+    /// program mapped nothing (the page then leaves the series out).
+    pub mapped: Vec<u64>,
     /// Frame labels, as the flamegraph command names them.
     pub frames: Vec<String>,
     /// The call tree of every stack, nodes in depth-first order (node 0 is the root): node `i`
@@ -89,6 +90,9 @@ pub struct Header {
     pub peak_time_seconds: f64,
     pub peak_rss_bytes: Option<u64>,
     pub peak_rss_time_seconds: Option<f64>,
+    /// 0 when the program mapped nothing.
+    pub peak_mapped_bytes: u64,
+    pub peak_mapped_time_seconds: f64,
     pub leaked_bytes: u64,
     pub leaked_allocations: u64,
     pub leaks_measured_at: &'static str,
@@ -172,6 +176,8 @@ pub fn build(cap: &Capture, sym: &mut Symbolizer, header: Header, row_budget: us
     let n = BUCKETS;
     // Pass 1: each bucket's high-water mark and the seq bound of its snapshot.
     let mut heap = vec![0u64; n];
+    let mut mapped = vec![0u64; n];
+    let mut mapped_carry = 0u64;
     let mut bound = vec![0u64; n];
     let mut peak_time = vec![0u64; n];
     let mut cur = 0usize;
@@ -185,7 +191,10 @@ pub fn build(cap: &Capture, sym: &mut Symbolizer, header: Header, row_budget: us
         while cur < k {
             cur += 1;
             (heap[cur], bound[cur], peak_time[cur]) = (carry, next_seq, last_time);
+            mapped[cur] = mapped_carry;
         }
+        mapped[k] = mapped[k].max(r.mapped_bytes);
+        mapped_carry = r.mapped_bytes;
         if r.live_bytes > heap[k] {
             (heap[k], bound[k], peak_time[k]) = (r.live_bytes, ev.seq + 1, ev.time);
         }
@@ -194,6 +203,7 @@ pub fn build(cap: &Capture, sym: &mut Symbolizer, header: Header, row_budget: us
     while cur + 1 < n {
         cur += 1;
         (heap[cur], bound[cur], peak_time[cur]) = (carry, next_seq, last_time);
+        mapped[cur] = mapped_carry;
     }
 
     // Pass 2: every allocation's interval.
@@ -305,6 +315,7 @@ pub fn build(cap: &Capture, sym: &mut Symbolizer, header: Header, row_budget: us
         },
         by_event: axis.by_event,
         heap,
+        mapped,
         rss: rss_per_bucket(cap, &axis),
         peak_time: peak_time.iter().map(|&t| cap.seconds(t)).collect(),
         threads,

@@ -94,6 +94,8 @@
     let t = tile("Peak heap", human(h.peak_bytes), "at " + secs(h.peak_time_seconds), exact(h.peak_bytes));
     t += h.peak_rss_bytes == null ? tile("Peak RSS", "n/a", "no samples") :
       tile("Peak RSS", human(h.peak_rss_bytes), "at " + secs(h.peak_rss_time_seconds), exact(h.peak_rss_bytes));
+    if (h.peak_mapped_bytes > 0)
+      t += tile("Peak mapped", human(h.peak_mapped_bytes), "at " + secs(h.peak_mapped_time_seconds), exact(h.peak_mapped_bytes));
     t += tile("Leaked", human(h.leaked_bytes), plural(h.leaked_allocations, "allocation") +
       (h.leaks_measured_at === "python_program_end" ? " (at Python's end)" : ""), exact(h.leaked_bytes),
       h.leaked_bytes > 0 ? "bad" : "ok");
@@ -106,8 +108,9 @@
   }
 
   // ---- the timeline ----
-  const SERIES = [ // TODO(mapped memory): { key: "mapped", name: "Mapped", color: "var(--mapped)" }
+  const SERIES = [
     { key: "heap", name: "Heap (high-water mark)", color: "var(--heap)" },
+    { key: "mapped", name: "Mapped (mmap, high-water mark)", color: "var(--mapped)" },
     { key: "rss", name: "Resident (RSS)", color: "var(--rss)" },
   ].filter((s) => D[s.key] && D[s.key].some((v) => v > 0));
   const ML = 72, MR = 12, MT = 8, MB = 20;
