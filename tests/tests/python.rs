@@ -34,12 +34,27 @@ fn version_of(program: &Path) -> Option<String> {
 /// The supported interpreters on this machine: `python3` when it is 3.11 (CI's machines have
 /// it: there, its absence is a failure), and 3.12 and 3.13 as `python3.12` / `python3.13` on
 /// the PATH or in pyenv's versions folder. An empty list means the tests say so and pass.
+/// `sys.executable` of `program` (itself when it cannot say).
+fn real_executable(program: &str) -> PathBuf {
+    std::process::Command::new(program)
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from(program))
+}
+
 fn pythons() -> Vec<Py> {
     let mut found = Vec::new();
     match version_of(Path::new("python3")) {
+        // The interpreter itself, not a launcher (pyenv's shim is a bash script that execs
+        // several helpers: on a loaded machine they outlive the short-helper threshold and
+        // the capture becomes a tree, which these tests are not about).
         Some(v) if v == "3.11" => found.push(Py {
             version: v,
-            program: "python3".into(),
+            program: real_executable("python3"),
         }),
         v => {
             assert!(
