@@ -68,6 +68,7 @@ pub mod record;
 mod records;
 mod region;
 mod rss;
+pub mod sampling;
 mod varint;
 
 pub use chunk::{
@@ -85,6 +86,7 @@ pub use records::{
 };
 pub use region::RegionNameRecord;
 pub use rss::RssRecord;
+pub use sampling::SamplingRecord;
 pub use varint::{
     push_uvarint_bytewise, put_bytes, put_ivarint, put_uvarint, read_uvarint, ByteSink,
 };

@@ -56,3 +56,13 @@ pub const MAPPED: u8 = 14;
 /// then the path as bytes. Written once per path, before the first `MAP` that names it: see
 /// [`crate::MapFileRecord`].
 pub const MAP_FILE: u8 = 15;
+/// The capture records only a sample of the heap's allocations: `rate_bytes` uvarint (the
+/// mean gap, in bytes, between sampled bytes: see [`crate::SamplingRecord`]). Written once,
+/// right after the header, before any event. A reader that knows it weights each sampled
+/// block (see [`crate::sampling::weight`]); an old reader skips it and reports the samples'
+/// own sizes.
+pub const SAMPLING: u8 = 16;
+/// An aggregated capture's checkpoint: per-stack figures now and at the peak so far, heap and
+/// RSS. Aggregated captures hold no events; the payload is defined in `crate::checkpoint`
+/// (added with aggregated recording).
+pub const CHECKPOINT: u8 = 17;
