@@ -438,7 +438,18 @@ fn a_pyenv_shim_leaves_the_interpreters_capture() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("p.cap"))
         .collect();
-    assert!(files.len() <= 2, "{files:?}\n{stderr}");
+    // pyenv's bash helpers are folded as short helpers when they end within 2 s; on a loaded
+    // machine they may take longer and keep captures of their own, but never the interpreter.
+    for f in files.iter().filter(|f| f.as_str() != "p.cap") {
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(&format!("{f} ")))
+            .unwrap_or_else(|| panic!("{f} is not listed:\n{stderr}"));
+        assert!(
+            line.contains("pyenv") && !line.contains("python"),
+            "a capture other than pyenv's helpers beside the interpreter's: {line}\n{stderr}"
+        );
+    }
     let summary = summary_json(&cap);
     let procs = processes(&summary);
     let first = &procs[0];
