@@ -17,6 +17,8 @@ struct Live {
     count: u64,
     /// Its term of the live estimate's variance (0 unless sampled).
     var: u64,
+    /// Its recorded size (what `size` is an estimate from).
+    raw: u64,
 }
 
 /// Bytes and allocation count attributed to one stack.
@@ -103,6 +105,10 @@ pub struct Replay {
     live_count: u64,
     /// Allocation events applied (the raw count of recorded blocks, whatever the weights).
     pub recorded_allocations: u64,
+    /// Recorded (unweighted) bytes: live now, live at the estimated peak, allocated in all.
+    pub live_raw: u64,
+    pub peak_raw: u64,
+    pub recorded_bytes: u64,
     pub live_bytes: u64,
     pub peak_bytes: u64,
     pub peak_allocations: u64,
@@ -137,6 +143,8 @@ pub struct Replay {
     pub live_at_leaks_seq: Option<(u64, u64)>,
     /// The live estimate's variance there (sampled captures).
     pub var_at_leaks_seq: Option<u128>,
+    /// Recorded (unweighted) bytes and blocks live there.
+    pub raw_at_leaks_seq: Option<(u64, u64)>,
     /// Live bytes just before the sequence value of the capture's highest RSS sample
     /// ([`Capture::peak_rss`]), when the replay got past it.
     pub live_at_peak_rss: Option<u64>,
@@ -281,6 +289,7 @@ impl Replay {
                 stack,
                 count: 1,
                 var: 0,
+                raw: size,
             };
         }
         use memtrack_format::sampling;
@@ -290,6 +299,7 @@ impl Replay {
             stack,
             count: (sampling::count_weight(size, rate).round() as u64).max(1),
             var: sampling::variance(size, rate).round() as u64,
+            raw: size,
         }
     }
 
@@ -299,6 +309,7 @@ impl Replay {
         self.live_bytes = self.live_bytes.saturating_add(l.size);
         self.live_count = self.live_count.saturating_add(l.count);
         self.live_var += l.var as u128;
+        self.live_raw = self.live_raw.saturating_add(l.raw);
     }
 
     #[inline]
@@ -306,6 +317,7 @@ impl Replay {
         self.live_bytes = self.live_bytes.saturating_sub(l.size);
         self.live_count = self.live_count.saturating_sub(l.count);
         self.live_var = self.live_var.saturating_sub(l.var as u128);
+        self.live_raw = self.live_raw.saturating_sub(l.raw);
     }
 
     #[inline]
@@ -317,6 +329,11 @@ impl Replay {
             self.site(old, -1);
         }
         self.add_live(l);
+    }
+
+    /// Recorded blocks live now (unweighted).
+    pub fn live_recorded(&self) -> u64 {
+        self.live.len() as u64
     }
 
     /// The standard error of the live-bytes estimate now (0 for a full capture).
@@ -348,6 +365,7 @@ impl Replay {
                 }
                 let l = self.weigh(size, stack);
                 self.recorded_allocations += 1;
+                self.recorded_bytes = self.recorded_bytes.saturating_add(size);
                 self.total_allocations = self.total_allocations.saturating_add(l.count);
                 self.total_bytes = self.total_bytes.saturating_add(l.size);
                 self.insert(addr, l);
@@ -355,6 +373,7 @@ impl Replay {
                     self.peak_bytes = self.live_bytes;
                     self.peak_allocations = self.live_count;
                     self.peak_var = self.live_var;
+                    self.peak_raw = self.live_raw;
                     self.peak_seq = ev.seq;
                     self.peak_time = ev.time;
                     if let Some(t) = self.sites.as_mut() {
@@ -417,6 +436,7 @@ impl Replay {
         self.live_bytes = 0;
         self.live_count = 0;
         self.live_var = 0;
+        self.live_raw = 0;
         self.mapped.clear();
         self.mapped_bytes = 0;
     }
@@ -613,6 +633,8 @@ impl Capture {
                 if ev.seq > cut && r.live_at_leaks_seq.is_none() {
                     r.live_at_leaks_seq = Some((r.live_bytes, r.live_allocations()));
                     r.var_at_leaks_seq = Some(r.live_var);
+                    r.raw_at_leaks_seq = Some((r.live_raw, r.live.len() as u64));
+                    r.raw_at_leaks_seq = Some((r.live_raw, r.live.len() as u64));
                 }
                 r.apply(ev);
                 step(Step::After, &r, ev);
