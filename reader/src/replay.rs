@@ -49,14 +49,15 @@ impl SiteSums {
 
     /// Adds a block that stands for `count` allocations.
     #[inline]
-    pub(crate) fn add_weighted(&mut self, stack: u32, size: u64, count: u64) {
+    pub(crate) fn add_weighted(&mut self, stack: u32, size: u64, count: u64, raw: u64) {
         let e = self.0.entry(stack).or_insert(SiteTotal {
             stack,
             ..Default::default()
         });
         e.bytes = e.bytes.saturating_add(size);
         e.allocations += count;
-        e.max = e.max.max(size);
+        // The largest block recorded (a weight is not a block's size).
+        e.max = e.max.max(raw);
     }
 
     /// Sets a stack's figures (what it holds is already summed up elsewhere).
@@ -492,7 +493,7 @@ impl Replay {
     pub fn live_by_stack(&self) -> Vec<SiteTotal> {
         let mut sums = SiteSums::default();
         for l in self.live.values() {
-            sums.add_weighted(l.stack, l.size, l.count);
+            sums.add_weighted(l.stack, l.size, l.count, l.raw);
         }
         sums.into_sorted()
     }
@@ -656,6 +657,17 @@ impl Capture {
             stacks,
             corrupt_chunks: errors,
         }
+    }
+
+    /// The bytes and allocations a recorded block of `size` bytes stands for: itself in a
+    /// full capture, its sampling weights in a sampled one (rounded as the replay rounds them).
+    pub fn weighed(&self, size: u64) -> (u64, u64) {
+        let l = Replay {
+            sample_rate: self.sample_rate().unwrap_or(0),
+            ..Replay::default()
+        }
+        .weigh(size, 0);
+        (l.size, l.count)
     }
 
     /// Replays the whole capture.
