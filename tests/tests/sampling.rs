@@ -37,6 +37,16 @@ fn truth() -> (u64, u64, u64) {
 
 /// `memtrack run [--sample-rate RATE --sample-seed SEED] -o <name> -- exe`.
 fn record(work: &Work, name: &str, exe: &Path, sampling: Option<u64>) -> PathBuf {
+    record_args(work, name, exe, sampling, &[])
+}
+
+fn record_args(
+    work: &Work,
+    name: &str,
+    exe: &Path,
+    sampling: Option<u64>,
+    args: &[&str],
+) -> PathBuf {
     let capture = work.path(name);
     let mut cmd = Command::new(&binaries().memtrack);
     cmd.arg("run").arg("-o").arg(&capture).arg("--force");
@@ -48,7 +58,7 @@ fn record(work: &Work, name: &str, exe: &Path, sampling: Option<u64>) -> PathBuf
             &seed.to_string(),
         ]);
     }
-    cmd.arg("--").arg(exe).current_dir(work.dir());
+    cmd.arg("--").arg(exe).args(args).current_dir(work.dir());
     cmd.env_remove("MEMTRACK_LAUNCHER_PID")
         .env_remove("MEMTRACK_OUTPUT")
         .env_remove("LD_PRELOAD")
@@ -170,4 +180,85 @@ fn sampled_estimates_are_within_their_error_over_seeded_runs() {
     let (code, dump) = memtrack(&["dump", cap.to_str().unwrap()]);
     assert_eq!(code, 0, "{dump}");
     assert!(dump.contains(&BIG.to_string()), "the raw 64 MiB block");
+}
+
+#[test]
+fn check_and_diff_take_the_error_into_account() {
+    let work = Work::new("sampling-check");
+    let exe = work.compile("sample_mix.c");
+    let (peak, _, _) = truth();
+    let cap = record(&work, "s.cap", &exe, Some(7));
+    let path = cap.to_str().unwrap();
+    let j = summary_json(&cap);
+    let (est, se) = (
+        json_u64(&j, "peak_bytes"),
+        json_u64(&j, "peak_stderr_bytes"),
+    );
+    assert!(se > 0);
+
+    // A limit just below the estimate but above estimate - 2 SE: not exceeded, and said why.
+    let limit = (est - se).to_string();
+    let (code, text) = memtrack(&["check", path, "--max-peak", &limit]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("max-peak                 ≈ "), "{text}");
+    assert!(text.contains("at least"), "{text}");
+    assert!(
+        text.contains("minus two standard errors") && text.contains("the bytes actually recorded"),
+        "{text}"
+    );
+    // Below what was recorded at the peak (the 64 MiB block alone): certainly exceeded.
+    let (code, text) = memtrack(&["check", path, "--max-peak", "60MiB", "--json"]);
+    assert_eq!(code, 1, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("check --json");
+    let l = &v["limits"][0];
+    assert_eq!(l["exceeded"], true, "{v}");
+    assert_eq!(l["stderr"].as_u64(), Some(se), "{v}");
+    let lb = l["lower_bound"].as_u64().unwrap();
+    assert!(lb >= BIG && lb <= est, "{v}");
+    // A full capture's check says nothing of bounds.
+    let full = record(&work, "full.cap", &exe, None);
+    let (code, text) = memtrack(&[
+        "check",
+        full.to_str().unwrap(),
+        "--max-peak",
+        &peak.to_string(),
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        !text.contains("at least") && !text.contains("sampled"),
+        "{text}"
+    );
+
+    // diff: the same program sampled twice: any difference is within the noise.
+    let other = record(&work, "s2.cap", &exe, Some(8));
+    let (code, text) = memtrack(&[
+        "diff",
+        path,
+        other.to_str().unwrap(),
+        "--format",
+        "table",
+        "--fail-on-growth",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("growth fails the limit only when it is also above twice its standard error"),
+        "{text}"
+    );
+    // Without the 64 MiB block in the base: the growth is far beyond the error.
+    let base = record_args(&work, "base.cap", &exe, Some(9), &["no-big-block"]);
+    let (code, text) = memtrack(&[
+        "diff",
+        base.to_str().unwrap(),
+        path,
+        "--format",
+        "table",
+        "--fail-on-growth",
+        "10%",
+    ]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("more than 10% and 2 standard errors"),
+        "{text}"
+    );
 }
