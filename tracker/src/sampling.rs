@@ -338,7 +338,7 @@ impl SampledSet {
         if addr <= TOMB {
             return false;
         }
-        let ok = self.locked(|s| {
+        self.locked(|s| {
             if (s.used.get() + 1) * 4 > s.cap.get() * 3 {
                 let _errno = crate::guard::SaveErrno::new();
                 if !s.rebuild() && (s.used.get() + 2) > s.cap.get() {
@@ -358,8 +358,7 @@ impl SampledSet {
                 s.count(addr, true);
             }
             !found
-        });
-        ok
+        })
     }
 
     /// True when `addr` may be a sampled block (one load; false positives are possible).
@@ -371,7 +370,7 @@ impl SampledSet {
 
     /// Removes `addr` if it is a sampled block: true when it was (its free is to be recorded).
     pub(crate) fn remove(&self, addr: u64) -> bool {
-        let found = self.locked(|s| {
+        self.locked(|s| {
             let (i, found) = s.find(addr);
             if found {
                 // SAFETY: i < cap.
@@ -380,8 +379,7 @@ impl SampledSet {
                 s.count(addr, false);
             }
             found
-        });
-        found
+        })
     }
 }
 
