@@ -461,7 +461,7 @@ fn print_summary(
     if let (true, Some(rate)) = (s.sampled, s.sample_rate_bytes) {
         writeln!(
             out,
-            "  sampling:       heap figures are estimates from {} sampled at {} (each stands for the bytes and calls it represents); ± is one standard error",
+            "  sampling:       heap figures are estimates from {} sampled at {} (each stands for the bytes and calls it represents); ± is one standard error; the peak is the highest of the running estimates, so on a heap that stays near its peak for long it reads high (by up to about 3 standard errors)",
             count(s.sampled_allocations, "allocation"),
             human_bytes(rate)
         )?;
