@@ -89,6 +89,13 @@ pub fn summary(
     let heading_at;
     let (top, heading) = if let (Some((f, _)), Some(top)) = (&window, window_top) {
         print_window(out, f)?;
+        if let Some(rate) = cap.sample_rate() {
+            writeln!(
+                out,
+                "    (a sampled capture, at {}: the window's figures are estimates, without a standard error; its high-water mark reads high like the peak's)",
+                human_bytes(rate)
+            )?;
+        }
         heading_at = if f.at {
             format!(
                 "top locations live at {}:",
