@@ -11,6 +11,7 @@ pub(crate) const EXAMPLES: &str = "\
 EXAMPLES:
     memtrack run -o svc.cap -- ./my-service --port 8080
     memtrack run --live -- ./my-service        # watch its heap while it runs
+    memtrack run --sample-rate 512KiB -o svc.cap -- ./my-service   # production: sampled
     memtrack summary svc.cap
     memtrack summary svc.cap --json | jq .peak_bytes
     memtrack flamegraph svc.cap -o peak.svg
@@ -54,7 +55,7 @@ pub(crate) struct Cli {
 pub(crate) enum Cmd {
     /// Run a command with every allocation recorded into a capture file.
     #[command(
-        after_help = "EXAMPLES:\n    memtrack run -- ./my-service --port 8080\n    memtrack run -o svc.cap --force -- python3 app.py\n    memtrack run --live -- ./my-service --port 8080     # watch it; output in memtrack-my-service.<pid>.out"
+        after_help = "EXAMPLES:\n    memtrack run -- ./my-service --port 8080\n    memtrack run -o svc.cap --force -- python3 app.py\n    memtrack run --live -- ./my-service --port 8080     # watch it; output in memtrack-my-service.<pid>.out\n    memtrack run --sample-rate 512KiB -- ./my-service   # sampled: cheap enough for production"
     )]
     Run {
         /// Capture file to write [default: memtrack-<command>.<pid>.cap in the current directory]
@@ -85,6 +86,16 @@ pub(crate) enum Cmd {
         /// capture's name with `.out` for `.cap`].
         #[arg(long, value_name = "FILE", requires = "live")]
         live_output: Option<PathBuf>,
+        /// Record a sample of the allocations: on average one per SIZE bytes allocated
+        /// (exponential gaps, as tcmalloc and jemalloc sample; a block much larger than SIZE
+        /// is always recorded). Reports then give estimates with their standard error.
+        /// Sets MEMTRACK_SAMPLE_RATE for the command. SIZE: 524288, 512KiB, 2MiB.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        sample_rate: Option<u64>,
+        /// With `--sample-rate`: the seed of the sampling's random gaps, for reproducible
+        /// runs (MEMTRACK_SAMPLE_SEED). Default: from the clock.
+        #[arg(long, value_name = "N", requires = "sample_rate")]
+        sample_seed: Option<u64>,
         /// Budgets checked when the command has finished (see `memtrack check`).
         #[command(flatten)]
         limits: LimitArgs,

@@ -98,10 +98,14 @@ fn dispatch(
             keep_all,
             live,
             live_output,
+            sample_rate,
+            sample_seed,
             limits,
             command,
         } => {
             let tree = run::RunTree {
+                sample_rate,
+                sample_seed,
                 follow_fork: !no_follow_fork,
                 keep_all,
                 live: live.then_some(run::Live {

@@ -101,6 +101,8 @@ pub struct Capture {
     /// The files behind file-backed mappings, by id (`MAP_FILE` records; the first of an id
     /// wins).
     pub map_files: std::collections::HashMap<u32, String>,
+    /// How the capture was sampled (`SAMPLING`), None for a capture of every allocation.
+    pub sampling: Option<memtrack_format::SamplingRecord>,
 }
 
 /// One event, in global order.
@@ -175,6 +177,7 @@ impl Capture {
             python_end: None,
             region_names: Default::default(),
             map_files: Default::default(),
+            sampling: None,
             rss: Vec::new(),
             min_offset_from: Vec::new(),
             progress: Default::default(),
@@ -352,6 +355,17 @@ impl Capture {
                         Err(e) => self.warnings.push(bad(e)),
                     }
                 }
+                record::SAMPLING => {
+                    let payload = read(payload_off, plen as usize);
+                    match memtrack_format::SamplingRecord::decode(&payload) {
+                        // The first one holds: every image of a process samples alike.
+                        Ok(r) if r.rate_bytes > 1 => {
+                            self.sampling.get_or_insert(r);
+                        }
+                        Ok(_) => {}
+                        Err(e) => self.warnings.push(bad(e)),
+                    }
+                }
                 record::DROPPED => {
                     let payload = read(payload_off, plen as usize);
                     match memtrack_format::DroppedRecord::decode(&payload) {
@@ -364,6 +378,17 @@ impl Capture {
             off = end;
         }
         (off, None)
+    }
+
+    /// Mean bytes between samples when the capture is sampled (its heap figures are then
+    /// estimates); None when every allocation was recorded.
+    pub fn sample_rate(&self) -> Option<u64> {
+        self.sampling.map(|s| s.rate_bytes)
+    }
+
+    /// True when the capture holds a sample of the allocations.
+    pub fn sampled(&self) -> bool {
+        self.sampling.is_some()
     }
 
     /// The header of the image that ran last (the launched program, or what it exec'd into).

@@ -54,6 +54,14 @@ pub struct LimitResult {
     /// In a process tree, when exceeded: the processes that contribute most, largest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub processes: Vec<ProcessShare>,
+    /// A sampled capture: `measured` is an estimate and the limit is exceeded only when
+    /// `lower_bound` is above it: max(estimate - 2 standard errors, the recorded bytes or
+    /// count, which the truth cannot be below) for peak and leaked bytes, the recorded figure
+    /// for counts and totals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lower_bound: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<u64>,
     /// A region's limit (`check --region NAME`): the region it applies to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
@@ -129,6 +137,8 @@ fn limits(budget: &Budget, figure: impl Fn(&str) -> u64) -> Vec<LimitResult> {
             exceeded: measured > limit,
             top: Vec::new(),
             processes: Vec::new(),
+            lower_bound: None,
+            stderr: None,
             region: None,
         })
     })
@@ -225,6 +235,30 @@ impl Capture {
             "max_allocations" => s.total_allocations,
             _ => s.total_bytes,
         });
+        if s.sampled {
+            let (raw_leaked, raw_leaked_n) = match (self.python_end, r.raw_at_leaks_seq) {
+                (Some(_), Some(at)) => at,
+                _ => (r.live_raw, r.live_recorded()),
+            };
+            for l in out.iter_mut() {
+                let (se, raw) = match l.name {
+                    "max_peak" => (s.peak_stderr_bytes, r.peak_raw),
+                    "max_leaked" => (s.leaked_stderr_bytes, raw_leaked),
+                    "max_leaked_allocations" => (0, raw_leaked_n),
+                    "max_allocations" => (0, r.recorded_allocations),
+                    _ => (0, r.recorded_bytes),
+                };
+                let estimated = matches!(l.name, "max_peak" | "max_leaked");
+                let bound = if estimated {
+                    l.measured.saturating_sub(2 * se).max(raw)
+                } else {
+                    raw
+                };
+                l.lower_bound = Some(bound);
+                l.stderr = estimated.then_some(se);
+                l.exceeded = bound > l.limit;
+            }
+        }
         let mut allocated = None;
         let mut leaks = None;
         for l in out.iter_mut().filter(|l| l.exceeded) {

@@ -87,6 +87,31 @@ pub struct Diff {
     /// capture's clock.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<crate::Window>,
+    /// When either capture is sampled: the totals are estimates, with these errors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<DiffSampling>,
+}
+
+/// The sampling of the two sides of a diff (`sample_rate_bytes` null: a full capture).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct DiffSampling {
+    pub before_sample_rate_bytes: Option<u64>,
+    pub after_sample_rate_bytes: Option<u64>,
+    /// Standard errors of the two totals (0 where not known: a full capture, or a view
+    /// whose error is not tracked).
+    pub before_stderr_bytes: u64,
+    pub after_stderr_bytes: u64,
+}
+
+impl DiffSampling {
+    /// The standard error of the growth: sqrt(se1² + se2²).
+    pub fn growth_stderr(&self) -> u64 {
+        let (a, b) = (
+            self.before_stderr_bytes as f64,
+            self.after_stderr_bytes as f64,
+        );
+        (a * a + b * b).sqrt().round() as u64
+    }
 }
 
 impl Diff {
@@ -236,6 +261,7 @@ impl Diff {
         };
         Diff {
             window: None,
+            sampling: None,
             view: view.name(),
             before_bytes: sum(&base, |v| v.bytes),
             after_bytes: sum(&new, |v| v.bytes),

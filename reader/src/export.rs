@@ -18,6 +18,8 @@ pub struct JsonExport {
     processes: Vec<(u32, String)>,
     /// `--at`, `--between`: the window of time, and when what the view holds was live.
     pub window: Option<(crate::Window, Option<f64>)>,
+    /// Mean bytes between samples when the capture is sampled: the figures are estimates.
+    pub sample_rate: Option<u64>,
 }
 
 struct Stack {
@@ -91,6 +93,13 @@ impl JsonExport {
                 v["at_seconds"] = (*at).into();
             }
             writeln!(w, "\"window\": {v},")?;
+        }
+        if let Some(rate) = self.sample_rate {
+            writeln!(
+                w,
+                "\"sampled\": true, \"sample_rate_bytes\": {rate}, \"note\": {},",
+                json(&"bytes and allocations are estimates from a sample of the allocations")?
+            )?;
         }
         if !inline_frames {
             w.write_all(b"\"frames\": [")?;

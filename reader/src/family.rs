@@ -344,6 +344,7 @@ impl ProcessTree {
                     peak_mapped_bytes: 0,
                     peak_mapped_time_seconds: 0.0,
                     mapped_at_exit_bytes: 0,
+                    ..Summary::default()
                 },
                 start_mono_ns: d.start_mono_ns,
                 end_mono_ns: d.end_mono_ns,

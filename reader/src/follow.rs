@@ -415,6 +415,7 @@ impl Follower {
             self.replay.exec_reset();
             self.execs += 1;
         }
+        self.replay.sample_rate = self.cap.sample_rate().unwrap_or(0);
         self.replay.apply(ev);
         self.applied = Some(self.applied.map_or(ev.seq, |a| a.max(ev.seq)));
         if ev.kind.is_heap() {

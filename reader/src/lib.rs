@@ -69,7 +69,7 @@ mod window;
 
 pub use capture::{Capture, ChunkRef, Event, ReadError, Warning};
 pub use check::{Budget, Contributor, LimitResult, ProcessShare};
-pub use diff::{Diff, DiffRow, DiffSide, DiffStack};
+pub use diff::{Diff, DiffRow, DiffSampling, DiffSide, DiffStack};
 pub use export::JsonExport;
 pub use family::{
     child_captures, shell_command, shell_quote, ChildCapture, Process, ProcessFigures, ProcessTree,

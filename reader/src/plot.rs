@@ -111,8 +111,15 @@ impl Capture {
         };
         let svg = chart(
             &format!(
-                "memtrack: {what} over time ({})",
-                crate::shell_command(&self.last_image().argv)
+                "memtrack: {what} over time ({}){}",
+                crate::shell_command(&self.last_image().argv),
+                match self.sample_rate() {
+                    Some(rate) => format!(
+                        ", heap estimated from allocations sampled at {}",
+                        crate::human_bytes(rate)
+                    ),
+                    None => String::new(),
+                }
             ),
             &panels,
             x_axis,

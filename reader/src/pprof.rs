@@ -294,10 +294,20 @@ pub fn profile_of(mut pieces: Vec<Piece<'_>>) -> Vec<u8> {
         .map_or(header.start_unix_ns, |h| h.start_unix_ns);
     let period_type = value_type(&mut strings, "space", "bytes");
     let default_type = strings.id("inuse_space");
+    let sampled = match pieces.iter().find_map(|p| p.cap.sample_rate()) {
+        Some(rate) => format!(
+            "; values are ESTIMATES from allocations sampled at one per {} bytes on average",
+            rate
+        ),
+        None => String::new(),
+    };
     let comment = strings.id(&match pieces.len() {
-        1 => format!("memtrack capture of {}", crate::shell_command(&header.argv)),
+        1 => format!(
+            "memtrack capture of {}{sampled}",
+            crate::shell_command(&header.argv)
+        ),
         n => format!(
-            "memtrack capture of {} and {} more processes",
+            "memtrack capture of {} and {} more processes{sampled}",
             crate::shell_command(&header.argv),
             n - 1
         ),

@@ -811,6 +811,8 @@ impl Capture {
                     exceeded,
                     top,
                     processes: Vec::new(),
+                    lower_bound: None,
+                    stderr: None,
                     region: Some(b.name.clone()),
                 });
             }

@@ -10,8 +10,15 @@ type Map<K, V> = memtrack_format::hash::FastMap<K, V>;
 
 #[derive(Clone, Copy, Debug)]
 struct Live {
+    /// The bytes the block stands for: its size, or its weight in a sampled capture.
     size: u64,
     stack: u32,
+    /// The allocations it stands for (1, or the count weight when sampled).
+    count: u64,
+    /// Its term of the live estimate's variance (0 unless sampled).
+    var: u64,
+    /// Its recorded size (what `size` is an estimate from).
+    raw: u64,
 }
 
 /// Bytes and allocation count attributed to one stack.
@@ -38,6 +45,19 @@ impl SiteSums {
         e.bytes = e.bytes.saturating_add(size);
         e.allocations += 1;
         e.max = e.max.max(size);
+    }
+
+    /// Adds a block that stands for `count` allocations.
+    #[inline]
+    pub(crate) fn add_weighted(&mut self, stack: u32, size: u64, count: u64, raw: u64) {
+        let e = self.0.entry(stack).or_insert(SiteTotal {
+            stack,
+            ..Default::default()
+        });
+        e.bytes = e.bytes.saturating_add(size);
+        e.allocations += count;
+        // The largest block recorded (a weight is not a block's size).
+        e.max = e.max.max(raw);
     }
 
     /// Sets a stack's figures (what it holds is already summed up elsewhere).
@@ -74,6 +94,22 @@ fn sorted(mut v: Vec<SiteTotal>) -> Vec<SiteTotal> {
 pub struct Replay {
     live: Map<u64, Live>,
     pending_realloc: Map<u32, (u64, Live)>,
+    /// Mean bytes between samples when the capture is sampled (0: every allocation is in
+    /// it). Sampled blocks are weighted here, in [`Replay::apply`], the one place sizes enter
+    /// the heap figures: every figure of a sampled capture is an estimate.
+    pub sample_rate: u64,
+    /// Variance of the live-bytes estimate (sum over live sampled blocks), and its value at
+    /// the peak; 0 for a full capture.
+    pub live_var: u128,
+    pub peak_var: u128,
+    /// Allocations live now (weighted when sampled) and sampled blocks live now.
+    live_count: u64,
+    /// Allocation events applied (the raw count of recorded blocks, whatever the weights).
+    pub recorded_allocations: u64,
+    /// Recorded (unweighted) bytes: live now, live at the estimated peak, allocated in all.
+    pub live_raw: u64,
+    pub peak_raw: u64,
+    pub recorded_bytes: u64,
     pub live_bytes: u64,
     pub peak_bytes: u64,
     pub peak_allocations: u64,
@@ -106,6 +142,10 @@ pub struct Replay {
     /// Live bytes and allocations where `--leaks` looks ([`Capture::leaks_seq`]), when the
     /// capture marks a Python program's end and the replay got there.
     pub live_at_leaks_seq: Option<(u64, u64)>,
+    /// The live estimate's variance there (sampled captures).
+    pub var_at_leaks_seq: Option<u128>,
+    /// Recorded (unweighted) bytes and blocks live there.
+    pub raw_at_leaks_seq: Option<(u64, u64)>,
     /// Live bytes just before the sequence value of the capture's highest RSS sample
     /// ([`Capture::peak_rss`]), when the replay got past it.
     pub live_at_peak_rss: Option<u64>,
@@ -233,8 +273,52 @@ impl Replay {
     #[inline]
     fn site(&mut self, l: Live, sign: i64) {
         if let Some(t) = self.sites.as_mut() {
-            t.change(l.stack, sign as i128 * l.size as i128, sign);
+            t.change(
+                l.stack,
+                sign as i128 * l.size as i128,
+                sign * l.count as i64,
+            );
         }
+    }
+
+    /// A recorded block of `size` bytes as the heap figures count it.
+    #[inline]
+    fn weigh(&self, size: u64, stack: u32) -> Live {
+        if self.sample_rate == 0 {
+            return Live {
+                size,
+                stack,
+                count: 1,
+                var: 0,
+                raw: size,
+            };
+        }
+        use memtrack_format::sampling;
+        let rate = self.sample_rate;
+        Live {
+            size: sampling::weight(size, rate).round() as u64,
+            stack,
+            count: (sampling::count_weight(size, rate).round() as u64).max(1),
+            var: sampling::variance(size, rate).round() as u64,
+            raw: size,
+        }
+    }
+
+    #[inline]
+    fn add_live(&mut self, l: Live) {
+        // Saturating: sizes from a damaged capture must not overflow (a real heap cannot).
+        self.live_bytes = self.live_bytes.saturating_add(l.size);
+        self.live_count = self.live_count.saturating_add(l.count);
+        self.live_var += l.var as u128;
+        self.live_raw = self.live_raw.saturating_add(l.raw);
+    }
+
+    #[inline]
+    fn sub_live(&mut self, l: Live) {
+        self.live_bytes = self.live_bytes.saturating_sub(l.size);
+        self.live_count = self.live_count.saturating_sub(l.count);
+        self.live_var = self.live_var.saturating_sub(l.var as u128);
+        self.live_raw = self.live_raw.saturating_sub(l.raw);
     }
 
     #[inline]
@@ -242,11 +326,25 @@ impl Replay {
         self.site(l, 1);
         if let Some(old) = self.live.insert(addr, l) {
             self.overlapping_allocations += 1;
-            self.live_bytes = self.live_bytes.saturating_sub(old.size);
+            self.sub_live(old);
             self.site(old, -1);
         }
-        // Saturating: sizes from a damaged capture must not overflow (a real heap cannot).
-        self.live_bytes = self.live_bytes.saturating_add(l.size);
+        self.add_live(l);
+    }
+
+    /// Recorded blocks live now (unweighted).
+    pub fn live_recorded(&self) -> u64 {
+        self.live.len() as u64
+    }
+
+    /// The standard error of the live-bytes estimate now (0 for a full capture).
+    pub fn live_stderr(&self) -> u64 {
+        (self.live_var as f64).sqrt().round() as u64
+    }
+
+    /// The standard error of the peak estimate, at the instant of the estimated peak.
+    pub fn peak_stderr(&self) -> u64 {
+        (self.peak_var as f64).sqrt().round() as u64
     }
 
     /// Applies one event.
@@ -266,12 +364,17 @@ impl Replay {
                 if kind.is_realloc() {
                     self.pending_realloc.remove(&ev.tid);
                 }
-                self.total_allocations += 1;
-                self.total_bytes = self.total_bytes.saturating_add(size);
-                self.insert(addr, Live { size, stack });
+                let l = self.weigh(size, stack);
+                self.recorded_allocations += 1;
+                self.recorded_bytes = self.recorded_bytes.saturating_add(size);
+                self.total_allocations = self.total_allocations.saturating_add(l.count);
+                self.total_bytes = self.total_bytes.saturating_add(l.size);
+                self.insert(addr, l);
                 if self.live_bytes > self.peak_bytes {
                     self.peak_bytes = self.live_bytes;
-                    self.peak_allocations = self.live.len() as u64;
+                    self.peak_allocations = self.live_count;
+                    self.peak_var = self.live_var;
+                    self.peak_raw = self.live_raw;
                     self.peak_seq = ev.seq;
                     self.peak_time = ev.time;
                     if let Some(t) = self.sites.as_mut() {
@@ -281,15 +384,15 @@ impl Replay {
             }
             EventKind::Free { addr } => match self.live.remove(&addr) {
                 Some(l) => {
-                    self.live_bytes = self.live_bytes.saturating_sub(l.size);
-                    self.total_frees += 1;
+                    self.sub_live(l);
+                    self.total_frees = self.total_frees.saturating_add(l.count);
                     self.site(l, -1);
                 }
                 None => self.unmatched_frees += 1,
             },
             EventKind::ReallocFree { addr } => match self.live.remove(&addr) {
                 Some(l) => {
-                    self.live_bytes = self.live_bytes.saturating_sub(l.size);
+                    self.sub_live(l);
                     self.site(l, -1);
                     self.pending_realloc.insert(ev.tid, (addr, l));
                 }
@@ -332,13 +435,16 @@ impl Replay {
         self.live.clear();
         self.pending_realloc.clear();
         self.live_bytes = 0;
+        self.live_count = 0;
+        self.live_var = 0;
+        self.live_raw = 0;
         self.mapped.clear();
         self.mapped_bytes = 0;
     }
 
-    /// Number of allocations live now.
+    /// Number of allocations live now (an estimate when sampled).
     pub fn live_allocations(&self) -> u64 {
-        self.live.len() as u64
+        self.live_count
     }
 
     /// What was live at the peak, grouped by stack, largest first (a replay made with
@@ -387,7 +493,7 @@ impl Replay {
     pub fn live_by_stack(&self) -> Vec<SiteTotal> {
         let mut sums = SiteSums::default();
         for l in self.live.values() {
-            sums.add(l.stack, l.size);
+            sums.add_weighted(l.stack, l.size, l.count, l.raw);
         }
         sums.into_sorted()
     }
@@ -438,6 +544,17 @@ pub struct Summary {
     pub peak_mapped_bytes: u64,
     pub peak_mapped_time_seconds: f64,
     pub mapped_at_exit_bytes: u64,
+    /// The capture holds a sample of the allocations: the heap figures are estimates.
+    pub sampled: bool,
+    /// Mean bytes between samples (null: every allocation recorded).
+    pub sample_rate_bytes: Option<u64>,
+    /// Standard errors of the peak estimate (at the estimated peak's instant) and of the
+    /// leaks estimate; 0 for a full capture.
+    pub peak_stderr_bytes: u64,
+    pub leaked_stderr_bytes: u64,
+    /// Allocations the capture holds (the samples when sampled; `total_allocations` is then
+    /// the estimate).
+    pub sampled_allocations: u64,
 }
 
 /// Where [`Capture::replay_steps`] calls its step: before an event is applied, or after.
@@ -493,6 +610,7 @@ impl Capture {
         mut step: impl FnMut(Step, &Replay, &Event) -> bool,
     ) -> Replayed {
         let mut stacks = StackTable::default();
+        r.sample_rate = self.sample_rate().unwrap_or(0);
         let mut boundaries = self.exec_boundaries.iter().copied().peekable();
         let cut = self.leaks_seq();
         let rss_seq = self.peak_rss().map_or(u64::MAX, |p| p.seq);
@@ -515,6 +633,9 @@ impl Capture {
                 }
                 if ev.seq > cut && r.live_at_leaks_seq.is_none() {
                     r.live_at_leaks_seq = Some((r.live_bytes, r.live_allocations()));
+                    r.var_at_leaks_seq = Some(r.live_var);
+                    r.raw_at_leaks_seq = Some((r.live_raw, r.live.len() as u64));
+                    r.raw_at_leaks_seq = Some((r.live_raw, r.live.len() as u64));
                 }
                 r.apply(ev);
                 step(Step::After, &r, ev);
@@ -525,6 +646,7 @@ impl Capture {
         if !stopped && cut != u64::MAX && until >= cut && r.live_at_leaks_seq.is_none() {
             // No event after the mark.
             r.live_at_leaks_seq = Some((r.live_bytes, r.live_allocations()));
+            r.var_at_leaks_seq = Some(r.live_var);
         }
         if !stopped && rss_seq != u64::MAX && until >= rss_seq && r.live_at_peak_rss.is_none() {
             // No event after the sample.
@@ -535,6 +657,17 @@ impl Capture {
             stacks,
             corrupt_chunks: errors,
         }
+    }
+
+    /// The bytes and allocations a recorded block of `size` bytes stands for: itself in a
+    /// full capture, its sampling weights in a sampled one (rounded as the replay rounds them).
+    pub fn weighed(&self, size: u64) -> (u64, u64) {
+        let l = Replay {
+            sample_rate: self.sample_rate().unwrap_or(0),
+            ..Replay::default()
+        }
+        .weigh(size, 0);
+        (l.size, l.count)
     }
 
     /// Replays the whole capture.
@@ -571,6 +704,10 @@ impl Capture {
         let leaked = match (program_end, r.live_at_leaks_seq) {
             (Some(_), Some(at)) => at,
             _ => (r.live_bytes, r.live_allocations()),
+        };
+        let leaked_var = match (program_end, r.var_at_leaks_seq) {
+            (Some(_), Some(v)) => v,
+            _ => r.live_var,
         };
         let peak_rss = self.peak_rss();
         // Live bytes after the last event numbered below the sample: from this replay when it
@@ -631,6 +768,11 @@ impl Capture {
             peak_mapped_bytes: r.peak_mapped_bytes,
             peak_mapped_time_seconds: self.seconds(r.peak_mapped_time),
             mapped_at_exit_bytes: r.mapped_bytes,
+            sampled: self.sampled(),
+            sample_rate_bytes: self.sample_rate(),
+            peak_stderr_bytes: r.peak_stderr(),
+            leaked_stderr_bytes: (leaked_var as f64).sqrt().round() as u64,
+            sampled_allocations: r.recorded_allocations,
         }
     }
 }

@@ -158,7 +158,8 @@ impl Capture {
                 self.with_events(&mut stacks, |events| {
                     events.for_each_while(|ev| {
                         if let EventKind::Alloc { size, stack, .. } = ev.kind {
-                            sums.add(stack, size);
+                            let (bytes, count) = self.weighed(size);
+                            sums.add_weighted(stack, bytes, count, size);
                         }
                         true
                     })

@@ -429,7 +429,8 @@ impl Capture {
                         let t = clock.tick(ev);
                         if let EventKind::Alloc { size, stack, .. } = ev.kind {
                             if span.contains(t) {
-                                sums.add(stack, size);
+                                let (bytes, count) = self.weighed(size);
+                                sums.add_weighted(stack, bytes, count, size);
                             }
                         }
                         t <= span.to_ns

@@ -7,12 +7,20 @@ pub(crate) struct Tls {
     in_tracker: Cell<bool>,
     /// This thread's recorder state (`recorder::ThreadState`), null before its first event.
     pub(crate) current: Cell<*const ()>,
+    /// Bytes to this thread's next sample point (`sampling`).
+    countdown: crate::sampling::Countdown,
 }
 
 thread_local! {
     // Const-initialised and without Drop: a plain TLS slot, so touching it never allocates
     // and never registers a destructor (it is read inside malloc).
-    static TLS: Tls = const { Tls { in_tracker: Cell::new(false), current: Cell::new(std::ptr::null()) } };
+    static TLS: Tls = const {
+        Tls {
+            in_tracker: Cell::new(false),
+            current: Cell::new(std::ptr::null()),
+            countdown: crate::sampling::Countdown::new(),
+        }
+    };
 }
 
 /// While alive, allocations made by this thread are passed through unrecorded.
@@ -52,6 +60,13 @@ impl IgnoreAllocs {
     pub fn active() -> bool {
         TLS.with(|t| t.in_tracker.get())
     }
+}
+
+/// Sampling: counts `size` bytes allocated by this thread; true when the allocation is to be
+/// recorded. One TLS access, a decrement and a compare, unless the sample point is crossed.
+#[inline(always)]
+pub(crate) fn sample_take(size: u64) -> bool {
+    TLS.with(|t| t.countdown.take(size))
 }
 
 impl Drop for IgnoreAllocs {

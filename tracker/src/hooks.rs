@@ -9,7 +9,7 @@
 //! held across the real call).
 
 use crate::bootstrap;
-use crate::guard::{IgnoreAllocs, SaveErrno};
+use crate::guard::{self, IgnoreAllocs, SaveErrno};
 use crate::lifecycle::{self, State};
 use crate::real::{real_fn, Real};
 use crate::real::{
@@ -17,6 +17,7 @@ use crate::real::{
     Munmap, PosixMemalign, Realloc, ReallocArray, UsableSize,
 };
 use crate::recorder::{self, alloc_event};
+use crate::sampling;
 use crate::session;
 pub use crate::stack::unwind::Caller;
 use crate::stack::StackStart;
@@ -48,6 +49,40 @@ fn enter() -> Option<IgnoreAllocs> {
     }
 }
 
+/// `enter` for an allocation of `size` bytes: when sampling, only a sampled one enters (the
+/// unsampled path is a thread-local decrement and compare, no guard).
+#[inline(always)]
+fn enter_alloc(size: usize) -> Option<IgnoreAllocs> {
+    match lifecycle::current_relaxed() {
+        State::Active => sampled_enter(size),
+        State::Uninit if session::init() => sampled_enter(size),
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn sampled_enter(size: usize) -> Option<IgnoreAllocs> {
+    if sampling::rate() != 0 && !guard::sample_take(size as u64) {
+        return None;
+    }
+    IgnoreAllocs::enter()
+}
+
+/// `enter` for a free of `p`: when sampling, only a sampled block's free enters (the common
+/// unsampled address is rejected by one load of the filter).
+#[inline(always)]
+fn enter_free(p: *mut c_void) -> Option<IgnoreAllocs> {
+    if sampling::rate() == 0 {
+        return enter();
+    }
+    let s = sampling::sampled()?;
+    if lifecycle::current_relaxed() != State::Active || !s.maybe(p as u64) {
+        return None;
+    }
+    let g = IgnoreAllocs::enter()?;
+    s.remove(p as u64).then_some(g)
+}
+
 /// After the real call: record the block it handed out, if any, keeping its errno.
 #[inline(always)]
 fn done_alloc(
@@ -64,6 +99,7 @@ fn done_alloc(
                 StackStart::Registers(caller),
                 &g,
             );
+            sampling::note_sampled(p as u64);
         }
     }
 }
@@ -77,7 +113,7 @@ pub unsafe fn malloc(size: usize, caller: Caller) -> *mut c_void {
     let Some(f) = real_fn!(Real::Malloc, Malloc) else {
         return bootstrap::alloc(size, 16);
     };
-    let g = enter();
+    let g = enter_alloc(size);
     // SAFETY: forwarding the caller's arguments to the real function.
     let p = unsafe { f(size) };
     done_alloc(g, AllocKind::Malloc, p, size, caller);
@@ -94,7 +130,7 @@ pub unsafe fn free(p: *mut c_void) {
     let Some(f) = real_fn!(Real::Free, Free) else {
         return;
     };
-    let g = enter();
+    let g = enter_free(p);
     if let Some(g) = &g {
         // Recorded before the block goes back: no other thread can be handed it first.
         recorder::record(EventKind::Free { addr: p as u64 }, StackStart::Here, g);
@@ -114,7 +150,7 @@ pub unsafe fn calloc(n: usize, m: usize, caller: Caller) -> *mut c_void {
             .checked_mul(m)
             .map_or(std::ptr::null_mut(), |s| bootstrap::alloc(s, 16));
     };
-    let g = enter();
+    let g = enter_alloc(n.saturating_mul(m));
     // SAFETY: forwarding.
     let p = unsafe { f(n, m) };
     done_alloc(g, AllocKind::Calloc, p, n.wrapping_mul(m), caller);
@@ -146,8 +182,14 @@ fn realloc_common(
     caller: Caller,
     call: impl FnOnce() -> *mut c_void,
 ) -> *mut c_void {
-    let g = enter();
-    if let (Some(g), false) = (&g, p.is_null()) {
+    // Which halves are recorded: both, unless sampling (a free of the old block if it was
+    // sampled, an allocation of the new one if it is).
+    let (g, old_rec, new_rec) = if sampling::rate() == 0 {
+        (enter(), true, true)
+    } else {
+        realloc_enter_sampled(kind, p, size)
+    };
+    if let (Some(g), false, true) = (&g, p.is_null(), old_rec) {
         if size == Some(0) {
             // glibc frees the block and returns NULL.
             recorder::record(EventKind::Free { addr: p as u64 }, StackStart::Here, g);
@@ -162,13 +204,42 @@ fn realloc_common(
     let q = call();
     if let Some(g) = &g {
         if !q.is_null() {
-            let ev = alloc_event(kind, q as u64, size.unwrap_or(0) as u64);
-            recorder::record(ev, StackStart::Registers(caller), g);
-        } else if !p.is_null() && size != Some(0) {
+            if new_rec {
+                let ev = alloc_event(kind, q as u64, size.unwrap_or(0) as u64);
+                recorder::record(ev, StackStart::Registers(caller), g);
+                sampling::note_sampled(q as u64);
+            }
+        } else if !p.is_null() && size != Some(0) && old_rec {
             recorder::record(EventKind::ReallocFailed, StackStart::Here, g);
+            // The old block stays the program's.
+            sampling::note_sampled(p as u64);
         }
     }
     q
+}
+
+/// The sampled realloc's entry: the guard when either half is recorded (always for
+/// `reallocarray`, whose real function calls `realloc` through the PLT), and which halves.
+#[inline(always)]
+fn realloc_enter_sampled(
+    kind: AllocKind,
+    p: *mut c_void,
+    size: Option<usize>,
+) -> (Option<IgnoreAllocs>, bool, bool) {
+    let set = sampling::sampled();
+    let (Some(set), State::Active) = (set, lifecycle::current_relaxed()) else {
+        return (None, false, false);
+    };
+    let new_rec = size.is_some_and(|s| s != 0 && guard::sample_take(s as u64));
+    let old_maybe = !p.is_null() && set.maybe(p as u64);
+    if !new_rec && !old_maybe && kind != AllocKind::ReallocArray {
+        return (None, false, false);
+    }
+    let Some(g) = IgnoreAllocs::enter() else {
+        return (None, false, false);
+    };
+    let old_rec = old_maybe && set.remove(p as u64);
+    (Some(g), old_rec, new_rec)
 }
 
 /// # Safety
@@ -230,7 +301,7 @@ pub unsafe fn posix_memalign(
         unsafe { *out = p };
         return 0;
     };
-    let g = enter();
+    let g = enter_alloc(size);
     // SAFETY: forwarding.
     let rc = unsafe { f(out, align, size) };
     let p = if rc == 0 {
@@ -252,7 +323,7 @@ macro_rules! aligned_hook {
             let Some(f) = real_fn!($idx, Memalign) else {
                 return bootstrap::alloc(size, align);
             };
-            let g = enter();
+            let g = enter_alloc(size);
             // SAFETY: forwarding.
             let p = unsafe { f(align, size) };
             done_alloc(g, $kind, p, size, caller);
@@ -272,7 +343,7 @@ macro_rules! page_hook {
             let Some(f) = real_fn!($idx, Malloc) else {
                 return bootstrap::alloc(size, 4096);
             };
-            let g = enter();
+            let g = enter_alloc(size);
             // SAFETY: forwarding.
             let p = unsafe { f(size) };
             done_alloc(g, $kind, p, size, caller);

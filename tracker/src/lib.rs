@@ -49,6 +49,7 @@ mod recorder;
 mod region;
 mod rss;
 mod rust_alloc;
+mod sampling;
 mod session;
 mod stack;
 mod writer;

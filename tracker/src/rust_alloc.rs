@@ -30,6 +30,7 @@
 use crate::guard::IgnoreAllocs;
 use crate::lifecycle::{self, State};
 use crate::recorder::{self, alloc_event};
+use crate::sampling;
 use crate::session;
 use crate::stack::unwind::{here_regs, Caller};
 use crate::stack::StackStart;
@@ -83,6 +84,32 @@ fn recording() -> Option<IgnoreAllocs> {
     }
 }
 
+/// `recording` for an allocation of `size` bytes: when sampling, only a sampled one records.
+#[inline(always)]
+fn recording_alloc(size: usize) -> Option<IgnoreAllocs> {
+    if sampling::rate() != 0
+        && lifecycle::current_relaxed() == State::Active
+        && !crate::guard::sample_take(size as u64)
+    {
+        return None;
+    }
+    recording()
+}
+
+/// `recording` for a free of `ptr`: when sampling, only a sampled block's free records.
+#[inline(always)]
+fn recording_free(ptr: *mut u8) -> Option<IgnoreAllocs> {
+    if sampling::rate() == 0 {
+        return recording();
+    }
+    let s = sampling::sampled()?;
+    if lifecycle::current_relaxed() != State::Active || !s.maybe(ptr as u64) {
+        return None;
+    }
+    let g = IgnoreAllocs::enter()?;
+    s.remove(ptr as u64).then_some(g)
+}
+
 #[cold]
 #[inline(never)]
 fn start_from_env() -> Option<IgnoreAllocs> {
@@ -128,6 +155,7 @@ fn on_alloc(
         StackStart::AboveMarker(start, marker),
         g,
     );
+    sampling::note_sampled(p as u64);
 }
 
 #[inline(never)]
@@ -147,7 +175,7 @@ macro_rules! marker {
 #[inline(always)]
 fn allocated(size: usize, get: impl FnOnce() -> *mut u8) -> *mut u8 {
     let m = 0u8;
-    let g = recording();
+    let g = recording_alloc(size);
     let p = get();
     if !p.is_null() {
         ALLOCATIONS.fetch_add(1, Relaxed);
@@ -181,7 +209,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         FREES.fetch_add(1, Relaxed);
         LIVE.fetch_sub(layout.size() as u64, Relaxed);
-        let g = recording();
+        let g = recording_free(ptr);
         if let Some(g) = &g {
             // Before the block goes back: no other thread can be handed it first.
             on_free(g, EventKind::Free { addr: ptr as u64 });
@@ -193,8 +221,22 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
     #[inline(never)]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let m = 0u8;
-        let g = recording();
-        if let Some(g) = &g {
+        // Which halves are recorded: both, unless sampling.
+        let (g, old_rec, new_rec) = if sampling::rate() == 0 {
+            (recording(), true, true)
+        } else {
+            let old = recording_free(ptr);
+            let new = lifecycle::current_relaxed() == State::Active
+                && crate::guard::sample_take(new_size as u64);
+            let old_rec = old.is_some();
+            let g = match old {
+                Some(g) => Some(g),
+                None if new => IgnoreAllocs::enter(),
+                None => None,
+            };
+            (g, old_rec, new)
+        };
+        if let (Some(g), true) = (&g, old_rec) {
             on_free(g, EventKind::ReallocFree { addr: ptr as u64 });
         }
         // SAFETY: forwarding the caller's arguments.
@@ -208,11 +250,13 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
             } else {
                 LIVE.fetch_sub(old - new, Relaxed);
             }
-            if let Some(g) = &g {
+            if let (Some(g), true) = (&g, new_rec) {
                 on_alloc(g, AllocKind::Realloc, p, new_size, here_regs(), marker!(m));
             }
-        } else if let Some(g) = &g {
+        } else if let (Some(g), true) = (&g, old_rec) {
             on_free(g, EventKind::ReallocFailed);
+            // The old block stays the program's.
+            sampling::note_sampled(ptr as u64);
         }
         p
     }

@@ -59,6 +59,7 @@ pub(crate) fn open_from_env(preloaded: bool) -> Option<bool> {
         return Some(false);
     }
     let follow_fork = getenv(c"MEMTRACK_FOLLOW_FORK").is_some_and(|v| v.to_bytes() == b"1");
+    crate::sampling::configure_from_env();
     // SAFETY: getpid/getppid have no preconditions.
     let (pid, ppid) = unsafe { (libc::getpid(), libc::getppid()) };
     let mut root = out.to_string_lossy().replace("%p", &pid.to_string());
@@ -225,10 +226,19 @@ pub(crate) fn create_capture(
     if !capture_file::write_all(fd, &header.encode()) {
         return Ok(false);
     }
+    if !write_sampling(fd) {
+        return Ok(false);
+    }
     let mut cfg = launch.config(fd, 1, 1);
     cfg.replace = modules.is_some();
     cfg.modules = modules;
     Ok(recorder::start(cfg, header.start_mono_ns))
+}
+
+/// The `SAMPLING` record, right after the header (or an exec'd image's `IMAGE` record), when
+/// this image samples.
+fn write_sampling(fd: i32) -> bool {
+    crate::sampling::record().is_none_or(|r| capture_file::write_all(fd, &r))
 }
 
 /// Appends this image to the capture its previous image (same pid) finished with `END(exec)`.
@@ -271,7 +281,7 @@ fn continue_after_exec(path: &str, mut header: Header, launch: &Launch) -> bool 
     header.start_mono_ns = old.start_mono_ns;
     let mut image = Vec::new();
     put_record(&mut image, record::IMAGE, &header.encode());
-    if !capture_file::write_all(fd, &image) {
+    if !capture_file::write_all(fd, &image) || !write_sampling(fd) {
         return false;
     }
     // The header of the capture stays the first image's (its parent_pid included).
@@ -296,6 +306,7 @@ pub(crate) extern "C" fn atfork_child() {
     };
     let _errno = SaveErrno::new();
     recorder::leave_parent(old, &g);
+    crate::sampling::reset_after_fork();
     // SAFETY: getpid/getppid have no preconditions.
     let (pid, ppid) = unsafe { (libc::getpid(), libc::getppid()) };
     let launch = Launch {
@@ -374,6 +385,7 @@ pub(crate) fn began_in_program() {
 
 /// A new capture at `path` for a Rust program that asked for one (`memtrack_tracker::start`).
 pub(crate) fn create_program_capture(path: &str) -> std::io::Result<bool> {
+    crate::sampling::configure_from_env();
     let launch = Launch {
         preloaded: false,
         root_path: path.to_owned(),

@@ -18,6 +18,10 @@ pub(crate) struct RunTree {
     pub(crate) keep_all: bool,
     /// `--live`: the live view on the terminal, the command's output to a file.
     pub(crate) live: Option<Live>,
+    /// `--sample-rate`: mean bytes between sampled allocations (`MEMTRACK_SAMPLE_RATE`).
+    pub(crate) sample_rate: Option<u64>,
+    /// `--sample-seed` (`MEMTRACK_SAMPLE_SEED`).
+    pub(crate) sample_seed: Option<u64>,
 }
 
 /// `memtrack run --live`.
@@ -162,6 +166,15 @@ pub(crate) fn cmd_run(
         .env("LD_PRELOAD", preload)
         .env("MEMTRACK_OUTPUT", &out)
         .env("MEMTRACK_LAUNCHER_PID", std::process::id().to_string());
+    // Sampling: the command's own setting, or none (an inherited one would surprise).
+    match tree.sample_rate {
+        Some(rate) => cmd.env("MEMTRACK_SAMPLE_RATE", rate.to_string()),
+        None => cmd.env_remove("MEMTRACK_SAMPLE_RATE"),
+    };
+    match tree.sample_seed {
+        Some(seed) => cmd.env("MEMTRACK_SAMPLE_SEED", seed.to_string()),
+        None => cmd.env_remove("MEMTRACK_SAMPLE_SEED"),
+    };
     let mut unrecorded = None;
     if tree.follow_fork {
         cmd.env("MEMTRACK_FOLLOW_FORK", "1")

@@ -189,15 +189,30 @@ pub fn check_with_regions(
                 Some(region) => format!("[{region}] {}", r.name.replace('_', "-")),
                 None => r.name.replace('_', "-"),
             };
-            writeln!(
-                out,
-                "  {:<24} {} {} limit {}  {}",
-                name,
-                show(r.measured),
-                if r.exceeded { ">" } else { "<=" },
-                show(r.limit),
-                if r.exceeded { "EXCEEDED" } else { "ok" }
-            )?;
+            match r.lower_bound {
+                Some(lb) => writeln!(
+                    out,
+                    "  {:<24} ≈ {}{}, at least {} {} limit {}  {}",
+                    name,
+                    show(r.measured),
+                    r.stderr
+                        .map(|se| format!(" ± {}", human_bytes(se)))
+                        .unwrap_or_default(),
+                    show(lb),
+                    if r.exceeded { ">" } else { "<=" },
+                    show(r.limit),
+                    if r.exceeded { "EXCEEDED" } else { "ok" }
+                )?,
+                None => writeln!(
+                    out,
+                    "  {:<24} {} {} limit {}  {}",
+                    name,
+                    show(r.measured),
+                    if r.exceeded { ">" } else { "<=" },
+                    show(r.limit),
+                    if r.exceeded { "EXCEEDED" } else { "ok" }
+                )?,
+            }
             for p in &r.processes {
                 writeln!(
                     out,
@@ -218,6 +233,12 @@ pub fn check_with_regions(
                     frames.join(" <- "),
                     if c.frames.len() > 10 { " <- ..." } else { "" }
                 )?;
+            }
+        }
+        if let (Some(rate), true) = (cap.sample_rate(), subject.one().is_some()) {
+            writeln!(out, "  note: a sampled capture (one sample per {} allocated on average): figures are estimates; a limit is exceeded only when the lower bound is above it: for peak and leaked bytes the larger of the estimate minus two standard errors and the bytes actually recorded (the truth cannot be less), for counts and totals the recorded figure", human_bytes(rate))?;
+            if subject.window.is_some() {
+                writeln!(out, "  note: within a time window the figures of a sampled capture are estimates without an error bound: limits are checked against the estimates")?;
             }
         }
         if !complete && super::being_written(cap) {

@@ -85,8 +85,26 @@ pub fn compare_in(
             .collect()
     }
     let window = sn.window;
+    let (cb, cn) = (sb.main_capture(), sn.main_capture());
+    let sampling = (cb.sampled() || cn.sampled()).then(|| {
+        // The errors of whole-capture peak and leaks; a window's, a region's or the
+        // allocated total's are not tracked (0).
+        let plain = window.is_none() && region.is_none();
+        let se = |c: &crate::Capture| match (c.sampled() && plain, view) {
+            (true, View::Peak) => c.summary().map_or(0, |s| s.peak_stderr_bytes),
+            (true, View::Leaks) => c.summary().map_or(0, |s| s.leaked_stderr_bytes),
+            _ => 0,
+        };
+        crate::DiffSampling {
+            before_sample_rate_bytes: cb.sample_rate(),
+            after_sample_rate_bytes: cn.sample_rate(),
+            before_stderr_bytes: se(cb),
+            after_stderr_bytes: se(cn),
+        }
+    });
     let mut d = Diff::of_sides(side(pb, syms_b), side(pn, syms_n), view);
     d.window = window;
+    d.sampling = sampling;
     r.warn(&d.warnings);
     Ok(d)
 }
@@ -148,6 +166,24 @@ pub fn verdict(r: &mut Reporter, d: &Diff, view: View, limit: Growth) -> u8 {
             format!("{p}%"),
         ),
         Growth::Bytes(b) => (d.growth() > b as i64, bytes(b)),
+    };
+    // Sampled: growth counts only when it is also beyond the noise of the two estimates.
+    let (exceeded, said) = match &d.sampling {
+        Some(smp) => {
+            let se = smp.growth_stderr();
+            let beyond = d.growth() > 2 * se as i64;
+            r.note(format_args!(
+                "memtrack: note: a sampled capture: totals are estimates; growth fails the limit only when it is also above twice its standard error, 2·sqrt(se1² + se2²) = {}{}\n",
+                bytes(2 * se),
+                if se == 0 {
+                    " (the error of this view is not tracked: the estimates are compared as they are)"
+                } else {
+                    ""
+                }
+            ));
+            (exceeded && beyond, format!("{said} and 2 standard errors"))
+        }
+        None => (exceeded, said),
     };
     let grew = format!(
         "{}{}",

@@ -38,6 +38,7 @@ pub fn pprof(r: &mut Reporter, parts: &[Part<'_>]) -> std::io::Result<Vec<u8>> {
 pub fn json(r: &mut Reporter, parts: &[Part<'_>], window: Option<crate::Window>) -> JsonExport {
     let mut export = JsonExport::default();
     export.window = window.map(|w| (w, parts.iter().find_map(|p| p.view.at_seconds)));
+    export.sample_rate = parts.iter().find_map(|p| p.cap.sample_rate());
     for part in parts {
         let mut sym = r.symbolizer(part.cap);
         let process = part.label.clone().map(|l| (part.process.pid, l));

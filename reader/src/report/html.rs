@@ -110,9 +110,26 @@ pub fn report_with(r: &mut Reporter, subject: &Subject, row_budget: usize) -> Re
         end_reason: summary.end_reason,
         threads: summary.threads,
         python_only: r.options.python_only,
-        note: (recorded > 1).then(|| {
-            format!("one process of {recorded} recorded (memtrack report --pid PID shows another)")
-        }),
+        note: {
+            let notes: Vec<String> = [
+                (recorded > 1).then(|| {
+                    format!("one process of {recorded} recorded (memtrack report --pid PID shows another)")
+                }),
+                cap.sample_rate().map(|rate| {
+                    format!(
+                        "heap figures are ESTIMATES from allocations sampled at {} (peak ± {}, leaks ± {}); temporary allocations are not meaningful",
+                        crate::human_bytes(rate),
+                        crate::human_bytes(summary.peak_stderr_bytes),
+                        crate::human_bytes(summary.leaked_stderr_bytes)
+                    )
+                }),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            (!notes.is_empty()).then(|| notes.join("; "))
+        },
+        sample_rate_bytes: cap.sample_rate(),
     };
     let data = data::build(cap, &mut sym, header, row_budget);
     drop(progress);

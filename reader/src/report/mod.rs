@@ -143,6 +143,10 @@ impl Reporter<'_> {
             (None, View::Peak, None) => "live at the combined peak".to_string(),
             _ => view_words(view).to_string(),
         };
+        let words = match subject.main_capture().sample_rate() {
+            Some(rate) => format!("{words}, {}", sampled_words(view, rate)),
+            None => words,
+        };
         match &subject.region {
             Some(region) => self.with_frames(&format!("{words}, region {region}")),
             None => self.with_frames(&words),
@@ -156,6 +160,20 @@ impl Reporter<'_> {
         } else {
             words.into()
         }
+    }
+}
+
+/// What the figures of a sampled capture are, in words (`rate`: mean bytes between samples).
+pub fn sampled_words(view: View, rate: u64) -> String {
+    let rate = crate::human_bytes(rate);
+    match view {
+        View::Temporary => format!(
+            "NOT MEANINGFUL under sampling (a sampled block's neighbours were not recorded; sampled at {rate})"
+        ),
+        View::Mapped | View::MappedLeaks | View::MappedAllocated => {
+            format!("exact (mmap is not sampled; the heap was sampled at {rate})")
+        }
+        _ => format!("estimated from allocations sampled at {rate}"),
     }
 }
 

@@ -33,6 +33,8 @@ pub fn stats(r: &mut Reporter, subject: &Subject, json: bool, out: &mut impl Wri
         let v = serde_json::json!({
             "capture": cap.path().display().to_string(),
             "pid": cap.header.pid,
+            "sampled": cap.sampled(),
+            "sample_rate_bytes": cap.sample_rate(),
             "total_allocations": st.allocated.allocations,
             "total_bytes": st.allocated.bytes,
             "histogram": st.histogram,
@@ -48,6 +50,13 @@ pub fn stats(r: &mut Reporter, subject: &Subject, json: bool, out: &mut impl Wri
         return Ok(());
     }
     writeln!(out, "memtrack stats of {}", cap.path().display())?;
+    if let Some(rate) = cap.sample_rate() {
+        writeln!(
+            out,
+            "  a sampled capture (one sample per {} allocated on average): allocation counts and sizes below are estimates where weighted, else of the recorded samples (large blocks are recorded more often than small ones); temporary allocations are not meaningful under sampling",
+            crate::human_bytes(rate)
+        )?;
+    }
     writeln!(
         out,
         "  {}, {} requested; {} temporary ({})",

@@ -89,6 +89,13 @@ pub fn summary(
     let heading_at;
     let (top, heading) = if let (Some((f, _)), Some(top)) = (&window, window_top) {
         print_window(out, f)?;
+        if let Some(rate) = cap.sample_rate() {
+            writeln!(
+                out,
+                "    (a sampled capture, at {}: the window's figures are estimates, without a standard error; its high-water mark reads high like the peak's)",
+                human_bytes(rate)
+            )?;
+        }
         heading_at = if f.at {
             format!(
                 "top locations live at {}:",
@@ -307,6 +314,15 @@ fn print_tree_summary(
     Ok(())
 }
 
+/// " ± SE" after an estimate of a sampled capture (nothing for a full one).
+fn stderr_text(s: &Summary, se: u64) -> String {
+    if s.sampled {
+        format!(" ± {}", human_bytes(se))
+    } else {
+        String::new()
+    }
+}
+
 /// The figures of one capture.
 fn print_summary(
     out: &mut impl Write,
@@ -376,10 +392,12 @@ fn print_summary(
             }
         }
     }
+    let approx = if s.sampled { "≈ " } else { "" };
     writeln!(
         out,
-        "  peak heap:      {} in {}, at {:.3} s",
+        "  peak heap:      {approx}{}{} in {approx}{}, at {:.3} s",
         bytes(s.peak_bytes),
+        stderr_text(s, s.peak_stderr_bytes),
         count(s.peak_allocations, "allocation"),
         s.peak_time_seconds
     )?;
@@ -418,8 +436,9 @@ fn print_summary(
         Some(t) => {
             writeln!(
                 out,
-                "  leaked at end:  {} in {} (live when the Python program's code ended)",
+                "  leaked at end:  {approx}{}{} in {approx}{} (live when the Python program's code ended)",
                 bytes(s.leaked_bytes),
+                stderr_text(s, s.leaked_stderr_bytes),
                 count(s.leaked_allocations, "allocation")
             )?;
             let note = format!(" (after {t:.3} s of interpreter shutdown)");
@@ -427,19 +446,33 @@ fn print_summary(
         }
         None => ((s.leaked_bytes, s.leaked_allocations), String::new()),
     };
+    // The standard error goes with the figure `--leaks` reports.
+    let left_se = if s.python_shutdown_seconds.is_none() {
+        stderr_text(s, s.leaked_stderr_bytes)
+    } else {
+        String::new()
+    };
     writeln!(
         out,
-        "  {leak_word:<15} {} in {}{at_exit}",
+        "  {leak_word:<15} {approx}{}{left_se} in {approx}{}{at_exit}",
         bytes(left.0),
         count(left.1, "allocation")
     )?;
     writeln!(
         out,
-        "  allocated:      {} in {}",
+        "  allocated:      {approx}{} in {approx}{}",
         bytes(s.total_bytes),
         count(s.total_allocations, "call")
     )?;
-    writeln!(out, "  frees:          {}", grouped(s.total_frees))?;
+    writeln!(out, "  frees:          {approx}{}", grouped(s.total_frees))?;
+    if let (true, Some(rate)) = (s.sampled, s.sample_rate_bytes) {
+        writeln!(
+            out,
+            "  sampling:       heap figures are estimates from {} sampled at {} (each stands for the bytes and calls it represents); ± is one standard error; the peak is the highest of the running estimates, so on a heap that stays near its peak for long it reads high (by up to about 3 standard errors)",
+            count(s.sampled_allocations, "allocation"),
+            human_bytes(rate)
+        )?;
+    }
     if !cap.region_names.is_empty() {
         let mut names: Vec<&str> = cap.region_names.values().map(String::as_str).collect();
         names.sort_unstable();

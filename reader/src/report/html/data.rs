@@ -104,6 +104,8 @@ pub struct Header {
     pub python_only: bool,
     /// Said on the page: which process of a tree this is.
     pub note: Option<String>,
+    /// Mean bytes between samples when sampled: the heap figures are estimates.
+    pub sample_rate_bytes: Option<u64>,
 }
 
 /// Where an event falls on the time axis.
