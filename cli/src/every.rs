@@ -144,7 +144,11 @@ pub(crate) fn export_every(
         _ => "no new profile".to_string(),
     };
     let rest = if outcome.finished {
-        format!("the capture is finished: {} intervals in all", outcome.next)
+        format!(
+            "the capture is finished: {} interval{} in all",
+            outcome.next,
+            if outcome.next == 1 { "" } else { "s" }
+        )
     } else {
         format!(
             "the capture is still being written: run again for the intervals from {} on",
