@@ -259,7 +259,7 @@ pub(crate) enum Cmd {
     },
     /// Export a view for other tools.
     #[command(
-        after_help = "EXAMPLES:\n    memtrack export svc.cap --format folded > peak.folded     # for flamegraph.pl, speedscope\n    memtrack export svc.cap --format folded --leaks -o leaks.folded\n    memtrack export svc.cap --format pprof -o heap.pb.gz      # go tool pprof, Pyroscope, Parca\n    memtrack export svc.cap --format json --leaks > leaks.json"
+        after_help = "EXAMPLES:\n    memtrack export svc.cap --format folded > peak.folded     # for flamegraph.pl, speedscope\n    memtrack export svc.cap --format folded --leaks -o leaks.folded\n    memtrack export svc.cap --format pprof -o heap.pb.gz      # go tool pprof, Pyroscope, Parca\n    memtrack export svc.cap --format pprof --every 60s -o profiles/   # one profile a minute; rerun to add new ones\n    memtrack export svc.cap --format json --leaks > leaks.json"
     )]
     Export {
         file: PathBuf,
@@ -281,7 +281,17 @@ pub(crate) enum Cmd {
         /// indexes (`frame_ids`) into the one table of frames; many times larger.
         #[arg(long)]
         inline_frames: bool,
-        /// Output file, `-` for standard output [default: -].
+        /// pprof: one profile per interval of this length (`60s`, `500ms`, `5m`) from the
+        /// capture's start, into the directory given with -o, each named by its start
+        /// (`<capture>-20261206T170800Z.pb.gz`, UTC; with milliseconds for intervals under a
+        /// second): in use at the end of the interval, allocated during it. On a capture still
+        /// being written, only the intervals that are over; run again to add the new ones (a
+        /// state file in the directory, `.memtrack-every.json`, says what was written). One
+        /// process: the launched one, or --pid's.
+        #[arg(long, value_name = "DURATION", value_parser = parse_every)]
+        every: Option<u64>,
+        /// Output file, `-` for standard output [default: -]; with --every, a directory
+        /// (created if missing).
         #[arg(short, long, value_name = "OUT")]
         output: Option<PathBuf>,
     },
@@ -375,6 +385,12 @@ struct WhichView {
 }
 
 impl ViewArgs {
+    /// Whether a view was asked for (any of the flags).
+    pub(crate) fn given(self) -> bool {
+        let w = self.which;
+        self.mapped || w.peak || w.leaks || w.leaks_at_exit || w.allocated || w.temporary
+    }
+
     pub(crate) fn view(self) -> View {
         let w = self.which;
         if self.mapped {
@@ -410,6 +426,11 @@ pub(crate) struct WindowArgs {
 }
 
 impl WindowArgs {
+    /// Whether --at or --between was given.
+    pub(crate) fn given(&self) -> bool {
+        self.at.is_some() || self.between.is_some()
+    }
+
     /// The window asked for, if any; an error when its start is after its end.
     pub(crate) fn window(&self) -> std::result::Result<Option<Window>, String> {
         match (self.at, self.between.as_deref()) {
@@ -418,6 +439,24 @@ impl WindowArgs {
             _ => Ok(None),
         }
     }
+}
+
+/// The length of `--every`'s intervals, nanoseconds: at least a millisecond.
+pub(crate) fn parse_every(s: &str) -> std::result::Result<u64, String> {
+    let secs = memtrack_reader::parse_seconds(s)?;
+    if secs <= 0.0 {
+        return Err(format!(
+            "'{s}': the intervals must be longer than 0 (e.g. 60s, 500ms, 5m)"
+        ));
+    }
+    let ns = (secs * 1e9).round();
+    if ns < 1e6 {
+        return Err(format!("'{s}': the intervals must be at least 1ms"));
+    }
+    if ns > 1e18 {
+        return Err(format!("'{s}' is too long"));
+    }
+    Ok(ns as u64)
 }
 
 /// A time: seconds (`1.5`, `1.5s`) or with a unit (`1500ms`).
@@ -651,7 +690,18 @@ impl LimitArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_every, parse_size};
+
+    #[test]
+    fn every_in_each_unit() {
+        assert_eq!(parse_every("60s"), Ok(60_000_000_000));
+        assert_eq!(parse_every("500ms"), Ok(500_000_000));
+        assert_eq!(parse_every("5m"), Ok(300_000_000_000));
+        assert_eq!(parse_every("1.5"), Ok(1_500_000_000));
+        assert!(parse_every("0s").unwrap_err().contains("longer than 0"));
+        assert!(parse_every("10us").unwrap_err().contains("at least 1ms"));
+        assert!(parse_every("soon").is_err());
+    }
 
     #[test]
     fn sizes_in_every_accepted_form() {

@@ -12,6 +12,7 @@
 //! of a text report, which ends the process where it happens (see `output::Stdout`).
 
 mod args;
+mod every;
 mod live;
 mod output;
 mod progress;
@@ -45,6 +46,8 @@ fn main() -> ExitCode {
     };
     // No report writes over what it reads, nor over any capture.
     let outputs = match &cli.cmd {
+        // A directory, checked by the export itself.
+        Cmd::Export { every: Some(_), .. } => Ok(()),
         Cmd::Flamegraph { file, output, .. }
         | Cmd::Export { file, output, .. }
         | Cmd::Plot { file, output }
@@ -234,8 +237,22 @@ fn dispatch(
             window,
             region,
             inline_frames,
+            every,
             output,
         } => {
+            if let Some(every) = every {
+                if !matches!(format, ExportFormat::Pprof) {
+                    bail!("--every writes pprof profiles: use it with --format pprof");
+                }
+                if view.given() || window.given() || region.is_some() || inline_frames {
+                    bail!("--every takes no view, window or region: each profile holds what was in use at the end of its interval and what was allocated during it");
+                }
+                let Some(dir) = output.filter(|o| o.as_os_str() != "-") else {
+                    bail!("--every writes one file per interval: give their directory with -o DIR");
+                };
+                every::export_every(r, &file, pid, every, &dir)?;
+                return Ok(0);
+            }
             let subject = open_in(r, &file, pid, region, view.view(), &window)?;
             export(
                 r,

@@ -698,9 +698,15 @@ impl Events<'_> {
     /// capture), they are handed to `f` straight from the decoded chunk, without a merge step
     /// per event.
     pub fn for_each_while(&mut self, mut f: impl FnMut(&Event) -> bool) {
+        self.for_each_with_stacks(|ev, _| f(ev))
+    }
+
+    /// [`Events::for_each_while`], with the stack table as it stands (every node of the
+    /// events handed so far defined): a report can symbolize in the middle of the pass.
+    pub fn for_each_with_stacks(&mut self, mut f: impl FnMut(&Event, &StackTable) -> bool) {
         loop {
             let Some(ev) = self.next() else { return };
-            if !f(&ev) {
+            if !f(&ev, self.stacks) {
                 return;
             }
             let Some(slot) = self.top else { continue };
@@ -721,11 +727,11 @@ impl Events<'_> {
                 continue;
             }
             cur.pending = None;
-            if !f(&first) {
+            if !f(&first, self.stacks) {
                 return;
             }
             for e in rest {
-                if !f(e) {
+                if !f(e, self.stacks) {
                     return;
                 }
             }

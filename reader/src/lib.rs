@@ -55,6 +55,7 @@ mod family;
 mod follow;
 mod mapped;
 mod modinfo;
+mod periodic;
 mod plot;
 pub mod pprof;
 mod regions;
@@ -82,6 +83,7 @@ pub use mapped::{FileFigures, MappedSet};
 pub use memtrack_format::{
     AllocKind, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module, ModulesRecord,
 };
+pub use periodic::{Every, ExactFigures, IntervalFigures, IntervalProfile, PeriodicOutcome, Until};
 pub use plot::Plot;
 pub use regions::{Occurrence, RegionBudget, RegionFigures, RegionSort, Regions};
 pub use replay::{Replay, Replayed, SiteTotal, Summary};

@@ -9,7 +9,7 @@
 //! their file, and mappings are the capture's modules.
 
 use crate::views::View;
-use crate::{Capture, Symbolizer};
+use crate::{Capture, StackTable, Symbolizer, ViewSites};
 use memtrack_format::put_uvarint;
 use std::collections::HashMap;
 
@@ -83,30 +83,114 @@ fn value_type(strings: &mut Strings, ty: &str, unit: &str) -> Msg {
     m
 }
 
-/// One process's share of a profile: its capture, its in-use view, and, in a profile of
-/// several processes, a root frame (`label`) above its stacks and a `pid` label on its samples.
+/// One stack's four values in a profile (the sample types of a Go heap profile). A profile is
+/// written from these whatever they were taken from: a view of a full capture, an interval of
+/// the periodic export, or (for captures that hold no event per allocation) weighted samples
+/// and checkpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackValues {
+    pub stack: u32,
+    pub alloc_objects: u64,
+    pub alloc_space: u64,
+    pub inuse_objects: u64,
+    pub inuse_space: u64,
+}
+
+impl StackValues {
+    fn values(&self) -> [u64; 4] {
+        [
+            self.alloc_objects,
+            self.alloc_space,
+            self.inuse_objects,
+            self.inuse_space,
+        ]
+    }
+}
+
+/// The time a profile covers (`time_nanos`, `duration_nanos`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProfileTime {
+    pub start_unix_ns: u64,
+    pub duration_ns: u64,
+}
+
+impl ProfileTime {
+    /// The whole recording of `cap`.
+    pub fn whole(cap: &Capture) -> ProfileTime {
+        let start_unix_ns = cap
+            .images
+            .first()
+            .map_or(cap.last_image().start_unix_ns, |h| h.start_unix_ns);
+        let duration = cap.end.map(|e| cap.seconds(e.time)).unwrap_or(0.0);
+        ProfileTime {
+            start_unix_ns,
+            duration_ns: (duration * 1e9) as u64,
+        }
+    }
+}
+
+/// One process's share of a profile: its capture, the values of its stacks (ids of `stacks`),
+/// and, in a profile of several processes, a root frame (`label`) above its stacks and a `pid`
+/// label on its samples.
 pub struct Piece<'a> {
     pub cap: &'a Capture,
-    pub inuse: &'a crate::ViewSites,
+    pub values: Vec<StackValues>,
+    pub stacks: &'a StackTable,
     pub label: Option<String>,
     pub pid: u32,
     pub sym: &'a mut Symbolizer,
 }
 
+/// The values of a view's export: `inuse_*` from `inuse`, `alloc_*` from every allocation
+/// (every mapping, for a view of mapped memory). Also returns the allocated view, whose stack
+/// table the values' ids refer to.
+pub fn view_values(cap: &Capture, inuse: &ViewSites) -> (Vec<StackValues>, ViewSites) {
+    let allocated = cap.view(if inuse.view.is_mapped() {
+        View::MappedAllocated
+    } else {
+        View::Allocated
+    });
+    let mut values: HashMap<u32, StackValues> = HashMap::new();
+    fn entry(values: &mut HashMap<u32, StackValues>, stack: u32) -> &mut StackValues {
+        values.entry(stack).or_insert(StackValues {
+            stack,
+            ..Default::default()
+        })
+    }
+    for s in &allocated.sites {
+        let v = entry(&mut values, s.stack);
+        v.alloc_objects += s.allocations;
+        v.alloc_space += s.bytes;
+    }
+    for s in &inuse.sites {
+        let v = entry(&mut values, s.stack);
+        v.inuse_objects += s.allocations;
+        v.inuse_space += s.bytes;
+    }
+    (values.into_values().collect(), allocated)
+}
+
 /// The uncompressed `profile.proto` bytes of `cap`, in-use values from `inuse`.
 pub fn profile(cap: &Capture, inuse: View, sym: &mut Symbolizer) -> Vec<u8> {
     let live = cap.view(inuse);
-    profile_of(vec![Piece {
-        cap,
-        inuse: &live,
-        label: None,
-        pid: cap.header.pid,
-        sym,
-    }])
+    let (values, allocated) = view_values(cap, &live);
+    profile_of(
+        vec![Piece {
+            cap,
+            values,
+            stacks: &allocated.stacks,
+            label: None,
+            pid: cap.header.pid,
+            sym,
+        }],
+        ProfileTime::whole(cap),
+        None,
+    )
 }
 
-/// The uncompressed `profile.proto` bytes of one or more processes' views.
-pub fn profile_of(mut pieces: Vec<Piece<'_>>) -> Vec<u8> {
+/// The uncompressed `profile.proto` bytes of one or more processes' values, covering `time`;
+/// `note` is added to the comment that names the command.
+pub fn profile_of(mut pieces: Vec<Piece<'_>>, time: ProfileTime, note: Option<&str>) -> Vec<u8> {
     let mut strings = Strings::new();
     let mut p = Msg::default();
     for (ty, unit) in [
@@ -158,26 +242,8 @@ pub fn profile_of(mut pieces: Vec<Piece<'_>>) -> Vec<u8> {
     let pid_key = strings.id("pid");
     for (piece_index, piece) in pieces.iter_mut().enumerate() {
         let sym = &mut *piece.sym;
-        // alloc_* of the same kind of memory as the in-use view: every mapping made for a
-        // mapped view.
-        let allocated = piece.cap.view(if piece.inuse.view.is_mapped() {
-            View::MappedAllocated
-        } else {
-            View::Allocated
-        });
-        // stack id -> [alloc_objects, alloc_space, inuse_objects, inuse_space]
-        let mut values: HashMap<u32, [u64; 4]> = HashMap::new();
-        for s in &allocated.sites {
-            let v = values.entry(s.stack).or_default();
-            v[0] += s.allocations;
-            v[1] += s.bytes;
-        }
-        for s in &piece.inuse.sites {
-            let v = values.entry(s.stack).or_default();
-            v[2] += s.allocations;
-            v[3] += s.bytes;
-        }
-        let mut stacks: Vec<(u32, [u64; 4])> = values.into_iter().collect();
+        let mut stacks: Vec<(u32, [u64; 4])> =
+            piece.values.iter().map(|v| (v.stack, v.values())).collect();
         stacks.sort_by_key(|(s, _)| *s);
         // The process's root frame: a location of its own, with no address.
         let root = piece.label.as_ref().map(|label| {
@@ -199,7 +265,7 @@ pub fn profile_of(mut pieces: Vec<Piece<'_>>) -> Vec<u8> {
         });
         for (stack, v) in &stacks {
             // Python frames in place of the interpreter's evaluation loops, leaf first.
-            let addrs = sym.merged_addrs(&allocated.stacks, *stack);
+            let addrs = sym.merged_addrs(piece.stacks, *stack);
             // Addresses of two processes may hold different code.
             let a_key = |a: u64| (piece_index, a);
             let mut ids = Vec::with_capacity(addrs.len());
@@ -288,10 +354,6 @@ pub fn profile_of(mut pieces: Vec<Piece<'_>>) -> Vec<u8> {
     }
     let cap = pieces[0].cap;
     let header = cap.last_image();
-    let start_ns = cap
-        .images
-        .first()
-        .map_or(header.start_unix_ns, |h| h.start_unix_ns);
     let period_type = value_type(&mut strings, "space", "bytes");
     let default_type = strings.id("inuse_space");
     let sampled = match pieces.iter().find_map(|p| p.cap.sample_rate()) {
@@ -301,7 +363,7 @@ pub fn profile_of(mut pieces: Vec<Piece<'_>>) -> Vec<u8> {
         ),
         None => String::new(),
     };
-    let comment = strings.id(&match pieces.len() {
+    let mut comment = match pieces.len() {
         1 => format!(
             "memtrack capture of {}{sampled}",
             crate::shell_command(&header.argv)
@@ -311,13 +373,16 @@ pub fn profile_of(mut pieces: Vec<Piece<'_>>) -> Vec<u8> {
             crate::shell_command(&header.argv),
             n - 1
         ),
-    });
+    };
+    if let Some(note) = note {
+        comment.push_str(note);
+    }
+    let comment = strings.id(&comment);
     for s in &strings.list {
         p.bytes(6, s.as_bytes());
     }
-    p.int(9, start_ns as i64);
-    let duration = cap.end.map(|e| cap.seconds(e.time)).unwrap_or(0.0);
-    p.int(10, (duration * 1e9) as i64);
+    p.int(9, time.start_unix_ns as i64);
+    p.int(10, time.duration_ns as i64);
     p.msg(11, period_type);
     p.int(12, 1);
     p.packed(13, [comment]);
@@ -331,8 +396,12 @@ pub fn profile_gz(cap: &Capture, inuse: View, sym: &mut Symbolizer) -> std::io::
 }
 
 /// `profile_of` gzip-compressed.
-pub fn profile_gz_of(pieces: Vec<Piece<'_>>) -> std::io::Result<Vec<u8>> {
-    gzip(&profile_of(pieces))
+pub fn profile_gz_of(
+    pieces: Vec<Piece<'_>>,
+    time: ProfileTime,
+    note: Option<&str>,
+) -> std::io::Result<Vec<u8>> {
+    gzip(&profile_of(pieces, time, note))
 }
 
 fn gzip(raw: &[u8]) -> std::io::Result<Vec<u8>> {

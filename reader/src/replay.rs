@@ -605,9 +605,19 @@ impl Capture {
     /// there, before the event) and after it (`Step::After`).
     pub(crate) fn replay_steps(
         &self,
-        mut r: Replay,
+        r: Replay,
         until: u64,
         mut step: impl FnMut(Step, &Replay, &Event) -> bool,
+    ) -> Replayed {
+        self.replay_steps_tabled(r, until, |s, r, ev, _| step(s, r, ev))
+    }
+
+    /// [`Capture::replay_steps`], `step` also given the stack table as it stands.
+    pub(crate) fn replay_steps_tabled(
+        &self,
+        mut r: Replay,
+        until: u64,
+        mut step: impl FnMut(Step, &Replay, &Event, &StackTable) -> bool,
     ) -> Replayed {
         let mut stacks = StackTable::default();
         r.sample_rate = self.sample_rate().unwrap_or(0);
@@ -616,7 +626,7 @@ impl Capture {
         let rss_seq = self.peak_rss().map_or(u64::MAX, |p| p.seq);
         let mut stopped = false;
         let errors = self.with_events(&mut stacks, |events| {
-            events.for_each_while(|ev| {
+            events.for_each_with_stacks(|ev, table| {
                 if ev.seq > until {
                     return false;
                 }
@@ -627,7 +637,7 @@ impl Capture {
                 while boundaries.next_if(|&b| ev.seq >= b).is_some() {
                     r.exec_reset();
                 }
-                if !step(Step::Before, &r, ev) {
+                if !step(Step::Before, &r, ev, table) {
                     stopped = true;
                     return false;
                 }
@@ -638,7 +648,7 @@ impl Capture {
                     r.raw_at_leaks_seq = Some((r.live_raw, r.live.len() as u64));
                 }
                 r.apply(ev);
-                step(Step::After, &r, ev);
+                step(Step::After, &r, ev, table);
                 true
             });
             events.errors

@@ -16,18 +16,24 @@ pub fn write_folded(lines: &[(String, u64)], w: &mut dyn Write) -> std::io::Resu
 
 /// The parts as a gzipped pprof profile.
 pub fn pprof(r: &mut Reporter, parts: &[Part<'_>]) -> std::io::Result<Vec<u8>> {
-    let mut pieces = Vec::new();
     let mut syms: Vec<Symbolizer> = parts.iter().map(|p| r.symbolizer(p.cap)).collect();
-    for (part, sym) in parts.iter().zip(syms.iter_mut()) {
+    let figures: Vec<_> = parts
+        .iter()
+        .map(|p| crate::pprof::view_values(p.cap, &p.view))
+        .collect();
+    let mut pieces = Vec::new();
+    for ((part, sym), (values, allocated)) in parts.iter().zip(syms.iter_mut()).zip(&figures) {
         pieces.push(crate::pprof::Piece {
             cap: part.cap,
-            inuse: &part.view,
+            values: values.clone(),
+            stacks: &allocated.stacks,
             label: part.label.clone(),
             pid: part.process.pid,
             sym,
         });
     }
-    let gz = crate::pprof::profile_gz_of(pieces)?;
+    let time = crate::pprof::ProfileTime::whole(parts[0].cap);
+    let gz = crate::pprof::profile_gz_of(pieces, time, None)?;
     for sym in &syms {
         r.warn(&sym.warnings);
     }
