@@ -101,6 +101,9 @@ pub struct Capture {
     /// The files behind file-backed mappings, by id (`MAP_FILE` records; the first of an id
     /// wins).
     pub map_files: std::collections::HashMap<u32, String>,
+    /// The last complete `CHECKPOINT` of an aggregated capture (`memtrack run --aggregate`):
+    /// its figures stand for the events it does not hold.
+    pub checkpoint: Option<memtrack_format::Checkpoint>,
 }
 
 /// One event, in global order.
@@ -176,6 +179,7 @@ impl Capture {
             region_names: Default::default(),
             map_files: Default::default(),
             rss: Vec::new(),
+            checkpoint: None,
             min_offset_from: Vec::new(),
             progress: Default::default(),
         }
@@ -345,6 +349,13 @@ impl Capture {
                         Err(e) => self.warnings.push(bad(e)),
                     }
                 }
+                record::CHECKPOINT => {
+                    let payload = read(payload_off, plen as usize);
+                    match memtrack_format::Checkpoint::decode(&payload) {
+                        Ok(c) => self.checkpoint = Some(c),
+                        Err(e) => self.warnings.push(bad(e)),
+                    }
+                }
                 record::RSS => {
                     let payload = read(payload_off, plen as usize);
                     match memtrack_format::RssRecord::decode(&payload) {
@@ -367,6 +378,11 @@ impl Capture {
     }
 
     /// The header of the image that ran last (the launched program, or what it exec'd into).
+    /// True for an aggregated capture (checkpoints, no events).
+    pub fn aggregated(&self) -> bool {
+        self.checkpoint.is_some()
+    }
+
     pub fn last_image(&self) -> &Header {
         self.images.last().unwrap_or(&self.header)
     }
