@@ -96,6 +96,16 @@ pub(crate) enum Cmd {
         /// runs (MEMTRACK_SAMPLE_SEED). Default: from the clock.
         #[arg(long, value_name = "N", requires = "sample_rate")]
         sample_seed: Option<u64>,
+        /// Aggregated recording for long runs: no event stream; the tracker keeps per-stack
+        /// figures (live, allocated, at the peak) and writes a checkpoint every
+        /// `--checkpoint-interval` and at exit. The capture grows with stacks, not events, and a
+        /// killed process leaves its last checkpoint. Temporary allocations and exact `--at`
+        /// cannot be reported from it.
+        #[arg(long)]
+        aggregate: bool,
+        /// With `--aggregate`: time between checkpoints (`500ms`, `5s`, `2m`).
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration_ms, requires = "aggregate")]
+        checkpoint_interval: u64,
         /// Budgets checked when the command has finished (see `memtrack check`).
         #[command(flatten)]
         limits: LimitArgs,
@@ -686,6 +696,29 @@ impl LimitArgs {
         }
         Ok(out)
     }
+}
+
+/// A duration (`250ms`, `5s`, `2m`, `1h`; a bare number is seconds) in milliseconds.
+pub(crate) fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => (&t[..i], &t[i..]),
+        None => (t, "s"),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 5s, 2m)"))?;
+    let ms = match unit {
+        "ms" => v,
+        "s" => v * 1e3,
+        "m" | "min" => v * 60e3,
+        "h" => v * 3600e3,
+        _ => return Err(format!("`{s}`: unknown unit `{unit}` (ms, s, m, h)")),
+    };
+    if ms.is_nan() || ms < 1.0 {
+        return Err(format!("`{s}`: at least 1ms"));
+    }
+    Ok(ms.round() as u64)
 }
 
 #[cfg(test)]

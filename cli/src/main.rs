@@ -103,12 +103,15 @@ fn dispatch(
             live_output,
             sample_rate,
             sample_seed,
+            aggregate,
+            checkpoint_interval,
             limits,
             command,
         } => {
             let tree = run::RunTree {
                 sample_rate,
                 sample_seed,
+                aggregate: aggregate.then_some(checkpoint_interval),
                 follow_fork: !no_follow_fork,
                 keep_all,
                 live: live.then_some(run::Live {
@@ -140,6 +143,7 @@ fn dispatch(
         }
         Cmd::Regions { file, json, sort } => {
             let subject = Subject::open(&file, pid)?;
+            subject.refuse_aggregated("regions need the region marks among the events")?;
             let sort = match sort {
                 RegionSortArg::Peak => RegionSort::Peak,
                 RegionSortArg::Allocated => RegionSort::Allocated,
@@ -152,12 +156,21 @@ fn dispatch(
         }
         Cmd::Dump { file } => {
             let cap = Capture::open(&file)?;
+            if cap.aggregated() {
+                bail!(
+                    "{}: an aggregated capture (memtrack run --aggregate) holds no events to dump (memtrack summary shows its last checkpoint)",
+                    file.display()
+                );
+            }
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             report::dump::dump(&cap, &mut out)?;
             Ok(0)
         }
         Cmd::Stats { file, json } => {
             let subject = Subject::open(&file, pid)?;
+            subject.refuse_aggregated(
+                "stats (sizes, lifetimes, temporary allocations) need every event",
+            )?;
             report::stats::stats(r, &subject, json, &mut Stdout)?;
             Ok(0)
         }
@@ -301,7 +314,16 @@ fn open_in(
 ) -> Result<Subject> {
     no_temporary(&region, view)?;
     let window = window.window().map_err(anyhow::Error::msg)?;
-    let mut subject = Subject::open(file, pid)?.with_region(region)?;
+    let subject = Subject::open(file, pid)?;
+    if view == View::Temporary {
+        subject.refuse_aggregated(
+            "temporary allocations need the order of each thread's events, which it did not keep",
+        )?;
+    }
+    if view.is_mapped() {
+        subject.refuse_aggregated("mapped memory (mmap) is not aggregated")?;
+    }
+    let mut subject = subject.with_region(region)?;
     note_clamped(r, subject.with_window(window, Some(view))?);
     Ok(subject)
 }
@@ -363,6 +385,9 @@ fn check(
 
 fn plot(r: &mut Reporter, file: &Path, pid: Option<u32>, output: Option<PathBuf>) -> Result<()> {
     let subject = Subject::open(file, pid)?;
+    subject.refuse_aggregated(
+        "memory over time needs the events (the checkpoints' series is not plotted yet)",
+    )?;
     let plot = report::plot::plot(r, &subject);
     let out =
         output.unwrap_or_else(|| file.with_file_name(format!("{}-plot.svg", subject.stem(file))));
@@ -388,6 +413,9 @@ fn html_report(
     output: Option<PathBuf>,
 ) -> Result<()> {
     let subject = Subject::open(file, pid)?;
+    subject.refuse_aggregated(
+        "the HTML report's timeline and temporary allocations need every event",
+    )?;
     let page = report::html::report(r, &subject)?;
     let out = output
         .unwrap_or_else(|| file.with_file_name(format!("{}-report.html", subject.stem(file))));

@@ -56,6 +56,7 @@
 //! assert_eq!((h, &back[..]), (header, &items[..]));
 //! ```
 
+mod checkpoint;
 mod chunk;
 mod cursor;
 mod event;
@@ -71,6 +72,7 @@ mod rss;
 pub mod sampling;
 mod varint;
 
+pub use checkpoint::{Checkpoint, SeriesPoint, StackFigures};
 pub use chunk::{
     encode_stream, op, ColumnDecoder, ColumnEncoding, StreamDecoder, StreamEncoder, Transcoder,
 };

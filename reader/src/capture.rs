@@ -103,6 +103,9 @@ pub struct Capture {
     pub map_files: std::collections::HashMap<u32, String>,
     /// How the capture was sampled (`SAMPLING`), None for a capture of every allocation.
     pub sampling: Option<memtrack_format::SamplingRecord>,
+    /// The last complete `CHECKPOINT` of an aggregated capture (`memtrack run --aggregate`):
+    /// its figures stand for the events it does not hold.
+    pub checkpoint: Option<memtrack_format::Checkpoint>,
 }
 
 /// One event, in global order.
@@ -179,6 +182,7 @@ impl Capture {
             map_files: Default::default(),
             sampling: None,
             rss: Vec::new(),
+            checkpoint: None,
             min_offset_from: Vec::new(),
             progress: Default::default(),
         }
@@ -348,6 +352,13 @@ impl Capture {
                         Err(e) => self.warnings.push(bad(e)),
                     }
                 }
+                record::CHECKPOINT => {
+                    let payload = read(payload_off, plen as usize);
+                    match memtrack_format::Checkpoint::decode(&payload) {
+                        Ok(c) => self.checkpoint = Some(c),
+                        Err(e) => self.warnings.push(bad(e)),
+                    }
+                }
                 record::RSS => {
                     let payload = read(payload_off, plen as usize);
                     match memtrack_format::RssRecord::decode(&payload) {
@@ -392,6 +403,11 @@ impl Capture {
     }
 
     /// The header of the image that ran last (the launched program, or what it exec'd into).
+    /// True for an aggregated capture (checkpoints, no events).
+    pub fn aggregated(&self) -> bool {
+        self.checkpoint.is_some()
+    }
+
     pub fn last_image(&self) -> &Header {
         self.images.last().unwrap_or(&self.header)
     }

@@ -157,6 +157,9 @@ pub struct Replay {
     pub peak_mapped_bytes: u64,
     pub peak_mapped_seq: u64,
     pub peak_mapped_time: u64,
+    /// An aggregated capture's per-stack figures (its last checkpoint's), standing for a
+    /// live set it does not have.
+    agg: Option<Vec<memtrack_format::StackFigures>>,
 }
 
 /// Per-stack live bytes, and their values at the last peak. Stacks changed since the last peak
@@ -442,6 +445,57 @@ impl Replay {
         self.mapped_bytes = 0;
     }
 
+    /// The state an aggregated capture's checkpoint describes.
+    pub fn from_checkpoint(c: &memtrack_format::Checkpoint) -> Replay {
+        Replay {
+            live_bytes: c.heap_bytes,
+            peak_bytes: c.peak_bytes,
+            peak_allocations: c.peak_count,
+            peak_seq: c.peak_seq,
+            peak_time: c.peak_time,
+            total_allocations: c.total_count,
+            total_bytes: c.total_bytes,
+            total_frees: c.total_frees,
+            unmatched_frees: c.unmatched_frees,
+            events: c.events,
+            last_seq: c.seq.saturating_sub(1),
+            last_time: c.time,
+            live_count: c.stacks.iter().map(|s| s.live_count).sum(),
+            sample_rate: c.sample_rate,
+            live_var: c.heap_variance.max(0.0) as u128,
+            peak_var: c.peak_variance.max(0.0) as u128,
+            agg: Some(c.stacks.clone()),
+            ..Self::default()
+        }
+    }
+
+    /// An aggregated capture's sites, by `f` (bytes, allocations), largest first.
+    fn agg_sites(
+        &self,
+        f: impl Fn(&memtrack_format::StackFigures) -> (u64, u64),
+    ) -> Option<Vec<SiteTotal>> {
+        let a = self.agg.as_ref()?;
+        Some(sorted(
+            a.iter()
+                .filter_map(|s| {
+                    let (bytes, allocations) = f(s);
+                    (allocations > 0 || bytes > 0).then_some(SiteTotal {
+                        stack: s.stack,
+                        bytes,
+                        allocations,
+                        max: 0,
+                    })
+                })
+                .collect(),
+        ))
+    }
+
+    /// Everything allocated, by stack (aggregated captures only: a replay keeps no totals by
+    /// stack).
+    pub fn allocated_sites(&self) -> Option<Vec<SiteTotal>> {
+        self.agg_sites(|s| (s.total_bytes, s.total_count))
+    }
+
     /// Number of allocations live now (an estimate when sampled).
     pub fn live_allocations(&self) -> u64 {
         self.live_count
@@ -450,6 +504,9 @@ impl Replay {
     /// What was live at the peak, grouped by stack, largest first (a replay made with
     /// [`Replay::tracking_sites`]; empty otherwise).
     pub fn peak_by_stack(&self) -> Vec<SiteTotal> {
+        if let Some(v) = self.agg_sites(|s| (s.peak_bytes, s.peak_count)) {
+            return v;
+        }
         let Some(t) = &self.sites else {
             return Vec::new();
         };
@@ -472,6 +529,9 @@ impl Replay {
     /// [`Replay::tracking_sites`] keeps as it goes (the same as [`Replay::live_by_stack`],
     /// without a pass over the live set; empty for another replay).
     pub fn live_sites(&self) -> Vec<SiteTotal> {
+        if let Some(v) = self.agg_sites(|s| (s.live_bytes, s.live_count)) {
+            return v;
+        }
         let Some(t) = &self.sites else {
             return Vec::new();
         };
@@ -491,6 +551,9 @@ impl Replay {
 
     /// The live allocations grouped by stack, largest first.
     pub fn live_by_stack(&self) -> Vec<SiteTotal> {
+        if let Some(v) = self.agg_sites(|s| (s.live_bytes, s.live_count)) {
+            return v;
+        }
         let mut sums = SiteSums::default();
         for l in self.live.values() {
             sums.add_weighted(l.stack, l.size, l.count, l.raw);
@@ -621,6 +684,20 @@ impl Capture {
     ) -> Replayed {
         let mut stacks = StackTable::default();
         r.sample_rate = self.sample_rate().unwrap_or(0);
+        if let Some(c) = &self.checkpoint {
+            // No events: the stack nodes, and the figures of the last checkpoint. Reports that
+            // need a state before it refuse aggregated captures (`Subject::refuse_aggregated`).
+            let errors = self.with_events(&mut stacks, |events| {
+                events.for_each_while(|_| true);
+                events.errors
+            });
+            let _ = (r, until, &mut step);
+            return Replayed {
+                replay: Replay::from_checkpoint(c),
+                stacks,
+                corrupt_chunks: errors,
+            };
+        }
         let mut boundaries = self.exec_boundaries.iter().copied().peekable();
         let cut = self.leaks_seq();
         let rss_seq = self.peak_rss().map_or(u64::MAX, |p| p.seq);

@@ -94,7 +94,7 @@ impl Capture {
     /// Like [`Capture::view`], with the largest single allocation of every site (the peak view
     /// then replays twice: once to find the peak, once up to it).
     pub fn view_with_max(&self, view: View) -> ViewSites {
-        if view != View::Peak {
+        if view != View::Peak || self.aggregated() {
             return self.view(view);
         }
         let crate::Replayed { replay: whole, .. } = self.replay();
@@ -151,6 +151,12 @@ impl Capture {
                     })
                 });
                 (sums.into_sorted(), stacks)
+            }
+            View::Allocated if self.aggregated() => {
+                let crate::Replayed {
+                    replay: r, stacks, ..
+                } = self.replay();
+                (r.allocated_sites().unwrap_or_default(), stacks)
             }
             View::Allocated => {
                 let mut stacks = StackTable::default();

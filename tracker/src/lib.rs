@@ -33,6 +33,7 @@
 //! assert!(!memtrack_tracker::IgnoreAllocs::active());
 //! ```
 
+mod aggregate;
 mod bootstrap;
 mod capture_file;
 mod clock;

@@ -120,7 +120,7 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
     let rec = Recorder {
         // SAFETY: getpid has no preconditions.
         pid: unsafe { libc::getpid() },
-        handoff: Handoff::new(Writer::new(file), cfg.first_seq),
+        handoff: Handoff::new(Writer::new(file, cfg.first_seq), cfg.first_seq),
         stacks,
         orphan: Mutex::new(None),
         thread_key: key,

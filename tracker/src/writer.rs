@@ -6,6 +6,7 @@
 //! Must never: reach into the recorder or the hand-off's per-thread state (everything it needs
 //! comes through [`Inbox`], which the recorder implements), or block on the program's threads.
 
+use crate::aggregate::Aggregator;
 use crate::capture_file::CaptureFile;
 use crate::clock;
 use crate::guard::IgnoreAllocs;
@@ -89,15 +90,43 @@ pub(crate) struct Writer {
     /// The same, for a program thread that transcodes its own chunk while the writer is
     /// behind (see `handoff::Handoff::hand_off`).
     helper: Mutex<Transcoder>,
+    /// Aggregated recording: events are applied here and checkpoints written instead.
+    agg: Option<Mutex<Aggregator>>,
+    /// Clock units between checkpoints.
+    interval: u64,
 }
 
 impl Writer {
-    pub(crate) fn new(file: CaptureFile) -> Self {
+    /// `first_seq`: the number this image's first event takes.
+    pub(crate) fn new(file: CaptureFile, first_seq: u64) -> Self {
         Writer {
             file,
             transcoder: Mutex::new(Transcoder::new()),
             helper: Mutex::new(Transcoder::new()),
+            agg: crate::aggregate::from_env()
+                .map(|rate| Mutex::new(Aggregator::new(first_seq, rate))),
+            interval: crate::aggregate::interval_from_env(),
         }
+    }
+
+    /// True when recording aggregated.
+    pub(crate) fn aggregated(&self) -> bool {
+        self.agg.is_some()
+    }
+
+    /// Writes a checkpoint (aggregated recording only) when one is due, or always when `last`.
+    fn checkpoint(&self, now: u64, rss: &mut RssSampler, last: bool) {
+        let Some(agg) = &self.agg else { return };
+        let Ok(mut a) = agg.lock() else { return };
+        if !last && now.saturating_sub(a.last_checkpoint) < self.interval {
+            return;
+        }
+        let rss_bytes = rss.due(now, true).unwrap_or(0);
+        let payload = a.checkpoint(now, rss_bytes, last).encode();
+        drop(a);
+        let mut out = Vec::with_capacity(payload.len() + MAX_FRAME_PREFIX);
+        memtrack_format::put_record(&mut out, record::CHECKPOINT, &payload);
+        self.file.write(&out);
     }
 
     /// Writes a framed record as it is.
@@ -107,6 +136,26 @@ impl Writer {
 
     /// Writes an events chunk, transcoded into the compact encoding.
     pub(crate) fn write_chunk(&self, chunk: &FramedChunk) -> bool {
+        if let Some(agg) = &self.agg {
+            let nodes = agg
+                .lock()
+                .ok()
+                .and_then(|mut a| a.feed(chunk.payload(), clock::now_units()));
+            let Some(nodes) = nodes else { return true };
+            let compacted = self
+                .transcoder
+                .lock()
+                .ok()
+                .and_then(|mut c| transcode(&mut c, &nodes));
+            return match compacted {
+                Some(out) => self.file.write(&out),
+                None => {
+                    let mut out = Vec::with_capacity(nodes.len() + MAX_FRAME_PREFIX);
+                    memtrack_format::put_record(&mut out, record::EVENTS, &nodes);
+                    self.file.write(&out)
+                }
+            };
+        }
         let compacted = self
             .transcoder
             .lock()
@@ -120,6 +169,10 @@ impl Writer {
     /// The compact encoding of a chunk, made on the calling thread when the helper transcoder
     /// is free (None: it is busy, or the chunk is not transcodable).
     pub(crate) fn transcode_aside(&self, chunk: &FramedChunk) -> Option<Vec<u8>> {
+        if self.agg.is_some() {
+            // Every chunk goes through the aggregator, on the writer thread.
+            return None;
+        }
         let mut c = self.helper.try_lock().ok()?;
         transcode(&mut c, chunk.payload())
     }
@@ -155,6 +208,7 @@ pub(crate) fn run(w: &Writer, inbox: &impl Inbox) {
         if now.saturating_sub(last_sweep) >= SWEEP_EVERY.as_micros() as u64 {
             sweep(w, inbox, false);
             last_sweep = now;
+            w.checkpoint(now, &mut rss, false);
         }
     }
 }
@@ -173,6 +227,7 @@ fn handle(w: &Writer, inbox: &impl Inbox, rss: &mut RssSampler, m: Msg) {
             sweep(w, inbox, true);
             drain(w, inbox, rss);
             sample_rss(w, inbox, rss, clock::now_units(), true);
+            w.checkpoint(clock::now_units(), rss, true);
             // Nothing after END: the loop goes on until the queue closes, and a sample written
             // after END would hide it from the next image of an exec, which continues the
             // capture only when the file ends with END (it then ran unrecorded).
@@ -204,13 +259,19 @@ fn sweep(w: &Writer, inbox: &impl Inbox, force: bool) {
 /// Ends the capture on the calling thread, when no writer thread was ever started.
 pub(crate) fn finish_inline(w: &Writer, inbox: &impl Inbox, reason: EndReason) {
     sweep(w, inbox, true);
-    sample_rss(w, inbox, &mut RssSampler::open(), clock::now_units(), true);
+    let mut rss = RssSampler::open();
+    sample_rss(w, inbox, &mut rss, clock::now_units(), true);
+    w.checkpoint(clock::now_units(), &mut rss, true);
     w.file.write_end(&inbox.end_record(reason));
 }
 
 /// Writes an `RSS` record when a sample is due and changed (always when `force`). The record
 /// is framed in a stack buffer: nothing is allocated.
 fn sample_rss(w: &Writer, inbox: &impl Inbox, rss: &mut RssSampler, now: u64, force: bool) {
+    if w.aggregated() {
+        // The checkpoints carry it: RSS records would grow the file with time.
+        return;
+    }
     let Some(rss_bytes) = rss.due(now, force) else {
         return;
     };

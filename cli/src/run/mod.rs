@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 /// Which processes of the tree `memtrack run` records, and what it keeps of them.
 pub(crate) struct RunTree {
+    /// `--aggregate`: checkpoints every this many milliseconds instead of events.
+    pub(crate) aggregate: Option<u64>,
     /// Every process the command starts records (the default; `--no-follow-fork` turns it off).
     pub(crate) follow_fork: bool,
     /// `--keep-all`: short helpers' captures are kept rather than folded into the root capture.
@@ -174,6 +176,14 @@ pub(crate) fn cmd_run(
     match tree.sample_seed {
         Some(seed) => cmd.env("MEMTRACK_SAMPLE_SEED", seed.to_string()),
         None => cmd.env_remove("MEMTRACK_SAMPLE_SEED"),
+    };
+    match tree.aggregate {
+        Some(ms) => cmd
+            .env("MEMTRACK_AGGREGATE", "1")
+            .env("MEMTRACK_CHECKPOINT_INTERVAL", ms.to_string()),
+        None => cmd
+            .env_remove("MEMTRACK_AGGREGATE")
+            .env_remove("MEMTRACK_CHECKPOINT_INTERVAL"),
     };
     let mut unrecorded = None;
     if tree.follow_fork {

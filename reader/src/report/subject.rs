@@ -64,10 +64,29 @@ impl Subject {
         })
     }
 
+    /// An error saying why `what` cannot be reported from an aggregated capture (none for a
+    /// capture of events).
+    pub fn refuse_aggregated(&self, what: &str) -> Result<()> {
+        let agg = self
+            .tree
+            .processes
+            .iter()
+            .filter_map(|p| p.capture.as_ref())
+            .find(|c| c.aggregated());
+        if let Some(cap) = agg {
+            bail!(
+                "{}: an aggregated capture (memtrack run --aggregate) keeps per-stack figures (at the peak, live at its last checkpoint, allocated), not events: {what}",
+                cap.path().display()
+            );
+        }
+        Ok(())
+    }
+
     /// The subject with its views restricted to the region `name` (`--region`); an error
     /// naming the capture and its regions when none of its processes has that region.
     pub fn with_region(mut self, name: Option<String>) -> Result<Subject> {
         if let Some(name) = &name {
+            self.refuse_aggregated("regions need the region marks among the events")?;
             let has = |c: &Capture| c.check_region(name).is_ok();
             let found = match self.one() {
                 Some(p) => p.capture.as_ref().is_some_and(has),
@@ -99,6 +118,9 @@ impl Subject {
         let Some(w) = window else {
             return Ok(None);
         };
+        self.refuse_aggregated(
+            "a time window (--at, --between) needs the state at a moment it did not record",
+        )?;
         if let Some(why) = view.and_then(|v| w.refusal(v)) {
             bail!("{why}");
         }

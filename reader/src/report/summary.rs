@@ -52,6 +52,17 @@ pub fn summary(
     if json {
         let mut v = serde_json::to_value(&s)?;
         v["capture"] = serde_json::Value::String(shown_file.display().to_string());
+        if let Some(c) = &cap.checkpoint {
+            v["aggregated"] = true.into();
+            v["checkpoint"] = c.number.into();
+            v["checkpoint_seconds"] = cap.seconds(c.time).into();
+            v["checkpoint_final"] = c.last.into();
+            if c.sample_rate > 0 {
+                v["aggregated_sample_rate_bytes"] = c.sample_rate.into();
+                v["peak_standard_error_bytes"] = c.peak_variance.sqrt().into();
+                v["leaked_standard_error_bytes"] = c.heap_variance.sqrt().into();
+            }
+        }
         v["parent_pid"] = match parent_pid {
             0 => serde_json::Value::Null,
             p => p.into(),
@@ -70,6 +81,30 @@ pub fn summary(
         return Ok(());
     }
     print_summary(out, &shown_file, cap, &s)?;
+    if let Some(c) = &cap.checkpoint {
+        let how = if c.last {
+            "written as the process ended: figures are final"
+        } else if cap.complete() {
+            "the last before the end"
+        } else {
+            "the process did not end cleanly: figures are as of then"
+        };
+        writeln!(
+            out,
+            "  aggregated:     from checkpoint {} at {:.1} s ({how}); no events: per-stack figures only",
+            c.number,
+            cap.seconds(c.time)
+        )?;
+        if c.sample_rate > 0 {
+            writeln!(
+                out,
+                "                  sampled every {} bytes on average: figures are estimates (peak \u{b1}{}, heap now \u{b1}{}, one standard error)",
+                grouped(c.sample_rate),
+                bytes(c.peak_variance.sqrt().round() as u64),
+                bytes(c.heap_variance.sqrt().round() as u64)
+            )?;
+        }
+    }
     if parent_pid != 0 {
         writeln!(out, "  forked from:    pid {parent_pid}")?;
     }

@@ -1,0 +1,357 @@
+//! Aggregated recording (`MEMTRACK_AGGREGATE=1`): the writer thread applies every event itself,
+//! in sequence order, to a live set and per-stack figures, and writes `CHECKPOINT` records
+//! instead of events. Stack nodes still go to the file (nodes-only chunks) for symbolization.
+//!
+//! Runs on the writer thread only (or the finishing thread when none was started), inside the
+//! guard: its maps live in the tracker's private heap.
+
+use memtrack_format::{
+    sampling, Checkpoint, ChunkHeader, Cursor, EventKind, Item, SeriesPoint, StackFigures,
+    StreamDecoder, StreamEncoder,
+};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+
+/// A gap in the sequence older than this (clock units: µs) is a number no event will take.
+const SETTLE_US: u64 = 2_000_000;
+/// Series points kept before every other one is dropped.
+const MAX_POINTS: usize = 4096;
+
+#[derive(Default, Clone, Copy)]
+struct Site {
+    live_bytes: u64,
+    live_count: u64,
+    total_bytes: u64,
+    total_count: u64,
+    peak_bytes: u64,
+    peak_count: u64,
+    /// The peak epoch whose figures `peak_*` hold (else the live ones are the peak's).
+    epoch: u64,
+}
+
+struct Pending {
+    seq: u64,
+    time: u64,
+    arrived: u64,
+    tid: u32,
+    kind: EventKind,
+}
+
+impl PartialEq for Pending {
+    fn eq(&self, o: &Self) -> bool {
+        self.seq == o.seq
+    }
+}
+impl Eq for Pending {}
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Pending {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        self.seq.cmp(&o.seq)
+    }
+}
+
+/// The aggregator's state.
+pub(crate) struct Aggregator {
+    rate: u64,
+    next_seq: u64,
+    pending: BinaryHeap<Reverse<Pending>>,
+    live: HashMap<u64, (u64, u32)>,
+    realloc: HashMap<u32, (u64, u64, u32)>,
+    sites: Vec<Site>,
+    epoch: u64,
+    heap: u64,
+    heap_count: u64,
+    heap_var: f64,
+    peak: u64,
+    peak_count: u64,
+    peak_var: f64,
+    peak_time: u64,
+    peak_seq: u64,
+    total_bytes: u64,
+    total_count: u64,
+    total_frees: u64,
+    events: u64,
+    unmatched: u64,
+    number: u64,
+    series: Vec<SeriesPoint>,
+    /// The time of the last checkpoint written.
+    pub(crate) last_checkpoint: u64,
+}
+
+impl Aggregator {
+    pub(crate) fn new(first_seq: u64, rate: u64) -> Self {
+        Aggregator {
+            rate,
+            next_seq: first_seq,
+            pending: BinaryHeap::new(),
+            live: HashMap::new(),
+            realloc: HashMap::new(),
+            sites: Vec::new(),
+            epoch: 0,
+            heap: 0,
+            heap_count: 0,
+            heap_var: 0.0,
+            peak: 0,
+            peak_count: 0,
+            peak_var: 0.0,
+            peak_time: 0,
+            peak_seq: 0,
+            total_bytes: 0,
+            total_count: 0,
+            total_frees: 0,
+            events: 0,
+            unmatched: 0,
+            number: 0,
+            series: Vec::new(),
+            last_checkpoint: 0,
+        }
+    }
+
+    /// Takes an `EVENTS` payload: queues its events, returns a stream payload holding only its
+    /// node definitions (None: it has none, or it cannot be decoded).
+    pub(crate) fn feed(&mut self, payload: &[u8], now: u64) -> Option<Vec<u8>> {
+        let mut c = Cursor::new(payload);
+        let header = ChunkHeader::decode(&mut c).ok()?;
+        let mut d = StreamDecoder::new(c.rest(), &header);
+        let mut nodes: Option<Vec<u8>> = None;
+        let mut enc = StreamEncoder::new(&header);
+        while let Ok(Some(item)) = d.next_item() {
+            match item {
+                Item::Node { .. } => {
+                    let out = nodes.get_or_insert_with(|| {
+                        let mut v = Vec::new();
+                        header.encode(&mut v);
+                        v
+                    });
+                    enc.item(out, &item);
+                }
+                Item::Event { seq, time, kind } => {
+                    if !kind.is_heap() {
+                        continue;
+                    }
+                    let p = Pending {
+                        seq,
+                        time,
+                        arrived: now,
+                        tid: header.tid,
+                        kind,
+                    };
+                    if seq == self.next_seq && self.pending.is_empty() {
+                        self.apply(&p);
+                    } else {
+                        self.pending.push(Reverse(p));
+                    }
+                }
+            }
+        }
+        self.settle(now, false);
+        nodes
+    }
+
+    /// Applies the queued events whose every lower number has arrived (all when `force`), and
+    /// those behind a gap older than [`SETTLE_US`].
+    pub(crate) fn settle(&mut self, now: u64, force: bool) {
+        while let Some(Reverse(top)) = self.pending.peek() {
+            if top.seq > self.next_seq && !force && now.saturating_sub(top.arrived) < SETTLE_US {
+                break;
+            }
+            let Some(Reverse(p)) = self.pending.pop() else {
+                break;
+            };
+            self.apply(&p);
+        }
+    }
+
+    fn site(&mut self, stack: u32) -> &mut Site {
+        let i = stack as usize;
+        if i >= self.sites.len() {
+            self.sites
+                .resize((i + 1).next_power_of_two(), Site::default());
+        }
+        let epoch = self.epoch;
+        let s = &mut self.sites[i];
+        if s.epoch != epoch {
+            // The first change since the last peak: keep what it held then.
+            s.peak_bytes = s.live_bytes;
+            s.peak_count = s.live_count;
+            s.epoch = epoch;
+        }
+        s
+    }
+
+    fn weights(&self, size: u64) -> (u64, u64, f64) {
+        if self.rate == 0 {
+            (size, 1, 0.0)
+        } else {
+            (
+                sampling::weight(size, self.rate).round() as u64,
+                sampling::count_weight(size, self.rate).round() as u64,
+                sampling::variance(size, self.rate),
+            )
+        }
+    }
+
+    fn add_live(&mut self, addr: u64, size: u64, stack: u32) {
+        let (b, n, v) = self.weights(size);
+        if let Some((osize, ostack)) = self.live.insert(addr, (size, stack)) {
+            self.remove_weights(osize, ostack);
+        }
+        let s = self.site(stack);
+        s.live_bytes += b;
+        s.live_count += n;
+        self.heap += b;
+        self.heap_count += n;
+        self.heap_var += v;
+    }
+
+    fn remove_weights(&mut self, size: u64, stack: u32) {
+        let (b, n, v) = self.weights(size);
+        let s = self.site(stack);
+        s.live_bytes = s.live_bytes.saturating_sub(b);
+        s.live_count = s.live_count.saturating_sub(n);
+        self.heap = self.heap.saturating_sub(b);
+        self.heap_count = self.heap_count.saturating_sub(n);
+        self.heap_var = (self.heap_var - v).max(0.0);
+    }
+
+    fn apply(&mut self, p: &Pending) {
+        self.next_seq = self.next_seq.max(p.seq + 1);
+        self.events += 1;
+        match p.kind {
+            EventKind::Alloc {
+                kind,
+                addr,
+                size,
+                stack,
+            } => {
+                if kind.is_realloc() {
+                    self.realloc.remove(&p.tid);
+                }
+                let (b, n, _) = self.weights(size);
+                self.total_bytes += b;
+                self.total_count += n;
+                let s = self.site(stack);
+                s.total_bytes += b;
+                s.total_count += n;
+                self.add_live(addr, size, stack);
+                if self.heap > self.peak {
+                    self.peak = self.heap;
+                    self.peak_count = self.heap_count;
+                    self.peak_var = self.heap_var;
+                    self.peak_time = p.time;
+                    self.peak_seq = p.seq;
+                    self.epoch += 1;
+                }
+            }
+            EventKind::Free { addr } => match self.live.remove(&addr) {
+                Some((size, stack)) => {
+                    self.total_frees += 1;
+                    self.remove_weights(size, stack);
+                }
+                None => self.unmatched += 1,
+            },
+            EventKind::ReallocFree { addr } => match self.live.remove(&addr) {
+                Some((size, stack)) => {
+                    self.remove_weights(size, stack);
+                    self.realloc.insert(p.tid, (addr, size, stack));
+                }
+                None => self.unmatched += 1,
+            },
+            EventKind::ReallocFailed => {
+                if let Some((addr, size, stack)) = self.realloc.remove(&p.tid) {
+                    self.add_live(addr, size, stack);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The checkpoint as of now (`last`: the image ends).
+    pub(crate) fn checkpoint(&mut self, now: u64, rss: u64, last: bool) -> Checkpoint {
+        self.settle(now, last);
+        self.number += 1;
+        self.last_checkpoint = now;
+        let epoch = self.epoch;
+        let stacks = self
+            .sites
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let (peak_bytes, peak_count) = if s.epoch == epoch {
+                    (s.peak_bytes, s.peak_count)
+                } else {
+                    (s.live_bytes, s.live_count)
+                };
+                let f = StackFigures {
+                    stack: i as u32,
+                    live_bytes: s.live_bytes,
+                    live_count: s.live_count,
+                    total_bytes: s.total_bytes,
+                    total_count: s.total_count,
+                    peak_bytes,
+                    peak_count,
+                };
+                (f.total_count > 0 || f.live_count > 0).then_some(f)
+            })
+            .collect();
+        let c = Checkpoint {
+            number: self.number,
+            last,
+            time: now,
+            seq: self.next_seq,
+            sample_rate: self.rate,
+            heap_bytes: self.heap,
+            heap_count: self.heap_count,
+            peak_bytes: self.peak,
+            peak_count: self.peak_count,
+            peak_time: self.peak_time,
+            peak_seq: self.peak_seq,
+            rss_bytes: rss,
+            total_bytes: self.total_bytes,
+            total_count: self.total_count,
+            total_frees: self.total_frees,
+            events: self.events,
+            unmatched_frees: self.unmatched,
+            heap_variance: self.heap_var,
+            peak_variance: self.peak_var,
+            stacks,
+            series: self.series.clone(),
+        };
+        self.series.push(c.point());
+        if self.series.len() > MAX_POINTS {
+            // Halve the resolution, keeping the higher heap of each pair.
+            let old = std::mem::take(&mut self.series);
+            self.series = old
+                .chunks(2)
+                .map(|p| *p.iter().max_by_key(|x| x.heap_bytes).unwrap_or(&p[0]))
+                .collect();
+        }
+        c
+    }
+}
+
+/// The aggregation settings from the environment: Some(sample rate) when aggregating.
+pub(crate) fn from_env() -> Option<u64> {
+    let on = crate::env::getenv(c"MEMTRACK_AGGREGATE").is_some_and(|v| v.to_bytes() == b"1");
+    if !on {
+        return None;
+    }
+    let rate = crate::env::getenv(c"MEMTRACK_SAMPLE_RATE")
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Some(rate)
+}
+
+/// The checkpoint interval in clock units (µs): `MEMTRACK_CHECKPOINT_INTERVAL` in milliseconds
+/// (default 5 s).
+pub(crate) fn interval_from_env() -> u64 {
+    crate::env::getenv(c"MEMTRACK_CHECKPOINT_INTERVAL")
+        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+        .filter(|&ms| ms > 0)
+        .unwrap_or(5000)
+        * 1000
+}
