@@ -249,7 +249,8 @@ impl Aggregator {
             }
             EventKind::Free { addr } => match self.live.remove(&addr) {
                 Some((size, stack)) => {
-                    self.total_frees += 1;
+                    // Weighted like the allocation it frees (as the reader's replay does).
+                    self.total_frees += self.weights(size).1;
                     self.remove_weights(size, stack);
                 }
                 None => self.unmatched += 1,
