@@ -313,3 +313,27 @@ fn checkpoint_records(capture: &Path) -> Vec<u64> {
     assert!(matches!(next_record(&bytes, at), Next::End));
     out
 }
+
+/// A process tree recorded aggregated: every process's own figures are exact, and the
+/// combined peak, which needs events to line the processes up in time, is given as what it
+/// is: at most the sum of their peaks.
+#[test]
+fn aggregated_tree_gives_each_process_and_a_bound() {
+    let work = Work::new("aggregate_tree");
+    let exe = work.compile("forks.c");
+    let cap = record(&work, "tree.cap", &["--aggregate", "--keep-all"], &exe, &[]);
+    let s = summary_json(&cap);
+    let procs = s["processes"].as_array().expect("processes");
+    let mut peaks: Vec<u64> = procs.iter().map(|p| json_u64(p, "peak_bytes")).collect();
+    peaks.sort();
+    // Parent 1,000 + 300; child A 2,000 + 500; grandchild C 4,000; child B (exec) 7,000.
+    assert_eq!(peaks, vec![1_300, 2_500, 4_000, 7_000], "{s}");
+    assert!(s["combined_peak_bytes"].is_null(), "{s}");
+    assert_eq!(json_u64(&s, "combined_peak_at_most_bytes"), 14_800);
+    let (code, text, err) = memtrack(&["summary", cap.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        text.contains("combined peak:  at most 14,800 bytes"),
+        "{text}"
+    );
+}
