@@ -106,6 +106,9 @@ pub struct Capture {
     /// The last complete `CHECKPOINT` of an aggregated capture (`memtrack run --aggregate`):
     /// its figures stand for the events it does not hold.
     pub checkpoint: Option<memtrack_format::Checkpoint>,
+    /// The final checkpoints of the images before the last one (an aggregated capture that
+    /// went through `exec`).
+    pub image_checkpoints: Vec<memtrack_format::Checkpoint>,
 }
 
 /// One event, in global order.
@@ -183,6 +186,7 @@ impl Capture {
             sampling: None,
             rss: Vec::new(),
             checkpoint: None,
+            image_checkpoints: Vec::new(),
             min_offset_from: Vec::new(),
             progress: Default::default(),
         }
@@ -355,7 +359,13 @@ impl Capture {
                 record::CHECKPOINT => {
                     let payload = read(payload_off, plen as usize);
                     match memtrack_format::Checkpoint::decode(&payload) {
-                        Ok(c) => self.checkpoint = Some(c),
+                        Ok(c) => {
+                            // After an image's final checkpoint, the next is the next image's.
+                            if let Some(prev) = self.checkpoint.take_if(|p| p.last) {
+                                self.image_checkpoints.push(prev);
+                            }
+                            self.checkpoint = Some(c);
+                        }
                         Err(e) => self.warnings.push(bad(e)),
                     }
                 }

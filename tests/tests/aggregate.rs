@@ -337,3 +337,26 @@ fn aggregated_tree_gives_each_process_and_a_bound() {
         "{text}"
     );
 }
+
+/// Through `exec`: the earlier image's final checkpoint stays in the capture and counts (its
+/// totals; its peak when higher), its live blocks vanish with it, as in a full capture.
+#[test]
+fn aggregated_exec_chain_counts_every_image() {
+    let work = Work::new("aggregate_exec");
+    let exe = work.compile("exec_chain.c");
+    let full = record(&work, "full.cap", &[], &exe, &[]);
+    let agg = record(&work, "agg.cap", &["--aggregate"], &exe, &[]);
+    let (f, a) = (summary_json(&full), summary_json(&agg));
+    // exec_chain.c's truth: peak 2,300 (image 2), leaked 2,000 in 1, 4 allocations of 2,900
+    // bytes, 2 frees.
+    assert_eq!(json_u64(&a, "peak_bytes"), 2_300);
+    assert_eq!(json_u64(&a, "leaked_bytes"), 2_000);
+    assert_eq!(json_u64(&a, "leaked_allocations"), 1);
+    assert_eq!(json_u64(&a, "total_allocations"), 4);
+    assert_eq!(json_u64(&a, "total_bytes"), 2_900);
+    assert_eq!(json_u64(&a, "total_frees"), 2);
+    for key in ["peak_bytes", "total_bytes", "events"] {
+        assert_eq!(json_u64(&a, key), json_u64(&f, key), "{key}");
+    }
+    assert_eq!(table(&agg, "--allocated"), table(&full, "--allocated"));
+}
