@@ -360,3 +360,20 @@ fn aggregated_exec_chain_counts_every_image() {
     }
     assert_eq!(table(&agg, "--allocated"), table(&full, "--allocated"));
 }
+
+/// bash brings its own `getenv`, which stops showing the environment once the tracker's
+/// `setenv` (of the launched process's capture name) has run: the settings are read before.
+#[test]
+fn bash_records_aggregated() {
+    let work = Work::new("aggregate_bash");
+    let cap = record(
+        &work,
+        "bash.cap",
+        &["--aggregate"],
+        Path::new("bash"),
+        &["-c", "x=$(echo 1); true"],
+    );
+    let s = summary_json(&cap);
+    assert!(json_bool(&s, "aggregated"), "{s}");
+    assert!(json_u64(&s, "total_allocations") > 100, "{s}");
+}

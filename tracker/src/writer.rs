@@ -112,7 +112,7 @@ impl Writer {
             helper: Mutex::new(Transcoder::new()),
             agg: crate::aggregate::from_env()
                 .map(|rate| Mutex::new(Aggregator::new(first_seq, rate))),
-            interval: crate::aggregate::interval_from_env(),
+            interval: crate::aggregate::interval(),
             checkpoints: Mutex::new(Vec::new()),
         }
     }
