@@ -160,7 +160,12 @@ pub fn summary(
         }
         rows.sort_by(|a, b| b.total_bytes.cmp(&a.total_bytes).then(a.pid.cmp(&b.pid)));
         rows.truncate(5);
-        (rows, "top locations at the combined peak:")
+        let title = if subject.tree.combined_known {
+            "top locations at the combined peak:"
+        } else {
+            "top locations at each process's own peak:"
+        };
+        (rows, title)
     } else {
         (top, "top locations at the peak:")
     };
