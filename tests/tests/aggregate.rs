@@ -377,3 +377,45 @@ fn bash_records_aggregated() {
     assert!(json_bool(&s, "aggregated"), "{s}");
     assert!(json_u64(&s, "total_allocations") > 100, "{s}");
 }
+
+/// Sampling and aggregation combine: with the same seed the same blocks are sampled, so the
+/// aggregated capture's estimates are exactly those of the sampled event capture, and its
+/// standard errors too.
+#[test]
+fn sampled_aggregated_equals_sampled_events() {
+    let work = Work::new("aggregate_sampled");
+    let exe = work.compile("sample_mix.c");
+    let sampling = ["--sample-rate", "512KiB", "--sample-seed", "7"];
+    let events = record(&work, "events.cap", &sampling, &exe, &[]);
+    let mut flags = vec!["--aggregate"];
+    flags.extend(sampling);
+    let agg = record(&work, "agg.cap", &flags, &exe, &[]);
+    let (e, a) = (summary_json(&events), summary_json(&agg));
+    assert!(
+        json_bool(&a, "aggregated") && json_bool(&a, "sampled"),
+        "{a}"
+    );
+    for key in [
+        "peak_bytes",
+        "peak_allocations",
+        "leaked_bytes",
+        "leaked_allocations",
+        "total_allocations",
+        "total_bytes",
+        "total_frees",
+        "peak_stderr_bytes",
+        "leaked_stderr_bytes",
+    ] {
+        assert_eq!(json_u64(&a, key), json_u64(&e, key), "{key}");
+    }
+    for view in ["--peak", "--leaks", "--allocated"] {
+        assert_eq!(table(&agg, view), table(&events, view), "{view}");
+    }
+    // The 64 MiB block is always sampled and stands for itself.
+    let big = table(&agg, "--peak")
+        .into_iter()
+        .find(|r| r.0.last().unwrap().starts_with("big_block"))
+        .expect("big_block at the peak");
+    assert_eq!(big.2, 1);
+    assert!(big.1.abs_diff(64 << 20) < 64, "{}", big.1);
+}
