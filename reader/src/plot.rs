@@ -13,6 +13,8 @@ pub struct Plot {
     pub peak_seconds: f64,
     /// The highest resident-memory sample and when, when the chart draws it.
     pub peak_rss: Option<(u64, f64)>,
+    /// An aggregated capture's chart: the checkpoints it draws (its points).
+    pub checkpoints: Option<usize>,
 }
 
 fn esc(s: &str) -> String {
@@ -25,6 +27,9 @@ fn esc(s: &str) -> String {
 impl Capture {
     /// Replays the capture sampling the heap in use, and draws it.
     pub fn plot(&self) -> Plot {
+        if let Some(c) = &self.checkpoint {
+            return self.plot_checkpoints(c);
+        }
         const POINTS: usize = 1000;
         let end = self
             .end
@@ -121,6 +126,7 @@ impl Capture {
                     None => String::new(),
                 }
             ),
+            None,
             &panels,
             x_axis,
             &bands,
@@ -130,6 +136,165 @@ impl Capture {
             peak_bytes: peak,
             peak_seconds,
             peak_rss: self.peak_rss().map(|p| (p.rss_bytes, self.seconds(p.time))),
+            checkpoints: None,
+        }
+    }
+
+    /// An aggregated capture's memory over time: the points of the checkpoints before its
+    /// last one (its `series`, thinned on long runs) and the last one's, oldest first; empty
+    /// for a capture of events.
+    pub fn checkpoint_series(&self) -> Vec<memtrack_format::SeriesPoint> {
+        let Some(c) = &self.checkpoint else {
+            return Vec::new();
+        };
+        let mut points = c.series.clone();
+        points.push(c.point());
+        points
+    }
+
+    /// The chart of an aggregated capture, from its checkpoints: heap in use and the peak so
+    /// far at each (a point per checkpoint, nothing between them is known), the peak at its
+    /// own time, and resident memory at each checkpoint that sampled it.
+    fn plot_checkpoints(&self, c: &memtrack_format::Checkpoint) -> Plot {
+        let points = self.checkpoint_series();
+        let end = self
+            .end
+            .map(|e| e.time)
+            .unwrap_or(0)
+            .max(self.last_chunk_time)
+            .max(c.time)
+            .max(c.peak_time)
+            .max(1);
+        let at: Vec<f64> = points.iter().map(|p| p.time as f64 / end as f64).collect();
+        let sampled = c.sample_rate > 0;
+        let approx = if sampled { "\u{2248} " } else { "" };
+        let n = points.len();
+        let tips: Vec<String> = points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let which = if i + 1 == n {
+                    format!("checkpoint {} (the last read)", c.number)
+                } else if n as u64 == c.number {
+                    format!("checkpoint {}", i + 1)
+                } else {
+                    "checkpoint".to_string()
+                };
+                let rss = match p.rss_bytes {
+                    0 => String::new(),
+                    b => format!(", RSS {}", size_text(b)),
+                };
+                format!(
+                    "{which} at {:.3} s: heap in use {approx}{}, peak so far {approx}{}{rss}",
+                    self.seconds(p.time),
+                    size_text(p.heap_bytes),
+                    size_text(p.peak_bytes)
+                )
+            })
+            .collect();
+        let heap_line = Series {
+            name: "heap in use at each checkpoint".to_string(),
+            colour: HEAP_COLOUR,
+            values: points.iter().map(|p| Some(p.heap_bytes)).collect(),
+            at: Some(at.clone()),
+            tips: tips.clone(),
+            dashed: false,
+        };
+        let peak_line = Series {
+            name: "peak so far at each checkpoint".to_string(),
+            colour: PEAK_SO_FAR_COLOUR,
+            values: points.iter().map(|p| Some(p.peak_bytes)).collect(),
+            at: Some(at.clone()),
+            tips: Vec::new(),
+            dashed: true,
+        };
+        let peak = c
+            .peak_bytes
+            .max(points.iter().map(|p| p.peak_bytes).max().unwrap_or(0));
+        let peak_seconds = self.seconds(c.peak_time);
+        let mut panels = vec![Panel {
+            axis_title: "heap in use",
+            colour: HEAP_COLOUR,
+            height: 320.0,
+            series: vec![heap_line, peak_line],
+            peak,
+            peak_frac: c.peak_time as f64 / end as f64,
+            peak_label: format!(
+                "peak {approx}{} ({} bytes) at {:.3} s",
+                human_bytes(peak),
+                grouped(peak),
+                peak_seconds
+            ),
+            note: (n == 1).then(|| {
+                "a single checkpoint: memtrack run --checkpoint-interval sets how often they are written"
+                    .to_string()
+            }),
+        }];
+        // Resident memory where a checkpoint sampled it (0: not read then).
+        let rss_peak = points
+            .iter()
+            .filter(|p| p.rss_bytes > 0)
+            .copied()
+            .reduce(|best, p| {
+                if p.rss_bytes > best.rss_bytes {
+                    p
+                } else {
+                    best
+                }
+            });
+        if let Some(best) = rss_peak {
+            let sampled_points = points.iter().filter(|p| p.rss_bytes > 0).count();
+            panels.push(Panel {
+                axis_title: "resident (RSS)",
+                colour: RSS_COLOUR,
+                height: 200.0,
+                series: vec![Series {
+                    name: String::new(),
+                    colour: RSS_COLOUR,
+                    values: points
+                        .iter()
+                        .map(|p| (p.rss_bytes > 0).then_some(p.rss_bytes))
+                        .collect(),
+                    at: Some(at.clone()),
+                    tips: tips.clone(),
+                    dashed: false,
+                }],
+                peak: best.rss_bytes,
+                peak_frac: best.time as f64 / end as f64,
+                peak_label: format!(
+                    "highest RSS at a checkpoint {} ({} bytes) at {:.3} s",
+                    human_bytes(best.rss_bytes),
+                    grouped(best.rss_bytes),
+                    self.seconds(best.time)
+                ),
+                note: (sampled_points < 2)
+                    .then(|| "resident memory read at a single checkpoint".to_string()),
+            });
+        }
+        let what = if panels.len() > 1 {
+            "memory"
+        } else {
+            "heap in use"
+        };
+        // Sampling is said in the subtitle, which a long command line cannot push out.
+        let title = format!(
+            "memtrack: {what} over time ({})",
+            crate::shell_command(&self.last_image().argv)
+        );
+        let subtitle = checkpoints_caption(self, c, &points, sampled);
+        let svg = chart(
+            &title,
+            Some(&subtitle),
+            &panels,
+            XAxis::Seconds(self.seconds(end)),
+            &[],
+        );
+        Plot {
+            svg,
+            peak_bytes: peak,
+            peak_seconds,
+            peak_rss: rss_peak.map(|p| (p.rss_bytes, self.seconds(p.time))),
+            checkpoints: Some(n),
         }
     }
 
@@ -166,6 +331,9 @@ impl Capture {
                 name: String::new(),
                 colour: RSS_COLOUR,
                 values,
+                at: None,
+                tips: Vec::new(),
+                dashed: false,
             }],
             peak: peak.rss_bytes,
             peak_frac: x(&peak) as f64 / span.max(1) as f64,
@@ -224,6 +392,90 @@ impl Capture {
             })
             .collect()
     }
+}
+
+/// `12,345,678 bytes (11.77 MiB)`.
+fn size_text(b: u64) -> String {
+    format!("{} bytes ({})", grouped(b), human_bytes(b))
+}
+
+/// A duration to two significant digits in a unit that suits it: `100 ms`, `5 s`, `2.5 min`.
+fn about_duration(seconds: f64) -> String {
+    let (v, unit) = if seconds < 1.0 {
+        (seconds * 1e3, "ms")
+    } else if seconds < 120.0 {
+        (seconds, "s")
+    } else if seconds < 7200.0 {
+        (seconds / 60.0, "min")
+    } else {
+        (seconds / 3600.0, "h")
+    };
+    if v <= 0.0 || !v.is_finite() {
+        return format!("0 {unit}");
+    }
+    let step = 10f64.powf(v.log10().floor() - 1.0);
+    let r = (v / step).round() * step;
+    let text = if r >= 10.0 {
+        format!("{r:.0}")
+    } else {
+        format!("{r:.1}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+    };
+    format!("{text} {unit}")
+}
+
+/// What an aggregated capture's points are: how many checkpoints, about how often (the
+/// shortest gap between them, the last one apart: it is written at the end, whenever that
+/// is), whether older ones were thinned, and that heap figures are estimates when sampled.
+fn checkpoints_caption(
+    cap: &Capture,
+    c: &memtrack_format::Checkpoint,
+    points: &[memtrack_format::SeriesPoint],
+    sampled: bool,
+) -> String {
+    let mut gaps: Vec<u64> = std::iter::once(0)
+        .chain(points.iter().map(|p| p.time))
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]))
+        .collect();
+    if c.last {
+        gaps.pop();
+    }
+    let every = gaps
+        .into_iter()
+        .filter(|&g| g > 0)
+        .min()
+        .map(|g| format!(", about every {}", about_duration(cap.seconds(g))))
+        .unwrap_or_default();
+    let n = points.len() as u64;
+    let what = if n == c.number && n == 1 {
+        format!("a single checkpoint, at {:.3} s", cap.seconds(c.time))
+    } else if n == c.number {
+        format!(
+            "one point per checkpoint{every} ({} checkpoints)",
+            grouped(n)
+        )
+    } else {
+        format!(
+            "one point per checkpoint{every} ({} of {} checkpoints: older ones thinned, keeping the higher heap of each pair)",
+            grouped(n),
+            grouped(c.number)
+        )
+    };
+    let estimates = if sampled {
+        format!(
+            "; heap figures are estimates from allocations sampled at {}",
+            human_bytes(c.sample_rate)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "aggregated capture: {what}{estimates}\neach checkpoint counts the events that had reached the tracker's writer by then (an idle thread's arrive a fraction of a second later)"
+    )
 }
 
 /// Per slice of a sampled series, its highest value, with the value after the last event of
@@ -367,6 +619,7 @@ impl crate::ProcessTree {
                 },
                 self.root().label()
             ),
+            None,
             &[heap],
             XAxis::Seconds(span / 1e9),
             &[],
@@ -376,6 +629,7 @@ impl crate::ProcessTree {
             peak_bytes: self.combined_peak_bytes,
             peak_seconds,
             peak_rss: None,
+            checkpoints: None,
         }
     }
 }
@@ -485,6 +739,8 @@ const HEAP_COLOUR: &str = "#c0392b";
 const RSS_COLOUR: &str = "#2471a3";
 /// Mapped memory's colour.
 const MAPPED_COLOUR: &str = "#7d3c98";
+/// An aggregated capture's peak so far.
+const PEAK_SO_FAR_COLOUR: &str = "#e59866";
 
 /// One line of a panel: a value per slice of time (`None`: not known then, not drawn).
 struct Series {
@@ -492,7 +748,17 @@ struct Series {
     name: String,
     colour: &'static str,
     values: Vec<Option<u64>>,
+    /// Where each value sits on the time axis, as fractions of it (points at irregular times,
+    /// such as checkpoints); None: one per slice, evenly.
+    at: Option<Vec<f64>>,
+    /// A dot with this tooltip on each value (none when empty, or past [`MAX_DOTS`] values).
+    tips: Vec<String>,
+    /// Drawn dashed (a line that often lies on another: the one below shows through).
+    dashed: bool,
 }
+
+/// Values of a series past which its dots are not drawn (the line alone stays readable).
+const MAX_DOTS: usize = 300;
 
 impl Series {
     /// A line known at every slice.
@@ -501,6 +767,9 @@ impl Series {
             name,
             colour,
             values: values.into_iter().map(Some).collect(),
+            at: None,
+            tips: Vec::new(),
+            dashed: false,
         }
     }
 }
@@ -539,8 +808,17 @@ fn fit_title(title: &str, max_chars: usize) -> String {
 /// Draws the panels one above the other on one time axis (ticks under each, titled under the
 /// last), each under a round size above its peak with its own ticks and its peak marked;
 /// named lines get a legend, and region bands follow.
-fn chart(title: &str, panels: &[Panel], x_axis: XAxis, bands: &[Band]) -> String {
-    let (w, left, right, top) = (1000.0f64, 100.0, 30.0, 50.0);
+fn chart(
+    title: &str,
+    subtitle: Option<&str>,
+    panels: &[Panel],
+    x_axis: XAxis,
+    bands: &[Band],
+) -> String {
+    let (w, left, right) = (1000.0f64, 100.0, 30.0);
+    // Each line of a subtitle takes a line under the title.
+    let sub_lines: Vec<&str> = subtitle.map_or(Vec::new(), |s| s.lines().collect());
+    let top = 50.0 + 18.0 * sub_lines.len() as f64;
     // Between panels: the tick labels of the one above.
     const GAP: f64 = 40.0;
     let pw = w - left - right;
@@ -585,6 +863,16 @@ fn chart(title: &str, panels: &[Panel], x_axis: XAxis, bands: &[Band]) -> String
         w / 2.0,
         esc(&shown)
     ));
+    for (k, line) in sub_lines.iter().enumerate() {
+        // About 7 px a character at 12 px.
+        let shown = fit_title(line, 135);
+        svg.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">{}</text>\n",
+            w / 2.0,
+            44.0 + 18.0 * k as f64,
+            esc(&shown)
+        ));
+    }
     let (x_tick_list, x_title) = x_ticks(x_axis);
     for (panel, &ptop) in panels.iter().zip(&tops) {
         let ph = panel.height;
@@ -633,7 +921,11 @@ fn chart(title: &str, panels: &[Panel], x_axis: XAxis, bands: &[Band]) -> String
             for (i, v) in series.values.iter().enumerate() {
                 match v {
                     Some(v) => {
-                        let x = left + pw * (i as f64 + 0.5) / n;
+                        let f = match &series.at {
+                            Some(at) => at.get(i).copied().unwrap_or(1.0).clamp(0.0, 1.0),
+                            None => (i as f64 + 0.5) / n,
+                        };
+                        let x = left + pw * f;
                         let y = ptop + ph - *v as f64 * scale;
                         run.push_str(&format!("{x:.1},{y:.1} "));
                     }
@@ -656,11 +948,32 @@ fn chart(title: &str, panels: &[Panel], x_axis: XAxis, bands: &[Band]) -> String
                     continue;
                 }
                 svg.push_str(&format!(
-                    "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"{}\" points=\"{}\"/>\n",
+                    "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"{}\"{} points=\"{}\"/>\n",
                     series.colour,
                     if k == 0 { 1.5 } else { 1.0 },
+                    if series.dashed {
+                        " stroke-dasharray=\"6 4\""
+                    } else {
+                        ""
+                    },
                     points.trim_end()
                 ));
+            }
+            if !series.tips.is_empty() && series.values.len() <= MAX_DOTS {
+                for (i, (v, tip)) in series.values.iter().zip(&series.tips).enumerate() {
+                    let Some(v) = v else { continue };
+                    let f = match &series.at {
+                        Some(at) => at.get(i).copied().unwrap_or(1.0).clamp(0.0, 1.0),
+                        None => (i as f64 + 0.5) / n,
+                    };
+                    svg.push_str(&format!(
+                        "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"><title>{}</title></circle>\n",
+                        left + pw * f,
+                        ptop + ph - *v as f64 * scale,
+                        series.colour,
+                        esc(tip)
+                    ));
+                }
             }
         }
         if let Some(note) = &panel.note {
