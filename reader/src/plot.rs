@@ -460,7 +460,7 @@ fn checkpoints_caption(
         )
     } else {
         format!(
-            "one point per checkpoint{every} ({} of {} checkpoints: older ones thinned, keeping the higher heap of each pair)",
+            "one point per checkpoint{every} ({} of {} checkpoints: older ones thinned)",
             grouped(n),
             grouped(c.number)
         )
@@ -1071,5 +1071,154 @@ mod tests {
         assert!(t.starts_with("memtrack: heap in use over time (python3 app.py xx"));
         assert!(t.ends_with("x…)"), "{t}");
         assert_eq!(super::fit_title("memtrack (ls)", 95), "memtrack (ls)");
+    }
+
+    #[test]
+    fn durations_are_said_to_two_digits() {
+        use super::about_duration;
+        assert_eq!(about_duration(0.1023), "100 ms");
+        assert_eq!(about_duration(0.0456), "46 ms");
+        assert_eq!(about_duration(5.04), "5 s");
+        assert_eq!(about_duration(2.56), "2.6 s");
+        assert_eq!(about_duration(300.0), "5 min");
+        assert_eq!(about_duration(5400.0), "90 min");
+        assert_eq!(about_duration(36000.0), "10 h");
+    }
+
+    /// A capture file holding only a header and one `CHECKPOINT` (a process cut off before
+    /// its END when `end` is false), in milliseconds.
+    fn aggregated(name: &str, c: &memtrack_format::Checkpoint, end: bool) -> crate::Capture {
+        use memtrack_format::{put_record, record, Header};
+        let mut file = Header {
+            version: memtrack_format::FORMAT_VERSION,
+            pid: 77,
+            clock_unit_ns: 1_000_000,
+            executable: "/bin/svc".into(),
+            argv: vec!["svc".into(), "--port".into(), "8080".into()],
+            pointer_size: 8,
+            machine: 62,
+            ..Default::default()
+        }
+        .encode();
+        put_record(&mut file, record::CHECKPOINT, &c.encode());
+        if end {
+            let e = memtrack_format::EndRecord {
+                seq: c.seq,
+                time: c.time,
+                reason: memtrack_format::EndReason::Exit,
+                next_stack_id: 1,
+            };
+            file.extend_from_slice(&e.encode_framed());
+        }
+        let path =
+            std::env::temp_dir().join(format!("memtrack-plot-{}-{name}.cap", std::process::id()));
+        std::fs::write(&path, file).unwrap();
+        let cap = crate::Capture::open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(cap.warnings.is_empty(), "{:?}", cap.warnings);
+        cap
+    }
+
+    fn point(time: u64, heap: u64, peak: u64, rss: u64) -> memtrack_format::SeriesPoint {
+        memtrack_format::SeriesPoint {
+            time,
+            heap_bytes: heap,
+            peak_bytes: peak,
+            rss_bytes: rss,
+        }
+    }
+
+    #[test]
+    fn a_thinned_series_says_how_many_checkpoints_it_kept() {
+        // Checkpoint 9 of a process killed after it: the series kept 4 of the 8 before it
+        // (every other one, as thinning does), 2 s apart.
+        let c = memtrack_format::Checkpoint {
+            number: 9,
+            last: false,
+            time: 9_000,
+            seq: 100,
+            heap_bytes: 3_000,
+            peak_bytes: 5_000,
+            peak_time: 4_500,
+            rss_bytes: 0,
+            series: vec![
+                point(2_000, 1_000, 1_000, 8_000),
+                point(4_000, 2_000, 2_000, 9_000),
+                point(6_000, 4_000, 5_000, 12_000),
+                point(8_000, 3_500, 5_000, 11_000),
+            ],
+            ..Default::default()
+        };
+        let cap = aggregated("thinned", &c, false);
+        let points = cap.checkpoint_series();
+        assert_eq!(points.len(), 5);
+        assert_eq!(points[4], point(9_000, 3_000, 5_000, 0));
+        let plot = cap.plot();
+        assert_eq!(plot.checkpoints, Some(5));
+        assert_eq!(plot.peak_bytes, 5_000);
+        assert_eq!(plot.peak_seconds, 4.5);
+        // The highest RSS a checkpoint read; the last read none.
+        assert_eq!(plot.peak_rss, Some((12_000, 6.0)));
+        let svg = &plot.svg;
+        assert!(
+            svg.contains("aggregated capture: one point per checkpoint, about every 1 s (5 of 9 checkpoints: older ones thinned)"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("memtrack: memory over time (svc --port 8080)"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("peak 4.88 KiB (5,000 bytes) at 4.500 s"),
+            "{svg}"
+        );
+        // Thinned: the tooltips cannot number the kept checkpoints, except the last.
+        assert!(svg.contains("<title>checkpoint at 6.000 s: heap in use 4,000 bytes (3.91 KiB), peak so far 5,000 bytes (4.88 KiB), RSS 12,000 bytes (11.72 KiB)</title>"), "{svg}");
+        assert!(svg.contains("<title>checkpoint 9 (the last read) at 9.000 s: heap in use 3,000 bytes (2.93 KiB), peak so far 5,000 bytes (4.88 KiB)</title>"), "{svg}");
+        // Four RSS readings: a line, no single-reading note.
+        assert!(
+            svg.contains("highest RSS at a checkpoint 11.72 KiB (12,000 bytes) at 6.000 s"),
+            "{svg}"
+        );
+        assert!(!svg.contains("read at a single checkpoint"), "{svg}");
+        // Summary figures agree.
+        let s = cap.summary().unwrap();
+        assert_eq!(s.peak_rss_bytes, Some(12_000));
+        assert_eq!(s.heap_at_peak_rss_bytes, Some(4_000));
+        assert_eq!(s.peak_rss_time_seconds, Some(6.0));
+    }
+
+    #[test]
+    fn a_single_checkpoint_is_a_dot_and_says_so() {
+        let c = memtrack_format::Checkpoint {
+            number: 1,
+            last: true,
+            time: 80,
+            seq: 10,
+            sample_rate: 524_288,
+            heap_bytes: 1_000_000,
+            peak_bytes: 3_000_000,
+            peak_time: 60,
+            rss_bytes: 20_000_000,
+            ..Default::default()
+        };
+        let cap = aggregated("single", &c, true);
+        let plot = cap.plot();
+        assert_eq!(plot.checkpoints, Some(1));
+        let svg = &plot.svg;
+        assert!(
+            svg.contains("aggregated capture: a single checkpoint, at 0.080 s; heap figures are estimates from allocations sampled at 512.00 KiB"),
+            "{svg}"
+        );
+        assert!(svg.contains("a single checkpoint: memtrack run --checkpoint-interval sets how often they are written"), "{svg}");
+        assert!(
+            svg.contains("resident memory read at a single checkpoint"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("peak \u{2248} 2.86 MiB (3,000,000 bytes) at 0.060 s"),
+            "{svg}"
+        );
+        assert!(!svg.contains("<polyline"), "one point, no line: {svg}");
     }
 }
