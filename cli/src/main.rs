@@ -323,6 +323,9 @@ fn open_in(
     if view.is_mapped() {
         subject.refuse_aggregated("mapped memory (mmap) is not aggregated")?;
     }
+    if view == View::Peak {
+        subject.refuse_aggregated_tree("the combined peak of a process tree")?;
+    }
     let mut subject = subject.with_region(region)?;
     note_clamped(r, subject.with_window(window, Some(view))?);
     Ok(subject)
@@ -372,6 +375,9 @@ fn check(
         bail!("no limit given: use --max-peak, --max-leaked, --max-leaked-allocations, --max-allocations or --max-total (after --region NAME: limits on that region)");
     }
     let mut subject = Subject::open(file, pid)?;
+    if limits.max_peak.is_some() {
+        subject.refuse_aggregated_tree("--max-peak on a process tree (its combined peak)")?;
+    }
     note_clamped(r, subject.with_window(window, None)?);
     let budget = Budget {
         max_peak: limits.max_peak,
@@ -385,12 +391,8 @@ fn check(
 
 fn plot(r: &mut Reporter, file: &Path, pid: Option<u32>, output: Option<PathBuf>) -> Result<()> {
     let subject = Subject::open(file, pid)?;
-    if subject.one().is_none() {
-        // One process's checkpoints plot; a tree's combined heap needs every event's time.
-        subject.refuse_aggregated(
-            "the combined memory over time of a process tree needs every process's events (plot one process with --pid)",
-        )?;
-    }
+    // One process's checkpoints plot; a tree's combined heap needs every event's time.
+    subject.refuse_aggregated_tree("the combined memory over time of a process tree")?;
     let plot = report::plot::plot(r, &subject);
     let out =
         output.unwrap_or_else(|| file.with_file_name(format!("{}-plot.svg", subject.stem(file))));

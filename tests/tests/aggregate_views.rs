@@ -374,3 +374,70 @@ fn sampled_aggregated_summary_states_sampling_once() {
         "{rows}"
     );
 }
+
+#[test]
+fn an_aggregated_process_tree_has_no_made_up_combined_peak() {
+    let work = Work::new("agg_tree");
+    let exe = work.compile("forks.c");
+    record(&work, "t.cap", &exe, true, &["--keep-all"]);
+    let j = summary_json(&work.path("t.cap"));
+    assert!(j["combined_peak_bytes"].is_null(), "{j}");
+    assert!(j["combined_peak_time_seconds"].is_null(), "{j}");
+    let procs = j["processes"].as_array().expect("processes");
+    assert_eq!(procs.len(), 4, "{j}");
+    assert!(
+        procs.iter().all(|p| p["bytes_at_combined_peak"].is_null()),
+        "{j}"
+    );
+    // Each process's own figures are exact (forks.c's truth).
+    let mut leaked: Vec<u64> = procs.iter().map(|p| json_u64(p, "leaked_bytes")).collect();
+    leaked.sort_unstable();
+    assert_eq!(leaked, [1000, 2000, 4000, 7000], "{j}");
+    let (code, text, err) = memtrack(&["summary", "t.cap"], work.dir());
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("  combined peak:  unknown: "), "{text}");
+    assert!(!text.contains("0 bytes at "), "{text}");
+
+    // What needs the combined peak refuses, naming --pid; the rest works.
+    for args in [
+        &["table", "t.cap"][..],
+        &["flamegraph", "t.cap", "-o", "f.svg"],
+        &["check", "t.cap", "--max-peak", "1KiB"],
+        &["diff", "t.cap", "t.cap", "--format", "table"],
+        &["plot", "t.cap", "-o", "p.svg"],
+    ] {
+        let (code, _, err) = memtrack(args, work.dir());
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(
+            err.contains("aggregated capture") && err.contains("--pid PID"),
+            "{args:?}: {err}"
+        );
+    }
+    let (code, text, err) = memtrack(&["table", "t.cap", "--leaks", "--json"], work.dir());
+    assert_eq!(code, 0, "{err}");
+    let rows: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let total: u64 = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["total_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 14_000, "{rows}");
+    let (code, _, err) = memtrack(&["check", "t.cap", "--max-leaked", "14000"], work.dir());
+    assert_eq!(code, 0, "{err}");
+    // One process of the tree plots from its own checkpoints.
+    let child = procs
+        .iter()
+        .find(|p| json_u64(p, "leaked_bytes") == 7000)
+        .map(|p| json_u64(p, "pid"))
+        .unwrap();
+    let pid = child.to_string();
+    let (code, _, err) = memtrack(&["plot", "t.cap", "--pid", &pid, "-o", "c.svg"], work.dir());
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("from its one checkpoint written to"), "{err}");
+    let svg = std::fs::read_to_string(work.path("c.svg")).unwrap();
+    assert!(
+        svg.contains("aggregated capture: a single checkpoint, at "),
+        "{svg}"
+    );
+}

@@ -47,6 +47,7 @@ pub fn summary(
     if !subject.tree.analyzed {
         subject.tree.set_summary(s.clone());
     }
+    let agg_tree = subject.aggregated_tree();
     let cap = subject.main_capture();
     let tree = &subject.tree;
     if json {
@@ -89,6 +90,16 @@ pub fn summary(
         v["processes"] = serde_json::to_value(tree.figures())?;
         v["combined_peak_bytes"] = tree.combined_peak_bytes.into();
         v["combined_peak_time_seconds"] = tree.seconds(tree.combined_peak_mono_ns).into();
+        if agg_tree {
+            // Checkpoints cannot be lined up in time: the combined peak is unknown, not 0.
+            v["combined_peak_bytes"] = serde_json::Value::Null;
+            v["combined_peak_time_seconds"] = serde_json::Value::Null;
+            if let Some(ps) = v["processes"].as_array_mut() {
+                for p in ps {
+                    p["bytes_at_combined_peak"] = serde_json::Value::Null;
+                }
+            }
+        }
         if let (Some((f, _)), Some(top)) = (&window, &window_top) {
             let mut w = serde_json::to_value(f)?;
             w["top_locations"] = locations_json(top);
@@ -125,7 +136,7 @@ pub fn summary(
         )?;
     }
     if tree.is_tree() {
-        print_tree_summary(out, tree, chosen)?;
+        print_tree_summary(out, tree, chosen, agg_tree)?;
     }
     // Of a tree: where the memory was at the combined peak, in every process.
     let recorded = tree.processes.iter().filter(|p| p.has_capture()).count();
@@ -148,6 +159,8 @@ pub fn summary(
             "top locations at the window's peak:".to_string()
         };
         (top, heading_at.as_str())
+    } else if agg_tree {
+        (top, "top locations at its own peak:")
     } else if recorded > 1 && pid.is_none() {
         let mut rows = Vec::new();
         for part in subject.parts(View::Peak, false) {
@@ -253,6 +266,7 @@ fn print_tree_summary(
     out: &mut impl Write,
     tree: &crate::ProcessTree,
     chosen: u32,
+    aggregated: bool,
 ) -> std::io::Result<()> {
     let recorded = tree.processes.iter().filter(|p| p.has_capture()).count();
     writeln!(
@@ -270,13 +284,20 @@ fn print_tree_summary(
     )?;
     // One recorded process (and helpers kept as figures): its own figures above say it all.
     let table = recorded > 1;
-    if table {
+    if table && aggregated {
+        writeln!(
+            out,
+            "  combined peak:  unknown: aggregated captures' checkpoints do not line the processes up in time (each one's own peak below)"
+        )?;
+    } else if table {
         writeln!(
             out,
             "  combined peak:  {} at {:.3} s (the most all processes' heaps held at once)",
             bytes(tree.combined_peak_bytes),
             tree.seconds(tree.combined_peak_mono_ns)
         )?;
+    }
+    if table {
         writeln!(
             out,
             "  {:>9} {:>9} {:>11} {:>11} {:>11}  command",
@@ -298,7 +319,11 @@ fn print_tree_summary(
                 p.parent_pid.to_string()
             },
             human_bytes(p.summary.peak_bytes),
-            human_bytes(p.held_at_combined_peak),
+            if aggregated {
+                "-".to_string()
+            } else {
+                human_bytes(p.held_at_combined_peak)
+            },
             human_bytes(p.summary.leaked_bytes),
             p.command()
         )?;
