@@ -467,7 +467,7 @@ fn checkpoints_caption(
     };
     let estimates = if sampled {
         format!(
-            "; heap figures are estimates from allocations sampled at {}",
+            "\nheap figures are estimates from allocations sampled at {}",
             human_bytes(c.sample_rate)
         )
     } else {
@@ -1207,7 +1207,13 @@ mod tests {
         assert_eq!(plot.checkpoints, Some(1));
         let svg = &plot.svg;
         assert!(
-            svg.contains("aggregated capture: a single checkpoint, at 0.080 s; heap figures are estimates from allocations sampled at 512.00 KiB"),
+            svg.contains("aggregated capture: a single checkpoint, at 0.080 s</text>"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(
+                ">heap figures are estimates from allocations sampled at 512.00 KiB</text>"
+            ),
             "{svg}"
         );
         assert!(svg.contains("a single checkpoint: memtrack run --checkpoint-interval sets how often they are written"), "{svg}");
