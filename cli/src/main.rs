@@ -385,19 +385,31 @@ fn check(
 
 fn plot(r: &mut Reporter, file: &Path, pid: Option<u32>, output: Option<PathBuf>) -> Result<()> {
     let subject = Subject::open(file, pid)?;
-    subject.refuse_aggregated(
-        "memory over time needs the events (the checkpoints' series is not plotted yet)",
-    )?;
+    // One process's checkpoints plot; a tree's combined heap needs every event's time.
+    subject.refuse_aggregated_tree("the combined memory over time of a process tree")?;
     let plot = report::plot::plot(r, &subject);
     let out =
         output.unwrap_or_else(|| file.with_file_name(format!("{}-plot.svg", subject.stem(file))));
     std::fs::write(&out, plot.svg).with_context(|| format!("cannot write {}", out.display()))?;
     let rss = plot
         .peak_rss
-        .map(|(b, t)| format!("; resident memory peak {} at {t:.3} s", human_bytes(b)))
+        .map(|(b, t)| {
+            let what = match plot.checkpoints {
+                Some(_) => "highest resident memory at a checkpoint",
+                None => "resident memory peak",
+            };
+            format!("; {what} {} at {t:.3} s", human_bytes(b))
+        })
+        .unwrap_or_default();
+    let from = plot
+        .checkpoints
+        .map(|n| match n {
+            1 => " from its one checkpoint".to_string(),
+            n => format!(" from {n} checkpoints"),
+        })
         .unwrap_or_default();
     eprintln!(
-        "memtrack: memory over time written to {} (heap peak {} at {:.3} s{rss})",
+        "memtrack: memory over time{from} written to {} (heap peak {} at {:.3} s{rss})",
         out.display(),
         human_bytes(plot.peak_bytes),
         plot.peak_seconds

@@ -404,12 +404,18 @@ impl Capture {
     /// Mean bytes between samples when the capture is sampled (its heap figures are then
     /// estimates); None when every allocation was recorded.
     pub fn sample_rate(&self) -> Option<u64> {
-        self.sampling.map(|s| s.rate_bytes)
+        self.sampling.map(|s| s.rate_bytes).or_else(|| {
+            // An aggregated capture's checkpoint says so too.
+            self.checkpoint
+                .as_ref()
+                .map(|c| c.sample_rate)
+                .filter(|&r| r > 0)
+        })
     }
 
     /// True when the capture holds a sample of the allocations.
     pub fn sampled(&self) -> bool {
-        self.sampling.is_some()
+        self.sample_rate().is_some()
     }
 
     /// The header of the image that ran last (the launched program, or what it exec'd into).

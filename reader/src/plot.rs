@@ -13,6 +13,8 @@ pub struct Plot {
     pub peak_seconds: f64,
     /// The highest resident-memory sample and when, when the chart draws it.
     pub peak_rss: Option<(u64, f64)>,
+    /// An aggregated capture's chart: the checkpoints it draws (its points).
+    pub checkpoints: Option<usize>,
 }
 
 fn esc(s: &str) -> String {
@@ -25,6 +27,9 @@ fn esc(s: &str) -> String {
 impl Capture {
     /// Replays the capture sampling the heap in use, and draws it.
     pub fn plot(&self) -> Plot {
+        if let Some(c) = &self.checkpoint {
+            return self.plot_checkpoints(c);
+        }
         const POINTS: usize = 1000;
         let end = self
             .end
@@ -121,6 +126,7 @@ impl Capture {
                     None => String::new(),
                 }
             ),
+            None,
             &panels,
             x_axis,
             &bands,
@@ -130,6 +136,165 @@ impl Capture {
             peak_bytes: peak,
             peak_seconds,
             peak_rss: self.peak_rss().map(|p| (p.rss_bytes, self.seconds(p.time))),
+            checkpoints: None,
+        }
+    }
+
+    /// An aggregated capture's memory over time: the points of the checkpoints before its
+    /// last one (its `series`, thinned on long runs) and the last one's, oldest first; empty
+    /// for a capture of events.
+    pub fn checkpoint_series(&self) -> Vec<memtrack_format::SeriesPoint> {
+        let Some(c) = &self.checkpoint else {
+            return Vec::new();
+        };
+        let mut points = c.series.clone();
+        points.push(c.point());
+        points
+    }
+
+    /// The chart of an aggregated capture, from its checkpoints: heap in use and the peak so
+    /// far at each (a point per checkpoint, nothing between them is known), the peak at its
+    /// own time, and resident memory at each checkpoint that sampled it.
+    fn plot_checkpoints(&self, c: &memtrack_format::Checkpoint) -> Plot {
+        let points = self.checkpoint_series();
+        let end = self
+            .end
+            .map(|e| e.time)
+            .unwrap_or(0)
+            .max(self.last_chunk_time)
+            .max(c.time)
+            .max(c.peak_time)
+            .max(1);
+        let at: Vec<f64> = points.iter().map(|p| p.time as f64 / end as f64).collect();
+        let sampled = c.sample_rate > 0;
+        let approx = if sampled { "\u{2248} " } else { "" };
+        let n = points.len();
+        let tips: Vec<String> = points
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let which = if i + 1 == n {
+                    format!("checkpoint {} (the last read)", c.number)
+                } else if n as u64 == c.number {
+                    format!("checkpoint {}", i + 1)
+                } else {
+                    "checkpoint".to_string()
+                };
+                let rss = match p.rss_bytes {
+                    0 => String::new(),
+                    b => format!(", RSS {}", size_text(b)),
+                };
+                format!(
+                    "{which} at {:.3} s: heap in use {approx}{}, peak so far {approx}{}{rss}",
+                    self.seconds(p.time),
+                    size_text(p.heap_bytes),
+                    size_text(p.peak_bytes)
+                )
+            })
+            .collect();
+        let heap_line = Series {
+            name: "heap in use at each checkpoint".to_string(),
+            colour: HEAP_COLOUR,
+            values: points.iter().map(|p| Some(p.heap_bytes)).collect(),
+            at: Some(at.clone()),
+            tips: tips.clone(),
+            dashed: false,
+        };
+        let peak_line = Series {
+            name: "peak so far at each checkpoint".to_string(),
+            colour: PEAK_SO_FAR_COLOUR,
+            values: points.iter().map(|p| Some(p.peak_bytes)).collect(),
+            at: Some(at.clone()),
+            tips: Vec::new(),
+            dashed: true,
+        };
+        let peak = c
+            .peak_bytes
+            .max(points.iter().map(|p| p.peak_bytes).max().unwrap_or(0));
+        let peak_seconds = self.seconds(c.peak_time);
+        let mut panels = vec![Panel {
+            axis_title: "heap in use",
+            colour: HEAP_COLOUR,
+            height: 320.0,
+            series: vec![heap_line, peak_line],
+            peak,
+            peak_frac: c.peak_time as f64 / end as f64,
+            peak_label: format!(
+                "peak {approx}{} ({} bytes) at {:.3} s",
+                human_bytes(peak),
+                grouped(peak),
+                peak_seconds
+            ),
+            note: (n == 1).then(|| {
+                "a single checkpoint: memtrack run --checkpoint-interval sets how often they are written"
+                    .to_string()
+            }),
+        }];
+        // Resident memory where a checkpoint sampled it (0: not read then).
+        let rss_peak = points
+            .iter()
+            .filter(|p| p.rss_bytes > 0)
+            .copied()
+            .reduce(|best, p| {
+                if p.rss_bytes > best.rss_bytes {
+                    p
+                } else {
+                    best
+                }
+            });
+        if let Some(best) = rss_peak {
+            let sampled_points = points.iter().filter(|p| p.rss_bytes > 0).count();
+            panels.push(Panel {
+                axis_title: "resident (RSS)",
+                colour: RSS_COLOUR,
+                height: 200.0,
+                series: vec![Series {
+                    name: String::new(),
+                    colour: RSS_COLOUR,
+                    values: points
+                        .iter()
+                        .map(|p| (p.rss_bytes > 0).then_some(p.rss_bytes))
+                        .collect(),
+                    at: Some(at.clone()),
+                    tips: tips.clone(),
+                    dashed: false,
+                }],
+                peak: best.rss_bytes,
+                peak_frac: best.time as f64 / end as f64,
+                peak_label: format!(
+                    "highest RSS at a checkpoint {} ({} bytes) at {:.3} s",
+                    human_bytes(best.rss_bytes),
+                    grouped(best.rss_bytes),
+                    self.seconds(best.time)
+                ),
+                note: (sampled_points < 2)
+                    .then(|| "resident memory read at a single checkpoint".to_string()),
+            });
+        }
+        let what = if panels.len() > 1 {
+            "memory"
+        } else {
+            "heap in use"
+        };
+        // Sampling is said in the subtitle, which a long command line cannot push out.
+        let title = format!(
+            "memtrack: {what} over time ({})",
+            crate::shell_command(&self.last_image().argv)
+        );
+        let subtitle = checkpoints_caption(self, c, &points, sampled);
+        let svg = chart(
+            &title,
+            Some(&subtitle),
+            &panels,
+            XAxis::Seconds(self.seconds(end)),
+            &[],
+        );
+        Plot {
+            svg,
+            peak_bytes: peak,
+            peak_seconds,
+            peak_rss: rss_peak.map(|p| (p.rss_bytes, self.seconds(p.time))),
+            checkpoints: Some(n),
         }
     }
 
@@ -166,6 +331,9 @@ impl Capture {
                 name: String::new(),
                 colour: RSS_COLOUR,
                 values,
+                at: None,
+                tips: Vec::new(),
+                dashed: false,
             }],
             peak: peak.rss_bytes,
             peak_frac: x(&peak) as f64 / span.max(1) as f64,
@@ -224,6 +392,90 @@ impl Capture {
             })
             .collect()
     }
+}
+
+/// `12,345,678 bytes (11.77 MiB)`.
+fn size_text(b: u64) -> String {
+    format!("{} bytes ({})", grouped(b), human_bytes(b))
+}
+
+/// A duration to two significant digits in a unit that suits it: `100 ms`, `5 s`, `2.5 min`.
+fn about_duration(seconds: f64) -> String {
+    let (v, unit) = if seconds < 1.0 {
+        (seconds * 1e3, "ms")
+    } else if seconds < 120.0 {
+        (seconds, "s")
+    } else if seconds < 7200.0 {
+        (seconds / 60.0, "min")
+    } else {
+        (seconds / 3600.0, "h")
+    };
+    if v <= 0.0 || !v.is_finite() {
+        return format!("0 {unit}");
+    }
+    let step = 10f64.powf(v.log10().floor() - 1.0);
+    let r = (v / step).round() * step;
+    let text = if r >= 10.0 {
+        format!("{r:.0}")
+    } else {
+        format!("{r:.1}")
+            .trim_end_matches('0')
+            .trim_end_matches('.')
+            .to_string()
+    };
+    format!("{text} {unit}")
+}
+
+/// What an aggregated capture's points are: how many checkpoints, about how often (the
+/// shortest gap between them, the last one apart: it is written at the end, whenever that
+/// is), whether older ones were thinned, and that heap figures are estimates when sampled.
+fn checkpoints_caption(
+    cap: &Capture,
+    c: &memtrack_format::Checkpoint,
+    points: &[memtrack_format::SeriesPoint],
+    sampled: bool,
+) -> String {
+    let mut gaps: Vec<u64> = std::iter::once(0)
+        .chain(points.iter().map(|p| p.time))
+        .collect::<Vec<_>>()
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]))
+        .collect();
+    if c.last {
+        gaps.pop();
+    }
+    let every = gaps
+        .into_iter()
+        .filter(|&g| g > 0)
+        .min()
+        .map(|g| format!(", about every {}", about_duration(cap.seconds(g))))
+        .unwrap_or_default();
+    let n = points.len() as u64;
+    let what = if n == c.number && n == 1 {
+        format!("a single checkpoint, at {:.3} s", cap.seconds(c.time))
+    } else if n == c.number {
+        format!(
+            "one point per checkpoint{every} ({} checkpoints)",
+            grouped(n)
+        )
+    } else {
+        format!(
+            "one point per checkpoint{every} ({} of {} checkpoints: older ones thinned)",
+            grouped(n),
+            grouped(c.number)
+        )
+    };
+    let estimates = if sampled {
+        format!(
+            "\nheap figures are estimates from allocations sampled at {}",
+            human_bytes(c.sample_rate)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "aggregated capture: {what}{estimates}\neach checkpoint counts the events that had reached the tracker's writer by then (an idle thread's arrive a fraction of a second later)"
+    )
 }
 
 /// Per slice of a sampled series, its highest value, with the value after the last event of
@@ -367,6 +619,7 @@ impl crate::ProcessTree {
                 },
                 self.root().label()
             ),
+            None,
             &[heap],
             XAxis::Seconds(span / 1e9),
             &[],
@@ -376,6 +629,7 @@ impl crate::ProcessTree {
             peak_bytes: self.combined_peak_bytes,
             peak_seconds,
             peak_rss: None,
+            checkpoints: None,
         }
     }
 }
@@ -485,6 +739,8 @@ const HEAP_COLOUR: &str = "#c0392b";
 const RSS_COLOUR: &str = "#2471a3";
 /// Mapped memory's colour.
 const MAPPED_COLOUR: &str = "#7d3c98";
+/// An aggregated capture's peak so far.
+const PEAK_SO_FAR_COLOUR: &str = "#e59866";
 
 /// One line of a panel: a value per slice of time (`None`: not known then, not drawn).
 struct Series {
@@ -492,7 +748,17 @@ struct Series {
     name: String,
     colour: &'static str,
     values: Vec<Option<u64>>,
+    /// Where each value sits on the time axis, as fractions of it (points at irregular times,
+    /// such as checkpoints); None: one per slice, evenly.
+    at: Option<Vec<f64>>,
+    /// A dot with this tooltip on each value (none when empty, or past [`MAX_DOTS`] values).
+    tips: Vec<String>,
+    /// Drawn dashed (a line that often lies on another: the one below shows through).
+    dashed: bool,
 }
+
+/// Values of a series past which its dots are not drawn (the line alone stays readable).
+const MAX_DOTS: usize = 300;
 
 impl Series {
     /// A line known at every slice.
@@ -501,6 +767,9 @@ impl Series {
             name,
             colour,
             values: values.into_iter().map(Some).collect(),
+            at: None,
+            tips: Vec::new(),
+            dashed: false,
         }
     }
 }
@@ -539,8 +808,17 @@ fn fit_title(title: &str, max_chars: usize) -> String {
 /// Draws the panels one above the other on one time axis (ticks under each, titled under the
 /// last), each under a round size above its peak with its own ticks and its peak marked;
 /// named lines get a legend, and region bands follow.
-fn chart(title: &str, panels: &[Panel], x_axis: XAxis, bands: &[Band]) -> String {
-    let (w, left, right, top) = (1000.0f64, 100.0, 30.0, 50.0);
+fn chart(
+    title: &str,
+    subtitle: Option<&str>,
+    panels: &[Panel],
+    x_axis: XAxis,
+    bands: &[Band],
+) -> String {
+    let (w, left, right) = (1000.0f64, 100.0, 30.0);
+    // Each line of a subtitle takes a line under the title.
+    let sub_lines: Vec<&str> = subtitle.map_or(Vec::new(), |s| s.lines().collect());
+    let top = 50.0 + 18.0 * sub_lines.len() as f64;
     // Between panels: the tick labels of the one above.
     const GAP: f64 = 40.0;
     let pw = w - left - right;
@@ -585,6 +863,16 @@ fn chart(title: &str, panels: &[Panel], x_axis: XAxis, bands: &[Band]) -> String
         w / 2.0,
         esc(&shown)
     ));
+    for (k, line) in sub_lines.iter().enumerate() {
+        // About 7 px a character at 12 px.
+        let shown = fit_title(line, 135);
+        svg.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" fill=\"#555\">{}</text>\n",
+            w / 2.0,
+            44.0 + 18.0 * k as f64,
+            esc(&shown)
+        ));
+    }
     let (x_tick_list, x_title) = x_ticks(x_axis);
     for (panel, &ptop) in panels.iter().zip(&tops) {
         let ph = panel.height;
@@ -633,7 +921,11 @@ fn chart(title: &str, panels: &[Panel], x_axis: XAxis, bands: &[Band]) -> String
             for (i, v) in series.values.iter().enumerate() {
                 match v {
                     Some(v) => {
-                        let x = left + pw * (i as f64 + 0.5) / n;
+                        let f = match &series.at {
+                            Some(at) => at.get(i).copied().unwrap_or(1.0).clamp(0.0, 1.0),
+                            None => (i as f64 + 0.5) / n,
+                        };
+                        let x = left + pw * f;
                         let y = ptop + ph - *v as f64 * scale;
                         run.push_str(&format!("{x:.1},{y:.1} "));
                     }
@@ -656,11 +948,32 @@ fn chart(title: &str, panels: &[Panel], x_axis: XAxis, bands: &[Band]) -> String
                     continue;
                 }
                 svg.push_str(&format!(
-                    "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"{}\" points=\"{}\"/>\n",
+                    "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"{}\"{} points=\"{}\"/>\n",
                     series.colour,
                     if k == 0 { 1.5 } else { 1.0 },
+                    if series.dashed {
+                        " stroke-dasharray=\"6 4\""
+                    } else {
+                        ""
+                    },
                     points.trim_end()
                 ));
+            }
+            if !series.tips.is_empty() && series.values.len() <= MAX_DOTS {
+                for (i, (v, tip)) in series.values.iter().zip(&series.tips).enumerate() {
+                    let Some(v) = v else { continue };
+                    let f = match &series.at {
+                        Some(at) => at.get(i).copied().unwrap_or(1.0).clamp(0.0, 1.0),
+                        None => (i as f64 + 0.5) / n,
+                    };
+                    svg.push_str(&format!(
+                        "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{}\"><title>{}</title></circle>\n",
+                        left + pw * f,
+                        ptop + ph - *v as f64 * scale,
+                        series.colour,
+                        esc(tip)
+                    ));
+                }
             }
         }
         if let Some(note) = &panel.note {
@@ -758,5 +1071,160 @@ mod tests {
         assert!(t.starts_with("memtrack: heap in use over time (python3 app.py xx"));
         assert!(t.ends_with("x…)"), "{t}");
         assert_eq!(super::fit_title("memtrack (ls)", 95), "memtrack (ls)");
+    }
+
+    #[test]
+    fn durations_are_said_to_two_digits() {
+        use super::about_duration;
+        assert_eq!(about_duration(0.1023), "100 ms");
+        assert_eq!(about_duration(0.0456), "46 ms");
+        assert_eq!(about_duration(5.04), "5 s");
+        assert_eq!(about_duration(2.56), "2.6 s");
+        assert_eq!(about_duration(300.0), "5 min");
+        assert_eq!(about_duration(5400.0), "90 min");
+        assert_eq!(about_duration(36000.0), "10 h");
+    }
+
+    /// A capture file holding only a header and one `CHECKPOINT` (a process cut off before
+    /// its END when `end` is false), in milliseconds.
+    fn aggregated(name: &str, c: &memtrack_format::Checkpoint, end: bool) -> crate::Capture {
+        use memtrack_format::{put_record, record, Header};
+        let mut file = Header {
+            version: memtrack_format::FORMAT_VERSION,
+            pid: 77,
+            clock_unit_ns: 1_000_000,
+            executable: "/bin/svc".into(),
+            argv: vec!["svc".into(), "--port".into(), "8080".into()],
+            pointer_size: 8,
+            machine: 62,
+            ..Default::default()
+        }
+        .encode();
+        put_record(&mut file, record::CHECKPOINT, &c.encode());
+        if end {
+            let e = memtrack_format::EndRecord {
+                seq: c.seq,
+                time: c.time,
+                reason: memtrack_format::EndReason::Exit,
+                next_stack_id: 1,
+            };
+            file.extend_from_slice(&e.encode_framed());
+        }
+        let path =
+            std::env::temp_dir().join(format!("memtrack-plot-{}-{name}.cap", std::process::id()));
+        std::fs::write(&path, file).unwrap();
+        let cap = crate::Capture::open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        assert!(cap.warnings.is_empty(), "{:?}", cap.warnings);
+        cap
+    }
+
+    fn point(time: u64, heap: u64, peak: u64, rss: u64) -> memtrack_format::SeriesPoint {
+        memtrack_format::SeriesPoint {
+            time,
+            heap_bytes: heap,
+            peak_bytes: peak,
+            rss_bytes: rss,
+        }
+    }
+
+    #[test]
+    fn a_thinned_series_says_how_many_checkpoints_it_kept() {
+        // Checkpoint 9 of a process killed after it: the series kept 4 of the 8 before it
+        // (every other one, as thinning does), 2 s apart.
+        let c = memtrack_format::Checkpoint {
+            number: 9,
+            last: false,
+            time: 9_000,
+            seq: 100,
+            heap_bytes: 3_000,
+            peak_bytes: 5_000,
+            peak_time: 4_500,
+            rss_bytes: 0,
+            series: vec![
+                point(2_000, 1_000, 1_000, 8_000),
+                point(4_000, 2_000, 2_000, 9_000),
+                point(6_000, 4_000, 5_000, 12_000),
+                point(8_000, 3_500, 5_000, 11_000),
+            ],
+            ..Default::default()
+        };
+        let cap = aggregated("thinned", &c, false);
+        let points = cap.checkpoint_series();
+        assert_eq!(points.len(), 5);
+        assert_eq!(points[4], point(9_000, 3_000, 5_000, 0));
+        let plot = cap.plot();
+        assert_eq!(plot.checkpoints, Some(5));
+        assert_eq!(plot.peak_bytes, 5_000);
+        assert_eq!(plot.peak_seconds, 4.5);
+        // The highest RSS a checkpoint read; the last read none.
+        assert_eq!(plot.peak_rss, Some((12_000, 6.0)));
+        let svg = &plot.svg;
+        assert!(
+            svg.contains("aggregated capture: one point per checkpoint, about every 1 s (5 of 9 checkpoints: older ones thinned)"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("memtrack: memory over time (svc --port 8080)"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("peak 4.88 KiB (5,000 bytes) at 4.500 s"),
+            "{svg}"
+        );
+        // Thinned: the tooltips cannot number the kept checkpoints, except the last.
+        assert!(svg.contains("<title>checkpoint at 6.000 s: heap in use 4,000 bytes (3.91 KiB), peak so far 5,000 bytes (4.88 KiB), RSS 12,000 bytes (11.72 KiB)</title>"), "{svg}");
+        assert!(svg.contains("<title>checkpoint 9 (the last read) at 9.000 s: heap in use 3,000 bytes (2.93 KiB), peak so far 5,000 bytes (4.88 KiB)</title>"), "{svg}");
+        // Four RSS readings: a line, no single-reading note.
+        assert!(
+            svg.contains("highest RSS at a checkpoint 11.72 KiB (12,000 bytes) at 6.000 s"),
+            "{svg}"
+        );
+        assert!(!svg.contains("read at a single checkpoint"), "{svg}");
+        // Summary figures agree.
+        let s = cap.summary().unwrap();
+        assert_eq!(s.peak_rss_bytes, Some(12_000));
+        assert_eq!(s.heap_at_peak_rss_bytes, Some(4_000));
+        assert_eq!(s.peak_rss_time_seconds, Some(6.0));
+    }
+
+    #[test]
+    fn a_single_checkpoint_is_a_dot_and_says_so() {
+        let c = memtrack_format::Checkpoint {
+            number: 1,
+            last: true,
+            time: 80,
+            seq: 10,
+            sample_rate: 524_288,
+            heap_bytes: 1_000_000,
+            peak_bytes: 3_000_000,
+            peak_time: 60,
+            rss_bytes: 20_000_000,
+            ..Default::default()
+        };
+        let cap = aggregated("single", &c, true);
+        let plot = cap.plot();
+        assert_eq!(plot.checkpoints, Some(1));
+        let svg = &plot.svg;
+        assert!(
+            svg.contains("aggregated capture: a single checkpoint, at 0.080 s</text>"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(
+                ">heap figures are estimates from allocations sampled at 512.00 KiB</text>"
+            ),
+            "{svg}"
+        );
+        assert!(svg.contains("a single checkpoint: memtrack run --checkpoint-interval sets how often they are written"), "{svg}");
+        assert!(
+            svg.contains("resident memory read at a single checkpoint"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains("peak \u{2248} 2.86 MiB (3,000,000 bytes) at 0.060 s"),
+            "{svg}"
+        );
+        assert!(!svg.contains("<polyline"), "one point, no line: {svg}");
     }
 }

@@ -630,15 +630,19 @@ pub struct Summary {
     pub end_reason: Option<&'static str>,
     pub events: u64,
     pub unmatched_frees: u64,
+    /// Allocations over a live block (not counted by aggregated recording: 0 here, null in
+    /// `summary --json`).
     pub overlapping_allocations: u64,
     pub corrupt_chunks: usize,
     /// The highest resident memory sampled (`RSS` records; None: the capture has none), when,
-    /// and the heap's live bytes then.
+    /// and the heap's live bytes then. Of an aggregated capture: the highest its checkpoints
+    /// read ([`Capture::checkpoint_peak_rss`]).
     pub peak_rss_bytes: Option<u64>,
     pub peak_rss_time_seconds: Option<f64>,
     pub heap_at_peak_rss_bytes: Option<u64>,
     /// Mapped memory (`mmap`, apart from the heap): the most at once, when, and at exit; 0
-    /// when the capture has no mapped-memory events.
+    /// when the capture has no mapped-memory events (and for an aggregated capture, which
+    /// keeps none: null in `summary --json`).
     pub peak_mapped_bytes: u64,
     pub peak_mapped_time_seconds: f64,
     pub mapped_at_exit_bytes: u64,
@@ -651,7 +655,8 @@ pub struct Summary {
     pub peak_stderr_bytes: u64,
     pub leaked_stderr_bytes: u64,
     /// Allocations the capture holds (the samples when sampled; `total_allocations` is then
-    /// the estimate).
+    /// the estimate). A sampled aggregated capture does not keep it: 0 here, null in
+    /// `summary --json`.
     pub sampled_allocations: u64,
 }
 
@@ -838,6 +843,18 @@ impl Capture {
             r.live_at_peak_rss
                 .unwrap_or_else(|| self.replay_until(p.seq.saturating_sub(1)).replay.live_bytes)
         });
+        // An aggregated capture has no RSS records: its checkpoints read resident memory.
+        let (peak_rss, heap_at_peak_rss) = match self.checkpoint_peak_rss() {
+            Some(p) => (
+                Some(memtrack_format::RssRecord {
+                    seq: 0,
+                    time: p.time,
+                    rss_bytes: p.rss_bytes,
+                }),
+                Some(p.heap_bytes),
+            ),
+            None => (peak_rss, heap_at_peak_rss),
+        };
         Summary {
             pid: self.header.pid,
             executable: self.last_image().executable.clone(),
@@ -894,7 +911,28 @@ impl Capture {
             sample_rate_bytes: self.sample_rate(),
             peak_stderr_bytes: r.peak_stderr(),
             leaked_stderr_bytes: (leaked_var as f64).sqrt().round() as u64,
-            sampled_allocations: r.recorded_allocations,
+            // Aggregated without sampling: every allocation was counted.
+            sampled_allocations: if self.aggregated() && !self.sampled() {
+                r.total_allocations
+            } else {
+                r.recorded_allocations
+            },
         }
+    }
+
+    /// An aggregated capture's highest resident memory at a checkpoint (the first of equal
+    /// ones; of those its series kept), with the heap then; None for a capture of events, or
+    /// when no checkpoint read it.
+    pub fn checkpoint_peak_rss(&self) -> Option<memtrack_format::SeriesPoint> {
+        self.checkpoint_series()
+            .into_iter()
+            .filter(|p| p.rss_bytes > 0)
+            .reduce(|best, p| {
+                if p.rss_bytes > best.rss_bytes {
+                    p
+                } else {
+                    best
+                }
+            })
     }
 }

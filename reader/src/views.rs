@@ -72,6 +72,9 @@ pub struct ViewSites {
     /// In a window of time: when what the view holds was live (`--at`'s moment, the time of
     /// `--between`'s high-water mark), in seconds since the launched process started.
     pub at_seconds: Option<f64>,
+    /// False when the capture kept no block's size (an aggregated capture's per-stack
+    /// figures): the sites' largest allocation is unknown, not 0.
+    pub block_sizes_known: bool,
 }
 
 impl ViewSites {
@@ -86,6 +89,7 @@ impl ViewSites {
             bytes,
             allocations,
             at_seconds: None,
+            block_sizes_known: true,
         }
     }
 }
@@ -173,7 +177,9 @@ impl Capture {
                 (sums.into_sorted(), stacks)
             }
         };
-        ViewSites::new(view, sites, stacks)
+        let mut v = ViewSites::new(view, sites, stacks);
+        v.block_sizes_known = !self.aggregated();
+        v
     }
 }
 
@@ -230,7 +236,9 @@ pub enum GroupBy {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TableRow {
     pub total_bytes: u64,
-    pub max_bytes: u64,
+    /// The largest single allocation; None (JSON null) where the capture kept no block's size
+    /// (aggregated).
+    pub max_bytes: Option<u64>,
     pub avg_bytes: u64,
     pub count: u64,
     pub function: String,
@@ -257,7 +265,7 @@ fn add_to_row(
 ) {
     let row = rows.entry(key).or_insert_with(|| TableRow {
         total_bytes: 0,
-        max_bytes: 0,
+        max_bytes: Some(0),
         avg_bytes: 0,
         count: 0,
         function: f.function.clone(),
@@ -268,7 +276,7 @@ fn add_to_row(
     });
     row.total_bytes += site.bytes;
     row.count += site.allocations;
-    row.max_bytes = row.max_bytes.max(site.max);
+    row.max_bytes = row.max_bytes.map(|m| m.max(site.max));
 }
 
 /// The rows with their averages, largest total first.
@@ -347,7 +355,11 @@ pub(crate) fn describe(f: &crate::Frame) -> String {
 impl ViewSites {
     /// The view's allocations grouped and ranked by total bytes.
     pub fn table(&self, sym: &mut Symbolizer, by: GroupBy) -> Vec<TableRow> {
-        table_rows(&self.sites, &self.stacks, sym, by)
+        let mut rows = table_rows(&self.sites, &self.stacks, sym, by);
+        if !self.block_sizes_known {
+            rows.iter_mut().for_each(|r| r.max_bytes = None);
+        }
+        rows
     }
 }
 
@@ -439,6 +451,9 @@ impl ViewSites {
         }
         let mut out = ranked(rows);
         out.truncate(n);
+        if !self.block_sizes_known {
+            out.iter_mut().for_each(|r| r.max_bytes = None);
+        }
         out
     }
 }

@@ -68,21 +68,6 @@ fn sampled_enter(size: usize) -> Option<IgnoreAllocs> {
     IgnoreAllocs::enter()
 }
 
-/// `enter` for a free of `p`: when sampling, only a sampled block's free enters (the common
-/// unsampled address is rejected by one load of the filter).
-#[inline(always)]
-fn enter_free(p: *mut c_void) -> Option<IgnoreAllocs> {
-    if sampling::rate() == 0 {
-        return enter();
-    }
-    let s = sampling::sampled()?;
-    if lifecycle::current_relaxed() != State::Active || !s.maybe(p as u64) {
-        return None;
-    }
-    let g = IgnoreAllocs::enter()?;
-    s.remove(p as u64).then_some(g)
-}
-
 /// After the real call: record the block it handed out, if any, keeping its errno.
 #[inline(always)]
 fn done_alloc(
@@ -130,7 +115,7 @@ pub unsafe fn free(p: *mut c_void) {
     let Some(f) = real_fn!(Real::Free, Free) else {
         return;
     };
-    let g = enter_free(p);
+    let g = sampling::enter_free(p as u64, enter);
     if let Some(g) = &g {
         // Recorded before the block goes back: no other thread can be handed it first.
         recorder::record(EventKind::Free { addr: p as u64 }, StackStart::Here, g);

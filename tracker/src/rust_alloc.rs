@@ -96,20 +96,6 @@ fn recording_alloc(size: usize) -> Option<IgnoreAllocs> {
     recording()
 }
 
-/// `recording` for a free of `ptr`: when sampling, only a sampled block's free records.
-#[inline(always)]
-fn recording_free(ptr: *mut u8) -> Option<IgnoreAllocs> {
-    if sampling::rate() == 0 {
-        return recording();
-    }
-    let s = sampling::sampled()?;
-    if lifecycle::current_relaxed() != State::Active || !s.maybe(ptr as u64) {
-        return None;
-    }
-    let g = IgnoreAllocs::enter()?;
-    s.remove(ptr as u64).then_some(g)
-}
-
 #[cold]
 #[inline(never)]
 fn start_from_env() -> Option<IgnoreAllocs> {
@@ -209,7 +195,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         FREES.fetch_add(1, Relaxed);
         LIVE.fetch_sub(layout.size() as u64, Relaxed);
-        let g = recording_free(ptr);
+        let g = sampling::enter_free(ptr as u64, recording);
         if let Some(g) = &g {
             // Before the block goes back: no other thread can be handed it first.
             on_free(g, EventKind::Free { addr: ptr as u64 });
@@ -225,7 +211,7 @@ unsafe impl<A: GlobalAlloc> GlobalAlloc for Tracker<A> {
         let (g, old_rec, new_rec) = if sampling::rate() == 0 {
             (recording(), true, true)
         } else {
-            let old = recording_free(ptr);
+            let old = sampling::enter_free(ptr as u64, recording);
             let new = lifecycle::current_relaxed() == State::Active
                 && crate::guard::sample_take(new_size as u64);
             let old_rec = old.is_some();

@@ -13,6 +13,8 @@
 //! Must never: allocate, take a lock on the unsampled path, or change errno on the fast paths.
 
 use crate::env::getenv;
+use crate::guard::IgnoreAllocs;
+use crate::lifecycle::{self, State};
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering::*};
 
@@ -392,6 +394,26 @@ pub(crate) fn sampled() -> Option<&'static SampledSet> {
     let p = SET.load(Acquire);
     // SAFETY: published by `set`, never freed.
     (!p.is_null()).then(|| unsafe { &*p })
+}
+
+/// Whether the free of `addr` is recorded, with the guard entered when it is. Not sampling:
+/// `full` decides (the caller's usual check). Sampling: only a sampled block's free, which
+/// leaves the set; the common unsampled address is rejected by one load of the filter, before
+/// the guard is touched. The one filter of the preload's `free` and the Rust `dealloc`.
+#[inline(always)]
+pub(crate) fn enter_free(
+    addr: u64,
+    full: impl FnOnce() -> Option<IgnoreAllocs>,
+) -> Option<IgnoreAllocs> {
+    if rate() == 0 {
+        return full();
+    }
+    let s = sampled()?;
+    if lifecycle::current_relaxed() != State::Active || !s.maybe(addr) {
+        return None;
+    }
+    let g = IgnoreAllocs::enter()?;
+    s.remove(addr).then_some(g)
 }
 
 /// Records that `addr`, just handed to the program, was sampled.

@@ -66,6 +66,11 @@ pub fn compare_in(
     if let Some(note) = sb.with_window(window, Some(view))? {
         r.note(format_args!("memtrack: note: {}: {note}\n", base.display()));
     }
+    if view == View::Peak {
+        for subject in [&sb, &sn] {
+            subject.refuse_aggregated_tree("the combined peak of a process tree")?;
+        }
+    }
     let (pb, pn) = (sb.parts(view, false), sn.parts(view, false));
     let mut syms: Vec<Symbolizer> = pb
         .iter()

@@ -82,6 +82,29 @@ impl Subject {
         Ok(())
     }
 
+    /// True when the subject is a process tree (no `--pid`) with an aggregated capture: the
+    /// processes' checkpoints cannot be lined up in time, so their combined peak is unknown.
+    pub fn aggregated_tree(&self) -> bool {
+        self.one().is_none()
+            && self
+                .tree
+                .processes
+                .iter()
+                .filter_map(|p| p.capture.as_ref())
+                .any(|c| c.aggregated())
+    }
+
+    /// [`Subject::refuse_aggregated`] for what needs the combined peak of a tree: an error
+    /// only for an [aggregated tree](Subject::aggregated_tree).
+    pub fn refuse_aggregated_tree(&self, what: &str) -> Result<()> {
+        if !self.aggregated_tree() {
+            return Ok(());
+        }
+        self.refuse_aggregated(&format!(
+            "{what} needs the processes' events lined up in time (--pid PID reports one process's own peak)"
+        ))
+    }
+
     /// The subject with its views restricted to the region `name` (`--region`); an error
     /// naming the capture and its regions when none of its processes has that region.
     pub fn with_region(mut self, name: Option<String>) -> Result<Subject> {

@@ -57,6 +57,23 @@ pub fn summary(
             v["checkpoint"] = c.number.into();
             v["checkpoint_seconds"] = cap.seconds(c.time).into();
             v["checkpoint_final"] = c.last.into();
+            v["checkpoint_rss_bytes"] = match c.rss_bytes {
+                0 => serde_json::Value::Null,
+                b => b.into(),
+            };
+            // Not kept by aggregated recording: unknown, not 0.
+            let mut unknown = vec![
+                "overlapping_allocations",
+                "peak_mapped_bytes",
+                "peak_mapped_time_seconds",
+                "mapped_at_exit_bytes",
+            ];
+            if c.sample_rate > 0 {
+                unknown.push("sampled_allocations");
+            }
+            for key in unknown {
+                v[key] = serde_json::Value::Null;
+            }
             if c.sample_rate > 0 {
                 v["aggregated_sample_rate_bytes"] = c.sample_rate.into();
                 v["peak_standard_error_bytes"] = c.peak_variance.sqrt().into();
@@ -77,6 +94,11 @@ pub fn summary(
             v["combined_peak_bytes"] = serde_json::Value::Null;
             v["combined_peak_time_seconds"] = serde_json::Value::Null;
             v["combined_peak_at_most_bytes"] = tree.combined_peak_bytes.into();
+            if let Some(ps) = v["processes"].as_array_mut() {
+                for p in ps {
+                    p["bytes_at_combined_peak"] = serde_json::Value::Null;
+                }
+            }
         }
         if let (Some((f, _)), Some(top)) = (&window, &window_top) {
             let mut w = serde_json::to_value(f)?;
@@ -101,15 +123,6 @@ pub fn summary(
             c.number,
             cap.seconds(c.time)
         )?;
-        if c.sample_rate > 0 {
-            writeln!(
-                out,
-                "                  sampled every {} bytes on average: figures are estimates (peak \u{b1}{}, heap now \u{b1}{}, one standard error)",
-                grouped(c.sample_rate),
-                bytes(c.peak_variance.sqrt().round() as u64),
-                bytes(c.heap_variance.sqrt().round() as u64)
-            )?;
-        }
     }
     if parent_pid != 0 {
         writeln!(out, "  forked from:    pid {parent_pid}")?;
@@ -381,6 +394,52 @@ fn stderr_text(s: &Summary, se: u64) -> String {
     }
 }
 
+/// An aggregated capture's resident memory: the highest its checkpoints read (of those its
+/// series kept) and the last checkpoint's.
+fn print_checkpoint_rss(
+    out: &mut impl Write,
+    cap: &Capture,
+    c: &memtrack_format::Checkpoint,
+    s: &Summary,
+) -> std::io::Result<()> {
+    let kept = c.series.len() as u64 + 1;
+    let of = if kept == c.number {
+        match kept {
+            1 => "read at its one checkpoint".to_string(),
+            n => format!("the highest read at {} checkpoints", grouped(n)),
+        }
+    } else {
+        format!(
+            "the highest read at the {} of {} checkpoints kept",
+            grouped(kept),
+            grouped(c.number)
+        )
+    };
+    if let (Some(rss), Some(t), Some(heap)) = (
+        s.peak_rss_bytes,
+        s.peak_rss_time_seconds,
+        s.heap_at_peak_rss_bytes,
+    ) {
+        let approx = if s.sampled { "≈ " } else { "" };
+        writeln!(
+            out,
+            "  peak RSS:       {} at {t:.3} s ({of}; heap then: {approx}{})",
+            bytes(rss),
+            bytes(heap)
+        )?;
+    }
+    if c.rss_bytes > 0 && kept > 1 {
+        writeln!(
+            out,
+            "  RSS last read:  {} at checkpoint {} ({:.3} s)",
+            bytes(c.rss_bytes),
+            c.number,
+            cap.seconds(c.time)
+        )?;
+    }
+    Ok(())
+}
+
 /// The figures of one capture.
 fn print_summary(
     out: &mut impl Write,
@@ -459,7 +518,9 @@ fn print_summary(
         count(s.peak_allocations, "allocation"),
         s.peak_time_seconds
     )?;
-    if let (Some(rss), Some(t), Some(heap)) = (
+    if let Some(c) = &cap.checkpoint {
+        print_checkpoint_rss(out, cap, c, s)?;
+    } else if let (Some(rss), Some(t), Some(heap)) = (
         s.peak_rss_bytes,
         s.peak_rss_time_seconds,
         s.heap_at_peak_rss_bytes,
@@ -524,10 +585,15 @@ fn print_summary(
     )?;
     writeln!(out, "  frees:          {approx}{}", grouped(s.total_frees))?;
     if let (true, Some(rate)) = (s.sampled, s.sample_rate_bytes) {
+        // An aggregated capture counted its samples into the figures without keeping how many.
+        let samples = if cap.aggregated() {
+            "allocations".to_string()
+        } else {
+            count(s.sampled_allocations, "allocation")
+        };
         writeln!(
             out,
-            "  sampling:       heap figures are estimates from {} sampled at {} (each stands for the bytes and calls it represents); ± is one standard error; the peak is the highest of the running estimates, so on a heap that stays near its peak for long it reads high (by up to about 3 standard errors)",
-            count(s.sampled_allocations, "allocation"),
+            "  sampling:       heap figures are estimates from {samples} sampled at {} (each stands for the bytes and calls it represents); ± is one standard error; the peak is the highest of the running estimates, so on a heap that stays near its peak for long it reads high (by up to about 3 standard errors)",
             human_bytes(rate)
         )?;
     }

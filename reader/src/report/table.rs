@@ -86,7 +86,8 @@ pub fn table(
             out,
             "{:>12} {:>12} {:>12} {:>9}  {location}",
             human_bytes(r.total_bytes),
-            human_bytes(r.max_bytes),
+            // Unknown (an aggregated capture kept no block's size): never a made-up 0.
+            r.max_bytes.map_or_else(|| "-".to_string(), human_bytes),
             human_bytes(r.avg_bytes),
             grouped(r.count)
         )?;
