@@ -122,6 +122,13 @@ impl Writer {
         self.agg.is_some()
     }
 
+    /// True when aggregating and a checkpoint is due at `now`.
+    fn checkpoint_due(&self, now: u64) -> bool {
+        let Some(agg) = &self.agg else { return false };
+        agg.lock()
+            .is_ok_and(|a| now.saturating_sub(a.last_checkpoint) >= self.interval)
+    }
+
     /// Writes a checkpoint (aggregated recording only) when one is due, or always when `last`.
     fn checkpoint(&self, now: u64, rss: &mut RssSampler, last: bool) {
         let Some(agg) = &self.agg else { return };
@@ -253,7 +260,10 @@ pub(crate) fn run(w: &Writer, inbox: &impl Inbox) {
         let now = clock::tick();
         sample_rss(w, inbox, &mut rss, now, false);
         if now.saturating_sub(last_sweep) >= SWEEP_EVERY.as_micros() as u64 {
-            sweep(w, inbox, false);
+            // Before a checkpoint every thread's buffered events are collected, so that it
+            // counts all events made until now, not those of busy threads only.
+            let due = w.checkpoint_due(now);
+            sweep(w, inbox, due);
             last_sweep = now;
             w.checkpoint(now, &mut rss, false);
         }
