@@ -473,9 +473,7 @@ fn checkpoints_caption(
     } else {
         String::new()
     };
-    format!(
-        "aggregated capture: {what}{estimates}\neach checkpoint counts the events that had reached the tracker's writer by then (an idle thread's arrive a fraction of a second later)"
-    )
+    format!("aggregated capture: {what}{estimates}")
 }
 
 /// Per slice of a sampled series, its highest value, with the value after the last event of
