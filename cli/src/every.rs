@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use memtrack_reader::report::Reporter;
-use memtrack_reader::{Capture, Every, ExactFigures, Until};
+use memtrack_reader::{Capture, Every, Until};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -94,7 +94,7 @@ pub(crate) fn export_every(
     let mut sym = r.symbolizer(&cap);
     let mut written: Vec<u64> = Vec::new();
     let mut kept = 0u64;
-    let outcome = cap.periodic_profiles(every, &mut ExactFigures::default(), &mut sym, |p| {
+    let outcome = cap.periodic_profiles(every, &mut sym, |p| {
         let name = format!(
             "{stem}-{}.pb.gz",
             utc_stamp(p.time.start_unix_ns, every_ns < 1_000_000_000)
@@ -110,8 +110,9 @@ pub(crate) fn export_every(
         std::fs::rename(&tmp, &path)?;
         written.push(p.index);
         r.note(format_args!(
-            "memtrack: wrote {} (in use {}, allocated {})\n",
+            "memtrack: wrote {} ({}in use {}, allocated {})\n",
             path.display(),
+            if p.estimated { "estimated: " } else { "" },
             memtrack_reader::human_bytes(p.inuse_bytes),
             memtrack_reader::human_bytes(p.alloc_bytes)
         ));
@@ -119,6 +120,9 @@ pub(crate) fn export_every(
     });
     let outcome = outcome.with_context(|| format!("cannot write into {}", dir.display()))?;
     r.warn(&sym.warnings);
+    for s in &outcome.skipped {
+        r.note(format_args!("memtrack: note: {}\n", s.text()));
+    }
     let entry = json!({
         "pid": cap.header.pid,
         "start_unix_ns": cap.header.start_unix_ns,

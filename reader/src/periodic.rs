@@ -8,14 +8,21 @@
 //! (as for windows), so every cut is a prefix of the sequence order.
 //!
 //! Where the figures come from is an [`IntervalFigures`]: [`ExactFigures`] counts every event
-//! of a full capture; a sampled capture's weighted estimates, or an aggregated capture's
-//! checkpoints, hand the profile the same [`StackValues`] through it.
+//! of a full capture, [`SampledFigures`] weighs each sampled block as the replay does (the
+//! profiles are estimates, and say so).
+//!
+//! An aggregated capture has no events, only its checkpoints: the profile of an interval holds
+//! what was in use at the last checkpoint in it, and what was allocated between the last
+//! checkpoint before it and that one (each stack's totals of the two, subtracted). An interval
+//! with no checkpoint of its own (none written in it, or compacted away since) has no profile:
+//! it is reported as skipped, with the reason, and its allocations are counted in the next
+//! profile written, whose comment says from which checkpoint it counts. Never a figure made up.
 
 use crate::capture::{Capture, Event};
 use crate::pprof::{Piece, ProfileTime, StackValues};
 use crate::replay::{Replay, SiteSums, Step};
 use crate::{StackTable, Symbolizer};
-use memtrack_format::EventKind;
+use memtrack_format::{sampling, Checkpoint, EventKind};
 use std::collections::HashMap;
 
 /// The per-stack figures of each interval, taken as the replay goes.
@@ -79,6 +86,44 @@ impl IntervalFigures for ExactFigures {
     }
 }
 
+/// The estimates of a sampled capture: in use from the replay's per-stack figures (which weigh
+/// each sampled block), allocated from every sampled allocation, weighed the same way
+/// (`size / (1 - exp(-size / rate))` bytes, `1 / (1 - exp(-size / rate))` allocations, each
+/// rounded as the replay rounds them).
+pub struct SampledFigures {
+    rate: u64,
+    exact: ExactFigures,
+}
+
+impl SampledFigures {
+    /// For a capture sampled at one per `rate` bytes on average.
+    pub fn new(rate: u64) -> Self {
+        SampledFigures {
+            rate,
+            exact: ExactFigures::default(),
+        }
+    }
+}
+
+impl IntervalFigures for SampledFigures {
+    #[inline]
+    fn event(&mut self, _: &Replay, ev: &Event) {
+        if let EventKind::Alloc { size, stack, .. } = ev.kind {
+            let bytes = sampling::weight(size, self.rate).round() as u64;
+            let count = (sampling::count_weight(size, self.rate).round() as u64).max(1);
+            self.exact.allocated.add_weighted(stack, bytes, count, size);
+        }
+    }
+
+    fn interval(&mut self, replay: &Replay) -> Vec<StackValues> {
+        self.exact.interval(replay)
+    }
+
+    fn skip(&mut self, replay: &Replay) {
+        self.exact.skip(replay);
+    }
+}
+
 /// How far a capture may be cut into intervals.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Until {
@@ -111,10 +156,68 @@ pub struct IntervalProfile {
     /// Totals: in use at its end, allocated during it.
     pub inuse_bytes: u64,
     pub alloc_bytes: u64,
+    /// The figures are estimates (a sampled capture).
+    pub estimated: bool,
+}
+
+/// Why an interval has no profile.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SkipReason {
+    /// An aggregated capture wrote no checkpoint in it.
+    NoCheckpoint,
+    /// Its checkpoints (these numbers) are no longer in the capture: compacted away.
+    Compacted { first: u64, last: u64 },
+    /// A new program image (exec) began in it: the two images' figures do not subtract.
+    NewImage,
+}
+
+/// Intervals without a profile (consecutive ones, for one reason).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Skipped {
+    pub first: u64,
+    pub last: u64,
+    pub reason: SkipReason,
+    /// The interval whose profile counts what they allocated, if one was written.
+    pub folded_into: Option<u64>,
+}
+
+impl Skipped {
+    /// One sentence for the user.
+    pub fn text(&self) -> String {
+        let which = if self.first == self.last {
+            format!("interval {} has", self.first)
+        } else {
+            format!("intervals {} to {} have", self.first, self.last)
+        };
+        let why = match &self.reason {
+            SkipReason::NoCheckpoint => {
+                "no checkpoint was written in it (an aggregated capture has figures only at its checkpoints: \
+                 --every longer than run's --checkpoint-interval gives every interval one)"
+                    .to_string()
+            }
+            SkipReason::Compacted { first, last } if first == last => {
+                format!("checkpoint {first} is no longer in the capture (compacted)")
+            }
+            SkipReason::Compacted { first, last } => {
+                format!("checkpoints {first} to {last} are no longer in the capture (compacted)")
+            }
+            SkipReason::NewImage => {
+                "the program exec'd in it: the figures of the two images do not subtract".to_string()
+            }
+        };
+        let folded = match (&self.reason, self.folded_into) {
+            (SkipReason::NewImage, _) => String::new(),
+            (_, Some(k)) => {
+                format!("; what was allocated in it is counted in interval {k}'s profile")
+            }
+            (_, None) => String::new(),
+        };
+        format!("{which} no profile: {why}{folded}")
+    }
 }
 
 /// What [`Capture::periodic_profiles`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PeriodicOutcome {
     /// Profiles handed to the caller.
     pub written: u64,
@@ -124,20 +227,24 @@ pub struct PeriodicOutcome {
     pub finished: bool,
     /// Chunks that could not be decoded.
     pub corrupt_chunks: usize,
+    /// Intervals from `Every::first` on that have no profile, and why (aggregated captures).
+    pub skipped: Vec<Skipped>,
 }
 
 /// The intervals as they close.
 struct Cutter<'a, F: FnMut(IntervalProfile) -> std::io::Result<()>> {
     cap: &'a Capture,
     every: Every,
-    figures: &'a mut dyn IntervalFigures,
     sym: &'a mut Symbolizer,
     out: F,
+    /// What every profile's comment adds.
     note: Option<String>,
+    estimated: bool,
     /// The interval open now.
     k: u64,
     written: u64,
     error: Option<std::io::Error>,
+    skipped: Vec<Skipped>,
 }
 
 impl<F: FnMut(IntervalProfile) -> std::io::Result<()>> Cutter<'_, F> {
@@ -147,15 +254,31 @@ impl<F: FnMut(IntervalProfile) -> std::io::Result<()>> Cutter<'_, F> {
     }
 
     /// Closes the open interval (at `until`, ns since the start: its end, or the capture's
-    /// end for the last one) and opens the next.
-    fn close(&mut self, r: &Replay, stacks: &StackTable, until: u64) {
+    /// end for the last one) with the figures of `figures`, and opens the next.
+    fn close(
+        &mut self,
+        figures: &mut dyn IntervalFigures,
+        r: &Replay,
+        stacks: &StackTable,
+        until: u64,
+    ) {
+        if self.k < self.every.first || self.error.is_some() {
+            figures.skip(r);
+            self.k += 1;
+            return;
+        }
+        let values = figures.interval(r);
+        self.emit(stacks, values, until, "");
+    }
+
+    /// Writes the open interval's profile of `values` (`extra` added to its comment) and opens
+    /// the next.
+    fn emit(&mut self, stacks: &StackTable, mut values: Vec<StackValues>, until: u64, extra: &str) {
         let k = self.k;
         self.k += 1;
         if k < self.every.first || self.error.is_some() {
-            self.figures.skip(r);
             return;
         }
-        let mut values = self.figures.interval(r);
         values.retain(|v| v.alloc_objects > 0 || v.inuse_objects > 0);
         let inuse_bytes = values.iter().map(|v| v.inuse_space).sum();
         let alloc_bytes = values.iter().map(|v| v.alloc_space).sum();
@@ -165,7 +288,7 @@ impl<F: FnMut(IntervalProfile) -> std::io::Result<()>> Cutter<'_, F> {
             duration_ns: until.saturating_sub(start),
         };
         let note = format!(
-            "; interval {k}: {:.3} s to {:.3} s after the start{}",
+            "; interval {k}: {:.3} s to {:.3} s after the start{}{extra}",
             start as f64 / 1e9,
             until as f64 / 1e9,
             self.note.as_deref().unwrap_or("")
@@ -178,6 +301,7 @@ impl<F: FnMut(IntervalProfile) -> std::io::Result<()>> Cutter<'_, F> {
             pid: self.cap.header.pid,
             sym: &mut *self.sym,
         };
+        let estimated = self.estimated;
         let r = crate::pprof::profile_gz_of(vec![piece], time, Some(&note)).and_then(|gz| {
             (self.out)(IntervalProfile {
                 index: k,
@@ -185,6 +309,7 @@ impl<F: FnMut(IntervalProfile) -> std::io::Result<()>> Cutter<'_, F> {
                 gz,
                 inuse_bytes,
                 alloc_bytes,
+                estimated,
             })
         });
         match r {
@@ -192,12 +317,159 @@ impl<F: FnMut(IntervalProfile) -> std::io::Result<()>> Cutter<'_, F> {
             Err(e) => self.error = Some(e),
         }
     }
+
+    /// Records that the open interval has no profile, and opens the next.
+    fn skip(&mut self, reason: SkipReason) {
+        let k = self.k;
+        self.k += 1;
+        if k < self.every.first {
+            return;
+        }
+        if let Some(s) = self.skipped.last_mut() {
+            if s.last + 1 == k && s.reason == reason && s.folded_into.is_none() {
+                s.last = k;
+                return;
+            }
+        }
+        self.skipped.push(Skipped {
+            first: k,
+            last: k,
+            reason,
+            folded_into: None,
+        });
+    }
+}
+
+/// The figures of the checkpoints as they are read (aggregated captures).
+struct Checkpointed {
+    unit: u64,
+    /// The last checkpoint of the last interval closed with one: what "allocated" counts from
+    /// (None: the start, when nothing was allocated yet).
+    base: Option<Checkpoint>,
+    /// The last checkpoint read in the open interval.
+    cur: Option<Checkpoint>,
+    /// The number of the last checkpoint read.
+    last_number: Option<u64>,
+    /// Why the intervals closed before the next checkpoint have none: checkpoints missing
+    /// before it (compacted), else none was written.
+    gap: Option<SkipReason>,
+    /// A new image began in the open interval.
+    new_image: bool,
+    /// The first interval since `base` skipped with no checkpoint (its allocations are
+    /// counted in the next profile).
+    folded_from: Option<u64>,
+}
+
+impl Checkpointed {
+    fn seconds(&self, c: &Checkpoint) -> f64 {
+        c.time.saturating_mul(self.unit) as f64 / 1e9
+    }
+
+    /// Closes the open interval of `cut` (at `until`, ns since the start).
+    fn close<F: FnMut(IntervalProfile) -> std::io::Result<()>>(
+        &mut self,
+        cut: &mut Cutter<'_, F>,
+        stacks: &StackTable,
+        until: u64,
+    ) {
+        let k = cut.k;
+        if self.new_image {
+            // What the old image allocated after `base` and what the new one did before its
+            // first checkpoint cannot be told apart: counted from the new image's checkpoint.
+            self.new_image = false;
+            self.base = self.cur.take();
+            self.folded_from = None;
+            cut.skip(SkipReason::NewImage);
+            return;
+        }
+        let Some(cp) = self.cur.take() else {
+            self.folded_from.get_or_insert(k);
+            cut.skip(self.gap.clone().unwrap_or(SkipReason::NoCheckpoint));
+            return;
+        };
+        let from = match &self.base {
+            None => "the start".to_string(),
+            Some(b) => format!("checkpoint {} ({:.3} s)", b.number, self.seconds(b)),
+        };
+        let folded = match self.folded_from.take() {
+            Some(a) if a + 1 == k => format!(", interval {a} having no checkpoint of its own"),
+            Some(a) => format!(
+                ", intervals {a} to {} having no checkpoint of their own",
+                k - 1
+            ),
+            None => String::new(),
+        };
+        for s in cut.skipped.iter_mut() {
+            if s.folded_into.is_none() && s.reason != SkipReason::NewImage {
+                s.folded_into = Some(k);
+            }
+        }
+        let extra = format!(
+            "; aggregated capture: in use at checkpoint {} ({:.3} s), allocated from {from} to it{folded}",
+            cp.number,
+            self.seconds(&cp)
+        );
+        let values = checkpoint_values(&cp, self.base.as_ref());
+        cut.emit(stacks, values, until, &extra);
+        self.base = Some(cp);
+    }
+}
+
+/// Per stack: in use at `cp`, allocated between `base` (None: the start) and `cp`.
+fn checkpoint_values(cp: &Checkpoint, base: Option<&Checkpoint>) -> Vec<StackValues> {
+    let before: HashMap<u32, (u64, u64)> = base
+        .map(|b| {
+            b.stacks
+                .iter()
+                .map(|s| (s.stack, (s.total_bytes, s.total_count)))
+                .collect()
+        })
+        .unwrap_or_default();
+    cp.stacks
+        .iter()
+        .map(|s| {
+            let (bytes, count) = before.get(&s.stack).copied().unwrap_or((0, 0));
+            // Totals only grow within an image: saturating only against a damaged capture.
+            StackValues {
+                stack: s.stack,
+                alloc_objects: s.total_count.saturating_sub(count),
+                alloc_space: s.total_bytes.saturating_sub(bytes),
+                inuse_objects: s.live_count,
+                inuse_space: s.live_bytes,
+            }
+        })
+        .collect()
 }
 
 impl Capture {
+    /// The figures [`Capture::periodic_profiles`] uses for this capture's events: exact, or
+    /// weighted estimates when it is sampled.
+    pub fn interval_figures(&self) -> Box<dyn IntervalFigures> {
+        match self.sample_rate() {
+            Some(rate) => Box::new(SampledFigures::new(rate)),
+            None => Box::new(ExactFigures::default()),
+        }
+    }
+
     /// Cuts the capture into intervals of `every` and hands each complete one's profile to
-    /// `out`, in order, in one replay. An error from `out` stops the cutting and is returned.
+    /// `out`, in order: a capture with events in one replay (exact figures, or estimates when
+    /// sampled), an aggregated one from its checkpoints. An error from `out` stops the
+    /// cutting and is returned.
     pub fn periodic_profiles(
+        &self,
+        every: Every,
+        sym: &mut Symbolizer,
+        out: impl FnMut(IntervalProfile) -> std::io::Result<()>,
+    ) -> std::io::Result<PeriodicOutcome> {
+        if self.aggregated() {
+            return self.periodic_checkpoints(every, sym, out);
+        }
+        let mut figures = self.interval_figures();
+        self.periodic_profiles_with(every, &mut *figures, sym, out)
+    }
+
+    /// [`Capture::periodic_profiles`] of a capture with events, the figures taken by `figures`.
+    pub fn periodic_profiles_with(
         &self,
         every: Every,
         figures: &mut dyn IntervalFigures,
@@ -210,24 +482,24 @@ impl Capture {
             Until::End => u64::MAX,
             Until::Before(t) => t,
         };
-        let note = figures.note();
         let mut c = Cutter {
             cap: self,
             every,
-            figures,
             sym,
             out,
-            note,
+            note: figures.note(),
+            estimated: self.sampled(),
             k: 0,
             written: 0,
             error: None,
+            skipped: Vec::new(),
         };
         // The latest event time so far, ns.
         let mut now = 0u64;
         let replayed =
             self.replay_steps_tabled(Replay::tracking_sites(), u64::MAX, |step, r, ev, stacks| {
                 if step == Step::After {
-                    c.figures.event(r, ev);
+                    figures.event(r, ev);
                     return true;
                 }
                 now = now.max(ev.time.saturating_mul(unit));
@@ -236,7 +508,7 @@ impl Capture {
                 }
                 while now >= c.end() {
                     let end = c.end();
-                    c.close(r, stacks, end);
+                    c.close(figures, r, stacks, end);
                 }
                 c.error.is_none()
             });
@@ -246,7 +518,7 @@ impl Capture {
             Until::Before(t) => {
                 while c.end() <= t && c.error.is_none() {
                     let end = c.end();
-                    c.close(r, stacks, end);
+                    c.close(figures, r, stacks, end);
                 }
             }
             Until::End => {
@@ -258,11 +530,11 @@ impl Capture {
                 let end = now.max(end_time.saturating_mul(unit));
                 while c.end() <= end && c.error.is_none() {
                     let e = c.end();
-                    c.close(r, stacks, e);
+                    c.close(figures, r, stacks, e);
                 }
                 // The last interval, cut at the end.
                 if c.k.saturating_mul(every.every_ns) < end && c.error.is_none() {
-                    c.close(r, stacks, end);
+                    c.close(figures, r, stacks, end);
                 }
                 finished = true;
             }
@@ -275,6 +547,109 @@ impl Capture {
             next: c.k.max(every.first),
             finished,
             corrupt_chunks: replayed.corrupt_chunks,
+            skipped: c.skipped,
+        })
+    }
+
+    /// The periodic profiles of an aggregated capture, from its checkpoints read in file
+    /// order (one at a time). An interval closes once a checkpoint after it is in the file
+    /// (checkpoints are written in order, so none of its own can come later), or at the end
+    /// of a finished capture.
+    fn periodic_checkpoints(
+        &self,
+        every: Every,
+        sym: &mut Symbolizer,
+        out: impl FnMut(IntervalProfile) -> std::io::Result<()>,
+    ) -> std::io::Result<PeriodicOutcome> {
+        assert!(every.every_ns > 0, "intervals of no length");
+        let unit = self.header.clock_unit_ns.max(1);
+        // The stack nodes (nodes-only chunks).
+        let mut stacks = StackTable::default();
+        let corrupt_chunks = self.with_events(&mut stacks, |events| {
+            events.for_each_while(|_| true);
+            events.errors
+        });
+        let rate = self
+            .sample_rate()
+            .or_else(|| self.checkpoint.as_ref().map(|c| c.sample_rate))
+            .filter(|&r| r > 0);
+        // The pprof comment says it of a capture with a SAMPLING record; else it is said here.
+        let note = match (rate, self.sample_rate()) {
+            (Some(r), None) => Some(format!(
+                "; values are ESTIMATES from allocations sampled at one per {r} bytes on average"
+            )),
+            _ => None,
+        };
+        let mut c = Cutter {
+            cap: self,
+            every,
+            sym,
+            out,
+            note,
+            estimated: rate.is_some(),
+            k: 0,
+            written: 0,
+            error: None,
+            skipped: Vec::new(),
+        };
+        let mut st = Checkpointed {
+            unit,
+            base: None,
+            cur: None,
+            last_number: None,
+            gap: None,
+            new_image: false,
+            folded_from: None,
+        };
+        let mut last_ns = 0u64;
+        for cp in self.checkpoints() {
+            if c.error.is_some() {
+                break;
+            }
+            let t = cp.time.saturating_mul(unit);
+            last_ns = last_ns.max(t);
+            let expected = st.last_number.map_or(1, |n| n + 1);
+            let new_image = st.last_number.is_some_and(|n| cp.number <= n);
+            st.gap = (!new_image && cp.number > expected).then(|| SkipReason::Compacted {
+                first: expected,
+                last: cp.number - 1,
+            });
+            while t >= c.end() && c.error.is_none() {
+                let end = c.end();
+                st.close(&mut c, &stacks, end);
+            }
+            st.gap = None;
+            st.new_image |= new_image;
+            st.last_number = Some(cp.number);
+            st.cur = Some(cp);
+        }
+        let mut finished = false;
+        if every.until == Until::End {
+            let end_time = self
+                .end
+                .map_or(0, |e| e.time)
+                .max(self.last_chunk_time)
+                .saturating_mul(unit);
+            let end = last_ns.max(end_time);
+            while c.end() <= end && c.error.is_none() {
+                let e = c.end();
+                st.close(&mut c, &stacks, e);
+            }
+            // The last interval, cut at the end.
+            if (c.k.saturating_mul(every.every_ns) < end || st.cur.is_some()) && c.error.is_none() {
+                st.close(&mut c, &stacks, end);
+            }
+            finished = true;
+        }
+        if let Some(e) = c.error {
+            return Err(e);
+        }
+        Ok(PeriodicOutcome {
+            written: c.written,
+            next: c.k.max(every.first),
+            finished,
+            corrupt_chunks,
+            skipped: c.skipped,
         })
     }
 }
