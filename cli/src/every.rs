@@ -120,8 +120,36 @@ pub(crate) fn export_every(
     });
     let outcome = outcome.with_context(|| format!("cannot write into {}", dir.display()))?;
     r.warn(&sym.warnings);
-    for s in &outcome.skipped {
+    if outcome.no_checkpoint_yet {
+        r.note(format_args!(
+            "memtrack: note: {}: an aggregated capture with no checkpoint yet (one is written every --checkpoint-interval of memtrack run): no profile until there is one; run again later\n",
+            file.display()
+        ));
+    }
+    // A week's run may skip thousands: the first ones, then a count.
+    const SHOWN: usize = 20;
+    for s in outcome.skipped.iter().take(SHOWN) {
         r.note(format_args!("memtrack: note: {}\n", s.text()));
+    }
+    if outcome.skipped.len() > SHOWN {
+        let more: u64 = outcome.skipped[SHOWN..]
+            .iter()
+            .map(|s| s.last - s.first + 1)
+            .sum();
+        r.note(format_args!(
+            "memtrack: note: {more} more interval{} after interval {} have no profile, for the same reasons\n",
+            if more == 1 { "" } else { "s" },
+            outcome.skipped[SHOWN - 1].last
+        ));
+    }
+    if outcome
+        .skipped
+        .iter()
+        .any(|s| s.reason == memtrack_reader::SkipReason::NoCheckpoint)
+    {
+        r.note(format_args!(
+            "memtrack: note: an aggregated capture has figures only at its checkpoints: an --every longer than run's --checkpoint-interval gives every interval one\n"
+        ));
     }
     let entry = json!({
         "pid": cap.header.pid,

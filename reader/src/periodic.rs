@@ -184,17 +184,16 @@ pub struct Skipped {
 impl Skipped {
     /// One sentence for the user.
     pub fn text(&self) -> String {
-        let which = if self.first == self.last {
-            format!("interval {} has", self.first)
+        let (which, it) = if self.first == self.last {
+            (format!("interval {} has", self.first), "it")
         } else {
-            format!("intervals {} to {} have", self.first, self.last)
+            (
+                format!("intervals {} to {} have", self.first, self.last),
+                "them",
+            )
         };
         let why = match &self.reason {
-            SkipReason::NoCheckpoint => {
-                "no checkpoint was written in it (an aggregated capture has figures only at its checkpoints: \
-                 --every longer than run's --checkpoint-interval gives every interval one)"
-                    .to_string()
-            }
+            SkipReason::NoCheckpoint => format!("no checkpoint was written in {it}"),
             SkipReason::Compacted { first, last } if first == last => {
                 format!("checkpoint {first} is no longer in the capture (compacted)")
             }
@@ -202,15 +201,14 @@ impl Skipped {
                 format!("checkpoints {first} to {last} are no longer in the capture (compacted)")
             }
             SkipReason::NewImage => {
-                "the program exec'd in it: the figures of the two images do not subtract".to_string()
+                format!("the program exec'd in {it}: the two images' figures do not subtract")
             }
         };
         let folded = match (&self.reason, self.folded_into) {
-            (SkipReason::NewImage, _) => String::new(),
+            (SkipReason::NewImage, _) | (_, None) => String::new(),
             (_, Some(k)) => {
-                format!("; what was allocated in it is counted in interval {k}'s profile")
+                format!("; what was allocated in {it} is counted in interval {k}'s profile")
             }
-            (_, None) => String::new(),
         };
         format!("{which} no profile: {why}{folded}")
     }
@@ -229,6 +227,9 @@ pub struct PeriodicOutcome {
     pub corrupt_chunks: usize,
     /// Intervals from `Every::first` on that have no profile, and why (aggregated captures).
     pub skipped: Vec<Skipped>,
+    /// The capture holds stack nodes but neither events nor a checkpoint: an aggregated
+    /// capture before its first checkpoint. Nothing is cut (an empty profile would be wrong).
+    pub no_checkpoint_yet: bool,
 }
 
 /// The intervals as they close.
@@ -496,12 +497,14 @@ impl Capture {
         };
         // The latest event time so far, ns.
         let mut now = 0u64;
+        let mut events = 0u64;
         let replayed =
             self.replay_steps_tabled(Replay::tracking_sites(), u64::MAX, |step, r, ev, stacks| {
                 if step == Step::After {
                     figures.event(r, ev);
                     return true;
                 }
+                events += 1;
                 now = now.max(ev.time.saturating_mul(unit));
                 if now >= limit {
                     return false;
@@ -513,6 +516,16 @@ impl Capture {
                 c.error.is_none()
             });
         let (r, stacks) = (&replayed.replay, &replayed.stacks);
+        if events == 0 && !self.chunks.is_empty() && replayed.corrupt_chunks < self.chunks.len() {
+            // Chunks of stack nodes only: what an aggregated capture writes before its first
+            // checkpoint (a full capture writes nodes with the events using them).
+            return Ok(PeriodicOutcome {
+                next: every.first,
+                corrupt_chunks: replayed.corrupt_chunks,
+                no_checkpoint_yet: true,
+                ..Default::default()
+            });
+        }
         let mut finished = false;
         match every.until {
             Until::Before(t) => {
@@ -548,6 +561,7 @@ impl Capture {
             finished,
             corrupt_chunks: replayed.corrupt_chunks,
             skipped: c.skipped,
+            no_checkpoint_yet: false,
         })
     }
 
@@ -650,6 +664,7 @@ impl Capture {
             finished,
             corrupt_chunks,
             skipped: c.skipped,
+            no_checkpoint_yet: false,
         })
     }
 }

@@ -719,7 +719,7 @@ fn an_aggregated_capture_gives_exact_profiles_from_its_checkpoints() {
     let out = export_every_ms(&capture, &dir, "100ms");
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
-        err.contains("no profile: no checkpoint was written in it")
+        err.contains("no profile: no checkpoint was written in")
             && err.contains("is counted in interval"),
         "{err}"
     );
@@ -788,7 +788,7 @@ fn compacted_checkpoints_leave_intervals_skipped_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     // Intervals 1 and 2 (0.5 s to 1.5 s) had only the dropped checkpoints.
     let want = format!(
-        "memtrack: note: intervals 1 to 2 have no profile: checkpoints {} to {} are no longer in the capture (compacted); what was allocated in it is counted in interval 3's profile",
+        "memtrack: note: intervals 1 to 2 have no profile: checkpoints {} to {} are no longer in the capture (compacted); what was allocated in them is counted in interval 3's profile",
         dropped[0],
         dropped[dropped.len() - 1]
     );
