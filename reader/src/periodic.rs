@@ -668,3 +668,150 @@ impl Capture {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memtrack_format::{put_record, record, Header, StackFigures};
+
+    /// A checkpoint numbered `number` at `ms` after the start: stack 1 has allocated
+    /// `total` bytes in `total / 10` blocks, `live` of them live.
+    fn cp(number: u64, ms: u64, total: u64, live: u64) -> Checkpoint {
+        Checkpoint {
+            number,
+            time: ms,
+            stacks: vec![StackFigures {
+                stack: 1,
+                live_bytes: live,
+                live_count: live / 10,
+                total_bytes: total,
+                total_count: total / 10,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// An aggregated capture file of these checkpoints (clock in milliseconds), `cut` bytes
+    /// short (a record being written).
+    fn capture(name: &str, cps: &[Checkpoint], cut: usize) -> Capture {
+        let mut file = Header {
+            version: memtrack_format::FORMAT_VERSION,
+            pid: 4242,
+            clock_unit_ns: 1_000_000,
+            executable: "/bin/agg".into(),
+            argv: vec!["agg".into()],
+            pointer_size: 8,
+            machine: 62,
+            ..Default::default()
+        }
+        .encode();
+        for c in cps {
+            put_record(&mut file, record::CHECKPOINT, &c.encode());
+        }
+        file.truncate(file.len() - cut);
+        let path = std::env::temp_dir().join(format!(
+            "memtrack-periodic-{}-{name}.cap",
+            std::process::id()
+        ));
+        std::fs::write(&path, file).unwrap();
+        Capture::open(&path).unwrap()
+    }
+
+    /// (interval, allocated, in use) of each profile, and the outcome.
+    fn cut(cap: &Capture, first: u64, until: Until) -> (Vec<(u64, u64, u64)>, PeriodicOutcome) {
+        let mut sym = Symbolizer::new(cap);
+        let mut got = Vec::new();
+        let every = Every {
+            every_ns: 200_000_000,
+            first,
+            until,
+        };
+        let outcome = cap
+            .periodic_profiles(every, &mut sym, |p| {
+                assert!(!p.estimated);
+                got.push((p.index, p.alloc_bytes, p.inuse_bytes));
+                Ok(())
+            })
+            .unwrap();
+        (got, outcome)
+    }
+
+    /// Compacted checkpoints (4 and 5), then an exec (numbers start again at 1).
+    fn history() -> Vec<Checkpoint> {
+        vec![
+            cp(1, 150, 100, 100),
+            cp(2, 350, 300, 200),
+            cp(3, 420, 350, 150),
+            cp(6, 1150, 900, 50),
+            cp(1, 1250, 40, 40),
+            cp(2, 1450, 70, 30),
+        ]
+    }
+
+    #[test]
+    fn checkpoints_cut_into_intervals_and_gaps_are_skipped_with_the_reason() {
+        let cap = capture("gaps", &history(), 0);
+        assert!(cap.aggregated());
+        let numbers: Vec<u64> = cap.checkpoints().map(|c| c.number).collect();
+        assert_eq!(numbers, [1, 2, 3, 6, 1, 2]);
+        let (got, out) = cut(&cap, 0, Until::End);
+        assert_eq!(
+            got,
+            [
+                (0, 100, 100),
+                (1, 200, 200),
+                (2, 50, 150),
+                // Allocated since checkpoint 3: intervals 3 and 4 had none left.
+                (5, 550, 50),
+                // Since the new image's first checkpoint, in the skipped interval 6.
+                (7, 30, 30),
+            ]
+        );
+        assert_eq!(
+            out.skipped,
+            [
+                Skipped {
+                    first: 3,
+                    last: 4,
+                    reason: SkipReason::Compacted { first: 4, last: 5 },
+                    folded_into: Some(5),
+                },
+                Skipped {
+                    first: 6,
+                    last: 6,
+                    reason: SkipReason::NewImage,
+                    folded_into: None,
+                },
+            ]
+        );
+        assert_eq!(
+            out.skipped[0].text(),
+            "intervals 3 to 4 have no profile: checkpoints 4 to 5 are no longer in the capture \
+             (compacted); what was allocated in them is counted in interval 5's profile"
+        );
+        assert!(out.finished);
+        assert_eq!(out.next, 8);
+
+        // Resumed at interval 3: the same figures from there on, the skips from there on.
+        let (again, out) = cut(&cap, 3, Until::End);
+        assert_eq!(again, got[3..]);
+        assert_eq!(out.skipped.len(), 2);
+        let (again, out) = cut(&cap, 6, Until::End);
+        assert_eq!(again, got[4..]);
+        assert_eq!(out.skipped.len(), 1);
+    }
+
+    #[test]
+    fn a_capture_being_written_closes_an_interval_once_a_later_checkpoint_is_in() {
+        let h = history();
+        // The last record cut short: as if being written.
+        let cap = capture("live", &h, 3);
+        assert_eq!(cap.checkpoints().count(), h.len() - 1);
+        let (got, out) = cut(&cap, 0, Until::Before(u64::MAX));
+        // Interval 6 holds the last complete checkpoint: it may get more.
+        assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [0, 1, 2, 5]);
+        assert_eq!(out.next, 6);
+        assert!(!out.finished);
+    }
+}
