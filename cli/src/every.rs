@@ -175,6 +175,7 @@ pub(crate) fn export_every(
         (Some(a), Some(b)) => format!("{} profiles (intervals {a} to {b})", written.len()),
         _ => "no new profile".to_string(),
     };
+    let unprofiled: u64 = outcome.skipped.iter().map(|s| s.last - s.first + 1).sum();
     let rest = if outcome.finished {
         format!(
             "the capture is finished: {} interval{} in all",
@@ -186,6 +187,14 @@ pub(crate) fn export_every(
             "the capture is still being written: run again for the intervals from {} on",
             outcome.next
         )
+    };
+    let rest = if unprofiled > 0 {
+        format!(
+            "{rest} ({unprofiled} interval{} of this run without a profile: see the notes above)",
+            if unprofiled == 1 { "" } else { "s" }
+        )
+    } else {
+        rest
     };
     r.note(format_args!(
         "memtrack: {what} every {} written to {}{kept_text}; {rest}\n",
