@@ -30,16 +30,17 @@ def compile_workloads():
 
 
 def timed(cmd, env):
-    """Runs cmd under /usr/bin/time: (wall seconds, CPU seconds user + sys)."""
+    """Runs cmd under /usr/bin/time: (wall seconds, CPU seconds user + sys, max RSS in KiB of
+    the largest process)."""
     with tempfile.NamedTemporaryFile("r") as tf:
-        full = ["/usr/bin/time", "-f", "%e %U %S", "-o", tf.name, *cmd]
+        full = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", tf.name, *cmd]
         t0 = time.perf_counter()
         r = subprocess.run(full, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         wall = time.perf_counter() - t0
         if r.returncode != 0:
             sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr.decode(errors='replace')}")
         f = tf.read().split()
-        return wall, float(f[-2]) + float(f[-1])
+        return wall, float(f[-3]) + float(f[-2]), int(f[-1])
 
 
 def memray_python():
@@ -108,18 +109,20 @@ def cost(name, cmd, env_extra, runs, work, heaptrack, memray_py):
     ms = modes_for(name, cmd, work, heaptrack, memray_py)
     wall = {m: [] for m, _, _ in ms}
     cpu = {m: [] for m, _, _ in ms}
+    rss = {m: [] for m, _, _ in ms}
     sizes = {}
     for _ in range(runs):
         for m, argv, cap in ms:
             clear(cap)
-            w, c = timed(argv, env)
+            w, c, k = timed(argv, env)
             wall[m].append(w)
             cpu[m].append(c)
+            rss[m].append(k)
             f = existing(cap)
             if f:
                 sizes[m] = os.path.getsize(f)
     full = summary(os.path.join(work, f"{name}-full.cap"))
-    return {"wall": wall, "cpu": cpu, "sizes": sizes, "events": full["events"],
+    return {"wall": wall, "cpu": cpu, "rss": rss, "sizes": sizes, "events": full["events"],
             "allocations": full["total_allocations"], "peak": full["peak_bytes"]}
 
 
@@ -186,8 +189,8 @@ def main():
             out += [f"## {name}: {desc}", "",
                     f"{r['events']:,} events ({r['allocations']:,} allocations) in a full capture; plain run "
                     f"{plain_w:.2f} s wall, {plain_c:.2f} s CPU; exact peak {r['peak']:,} bytes.", "",
-                    "| mode | wall | CPU | capture | bytes/event | capture per hour at this rate |",
-                    "|---|---:|---:|---:|---:|---:|"]
+                    "| mode | wall | CPU | max RSS | capture | bytes/event | capture per hour at this rate |",
+                    "|---|---:|---:|---:|---:|---:|---:|"]
             for m in r["wall"]:
                 ws = [w / p for w, p in zip(r["wall"][m], r["wall"]["plain"])]
                 cs = [c / p for c, p in zip(r["cpu"][m], r["cpu"]["plain"])]
@@ -195,11 +198,15 @@ def main():
                 cap = f"{size / 1e6:.2f} MB" if size is not None else ""
                 bpe = f"{size / r['events']:.3f}" if size is not None else ""
                 hour = f"{size / plain_w * 3600 / 1e6:,.0f} MB" if size is not None else ""
+                if "aggregat" in m and size is not None:
+                    # Checkpoints are compacted: the file grows with stacks, not with time.
+                    hour = "bounded (stacks, not time)"
+                mem = f"{med(r['rss'][m]) / 1024:,.0f} MiB"
                 if m == "plain":
-                    out.append(f"| plain | {plain_w:.2f} s | {plain_c:.2f} s | | | |")
+                    out.append(f"| plain | {plain_w:.2f} s | {plain_c:.2f} s | {mem} | | | |")
                 else:
                     out.append(f"| {m} | {med(ws):.2f}x ({min(ws):.2f}-{max(ws):.2f}) | "
-                               f"{med(cs):.2f}x ({min(cs):.2f}-{max(cs):.2f}) | {cap} | {bpe} | {hour} |")
+                               f"{med(cs):.2f}x ({min(cs):.2f}-{max(cs):.2f}) | {mem} | {cap} | {bpe} | {hour} |")
             day = []
             for label, arg, _ in RATES:
                 size = r["sizes"].get(f"sampled {label}")

@@ -79,8 +79,10 @@ pub(crate) enum Cmd {
         /// Show the live view (see `memtrack live`) on the terminal while the command runs;
         /// its standard output and error go to a file (`--live-output`), its standard input is
         /// empty. Ctrl-C is passed to the command as without `--live`; q leaves the view and
-        /// memtrack waits for the command as usual (it is not stopped).
-        #[arg(long)]
+        /// memtrack waits for the command as usual (it is not stopped). Not with `--aggregate`
+        /// (the view follows events; `memtrack summary` reads an aggregated capture's latest
+        /// checkpoint while it runs).
+        #[arg(long, conflicts_with = "aggregate")]
         live: bool,
         /// With `--live`: where the command's standard output and error go [default: the
         /// capture's name with `.out` for `.cap`].

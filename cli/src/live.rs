@@ -49,6 +49,14 @@ pub(crate) fn live(
             Err(memtrack_reader::ReadError::TruncatedHeader { .. }) | Ok(_) => {}
             Err(e) => return Err(e.into()),
         }
+        if memtrack_reader::Capture::open(file).is_ok_and(|c| c.aggregated()) {
+            anyhow::bail!(
+                "{}: an aggregated capture (memtrack run --aggregate) has no events to follow; \
+                 `memtrack summary {}` shows its latest checkpoint",
+                file.display(),
+                file.display()
+            );
+        }
     }
     let mut view = View::new(options, file);
     let mut term = Screen::take()?;

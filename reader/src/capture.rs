@@ -109,6 +109,9 @@ pub struct Capture {
     /// Every complete `CHECKPOINT` record that decoded, in file order: (payload offset, length).
     /// [`Capture::checkpoints`] reads them one at a time.
     checkpoint_at: Vec<(usize, usize)>,
+    /// The final checkpoints of the images before the last one (an aggregated capture that
+    /// went through `exec`).
+    pub image_checkpoints: Vec<memtrack_format::Checkpoint>,
 }
 
 /// The iterator of [`Capture::checkpoints`].
@@ -223,6 +226,7 @@ impl Capture {
             rss: Vec::new(),
             checkpoint: None,
             checkpoint_at: Vec::new(),
+            image_checkpoints: Vec::new(),
             min_offset_from: Vec::new(),
             progress: Default::default(),
         }
@@ -396,6 +400,10 @@ impl Capture {
                     let payload = read(payload_off, plen as usize);
                     match memtrack_format::Checkpoint::decode(&payload) {
                         Ok(c) => {
+                            // After an image's final checkpoint, the next is the next image's.
+                            if let Some(prev) = self.checkpoint.take_if(|p| p.last) {
+                                self.image_checkpoints.push(prev);
+                            }
                             self.checkpoint = Some(c);
                             self.checkpoint_at.push((payload_off, plen as usize));
                         }

@@ -247,6 +247,10 @@ pub struct ProcessTree {
     /// False for a single process opened without replaying it: its `summary` and the combined
     /// figures are not filled in (reports on one process replay what they need).
     pub analyzed: bool,
+    /// False when a process of the tree was recorded aggregated (no events to line the
+    /// processes up in time): `combined_peak_bytes` is then the sum of each process's own
+    /// peak, an upper bound, and each process's share its own peak.
+    pub combined_known: bool,
 }
 
 impl ProcessTree {
@@ -294,6 +298,7 @@ impl ProcessTree {
                 combined_peak_bytes: 0,
                 combined_peak_mono_ns: 0,
                 analyzed: false,
+                combined_known: true,
             };
         }
         let mut processes: Vec<Process> = caps
@@ -358,6 +363,7 @@ impl ProcessTree {
             combined_peak_bytes: 0,
             combined_peak_mono_ns: 0,
             analyzed: true,
+            combined_known: true,
         };
         tree.combine();
         tree
@@ -409,6 +415,21 @@ impl ProcessTree {
     /// The combined peak: events of all processes merged by time (the clock tick), those of
     /// one tick in process order, which is one order the clocks allow.
     fn combine(&mut self) {
+        let aggregated = |p: &Process| p.capture.as_ref().is_some_and(|c| c.aggregated());
+        if self.processes.len() > 1 && self.processes.iter().any(aggregated) {
+            self.combined_known = false;
+            self.combined_peak_bytes = self.processes.iter().map(|p| p.summary.peak_bytes).sum();
+            let root = &self.processes[0];
+            self.combined_peak_mono_ns = root
+                .start_mono_ns
+                .saturating_add((root.summary.peak_time_seconds * 1e9) as u64);
+            for p in &mut self.processes {
+                p.held_at_combined_peak = p.summary.peak_bytes;
+                p.combined_seq = Some(u64::MAX);
+                p.ticks = Vec::new();
+            }
+            return;
+        }
         if self.processes.len() == 1 || self.processes[1..].iter().all(|p| p.ticks.is_empty()) {
             let p = &mut self.processes[0];
             self.combined_peak_bytes = p.summary.peak_bytes;

@@ -445,26 +445,61 @@ impl Replay {
         self.mapped_bytes = 0;
     }
 
-    /// The state an aggregated capture's checkpoint describes.
-    pub fn from_checkpoint(c: &memtrack_format::Checkpoint) -> Replay {
+    /// The state an aggregated capture's checkpoint describes; `earlier`: the final checkpoints
+    /// of the images before an `exec`, whose totals count and whose peak may be the highest
+    /// (their live blocks vanished with the exec).
+    pub fn from_checkpoint(
+        c: &memtrack_format::Checkpoint,
+        earlier: &[memtrack_format::Checkpoint],
+    ) -> Replay {
+        let at_peak = earlier
+            .iter()
+            .filter(|e| e.peak_bytes > c.peak_bytes)
+            .max_by_key(|e| e.peak_bytes)
+            .unwrap_or(c);
+        let mut stacks: std::collections::BTreeMap<u32, memtrack_format::StackFigures> =
+            Default::default();
+        for image in earlier.iter().chain(std::iter::once(c)) {
+            let live = std::ptr::eq(image, c);
+            let peak = std::ptr::eq(image, at_peak);
+            for f in &image.stacks {
+                let s = stacks
+                    .entry(f.stack)
+                    .or_insert(memtrack_format::StackFigures {
+                        stack: f.stack,
+                        ..Default::default()
+                    });
+                s.total_bytes += f.total_bytes;
+                s.total_count += f.total_count;
+                if live {
+                    s.live_bytes += f.live_bytes;
+                    s.live_count += f.live_count;
+                }
+                if peak {
+                    s.peak_bytes += f.peak_bytes;
+                    s.peak_count += f.peak_count;
+                }
+            }
+        }
+        let all = || earlier.iter().chain(std::iter::once(c));
         Replay {
             live_bytes: c.heap_bytes,
-            peak_bytes: c.peak_bytes,
-            peak_allocations: c.peak_count,
-            peak_seq: c.peak_seq,
-            peak_time: c.peak_time,
-            total_allocations: c.total_count,
-            total_bytes: c.total_bytes,
-            total_frees: c.total_frees,
-            unmatched_frees: c.unmatched_frees,
-            events: c.events,
+            peak_bytes: at_peak.peak_bytes,
+            peak_allocations: at_peak.peak_count,
+            peak_seq: at_peak.peak_seq,
+            peak_time: at_peak.peak_time,
+            total_allocations: all().map(|e| e.total_count).sum(),
+            total_bytes: all().map(|e| e.total_bytes).sum(),
+            total_frees: all().map(|e| e.total_frees).sum(),
+            unmatched_frees: all().map(|e| e.unmatched_frees).sum(),
+            events: all().map(|e| e.events).sum(),
             last_seq: c.seq.saturating_sub(1),
             last_time: c.time,
             live_count: c.stacks.iter().map(|s| s.live_count).sum(),
             sample_rate: c.sample_rate,
             live_var: c.heap_variance.max(0.0) as u128,
-            peak_var: c.peak_variance.max(0.0) as u128,
-            agg: Some(c.stacks.clone()),
+            peak_var: at_peak.peak_variance.max(0.0) as u128,
+            agg: Some(stacks.into_values().collect()),
             ..Self::default()
         }
     }
@@ -693,7 +728,7 @@ impl Capture {
             });
             let _ = (r, until, &mut step);
             return Replayed {
-                replay: Replay::from_checkpoint(c),
+                replay: Replay::from_checkpoint(c, &self.image_checkpoints),
                 stacks,
                 corrupt_chunks: errors,
             };

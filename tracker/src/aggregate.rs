@@ -249,7 +249,8 @@ impl Aggregator {
             }
             EventKind::Free { addr } => match self.live.remove(&addr) {
                 Some((size, stack)) => {
-                    self.total_frees += 1;
+                    // Weighted like the allocation it frees (as the reader's replay does).
+                    self.total_frees += self.weights(size).1;
                     self.remove_weights(size, stack);
                 }
                 None => self.unmatched += 1,
@@ -334,24 +335,30 @@ impl Aggregator {
     }
 }
 
-/// The aggregation settings from the environment: Some(sample rate) when aggregating.
-pub(crate) fn from_env() -> Option<u64> {
-    let on = crate::env::getenv(c"MEMTRACK_AGGREGATE").is_some_and(|v| v.to_bytes() == b"1");
-    if !on {
-        return None;
-    }
-    let rate = crate::env::getenv(c"MEMTRACK_SAMPLE_RATE")
-        .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    Some(rate)
-}
+/// `MEMTRACK_CHECKPOINT_INTERVAL` in µs when aggregating (0: not aggregating).
+static INTERVAL_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// The checkpoint interval in clock units (µs): `MEMTRACK_CHECKPOINT_INTERVAL` in milliseconds
-/// (default 5 s).
-pub(crate) fn interval_from_env() -> u64 {
-    crate::env::getenv(c"MEMTRACK_CHECKPOINT_INTERVAL")
+/// Reads `MEMTRACK_AGGREGATE` and `MEMTRACK_CHECKPOINT_INTERVAL` (milliseconds, default 5 s),
+/// once per image, beside the other settings: before the tracker's own `setenv`, after which
+/// a program that brings its own `getenv` (bash) may no longer show the environment.
+pub(crate) fn configure_from_env() {
+    let on = crate::env::getenv(c"MEMTRACK_AGGREGATE").is_some_and(|v| v.to_bytes() == b"1");
+    let ms = crate::env::getenv(c"MEMTRACK_CHECKPOINT_INTERVAL")
         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
         .filter(|&ms| ms > 0)
-        .unwrap_or(5000)
-        * 1000
+        .unwrap_or(5000);
+    INTERVAL_US.store(
+        if on { ms.saturating_mul(1000) } else { 0 },
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The aggregation settings: Some(sample rate, 0 for none) when aggregating.
+pub(crate) fn from_env() -> Option<u64> {
+    (interval() != 0).then(crate::sampling::rate)
+}
+
+/// The checkpoint interval in clock units (µs); 0 when not aggregating.
+pub(crate) fn interval() -> u64 {
+    INTERVAL_US.load(std::sync::atomic::Ordering::Relaxed)
 }

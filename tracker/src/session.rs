@@ -60,6 +60,7 @@ pub(crate) fn open_from_env(preloaded: bool) -> Option<bool> {
     }
     let follow_fork = getenv(c"MEMTRACK_FOLLOW_FORK").is_some_and(|v| v.to_bytes() == b"1");
     crate::sampling::configure_from_env();
+    crate::aggregate::configure_from_env();
     // SAFETY: getpid/getppid have no preconditions.
     let (pid, ppid) = unsafe { (libc::getpid(), libc::getppid()) };
     let mut root = out.to_string_lossy().replace("%p", &pid.to_string());
@@ -386,6 +387,7 @@ pub(crate) fn began_in_program() {
 /// A new capture at `path` for a Rust program that asked for one (`memtrack_tracker::start`).
 pub(crate) fn create_program_capture(path: &str) -> std::io::Result<bool> {
     crate::sampling::configure_from_env();
+    crate::aggregate::configure_from_env();
     let launch = Launch {
         preloaded: false,
         root_path: path.to_owned(),

@@ -94,7 +94,14 @@ pub(crate) struct Writer {
     agg: Option<Mutex<Aggregator>>,
     /// Clock units between checkpoints.
     interval: u64,
+    /// The checkpoints this image wrote and that are still in the file: (offset, length).
+    checkpoints: Mutex<Vec<(u64, u64)>>,
 }
+
+/// Superseded checkpoints are compacted away once they take more than this, and more than the
+/// rest of the file: a steady aggregated run stays within about twice its stacks' size plus
+/// this, whatever its length.
+const COMPACT_AT: u64 = 256 * 1024;
 
 impl Writer {
     /// `first_seq`: the number this image's first event takes.
@@ -105,7 +112,8 @@ impl Writer {
             helper: Mutex::new(Transcoder::new()),
             agg: crate::aggregate::from_env()
                 .map(|rate| Mutex::new(Aggregator::new(first_seq, rate))),
-            interval: crate::aggregate::interval_from_env(),
+            interval: crate::aggregate::interval(),
+            checkpoints: Mutex::new(Vec::new()),
         }
     }
 
@@ -126,7 +134,46 @@ impl Writer {
         drop(a);
         let mut out = Vec::with_capacity(payload.len() + MAX_FRAME_PREFIX);
         memtrack_format::put_record(&mut out, record::CHECKPOINT, &payload);
-        self.file.write(&out);
+        let at = self.file.size();
+        if !self.file.write(&out) {
+            return;
+        }
+        let Ok(mut written) = self.checkpoints.lock() else {
+            return;
+        };
+        let Some(at) = at else {
+            return;
+        };
+        written.push((at, out.len() as u64));
+        if !last {
+            self.compact(&mut written);
+        }
+    }
+
+    /// Drops the superseded checkpoints from the file when they have grown large (see
+    /// [`COMPACT_AT`]). Every earlier image's last checkpoint stays (this image never listed
+    /// them), and the newest holds the series of the ones dropped.
+    fn compact(&self, written: &mut Vec<(u64, u64)>) {
+        let Some((&newest, superseded)) = written.split_last() else {
+            return;
+        };
+        let old: u64 = superseded.iter().map(|c| c.1).sum();
+        let Some(size) = self.file.size() else {
+            return;
+        };
+        let rest = size.saturating_sub(old + newest.1);
+        if old <= COMPACT_AT.max(rest) {
+            return;
+        }
+        if self.file.compact(superseded) {
+            let size = self.file.size().unwrap_or(0);
+            written.clear();
+            written.push((size.saturating_sub(newest.1), newest.1));
+        } else {
+            // Not possible here (a path that is gone, a read-only directory): try again only
+            // after as many bytes more, not at every checkpoint.
+            written.clear();
+        }
     }
 
     /// Writes a framed record as it is.

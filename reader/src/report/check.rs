@@ -172,9 +172,14 @@ pub fn check_with_regions(
             },
             None => writeln!(
                 out,
-                "memtrack check of {}: {} processes, their combined peak and the sums of the rest",
+                "memtrack check of {}: {} processes, {} and the sums of the rest",
                 file.display(),
-                subject.tree.processes.len()
+                subject.tree.processes.len(),
+                if subject.tree.combined_known {
+                    "their combined peak"
+                } else {
+                    "the sum of their peaks (aggregated: the combined peak is at most that)"
+                }
             )?,
         }
         for r in &results {

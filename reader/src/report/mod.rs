@@ -140,8 +140,24 @@ impl Reporter<'_> {
                     _ => words,
                 }
             }
+            (None, View::Peak, None) if !subject.tree.combined_known => {
+                "live at each process's own peak (aggregated: their sum bounds the combined peak)"
+                    .to_string()
+            }
             (None, View::Peak, None) => "live at the combined peak".to_string(),
             _ => view_words(view).to_string(),
+        };
+        let words = match &subject.main_capture().checkpoint {
+            Some(c) => format!(
+                "{words}, aggregated (checkpoint {}{})",
+                c.number,
+                if c.last {
+                    ", final"
+                } else {
+                    ", process cut off"
+                }
+            ),
+            None => words,
         };
         let words = match subject.main_capture().sample_rate() {
             Some(rate) => format!("{words}, {}", sampled_words(view, rate)),

@@ -70,8 +70,14 @@ pub fn summary(
         v["children"] = serde_json::to_value(&children)?;
         v["top_peak_locations"] = locations_json(&top);
         v["processes"] = serde_json::to_value(tree.figures())?;
-        v["combined_peak_bytes"] = tree.combined_peak_bytes.into();
-        v["combined_peak_time_seconds"] = tree.seconds(tree.combined_peak_mono_ns).into();
+        if tree.combined_known {
+            v["combined_peak_bytes"] = tree.combined_peak_bytes.into();
+            v["combined_peak_time_seconds"] = tree.seconds(tree.combined_peak_mono_ns).into();
+        } else {
+            v["combined_peak_bytes"] = serde_json::Value::Null;
+            v["combined_peak_time_seconds"] = serde_json::Value::Null;
+            v["combined_peak_at_most_bytes"] = tree.combined_peak_bytes.into();
+        }
         if let (Some((f, _)), Some(top)) = (&window, &window_top) {
             let mut w = serde_json::to_value(f)?;
             w["top_locations"] = locations_json(top);
@@ -154,7 +160,12 @@ pub fn summary(
         }
         rows.sort_by(|a, b| b.total_bytes.cmp(&a.total_bytes).then(a.pid.cmp(&b.pid)));
         rows.truncate(5);
-        (rows, "top locations at the combined peak:")
+        let title = if subject.tree.combined_known {
+            "top locations at the combined peak:"
+        } else {
+            "top locations at each process's own peak:"
+        };
+        (rows, title)
     } else {
         (top, "top locations at the peak:")
     };
@@ -262,13 +273,21 @@ fn print_tree_summary(
     )?;
     // One recorded process (and helpers kept as figures): its own figures above say it all.
     let table = recorded > 1;
-    if table {
+    if table && tree.combined_known {
         writeln!(
             out,
             "  combined peak:  {} at {:.3} s (the most all processes' heaps held at once)",
             bytes(tree.combined_peak_bytes),
             tree.seconds(tree.combined_peak_mono_ns)
         )?;
+    } else if table {
+        writeln!(
+            out,
+            "  combined peak:  at most {}: the sum of each process's own peak (aggregated captures keep no events to line the processes up in time)",
+            bytes(tree.combined_peak_bytes),
+        )?;
+    }
+    if table {
         writeln!(
             out,
             "  {:>9} {:>9} {:>11} {:>11} {:>11}  command",
@@ -290,7 +309,11 @@ fn print_tree_summary(
                 p.parent_pid.to_string()
             },
             human_bytes(p.summary.peak_bytes),
-            human_bytes(p.held_at_combined_peak),
+            if tree.combined_known {
+                human_bytes(p.held_at_combined_peak)
+            } else {
+                "-".to_string()
+            },
             human_bytes(p.summary.leaked_bytes),
             p.command()
         )?;
