@@ -5,7 +5,10 @@
 //! State: `DIR/.memtrack-every.json` holds one entry per capture (pid and start time, so a
 //! new run of the same program is another capture), with its interval length and the next
 //! interval to write. A profile file already there is never written again (a run cut off
-//! before it saved its state leaves files the next run keeps).
+//! before it saved its state leaves files the next run keeps). For an aggregated capture,
+//! `DIR/.memtrack-every-PID-START.base` holds the checkpoint the next interval's allocations
+//! count from (an encoded `CHECKPOINT` payload): the tracker may compact it out of the capture
+//! before the next run.
 
 use anyhow::{bail, Context, Result};
 use memtrack_reader::report::Reporter;
@@ -86,10 +89,33 @@ pub(crate) fn export_every(
                 .saturating_sub(memtrack_reader::SETTLE_NS),
         )
     };
+    // An aggregated capture's base: what the next interval's allocations count from, kept
+    // beside the state because the tracker may compact that checkpoint away from the capture.
+    let base_path = dir.join(format!(
+        ".memtrack-every-{}-{}.base",
+        cap.header.pid, cap.header.start_unix_ns
+    ));
+    let base = if first > 0 && cap.aggregated() {
+        match std::fs::read(&base_path) {
+            Ok(b) => Some(memtrack_reader::Checkpoint::decode(&b).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: not a checkpoint ({e}); remove it and {STATE_FILE} to start over",
+                    base_path.display()
+                )
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", base_path.display()))
+            }
+        }
+    } else {
+        None
+    };
     let every = Every {
         every_ns,
         first,
         until,
+        base,
     };
     let mut sym = r.symbolizer(&cap);
     let mut written: Vec<u64> = Vec::new();
@@ -150,6 +176,15 @@ pub(crate) fn export_every(
         r.note(format_args!(
             "memtrack: note: an aggregated capture has figures only at its checkpoints: an --every longer than run's --checkpoint-interval gives every interval one\n"
         ));
+    }
+    if let Some(b) = &outcome.base {
+        let tmp = dir.join(format!(
+            ".memtrack-every-{}-{}.base.tmp",
+            cap.header.pid, cap.header.start_unix_ns
+        ));
+        std::fs::write(&tmp, b.encode())
+            .and_then(|()| std::fs::rename(&tmp, &base_path))
+            .with_context(|| format!("cannot write {}", base_path.display()))?;
     }
     let entry = json!({
         "pid": cap.header.pid,

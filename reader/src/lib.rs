@@ -81,7 +81,8 @@ pub use follow::{
 };
 pub use mapped::{FileFigures, MappedSet};
 pub use memtrack_format::{
-    AllocKind, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module, ModulesRecord,
+    AllocKind, Checkpoint, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module,
+    ModulesRecord,
 };
 pub use periodic::{
     Every, ExactFigures, IntervalFigures, IntervalProfile, PeriodicOutcome, SampledFigures,

@@ -135,13 +135,17 @@ pub enum Until {
 }
 
 /// What to cut.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Every {
     /// The intervals' length, nanoseconds (more than 0).
     pub every_ns: u64,
     /// Intervals numbered below this one were written by an earlier run: not made again.
     pub first: u64,
     pub until: Until,
+    /// An aggregated capture: the checkpoint the earlier run's last profile counted to (its
+    /// [`PeriodicOutcome::base`]). What interval `first` allocated counts from it, even when
+    /// the tracker has compacted it away from the file since.
+    pub base: Option<Checkpoint>,
 }
 
 /// One interval's profile.
@@ -215,7 +219,7 @@ impl Skipped {
 }
 
 /// What [`Capture::periodic_profiles`] did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PeriodicOutcome {
     /// Profiles handed to the caller.
     pub written: u64,
@@ -230,6 +234,9 @@ pub struct PeriodicOutcome {
     /// The capture holds stack nodes but neither events nor a checkpoint: an aggregated
     /// capture before its first checkpoint. Nothing is cut (an empty profile would be wrong).
     pub no_checkpoint_yet: bool,
+    /// An aggregated capture: the checkpoint interval `next`'s allocations count from (None:
+    /// the start), for [`Every::base`] of the next run. Its series is left out.
+    pub base: Option<Checkpoint>,
 }
 
 /// The intervals as they close.
@@ -351,6 +358,8 @@ struct Checkpointed {
     cur: Option<Checkpoint>,
     /// The number of the last checkpoint read.
     last_number: Option<u64>,
+    /// The last checkpoint read was its image's final one: the next is another image's.
+    last_final: bool,
     /// Why the intervals closed before the next checkpoint have none: checkpoints missing
     /// before it (compacted), else none was written.
     gap: Option<SkipReason>,
@@ -485,7 +494,7 @@ impl Capture {
         };
         let mut c = Cutter {
             cap: self,
-            every,
+            every: every.clone(),
             sym,
             out,
             note: figures.note(),
@@ -562,6 +571,7 @@ impl Capture {
             corrupt_chunks: replayed.corrupt_chunks,
             skipped: c.skipped,
             no_checkpoint_yet: false,
+            base: None,
         })
     }
 
@@ -596,7 +606,7 @@ impl Capture {
         };
         let mut c = Cutter {
             cap: self,
-            every,
+            every: every.clone(),
             sym,
             out,
             note,
@@ -611,19 +621,35 @@ impl Capture {
             base: None,
             cur: None,
             last_number: None,
+            last_final: false,
             gap: None,
             new_image: false,
             folded_from: None,
         };
         let mut last_ns = 0u64;
+        // Resumed with the earlier run's base: intervals before `first` are done, and what
+        // they read may have been compacted away since.
+        let resume_ns = match &every.base {
+            Some(b) if every.first > 0 => {
+                st.base = Some(b.clone());
+                st.last_number = Some(b.number);
+                st.last_final = b.last;
+                c.k = every.first;
+                every.first.saturating_mul(every.every_ns)
+            }
+            _ => 0,
+        };
         for cp in self.checkpoints() {
             if c.error.is_some() {
                 break;
             }
             let t = cp.time.saturating_mul(unit);
             last_ns = last_ns.max(t);
+            if t < resume_ns {
+                continue;
+            }
             let expected = st.last_number.map_or(1, |n| n + 1);
-            let new_image = st.last_number.is_some_and(|n| cp.number <= n);
+            let new_image = st.last_final || st.last_number.is_some_and(|n| cp.number <= n);
             st.gap = (!new_image && cp.number > expected).then(|| SkipReason::Compacted {
                 first: expected,
                 last: cp.number - 1,
@@ -635,6 +661,7 @@ impl Capture {
             st.gap = None;
             st.new_image |= new_image;
             st.last_number = Some(cp.number);
+            st.last_final = cp.last;
             st.cur = Some(cp);
         }
         let mut finished = false;
@@ -665,6 +692,10 @@ impl Capture {
             corrupt_chunks,
             skipped: c.skipped,
             no_checkpoint_yet: false,
+            base: st.base.map(|mut b| {
+                b.series = Vec::new();
+                b
+            }),
         })
     }
 }
@@ -719,13 +750,19 @@ mod tests {
     }
 
     /// (interval, allocated, in use) of each profile, and the outcome.
-    fn cut(cap: &Capture, first: u64, until: Until) -> (Vec<(u64, u64, u64)>, PeriodicOutcome) {
+    fn cut(
+        cap: &Capture,
+        first: u64,
+        until: Until,
+        base: Option<Checkpoint>,
+    ) -> (Vec<(u64, u64, u64)>, PeriodicOutcome) {
         let mut sym = Symbolizer::new(cap);
         let mut got = Vec::new();
         let every = Every {
             every_ns: 200_000_000,
             first,
             until,
+            base,
         };
         let outcome = cap
             .periodic_profiles(every, &mut sym, |p| {
@@ -755,7 +792,7 @@ mod tests {
         assert!(cap.aggregated());
         let numbers: Vec<u64> = cap.checkpoints().map(|c| c.number).collect();
         assert_eq!(numbers, [1, 2, 3, 6, 1, 2]);
-        let (got, out) = cut(&cap, 0, Until::End);
+        let (got, out) = cut(&cap, 0, Until::End, None);
         assert_eq!(
             got,
             [
@@ -794,10 +831,10 @@ mod tests {
         assert_eq!(out.next, 8);
 
         // Resumed at interval 3: the same figures from there on, the skips from there on.
-        let (again, out) = cut(&cap, 3, Until::End);
+        let (again, out) = cut(&cap, 3, Until::End, None);
         assert_eq!(again, got[3..]);
         assert_eq!(out.skipped.len(), 2);
-        let (again, out) = cut(&cap, 6, Until::End);
+        let (again, out) = cut(&cap, 6, Until::End, None);
         assert_eq!(again, got[4..]);
         assert_eq!(out.skipped.len(), 1);
     }
@@ -808,10 +845,46 @@ mod tests {
         // The last record cut short: as if being written.
         let cap = capture("live", &h, 3);
         assert_eq!(cap.checkpoints().count(), h.len() - 1);
-        let (got, out) = cut(&cap, 0, Until::Before(u64::MAX));
+        let (got, out) = cut(&cap, 0, Until::Before(u64::MAX), None);
         // Interval 6 holds the last complete checkpoint: it may get more.
         assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), [0, 1, 2, 5]);
         assert_eq!(out.next, 6);
         assert!(!out.finished);
+    }
+
+    #[test]
+    fn a_resumed_run_counts_from_the_earlier_runs_base_when_it_was_compacted_away() {
+        let run1 = capture(
+            "before",
+            &[
+                cp(1, 150, 100, 100),
+                cp(2, 350, 300, 200),
+                cp(3, 420, 350, 150),
+            ],
+            0,
+        );
+        let (got, out) = cut(&run1, 0, Until::Before(u64::MAX), None);
+        assert_eq!(got, [(0, 100, 100), (1, 200, 200)]);
+        assert_eq!(out.next, 2);
+        let base = out.base.clone().expect("a base");
+        assert_eq!(base.number, 2);
+        // The tracker compacted checkpoints 1 to 4 away since.
+        let run2 = capture("after", &[cp(5, 650, 500, 120), cp(6, 850, 560, 100)], 0);
+        let (got, out) = cut(&run2, 2, Until::End, Some(base));
+        // Interval 2 had checkpoint 3 (gone): none; interval 3 counts from checkpoint 2.
+        assert_eq!(got, [(3, 200, 120), (4, 60, 100)]);
+        assert_eq!(
+            out.skipped,
+            [Skipped {
+                first: 2,
+                last: 2,
+                reason: SkipReason::Compacted { first: 3, last: 4 },
+                folded_into: Some(3),
+            }]
+        );
+        // Without the base, interval 3 would count from the start: no base, no overlap with
+        // the earlier run's profiles is what the base is for.
+        let (got, _) = cut(&run2, 2, Until::End, None);
+        assert_eq!(got[0], (3, 500, 120));
     }
 }

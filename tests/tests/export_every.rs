@@ -847,6 +847,14 @@ fn an_aggregated_capture_being_written_is_exported_in_steps() {
         .collect();
     assert_eq!(early.len(), n1);
     assert_eq!(state(&dir)["captures"][0]["next"], n1 as u64);
+    // The checkpoint the next run counts from, kept in case the tracker compacts it away.
+    let pid = child.0.id();
+    let base = dir.join(format!(
+        ".memtrack-every-{pid}-{}.base",
+        open_capture(&capture).header.start_unix_ns
+    ));
+    let b = memtrack_format::Checkpoint::decode(&std::fs::read(&base).unwrap()).unwrap();
+    assert!(b.number >= 2 && !b.last, "{b:?}");
 
     std::fs::write(format!("{}.go", signal.display()), b"").unwrap();
     assert!(child.0.wait().unwrap().success());
