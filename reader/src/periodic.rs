@@ -363,8 +363,11 @@ struct Checkpointed {
     /// Why the intervals closed before the next checkpoint have none: checkpoints missing
     /// before it (compacted), else none was written.
     gap: Option<SkipReason>,
-    /// A new image began in the open interval.
+    /// A new image began in the open interval without its predecessor's final checkpoint.
     new_image: bool,
+    /// Per stack, allocated by earlier images (exec) since `base`, up to their final
+    /// checkpoints: the new image's totals count from 0 again.
+    carry: HashMap<u32, (u64, u64)>,
     /// The first interval since `base` skipped with no checkpoint (its allocations are
     /// counted in the next profile).
     folded_from: Option<u64>,
@@ -389,6 +392,7 @@ impl Checkpointed {
             self.new_image = false;
             self.base = self.cur.take();
             self.folded_from = None;
+            self.carry.clear();
             cut.skip(SkipReason::NewImage);
             return;
         }
@@ -419,7 +423,28 @@ impl Checkpointed {
             cp.number,
             self.seconds(&cp)
         );
-        let values = checkpoint_values(&cp, self.base.as_ref());
+        let mut values = checkpoint_values(&cp, self.base.as_ref());
+        let extra = if self.carry.is_empty() {
+            extra
+        } else {
+            for v in &mut values {
+                if let Some((bytes, count)) = self.carry.remove(&v.stack) {
+                    v.alloc_space += bytes;
+                    v.alloc_objects += count;
+                }
+            }
+            values.extend(
+                self.carry
+                    .drain()
+                    .map(|(stack, (bytes, count))| StackValues {
+                        stack,
+                        alloc_space: bytes,
+                        alloc_objects: count,
+                        ..Default::default()
+                    }),
+            );
+            extra + ", and by the image before an exec up to its final checkpoint"
+        };
         cut.emit(stacks, values, until, &extra);
         self.base = Some(cp);
     }
@@ -624,6 +649,7 @@ impl Capture {
             last_final: false,
             gap: None,
             new_image: false,
+            carry: HashMap::new(),
             folded_from: None,
         };
         let mut last_ns = 0u64;
@@ -659,7 +685,20 @@ impl Capture {
                 st.close(&mut c, &stacks, end);
             }
             st.gap = None;
-            st.new_image |= new_image;
+            if new_image && st.last_final {
+                // The old image's final checkpoint holds all it allocated: what it did since
+                // `base` is carried over, and the new image counts from its start.
+                if let Some(old) = st.cur.take() {
+                    for v in checkpoint_values(&old, st.base.as_ref()) {
+                        let e = st.carry.entry(v.stack).or_default();
+                        e.0 += v.alloc_space;
+                        e.1 += v.alloc_objects;
+                    }
+                }
+                st.base = None;
+            } else {
+                st.new_image |= new_image;
+            }
             st.last_number = Some(cp.number);
             st.last_final = cp.last;
             st.cur = Some(cp);
@@ -886,5 +925,26 @@ mod tests {
         // the earlier run's profiles is what the base is for.
         let (got, _) = cut(&run2, 2, Until::End, None);
         assert_eq!(got[0], (3, 500, 120));
+    }
+
+    #[test]
+    fn an_exec_with_the_old_images_final_checkpoint_is_counted_across() {
+        let mut fin = cp(3, 420, 350, 150);
+        fin.last = true;
+        let cps = [
+            cp(1, 150, 100, 100),
+            cp(2, 250, 300, 200),
+            fin,
+            cp(1, 480, 40, 40),
+            cp(2, 650, 70, 30),
+        ];
+        let cap = capture("exec", &cps, 0);
+        let (got, out) = cut(&cap, 0, Until::End, None);
+        // Interval 2: 50 by the first image after checkpoint 2, 40 by the second.
+        assert_eq!(
+            got,
+            [(0, 100, 100), (1, 200, 200), (2, 90, 40), (3, 30, 30)]
+        );
+        assert!(out.skipped.is_empty());
     }
 }
