@@ -5,11 +5,14 @@
 //! State: `DIR/.memtrack-every.json` holds one entry per capture (pid and start time, so a
 //! new run of the same program is another capture), with its interval length and the next
 //! interval to write. A profile file already there is never written again (a run cut off
-//! before it saved its state leaves files the next run keeps).
+//! before it saved its state leaves files the next run keeps). For an aggregated capture,
+//! `DIR/.memtrack-every-PID-START.base` holds the checkpoint the next interval's allocations
+//! count from (an encoded `CHECKPOINT` payload): the tracker may compact it out of the capture
+//! before the next run.
 
 use anyhow::{bail, Context, Result};
 use memtrack_reader::report::Reporter;
-use memtrack_reader::{Capture, Every, ExactFigures, Until};
+use memtrack_reader::{Capture, Every, Until};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
@@ -86,15 +89,38 @@ pub(crate) fn export_every(
                 .saturating_sub(memtrack_reader::SETTLE_NS),
         )
     };
+    // An aggregated capture's base: what the next interval's allocations count from, kept
+    // beside the state because the tracker may compact that checkpoint away from the capture.
+    let base_path = dir.join(format!(
+        ".memtrack-every-{}-{}.base",
+        cap.header.pid, cap.header.start_unix_ns
+    ));
+    let base = if first > 0 && cap.aggregated() {
+        match std::fs::read(&base_path) {
+            Ok(b) => Some(memtrack_reader::Checkpoint::decode(&b).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: not a checkpoint ({e}); remove it and {STATE_FILE} to start over",
+                    base_path.display()
+                )
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", base_path.display()))
+            }
+        }
+    } else {
+        None
+    };
     let every = Every {
         every_ns,
         first,
         until,
+        base,
     };
     let mut sym = r.symbolizer(&cap);
     let mut written: Vec<u64> = Vec::new();
     let mut kept = 0u64;
-    let outcome = cap.periodic_profiles(every, &mut ExactFigures::default(), &mut sym, |p| {
+    let outcome = cap.periodic_profiles(every, &mut sym, |p| {
         let name = format!(
             "{stem}-{}.pb.gz",
             utc_stamp(p.time.start_unix_ns, every_ns < 1_000_000_000)
@@ -110,8 +136,9 @@ pub(crate) fn export_every(
         std::fs::rename(&tmp, &path)?;
         written.push(p.index);
         r.note(format_args!(
-            "memtrack: wrote {} (in use {}, allocated {})\n",
+            "memtrack: wrote {} ({}in use {}, allocated {})\n",
             path.display(),
+            if p.estimated { "estimated: " } else { "" },
             memtrack_reader::human_bytes(p.inuse_bytes),
             memtrack_reader::human_bytes(p.alloc_bytes)
         ));
@@ -119,6 +146,46 @@ pub(crate) fn export_every(
     });
     let outcome = outcome.with_context(|| format!("cannot write into {}", dir.display()))?;
     r.warn(&sym.warnings);
+    if outcome.no_checkpoint_yet {
+        r.note(format_args!(
+            "memtrack: note: {}: an aggregated capture with no checkpoint yet (one is written every --checkpoint-interval of memtrack run): no profile until there is one; run again later\n",
+            file.display()
+        ));
+    }
+    // A week's run may skip thousands: the first ones, then a count.
+    const SHOWN: usize = 20;
+    for s in outcome.skipped.iter().take(SHOWN) {
+        r.note(format_args!("memtrack: note: {}\n", s.text()));
+    }
+    if outcome.skipped.len() > SHOWN {
+        let more: u64 = outcome.skipped[SHOWN..]
+            .iter()
+            .map(|s| s.last - s.first + 1)
+            .sum();
+        r.note(format_args!(
+            "memtrack: note: {more} more interval{} after interval {} have no profile, for the same reasons\n",
+            if more == 1 { "" } else { "s" },
+            outcome.skipped[SHOWN - 1].last
+        ));
+    }
+    if outcome
+        .skipped
+        .iter()
+        .any(|s| s.reason == memtrack_reader::SkipReason::NoCheckpoint)
+    {
+        r.note(format_args!(
+            "memtrack: note: an aggregated capture has figures only at its checkpoints: an --every longer than run's --checkpoint-interval gives every interval one\n"
+        ));
+    }
+    if let Some(b) = &outcome.base {
+        let tmp = dir.join(format!(
+            ".memtrack-every-{}-{}.base.tmp",
+            cap.header.pid, cap.header.start_unix_ns
+        ));
+        std::fs::write(&tmp, b.encode())
+            .and_then(|()| std::fs::rename(&tmp, &base_path))
+            .with_context(|| format!("cannot write {}", base_path.display()))?;
+    }
     let entry = json!({
         "pid": cap.header.pid,
         "start_unix_ns": cap.header.start_unix_ns,
@@ -143,6 +210,7 @@ pub(crate) fn export_every(
         (Some(a), Some(b)) => format!("{} profiles (intervals {a} to {b})", written.len()),
         _ => "no new profile".to_string(),
     };
+    let unprofiled: u64 = outcome.skipped.iter().map(|s| s.last - s.first + 1).sum();
     let rest = if outcome.finished {
         format!(
             "the capture is finished: {} interval{} in all",
@@ -154,6 +222,14 @@ pub(crate) fn export_every(
             "the capture is still being written: run again for the intervals from {} on",
             outcome.next
         )
+    };
+    let rest = if unprofiled > 0 {
+        format!(
+            "{rest} ({unprofiled} interval{} of this run without a profile: see the notes above)",
+            if unprofiled == 1 { "" } else { "s" }
+        )
+    } else {
+        rest
     };
     r.note(format_args!(
         "memtrack: {what} every {} written to {}{kept_text}; {rest}\n",

@@ -106,9 +106,48 @@ pub struct Capture {
     /// The last complete `CHECKPOINT` of an aggregated capture (`memtrack run --aggregate`):
     /// its figures stand for the events it does not hold.
     pub checkpoint: Option<memtrack_format::Checkpoint>,
+    /// Every complete `CHECKPOINT` record that decoded, in file order: (payload offset, length).
+    /// [`Capture::checkpoints`] reads them one at a time.
+    checkpoint_at: Vec<(usize, usize)>,
     /// The final checkpoints of the images before the last one (an aggregated capture that
     /// went through `exec`).
     pub image_checkpoints: Vec<memtrack_format::Checkpoint>,
+}
+
+/// The iterator of [`Capture::checkpoints`].
+pub struct Checkpoints<'a> {
+    cap: &'a Capture,
+    next: usize,
+    /// Opened when a record lies beyond the mapping (a capture indexed without one).
+    file: Option<File>,
+}
+
+impl Iterator for Checkpoints<'_> {
+    type Item = memtrack_format::Checkpoint;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::os::unix::fs::FileExt;
+        loop {
+            let &(off, len) = self.cap.checkpoint_at.get(self.next)?;
+            self.next += 1;
+            let data = self.cap.data();
+            let decoded = if off.checked_add(len).is_some_and(|e| e <= data.len()) {
+                memtrack_format::Checkpoint::decode(&data[off..off + len]).ok()
+            } else {
+                if self.file.is_none() {
+                    self.file = File::open(&self.cap.path).ok();
+                }
+                let f = self.file.as_ref()?;
+                let mut buf = vec![0u8; len];
+                f.read_exact_at(&mut buf, off as u64)
+                    .ok()
+                    .and_then(|()| memtrack_format::Checkpoint::decode(&buf).ok())
+            };
+            if let Some(c) = decoded {
+                return Some(c);
+            }
+        }
+    }
 }
 
 /// One event, in global order.
@@ -186,6 +225,7 @@ impl Capture {
             sampling: None,
             rss: Vec::new(),
             checkpoint: None,
+            checkpoint_at: Vec::new(),
             image_checkpoints: Vec::new(),
             min_offset_from: Vec::new(),
             progress: Default::default(),
@@ -365,6 +405,7 @@ impl Capture {
                                 self.image_checkpoints.push(prev);
                             }
                             self.checkpoint = Some(c);
+                            self.checkpoint_at.push((payload_off, plen as usize));
                         }
                         Err(e) => self.warnings.push(bad(e)),
                     }
@@ -399,6 +440,19 @@ impl Capture {
             off = end;
         }
         (off, None)
+    }
+
+    /// Every checkpoint of an aggregated capture, oldest first, decoded one at a time as the
+    /// iterator goes (a long run holds many; only one is in memory at once). Only complete
+    /// records are indexed, so a capture still being written gives the checkpoints written
+    /// so far. A record that cannot be read again is left out (its index-time error is a
+    /// warning already).
+    pub fn checkpoints(&self) -> Checkpoints<'_> {
+        Checkpoints {
+            cap: self,
+            next: 0,
+            file: None,
+        }
     }
 
     /// Mean bytes between samples when the capture is sampled (its heap figures are then

@@ -68,7 +68,7 @@ mod tree;
 mod views;
 mod window;
 
-pub use capture::{Capture, ChunkRef, Event, ReadError, Warning};
+pub use capture::{Capture, Checkpoints, ChunkRef, Event, ReadError, Warning};
 pub use check::{Budget, Contributor, LimitResult, ProcessShare};
 pub use diff::{Diff, DiffRow, DiffSampling, DiffSide, DiffStack};
 pub use export::JsonExport;
@@ -81,9 +81,13 @@ pub use follow::{
 };
 pub use mapped::{FileFigures, MappedSet};
 pub use memtrack_format::{
-    AllocKind, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module, ModulesRecord,
+    AllocKind, Checkpoint, ColumnEncoding, DroppedProcess, EndReason, EventKind, Header, Module,
+    ModulesRecord,
 };
-pub use periodic::{Every, ExactFigures, IntervalFigures, IntervalProfile, PeriodicOutcome, Until};
+pub use periodic::{
+    Every, ExactFigures, IntervalFigures, IntervalProfile, PeriodicOutcome, SampledFigures,
+    SkipReason, Skipped, Until,
+};
 pub use plot::Plot;
 pub use regions::{Occurrence, RegionBudget, RegionFigures, RegionSort, Regions};
 pub use replay::{Replay, Replayed, SiteTotal, Summary};

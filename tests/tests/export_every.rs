@@ -20,6 +20,8 @@ struct Profile {
     duration_nanos: u64,
     period_type: String,
     by_leaf: Figures,
+    /// The profile's comments (`comment`, string indices resolved).
+    comments: Vec<String>,
 }
 
 fn varint(b: &[u8], i: &mut usize) -> u64 {
@@ -108,6 +110,7 @@ fn decode(path: &Path) -> Profile {
     let mut types = Vec::new();
     let mut samples = Vec::new();
     let (mut time_nanos, mut duration_nanos, mut period_type) = (0, 0, String::new());
+    let mut comments = Vec::new();
     for (n, f) in &top {
         match n {
             1 => {
@@ -146,6 +149,7 @@ fn decode(path: &Path) -> Profile {
                 function_name.insert(id, strings[name as usize].clone());
             }
             9 => time_nanos = int(f),
+            13 => comments.extend(packed(f).into_iter().map(|i| strings[i as usize].clone())),
             10 => duration_nanos = int(f),
             11 => {
                 let vt = sub(f);
@@ -175,6 +179,7 @@ fn decode(path: &Path) -> Profile {
         duration_nanos,
         period_type,
         by_leaf,
+        comments,
     }
 }
 
@@ -506,4 +511,440 @@ fn bad_every_arguments_are_errors_with_exit_2() {
     ]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("none.cap"), "{err}");
+}
+
+/// `every.c`'s heap events in order, by leaf function: (function, bytes allocated, or the
+/// allocation a free releases as a negative index into this list).
+const EVERY_EVENTS: [(&str, i64); 11] = [
+    ("keep_a", 100_000),
+    ("temp_b", 200_000),
+    ("temp_b", -1),
+    ("alloc_c", 30_000),
+    ("alloc_c", 30_000),
+    ("alloc_c", 30_000),
+    ("alloc_c", -5), // c[2]
+    ("alloc_c", -3), // c[0]
+    ("alloc_c", -4), // c[1]
+    ("temp_d", 5_000),
+    ("temp_d", -9),
+];
+
+/// The state after each prefix of `every.c`'s events (0 to 11 of them), as one profile's
+/// figures would give it: allocated since the start, in use then. Stacks with nothing are
+/// left out, as profiles leave them out.
+fn every_prefix_states() -> Vec<Figures> {
+    let mut states = vec![Figures::new()];
+    let mut fig = Figures::new();
+    for (i, &(f, v)) in EVERY_EVENTS.iter().enumerate() {
+        let e = fig.entry(f.to_string()).or_default();
+        if v > 0 {
+            e[0] += 1;
+            e[1] += v as u64;
+            e[2] += 1;
+            e[3] += v as u64;
+        } else {
+            let size = EVERY_EVENTS[(-v) as usize].1 as u64;
+            assert!((-v) < i as i64);
+            e[2] -= 1;
+            e[3] -= size;
+        }
+        states.push(fig.clone());
+    }
+    states
+}
+
+/// Checks that the profiles `files` (in time order) of an aggregated capture of `every.c`
+/// are exact: each one's in-use figures and its allocations added to those of the profiles
+/// before it are the state after some prefix of the program's events, the prefixes grow, and
+/// the last one is the whole program (its allocated sums are the program's totals, its in-use
+/// the leak). Returns the prefix length of each.
+fn check_exact_prefixes(files: &[PathBuf]) -> Vec<usize> {
+    let states = every_prefix_states();
+    let mut allocated = Figures::new();
+    let mut seen = Vec::new();
+    for path in files {
+        let p = decode(path);
+        let mut state = Figures::new();
+        for (f, v) in &p.by_leaf {
+            let a = allocated.entry(f.clone()).or_default();
+            a[0] += v[0];
+            a[1] += v[1];
+        }
+        for (f, a) in &allocated {
+            let inuse = p.by_leaf.get(f).map_or([0, 0], |v| [v[2], v[3]]);
+            state.insert(f.clone(), [a[0], a[1], inuse[0], inuse[1]]);
+        }
+        for (f, v) in &p.by_leaf {
+            state.entry(f.clone()).or_insert([0, 0, v[2], v[3]]);
+        }
+        state.retain(|_, v| v.iter().any(|&x| x > 0));
+        let n = states.iter().position(|s| *s == state).unwrap_or_else(|| {
+            panic!(
+                "{}: allocated so far and in use {state:?} is no state of the program",
+                path.display()
+            )
+        });
+        assert!(
+            seen.last().is_none_or(|&m| m <= n),
+            "{}: state {n} after {seen:?}",
+            path.display()
+        );
+        assert!(
+            p.comments
+                .iter()
+                .any(|c| c.contains("aggregated capture: in use at checkpoint")),
+            "{:?}",
+            p.comments
+        );
+        seen.push(n);
+    }
+    assert_eq!(seen.last(), Some(&EVERY_EVENTS.len()), "{seen:?}");
+    // The program's totals, and its leak in the last profile.
+    assert_eq!(
+        allocated,
+        figures(&[
+            ("keep_a", [1, 100000, 0, 0]),
+            ("temp_b", [1, 200000, 0, 0]),
+            ("alloc_c", [3, 90000, 0, 0]),
+            ("temp_d", [1, 5000, 0, 0]),
+        ])
+    );
+    let last = decode(files.last().unwrap());
+    let inuse: Vec<_> = last
+        .by_leaf
+        .iter()
+        .filter(|(_, v)| v[2] > 0 || v[3] > 0)
+        .map(|(f, v)| (f.as_str(), v[2], v[3]))
+        .collect();
+    assert_eq!(inuse, [("keep_a", 1, 100000)]);
+    seen
+}
+
+fn export_every_ms(capture: &Path, dir: &Path, every: &str) -> std::process::Output {
+    memtrack_ok(|c| {
+        c.arg("export")
+            .arg(capture)
+            .args(["--format", "pprof", "--every", every, "-o"])
+            .arg(dir);
+    })
+}
+
+/// `memtrack run --aggregate --checkpoint-interval 200ms`.
+fn run_aggregated(work: &Work, name: &str, exe: &Path) -> PathBuf {
+    let capture = work.path(name);
+    let out = Command::new(&binaries().memtrack)
+        .args([
+            "run",
+            "--aggregate",
+            "--checkpoint-interval",
+            "200ms",
+            "--force",
+            "-o",
+        ])
+        .arg(&capture)
+        .arg("--")
+        .arg(exe)
+        .current_dir(work.dir())
+        .env_remove("MEMTRACK_SAMPLE_RATE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    capture
+}
+
+/// Interval numbers written (from the profiles' names) and those said to have no profile
+/// (from the notes): together, every interval once.
+fn intervals_accounted(capture: &Path, dir: &Path, stem: &str, err: &str, every_ns: u64) {
+    let start = open_capture(capture).header.start_unix_ns;
+    let mut k_of: HashMap<String, u64> = HashMap::new();
+    for k in 0..200u64 {
+        k_of.insert(format!("{stem}-{}.pb.gz", stamp(start + k * every_ns)), k);
+    }
+    let mut ks: Vec<u64> = profiles_in(dir)
+        .iter()
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            *k_of
+                .get(&name)
+                .unwrap_or_else(|| panic!("{name}: no interval's name"))
+        })
+        .collect();
+    for line in err
+        .lines()
+        .filter(|l| l.starts_with("memtrack: note: interval"))
+    {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let n = |w: &str| w.parse::<u64>().unwrap();
+        if words[2] == "interval" {
+            ks.push(n(words[3]));
+        } else {
+            ks.extend(n(words[3])..=n(words[5]));
+        }
+    }
+    ks.sort();
+    let all: Vec<u64> = (0..ks.len() as u64).collect();
+    assert_eq!(ks, all, "{err}");
+}
+
+/// An aggregated capture: profiles from its checkpoints, exact per function; an interval with
+/// no checkpoint of its own is said to have no profile, its allocations counted in the next.
+#[test]
+fn an_aggregated_capture_gives_exact_profiles_from_its_checkpoints() {
+    let work = Work::new("every-agg");
+    let exe = work.compile("every.c");
+    let capture = run_aggregated(&work, "a.cap", &exe);
+    assert!(open_capture(&capture).aggregated());
+
+    // 500 ms: two or more checkpoints in every interval, a profile for each.
+    let dir = work.path("p500");
+    let out = export_every_ms(&capture, &dir, "500ms");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!err.contains("no profile"), "{err}");
+    assert!(!err.contains("estimated"), "{err}");
+    let files = profiles_in(&dir);
+    assert_eq!(files.len(), 4, "{err}");
+    assert_eq!(wrote_lines(&out), 4);
+    let seen = check_exact_prefixes(&files);
+    // The first phase is at 0.25 s: in interval 0 or (written late) 1; both ends exact.
+    assert!(seen[0] == 0 || seen[0] == 2, "{seen:?}");
+    check_profiles_named(&capture, &dir, "a", 4);
+
+    // 100 ms: checkpoints every 200 ms leave intervals without one: no profile, said so, and
+    // what they allocated is in the next profile (the sums stay the program's).
+    let dir = work.path("p100");
+    let out = export_every_ms(&capture, &dir, "100ms");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        err.contains("no profile: no checkpoint was written in")
+            && err.contains("is counted in interval"),
+        "{err}"
+    );
+    let files = profiles_in(&dir);
+    assert!(files.len() >= 6, "{err}");
+    check_exact_prefixes(&files);
+    intervals_accounted(&capture, &dir, "a", &err, 100_000_000);
+
+    // Rerun: nothing new.
+    let again = export_every_ms(&capture, &dir, "100ms");
+    assert_eq!(wrote_lines(&again), 0);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no new interval"));
+}
+
+/// Profile names are the intervals' starts, in order from 0.
+fn check_profiles_named(capture: &Path, dir: &Path, stem: &str, n: u64) {
+    let start = open_capture(capture).header.start_unix_ns;
+    let names: Vec<String> = profiles_in(dir)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let want: Vec<String> = (0..n)
+        .map(|k| format!("{stem}-{}.pb.gz", stamp(start + k * EVERY_NS)))
+        .collect();
+    assert_eq!(names, want);
+}
+
+/// Checkpoints gone from the capture (as compaction will leave it): the intervals they were
+/// in have no profile, said so with the reason, and no figure is made up for them.
+#[test]
+fn compacted_checkpoints_leave_intervals_skipped_with_the_reason() {
+    let work = Work::new("every-agg-compact");
+    let exe = work.compile("every.c");
+    let capture = run_aggregated(&work, "full.cap", &exe);
+    let data = std::fs::read(&capture).unwrap();
+    // Drops the CHECKPOINT records written from 0.5 s to 1.5 s after the start.
+    let (h, mut off) = memtrack_format::Header::decode(&data).unwrap();
+    let unit = h.clock_unit_ns.max(1);
+    let mut kept = data[..off].to_vec();
+    let mut dropped = Vec::new();
+    while let memtrack_format::Next::Record(r) = memtrack_format::next_record(&data, off) {
+        let end = r.payload.as_ptr() as usize - data.as_ptr() as usize + r.payload.len();
+        let drop = r.kind == memtrack_format::record::CHECKPOINT && {
+            let c = memtrack_format::Checkpoint::decode(r.payload).unwrap();
+            let t = c.time * unit;
+            let gone = (500_000_000..1_500_000_000).contains(&t);
+            if gone {
+                dropped.push(c.number);
+            }
+            gone
+        };
+        if !drop {
+            kept.extend_from_slice(&data[r.offset..end]);
+        }
+        off = end;
+    }
+    assert!(dropped.len() >= 4, "{dropped:?}");
+    let compacted = work.path("c.cap");
+    std::fs::write(&compacted, &kept).unwrap();
+    let n_cp = open_capture(&compacted).checkpoints().count();
+    let n_full = open_capture(&capture).checkpoints().count();
+    assert_eq!(n_cp + dropped.len(), n_full);
+
+    let dir = work.path("p");
+    let out = export_every_ms(&compacted, &dir, "500ms");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    // Intervals 1 and 2 (0.5 s to 1.5 s) had only the dropped checkpoints.
+    let want = format!(
+        "memtrack: note: intervals 1 to 2 have no profile: checkpoints {} to {} are no longer in the capture (compacted); what was allocated in them is counted in interval 3's profile",
+        dropped[0],
+        dropped[dropped.len() - 1]
+    );
+    assert!(err.contains(&want), "{err}");
+    let files = profiles_in(&dir);
+    assert_eq!(files.len(), 2, "{err}");
+    check_exact_prefixes(&files);
+    intervals_accounted(&compacted, &dir, "c", &err, EVERY_NS);
+    let last = decode(&files[1]);
+    assert!(
+        last.comments
+            .iter()
+            .any(|c| c.contains("intervals 1 to 2 having no checkpoint of their own")),
+        "{:?}",
+        last.comments
+    );
+}
+
+/// An aggregated capture exported while written: only intervals a later checkpoint closed;
+/// a rerun after the end writes only the rest, and all of them are exact.
+#[test]
+fn an_aggregated_capture_being_written_is_exported_in_steps() {
+    let work = Work::new("every-agg-live");
+    let exe = work.compile("every.c");
+    let capture = work.path("w.cap");
+    let signal = work.path("sig");
+    let dir = work.path("profiles");
+    let mut child = KillOnDrop(
+        shim_command(&exe, &capture)
+            .arg(&signal)
+            .env("MEMTRACK_AGGREGATE", "1")
+            .env("MEMTRACK_CHECKPOINT_INTERVAL", "200")
+            .env_remove("MEMTRACK_SAMPLE_RATE")
+            .spawn()
+            .expect("start every"),
+    );
+    let ready = PathBuf::from(format!("{}.ready", signal.display()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "every.c never got ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(1300));
+    let first = export_every(&capture, &dir);
+    let err = String::from_utf8_lossy(&first.stderr).into_owned();
+    assert!(child.0.try_wait().unwrap().is_none());
+    assert!(err.contains("the capture is still being written"), "{err}");
+    let n1 = wrote_lines(&first);
+    assert!(n1 >= 2, "{err}");
+    let early: Vec<(PathBuf, Vec<u8>)> = profiles_in(&dir)
+        .into_iter()
+        .map(|p| {
+            let b = std::fs::read(&p).unwrap();
+            (p, b)
+        })
+        .collect();
+    assert_eq!(early.len(), n1);
+    assert_eq!(state(&dir)["captures"][0]["next"], n1 as u64);
+    // The checkpoint the next run counts from, kept in case the tracker compacts it away.
+    let pid = child.0.id();
+    let base = dir.join(format!(
+        ".memtrack-every-{pid}-{}.base",
+        open_capture(&capture).header.start_unix_ns
+    ));
+    let b = memtrack_format::Checkpoint::decode(&std::fs::read(&base).unwrap()).unwrap();
+    assert!(b.number >= 2 && !b.last, "{b:?}");
+
+    std::fs::write(format!("{}.go", signal.display()), b"").unwrap();
+    assert!(child.0.wait().unwrap().success());
+    let second = export_every(&capture, &dir);
+    let err = String::from_utf8_lossy(&second.stderr).into_owned();
+    assert!(err.contains("the capture is finished"), "{err}");
+    let all = profiles_in(&dir);
+    assert_eq!(wrote_lines(&second), all.len() - n1, "{err}");
+    for (p, b) in &early {
+        assert_eq!(&std::fs::read(p).unwrap(), b, "{} rewritten", p.display());
+    }
+    check_exact_prefixes(&all);
+    intervals_accounted(&capture, &dir, "w", &err, EVERY_NS);
+}
+
+/// A sampled capture: the profiles hold weighted estimates and say so; the last one's in-use
+/// is the summary's leak estimate, within 4 standard errors of the truth; the allocations of
+/// all the profiles sum to the summary's estimate of the total.
+#[test]
+fn a_sampled_capture_gives_profiles_of_estimates() {
+    let work = Work::new("every-sampled");
+    let exe = work.compile("sample_mix.c");
+    let capture = work.path("s.cap");
+    let out = Command::new(&binaries().memtrack)
+        .args([
+            "run",
+            "--sample-rate",
+            "512KiB",
+            "--sample-seed",
+            "3",
+            "--force",
+            "-o",
+        ])
+        .arg(&capture)
+        .arg("--")
+        .arg(&exe)
+        .current_dir(work.dir())
+        .env_remove("MEMTRACK_SAMPLE_RATE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let full = run_traced_ok(&work, "f.cap", &exe, &[] as &[&str]);
+    let truth = summary_json(&full.capture);
+    let j = summary_json(&capture);
+    assert!(json_bool(&j, "sampled"), "{j}");
+
+    let dir = work.path("p");
+    let out = export_every_ms(&capture, &dir, "20ms");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let wrote: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("memtrack: wrote "))
+        .collect();
+    assert!(!wrote.is_empty(), "{err}");
+    assert!(
+        wrote.iter().all(|l| l.contains("(estimated: in use ")),
+        "{err}"
+    );
+    let files = profiles_in(&dir);
+    assert_eq!(files.len(), wrote.len());
+    let (mut alloc_bytes, mut alloc_n) = (0u64, 0u64);
+    for f in &files {
+        let p = decode(f);
+        assert!(
+            p.comments.iter().any(|c| c
+                .contains("values are ESTIMATES from allocations sampled at one per 524288 bytes")),
+            "{:?}",
+            p.comments
+        );
+        alloc_n += p.by_leaf.values().map(|v| v[0]).sum::<u64>();
+        alloc_bytes += p.by_leaf.values().map(|v| v[1]).sum::<u64>();
+    }
+    let last = decode(files.last().unwrap());
+    let inuse: u64 = last.by_leaf.values().map(|v| v[3]).sum();
+    assert_eq!(inuse, json_u64(&j, "leaked_bytes"), "{j}");
+    let (truth_leak, se) = (
+        json_u64(&truth, "leaked_bytes") as f64,
+        json_u64(&j, "leaked_stderr_bytes") as f64,
+    );
+    assert!(se > 0.0);
+    assert!(
+        (inuse as f64 - truth_leak).abs() <= 4.0 * se,
+        "in use at the end {inuse} ± {se}, truth {truth_leak}"
+    );
+    assert_eq!(alloc_bytes, json_u64(&j, "total_bytes"), "{j}");
+    assert_eq!(alloc_n, json_u64(&j, "total_allocations"), "{j}");
+    // Every allocation recorded stands for at least itself: never below what was sampled.
+    assert!(alloc_bytes >= json_u64(&truth, "total_bytes") / 2);
 }
