@@ -419,3 +419,40 @@ fn sampled_aggregated_equals_sampled_events() {
     assert_eq!(big.2, 1);
     assert!(big.1.abs_diff(64 << 20) < 64, "{}", big.1);
 }
+
+/// Eight threads freeing each other's blocks: the aggregator applies the threads' chunks in
+/// sequence order, so no free comes before its allocation and every block balances, as in a
+/// full capture (stress.c's truth: 8 x 300,000 calls, the bytes it prints, nothing left).
+#[test]
+fn cross_thread_frees_balance_aggregated() {
+    let work = Work::new("aggregate_xfree");
+    let exe = work.compile("stress.c");
+    let out = run_ok(run_cmd(
+        &work,
+        "x.cap",
+        &["--aggregate", "--checkpoint-interval", "100ms"],
+        &exe,
+        &["xfree", "300000"],
+    ));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let bytes: u64 = said
+        .split_whitespace()
+        .skip_while(|w| *w != "allocated")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("fixture said {said:?}"));
+    let s = summary_json(&work.path("x.cap"));
+    assert_eq!(json_u64(&s, "unmatched_frees"), 0, "{s}");
+    let stress_alloc = table(&work.path("x.cap"), "--allocated")
+        .into_iter()
+        .filter(|r| r.0.iter().any(|f| f.starts_with("stress_alloc")))
+        .fold((0, 0), |a, r| (a.0 + r.1, a.1 + r.2));
+    assert_eq!(stress_alloc, (bytes, 8 * 300_000));
+    let leaks = table(&work.path("x.cap"), "--leaks");
+    assert!(
+        leaks
+            .iter()
+            .all(|r| !r.0.iter().any(|f| f.starts_with("stress_alloc"))),
+        "{leaks:?}"
+    );
+}

@@ -9,8 +9,7 @@ use memtrack_format::{
     sampling, Checkpoint, ChunkHeader, Cursor, EventKind, Item, SeriesPoint, StackFigures,
     StreamDecoder, StreamEncoder,
 };
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{HashMap, VecDeque};
 
 /// A gap in the sequence older than this (clock units: µs) is a number no event will take.
 const SETTLE_US: u64 = 2_000_000;
@@ -32,33 +31,24 @@ struct Site {
 struct Pending {
     seq: u64,
     time: u64,
-    arrived: u64,
     tid: u32,
     kind: EventKind,
 }
 
-impl PartialEq for Pending {
-    fn eq(&self, o: &Self) -> bool {
-        self.seq == o.seq
-    }
-}
-impl Eq for Pending {}
-impl PartialOrd for Pending {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-impl Ord for Pending {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        self.seq.cmp(&o.seq)
-    }
+/// The events of one chunk not applied yet, in sequence order (a thread numbers its events
+/// as it makes them), and when the chunk arrived.
+struct Run {
+    events: std::collections::VecDeque<Pending>,
+    arrived: u64,
 }
 
 /// The aggregator's state.
 pub(crate) struct Aggregator {
     rate: u64,
     next_seq: u64,
-    pending: BinaryHeap<Reverse<Pending>>,
+    /// Chunks waiting for lower numbers held by other threads' chunks: merged by their first
+    /// event (a handful of runs, not a heap of every event).
+    runs: Vec<Run>,
     live: HashMap<u64, (u64, u32)>,
     realloc: HashMap<u32, (u64, u64, u32)>,
     sites: Vec<Site>,
@@ -87,7 +77,7 @@ impl Aggregator {
         Aggregator {
             rate,
             next_seq: first_seq,
-            pending: BinaryHeap::new(),
+            runs: Vec::new(),
             live: HashMap::new(),
             realloc: HashMap::new(),
             sites: Vec::new(),
@@ -119,6 +109,7 @@ impl Aggregator {
         let mut d = StreamDecoder::new(c.rest(), &header);
         let mut nodes: Option<Vec<u8>> = None;
         let mut enc = StreamEncoder::new(&header);
+        let mut run = VecDeque::new();
         while let Ok(Some(item)) = d.next_item() {
             match item {
                 Item::Node { .. } => {
@@ -130,39 +121,97 @@ impl Aggregator {
                     enc.item(out, &item);
                 }
                 Item::Event { seq, time, kind } => {
-                    if !kind.is_heap() {
-                        continue;
-                    }
+                    // Marks and mapped-memory events are not counted, but they hold their
+                    // number in the sequence: left out, they would be gaps that hold every
+                    // later event back until it is given up.
                     let p = Pending {
                         seq,
                         time,
-                        arrived: now,
                         tid: header.tid,
                         kind,
                     };
-                    if seq == self.next_seq && self.pending.is_empty() {
+                    if seq == self.next_seq && run.is_empty() && self.runs.is_empty() {
                         self.apply(&p);
                     } else {
-                        self.pending.push(Reverse(p));
+                        run.push_back(p);
                     }
                 }
             }
+        }
+        if !run.is_empty() {
+            self.runs.push(Run {
+                events: run,
+                arrived: now,
+            });
         }
         self.settle(now, false);
         nodes
     }
 
-    /// Applies the queued events whose every lower number has arrived (all when `force`), and
-    /// those behind a gap older than [`SETTLE_US`].
-    pub(crate) fn settle(&mut self, now: u64, force: bool) {
-        while let Some(Reverse(top)) = self.pending.peek() {
-            if top.seq > self.next_seq && !force && now.saturating_sub(top.arrived) < SETTLE_US {
-                break;
-            }
-            let Some(Reverse(p)) = self.pending.pop() else {
-                break;
+    /// A sequence number taken by a record that is not an event (`PYTHON_END`): it holds
+    /// nothing back.
+    pub(crate) fn skip(&mut self, seq: u64, now: u64) {
+        self.runs.push(Run {
+            events: VecDeque::from([Pending {
+                seq,
+                time: 0,
+                tid: 0,
+                kind: EventKind::RegionEnd,
+            }]),
+            arrived: now,
+        });
+        self.settle(now, false);
+    }
+
+    /// Applies the queued events whose every lower number has arrived (all when `force`).
+    pub(crate) fn settle(&mut self, _now: u64, force: bool) {
+        self.apply_ready(|top, next, _| force || top.seq <= next);
+    }
+
+    /// Called when the writer's queue is empty: every chunk sent has been fed, so a gap that
+    /// has held events back for [`SETTLE_US`] (longer than any buffer waits to be collected)
+    /// is a number no event will fill (a thread that died inside an event). Never on time
+    /// alone while chunks wait in the queue: under a backlog the filler may be queued still,
+    /// and applying past it would count a free before its allocation.
+    pub(crate) fn give_up_stale(&mut self, now: u64) {
+        self.apply_ready(|top, next, arrived| {
+            top.seq <= next || now.saturating_sub(arrived) >= SETTLE_US
+        });
+    }
+
+    fn apply_ready(&mut self, ready: impl Fn(&Pending, u64, u64) -> bool) {
+        loop {
+            // The run whose next event has the lowest number.
+            let Some((i, _)) = self
+                .runs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| r.events.front().map(|p| (i, p.seq)))
+                .min_by_key(|&(_, seq)| seq)
+            else {
+                self.runs.clear();
+                return;
             };
-            self.apply(&p);
+            let arrived = self.runs[i].arrived;
+            // Apply from this run while it holds the next numbers (the common case: a thread's
+            // stretch of events that no other thread interleaves).
+            let mut applied = false;
+            while let Some(top) = self.runs[i].events.front() {
+                if !(top.seq <= self.next_seq || (!applied && ready(top, self.next_seq, arrived))) {
+                    break;
+                }
+                let Some(p) = self.runs[i].events.pop_front() else {
+                    break;
+                };
+                applied = true;
+                self.apply(&p);
+            }
+            if self.runs[i].events.is_empty() {
+                self.runs.swap_remove(i);
+            }
+            if !applied {
+                return;
+            }
         }
     }
 
@@ -220,7 +269,7 @@ impl Aggregator {
 
     fn apply(&mut self, p: &Pending) {
         self.next_seq = self.next_seq.max(p.seq + 1);
-        self.events += 1;
+        self.events += p.kind.is_heap() as u64;
         match p.kind {
             EventKind::Alloc {
                 kind,

@@ -122,6 +122,13 @@ impl Writer {
         self.agg.is_some()
     }
 
+    /// The writer's queue is empty: the aggregator may give up gaps no event will fill.
+    fn idle(&self, now: u64) {
+        if let Some(Ok(mut a)) = self.agg.as_ref().map(|a| a.lock()) {
+            a.give_up_stale(now);
+        }
+    }
+
     /// True when aggregating and a checkpoint is due at `now`.
     fn checkpoint_due(&self, now: u64) -> bool {
         let Some(agg) = &self.agg else { return false };
@@ -185,6 +192,18 @@ impl Writer {
 
     /// Writes a framed record as it is.
     pub(crate) fn write_record(&self, bytes: &[u8]) -> bool {
+        if let Some(agg) = &self.agg {
+            // A `PYTHON_END` mark takes a sequence number: the aggregator must not wait for it.
+            if let memtrack_format::Next::Record(r) = memtrack_format::next_record(bytes, 0) {
+                if r.kind == record::PYTHON_END {
+                    if let Ok(m) = memtrack_format::PythonEndRecord::decode(r.payload) {
+                        if let Ok(mut a) = agg.lock() {
+                            a.skip(m.seq, clock::now_units());
+                        }
+                    }
+                }
+            }
+        }
         self.file.write(bytes)
     }
 
@@ -254,7 +273,10 @@ pub(crate) fn run(w: &Writer, inbox: &impl Inbox) {
         // starve the clock and the sweep for as long as the program keeps it full.
         match inbox.take() {
             Ok(m) => handle(w, inbox, &mut rss, m),
-            Err(TryRecvError::Empty) => std::thread::sleep(clock::TICK),
+            Err(TryRecvError::Empty) => {
+                w.idle(clock::now_units());
+                std::thread::sleep(clock::TICK)
+            }
             Err(TryRecvError::Disconnected) => return,
         }
         let now = clock::tick();
