@@ -454,3 +454,21 @@ fn cross_thread_frees_balance_aggregated() {
         "{leaks:?}"
     );
 }
+
+/// A compaction's copy left behind by a process killed during it is removed when the run ends.
+#[test]
+fn run_removes_compaction_leftovers() {
+    let work = Work::new("aggregate_leftovers");
+    let exe = work.compile("exec_chain.c");
+    let leftovers = [".x.cap.compacting", ".x.cap.4242.compacting"];
+    for l in leftovers {
+        std::fs::write(work.path(l), b"half a copy").unwrap();
+    }
+    std::fs::write(work.path(".other.cap.compacting"), b"not ours").unwrap();
+    record(&work, "x.cap", &["--aggregate"], &exe, &[]);
+    for l in leftovers {
+        assert!(!work.path(l).exists(), "{l} left");
+    }
+    assert!(work.path(".other.cap.compacting").exists());
+    assert!(json_bool(&summary_json(&work.path("x.cap")), "aggregated"));
+}

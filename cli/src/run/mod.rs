@@ -284,6 +284,9 @@ pub(crate) fn cmd_run(
     };
     let unrecorded = unrecorded.map(process_tree::Unrecorded::finish);
     let cap = process_tree::root_capture(&out, child.id());
+    if tree.aggregate.is_some() {
+        remove_compaction_leftovers(&cap);
+    }
     if cap.is_file() {
         let shown = process_tree::shown(&cap);
         eprintln!("memtrack: capture written to {shown}");
@@ -360,6 +363,30 @@ fn watch(
 /// That the tracker will be able to create `out` (absolute, `%p` standing for a pid): a file
 /// of that name is created and removed again (what the user may do there, a read-only or
 /// special file system, a name too long: only trying tells).
+/// Removes the copies a compaction of an aggregated capture (or of its children's) left
+/// beside it when its process was killed meanwhile (`.NAME.compacting`, `.NAME.PID.compacting`).
+fn remove_compaction_leftovers(cap: &Path) {
+    let (Some(dir), Some(name)) = (cap.parent(), cap.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}", name.to_string_lossy());
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        if n.starts_with(&prefix) && n.ends_with(".compacting") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 fn check_capture_dir(out: &Path) -> Result<()> {
     let dir = out.parent().unwrap_or(Path::new("/"));
     let cannot = |why: String| {
