@@ -105,6 +105,20 @@ impl Capture {
         let crate::Replayed {
             replay: r, stacks, ..
         } = self.replay_until(whole.peak_seq);
+        if self.sampled() {
+            // The peak's figures are the measuring half's (`Replay::peak_by_stack`); the live
+            // set there gives each stack's largest sampled block.
+            let largest: std::collections::HashMap<u32, u64> = r
+                .live_by_stack()
+                .into_iter()
+                .map(|s| (s.stack, s.max))
+                .collect();
+            let mut v = self.view(view);
+            for s in &mut v.sites {
+                s.max = largest.get(&s.stack).copied().unwrap_or(0);
+            }
+            return v;
+        }
         ViewSites::new(view, r.live_by_stack(), stacks)
     }
 

@@ -282,6 +282,19 @@ fn flat_heap_peak_is_not_biased_upward() {
             json_u64(&s, "peak_stderr_bytes") as f64,
         );
         assert!(json_u64(&s, "peak_sampled_blocks") > 20, "{s}");
+        if seed == 1 {
+            // The per-stack view at the peak is the same measurement as the summary's figure.
+            let (code, out) = memtrack(&["table", cap.to_str().unwrap(), "--json", "--top", "100"]);
+            assert_eq!(code, 0, "{out}");
+            let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let total: u64 = rows
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["total_bytes"].as_u64().unwrap())
+                .sum();
+            assert_eq!(total, est as u64);
+        }
         sum += est;
         se2 += se * se;
         if est - TRUTH > 2.0 * se {
