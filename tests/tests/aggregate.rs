@@ -380,8 +380,7 @@ fn bash_records_aggregated() {
 
 /// Sampling and aggregation combine: with the same seed the same blocks are sampled, so the
 /// aggregated capture's estimates are exactly those of the sampled event capture, and its
-/// standard errors too; all but the peak, which the reader measures on half of the sample at
-/// the moment the other half finds (the aggregator keeps the running estimate's highest).
+/// standard errors too, the peak (found by one half of the sample, measured by the other) included.
 #[test]
 fn sampled_aggregated_equals_sampled_events() {
     let work = Work::new("aggregate_sampled");
@@ -397,16 +396,19 @@ fn sampled_aggregated_equals_sampled_events() {
         "{a}"
     );
     for key in [
+        "peak_bytes",
+        "peak_allocations",
         "leaked_bytes",
         "leaked_allocations",
         "total_allocations",
         "total_bytes",
         "total_frees",
+        "peak_stderr_bytes",
         "leaked_stderr_bytes",
     ] {
         assert_eq!(json_u64(&a, key), json_u64(&e, key), "{key}");
     }
-    for view in ["--leaks", "--allocated"] {
+    for view in ["--peak", "--leaks", "--allocated"] {
         assert_eq!(table(&agg, view), table(&events, view), "{view}");
     }
     // The 64 MiB block is always sampled and stands for itself.

@@ -26,6 +26,30 @@ struct Site {
     peak_count: u64,
     /// The peak epoch whose figures `peak_*` hold (else the live ones are the peak's).
     epoch: u64,
+    /// Sampled: the measuring half's live figures (see `Halves`).
+    half_bytes: u64,
+    half_count: u64,
+}
+
+/// A sampled peak as the reader finds it (`PeakHalves` in its replay): the sample split in two
+/// halves by a hash of each allocation's number; half 0 picks the moment, half 1 measures.
+#[derive(Default)]
+struct Halves {
+    live: [u64; 2],
+    count_1: u64,
+    var_1: u128,
+    highest_0: u64,
+    allocations: u64,
+}
+
+/// Which half an allocation numbered `seq` of `size` bytes is in (2: both), as the reader
+/// decides it.
+fn half_of(seq: u64, size: u64, rate: u64) -> u8 {
+    if sampling::probability(size, rate) >= 0.5 {
+        2
+    } else {
+        (seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 63) as u8
+    }
 }
 
 struct Pending {
@@ -49,8 +73,9 @@ pub(crate) struct Aggregator {
     /// Chunks waiting for lower numbers held by other threads' chunks: merged by their first
     /// event (a handful of runs, not a heap of every event).
     runs: Vec<Run>,
-    live: HashMap<u64, (u64, u32)>,
-    realloc: HashMap<u32, (u64, u64, u32)>,
+    live: HashMap<u64, (u64, u32, u8)>,
+    realloc: HashMap<u32, (u64, u64, u32, u8)>,
+    halves: Halves,
     sites: Vec<Site>,
     epoch: u64,
     heap: u64,
@@ -80,6 +105,7 @@ impl Aggregator {
             runs: Vec::new(),
             live: HashMap::new(),
             realloc: HashMap::new(),
+            halves: Halves::default(),
             sites: Vec::new(),
             epoch: 0,
             heap: 0,
@@ -221,15 +247,62 @@ impl Aggregator {
             self.sites
                 .resize((i + 1).next_power_of_two(), Site::default());
         }
-        let epoch = self.epoch;
+        let (epoch, sampled) = (self.epoch, self.rate != 0);
         let s = &mut self.sites[i];
         if s.epoch != epoch {
-            // The first change since the last peak: keep what it held then.
-            s.peak_bytes = s.live_bytes;
-            s.peak_count = s.live_count;
+            // The first change since the last peak: keep what it held then (sampled: what the
+            // measuring half held).
+            (s.peak_bytes, s.peak_count) = if sampled {
+                (s.half_bytes, s.half_count)
+            } else {
+                (s.live_bytes, s.live_count)
+            };
             s.epoch = epoch;
         }
         s
+    }
+
+    /// Half `k`'s share of a sampled block of half `half`: bytes, allocations, variance term
+    /// (rounded as the reader rounds them).
+    fn share(&self, size: u64, half: u8, k: u8) -> (u64, u64, u64) {
+        let (b, n, v) = self.weights(size);
+        if half == 2 {
+            return (b, n, v.round() as u64);
+        }
+        if half != k {
+            return (0, 0, 0);
+        }
+        let p = sampling::probability(size, self.rate) / 2.0;
+        let w = 2.0 * b as f64;
+        (2 * b, 2 * n, ((1.0 - p) * w * w).round() as u64)
+    }
+
+    /// Adds (`sign` 1) or removes (-1) a sampled block in the halves and its stack's half.
+    fn halves_change(&mut self, size: u64, stack: u32, half: u8, sign: i8) {
+        if self.rate == 0 {
+            return;
+        }
+        let (a, b) = (self.share(size, half, 0), self.share(size, half, 1));
+        let h = &mut self.halves;
+        if sign > 0 {
+            h.live[0] += a.0;
+            h.live[1] += b.0;
+            h.count_1 += b.1;
+            h.var_1 += b.2 as u128;
+        } else {
+            h.live[0] = h.live[0].saturating_sub(a.0);
+            h.live[1] = h.live[1].saturating_sub(b.0);
+            h.count_1 = h.count_1.saturating_sub(b.1);
+            h.var_1 = h.var_1.saturating_sub(b.2 as u128);
+        }
+        let s = self.site(stack);
+        if sign > 0 {
+            s.half_bytes += b.0;
+            s.half_count += b.1;
+        } else {
+            s.half_bytes = s.half_bytes.saturating_sub(b.0);
+            s.half_count = s.half_count.saturating_sub(b.1);
+        }
     }
 
     fn weights(&self, size: u64) -> (u64, u64, f64) {
@@ -244,11 +317,12 @@ impl Aggregator {
         }
     }
 
-    fn add_live(&mut self, addr: u64, size: u64, stack: u32) {
+    fn add_live(&mut self, addr: u64, size: u64, stack: u32, half: u8) {
         let (b, n, v) = self.weights(size);
-        if let Some((osize, ostack)) = self.live.insert(addr, (size, stack)) {
-            self.remove_weights(osize, ostack);
+        if let Some((osize, ostack, ohalf)) = self.live.insert(addr, (size, stack, half)) {
+            self.remove_weights(osize, ostack, ohalf);
         }
+        self.halves_change(size, stack, half, 1);
         let s = self.site(stack);
         s.live_bytes += b;
         s.live_count += n;
@@ -257,7 +331,8 @@ impl Aggregator {
         self.heap_var += v;
     }
 
-    fn remove_weights(&mut self, size: u64, stack: u32) {
+    fn remove_weights(&mut self, size: u64, stack: u32, half: u8) {
+        self.halves_change(size, stack, half, -1);
         let (b, n, v) = self.weights(size);
         let s = self.site(stack);
         s.live_bytes = s.live_bytes.saturating_sub(b);
@@ -286,8 +361,25 @@ impl Aggregator {
                 let s = self.site(stack);
                 s.total_bytes += b;
                 s.total_count += n;
-                self.add_live(addr, size, stack);
-                if self.heap > self.peak {
+                let half = if self.rate == 0 {
+                    2
+                } else {
+                    half_of(p.seq, size, self.rate)
+                };
+                self.add_live(addr, size, stack, half);
+                if self.rate != 0 {
+                    let h = &mut self.halves;
+                    h.allocations += 1;
+                    if h.live[0] > h.highest_0 || h.allocations == 1 {
+                        h.highest_0 = h.live[0];
+                        self.peak = h.live[1];
+                        self.peak_count = h.count_1;
+                        self.peak_var = h.var_1 as f64;
+                        self.peak_time = p.time;
+                        self.peak_seq = p.seq;
+                        self.epoch += 1;
+                    }
+                } else if self.heap > self.peak {
                     self.peak = self.heap;
                     self.peak_count = self.heap_count;
                     self.peak_var = self.heap_var;
@@ -297,23 +389,23 @@ impl Aggregator {
                 }
             }
             EventKind::Free { addr } => match self.live.remove(&addr) {
-                Some((size, stack)) => {
+                Some((size, stack, half)) => {
                     // Weighted like the allocation it frees (as the reader's replay does).
                     self.total_frees += self.weights(size).1;
-                    self.remove_weights(size, stack);
+                    self.remove_weights(size, stack, half);
                 }
                 None => self.unmatched += 1,
             },
             EventKind::ReallocFree { addr } => match self.live.remove(&addr) {
-                Some((size, stack)) => {
-                    self.remove_weights(size, stack);
-                    self.realloc.insert(p.tid, (addr, size, stack));
+                Some((size, stack, half)) => {
+                    self.remove_weights(size, stack, half);
+                    self.realloc.insert(p.tid, (addr, size, stack, half));
                 }
                 None => self.unmatched += 1,
             },
             EventKind::ReallocFailed => {
-                if let Some((addr, size, stack)) = self.realloc.remove(&p.tid) {
-                    self.add_live(addr, size, stack);
+                if let Some((addr, size, stack, half)) = self.realloc.remove(&p.tid) {
+                    self.add_live(addr, size, stack, half);
                 }
             }
             _ => {}
@@ -325,7 +417,7 @@ impl Aggregator {
         self.settle(now, last);
         self.number += 1;
         self.last_checkpoint = now;
-        let epoch = self.epoch;
+        let (epoch, sampled) = (self.epoch, self.rate != 0);
         let stacks = self
             .sites
             .iter()
@@ -333,6 +425,8 @@ impl Aggregator {
             .filter_map(|(i, s)| {
                 let (peak_bytes, peak_count) = if s.epoch == epoch {
                     (s.peak_bytes, s.peak_count)
+                } else if sampled {
+                    (s.half_bytes, s.half_count)
                 } else {
                     (s.live_bytes, s.live_count)
                 };

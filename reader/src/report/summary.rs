@@ -593,13 +593,8 @@ fn print_summary(
         };
         writeln!(
             out,
-            "  sampling:       heap figures are estimates from {samples} sampled at {} (each stands for the bytes and calls it represents); ± is one standard error{}",
+            "  sampling:       heap figures are estimates from {samples} sampled at {} (each stands for the bytes and calls it represents); ± is one standard error; the peak is found with half of the sample and measured with the other half, so it is not biased by the sampling noise",
             human_bytes(rate),
-            if cap.aggregated() {
-                "; the peak is the highest of the running estimates, so on a heap that stays near its peak for long it reads high (by up to about 3 standard errors)"
-            } else {
-                "; the peak is found with half of the sample and measured with the other half, so it is not biased by the sampling noise"
-            }
         )?;
         if let Some(n) = s.peak_sampled_blocks.filter(|&n| n < 20) {
             writeln!(
