@@ -184,8 +184,9 @@ impl Writer {
             written.clear();
             written.push((size.saturating_sub(newest.1), newest.1));
         } else {
-            // Not possible here (a path that is gone, a read-only directory): try again only
-            // after as many bytes more, not at every checkpoint.
+            // Not possible here (a path that is gone, a read-only directory): those stay in
+            // the file; later checkpoints are counted afresh, so a retry waits for as many
+            // bytes more instead of coming at every checkpoint.
             written.clear();
         }
     }
