@@ -96,6 +96,29 @@ fn table(capture: &Path, view: &str) -> Vec<(Vec<String>, u64, u64)> {
     v
 }
 
+const VIEWS: [&str; 3] = ["--peak", "--leaks", "--allocated"];
+
+/// The aggregated capture `agg` has the heap figures of `other` (a capture of events of the
+/// same run or seed), the `extra` summary keys too, and the same stacks in every view.
+fn assert_same_figures(agg: &Path, other: &Path, extra: &[&str]) {
+    let (a, o) = (summary_json(agg), summary_json(other));
+    let keys = [
+        "peak_bytes",
+        "peak_allocations",
+        "leaked_bytes",
+        "leaked_allocations",
+        "total_allocations",
+        "total_bytes",
+        "total_frees",
+    ];
+    for key in keys.iter().chain(extra) {
+        assert_eq!(json_u64(&a, key), json_u64(&o, key), "{key}");
+    }
+    for view in VIEWS {
+        assert_eq!(table(agg, view), table(other, view), "{view}");
+    }
+}
+
 /// Peak, leaks, totals and every stack's figures of an aggregated capture are those of a full
 /// capture of the same deterministic program, which match the truth computed from its sizes.
 #[test]
@@ -111,23 +134,10 @@ fn aggregated_figures_are_exact_per_stack() {
     assert_eq!(json_u64(&a, "peak_bytes"), 96_114_019);
     assert_eq!(json_u64(&a, "leaked_bytes"), 8_251_247);
     assert_eq!(json_u64(&a, "leaked_allocations"), 25_051);
-    for key in [
-        "peak_bytes",
-        "peak_allocations",
-        "leaked_bytes",
-        "leaked_allocations",
-        "total_allocations",
-        "total_bytes",
-        "total_frees",
-        "events",
-    ] {
-        assert_eq!(json_u64(&a, key), json_u64(&f, key), "{key}");
+    for view in VIEWS {
+        assert!(table(&full, view).len() >= 3, "{view}");
     }
-    for view in ["--peak", "--leaks", "--allocated"] {
-        let (tf, ta) = (table(&full, view), table(&agg, view));
-        assert!(tf.len() >= 3, "{view}: {tf:?}");
-        assert_eq!(ta, tf, "{view}");
-    }
+    assert_same_figures(&agg, &full, &["events"]);
     let peak = table(&agg, "--peak");
     let big = peak
         .iter()
@@ -390,27 +400,12 @@ fn sampled_aggregated_equals_sampled_events() {
     let mut flags = vec!["--aggregate"];
     flags.extend(sampling);
     let agg = record(&work, "agg.cap", &flags, &exe, &[]);
-    let (e, a) = (summary_json(&events), summary_json(&agg));
+    let a = summary_json(&agg);
     assert!(
         json_bool(&a, "aggregated") && json_bool(&a, "sampled"),
         "{a}"
     );
-    for key in [
-        "peak_bytes",
-        "peak_allocations",
-        "leaked_bytes",
-        "leaked_allocations",
-        "total_allocations",
-        "total_bytes",
-        "total_frees",
-        "peak_stderr_bytes",
-        "leaked_stderr_bytes",
-    ] {
-        assert_eq!(json_u64(&a, key), json_u64(&e, key), "{key}");
-    }
-    for view in ["--peak", "--leaks", "--allocated"] {
-        assert_eq!(table(&agg, view), table(&events, view), "{view}");
-    }
+    assert_same_figures(&agg, &events, &["peak_stderr_bytes", "leaked_stderr_bytes"]);
     // The 64 MiB block is always sampled and stands for itself.
     let big = table(&agg, "--peak")
         .into_iter()

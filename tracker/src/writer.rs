@@ -132,15 +132,18 @@ impl Writer {
     /// True when aggregating and a checkpoint is due at `now`.
     fn checkpoint_due(&self, now: u64) -> bool {
         let Some(agg) = &self.agg else { return false };
-        agg.lock()
-            .is_ok_and(|a| now.saturating_sub(a.last_checkpoint) >= self.interval)
+        agg.lock().is_ok_and(|a| self.due(&a, now))
+    }
+
+    fn due(&self, a: &Aggregator, now: u64) -> bool {
+        now.saturating_sub(a.last_checkpoint) >= self.interval
     }
 
     /// Writes a checkpoint (aggregated recording only) when one is due, or always when `last`.
     fn checkpoint(&self, now: u64, rss: &mut RssSampler, last: bool) {
         let Some(agg) = &self.agg else { return };
         let Ok(mut a) = agg.lock() else { return };
-        if !last && now.saturating_sub(a.last_checkpoint) < self.interval {
+        if !last && !self.due(&a, now) {
             return;
         }
         let rss_bytes = rss.due(now, true).unwrap_or(0);
