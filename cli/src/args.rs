@@ -24,6 +24,7 @@ EXAMPLES:
     memtrack regions svc.cap                   # memory per marked region, largest first
     memtrack flamegraph svc.cap --region search -o search.svg
     memtrack check svc.cap --region search --max-peak 3MiB --region load --max-leaked 4MB
+    memtrack attach 4242 --duration 30 -o svc.cap   # record a running process for 30 s
 
 EXIT CODES:
     run: the command's own exit code (128+N when it was killed by signal N)
@@ -116,6 +117,37 @@ pub(crate) enum Cmd {
         // is an error, not a command; everything after the command's name passes untouched.
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<OsString>,
+    },
+    /// Start recording a running process (glibc, x86-64): loads libmemtrack.so into it
+    /// through ptrace and records new allocations and their frees until --duration ends,
+    /// Ctrl-C, `memtrack detach PID`, or the process exits. Allocations made before the attach
+    /// are not in the capture. Needs ptrace permission over the process (same user, or root /
+    /// CAP_SYS_PTRACE; see kernel.yama.ptrace_scope). Refusals exit 2 with the reason and a fix.
+    #[command(
+        after_help = "EXAMPLES:\n    memtrack attach 4242                     # until Ctrl-C: memtrack-<name>.4242.cap\n    memtrack attach 4242 --duration 30 -o svc.cap\n    memtrack detach 4242                     # from another shell: stop recording\n\nThe process opens the capture itself (its user, its current file system): the path is\nmade absolute first."
+    )]
+    Attach {
+        /// The process id.
+        #[arg(id = "process_id", value_name = "PID", value_parser = parse_pid)]
+        pid: i32,
+        /// Capture file to write [default: memtrack-<name>.<pid>.cap in the current directory]
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Stop recording after this many seconds (the process stops by itself; memtrack
+        /// waits for it). Default: until Ctrl-C or `memtrack detach`.
+        #[arg(long, value_name = "SECONDS")]
+        duration: Option<f64>,
+        /// How to load the library into the process: `ptrace` (system calls only, no
+        /// debugger needed). `auto` means ptrace; `gdb` is not implemented yet and is refused.
+        #[arg(long, value_enum, default_value = "auto")]
+        method: AttachMethod,
+    },
+    /// Stop the recording `memtrack attach` started in a process (the process keeps running;
+    /// its capture is complete when this returns).
+    Detach {
+        /// The process id.
+        #[arg(id = "process_id", value_name = "PID", value_parser = parse_pid)]
+        pid: i32,
     },
     /// Follow a capture while it is written: heap and RSS over the last minutes, the locations
     /// holding the most live bytes, growth since the view started; refreshed every second.
@@ -511,6 +543,22 @@ pub(crate) enum RegionSortArg {
     Retained,
     Count,
     Time,
+}
+
+/// A process id: a positive number.
+fn parse_pid(s: &str) -> Result<i32, String> {
+    match s.parse::<i32>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("`{s}` is not a process id (a positive number)")),
+    }
+}
+
+/// How `memtrack attach` loads the library into the process.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum AttachMethod {
+    Auto,
+    Ptrace,
+    Gdb,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy)]

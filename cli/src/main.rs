@@ -12,6 +12,7 @@
 //! of a text report, which ends the process where it happens (see `output::Stdout`).
 
 mod args;
+mod attach;
 mod every;
 mod live;
 mod output;
@@ -72,6 +73,10 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         // `memtrack export ... | head`: the reader had what it wanted.
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<attach::Refusal>().is_some() => {
+            eprintln!("memtrack: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("memtrack: error: {e:#}");
             ExitCode::from(2)
@@ -120,6 +125,13 @@ fn dispatch(
             };
             run::cmd_run(r, output, force, tree, resolve(limits)?, command)
         }
+        Cmd::Attach {
+            pid,
+            output,
+            duration,
+            method,
+        } => attach::cmd_attach(pid, output, duration, method),
+        Cmd::Detach { pid } => attach::cmd_detach(pid),
         Cmd::Live { file } => {
             live::live(&r.options, &file, None)?;
             Ok(0)

@@ -5,6 +5,8 @@ mod launch;
 mod process_tree;
 mod signals;
 
+pub(crate) use launch::find_preload;
+
 use crate::args::Limits;
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;

@@ -1,0 +1,552 @@
+//! `memtrack attach` and `memtrack detach`.
+//!
+//! The injector is tested on its own with a stand-in library (`attach_stub.c`, built as
+//! `libmemtrack.so` and named by `MEMTRACK_PRELOAD`): it logs the `memtrack_start` call it
+//! receives into the output file and ends its "recording" as the real library does, so these
+//! tests show what the injection does to the target (nothing visible: same output, same exit
+//! code, blocked calls returning normally) whatever the real library records. Each refusal
+//! this machine can set up is checked for its message and exit code 2.
+
+use memtrack_tests::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The stand-in library, built as `<work>/stub/libmemtrack.so`.
+fn stub(work: &Work) -> PathBuf {
+    let dir = work.path("stub");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lib = dir.join("libmemtrack.so");
+    let out = Command::new("gcc")
+        .args([
+            "-O1", "-g", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-o",
+        ])
+        .arg(&lib)
+        .arg(fixtures_dir().join("attach_stub.c"))
+        .output()
+        .expect("gcc");
+    assert!(
+        out.status.success(),
+        "gcc failed on attach_stub.c:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lib
+}
+
+/// A started fixture whose "ready" line has been read.
+struct Started {
+    child: KillOnDrop,
+    stdout: BufReader<ChildStdout>,
+    ready_at: Instant,
+}
+
+impl Started {
+    fn pid(&self) -> i32 {
+        self.child.0.id() as i32
+    }
+
+    /// Waits for the end; returns the rest of standard output and the exit code.
+    fn finish(mut self) -> (String, Option<i32>) {
+        drop(self.child.0.stdin.take());
+        let mut rest = String::new();
+        self.stdout.read_to_string(&mut rest).unwrap();
+        let status = self.child.0.wait().unwrap();
+        (rest, status.code())
+    }
+}
+
+/// Starts `cmd` (stdin and stdout piped) and waits for its first line, "ready".
+fn start(mut cmd: Command) -> Started {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .env_remove("LD_PRELOAD")
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let child = KillOnDrop(child);
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n", "{cmd:?} did not say ready");
+    Started {
+        child,
+        stdout,
+        ready_at: Instant::now(),
+    }
+}
+
+fn target(exe: &Path, mode: &str) -> Started {
+    let mut cmd = Command::new(exe);
+    cmd.arg(mode);
+    start(cmd)
+}
+
+/// `memtrack ARGS` with `MEMTRACK_PRELOAD=lib`, killed after 30 s.
+fn memtrack(lib: &Path, args: &[&str], prefix: &[&str]) -> Output {
+    let mut cmd = if prefix.is_empty() {
+        Command::new(&binaries().memtrack)
+    } else {
+        let mut c = Command::new(prefix[0]);
+        c.args(&prefix[1..]).arg(&binaries().memtrack);
+        c
+    };
+    cmd.args(args)
+        .env("MEMTRACK_PRELOAD", lib)
+        .env_remove("LD_PRELOAD")
+        .current_dir("/")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = cmd.spawn().expect("memtrack");
+    wait_output(child, &format!("memtrack {args:?}"))
+}
+
+fn wait_output(mut child: Child, what: &str) -> Output {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what} did not end within 30 s; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The stub's log: `start flags=F duration_ms=N tid=T main=M` and how it stopped.
+fn stub_log(path: &Path) -> (String, i32, i32, String) {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("no stub log at {}: {e}", path.display()));
+    let mut lines = text.lines();
+    let start = lines.next().expect("a start line");
+    let field = |name: &str| -> String {
+        start
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {start:?}"))
+            .to_string()
+    };
+    let head = format!(
+        "start flags={} duration_ms={}",
+        field("flags="),
+        field("duration_ms=")
+    );
+    (
+        head,
+        field("tid=").parse().unwrap(),
+        field("main=").parse().unwrap(),
+        lines.collect::<Vec<_>>().join("\n"),
+    )
+}
+
+/// Attaches for 0.5 s with the stub; checks memtrack's report and the stub's log; returns the
+/// thread the calls ran on.
+fn attach_briefly(work: &Work, lib: &Path, pid: i32) -> i32 {
+    let log = work.path(&format!("attach-{pid}.log"));
+    let out = memtrack(
+        lib,
+        &[
+            "attach",
+            &pid.to_string(),
+            "-o",
+            log.to_str().unwrap(),
+            "--duration",
+            "0.5",
+        ],
+        &[],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "attach failed:\n{err}");
+    assert!(
+        err.contains(&format!(
+            "memtrack: recording {pid} into {} for 0.5 s",
+            log.display()
+        )),
+        "{err}"
+    );
+    let (head, tid, main, rest) = stub_log(&log);
+    assert_eq!(head, "start flags=2 duration_ms=500");
+    assert_eq!(main, pid);
+    assert_eq!(rest, "stop duration");
+    tid
+}
+
+#[test]
+fn attach_to_a_read_leaves_the_read_intact() {
+    let work = Work::new("attach-read");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let mut t = target(&exe, "read");
+    std::thread::sleep(Duration::from_millis(200));
+    // The main thread waits in read(2): an idle system call, chosen.
+    assert_eq!(attach_briefly(&work, &lib, t.pid()), t.pid());
+    t.child
+        .0
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"hello\n")
+        .unwrap();
+    let (rest, code) = t.finish();
+    assert_eq!(rest, "read returned 6 errno 0: hello\n");
+    assert_eq!(code, Some(3));
+}
+
+/// A sleep interrupted by the attach 1.5 s into its 3 s ends at its time: restarted with the
+/// time left (a restart from the beginning would end 1.5 s late), never with EINTR.
+fn sleep_kept(mode: &str) {
+    let work = Work::new(&format!("attach-{mode}"));
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let t = target(&exe, mode);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(attach_briefly(&work, &lib, t.pid()), t.pid());
+    let ready = t.ready_at;
+    let (rest, code) = t.finish();
+    let took = ready.elapsed();
+    assert_eq!(rest, "sleep returned 0 errno 0, full time yes\n");
+    assert_eq!(code, Some(3));
+    assert!(
+        took < Duration::from_millis(4000),
+        "the sleep took {took:?}: restarted from the beginning?"
+    );
+}
+
+#[test]
+fn attach_to_a_nanosleep_keeps_its_time() {
+    sleep_kept("sleep");
+}
+
+#[test]
+fn attach_to_a_clock_nanosleep_keeps_its_time() {
+    sleep_kept("cnsleep");
+}
+
+#[test]
+fn attach_to_a_busy_loop_keeps_its_registers() {
+    let work = Work::new("attach-busy");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let t = target(&exe, "busy");
+    std::thread::sleep(Duration::from_millis(500));
+    // No thread is in a system call: the main thread, stopped outside the C library.
+    assert_eq!(attach_briefly(&work, &lib, t.pid()), t.pid());
+    let (rest, code) = t.finish();
+    assert_eq!(rest, "busy state kept: yes\n");
+    assert_eq!(code, Some(3));
+}
+
+/// `memtrack attach PID` without --duration, in the background; returns once the stub logged
+/// its start.
+fn attach_in_background(lib: &Path, pid: i32, log: &Path) -> Child {
+    let child = Command::new(&binaries().memtrack)
+        .args(["attach", &pid.to_string(), "-o"])
+        .arg(log)
+        .env("MEMTRACK_PRELOAD", lib)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("memtrack attach");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(log).is_ok_and(|s| s.contains('\n')) {
+        assert!(Instant::now() < deadline, "the stub never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn detach_stops_the_recording_and_refuses_when_none_runs() {
+    let work = Work::new("attach-detach");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let t = target(&exe, "wait");
+    let pid = t.pid();
+    let log = work.path("detach.log");
+    let attach = attach_in_background(&lib, pid, &log);
+
+    // A second attach while the first records.
+    let again = memtrack(
+        &lib,
+        &["attach", &pid.to_string(), "-o", "/tmp/never.cap"],
+        &[],
+    );
+    assert_eq!(
+        stderr(&again),
+        format!(
+            "memtrack: cannot attach to {pid}: the process is already being recorded (by an earlier `memtrack attach`)\n\
+             fix: memtrack detach {pid} stops that recording; then attach again\n"
+        )
+    );
+    assert_eq!(again.status.code(), Some(2));
+
+    let out = memtrack(&lib, &["detach", &pid.to_string()], &[]);
+    assert_eq!(
+        stderr(&out),
+        format!("memtrack: process {pid} stopped recording; its capture is complete\n")
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let attach = wait_output(attach, "memtrack attach");
+    assert_eq!(attach.status.code(), Some(0), "{}", stderr(&attach));
+    let (head, _, _, rest) = stub_log(&log);
+    assert_eq!(head, "start flags=2 duration_ms=0");
+    assert_eq!(rest, "stop control");
+
+    let out = memtrack(&lib, &["detach", &pid.to_string()], &[]);
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "memtrack: cannot detach from {pid}: the process is not recording (its recording has ended, or never started)\n\
+             fix: memtrack attach {pid} starts recording it\n"
+        )
+    );
+    assert_eq!(out.status.code(), Some(2));
+    // The library stays loaded; attaching again starts a new recording.
+    attach_briefly(&work, &lib, pid);
+}
+
+#[test]
+fn ctrl_c_on_attach_stops_the_recording() {
+    let work = Work::new("attach-sigint");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let t = target(&exe, "wait");
+    let log = work.path("sigint.log");
+    let attach = attach_in_background(&lib, t.pid(), &log);
+    // SAFETY: kill with a child's pid and a signal number.
+    unsafe {
+        libc::kill(attach.id() as i32, libc::SIGINT);
+    }
+    let out = wait_output(attach, "memtrack attach");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("memtrack: stopping the recording\n"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stub_log(&log).3, "stop control");
+}
+
+#[test]
+fn a_start_the_library_refuses_is_reported_with_its_reason() {
+    let work = Work::new("attach-lib-refuses");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let t = target(&exe, "read");
+    let pid = t.pid();
+    let out = memtrack(
+        &lib,
+        &["attach", &pid.to_string(), "-o", "/tmp/refuse-this.cap"],
+        &[],
+    );
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "memtrack: cannot attach to {pid}: the library refused to start: stub refuses this path\n\
+             fix: see the reason; `memtrack detach` stops an earlier recording\n"
+        )
+    );
+    assert_eq!(out.status.code(), Some(2));
+    t.child
+        .0
+        .stdin
+        .as_ref()
+        .unwrap()
+        .write_all(b"ok\n")
+        .unwrap();
+    let (rest, code) = t.finish();
+    assert_eq!(rest, "read returned 3 errno 0: ok\n");
+    assert_eq!(code, Some(3));
+}
+
+/// `memtrack attach PID` (with `prefix` before memtrack) is refused with exactly this reason
+/// and fix, exit 2.
+fn assert_refused(lib: &Path, pid: i32, prefix: &[&str], reason: &str, fix: &str) {
+    let out = memtrack(
+        lib,
+        &["attach", &pid.to_string(), "-o", "/tmp/never-written.cap"],
+        prefix,
+    );
+    assert_eq!(
+        stderr(&out),
+        format!("memtrack: cannot attach to {pid}: {reason}\nfix: {fix}\n")
+    );
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn refuses_a_process_that_does_not_exist() {
+    let work = Work::new("attach-nopid");
+    let lib = stub(&work);
+    // A pid just freed: its process was reaped.
+    let mut c = Command::new("true").spawn().unwrap();
+    let pid = c.id() as i32;
+    c.wait().unwrap();
+    assert_refused(
+        &lib,
+        pid,
+        &[],
+        "no such process",
+        &format!("check the process id (ps -p {pid})"),
+    );
+}
+
+#[test]
+fn refuses_a_stopped_process_and_leaves_it_stopped() {
+    let work = Work::new("attach-stopped");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let t = target(&exe, "wait");
+    let pid = t.pid();
+    // SAFETY: kill with a child's pid.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .contains(") T ")
+    {
+        assert!(Instant::now() < deadline, "the fixture never stopped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_refused(
+        &lib,
+        pid,
+        &[],
+        "the process is stopped; attaching would make it run",
+        &format!("kill -CONT {pid} first, then attach"),
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    assert!(stat.contains(") T "), "no longer stopped: {stat}");
+}
+
+/// The pid of the only child of `parent`.
+fn child_of(parent: u32) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let c = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+            .unwrap_or_default();
+        if let Some(p) = c.split_whitespace().next() {
+            return p.parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "{parent} has no child");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn refuses_a_process_being_traced() {
+    let work = Work::new("attach-traced");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-o", "/dev/null"]).arg(&exe).arg("wait");
+    let t = start(cmd);
+    let strace = t.pid();
+    let pid = child_of(strace as u32);
+    assert_refused(
+        &lib,
+        pid,
+        &[],
+        &format!("the process is being traced by process {strace} (strace), a debugger or tracer; a process has one tracer at a time"),
+        &format!("detach the debugger or stop the tracer (process {strace}) first"),
+    );
+}
+
+#[test]
+fn refuses_a_static_executable() {
+    let work = Work::new("attach-static");
+    let lib = stub(&work);
+    let exe = work.compile_with(
+        "attach_target.c",
+        Some("static_target"),
+        &["-O1", "-static"],
+    );
+    let t = target(&exe, "wait");
+    assert_refused(
+        &lib,
+        t.pid(),
+        &[],
+        "the process is statically linked: it has no dynamic loader to load memtrack into",
+        "run it under `memtrack run` (which records what LD_PRELOAD can reach), or link it dynamically",
+    );
+}
+
+#[test]
+fn refuses_a_process_in_another_mount_namespace_without_the_library() {
+    let work = Work::new("attach-mntns");
+    let stub_lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    // The library sits in a directory the target's namespace covers with an empty tmpfs.
+    let dir = work.path("hidden");
+    std::fs::create_dir_all(&dir).unwrap();
+    let lib = dir.join("libmemtrack.so");
+    std::fs::copy(&stub_lib, &lib).unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "sh", "-c"]).arg(format!(
+        "mount -t tmpfs none '{}' && exec '{}' wait",
+        dir.display(),
+        exe.display()
+    ));
+    let t = start(cmd);
+    assert_refused(
+        &lib,
+        t.pid(),
+        &[],
+        &format!("the process runs in another mount namespace (a container), where {} is not this library", lib.display()),
+        "run memtrack inside the container, or from a sidecar sharing its process namespace (kubectl debug -it POD --image=IMG --target=CONTAINER) with libmemtrack.so at the same path in the target (MEMTRACK_PRELOAD names the path)",
+    );
+}
+
+#[test]
+fn refuses_a_process_recorded_by_memtrack_run() {
+    let work = Work::new("attach-under-run");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let mut cmd = Command::new(&binaries().memtrack);
+    cmd.args(["run", "-o"])
+        .arg(work.path("run.cap"))
+        .arg("--")
+        .arg(&exe)
+        .arg("wait")
+        .env_remove("MEMTRACK_PRELOAD");
+    let t = start(cmd);
+    let pid = child_of(t.pid() as u32);
+    assert_refused(
+        &lib,
+        pid,
+        &[],
+        "the process is already being recorded: it was started under `memtrack run` (its LD_PRELOAD names libmemtrack.so)",
+        "report on the capture `memtrack run` writes; it records until the process exits",
+    );
+}
+
+#[test]
+fn refuses_without_ptrace_permission() {
+    let work = Work::new("attach-eperm");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    // The test runs as root: the fixture is root's, memtrack runs as nobody.
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("not root: the permission refusal is checked only as root");
+        return;
+    }
+    // nobody must be able to reach the library and the binary.
+    let t = target(&exe, "wait");
+    let pid = t.pid();
+    assert_refused(
+        &lib,
+        pid,
+        &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
+        "ptrace is not permitted: the process runs as uid 0, memtrack as uid 65534 without CAP_SYS_PTRACE",
+        &format!("run memtrack as the process's user or as root (sudo memtrack attach {pid}); in a container, add the SYS_PTRACE capability (docker run --cap-add=SYS_PTRACE, or securityContext.capabilities.add: [SYS_PTRACE])"),
+    );
+}
