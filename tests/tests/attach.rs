@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The stand-in library, built as `<work>/stub/libmemtrack.so`.
+/// The stand-in library, built as `<work>/stub/libmemtrack.so`; memtrack built too, before
+/// any fixture starts its clock.
 fn stub(work: &Work) -> PathBuf {
+    binaries();
     let dir = work.path("stub");
     std::fs::create_dir_all(&dir).unwrap();
     let lib = dir.join("libmemtrack.so");
@@ -427,6 +429,16 @@ fn refuses_a_stopped_process_and_leaves_it_stopped() {
     assert!(stat.contains(") T "), "no longer stopped: {stat}");
 }
 
+/// A process killed on drop: a fixture under a tracer or `memtrack run` outlives their kill.
+struct KillPid(i32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        // SAFETY: kill with a pid this test started (through another program).
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
 /// The pid of the only child of `parent`.
 fn child_of(parent: u32) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -451,6 +463,7 @@ fn refuses_a_process_being_traced() {
     let t = start(cmd);
     let strace = t.pid();
     let pid = child_of(strace as u32);
+    let _kill = KillPid(pid);
     assert_refused(
         &lib,
         pid,
@@ -519,6 +532,7 @@ fn refuses_a_process_recorded_by_memtrack_run() {
         .env_remove("MEMTRACK_PRELOAD");
     let t = start(cmd);
     let pid = child_of(t.pid() as u32);
+    let _kill = KillPid(pid);
     assert_refused(
         &lib,
         pid,
