@@ -888,30 +888,22 @@ unsafe fn along_callers_path(name: *const c_char, ip: u64) -> Option<std::ffi::C
             dlclose(loaded);
             return None;
         }
+        // The caller's link map: glibc's dlopen handles are link maps, so dlinfo takes it as
+        // one (no reference is taken or released).
         let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(ip as *const c_void, &mut info) == 0 || info.dli_fname.is_null() {
-            return None;
-        }
-        let main = libc::dlopen(std::ptr::null(), libc::RTLD_LAZY);
-        let mut own: libc::Dl_info = std::mem::zeroed();
-        // The main program's dli_fname is its argv[0]-like path: take its handle directly.
-        let handle = if !main.is_null()
-            && libc::dladdr(libc::dlsym(main, c"main".as_ptr()), &mut own) != 0
-            && own.dli_fbase == info.dli_fbase
+        let mut map: *mut c_void = std::ptr::null_mut();
+        const RTLD_DL_LINKMAP: c_int = 2;
+        if libc::dladdr1(
+            ip as *const c_void,
+            &mut info,
+            &mut map as *mut *mut c_void,
+            RTLD_DL_LINKMAP,
+        ) == 0
+            || map.is_null()
         {
-            main
-        } else {
-            if !main.is_null() {
-                dlclose(main);
-            }
-            dlopen(info.dli_fname, libc::RTLD_LAZY | libc::RTLD_NOLOAD)
-        };
-        if handle.is_null() {
             return None;
         }
-        let found = search_path_hit(handle, bare);
-        dlclose(handle);
-        found
+        search_path_hit(map, bare)
     }
 }
 

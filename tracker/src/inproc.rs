@@ -40,6 +40,9 @@ static DEADLINE_NS: AtomicU64 = AtomicU64::new(0);
 static PYMALLOC_ON: AtomicBool = AtomicBool::new(false);
 /// One stop at a time (a program's `memtrack_stop` against the writer's own).
 static STOPPING: AtomicBool = AtomicBool::new(false);
+/// The writer stopped the recording (control word, duration) and no `memtrack_stop` has
+/// answered for it yet: the program's own stop then succeeds.
+static SELF_STOPPED: AtomicBool = AtomicBool::new(false);
 /// The reason of the last failure, NUL-terminated.
 static LAST_ERROR: Mutex<[u8; 512]> = Mutex::new([0; 512]);
 
@@ -171,6 +174,7 @@ pub unsafe fn start(path: *const c_char, flags: u32, duration_ms: std::os::raw::
         c.store(0, Ordering::Release);
     }
     STOPPING.store(false, Ordering::Release);
+    SELF_STOPPED.store(false, Ordering::Release);
     recorder::start_writer();
     static ATFORK: std::sync::Once = std::sync::Once::new();
     ATFORK.call_once(|| {
@@ -278,19 +282,21 @@ pub fn stop() -> i32 {
         return fail("memtrack_stop called from inside memtrack");
     };
     let _errno = SaveErrno::new();
-    if STOPPING.swap(true, Ordering::AcqRel) {
-        // The writer stops it (control word or duration): wait for the end.
+    if SELF_STOPPED.swap(false, Ordering::AcqRel) {
+        // The writer stopped it (control word or duration): wait for the end.
         wait_stopped();
         return 0;
     }
     if lifecycle::current() != State::Active {
-        STOPPING.store(false, Ordering::Release);
-        if status() == STATUS_STOPPED {
-            return 0;
-        }
         return fail("nothing is being recorded");
     }
-    unhook();
+    if STOPPING.swap(true, Ordering::AcqRel) {
+        // The writer is stopping it this very moment.
+        SELF_STOPPED.store(false, Ordering::Release);
+        wait_stopped();
+        return 0;
+    }
+    unhook(true);
     drop(g);
     recorder::finish(EndReason::Detached);
     set_status(STATUS_STOPPED);
@@ -306,8 +312,10 @@ fn wait_stopped() {
     }
 }
 
-fn unhook() {
-    if PYMALLOC_ON.swap(false, Ordering::AcqRel) {
+/// Removes the hooks. Python's allocator wrappers need the GIL to be removed: without it
+/// (the writer thread) they stay, forwarding only, and the next start keeps them.
+fn unhook(holds_gil: bool) {
+    if holds_gil && PYMALLOC_ON.swap(false, Ordering::AcqRel) {
         crate::pymem::uninstall();
     }
     got::restore_all();
@@ -325,7 +333,8 @@ pub(crate) fn writer_stop_due() -> bool {
     if !(asked || over) || STOPPING.swap(true, Ordering::AcqRel) {
         return false;
     }
-    unhook();
+    SELF_STOPPED.store(true, Ordering::Release);
+    unhook(false);
     lifecycle::finish()
 }
 
