@@ -192,7 +192,7 @@ pub fn later(wrap: bool) -> bool {
         0
     }
     let arg = if wrap {
-        1usize as *mut c_void
+        std::ptr::dangling_mut::<c_void>()
     } else {
         std::ptr::null_mut()
     };
