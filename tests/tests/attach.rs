@@ -564,3 +564,118 @@ fn refuses_without_ptrace_permission() {
         &format!("run memtrack as the process's user or as root (sudo memtrack attach {pid}); in a container, add the SYS_PTRACE capability (docker run --cap-add=SYS_PTRACE, or securityContext.capabilities.add: [SYS_PTRACE])"),
     );
 }
+
+/// What a capture of `attach_loop.c` holds whatever the window: the loop keeps 64 blocks live
+/// (each freed 64 iterations after its allocation), so the 64 live at the attach are freed in
+/// the window as blocks made before it, and 64 recorded ones are live at the stop.
+fn assert_loop_window(cap: &Path, seconds: std::ops::Range<f64>) -> u64 {
+    let s = summary_json(cap);
+    assert_eq!(s["attached"]["how"], "attach", "{s:#}");
+    assert_eq!(s["attached"]["frees_of_earlier_blocks"], 64, "{s:#}");
+    assert_eq!(s["end_reason"], "detach", "{s:#}");
+    assert!(json_bool(&s, "complete"));
+    let total = json_u64(&s, "total_allocations");
+    assert_eq!(json_u64(&s, "leaked_allocations"), 64);
+    assert_eq!(json_u64(&s, "peak_allocations"), 64);
+    assert_eq!(json_u64(&s, "total_frees"), total - 64);
+    let d = s["duration_seconds"].as_f64().unwrap();
+    assert!(seconds.contains(&d), "recorded for {d} s");
+    // One allocation a millisecond at most.
+    assert!(
+        (64..=(d * 1000.0) as u64).contains(&total),
+        "{total} allocations in {d} s"
+    );
+    total
+}
+
+#[test]
+fn attach_records_a_running_loop_for_its_duration() {
+    let work = Work::new("attach-e2e");
+    let lib = binaries().preload.clone();
+    let exe = work.compile("attach_loop.c");
+    let t = start(Command::new(&exe));
+    let pid = t.pid();
+    std::thread::sleep(Duration::from_millis(300));
+    let cap = work.path("loop.cap");
+    let out = memtrack(
+        &lib,
+        &[
+            "attach",
+            &pid.to_string(),
+            "-o",
+            cap.to_str().unwrap(),
+            "--duration",
+            "2",
+        ],
+        &[],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let total = assert_loop_window(&cap, 1.9..2.5);
+    assert!(
+        err.contains(&format!(
+            "memtrack: capture written to {}: {total} allocations",
+            cap.display()
+        )),
+        "{err}"
+    );
+    let (rest, code) = t.finish();
+    assert_eq!(rest, "done\n");
+    assert_eq!(code, Some(3));
+}
+
+#[test]
+fn detach_ends_a_recording_and_a_second_attach_records_again() {
+    let work = Work::new("attach-e2e-detach");
+    let lib = binaries().preload.clone();
+    let exe = work.compile("attach_loop.c");
+    let t = start(Command::new(&exe));
+    let pid = t.pid();
+    // The ring of 64 blocks full before the attach.
+    std::thread::sleep(Duration::from_millis(300));
+    let first = work.path("first.cap");
+    let attach = Command::new(&binaries().memtrack)
+        .args(["attach", &pid.to_string(), "-o"])
+        .arg(&first)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let again = memtrack(
+        &lib,
+        &["attach", &pid.to_string(), "-o", "/tmp/never.cap"],
+        &[],
+    );
+    assert!(
+        stderr(&again)
+            .contains("the process is already being recorded (by an earlier `memtrack attach`)"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(again.status.code(), Some(2));
+    let out = memtrack(&lib, &["detach", &pid.to_string()], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let attach = wait_output(attach, "memtrack attach");
+    assert_eq!(attach.status.code(), Some(0), "{}", stderr(&attach));
+    assert_loop_window(&first, 0.5..3.0);
+
+    // The library stays loaded, its recording over: a new attach starts a new one.
+    let second = work.path("second.cap");
+    let out = memtrack(
+        &lib,
+        &[
+            "attach",
+            &pid.to_string(),
+            "-o",
+            second.to_str().unwrap(),
+            "--duration",
+            "1",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_loop_window(&second, 0.9..1.5);
+    let (rest, code) = t.finish();
+    assert_eq!(rest, "done\n");
+    assert_eq!(code, Some(3));
+}

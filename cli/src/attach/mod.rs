@@ -717,7 +717,7 @@ pub fn cmd_attach(
     }
     match memtrack_reader::Capture::open(&readable).and_then(|c| c.summary()) {
         Ok(s) => eprintln!(
-            "memtrack: capture written to {}: {} allocations ({}) recorded, peak {}, {} live at the end; report on it with: memtrack summary {}",
+            "memtrack: capture written to {}: {} allocations ({}) recorded, peak {}, {} live at the stop; report on it with: memtrack summary {}",
             out.display(),
             s.total_allocations,
             memtrack_reader::human_bytes(s.total_bytes),
