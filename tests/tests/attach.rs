@@ -679,3 +679,43 @@ fn detach_ends_a_recording_and_a_second_attach_records_again() {
     assert_eq!(rest, "done\n");
     assert_eq!(code, Some(3));
 }
+
+#[test]
+fn a_process_that_exits_while_recorded_leaves_a_complete_capture() {
+    let work = Work::new("attach-e2e-exit");
+    let lib = binaries().preload.clone();
+    let exe = work.compile("attach_loop.c");
+    let t = start(Command::new(&exe));
+    let pid = t.pid();
+    std::thread::sleep(Duration::from_millis(300));
+    let cap = work.path("exit.cap");
+    // Without --duration: attach waits for the process, which ends after its 5 s.
+    let attach = Command::new(&binaries().memtrack)
+        .args(["attach", &pid.to_string(), "-o"])
+        .arg(&cap)
+        .env("MEMTRACK_PRELOAD", &lib)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (rest, code) = t.finish();
+    assert_eq!(rest, "done\n");
+    assert_eq!(code, Some(3));
+    let out = wait_output(attach, "memtrack attach");
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains(&format!(
+            "memtrack: process {pid} exited while recording; the capture holds what it wrote until then\n"
+        )),
+        "{err}"
+    );
+    // The loop frees every block before it returns.
+    let s = summary_json(&cap);
+    assert_eq!(s["attached"]["frees_of_earlier_blocks"], 64, "{s:#}");
+    assert_eq!(s["end_reason"], "exit", "{s:#}");
+    assert_eq!(json_u64(&s, "leaked_allocations"), 0);
+    assert_eq!(
+        json_u64(&s, "total_frees"),
+        json_u64(&s, "total_allocations")
+    );
+}

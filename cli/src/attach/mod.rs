@@ -516,14 +516,32 @@ fn inject(
     };
     let dlerror = dl_fn("dlerror");
 
-    let tid = ptrace::choose_thread(&t);
     let unsafe_text = |rip: u64| pre.unsafe_text.iter().any(|m| m.contains_text(rip));
-    let mut h = match Hijacked::seize(t, tid, &unsafe_text) {
-        Ok(h) => h,
-        Err(SeizeError::NotPermitted(why)) => return Err(not_permitted(ATTACH, pid, why)),
-        Err(SeizeError::Other(e)) => {
-            return Err(e.context(format!("cannot stop a thread of process {pid}")))
+    let candidates = ptrace::candidate_threads(&t, 3);
+    let mut held = None;
+    for &tid in &candidates {
+        match Hijacked::seize(t, tid, &unsafe_text, Duration::from_secs(1)) {
+            Ok(h) => {
+                held = Some(h);
+                break;
+            }
+            Err(SeizeError::NoSafePoint) => continue,
+            Err(SeizeError::NotPermitted(why)) => return Err(not_permitted(ATTACH, pid, why)),
+            Err(SeizeError::Other(e)) => {
+                return Err(e.context(format!("cannot stop a thread of process {pid}")))
+            }
         }
+    }
+    let Some(mut h) = held else {
+        return Err(refuse(
+            ATTACH,
+            pid,
+            format!(
+                "no thread reached a safe point (tried {}: each stayed inside the C library, the loader or a system call that may hold a lock)",
+                candidates.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
+            ),
+            "try again when the process is less busy or waits for input",
+        ));
     };
     let abandon = || INTERRUPTS.load(Ordering::SeqCst) > 0;
     let call = |h: &mut Hijacked, name: &str, f: u64, args: &[u64], stack: Option<u64>| {
@@ -671,9 +689,13 @@ pub fn cmd_attach(
         Some(d) => ((d * 1000.0).round() as u64).max(1),
         None => 0,
     };
+    // Ctrl-C, SIGTERM and SIGHUP wait while a thread is held (memtrack ending then would leave
+    // it returning to address 0), and afterwards stop the recording.
     // SAFETY: the handler only increments an atomic counter.
     unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(sig, on_sigint as *const () as libc::sighandler_t);
+        }
     }
     let pre = preflight(t, &lib)?;
     let syms = lib_symbols(&Elf::read(&lib, None)?, &lib)?;

@@ -95,6 +95,8 @@ pub struct Hijacked {
 pub enum SeizeError {
     /// `EPERM`: ptrace is not permitted.
     NotPermitted(String),
+    /// The thread stayed inside the C library or the loader (or a non-idle system call).
+    NoSafePoint,
     Other(anyhow::Error),
 }
 
@@ -108,27 +110,36 @@ fn os_err(what: &str) -> String {
     format!("{what}: {}", std::io::Error::last_os_error())
 }
 
-/// Chooses the thread to hijack: one blocked in an idle system call (the main thread first),
-/// else the main thread.
-pub fn choose_thread(target: &Target) -> i32 {
-    let mut tids: Vec<i32> = std::fs::read_dir(target.proc_path("task"))
+/// The threads to try, best first: those blocked in an idle system call, then those running
+/// (not in any system call), then the others; the main thread first within each group. At most
+/// `max` of them.
+pub fn candidate_threads(target: &Target, max: usize) -> Vec<i32> {
+    let tids: Vec<i32> = std::fs::read_dir(target.proc_path("task"))
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
                 .collect()
         })
         .unwrap_or_default();
-    tids.sort_unstable_by_key(|&t| (t != target.pid, t));
-    tids.into_iter()
-        .find(|&tid| {
+    let mut ranked: Vec<(u8, bool, i32)> = tids
+        .into_iter()
+        .map(|tid| {
             let path = target.proc_path(&format!("task/{tid}/syscall"));
-            std::fs::read_to_string(path).is_ok_and(|s| {
-                s.split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse::<i64>().ok())
-                    .is_some_and(|n| IDLE_SYSCALLS.contains(&n))
-            })
+            let first = std::fs::read_to_string(path).unwrap_or_default();
+            let first = first.split_whitespace().next().unwrap_or("");
+            let rank = match first.parse::<i64>() {
+                Ok(n) if IDLE_SYSCALLS.contains(&n) => 0,
+                _ if first == "running" || first == "-1" => 1,
+                _ => 2,
+            };
+            (rank, tid != target.pid, tid)
         })
-        .unwrap_or(target.pid)
+        .collect();
+    ranked.sort_unstable();
+    let mut out: Vec<i32> = ranked.into_iter().map(|(_, _, t)| t).take(max).collect();
+    if out.is_empty() {
+        out.push(target.pid);
+    }
+    out
 }
 
 /// Waits for `tid` to stop; the raw status.
@@ -282,6 +293,7 @@ impl Hijacked {
         target: Target,
         tid: i32,
         unsafe_text: &dyn Fn(u64) -> bool,
+        budget: Duration,
     ) -> Result<Hijacked, SeizeError> {
         // SAFETY: PTRACE_SEIZE takes no pointer arguments (options 0).
         let r = unsafe {
@@ -311,7 +323,7 @@ impl Hijacked {
             in_idle_syscall: false,
             detached: false,
         };
-        let deadline = Instant::now() + Duration::from_secs(2);
+        let deadline = Instant::now() + budget;
         let mut delay = Duration::from_millis(1);
         loop {
             h.stop()
@@ -327,9 +339,7 @@ impl Hijacked {
             }
             if Instant::now() >= deadline {
                 h.detach();
-                return Err(SeizeError::Other(anyhow::anyhow!(
-                    "thread {tid} never reached a safe point within 2 s (it stays inside the C library or the loader)"
-                )));
+                return Err(SeizeError::NoSafePoint);
             }
             cont(tid, 0).map_err(|e| SeizeError::Other(anyhow::anyhow!("{e}")))?;
             std::thread::sleep(delay);
