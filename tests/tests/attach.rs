@@ -719,3 +719,42 @@ fn a_process_that_exits_while_recorded_leaves_a_complete_capture() {
         json_u64(&s, "total_allocations")
     );
 }
+
+#[test]
+fn attach_to_python_shows_python_frames() {
+    for py in pythons() {
+        let work = py.work("attach-py");
+        let lib = binaries().preload.clone();
+        let mut cmd = Command::new(&py.program);
+        cmd.arg(fixtures_dir().join("attach_py.py"));
+        let t = start(cmd);
+        std::thread::sleep(Duration::from_millis(500));
+        let cap = work.path("py.cap");
+        let out = memtrack(
+            &lib,
+            &[
+                "attach",
+                &t.pid().to_string(),
+                "-o",
+                cap.to_str().unwrap(),
+                "--duration",
+                "2",
+            ],
+            &[],
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let table = memtrack_ok(|c| {
+            c.arg("table")
+                .arg(&cap)
+                .args(["--by", "stack", "--python-only", "--top", "1"]);
+        });
+        let table = String::from_utf8_lossy(&table.stdout);
+        assert!(
+            table.contains("grow (attach_py.py:6) <- <module> (attach_py.py:12)"),
+            "{table}"
+        );
+        let (rest, code) = t.finish();
+        assert_eq!(rest, "done\n");
+        assert_eq!(code, Some(3));
+    }
+}
