@@ -377,10 +377,13 @@ fn assert_refused(lib: &Path, pid: i32, prefix: &[&str], reason: &str, fix: &str
         &["attach", &pid.to_string(), "-o", "/tmp/never-written.cap"],
         prefix,
     );
-    assert_eq!(
-        stderr(&out),
-        format!("memtrack: cannot attach to {pid}: {reason}\nfix: {fix}\n")
-    );
+    let expected = format!("memtrack: cannot attach to {pid}: {reason}\nfix: {fix}\n");
+    let err = stderr(&out);
+    // A process under seccomp gets a note first.
+    let err = err
+        .strip_prefix(&format!("memtrack: note: process {pid} runs under a seccomp filter; if it forbids what dlopen does, the attach fails and says so\n"))
+        .unwrap_or(&err);
+    assert_eq!(err, expected);
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -757,4 +760,51 @@ fn attach_to_python_shows_python_frames() {
         assert_eq!(rest, "done\n");
         assert_eq!(code, Some(3));
     }
+}
+
+#[test]
+fn attach_to_busy_threads_chooses_a_running_one() {
+    let work = Work::new("attach-threads");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let t = target(&exe, "threads");
+    std::thread::sleep(Duration::from_millis(500));
+    // The main thread waits in pthread_join, inside the C library (a futex, not an idle
+    // call): a worker running its own code is held instead.
+    let tid = attach_briefly(&work, &lib, t.pid());
+    assert_ne!(tid, t.pid());
+    let (rest, code) = t.finish();
+    assert_eq!(rest, "busy state kept: yes\nbusy state kept: yes\n");
+    assert_eq!(code, Some(3));
+}
+
+#[test]
+fn refuses_when_seccomp_blocks_dlopen_and_leaves_the_loader_usable() {
+    let work = Work::new("attach-seccomp");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let mut t = target(&exe, "seccomp");
+    let pid = t.pid();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_refused(
+        &lib,
+        pid,
+        &[],
+        &format!(
+            "a seccomp filter blocks system calls dlopen makes (the thread got SIGSYS; dlopen failed: {}: cannot open shared object file: Operation not permitted)",
+            lib.display()
+        ),
+        "run the program under `memtrack run`, or without that seccomp filter (docker: --security-opt seccomp=unconfined)",
+    );
+    // dlopen returned through its error path: the loader's lock is free for another thread.
+    t.child
+        .0
+        .stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"go\n")
+        .unwrap();
+    let (rest, code) = t.finish();
+    assert_eq!(rest, "dlopen in a thread: ok\n");
+    assert_eq!(code, Some(3));
 }

@@ -472,15 +472,17 @@ struct Injected {
 
 /// Turns a failed remote call into an error that says what the process is left with.
 fn call_failed(pid: i32, name: &str, e: CallError) -> anyhow::Error {
-    match e {
-        CallError::Seccomp => refuse(
-            ATTACH,
-            pid,
-            format!("a seccomp filter blocks a system call of {name} (the thread got SIGSYS)"),
-            "run the program under `memtrack run`, or without the seccomp filter (docker: --security-opt seccomp=unconfined)",
-        ),
-        other => anyhow::anyhow!("calling {name} in process {pid}: {other}"),
-    }
+    anyhow::anyhow!("calling {name} in process {pid}: {e}")
+}
+
+/// The refusal when a seccomp filter made system calls of `name` fail.
+fn seccomp_refusal(pid: i32, name: &str, why: &str) -> anyhow::Error {
+    refuse(
+        ATTACH,
+        pid,
+        format!("a seccomp filter blocks system calls {name} makes (the thread got SIGSYS; {name} failed: {why})"),
+        "run the program under `memtrack run`, or without that seccomp filter (docker: --security-opt seccomp=unconfined)",
+    )
 }
 
 /// Loads the library into the process and starts recording. Returns the addresses of the
@@ -599,6 +601,9 @@ fn inject(
                 }
                 None => "no reason given".to_string(),
             };
+            if h.seccomp_refusals > 0 {
+                return Err(seccomp_refusal(pid, "dlopen", &why));
+            }
             return Err(refuse(
                 ATTACH,
                 pid,
@@ -647,12 +652,18 @@ fn inject(
                 t.read_cstr(e, 4096)
                     .unwrap_or_else(|e| format!("(unreadable: {e})"))
             };
+            if h.seccomp_refusals > 0 {
+                return Err(seccomp_refusal(pid, "memtrack_start", &why));
+            }
             return Err(refuse(
                 ATTACH,
                 pid,
                 format!("the library refused to start: {why}"),
                 "see the reason; `memtrack detach` stops an earlier recording",
             ));
+        }
+        if h.seccomp_refusals > 0 {
+            eprintln!("memtrack: warning: a seccomp filter refused {} system calls during the attach; the recording started anyway", h.seccomp_refusals);
         }
         Ok(Injected {
             status: m.base + syms.status,

@@ -45,8 +45,6 @@ const IDLE_SYSCALLS: [i64; 22] = [
 /// How a remote call went wrong.
 #[derive(Debug)]
 pub enum CallError {
-    /// A `SIGSYS`: a seccomp filter refused a system call the function made.
-    Seccomp,
     /// The process ended during the call.
     Exited(String),
     /// The function faulted (not at the return address).
@@ -60,10 +58,6 @@ pub enum CallError {
 impl std::fmt::Display for CallError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CallError::Seccomp => write!(
-                f,
-                "a seccomp filter blocks a system call the injection needs (SIGSYS)"
-            ),
             CallError::Exited(how) => write!(f, "the process {how} during the injection"),
             CallError::Fault { signal, rip } => write!(
                 f,
@@ -88,6 +82,9 @@ pub struct Hijacked {
     pending: Vec<i32>,
     /// Whether the thread was stopped inside an idle system call.
     pub in_idle_syscall: bool,
+    /// System calls a seccomp filter refused with `SIGSYS` during the calls (each made to
+    /// fail with `EPERM` instead, so that the function returns and releases its locks).
+    pub seccomp_refusals: u32,
     detached: bool,
 }
 
@@ -321,6 +318,7 @@ impl Hijacked {
             saved_fp: None,
             pending: Vec::new(),
             in_idle_syscall: false,
+            seccomp_refusals: 0,
             detached: false,
         };
         let deadline = Instant::now() + budget;
@@ -457,7 +455,15 @@ impl Hijacked {
                         rip: now.rip,
                     });
                 }
-                libc::SIGSYS => return Err(CallError::Seccomp),
+                libc::SIGSYS => {
+                    // SECCOMP_RET_TRAP skipped the system call and stopped here, after it:
+                    // it fails as if refused, and the function goes on to its error path.
+                    let mut now = getregs(self.tid)?;
+                    now.rax = -(libc::EPERM as i64) as u64;
+                    setregs(self.tid, &now)?;
+                    self.seccomp_refusals += 1;
+                    cont(self.tid, 0)?;
+                }
                 libc::SIGBUS | libc::SIGILL | libc::SIGFPE => {
                     let now = getregs(self.tid)?;
                     return Err(CallError::Fault {
