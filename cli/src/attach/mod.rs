@@ -75,8 +75,9 @@ extern "C" fn on_sigint(_: libc::c_int) {
 }
 
 /// The fix named when ptrace is not permitted.
-fn ptrace_fix(pid: i32) -> String {
-    format!("run memtrack as the process's user or as root (sudo memtrack attach {pid}); in a container, add the SYS_PTRACE capability (docker run --cap-add=SYS_PTRACE, or securityContext.capabilities.add: [SYS_PTRACE])")
+fn ptrace_fix(verb: &str, pid: i32) -> String {
+    let cmd = if verb == DETACH { "detach" } else { "attach" };
+    format!("run memtrack as the process's user or as root (sudo memtrack {cmd} {pid}); in a container, add the SYS_PTRACE capability (docker run --cap-add=SYS_PTRACE, or securityContext.capabilities.add: [SYS_PTRACE])")
 }
 
 fn not_permitted(verb: &'static str, pid: i32, why: impl std::fmt::Display) -> anyhow::Error {
@@ -84,7 +85,7 @@ fn not_permitted(verb: &'static str, pid: i32, why: impl std::fmt::Display) -> a
         verb,
         pid,
         format!("ptrace is not permitted ({why})"),
-        ptrace_fix(pid),
+        ptrace_fix(verb, pid),
     )
 }
 
@@ -324,7 +325,7 @@ fn check_permission(t: Target, status: &[(String, String)]) -> Result<()> {
             ATTACH,
             pid,
             format!("ptrace is not permitted: the process runs as uid {owner}, memtrack as uid {uid} without CAP_SYS_PTRACE"),
-            ptrace_fix(pid),
+            ptrace_fix(ATTACH, pid),
         ));
     }
     // A process that is not dumpable (set-user-ID, or prctl(PR_SET_DUMPABLE, 0)) has its
