@@ -202,7 +202,8 @@ pub(crate) fn restore_all() -> Counts {
         ..Counts::default()
     };
     let mut order: Vec<Patch> = patches.drain(..).collect();
-    order.sort_by_key(|p| std::cmp::Reverse(p.name < 6));
+    // Allocating functions first (false sorts before true).
+    order.sort_by_key(|p| p.name < 6);
     for p in order {
         let Some(m) = modules.iter().find(|m| m.bias == p.module) else {
             continue;
