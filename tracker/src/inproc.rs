@@ -309,6 +309,7 @@ pub fn stop() -> i32 {
         return 0;
     }
     unhook(true);
+    settle();
     drop(g);
     recorder::finish(EndReason::Detached);
     set_status(STATUS_STOPPED);
@@ -338,6 +339,12 @@ fn unhook(holds_gil: bool) {
     got::restore_all();
 }
 
+/// A thread that read a hook's address from a slot just before it was restored is still to
+/// record its call: it gets this long while the recording is still on.
+fn settle() {
+    std::thread::sleep(std::time::Duration::from_millis(2));
+}
+
 /// Polled by the writer thread: true when this recording is to stop now (asked through the
 /// control word, or its duration is over) and the caller is the one to stop it.
 pub(crate) fn writer_stop_due() -> bool {
@@ -352,6 +359,7 @@ pub(crate) fn writer_stop_due() -> bool {
     }
     SELF_STOPPED.store(true, Ordering::Release);
     unhook(false);
+    settle();
     lifecycle::finish()
 }
 
