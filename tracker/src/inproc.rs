@@ -102,6 +102,11 @@ fn unsafe_zeroed() -> libc::Dl_info {
     unsafe { std::mem::zeroed() }
 }
 
+/// The library was loaded into a running process (its slots are redirected while recording).
+pub(crate) fn loaded_late() -> bool {
+    LOADED_LATE.load(Ordering::Relaxed)
+}
+
 /// The reason of the last failure.
 pub fn last_error() -> *const c_char {
     match LAST_ERROR.lock() {
