@@ -808,3 +808,35 @@ fn refuses_when_seccomp_blocks_dlopen_and_leaves_the_loader_usable() {
     assert_eq!(rest, "dlopen in a thread: ok\n");
     assert_eq!(code, Some(3));
 }
+
+#[test]
+fn detach_without_permission_is_refused() {
+    let work = Work::new("detach-eperm");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("not root: the permission refusal is checked only as root");
+        return;
+    }
+    let t = target(&exe, "wait");
+    let pid = t.pid();
+    let out = memtrack(
+        &lib,
+        &["detach", &pid.to_string()],
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+    );
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "memtrack: cannot detach from {pid}: ptrace is not permitted (cannot read /proc/{pid}/maps: Permission denied (os error 13))\n\
+             fix: run memtrack as the process's user or as root (sudo memtrack detach {pid}); in a container, add the SYS_PTRACE capability (docker run --cap-add=SYS_PTRACE, or securityContext.capabilities.add: [SYS_PTRACE])\n"
+        )
+    );
+    assert_eq!(out.status.code(), Some(2));
+}
