@@ -137,8 +137,10 @@ pub(crate) enum Cmd {
         /// waits for it). Default: until Ctrl-C or `memtrack detach`.
         #[arg(long, value_name = "SECONDS")]
         duration: Option<f64>,
-        /// How to load the library into the process: `ptrace` (system calls only, no
-        /// debugger needed). `auto` means ptrace; `gdb` is not implemented yet and is refused.
+        /// How to load the library into the process: `ptrace` calls dlopen in one thread,
+        /// stopped at a safe point, with system calls only (no debugger needed); `gdb` has gdb
+        /// make the same calls (it stops every thread and allocates the string arguments in
+        /// the process, so a thread stopped inside malloc can deadlock it). `auto` is ptrace.
         #[arg(long, value_enum, default_value = "auto")]
         method: AttachMethod,
     },

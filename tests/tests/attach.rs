@@ -840,3 +840,58 @@ fn detach_without_permission_is_refused() {
     );
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn attach_with_gdb_records_the_loop_and_reports_refusals() {
+    let work = Work::new("attach-gdb");
+    let lib = binaries().preload.clone();
+    let exe = work.compile("attach_loop.c");
+    let t = start(Command::new(&exe));
+    let pid = t.pid();
+    std::thread::sleep(Duration::from_millis(300));
+    let cap = work.path("gdb.cap");
+    let out = memtrack(
+        &lib,
+        &[
+            "attach",
+            &pid.to_string(),
+            "-o",
+            cap.to_str().unwrap(),
+            "--duration",
+            "1",
+            "--method",
+            "gdb",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_loop_window(&cap, 0.9..1.5);
+    let (rest, code) = t.finish();
+    assert_eq!(rest, "done\n");
+    assert_eq!(code, Some(3));
+
+    // The library's reason comes back through gdb too.
+    let stub_lib = stub(&work);
+    let t = target(&work.compile("attach_target.c"), "wait");
+    let pid = t.pid();
+    let out = memtrack(
+        &stub_lib,
+        &[
+            "attach",
+            &pid.to_string(),
+            "-o",
+            "/tmp/refuse-gdb.cap",
+            "--method",
+            "gdb",
+        ],
+        &[],
+    );
+    assert_eq!(
+        stderr(&out),
+        format!(
+            "memtrack: cannot attach to {pid}: the library refused to start: stub refuses this path\n\
+             fix: see the reason; `memtrack detach` stops an earlier recording\n"
+        )
+    );
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -8,9 +8,11 @@
 //! Ctrl-C or `memtrack detach`, writes its `memtrack_control` word (`process_vm_writev`: the
 //! process is never stopped again).
 
+mod gdb;
 mod ptrace;
 mod target;
 
+use crate::args::AttachMethod;
 use anyhow::{bail, Context, Result};
 use ptrace::{CallError, Hijacked, SeizeError};
 use std::path::{Path, PathBuf};
@@ -687,11 +689,8 @@ pub fn cmd_attach(
     pid: i32,
     output: Option<PathBuf>,
     duration: Option<f64>,
-    method: crate::args::AttachMethod,
+    method: AttachMethod,
 ) -> Result<u8> {
-    if method == crate::args::AttachMethod::Gdb {
-        bail!("--method gdb is not implemented; use --method ptrace (the default), which needs no debugger");
-    }
     let t = Target { pid };
     let lib = crate::run::find_preload()?;
     let duration_ms = match duration {
@@ -733,7 +732,28 @@ pub fn cmd_attach(
             out.display()
         );
     }
-    let injected = inject(t, &pre, &lib, &syms, &out, duration_ms)?;
+    let injected = match method {
+        // gdb is the weaker way (see gdb.rs): only when asked for.
+        AttachMethod::Auto | AttachMethod::Ptrace => {
+            inject(t, &pre, &lib, &syms, &out, duration_ms)?
+        }
+        AttachMethod::Gdb => {
+            gdb::inject(pid, &lib, &out, duration_ms)?;
+            let maps = t
+                .maps()
+                .with_context(|| format!("cannot read /proc/{pid}/maps"))?;
+            let (m, _) = find_memtrack(t, &maps, Some(&lib))?.with_context(|| {
+                format!(
+                    "{} is not mapped in process {pid} after gdb loaded it",
+                    lib.display()
+                )
+            })?;
+            Injected {
+                status: m.base + syms.status,
+                control: m.base + syms.control,
+            }
+        }
+    };
     match duration {
         Some(d) => eprintln!(
             "memtrack: recording {pid} into {} for {d} s (Ctrl-C stops it sooner)",
