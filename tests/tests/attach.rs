@@ -202,6 +202,20 @@ fn attach_to_a_read_leaves_the_read_intact() {
     assert_eq!(code, Some(3));
 }
 
+#[test]
+fn attach_to_an_epoll_wait_leaves_it_intact() {
+    let work = Work::new("attach-epoll");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let mut t = target(&exe, "epoll");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(attach_briefly(&work, &lib, t.pid()), t.pid());
+    t.child.0.stdin.as_mut().unwrap().write_all(b"x\n").unwrap();
+    let (rest, code) = t.finish();
+    assert_eq!(rest, "epoll_wait returned 1 errno 0 data 7\n");
+    assert_eq!(code, Some(3));
+}
+
 /// A sleep interrupted by the attach 1.5 s into its 3 s ends at its time: restarted with the
 /// time left (a restart from the beginning would end 1.5 s late), never with EINTR.
 fn sleep_kept(mode: &str) {

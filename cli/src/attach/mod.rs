@@ -2,8 +2,8 @@
 //!
 //! **Attach**: checks first what would make the injection fail or harm the process, each
 //! refusal naming its fix ([`preflight`]); then loads `libmemtrack.so` into the process by
-//! calling `dlopen` in one of its threads through ptrace ([`ptrace`]), and calls the library's
-//! `memtrack_start` there (the in-target interface of `docs/design/issue24-abi.md`). From then
+//! calling `dlopen` in one of its threads through ptrace ([`ptrace`]; or through gdb, [`gdb`],
+//! when asked), and calls the library's `memtrack_start` there (the in-target interface of `docs/design/issue24-abi.md`). From then
 //! on the process records by itself; memtrack only watches its `memtrack_status` word and, on
 //! Ctrl-C or `memtrack detach`, writes its `memtrack_control` word (`process_vm_writev`: the
 //! process is never stopped again).

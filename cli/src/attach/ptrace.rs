@@ -139,6 +139,20 @@ pub fn candidate_threads(target: &Target, max: usize) -> Vec<i32> {
     out
 }
 
+/// Whether a signal the thread does not block waits for it (its own or the process's).
+fn signal_waiting(target: &Target, tid: i32) -> bool {
+    let Ok(text) = std::fs::read_to_string(target.proc_path(&format!("task/{tid}/status"))) else {
+        return true;
+    };
+    let mask = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    (mask("SigPnd:") | mask("ShdPnd:")) & !mask("SigBlk:") != 0
+}
+
 /// Waits for `tid` to stop; the raw status.
 fn wait_stop(tid: i32, deadline: Option<Instant>) -> Result<i32, CallError> {
     let mut status = 0;
@@ -326,10 +340,26 @@ impl Hijacked {
         loop {
             h.stop()
                 .map_err(|e| SeizeError::Other(anyhow::anyhow!("{e}")))?;
-            let regs = getregs(tid).map_err(|e| SeizeError::Other(anyhow::anyhow!("{e}")))?;
-            let in_syscall =
-                regs.orig_rax as i64 >= 0 && RESTART_CODES.contains(&(regs.rax as i64));
-            h.in_idle_syscall = in_syscall && IDLE_SYSCALLS.contains(&(regs.orig_rax as i64));
+            let mut regs = getregs(tid).map_err(|e| SeizeError::Other(anyhow::anyhow!("{e}")))?;
+            let idle_nr =
+                regs.orig_rax as i64 >= 0 && IDLE_SYSCALLS.contains(&(regs.orig_rax as i64));
+            let restarts = RESTART_CODES.contains(&(regs.rax as i64));
+            // epoll_wait (and a few others) answer any interruption, a ptrace stop included,
+            // with EINTR instead of a restart. Caused by this stop (no signal waits to be
+            // delivered), it is undone: the thread goes back to the `syscall` instruction
+            // and makes the call again (a finite timeout starts over).
+            if idle_nr
+                && regs.rax as i64 == -(libc::EINTR as i64)
+                && h.pending.is_empty()
+                && !signal_waiting(&target, tid)
+                && target.read_mem(regs.rip - 2, 2).ok().as_deref() == Some(&[0x0f, 0x05])
+            {
+                regs.rax = regs.orig_rax;
+                regs.rip -= 2;
+                h.in_idle_syscall = true;
+            } else {
+                h.in_idle_syscall = idle_nr && restarts;
+            }
             if h.in_idle_syscall || !unsafe_text(regs.rip) {
                 h.saved = regs;
                 h.saved_fp = get_fp(tid);
