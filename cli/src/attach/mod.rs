@@ -739,6 +739,9 @@ pub fn cmd_attach(
         }
         AttachMethod::Gdb => {
             gdb::inject(pid, &lib, &out, duration_ms)?;
+            if !alive(t, pre.start_time) {
+                bail!("process {pid} exited right after gdb detached (gdb stops every thread: an epoll_wait, for one, then fails with EINTR); its capture holds what was written, if anything");
+            }
             let maps = t
                 .maps()
                 .with_context(|| format!("cannot read /proc/{pid}/maps"))?;
