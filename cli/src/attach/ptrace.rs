@@ -80,8 +80,6 @@ pub struct Hijacked {
     saved_fp: Option<(libc::c_int, Vec<u8>)>,
     /// Signals that arrived for the thread during the calls, sent again after the detach.
     pending: Vec<i32>,
-    /// Whether the thread was stopped inside an idle system call.
-    pub in_idle_syscall: bool,
     /// System calls a seccomp filter refused with `SIGSYS` during the calls (each made to
     /// fail with `EPERM` instead, so that the function returns and releases its locks).
     pub seccomp_refusals: u32,
@@ -331,7 +329,6 @@ impl Hijacked {
             saved: unsafe { std::mem::zeroed() },
             saved_fp: None,
             pending: Vec::new(),
-            in_idle_syscall: false,
             seccomp_refusals: 0,
             detached: false,
         };
@@ -348,19 +345,17 @@ impl Hijacked {
             // with EINTR instead of a restart. Caused by this stop (no signal waits to be
             // delivered), it is undone: the thread goes back to the `syscall` instruction
             // and makes the call again (a finite timeout starts over).
-            if idle_nr
+            let rewind = idle_nr
                 && regs.rax as i64 == -(libc::EINTR as i64)
                 && h.pending.is_empty()
                 && !signal_waiting(&target, tid)
-                && target.read_mem(regs.rip - 2, 2).ok().as_deref() == Some(&[0x0f, 0x05])
-            {
+                && target.read_mem(regs.rip - 2, 2).ok().as_deref() == Some(&[0x0f, 0x05]);
+            if rewind {
                 regs.rax = regs.orig_rax;
                 regs.rip -= 2;
-                h.in_idle_syscall = true;
-            } else {
-                h.in_idle_syscall = idle_nr && restarts;
             }
-            if h.in_idle_syscall || !unsafe_text(regs.rip) {
+            let idle = idle_nr && (restarts || rewind);
+            if idle || !unsafe_text(regs.rip) {
                 h.saved = regs;
                 h.saved_fp = get_fp(tid);
                 return Ok(h);
