@@ -122,3 +122,23 @@ pub fn inject(pid: i32, lib: &Path, out: &Path, duration_ms: u64) -> Result<()> 
         tail.join("\n")
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_string_gdb_printed_after_a_marker() {
+        let out = "[Thread debugging using libthread_db enabled]\nMEMTRACK_START_FAILED\n$1 = 0x7f12345678 \"the file exists\"\n[Inferior 1 (process 42) detached]\n";
+        assert_eq!(
+            printed_string(out, "MEMTRACK_START_FAILED"),
+            "the file exists"
+        );
+        assert_eq!(
+            printed_string(out, "MEMTRACK_DLOPEN_FAILED"),
+            "no reason given"
+        );
+        assert_eq!(quoted(Path::new("/a b/c.cap")).unwrap(), "\"/a b/c.cap\"");
+        assert!(quoted(Path::new("/a\"b")).is_err());
+    }
+}

@@ -329,3 +329,37 @@ pub fn is_glibc(name: &str) -> bool {
 pub fn is_loader(name: &str) -> bool {
     name.starts_with("ld-linux") || name.starts_with("ld-musl") || name.starts_with("ld-2.")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines_parse_with_spaces_in_paths_and_anonymous_ones() {
+        let m = parse_maps_line(
+            "7f3a1c000000-7f3a1c028000 r-xp 00028000 fd:01 1311234                    /opt/my app/libc.so.6",
+        )
+        .unwrap();
+        assert_eq!((m.start, m.end), (0x7f3a_1c00_0000, 0x7f3a_1c02_8000));
+        assert!(m.executable());
+        assert_eq!(m.offset, 0x28000);
+        assert_eq!(m.dev, (0xfd, 1));
+        assert_eq!(m.inode, 1_311_234);
+        assert_eq!(m.path, "/opt/my app/libc.so.6");
+        assert_eq!(m.file_name(), "libc.so.6");
+        let anon = parse_maps_line("7ffd5e1d0000-7ffd5e1f1000 rw-p 00000000 00:00 0").unwrap();
+        assert_eq!(anon.path, "");
+        assert!(!anon.executable());
+        assert!(parse_maps_line("garbage").is_none());
+    }
+
+    #[test]
+    fn glibc_and_loader_names() {
+        assert!(is_glibc("libc.so.6"));
+        assert!(is_glibc("libc-2.31.so"));
+        assert!(!is_glibc("libc.musl-x86_64.so.1"));
+        assert!(is_loader("ld-linux-x86-64.so.2"));
+        assert!(is_loader("ld-musl-x86_64.so.1"));
+        assert!(!is_loader("libdl.so.2"));
+    }
+}
