@@ -909,3 +909,25 @@ fn attach_with_gdb_records_the_loop_and_reports_refusals() {
     );
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn refuses_a_process_that_is_not_dumpable_without_cap_sys_ptrace() {
+    let work = Work::new("attach-nodump");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    // SAFETY: getuid cannot fail.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("not root: the permission refusal is checked only as root");
+        return;
+    }
+    // Same user (root), but memtrack runs without CAP_SYS_PTRACE.
+    let t = target(&exe, "nodump");
+    let pid = t.pid();
+    assert_refused(
+        &lib,
+        pid,
+        &["setpriv", "--bounding-set=-sys_ptrace"],
+        &format!("ptrace is not permitted (/proc/{pid}/exe is unreadable to memtrack: a process that is not dumpable, such as a set-user-ID one, needs CAP_SYS_PTRACE)"),
+        &format!("run memtrack as the process's user or as root (sudo memtrack attach {pid}); in a container, add the SYS_PTRACE capability (docker run --cap-add=SYS_PTRACE, or securityContext.capabilities.add: [SYS_PTRACE])"),
+    );
+}

@@ -215,7 +215,7 @@ fn preflight(t: Target, lib: &Path) -> Result<Preflight> {
         not_permitted(
             ATTACH,
             pid,
-            format_args!("cannot read /proc/{pid}/maps: {e}"),
+            format_args!("cannot read /proc/{pid}/maps: {e}; a process that is not dumpable, such as a set-user-ID one, needs CAP_SYS_PTRACE"),
         )
     })?;
     let exe = Elf::read(&t.proc_path("exe"), None).map_err(|e| {
@@ -223,7 +223,11 @@ fn preflight(t: Target, lib: &Path) -> Result<Preflight> {
             c.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
         }) {
-            not_permitted(ATTACH, pid, format_args!("cannot read /proc/{pid}/exe"))
+            not_permitted(
+                ATTACH,
+                pid,
+                format_args!("/proc/{pid}/exe is unreadable to memtrack: a process that is not dumpable, such as a set-user-ID one, needs CAP_SYS_PTRACE"),
+            )
         } else {
             e.context(format!("cannot read the executable of process {pid}"))
         }
