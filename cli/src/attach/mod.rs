@@ -218,7 +218,7 @@ fn preflight(t: Target, lib: &Path) -> Result<Preflight> {
             format_args!("cannot read /proc/{pid}/maps: {e}; a process that is not dumpable, such as a set-user-ID one, needs CAP_SYS_PTRACE"),
         )
     })?;
-    let exe = Elf::read(&t.proc_path("exe"), None).map_err(|e| {
+    let exe = Elf::read(&t.proc_path("exe")).map_err(|e| {
         if e.chain().any(|c| {
             c.downcast_ref::<std::io::Error>()
                 .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
@@ -622,9 +622,11 @@ fn inject(
             .maps()
             .with_context(|| format!("cannot read /proc/{pid}/maps"))?;
         let (dev, ino) = target::dev_ino(lib)?;
+        // By file, or by path (kernels that show an overlayfs file's lower device in maps).
+        let real = std::fs::canonicalize(lib).unwrap_or_else(|_| lib.to_path_buf());
         let name = maps
             .iter()
-            .find(|m| m.dev == dev && m.inode == ino)
+            .find(|m| (m.dev == dev && m.inode == ino) || Path::new(&m.path) == real)
             .map(|m| m.file_name().to_string())
             .with_context(|| {
                 format!(
@@ -713,7 +715,7 @@ pub fn cmd_attach(
         }
     }
     let pre = preflight(t, &lib)?;
-    let syms = lib_symbols(&Elf::read(&lib, None)?, &lib)?;
+    let syms = lib_symbols(&Elf::read(&lib)?, &lib)?;
     let out = match output {
         Some(o) => {
             std::path::absolute(&o).with_context(|| format!("bad output path {}", o.display()))?

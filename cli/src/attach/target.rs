@@ -225,7 +225,26 @@ pub fn find_module(
         return Ok(None);
     };
     let file = target.file_of(first);
-    let elf = Elf::read(&file, Some((first.dev, first.inode)))?;
+    let elf = Elf::read(&file)?;
+    // The file must be the one mapped: the same device and inode, or (overlayfs on some
+    // kernels shows the lower file's device in maps) the same first page as in memory.
+    let same_file = dev_ino(&file).is_ok_and(|d| d == (first.dev, first.inode)) || {
+        let n = elf
+            .data
+            .len()
+            .min(4096)
+            .min((first.end - first.start) as usize);
+        target
+            .read_mem(first.start, n)
+            .is_ok_and(|mem| mem == elf.data[..n])
+    };
+    if !same_file {
+        bail!(
+            "{} is not the file process {} mapped (it was replaced since)",
+            file.display(),
+            target.pid
+        );
+    }
     // The mapping at file offset 0 holds the first PT_LOAD segment (page-aligned down).
     let base = first.start.wrapping_sub(elf.first_load & !0xfff);
     let text = maps
@@ -252,20 +271,8 @@ pub struct Elf {
 }
 
 impl Elf {
-    /// Reads `path`; with `expect`, refuses a file that is not that device and inode (the file
-    /// the process mapped was replaced since).
-    pub fn read(path: &Path, expect: Option<((u32, u32), u64)>) -> Result<Elf> {
-        let meta =
-            std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-        if let Some((dev, ino)) = expect {
-            let got = (libc::major(meta.dev()), libc::minor(meta.dev()));
-            if meta.ino() != ino || got != dev {
-                bail!(
-                    "{} is not the file the process mapped (it was replaced since)",
-                    path.display()
-                );
-            }
-        }
+    /// Reads `path`.
+    pub fn read(path: &Path) -> Result<Elf> {
         let data =
             std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         let (first_load, interp, x86_64) = {
