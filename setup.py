@@ -73,6 +73,10 @@ class bdist_wheel_any_python(bdist_wheel):
         return "py3", "none", plat
 
 
+# setup.cfg puts egg_info's metadata here rather than in python/, where a source checkout on
+# PYTHONPATH would make the pytest plugin load by its entry point; egg_info wants it to exist.
+os.makedirs(os.path.join(ROOT, "build"), exist_ok=True)
+
 setup(
     cmdclass={
         "build": build_with_preload,

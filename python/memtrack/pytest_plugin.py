@@ -55,6 +55,17 @@ def mib(n):
     return "%.1f MiB" % (n / (1024 * 1024))
 
 
+def human(n):
+    """``512 B``, ``3.5 KiB``, ``32.0 MiB``."""
+    if n < 1024:
+        return "%d B" % n
+    if n < 1024 * 1024:
+        return "%.1f KiB" % (n / 1024)
+    if n < 1024**3:
+        return mib(n)
+    return "%.2f GiB" % (n / 1024**3)
+
+
 def _spec(spec):
     return '"%s"' % spec if isinstance(spec, str) else repr(spec)
 
@@ -81,7 +92,7 @@ def _stack_line(row, frames):
         shown.append("...")
     n = row.get("count", 0)
     return "    %s in %s allocation%s: %s" % (
-        mib(row["total_bytes"]),
+        human(row["total_bytes"]),
         format(n, ","),
         "" if n == 1 else "s",
         " <- ".join(shown),
