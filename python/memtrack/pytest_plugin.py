@@ -25,8 +25,8 @@ from . import Tracker, _cli, _lib
 
 _MARKERS = ("limit_memory", "limit_leaks")
 
-_SIZE_RE = re.compile(r"^\s*(\d*\.?\d+)\s*([KMGTP]?B)\s*$", re.IGNORECASE)
-_UNITS = {"B": 0, "KB": 1, "MB": 2, "GB": 3, "TB": 4, "PB": 5}
+_SIZE_RE = re.compile(r"^\s*(\d*\.?\d+)\s*(?:([KMGTP])i?B|B)\s*$", re.IGNORECASE)
+_POWERS = {None: 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
 
 StackFrame = collections.namedtuple("StackFrame", "function filename lineno")
 StackFrame.__doc__ = "One frame of a stack given to limit_leaks' filter_fn."
@@ -39,7 +39,7 @@ Stack.__doc__ = (
 
 def parse_size(text):
     """Bytes in ``"<number> <unit>"``: units B, KB, MB, GB, TB, PB, binary (``"24 MB"`` is 24
-    MiB), as pytest-memray reads them. A plain integer is bytes."""
+    MiB), as pytest-memray reads them; KiB, MiB... too. A plain integer is bytes."""
     if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
         return text
     m = _SIZE_RE.match(str(text))
@@ -48,7 +48,8 @@ def parse_size(text):
             "invalid memory size %r: give a number and a unit, e.g. \"24 MB\" (units B, KB, MB, "
             "GB, TB, PB; binary: 1 MB = 1024 KB)" % (text,)
         )
-    return int(float(m.group(1)) * 1024 ** _UNITS[m.group(2).upper()])
+    unit = m.group(2).upper() if m.group(2) else None
+    return int(float(m.group(1)) * 1024 ** _POWERS[unit])
 
 
 def mib(n):
@@ -286,6 +287,7 @@ class MemtrackPlugin:
             return
         result = self.results.get(item.nodeid)
         limited = any(item.get_closest_marker(m) for m in _MARKERS)
+        memory = False
         if result is None:
             reason = self.errors.get(item.nodeid, self.unavailable)
             if not limited or reason is None:
@@ -294,22 +296,24 @@ class MemtrackPlugin:
         else:
             try:
                 problems = self.check(item, result)
+                memory = bool(problems)
             except (_cli.CliError, ValueError, TypeError) as e:
                 problems = ["%s: memtrack could not check the limits: %s" % (item.nodeid, e)]
         if problems:
             report.outcome = "failed"
             report.longrepr = "\n\n".join(problems)
-            report.user_properties.append(("memtrack", "memory problems"))
+            if memory:
+                report.user_properties.append(("memtrack", "memory problems"))
 
     def check(self, item, result):
         problems = []
         for m in _MARKERS:
             marker = item.get_closest_marker(m)
             if marker is not None and marker.kwargs.get("current_thread_only"):
-                return [
-                    "%s: %s(current_thread_only=True) is not supported by memtrack: a test's "
-                    "figures count the allocations of every thread" % (item.nodeid, m)
-                ]
+                raise ValueError(
+                    "%s(current_thread_only=True) is not supported: a test's figures count the "
+                    "allocations of every thread" % m
+                )
         marker = item.get_closest_marker("limit_memory")
         if marker is not None:
             problems += self.check_memory(item, result, marker)

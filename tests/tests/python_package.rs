@@ -508,4 +508,68 @@ fn pytest_plugin_limits_pass_and_fail_with_figures_and_stacks() {
             && table[1].contains("test_limits.py::test_peak_over"),
         "{stdout}"
     );
+
+    // Markers it cannot apply fail the test with the reason, not as memory problems.
+    std::fs::copy(
+        workspace_root().join("tests/python/test_limit_errors.py"),
+        work.path("test_limit_errors.py"),
+    )
+    .unwrap();
+    let mut cmd = Command::new(venv.join("bin/python"));
+    cmd.args([
+        "-m",
+        "pytest",
+        "-v",
+        "-p",
+        "no:cacheprovider",
+        "test_limit_errors.py",
+    ])
+    .current_dir(work.dir());
+    let stdout = text(&run_expect(cmd, 1).stdout);
+    for (test, why) in [
+        (
+            "test_bad_size",
+            "invalid memory size '24 XB': give a number and a unit",
+        ),
+        (
+            "test_current_thread_only",
+            "limit_memory(current_thread_only=True) is not supported",
+        ),
+        ("test_no_limit", "limit_memory needs a size"),
+    ] {
+        assert!(
+            stdout.contains(&format!("test_limit_errors.py::{test} FAILED")),
+            "{stdout}"
+        );
+        assert!(
+            failure_of(&stdout, test).contains(&format!(
+                "test_limit_errors.py::{test}: memtrack could not check the limits: {why}"
+            )),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn size_strings_read_as_pytest_memray_reads_them() {
+    let Some(py) = python("pytest") else {
+        return;
+    };
+    let out = Command::new(py)
+        .arg("-c")
+        .arg(
+            "from memtrack.pytest_plugin import parse_size as p\n\
+             print(p('24 MB'), p('1.5KB'), p('100 B'), p('2 MiB'), p(7), p('.5 gb'))\n\
+             for bad in ['24 XB', '24', 'MB', '-1 MB', '1 iB']:\n\
+             \x20   try:\n\
+             \x20       p(bad)\n\
+             \x20       print('accepted', bad)\n\
+             \x20   except ValueError:\n\
+             \x20       pass\n",
+        )
+        .env("PYTHONPATH", workspace_root().join("python"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "25165824 1536 100 2097152 7 536870912\n");
 }
