@@ -442,7 +442,7 @@ fn pytest_plugin_limits_pass_and_fail_with_figures_and_stacks() {
     assert_eq!(stacks.len(), 3, "{text_over}");
     assert!(
         stacks[0].contains("32.0 MiB in ")
-            && stacks[0].contains(&format!("allocate ("))
+            && stacks[0].contains("allocate (")
             && stacks[0].contains(&format!("test_limits.py:{alloc_line}) <- test_peak_over (")),
         "{text_over}"
     );
@@ -489,7 +489,7 @@ fn pytest_plugin_limits_pass_and_fail_with_figures_and_stacks() {
     );
     let s = summary_json(&cap("test_leak_per_location"));
     let l = json_u64(&s, "leaked_bytes");
-    assert!(l > 3 * (512 << 10) && l > 1 << 20, "{s}");
+    assert!(l > 3 * (512 << 10), "{s}");
 
     // The --memtrack table: largest peaks first.
     let table: Vec<&str> = stdout
