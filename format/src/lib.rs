@@ -56,6 +56,7 @@
 //! assert_eq!((h, &back[..]), (header, &items[..]));
 //! ```
 
+mod attach;
 mod checkpoint;
 mod chunk;
 mod cursor;
@@ -72,6 +73,7 @@ mod rss;
 pub mod sampling;
 mod varint;
 
+pub use attach::{AttachHow, AttachRecord};
 pub use checkpoint::{Checkpoint, SeriesPoint, StackFigures};
 pub use chunk::{
     encode_stream, op, ColumnDecoder, ColumnEncoding, StreamDecoder, StreamEncoder, Transcoder,

@@ -66,3 +66,8 @@ pub const SAMPLING: u8 = 16;
 /// RSS. Aggregated captures hold no events; the payload is defined in `crate::checkpoint`
 /// (added with aggregated recording).
 pub const CHECKPOINT: u8 = 17;
+/// The recording started in a process that was already running (`memtrack attach`, or
+/// `memtrack_start` from inside the process, as `memtrack.Tracker` does): see
+/// [`crate::AttachRecord`]. Written once, right after the header. Blocks allocated before it are
+/// not in the capture; frees of them are expected. Old readers skip it.
+pub const ATTACH: u8 = 18;

@@ -93,6 +93,9 @@ pub enum EndReason {
     /// `abort` (called by the program, `std::terminate`, a Rust abort): the process is about to
     /// die of SIGABRT.
     Abort = 3,
+    /// A recording started in a running process was stopped (`memtrack detach`, the end of
+    /// `--duration`, `memtrack_stop`); the process went on unrecorded.
+    Detached = 4,
     Other = 255,
 }
 
@@ -134,6 +137,7 @@ impl EndRecord {
             1 => EndReason::ImmediateExit,
             2 => EndReason::Exec,
             3 => EndReason::Abort,
+            4 => EndReason::Detached,
             _ => EndReason::Other,
         };
         let next_stack_id = u32::from_le_bytes(payload[17..21].try_into().unwrap_or([0; 4]));

@@ -103,6 +103,9 @@ pub struct Capture {
     pub map_files: std::collections::HashMap<u32, String>,
     /// How the capture was sampled (`SAMPLING`), None for a capture of every allocation.
     pub sampling: Option<memtrack_format::SamplingRecord>,
+    /// The recording began in a process already running (`ATTACH`: `memtrack attach`,
+    /// `memtrack.Tracker`): blocks allocated before it are not in the capture.
+    pub attached: Option<memtrack_format::AttachRecord>,
     /// The last complete `CHECKPOINT` of an aggregated capture (`memtrack run --aggregate`):
     /// its figures stand for the events it does not hold.
     pub checkpoint: Option<memtrack_format::Checkpoint>,
@@ -223,6 +226,7 @@ impl Capture {
             region_names: Default::default(),
             map_files: Default::default(),
             sampling: None,
+            attached: None,
             rss: Vec::new(),
             checkpoint: None,
             checkpoint_at: Vec::new(),
@@ -414,6 +418,15 @@ impl Capture {
                     let payload = read(payload_off, plen as usize);
                     match memtrack_format::RssRecord::decode(&payload) {
                         Ok(r) => self.rss.push(r),
+                        Err(e) => self.warnings.push(bad(e)),
+                    }
+                }
+                record::ATTACH => {
+                    let payload = read(payload_off, plen as usize);
+                    match memtrack_format::AttachRecord::decode(&payload) {
+                        Ok(r) => {
+                            self.attached.get_or_insert(r);
+                        }
                         Err(e) => self.warnings.push(bad(e)),
                     }
                 }

@@ -96,7 +96,10 @@ pub use stats::{Bucket, FileMapStat, KindStat, Stats};
 pub use symbols::{Frame, Symbolizer};
 pub use tree::TreeNode;
 pub use views::{GroupBy, TableRow, View, ViewSites};
-pub use window::{parse_seconds, seconds_text, Span, Window, WindowError, WindowFigures};
+pub use window::{
+    duration_text, parse_seconds, seconds_text, utc_time_text, Span, Window, WindowError,
+    WindowFigures,
+};
 
 /// `1234567` -> `1,234,567`.
 pub fn grouped(n: u64) -> String {

@@ -1030,6 +1030,7 @@ impl Capture {
                     EndReason::ImmediateExit => "_exit",
                     EndReason::Abort => "abort",
                     EndReason::Exec => "exec",
+                    EndReason::Detached => "detach",
                     EndReason::Other => "other",
                 }),
             events: r.events,

@@ -537,3 +537,61 @@ mod tests {
         assert!(Window::at(1.0).refusal(View::Peak).is_none());
     }
 }
+
+/// A wall-clock time as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn utc_time_text(unix_ns: u64) -> String {
+    let secs = unix_ns / 1_000_000_000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// A length of time for people: `850 ms`, `42.0 s`, `4 min 12 s`, `3 h 5 min`, `2 d 4 h`.
+pub fn duration_text(ms: u64) -> String {
+    let s = ms / 1000;
+    match s {
+        0 => format!("{ms} ms"),
+        1..=59 => format!("{:.1} s", ms as f64 / 1000.0),
+        60..=3599 => format!("{} min {} s", s / 60, s % 60),
+        3600..=86_399 => format!("{} h {} min", s / 3600, s / 60 % 60),
+        _ => format!("{} d {} h", s / 86_400, s / 3600 % 24),
+    }
+}
+
+#[cfg(test)]
+mod time_text_tests {
+    use super::*;
+
+    #[test]
+    fn wall_clock_and_durations() {
+        // 2026-12-06 22:41:21 UTC
+        assert_eq!(
+            utc_time_text(1_796_596_881_000_000_000),
+            "2026-12-06 22:41:21 UTC"
+        );
+        assert_eq!(utc_time_text(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(
+            utc_time_text(951_782_400_000_000_000),
+            "2000-02-29 00:00:00 UTC"
+        );
+        assert_eq!(duration_text(850), "850 ms");
+        assert_eq!(duration_text(42_000), "42.0 s");
+        assert_eq!(duration_text(252_000), "4 min 12 s");
+        assert_eq!(duration_text(11_100_000), "3 h 5 min");
+        assert_eq!(duration_text(187_200_000), "2 d 4 h");
+    }
+}

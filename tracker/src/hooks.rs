@@ -832,3 +832,209 @@ pub unsafe fn mremap(
     }
     p
 }
+
+// ---------------------------------------------------------------- loaded into a running process
+
+/// `dlopen` for modules of a process the library was loaded into late (`got` redirects the
+/// name `dlopen` here; preloaded, nothing calls it): the real call, then the new modules' slots
+/// redirected. A bare name is looked up along the caller's search path (its `RUNPATH`), which
+/// glibc would otherwise take from this library, the real function's caller.
+///
+/// # Safety
+/// C `dlopen` contract.
+pub unsafe fn attach_dlopen(name: *const c_char, flags: c_int, caller: Caller) -> *mut c_void {
+    let Some(f) = real_fn!(Real::Dlopen, crate::real::Dlopen) else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: forwarding, with a path the caller's search path gives when it has one.
+    let h = unsafe {
+        match along_callers_path(name, caller.ip) {
+            Some(path) => f(path.as_ptr(), flags),
+            None => f(name, flags),
+        }
+    };
+    if !h.is_null() && lifecycle::is_recording() {
+        if let Some(_g) = IgnoreAllocs::enter() {
+            let _errno = SaveErrno::new();
+            crate::got::patch_all();
+            if let Some(r) = recorder::recorder() {
+                r.refresh_modules();
+            }
+        }
+    }
+    h
+}
+
+/// Where the caller at `ip` would find bare library `name`: the first file that exists in its
+/// search path (`dlinfo(RTLD_DI_SERINFO)` of the caller's module). None for a path, a library
+/// loaded already, or when nothing is found (the plain call then searches the default places).
+unsafe fn along_callers_path(name: *const c_char, ip: u64) -> Option<std::ffi::CString> {
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: the caller's contract: a NUL-terminated name.
+    let bare = unsafe { std::ffi::CStr::from_ptr(name) };
+    if bare.to_bytes().contains(&b'/') {
+        return None;
+    }
+    let _g = IgnoreAllocs::enter()?;
+    let _errno = SaveErrno::new();
+    let dlopen = real_fn!(Real::Dlopen, crate::real::Dlopen)?;
+    let dlclose = real_fn!(Real::Dlclose, Dlclose)?;
+    // SAFETY: dlopen/dladdr/dlinfo with valid arguments; every handle taken is released.
+    unsafe {
+        let loaded = dlopen(name, libc::RTLD_LAZY | libc::RTLD_NOLOAD);
+        if !loaded.is_null() {
+            dlclose(loaded);
+            return None;
+        }
+        // The caller's link map: glibc's dlopen handles are link maps, so dlinfo takes it as
+        // one (no reference is taken or released).
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        let mut map: *mut c_void = std::ptr::null_mut();
+        const RTLD_DL_LINKMAP: c_int = 2;
+        if libc::dladdr1(
+            ip as *const c_void,
+            &mut info,
+            &mut map as *mut *mut c_void,
+            RTLD_DL_LINKMAP,
+        ) == 0
+            || map.is_null()
+        {
+            return None;
+        }
+        search_path_hit(map, bare)
+    }
+}
+
+/// The first `dir/name` that exists along `handle`'s search path.
+unsafe fn search_path_hit(handle: *mut c_void, name: &std::ffi::CStr) -> Option<std::ffi::CString> {
+    #[repr(C)]
+    struct SerInfo {
+        size: usize,
+        cnt: u32,
+    }
+    #[repr(C)]
+    struct SerPath {
+        name: *const c_char,
+        flags: u32,
+    }
+    let mut head = SerInfo { size: 0, cnt: 0 };
+    // SAFETY: RTLD_DI_SERINFOSIZE fills the two header fields.
+    if unsafe {
+        libc::dlinfo(
+            handle,
+            libc::RTLD_DI_SERINFOSIZE,
+            &mut head as *mut _ as *mut c_void,
+        )
+    } != 0
+        || head.size < std::mem::size_of::<SerInfo>()
+    {
+        return None;
+    }
+    // u64 words keep the buffer aligned for the pointers inside.
+    let mut buf = vec![0u64; head.size.div_ceil(8)];
+    // SAFETY: the buffer is `size` bytes, its header initialised as dlinfo requires.
+    unsafe {
+        let p = buf.as_mut_ptr() as *mut SerInfo;
+        (*p).size = head.size;
+        (*p).cnt = head.cnt;
+        if libc::dlinfo(handle, libc::RTLD_DI_SERINFO, p as *mut c_void) != 0 {
+            return None;
+        }
+        let paths = (p as *const u8).add(16) as *const SerPath;
+        for i in 0..(*p).cnt as usize {
+            let dir = (*paths.add(i)).name;
+            if dir.is_null() {
+                continue;
+            }
+            let mut full = std::ffi::CStr::from_ptr(dir).to_bytes().to_vec();
+            full.push(b'/');
+            full.extend_from_slice(name.to_bytes());
+            let Ok(full) = std::ffi::CString::new(full) else {
+                continue;
+            };
+            if libc::access(full.as_ptr(), libc::F_OK) == 0 {
+                return Some(full);
+            }
+        }
+    }
+    None
+}
+
+/// A wrapper of Python's object allocator (`pymem`): `malloc` of the domain.
+///
+/// # Safety
+/// `ctx` is the `PyMemAllocatorEx` the wrapper was installed over.
+pub unsafe fn py_malloc(ctx: *mut c_void, size: usize, caller: Caller) -> *mut c_void {
+    // SAFETY: the caller's contract.
+    let orig = unsafe { &*(ctx as *const crate::pymem::PyMemAllocatorEx) };
+    let Some(f) = orig.malloc else {
+        return std::ptr::null_mut();
+    };
+    let g = enter_alloc(size);
+    // SAFETY: forwarding to the wrapped allocator with its own context.
+    let p = unsafe { f(orig.ctx, size) };
+    done_alloc(g, AllocKind::Malloc, p, size, caller);
+    p
+}
+
+/// `calloc` of a wrapped Python allocator domain.
+///
+/// # Safety
+/// As [`py_malloc`].
+pub unsafe fn py_calloc(ctx: *mut c_void, n: usize, m: usize, caller: Caller) -> *mut c_void {
+    // SAFETY: the caller's contract.
+    let orig = unsafe { &*(ctx as *const crate::pymem::PyMemAllocatorEx) };
+    let Some(f) = orig.calloc else {
+        return std::ptr::null_mut();
+    };
+    let size = n.saturating_mul(m);
+    let g = enter_alloc(size);
+    // SAFETY: forwarding.
+    let p = unsafe { f(orig.ctx, n, m) };
+    done_alloc(g, AllocKind::Calloc, p, size, caller);
+    p
+}
+
+/// `realloc` of a wrapped Python allocator domain.
+///
+/// # Safety
+/// As [`py_malloc`]; `p` came from the domain.
+pub unsafe fn py_realloc(
+    ctx: *mut c_void,
+    p: *mut c_void,
+    size: usize,
+    caller: Caller,
+) -> *mut c_void {
+    // SAFETY: the caller's contract.
+    let orig = unsafe { &*(ctx as *const crate::pymem::PyMemAllocatorEx) };
+    let Some(f) = orig.realloc else {
+        return std::ptr::null_mut();
+    };
+    // SAFETY: forwarding.
+    realloc_common(AllocKind::Realloc, p, Some(size), caller, || unsafe {
+        f(orig.ctx, p, size)
+    })
+}
+
+/// `free` of a wrapped Python allocator domain.
+///
+/// # Safety
+/// As [`py_malloc`]; `p` came from the domain.
+pub unsafe fn py_free(ctx: *mut c_void, p: *mut c_void) {
+    // SAFETY: the caller's contract.
+    let orig = unsafe { &*(ctx as *const crate::pymem::PyMemAllocatorEx) };
+    let Some(f) = orig.free else { return };
+    if p.is_null() {
+        // SAFETY: forwarding.
+        return unsafe { f(orig.ctx, p) };
+    }
+    let g = sampling::enter_free(p as u64, enter);
+    if let Some(g) = &g {
+        recorder::record(EventKind::Free { addr: p as u64 }, StackStart::Here, g);
+    }
+    // SAFETY: forwarding.
+    unsafe { f(orig.ctx, p) };
+    drop(g);
+}

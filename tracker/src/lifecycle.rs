@@ -4,6 +4,7 @@
 //!   Uninit --begin_init--> Initializing --end_init--> Active | Disabled | Uninit (decide later)
 //!   Active --finish--> Finished --resume (exec failed)--> Active
 //!   any --disable (write error, descriptor closed, fork child)--> Disabled
+//!   Disabled | Finished --begin_session (memtrack_start, loaded late)--> Initializing
 //! ```
 //!
 //! Must never: block, allocate, or call out of the tracker (the hooks read it on every call).
@@ -110,4 +111,21 @@ pub(crate) fn resume() {
         Ordering::AcqRel,
         Ordering::Acquire,
     );
+}
+
+/// `Disabled | Finished -> Initializing`: a recording starts in a running process into which
+/// the library was loaded late (`memtrack_start`). True for the one caller that starts it.
+pub(crate) fn begin_session() -> bool {
+    [State::Disabled, State::Finished, State::Uninit]
+        .into_iter()
+        .any(|from| {
+            STATE
+                .compare_exchange(
+                    from as u8,
+                    State::Initializing as u8,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+        })
 }

@@ -37,9 +37,10 @@ pub(crate) enum Real {
     Mmap,
     Munmap,
     Mremap,
+    Dlopen,
 }
 
-const COUNT: usize = Real::Mremap as usize + 1;
+const COUNT: usize = Real::Dlopen as usize + 1;
 
 impl Real {
     const ALL: [Real; COUNT] = [
@@ -66,6 +67,7 @@ impl Real {
         Real::Mmap,
         Real::Munmap,
         Real::Mremap,
+        Real::Dlopen,
     ];
 
     /// The C symbol.
@@ -94,6 +96,7 @@ impl Real {
             Real::Mmap => c"mmap",
             Real::Munmap => c"munmap",
             Real::Mremap => c"mremap",
+            Real::Dlopen => c"dlopen",
         }
     }
 
@@ -117,8 +120,21 @@ static TABLE: [AtomicUsize; COUNT] = [NONE; COUNT];
 static RESOLVE: AtomicU8 = AtomicU8::new(0);
 
 /// Fills the table, once (later calls, and calls made while it is being filled, return at once).
+/// Preloaded, the real functions are the next definitions after this library.
 #[cold]
 pub(crate) fn resolve() {
+    resolve_with(libc::RTLD_NEXT);
+}
+
+/// Fills the table with the functions the process itself uses (`dlsym(RTLD_DEFAULT)`): the
+/// library was loaded into a running process, where the relocation slots it redirects were
+/// bound to these (the program's own allocator, if it exports one, else libc's).
+#[cold]
+pub(crate) fn resolve_default() {
+    resolve_with(libc::RTLD_DEFAULT);
+}
+
+fn resolve_with(handle: *mut c_void) {
     if RESOLVE
         .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
@@ -127,7 +143,7 @@ pub(crate) fn resolve() {
     }
     for real in Real::ALL {
         // SAFETY: dlsym with a valid NUL-terminated name.
-        let f = unsafe { libc::dlsym(libc::RTLD_NEXT, real.name().as_ptr()) };
+        let f = unsafe { libc::dlsym(handle, real.name().as_ptr()) };
         TABLE[real as usize].store(f as usize, Ordering::Release);
     }
     RESOLVE.store(2, Ordering::Release);
@@ -162,6 +178,7 @@ pub(crate) type Exit = unsafe extern "C" fn(c_int) -> !;
 pub(crate) type Abort = unsafe extern "C" fn() -> !;
 pub(crate) type Mmap =
     unsafe extern "C" fn(*mut c_void, usize, c_int, c_int, c_int, libc::off_t) -> *mut c_void;
+pub(crate) type Dlopen = unsafe extern "C" fn(*const c_char, c_int) -> *mut c_void;
 pub(crate) type Munmap = unsafe extern "C" fn(*mut c_void, usize) -> c_int;
 pub(crate) type Mremap = unsafe extern "C" fn(*mut c_void, usize, usize, c_int, ...) -> *mut c_void;
 

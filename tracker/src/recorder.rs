@@ -33,8 +33,6 @@ pub(crate) struct Recorder {
     stacks: Stacks,
     /// The stack state of threads that record after their own state went (exiting threads).
     orphan: Mutex<Option<Box<ThreadStacks>>>,
-    /// The pthread key whose destructor hands an exiting thread's chunk over.
-    thread_key: libc::pthread_key_t,
     /// The capture of the launched process (`%p` expanded): forked children's captures are
     /// named after it (`<root>.<pid>`).
     pub root_path: String,
@@ -97,11 +95,31 @@ pub(crate) struct Config {
     pub modules: Option<Vec<LoadedModule>>,
     /// Replace the recorder the process has (a forked child's fresh start).
     pub replace: bool,
+    /// A new recording of a running process (`memtrack_start`): replaces a finished recorder,
+    /// with its own clock and writer thread.
+    pub new_session: bool,
+}
+
+/// The pthread key whose destructor hands an exiting thread's chunk over: one for the process
+/// (keys are few), whichever recorder the thread's state belongs to.
+static THREAD_KEY: std::sync::OnceLock<libc::pthread_key_t> = std::sync::OnceLock::new();
+
+fn thread_key() -> Option<libc::pthread_key_t> {
+    if let Some(k) = THREAD_KEY.get() {
+        return Some(*k);
+    }
+    let mut key: libc::pthread_key_t = 0;
+    // SAFETY: key is a valid out-pointer; the destructor is an extern "C" fn that never unwinds.
+    if unsafe { libc::pthread_key_create(&mut key, Some(thread_exit)) } != 0 {
+        return None;
+    }
+    // Only session set-up creates it, one thread at a time (under `Initializing`).
+    Some(*THREAD_KEY.get_or_init(|| key))
 }
 
 /// Sets up recording into `cfg.fd`, whose header the caller has written. Runs inside the guard.
 pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
-    if recorder().is_some() && !cfg.replace {
+    if recorder().is_some() && !cfg.replace && !cfg.new_session {
         return false;
     }
     let modules = match cfg.modules {
@@ -109,9 +127,7 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         None => unwind::enumerate_modules(),
     };
     let stacks = Stacks::new(&modules, cfg.skip_own_module, cfg.first_stack_id);
-    let mut key: libc::pthread_key_t = 0;
-    // SAFETY: key is a valid out-pointer; the destructor is an extern "C" fn that never unwinds.
-    if unsafe { libc::pthread_key_create(&mut key, Some(thread_exit)) } != 0 {
+    if thread_key().is_none() {
         return false;
     }
     let Some(file) = CaptureFile::adopt(cfg.fd) else {
@@ -123,7 +139,6 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
         handoff: Handoff::new(Writer::new(file, cfg.first_seq), cfg.first_seq),
         stacks,
         orphan: Mutex::new(None),
-        thread_key: key,
         root_path: cfg.root_path,
         follow_fork: cfg.follow_fork,
         region_names: SeenNames::new(),
@@ -131,7 +146,7 @@ pub(crate) fn start(cfg: Config, start_mono_ns: u64) -> bool {
     };
     // A forked child: its times start from its own start; its writer starts at its first
     // event.
-    clock::start_at(start_mono_ns, cfg.replace);
+    clock::start_at(start_mono_ns, cfg.replace || cfg.new_session);
     if cfg.replace {
         WRITER_LATER.store(true, Ordering::Release);
     }
@@ -238,6 +253,10 @@ impl Inbox for WriterInbox {
     fn seq_now(&self) -> u64 {
         seq::peek()
     }
+
+    fn stop_due(&self) -> bool {
+        crate::inproc::writer_stop_due()
+    }
 }
 
 // ---------------------------------------------------------------- per-thread state
@@ -246,6 +265,9 @@ impl Inbox for WriterInbox {
 /// with the hand-off's registry (which keeps it until its last chunk is written); the rest is
 /// the thread's alone.
 struct ThreadState {
+    /// The recorder this state belongs to: a thread that recorded in an earlier session of a
+    /// running process gets a fresh state in the next one.
+    owner: *const Recorder,
     slot: Arc<ThreadSlot>,
     tid: u32,
     stacks: ThreadStacks,
@@ -266,11 +288,30 @@ fn current_thread<'g>(rec: &'static Recorder, g: &'g IgnoreAllocs) -> Option<&'g
     }
     if !p.is_null() {
         // SAFETY: a live ThreadState stays allocated while CURRENT points to it (it is freed
-        // only in `thread_exit`, which clears the pointer first), and only this thread, inside
-        // the guard, uses it.
-        return Some(unsafe { &mut *p });
+        // only in `thread_exit` or below, which clear the pointer first), and only this thread,
+        // inside the guard, uses it.
+        let ts = unsafe { &mut *p };
+        if std::ptr::eq(ts.owner, rec) {
+            return Some(ts);
+        }
+        retire_thread_state(p, g);
     }
     new_thread_state(rec, g)
+}
+
+/// Drops this thread's state of a finished session (its buffered events belong to a capture
+/// that has ended).
+#[cold]
+fn retire_thread_state(p: *mut ThreadState, g: &IgnoreAllocs) {
+    g.tls().current.set(std::ptr::null());
+    if let Some(key) = THREAD_KEY.get() {
+        // SAFETY: clears this thread's value of the key before the state it names is freed.
+        unsafe { libc::pthread_setspecific(*key, std::ptr::null()) };
+    }
+    // SAFETY: `p` came from `Box::into_raw` in `new_thread_state`; the thread's pointers to it
+    // were just cleared, and only this thread used it.
+    let ts = unsafe { Box::from_raw(p) };
+    ts.slot.mark_dead();
 }
 
 #[cold]
@@ -288,6 +329,7 @@ fn new_thread_state<'g>(
     }
     let slot = Arc::new(ThreadSlot::new(rec.handoff.fresh_buffer()));
     let ts = Box::new(ThreadState {
+        owner: rec,
         slot: slot.clone(),
         // SAFETY: gettid has no preconditions.
         tid: unsafe { libc::gettid() } as u32,
@@ -298,8 +340,10 @@ fn new_thread_state<'g>(
     }
     let raw = Box::into_raw(ts);
     g.tls().current.set(raw as *const ());
-    // SAFETY: the key was created in `start`; the value is our own pointer.
-    unsafe { libc::pthread_setspecific(rec.thread_key, raw as *const libc::c_void) };
+    if let Some(key) = THREAD_KEY.get() {
+        // SAFETY: the key was created in `start`; the value is our own pointer.
+        unsafe { libc::pthread_setspecific(*key, raw as *const libc::c_void) };
+    }
     // SAFETY: just made; see `current_thread`.
     Some(unsafe { &mut *raw })
 }
@@ -307,11 +351,13 @@ fn new_thread_state<'g>(
 /// In a child forked under `--follow-fork`, before its fresh recorder starts: the forking
 /// thread's state belongs to the parent's capture (its buffered events are the parent's), so
 /// it is dropped from this thread, unwritten.
-pub(crate) fn leave_parent(old: &Recorder, g: &IgnoreAllocs) {
+pub(crate) fn leave_parent(g: &IgnoreAllocs) {
     g.tls().current.set(std::ptr::null());
-    // SAFETY: clears this thread's value of the parent recorder's key, so its destructor never
-    // hands the parent's buffer to the child's writer.
-    unsafe { libc::pthread_setspecific(old.thread_key, std::ptr::null()) };
+    if let Some(key) = THREAD_KEY.get() {
+        // SAFETY: clears this thread's value of the key, so its destructor never hands the
+        // parent's buffer to the child's writer.
+        unsafe { libc::pthread_setspecific(*key, std::ptr::null()) };
+    }
 }
 
 /// pthread key destructor: the thread is exiting. Hand its chunk to the writer; later events of
@@ -328,14 +374,20 @@ unsafe extern "C" fn thread_exit(p: *mut libc::c_void) {
     // SAFETY: `p` is the pointer from `Box::into_raw` in `new_thread_state`, and the thread's
     // pointer to it was just cleared: nothing uses it any more.
     let ts = unsafe { Box::from_raw(p as *mut ThreadState) };
-    let ThreadState { slot, stacks, .. } = *ts;
+    let ThreadState {
+        owner,
+        slot,
+        stacks,
+        ..
+    } = *ts;
     // The thread's stack state (its walker's caches) goes now, on this thread, not at the
     // writer's next sweep: a program that starts threads by the thousand would hold a sweep
     // interval's worth of them.
     drop(stacks);
     let taken = slot.lock().take_framed();
     slot.mark_dead();
-    if let (Some(rec), Some(chunk)) = (recorder(), taken) {
+    // Events of an earlier session's state belong to a capture that has ended.
+    if let (Some(rec), Some(chunk)) = (recorder().filter(|r| std::ptr::eq(*r, owner)), taken) {
         rec.handoff.hand_off(chunk);
     }
 }

@@ -182,12 +182,13 @@ impl Launch {
             follow_fork: self.follow_fork,
             modules: None,
             replace: false,
+            new_session: false,
         }
     }
 }
 
 /// The header of a capture of this process.
-fn new_header(pid: i32, parent_pid: u32) -> Header {
+pub(crate) fn new_header(pid: i32, parent_pid: u32) -> Header {
     Header {
         parent_pid,
         version: FORMAT_VERSION,
@@ -306,7 +307,7 @@ pub(crate) extern "C" fn atfork_child() {
         return;
     };
     let _errno = SaveErrno::new();
-    recorder::leave_parent(old, &g);
+    recorder::leave_parent(&g);
     crate::sampling::reset_after_fork();
     // SAFETY: getpid/getppid have no preconditions.
     let (pid, ppid) = unsafe { (libc::getpid(), libc::getppid()) };
@@ -334,11 +335,22 @@ pub(crate) extern "C" fn atfork_child() {
 /// The library constructor: decide about recording if no hook has yet, start the writer.
 pub(crate) fn constructor() {
     CONSTRUCTED.store(true, Ordering::Release);
+    if lifecycle::current() == State::Uninit && !crate::inproc::detect_preloaded() {
+        // Loaded into a running process (attach, `memtrack.Tracker`): nothing reaches the
+        // hooks until `memtrack_start` redirects the program's relocation slots to them, and
+        // the real functions are those the program was bound to.
+        crate::real::resolve_default();
+        if lifecycle::begin_init() {
+            lifecycle::end_init(State::Disabled);
+        }
+        return;
+    }
     crate::real::resolve();
     if lifecycle::current() == State::Uninit {
         init();
     }
     if lifecycle::is_recording() {
+        crate::inproc::set_status(crate::inproc::STATUS_PRELOADED);
         recorder::start_writer();
         // SAFETY: registers a handler that only stores to an atomic.
         unsafe { libc::pthread_atfork(None, None, Some(atfork_child)) };

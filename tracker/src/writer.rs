@@ -80,6 +80,12 @@ pub(crate) trait Inbox {
     /// The global sequence value now (the number the next event takes), read without
     /// disturbing the threads that take numbers.
     fn seq_now(&self) -> u64;
+
+    /// True when a recording started in a running process is to stop now (its hooks are
+    /// removed and the state is `Finished` when this returns true): see `inproc`.
+    fn stop_due(&self) -> bool {
+        false
+    }
 }
 
 /// The capture and the transcoders that turn chunks into its compact encoding.
@@ -276,7 +282,11 @@ pub(crate) fn run(w: &Writer, inbox: &impl Inbox) {
         // (threads waiting for room send as soon as one is made), draining it first would
         // starve the clock and the sweep for as long as the program keeps it full.
         match inbox.take() {
-            Ok(m) => handle(w, inbox, &mut rss, m),
+            Ok(m) => {
+                if handle(w, inbox, &mut rss, m) {
+                    return;
+                }
+            }
             Err(TryRecvError::Empty) => {
                 w.idle(clock::now_units());
                 std::thread::sleep(clock::TICK)
@@ -292,11 +302,18 @@ pub(crate) fn run(w: &Writer, inbox: &impl Inbox) {
             sweep(w, inbox, due);
             last_sweep = now;
             w.checkpoint(now, &mut rss, false);
+            if inbox.stop_due() {
+                let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                handle(w, inbox, &mut rss, Msg::Finish(EndReason::Detached, done));
+                return;
+            }
         }
     }
 }
 
-fn handle(w: &Writer, inbox: &impl Inbox, rss: &mut RssSampler, m: Msg) {
+/// True when the writer's work is over (a recording of a running process was stopped: the
+/// process goes on without it).
+fn handle(w: &Writer, inbox: &impl Inbox, rss: &mut RssSampler, m: Msg) -> bool {
     match m {
         Msg::Chunk(chunk) => {
             w.write_chunk(&chunk);
@@ -306,6 +323,11 @@ fn handle(w: &Writer, inbox: &impl Inbox, rss: &mut RssSampler, m: Msg) {
             w.write_record(&bytes);
         }
         Msg::Finish(reason, ack) => {
+            if reason == EndReason::Detached {
+                // The hooks are gone and the state says so: threads that entered one just
+                // before finish their event within this time.
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
             drain(w, inbox, rss);
             sweep(w, inbox, true);
             drain(w, inbox, rss);
@@ -316,16 +338,21 @@ fn handle(w: &Writer, inbox: &impl Inbox, rss: &mut RssSampler, m: Msg) {
             // capture only when the file ends with END (it then ran unrecorded).
             rss.off();
             w.file.write_end(&inbox.end_record(reason));
+            crate::inproc::ended();
             ack.store(true, Ordering::Release);
+            return reason == EndReason::Detached;
         }
     }
+    false
 }
 
 /// Writes what is queued now (not what arrives meanwhile, so it always ends).
 fn drain(w: &Writer, inbox: &impl Inbox, rss: &mut RssSampler) {
     for _ in 0..inbox.queued() {
         match inbox.take() {
-            Ok(m) => handle(w, inbox, rss, m),
+            Ok(m) => {
+                handle(w, inbox, rss, m);
+            }
             Err(_) => break,
         }
     }

@@ -52,6 +52,17 @@ pub fn summary(
     if json {
         let mut v = serde_json::to_value(&s)?;
         v["capture"] = serde_json::Value::String(shown_file.display().to_string());
+        if let Some(a) = &cap.attached {
+            v["attached"] = serde_json::json!({
+                "how": match a.how {
+                    memtrack_format::AttachHow::Attach => "attach",
+                    memtrack_format::AttachHow::InProcess => "in_process",
+                },
+                "at_unix_seconds": cap.header.start_unix_ns as f64 / 1e9,
+                "process_age_seconds": a.process_age_ms as f64 / 1000.0,
+                "frees_of_earlier_blocks": s.unmatched_frees,
+            });
+        }
         if let Some(c) = &cap.checkpoint {
             v["aggregated"] = true.into();
             v["checkpoint"] = c.number.into();
@@ -454,6 +465,21 @@ fn print_summary(
         crate::shell_command(&s.argv)
     };
     writeln!(out, "  command:        {cmdline} (pid {})", s.pid)?;
+    if let Some(a) = &cap.attached {
+        writeln!(
+            out,
+            "  recording:      started {} at {}{}; allocations made before it are not included",
+            match a.how {
+                memtrack_format::AttachHow::Attach => "by memtrack attach",
+                memtrack_format::AttachHow::InProcess => "by the program (memtrack_start)",
+            },
+            crate::utc_time_text(cap.header.start_unix_ns),
+            match a.process_age_ms {
+                0 => String::new(),
+                ms => format!(", {} after the process started", crate::duration_text(ms)),
+            }
+        )?;
+    }
     if !s.exec_chain.is_empty() {
         // A version manager's shims exec several wrappers (pyenv: six): the first and the
         // last say where it started and what ran.
@@ -542,8 +568,11 @@ fn print_summary(
             if s.complete { "exit" } else { "cut-off" }
         )?;
     }
+    let detached = s.end_reason == Some("detach");
     let leak_word = if live {
         "live so far:"
+    } else if detached {
+        "live at stop:"
     } else if s.complete {
         "leaked at exit:"
     } else {
@@ -622,8 +651,13 @@ fn print_summary(
         let mut notes = Vec::new();
         if s.unmatched_frees > 0 {
             notes.push(format!(
-                "{} of blocks allocated before recording began",
-                count(s.unmatched_frees, "free")
+                "{} of blocks allocated before recording began{}",
+                count(s.unmatched_frees, "free"),
+                if cap.attached.is_some() {
+                    " (expected: the process ran before it)"
+                } else {
+                    ""
+                }
             ));
         }
         if s.overlapping_allocations > 0 {

@@ -4,7 +4,8 @@
 //! boundary, and the tracker does not panic on its paths.
 
 use memtrack_tracker::hooks as ip;
-use std::os::raw::{c_char, c_int, c_void};
+use std::os::raw::{c_char, c_int, c_uint, c_ulong, c_void};
+use std::sync::atomic::AtomicU32;
 
 /// The tracker's own allocations come from a heap of its own, never from the program's malloc
 /// arenas (see `memtrack_tracker::heap`).
@@ -292,7 +293,85 @@ pub extern "C" fn memtrack_region_end() {
     ip::region_end()
 }
 
+// ---------------------------------------------------------------- started in a running process
+// (`docs/design/issue24-abi.md`)
+
+/// Written 1 by a process outside (`memtrack detach`) to stop the recording.
+#[no_mangle]
+pub static memtrack_control: AtomicU32 = AtomicU32::new(0);
+
+/// Read by a process outside: 0 nothing started, 1 recording, 2 stopped, 3 `memtrack run`.
+#[no_mangle]
+pub static memtrack_status: AtomicU32 = AtomicU32::new(0);
+
+/// Starts recording this process into a new capture at `path` (see `include/memtrack.h`).
+///
+/// # Safety
+/// `path` is null or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn memtrack_start(
+    path: *const c_char,
+    flags: c_uint,
+    duration_ms: c_ulong,
+) -> c_int {
+    // SAFETY: same contract.
+    unsafe { memtrack_tracker::inproc::start(path, flags, duration_ms) }
+}
+
+/// Stops the recording `memtrack_start` began; the capture is complete when it returns.
+#[no_mangle]
+pub extern "C" fn memtrack_stop() -> c_int {
+    memtrack_tracker::inproc::stop()
+}
+
+/// Why the last `memtrack_start` or `memtrack_stop` failed.
+#[no_mangle]
+pub extern "C" fn memtrack_last_error() -> *const c_char {
+    memtrack_tracker::inproc::last_error()
+}
+
+trampoline!(
+    /// `dlopen` of a process the library was loaded into late (relocation slots of `dlopen`
+    /// point here while recording; never interposed by name).
+    memtrack_attach_dlopen => attach_dlopen_imp(name: *const c_char, flags: c_int) -> *mut c_void,
+    regs: "rdx", "rcx", "r8", body: |c| ip::attach_dlopen(name, flags, c));
+trampoline!(
+    /// Python's allocator domains, wrapped while recording a running CPython.
+    memtrack_py_malloc => py_malloc_imp(ctx: *mut c_void, size: usize) -> *mut c_void,
+    regs: "rdx", "rcx", "r8", body: |c| ip::py_malloc(ctx, size, c));
+trampoline!(
+    /// See `memtrack_py_malloc`.
+    memtrack_py_calloc => py_calloc_imp(ctx: *mut c_void, n: usize, m: usize) -> *mut c_void,
+    regs: "rcx", "r8", "r9", body: |c| ip::py_calloc(ctx, n, m, c));
+trampoline!(
+    /// See `memtrack_py_malloc`.
+    memtrack_py_realloc => py_realloc_imp(ctx: *mut c_void, p: *mut c_void, size: usize) -> *mut c_void,
+    regs: "rcx", "r8", "r9", body: |c| ip::py_realloc(ctx, p, size, c));
+
+/// See `memtrack_py_malloc`.
+///
+/// # Safety
+/// The wrapped domain's `free` contract.
+#[no_mangle]
+pub unsafe extern "C" fn memtrack_py_free(ctx: *mut c_void, p: *mut c_void) {
+    // SAFETY: same contract.
+    unsafe { ip::py_free(ctx, p) }
+}
+
+/// Tells the tracker where this library's words and Python wrappers are, for a recording
+/// started late (the hooks it finds by name: see `memtrack_tracker::got`).
+fn register() {
+    memtrack_tracker::inproc::register_words(&memtrack_control, &memtrack_status);
+    memtrack_tracker::pymem::register_wrappers(
+        memtrack_py_malloc as *const () as usize,
+        memtrack_py_calloc as *const () as usize,
+        memtrack_py_realloc as *const () as usize,
+        memtrack_py_free as *const () as usize,
+    );
+}
+
 extern "C" fn memtrack_constructor() {
+    register();
     ip::constructor();
 }
 
