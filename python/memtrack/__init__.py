@@ -86,6 +86,7 @@ class Tracker:
         self.overwrite = bool(overwrite)
         self.python_allocators = bool(python_allocators)
         self._active = False
+        self._lib = None
 
     def __enter__(self):
         if self._active:
@@ -102,12 +103,13 @@ class Tracker:
                 "memtrack cannot start recording into %s: %s" % (self.path, lib.error())
             )
         self._active = True
+        self._lib = lib
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if self._active:
             self._active = False
-            lib = _lib.load()
+            lib = self._lib
             # A failure to stop is reported unless the block is already raising.
             if lib.stop() != 0 and exc_type is None:
                 raise RuntimeError("memtrack cannot stop recording: %s" % lib.error())

@@ -86,8 +86,24 @@ def _frame(label):
     return StackFrame(label, None, None)
 
 
-def _stack_line(row, frames):
+def _test_frame(item):
+    """(qualified name, file name) of the test function's own frame: stacks are cut there, the
+    frames outside it being pytest's and pluggy's."""
+    func = getattr(item, "function", None)
+    path = getattr(item, "path", None) or getattr(item, "fspath", None)
+    if func is None or path is None:
+        return None
+    return getattr(func, "__qualname__", func.__name__), os.path.basename(str(path))
+
+
+def _stack_line(row, frames, test=None):
     labels = list(reversed(row.get("stack") or [row.get("function", "?")]))
+    if test is not None:
+        for i, label in enumerate(labels):
+            f = _frame(label)
+            if f.function == test[0] and (f.filename or "").endswith(test[1]):
+                labels = labels[: i + 1]
+                break
     shown = labels[:frames] if frames > 0 else labels
     if len(shown) < len(labels):
         shown.append("...")
@@ -329,10 +345,15 @@ class MemtrackPlugin:
             return marker.kwargs[name]
         raise ValueError("%s needs a size, e.g. %s(\"24 MB\")" % (marker.name, marker.name))
 
-    def _stacks_text(self, result, view, title):
+    def _capture_line(self, result):
+        if self.keep:
+            return "  capture: %s" % result.capture
+        return "  (--memtrack-bin-path DIR keeps each test's capture for the other reports)"
+
+    def _stacks_text(self, item, result, view, title):
         rows = _cli.stacks(result.capture, view, 3, python_only=not self.native)
-        lines = [title] + [_stack_line(r, self.frames) for r in rows]
-        lines.append("  capture: %s" % result.capture)
+        lines = [title] + [_stack_line(r, self.frames, _test_frame(item)) for r in rows]
+        lines.append(self._capture_line(result))
         return "\n".join(lines)
 
     def check_memory(self, item, result, marker):
@@ -347,7 +368,7 @@ class MemtrackPlugin:
                 _spec(spec),
                 figure(limit),
             )
-            problems.append(head + "\n" + self._stacks_text(result, "peak", "  top stacks at the peak:"))
+            problems.append(head + "\n" + self._stacks_text(item, result, "peak", "  top stacks at the peak:"))
         if self.fail_on_increase:
             key = "memtrack/peak/" + item.nodeid
             before = self.config.cache.get(key, None) if self.config.cache else None
@@ -375,7 +396,7 @@ class MemtrackPlugin:
                 _spec(spec),
                 figure(limit),
             )
-            return [head + "\n" + self._stacks_text(result, "leaks", "  top stacks left live:")]
+            return [head + "\n" + self._stacks_text(item, result, "leaks", "  top stacks left live:")]
         # Stack by stack: every stack the test left live (all frames, filter_fn sees them).
         rows = _cli.stacks(result.capture, "leaks", 1_000_000_000, python_only=not self.native)
         kept = []
@@ -401,8 +422,8 @@ class MemtrackPlugin:
                     figure(total),
                 )
             ]
-            lines += [_stack_line(r, self.frames) for r in over[:3]]
-            lines.append("  capture: %s" % result.capture)
+            lines += [_stack_line(r, self.frames, _test_frame(item)) for r in over[:3]]
+            lines.append(self._capture_line(result))
             return ["\n".join(lines)]
         leaked = sum(r["total_bytes"] for r in kept)
         if leaked <= limit:
@@ -412,8 +433,8 @@ class MemtrackPlugin:
             % (item.nodeid, figure(leaked), _spec(spec), figure(limit)),
             "  top stacks left live:",
         ]
-        lines += [_stack_line(r, self.frames) for r in kept[:3]]
-        lines.append("  capture: %s" % result.capture)
+        lines += [_stack_line(r, self.frames, _test_frame(item)) for r in kept[:3]]
+        lines.append(self._capture_line(result))
         return ["\n".join(lines)]
 
     # Reporting.
