@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:-5}
 tests=${2:-200}
-venv=target/bench-pytest-venv
+venv=$PWD/target/bench-pytest-venv
 python3 -m pip wheel -q --no-build-isolation --no-deps . -w target/bench-pytest-dist
 [ -x "$venv/bin/python" ] || python3 -m venv --system-site-packages "$venv"
 "$venv/bin/python" -m pip install -q --force-reinstall --no-deps --no-index \

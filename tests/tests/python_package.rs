@@ -207,18 +207,67 @@ fn wheel_installs_into_a_fresh_venv_and_its_memtrack_runs_python() {
     );
 }
 
-/// `python3 tracker_block.py CAP1 CAP2` from the source tree, the library and CLI of the
-/// harness's build given by the environment.
+/// The supported CPythons found for the in-process tests: `python3` (3.11; required in CI), and
+/// 3.12 and 3.13 as `python3.X` on the PATH or in pyenv's versions folder.
+fn interpreters() -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = python("ctypes").into_iter().collect();
+    let pyenv = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")));
+    for minor in ["3.12", "3.13"] {
+        let name = format!("python{minor}");
+        let mut candidates = vec![PathBuf::from(&name)];
+        if let Some(root) = &pyenv {
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir(root.join("versions"))
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            dirs.sort();
+            candidates.extend(
+                dirs.iter()
+                    .rev()
+                    .filter(|d| {
+                        d.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with(&format!("{minor}.")))
+                    })
+                    .map(|d| d.join("bin").join(&name)),
+            );
+        }
+        let version = |c: &PathBuf| {
+            Command::new(c)
+                .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| text(&o.stdout).trim().to_string())
+        };
+        match candidates
+            .into_iter()
+            .find(|c| version(c).as_deref() == Some(minor))
+        {
+            Some(c) => found.push(c),
+            None => eprintln!("no CPython {minor} found: not tested"),
+        }
+    }
+    found
+}
+
+/// `tracker_block.py CAP1 CAP2` from the source tree under each CPython found, the library and
+/// CLI of the harness's build given by the environment.
 #[test]
 fn tracker_records_blocks_of_a_running_python_program() {
-    let Some(py) = python("ctypes") else {
-        return;
-    };
+    for py in interpreters() {
+        eprintln!("{}", py.display());
+        tracker_blocks(&py);
+    }
+}
+
+fn tracker_blocks(py: &Path) {
     let work = Work::new("pkg_tracker");
     let b = binaries();
     let fixture = fixtures_dir().join("tracker_block.py");
     let (cap1, cap2) = (work.path("one.cap"), work.path("two.cap"));
-    let out = Command::new(&py)
+    let out = Command::new(py)
         .arg(&fixture)
         .arg(&cap1)
         .arg(&cap2)
@@ -250,36 +299,44 @@ fn tracker_records_blocks_of_a_running_python_program() {
     let peak = json_u64(&s1, "peak_bytes");
     assert!(
         (10_000_001..10_000_001 + (256 << 10)).contains(&peak),
-        "peak {peak}: {s1}"
+        "{}: peak {peak}: {s1}",
+        py.display()
     );
+    // Its stack, with all frames and with Python frames only (the plugin's failure text).
     let grow_line = line_of(&fixture, "return bytearray(n)");
-    let out = memtrack_ok(|c| {
-        c.args([
-            "--python-only",
-            "table",
-            "--peak",
-            "--by",
-            "stack",
-            "--json",
-            "--top",
-            "1",
-        ])
-        .arg(&cap1);
-    });
-    let rows = json(&out);
-    assert_eq!(rows[0]["max_bytes"], 10_000_001, "{rows}");
-    let stack: Vec<&str> = rows[0]["stack"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| f.as_str().unwrap())
-        .collect();
-    let innermost = stack.last().copied().unwrap_or_default();
-    assert!(
-        innermost.starts_with("grow (")
-            && innermost.ends_with(&format!("tracker_block.py:{grow_line})")),
-        "{stack:?}"
-    );
+    let grow = format!("tracker_block.py:{grow_line})");
+    for only in [false, true] {
+        let out = memtrack_ok(|c| {
+            if only {
+                c.arg("--python-only");
+            }
+            c.args(["table", "--peak", "--by", "stack", "--json", "--top", "1"])
+                .arg(&cap1);
+        });
+        let rows = json(&out);
+        assert_eq!(rows[0]["max_bytes"], 10_000_001, "{rows}");
+        let stack: Vec<&str> = rows[0]["stack"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        let python: Vec<&str> = stack
+            .iter()
+            .copied()
+            .filter(|f| f.ends_with(".py:") || f.contains(".py:"))
+            .collect();
+        assert!(
+            python
+                .last()
+                .is_some_and(|f| f.starts_with("grow (") && f.ends_with(&grow)),
+            "{} (python_only {only}): {stack:?}",
+            py.display()
+        );
+        if only {
+            assert_eq!(python.len(), stack.len(), "{}: {stack:?}", py.display());
+        }
+    }
     // The region mark inside the block was recorded.
     let out = memtrack_ok(|c| {
         c.args(["regions", "--json"]).arg(&cap1);
@@ -296,7 +353,8 @@ fn tracker_records_blocks_of_a_running_python_program() {
     let peak = json_u64(&s2, "peak_bytes");
     assert!(
         (6_000_001..6_000_001 + (256 << 10)).contains(&peak),
-        "peak {peak}: {s2}"
+        "{}: peak {peak}: {s2}",
+        py.display()
     );
     assert!(json_u64(&s2, "leaked_bytes") < 256 << 10, "{s2}");
 }
