@@ -324,7 +324,7 @@ fn tracker_blocks(py: &Path) {
         let python: Vec<&str> = stack
             .iter()
             .copied()
-            .filter(|f| f.ends_with(".py:") || f.contains(".py:"))
+            .filter(|f| f.contains(".py:"))
             .collect();
         assert!(
             python
