@@ -750,3 +750,96 @@ pub fn shim_command(exe: &Path, capture: &Path) -> Command {
         .env_remove("MEMTRACK_LAUNCHER_PID");
     cmd
 }
+
+/// An interpreter to run the fixtures with: its version ("3.12") and program.
+pub struct Py {
+    pub version: String,
+    pub program: PathBuf,
+}
+
+impl Py {
+    /// A work directory for test `name` under this interpreter, which the test's output names.
+    pub fn work(&self, name: &str) -> Work {
+        eprintln!("CPython {}: {}", self.version, self.program.display());
+        Work::new(&format!("{name}_{}", self.version))
+    }
+}
+
+fn version_of(program: &Path) -> Option<String> {
+    let out = Command::new(program)
+        .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The supported interpreters on this machine: `python3` when it is 3.11 (CI's machines have
+/// it: there, its absence is a failure), and 3.12 and 3.13 as `python3.12` / `python3.13` on
+/// the PATH or in pyenv's versions folder. An empty list means the tests say so and pass.
+/// `sys.executable` of `program` (itself when it cannot say).
+fn real_executable(program: &str) -> PathBuf {
+    std::process::Command::new(program)
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| PathBuf::from(program))
+}
+
+pub fn pythons() -> Vec<Py> {
+    let mut found = Vec::new();
+    match version_of(Path::new("python3")) {
+        // The interpreter itself, not a launcher (pyenv's shim is a bash script that execs
+        // several helpers: on a loaded machine they outlive the short-helper threshold and
+        // the capture becomes a tree, which these tests are not about).
+        Some(v) if v == "3.11" => found.push(Py {
+            version: v,
+            program: real_executable("python3"),
+        }),
+        v => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "python3 is {v:?} in CI, not 3.11"
+            );
+            eprintln!("python3 is {v:?}, not 3.11: not tested");
+        }
+    }
+    let pyenv = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")));
+    for minor in ["3.12", "3.13"] {
+        let name = format!("python{minor}");
+        let mut candidates = vec![PathBuf::from(&name)];
+        if let Some(root) = &pyenv {
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir(root.join("versions"))
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            dirs.sort();
+            candidates.extend(
+                dirs.iter()
+                    .rev()
+                    .filter(|d| {
+                        d.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with(&format!("{minor}.")))
+                    })
+                    .map(|d| d.join("bin").join(&name)),
+            );
+        }
+        match candidates
+            .into_iter()
+            .find(|c| version_of(c).as_deref() == Some(minor))
+        {
+            Some(program) => found.push(Py {
+                version: minor.to_string(),
+                program,
+            }),
+            None => eprintln!("no CPython {minor} found: not tested"),
+        }
+    }
+    found
+}

@@ -113,3 +113,36 @@ fn two_sessions_record_exactly_their_own_allocations() {
 fn full_relro_slots_are_read_only_again_after_the_stop() {
     two_sessions(&["-O1", "-Wl,-z,relro,-z,now"], "r--p");
 }
+
+#[test]
+fn threads_allocating_while_recordings_start_and_stop() {
+    let w = Work::new("inproc_threads");
+    let exe = w.compile("inproc_threads.c");
+    let prefix = w.path("t.cap");
+    let run = Command::new(&exe)
+        .arg(&binaries().preload)
+        .arg(&prefix)
+        .output()
+        .unwrap();
+    assert_eq!(
+        (
+            run.status.code(),
+            String::from_utf8_lossy(&run.stdout).as_ref()
+        ),
+        (Some(0), "done\n"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut events = 0;
+    for k in 0..20 {
+        let s = summary_json(&w.path(&format!("t.cap.{k}")));
+        assert_eq!(s["end_reason"], "detach", "{s:#}");
+        // A missed free would show when its address is handed out again.
+        assert_eq!(json_u64(&s, "overlapping_allocations"), 0, "{s:#}");
+        // Each thread holds at most one block at any time.
+        assert!(json_u64(&s, "leaked_allocations") <= 8, "{s:#}");
+        assert!(json_u64(&s, "peak_allocations") <= 8, "{s:#}");
+        events += json_u64(&s, "events");
+    }
+    assert!(events > 20_000, "only {events} events in 20 recordings");
+}

@@ -118,7 +118,17 @@ struct Patch {
     relro: Option<(usize, usize)>,
 }
 
-static PATCHES: Mutex<Vec<Patch>> = Mutex::new(Vec::new());
+/// The slots redirected, and the modules whose slots were looked through (load bias and
+/// dynamic section: a later pass skips them; `forget_unloaded` drops those unloaded since).
+struct Patched {
+    slots: Vec<Patch>,
+    scanned: Vec<(usize, usize)>,
+}
+
+static PATCHES: Mutex<Patched> = Mutex::new(Patched {
+    slots: Vec::new(),
+    scanned: Vec::new(),
+});
 
 /// What `patch_all` and `restore_all` did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -136,18 +146,25 @@ pub(crate) fn patch_all() -> Counts {
     if !resolve_hooks() {
         return Counts::default();
     }
-    let Ok(mut patches) = PATCHES.lock() else {
+    let Ok(mut patched) = PATCHES.lock() else {
         return Counts::default();
     };
+    let patched = &mut *patched;
     let mut counts = Counts::default();
+    let mut fresh = Vec::new();
     // Two passes over all modules: releasing functions everywhere first.
     for pass in [0..6usize, 6..NAMES.len()] {
-        let mut modules = Vec::new();
-        loaded_modules(&mut modules);
-        counts.modules = modules.len();
-        for m in &modules {
-            // SAFETY: `m` was read from the loader's list just now and the loader does not
-            // unload while the guard holds this thread inside the tracker... see `for_each_slot`.
+        counts.modules = 0;
+        with_modules(&mut |m| {
+            counts.modules += 1;
+            if patched.scanned.contains(&(m.bias, m.dynamic)) {
+                return;
+            }
+            if pass.start == 0 {
+                fresh.push((m.bias, m.dynamic));
+            }
+            // SAFETY: `m` is a module the loader lists now, and it stays mapped while its
+            // entry is being visited (see `with_modules`).
             unsafe {
                 for_each_slot(m, |slot, name| {
                     if !pass.contains(&name) {
@@ -170,7 +187,7 @@ pub(crate) fn patch_all() -> Counts {
                     }
                     let relro = m.relro_page(slot);
                     if store(slot, hook, relro) {
-                        patches.push(Patch {
+                        patched.slots.push(Patch {
                             module: m.bias,
                             slot,
                             old: cur,
@@ -184,44 +201,58 @@ pub(crate) fn patch_all() -> Counts {
                     }
                 });
             }
-        }
+        });
     }
+    patched.scanned.extend(fresh);
     counts
+}
+
+/// Forgets modules unloaded since they were looked through (one loaded later at the same
+/// address is then looked through again).
+pub(crate) fn forget_unloaded() {
+    let Ok(mut patched) = PATCHES.lock() else {
+        return;
+    };
+    let mut loaded = Vec::new();
+    with_modules(&mut |m| loaded.push((m.bias, m.dynamic)));
+    patched.scanned.retain(|k| loaded.contains(k));
+    patched
+        .slots
+        .retain(|p| loaded.iter().any(|&(b, _)| b == p.module));
 }
 
 /// Puts back every redirected slot that still holds its hook, allocating functions first, in
 /// modules still loaded. Runs inside the guard.
 pub(crate) fn restore_all() -> Counts {
-    let Ok(mut patches) = PATCHES.lock() else {
+    let Ok(mut patched) = PATCHES.lock() else {
         return Counts::default();
     };
-    let mut modules = Vec::new();
-    loaded_modules(&mut modules);
-    let mut counts = Counts {
-        modules: modules.len(),
-        ..Counts::default()
-    };
-    let mut order: Vec<Patch> = patches.drain(..).collect();
-    order.sort_by_key(|p| std::cmp::Reverse(p.name < 6));
-    for p in order {
-        let Some(m) = modules.iter().find(|m| m.bias == p.module) else {
-            continue;
-        };
-        if !m.contains(p.slot) {
-            continue;
-        }
-        // SAFETY: the slot lies in a module loaded now (checked above), inside one of its
-        // segments; it is read before it is written.
-        unsafe {
-            if (p.slot as *const usize).read_volatile() != p.hook {
-                continue;
+    patched.scanned.clear();
+    let mut order: Vec<Patch> = patched.slots.drain(..).collect();
+    // Allocating functions first (false sorts before true).
+    order.sort_by_key(|p| p.name < 6);
+    let mut counts = Counts::default();
+    for group in [false, true] {
+        with_modules(&mut |m| {
+            counts.modules += usize::from(!group);
+            for p in order.iter().filter(|p| (p.name < 6) == group) {
+                if p.module != m.bias || !m.contains(p.slot) {
+                    continue;
+                }
+                // SAFETY: the slot lies in a module the loader lists now (checked above),
+                // inside one of its segments; it is read before it is written.
+                unsafe {
+                    if (p.slot as *const usize).read_volatile() != p.hook {
+                        continue;
+                    }
+                    if store(p.slot, p.old, p.relro) {
+                        counts.slots += 1;
+                    } else {
+                        counts.skipped += 1;
+                    }
+                }
             }
-            if store(p.slot, p.old, p.relro) {
-                counts.slots += 1;
-            } else {
-                counts.skipped += 1;
-            }
-        }
+        });
     }
     counts
 }
@@ -296,13 +327,18 @@ fn page_size() -> usize {
     }
 }
 
-/// The loaded modules whose slots may be rewritten: all but the loader, the vdso and this
-/// library.
-fn loaded_modules(out: &mut Vec<Module>) {
+type Visit<'a> = &'a mut dyn FnMut(&Module);
+
+/// Calls `f` for each loaded module whose slots may be rewritten (all but the loader, the vdso
+/// and this library), inside `dl_iterate_phdr`'s callback: the loader holds its list lock
+/// there, and `dlclose` removes a module from the list under that lock before unmapping it, so
+/// the module stays mapped while `f` looks at it.
+fn with_modules(f: Visit<'_>) {
+    let mut f = f;
     // SAFETY: the callback reads only the phdr array the loader hands it, for the length it
-    // states; `out` is the Vec passed here.
+    // states; `data` points to `f`, alive for the call.
     unsafe {
-        libc::dl_iterate_phdr(Some(collect), out as *mut Vec<Module> as *mut c_void);
+        libc::dl_iterate_phdr(Some(collect), &mut f as *mut Visit<'_> as *mut c_void);
     }
 }
 
@@ -311,8 +347,8 @@ unsafe extern "C" fn collect(
     _size: usize,
     data: *mut c_void,
 ) -> c_int {
-    // SAFETY: `data` is the Vec passed by `loaded_modules`; `info` is valid for this call.
-    let (out, info) = unsafe { (&mut *(data as *mut Vec<Module>), &*info) };
+    // SAFETY: `data` is the visitor passed by `with_modules`; `info` is valid for this call.
+    let (f, info) = unsafe { (&mut *(data as *mut Visit<'_>), &*info) };
     let name = if info.dlpi_name.is_null() {
         &b""[..]
     } else {
@@ -347,7 +383,7 @@ unsafe extern "C" fn collect(
     if m.dynamic == 0 || m.contains(own) {
         return 0;
     }
-    out.push(m);
+    f(&m);
     0
 }
 

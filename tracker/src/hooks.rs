@@ -375,6 +375,9 @@ pub unsafe fn dlclose(handle: *mut c_void) -> c_int {
         if let Some(_g) = IgnoreAllocs::enter() {
             let _errno = SaveErrno::new();
             r.refresh_modules();
+            if crate::inproc::loaded_late() {
+                crate::got::forget_unloaded();
+            }
         }
     }
     rc

@@ -102,6 +102,11 @@ fn unsafe_zeroed() -> libc::Dl_info {
     unsafe { std::mem::zeroed() }
 }
 
+/// The library was loaded into a running process (its slots are redirected while recording).
+pub(crate) fn loaded_late() -> bool {
+    LOADED_LATE.load(Ordering::Relaxed)
+}
+
 /// The reason of the last failure.
 pub fn last_error() -> *const c_char {
     match LAST_ERROR.lock() {
@@ -175,6 +180,7 @@ pub unsafe fn start(path: *const c_char, flags: u32, duration_ms: std::os::raw::
     }
     STOPPING.store(false, Ordering::Release);
     SELF_STOPPED.store(false, Ordering::Release);
+    crate::stack::prepare_late_session();
     recorder::start_writer();
     static ATFORK: std::sync::Once = std::sync::Once::new();
     ATFORK.call_once(|| {
@@ -186,8 +192,19 @@ pub unsafe fn start(path: *const c_char, flags: u32, duration_ms: std::os::raw::
     got::patch_all();
     if flags & START_PYMALLOC != 0 {
         PYMALLOC_ON.store(crate::pymem::install(), Ordering::Release);
+    } else if flags & START_ATTACHED != 0 {
+        // Injected into a running CPython: no GIL here; its main thread wraps the object
+        // allocator at its next check for pending calls.
+        crate::pymem::later(true);
     }
     0
+}
+
+/// The object allocator's wrappers were installed (by a pending call).
+pub(crate) fn pymalloc_installed(on: bool) {
+    if on {
+        PYMALLOC_ON.store(true, Ordering::Release);
+    }
 }
 
 fn open(path: &str, flags: u32, _g: &IgnoreAllocs) -> Result<(), String> {
@@ -297,6 +314,7 @@ pub fn stop() -> i32 {
         return 0;
     }
     unhook(true);
+    settle();
     drop(g);
     recorder::finish(EndReason::Detached);
     set_status(STATUS_STOPPED);
@@ -313,12 +331,23 @@ fn wait_stopped() {
 }
 
 /// Removes the hooks. Python's allocator wrappers need the GIL to be removed: without it
-/// (the writer thread) they stay, forwarding only, and the next start keeps them.
+/// (the writer thread) the interpreter's main thread removes them later; meanwhile they
+/// forward only.
 fn unhook(holds_gil: bool) {
-    if holds_gil && PYMALLOC_ON.swap(false, Ordering::AcqRel) {
-        crate::pymem::uninstall();
+    if PYMALLOC_ON.swap(false, Ordering::AcqRel) {
+        if holds_gil {
+            crate::pymem::uninstall();
+        } else {
+            crate::pymem::later(false);
+        }
     }
     got::restore_all();
+}
+
+/// A thread that read a hook's address from a slot just before it was restored is still to
+/// record its call: it gets this long while the recording is still on.
+fn settle() {
+    std::thread::sleep(std::time::Duration::from_millis(2));
 }
 
 /// Polled by the writer thread: true when this recording is to stop now (asked through the
@@ -335,6 +364,7 @@ pub(crate) fn writer_stop_due() -> bool {
     }
     SELF_STOPPED.store(true, Ordering::Release);
     unhook(false);
+    settle();
     lifecycle::finish()
 }
 

@@ -158,3 +158,44 @@ pub fn uninstall() {
         unsafe { set(*domain, &mut orig) };
     }
 }
+
+/// Has the interpreter's main thread wrap (`later(true)`) or unwrap (`later(false)`) the
+/// domains at its next check for pending calls, under the GIL: for a caller without the GIL
+/// (an attach's injected call, the writer thread). `Py_AddPendingCall` needs neither the GIL
+/// nor a thread state. False when the process is not a running CPython or the call could not
+/// be queued.
+pub fn later(wrap: bool) -> bool {
+    type AddPendingCall =
+        unsafe extern "C" fn(extern "C" fn(*mut c_void) -> c_int, *mut c_void) -> c_int;
+    if python_api().is_none() {
+        return false;
+    }
+    // SAFETY: dlsym with a valid name; the function has this signature in every CPython 3.
+    let add = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"Py_AddPendingCall".as_ptr()) };
+    if add.is_null() {
+        return false;
+    }
+    // SAFETY: as above.
+    let add = unsafe { std::mem::transmute::<*mut c_void, AddPendingCall>(add) };
+    extern "C" fn run(arg: *mut c_void) -> c_int {
+        let Some(_g) = crate::guard::IgnoreAllocs::enter() else {
+            return 0;
+        };
+        if !arg.is_null() {
+            // Only while the recording that asked for it still runs.
+            if crate::lifecycle::is_recording() {
+                crate::inproc::pymalloc_installed(install());
+            }
+        } else {
+            uninstall();
+        }
+        0
+    }
+    let arg = if wrap {
+        std::ptr::dangling_mut::<c_void>()
+    } else {
+        std::ptr::null_mut()
+    };
+    // SAFETY: `run` never unwinds and ignores its argument beyond null or not.
+    unsafe { add(run, arg) == 0 }
+}

@@ -299,6 +299,10 @@ pub(crate) extern "C" fn atfork_child() {
     let old = recorder::recorder().filter(|r| r.follow_fork);
     let (Some(old), State::Active) = (old, lifecycle::current()) else {
         lifecycle::disable();
+        // A recording started late belongs to the parent: the child has no writer to stop.
+        if crate::inproc::loaded_late() {
+            crate::inproc::set_status(crate::inproc::STATUS_NONE);
+        }
         return;
     };
     lifecycle::begin_child_init();

@@ -145,6 +145,17 @@ impl Reporter<'_> {
                     .to_string()
             }
             (None, View::Peak, None) => "live at the combined peak".to_string(),
+            // A recording of a running process that was stopped: the blocks are the ones made
+            // while it recorded and not freed by the stop, not the program's leaks.
+            (None, View::Leaks | View::LeaksAtExit, _)
+                if subject.main_capture().attached.is_some()
+                    && subject
+                        .main_capture()
+                        .end
+                        .is_some_and(|e| e.reason == memtrack_format::EndReason::Detached) =>
+            {
+                "allocated while recording and still live when it stopped".to_string()
+            }
             _ => view_words(view).to_string(),
         };
         let words = match &subject.main_capture().checkpoint {
