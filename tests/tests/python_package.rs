@@ -610,6 +610,40 @@ fn pytest_plugin_limits_pass_and_fail_with_figures_and_stacks() {
             "{stdout}"
         );
     }
+
+    // --fail-on-increase: 4 MiB passes (and is remembered in pytest's cache), 8 MiB fails
+    // against it, 2 MiB passes.
+    let inc = work.path("increase");
+    std::fs::create_dir(&inc).unwrap();
+    std::fs::copy(
+        workspace_root().join("tests/python/test_increase.py"),
+        inc.join("test_increase.py"),
+    )
+    .unwrap();
+    for (mib, code) in [(4, 0), (8, 1), (2, 0)] {
+        let mut cmd = Command::new(venv.join("bin/python"));
+        cmd.args([
+            "-m",
+            "pytest",
+            "-q",
+            "--fail-on-increase",
+            "test_increase.py",
+        ])
+        .env("MEMTRACK_TEST_MIB", mib.to_string())
+        .current_dir(&inc);
+        let stdout = text(&run_expect(cmd, code).stdout);
+        if code == 1 {
+            let line = stdout
+                .lines()
+                .find(|l| l.starts_with("test_increase.py::test_grows: peak 8.0 MiB ("))
+                .unwrap_or_else(|| panic!("{stdout}"));
+            assert!(
+                line.contains(" bytes) is above the last passing run's 4.0 MiB (")
+                    && line.ends_with(" bytes) (--fail-on-increase)"),
+                "{line}"
+            );
+        }
+    }
 }
 
 #[test]
