@@ -242,6 +242,7 @@ class MemtrackPlugin:
         self.used = set()
         self.unavailable = None
         self.errors = {}
+        self.unchecked = 0
 
     # Where captures go.
 
@@ -305,7 +306,10 @@ class MemtrackPlugin:
         limited = any(item.get_closest_marker(m) for m in _MARKERS)
         memory = False
         if result is None:
-            reason = self.errors.get(item.nodeid, self.unavailable)
+            reason = self.errors.get(item.nodeid)
+            if limited and reason is None and self.unavailable is not None:
+                # Recorded as a whole (memtrack run) or no library: said once at the end.
+                self.unchecked += 1
             if not limited or reason is None:
                 return
             problems = ["%s: memtrack could not record the test: %s" % (item.nodeid, reason)]
@@ -452,6 +456,11 @@ class MemtrackPlugin:
         if self.unavailable is not None:
             tr.write_sep("=", "memtrack", yellow=True)
             tr.write_line("memtrack did not record the tests: %s" % self.unavailable)
+            if self.unchecked:
+                tr.write_line(
+                    "the memory limits of %d test%s were not checked"
+                    % (self.unchecked, "" if self.unchecked == 1 else "s")
+                )
         if not self.enabled or self.hide or not self.results:
             return
         results = list(self.results.values())

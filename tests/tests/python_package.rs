@@ -644,6 +644,29 @@ fn pytest_plugin_limits_pass_and_fail_with_figures_and_stacks() {
             );
         }
     }
+
+    // Under `memtrack run` the run is recorded as a whole: the limits are not checked, and the
+    // output says so.
+    let mut cmd = Command::new(venv.join("bin/memtrack"));
+    cmd.args(["run", "-o", "whole.cap", "--"])
+        .arg(venv.join("bin/python"))
+        .args([
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "test_limits.py",
+        ])
+        .current_dir(work.dir());
+    let stdout = text(&run_expect(cmd, 0).stdout);
+    assert!(
+        stdout
+            .contains("memtrack did not record the tests: already recording under memtrack run\n")
+            && stdout.contains("the memory limits of 6 tests were not checked\n")
+            && stdout.contains("7 passed"),
+        "{stdout}"
+    );
 }
 
 #[test]
