@@ -1,7 +1,8 @@
 //! A recording started inside a running CPython (libmemtrack.so loaded through ctypes): small
 //! objects, which live in pymalloc's arenas, are recorded one by one with their Python frames,
 //! both when the start holds the GIL (`memtrack.Tracker`) and when it does not (an attach's
-//! injected call, where the main thread wraps the allocator through a pending call).
+//! injected call, where the main thread wraps the allocator through a pending call), and
+//! aggregated by the tracker.
 
 use memtrack_tests::{binaries, memtrack_ok, pythons, Py};
 use std::process::Command;
@@ -56,6 +57,9 @@ fn objects_recorded_by(py: &Py, mode: &str) {
     assert_eq!(row["count"], 1000, "{row:#}");
     assert_eq!(row["total_bytes"], 1000 * size, "{row:#}");
     assert_eq!(row["file"], "inproc_py.py");
+    let s = memtrack_tests::summary_json(&cap);
+    assert_eq!(s["aggregated"] == true, mode == "aggregate", "{s:#}");
+    assert_eq!(s["end_reason"], "detach", "{s:#}");
 }
 
 #[test]
@@ -66,4 +70,9 @@ fn objects_with_the_gil() {
 #[test]
 fn objects_through_a_pending_call() {
     objects_recorded("pending");
+}
+
+#[test]
+fn objects_aggregated() {
+    objects_recorded("aggregate");
 }

@@ -490,8 +490,13 @@ pub(crate) fn configure_from_env() {
         .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
         .filter(|&ms| ms > 0)
         .unwrap_or(5000);
+    configure(if on { ms } else { 0 });
+}
+
+/// Aggregates with a checkpoint every `interval_ms` (0: records events).
+pub(crate) fn configure(interval_ms: u64) {
     INTERVAL_US.store(
-        if on { ms.saturating_mul(1000) } else { 0 },
+        interval_ms.saturating_mul(1000),
         std::sync::atomic::Ordering::Relaxed,
     );
 }

@@ -976,10 +976,24 @@ pub unsafe fn py_malloc(ctx: *mut c_void, size: usize, caller: Caller) -> *mut c
         return std::ptr::null_mut();
     };
     let g = enter_alloc(size);
+    // Unsampled, the wrapped allocator's own malloc must not be sampled a second time.
+    let quiet = quiet_unless(&g);
     // SAFETY: forwarding to the wrapped allocator with its own context.
     let p = unsafe { f(orig.ctx, size) };
+    drop(quiet);
     done_alloc(g, AllocKind::Malloc, p, size, caller);
     p
+}
+
+/// The guard for a wrapped Python allocator's call when this one is not recorded: what it
+/// does through `malloc` is part of the object (one decision, not two).
+#[inline(always)]
+fn quiet_unless(g: &Option<IgnoreAllocs>) -> Option<IgnoreAllocs> {
+    if g.is_some() {
+        None
+    } else {
+        IgnoreAllocs::enter()
+    }
 }
 
 /// `calloc` of a wrapped Python allocator domain.
@@ -994,8 +1008,10 @@ pub unsafe fn py_calloc(ctx: *mut c_void, n: usize, m: usize, caller: Caller) ->
     };
     let size = n.saturating_mul(m);
     let g = enter_alloc(size);
+    let quiet = quiet_unless(&g);
     // SAFETY: forwarding.
     let p = unsafe { f(orig.ctx, n, m) };
+    drop(quiet);
     done_alloc(g, AllocKind::Calloc, p, size, caller);
     p
 }
@@ -1015,9 +1031,11 @@ pub unsafe fn py_realloc(
     let Some(f) = orig.realloc else {
         return std::ptr::null_mut();
     };
-    // SAFETY: forwarding.
-    realloc_common(AllocKind::Realloc, p, Some(size), caller, || unsafe {
-        f(orig.ctx, p, size)
+    realloc_common(AllocKind::Realloc, p, Some(size), caller, || {
+        // Held only when this call is not recorded (a recorded one holds the guard already).
+        let _quiet = IgnoreAllocs::enter();
+        // SAFETY: forwarding.
+        unsafe { f(orig.ctx, p, size) }
     })
 }
 
@@ -1037,7 +1055,9 @@ pub unsafe fn py_free(ctx: *mut c_void, p: *mut c_void) {
     if let Some(g) = &g {
         recorder::record(EventKind::Free { addr: p as u64 }, StackStart::Here, g);
     }
+    let quiet = quiet_unless(&g);
     // SAFETY: forwarding.
     unsafe { f(orig.ctx, p) };
+    drop(quiet);
     drop(g);
 }

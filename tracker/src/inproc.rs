@@ -125,11 +125,37 @@ fn fail(msg: &str) -> i32 {
     -1
 }
 
+/// How a recording records: every event (the default), a sample, or aggregated figures
+/// (`memtrack run --sample-rate`, `--aggregate`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    /// Mean gap between sampled bytes; 0 records every allocation.
+    pub sample_rate: u64,
+    /// The sampling seed plus one; 0 for a seed of the process's own.
+    pub sample_seed_plus_one: u64,
+    /// Aggregated recording with a checkpoint this often; 0 records events.
+    pub checkpoint_interval_ms: u64,
+}
+
 /// `memtrack_start`: 0, or -1 with the reason in [`last_error`].
 ///
 /// # Safety
 /// `path` is null or a NUL-terminated string.
 pub unsafe fn start(path: *const c_char, flags: u32, duration_ms: std::os::raw::c_ulong) -> i32 {
+    // SAFETY: the caller's contract.
+    unsafe { start_with(path, flags, duration_ms, Options::default()) }
+}
+
+/// `memtrack_start_with`: [`start`] with [`Options`].
+///
+/// # Safety
+/// `path` is null or a NUL-terminated string.
+pub unsafe fn start_with(
+    path: *const c_char,
+    flags: u32,
+    duration_ms: std::os::raw::c_ulong,
+    options: Options,
+) -> i32 {
     let Some(g) = IgnoreAllocs::enter() else {
         return fail("memtrack_start called from inside memtrack");
     };
@@ -159,6 +185,14 @@ pub unsafe fn start(path: *const c_char, flags: u32, duration_ms: std::os::raw::
             "this process is already being recorded (memtrack attach, or a memtrack.Tracker block)",
         );
     }
+    crate::sampling::configure(
+        options.sample_rate,
+        options.sample_seed_plus_one.checked_sub(1),
+    );
+    // Blocks an earlier recording sampled are not this one's (the old set stays mapped: a
+    // thread may still be reading it).
+    crate::sampling::reset_after_fork();
+    crate::aggregate::configure(options.checkpoint_interval_ms);
     match open(&path, flags, &g) {
         Ok(()) => {}
         Err(msg) => {
@@ -230,7 +264,7 @@ fn open(path: &str, flags: u32, _g: &IgnoreAllocs) -> Result<(), String> {
     };
     let mut bytes = header.encode();
     put_record(&mut bytes, record::ATTACH, &attach.encode());
-    if !capture_file::write_all(fd, &bytes) {
+    if !capture_file::write_all(fd, &bytes) || !crate::session::write_sampling(fd) {
         // SAFETY: our own descriptor.
         unsafe { libc::close(fd) };
         return Err(format!("cannot write {path}"));

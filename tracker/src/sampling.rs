@@ -30,13 +30,18 @@ pub(crate) fn configure_from_env() {
     let num = |name: &std::ffi::CStr| {
         getenv(name).and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
     };
-    let rate = num(c"MEMTRACK_SAMPLE_RATE").unwrap_or(0);
+    configure(
+        num(c"MEMTRACK_SAMPLE_RATE").unwrap_or(0),
+        num(c"MEMTRACK_SAMPLE_SEED"),
+    );
+}
+
+/// Samples with a mean gap of `rate` bytes (0 or 1: every allocation), from `seed` (None: a
+/// seed of its own per process).
+pub(crate) fn configure(rate: u64, seed: Option<u64>) {
     // A rate of 1 byte samples every allocation: the same as none.
     let rate = if rate <= 1 { 0 } else { rate };
-    SEED.store(
-        num(c"MEMTRACK_SAMPLE_SEED").map_or(0, |s| s.wrapping_add(1)),
-        Relaxed,
-    );
+    SEED.store(seed.map_or(0, |s| s.wrapping_add(1)), Relaxed);
     if rate != 0 && set().is_none() {
         // No room for the set of sampled blocks: record everything rather than guess.
         RATE.store(0, Release);
@@ -183,8 +188,9 @@ fn set() -> Option<&'static SampledSet> {
     Some(unsafe { &*raw })
 }
 
-/// In a forked child: a fresh, empty set (the parent's may be locked by a thread the child
-/// does not have; its blocks belong to the parent's capture).
+/// A fresh, empty set of sampled blocks, the old one left mapped: in a forked child (the
+/// parent's may be locked by a thread the child does not have; its blocks belong to the
+/// parent's capture), and for a new recording in a running process.
 pub(crate) fn reset_after_fork() {
     if rate() == 0 {
         return;

@@ -239,7 +239,7 @@ pub(crate) fn create_capture(
 
 /// The `SAMPLING` record, right after the header (or an exec'd image's `IMAGE` record), when
 /// this image samples.
-fn write_sampling(fd: i32) -> bool {
+pub(crate) fn write_sampling(fd: i32) -> bool {
     crate::sampling::record().is_none_or(|r| capture_file::write_all(fd, &r))
 }
 

@@ -318,6 +318,30 @@ pub unsafe extern "C" fn memtrack_start(
     unsafe { memtrack_tracker::inproc::start(path, flags, duration_ms) }
 }
 
+/// `memtrack_start` that samples (`sample_rate` bytes between samples on average, 0: every
+/// allocation; `sample_seed_plus_one` 0: a seed of its own) or aggregates
+/// (`checkpoint_interval_ms` 0: events), as `memtrack run --sample-rate`/`--aggregate` do.
+///
+/// # Safety
+/// `path` is null or a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn memtrack_start_with(
+    path: *const c_char,
+    flags: c_uint,
+    duration_ms: c_ulong,
+    sample_rate: c_ulong,
+    sample_seed_plus_one: c_ulong,
+    checkpoint_interval_ms: c_ulong,
+) -> c_int {
+    let options = memtrack_tracker::inproc::Options {
+        sample_rate,
+        sample_seed_plus_one,
+        checkpoint_interval_ms,
+    };
+    // SAFETY: same contract.
+    unsafe { memtrack_tracker::inproc::start_with(path, flags, duration_ms, options) }
+}
+
 /// Stops the recording `memtrack_start` began; the capture is complete when it returns.
 #[no_mangle]
 pub extern "C" fn memtrack_stop() -> c_int {
