@@ -14,10 +14,11 @@ Recording from inside the program, without ``memtrack run``:
     with memtrack.Tracker("out.cap"):
         ...
 
-Under ``memtrack run`` (or inside a ``Tracker`` block) each begin and end is recorded in the calling thread's event stream, in
-order with its allocations (through ``memtrack_region_begin`` and ``memtrack_region_end``,
-which libmemtrack.so exports; found with ``ctypes.CDLL(None)``, again once a ``Tracker`` has
-loaded the library). Without memtrack the marks do nothing.
+Under ``memtrack run`` (or inside a ``Tracker`` block) each begin and end is recorded in the
+calling thread's event stream, in order with its allocations (through
+``memtrack_region_begin`` and ``memtrack_region_end``, which libmemtrack.so exports; found
+with ``ctypes.CDLL(None)``, again once a ``Tracker`` has loaded the library). Without memtrack
+the marks do nothing.
 
 Threads: a region belongs to the thread that opened it, and counts that thread's allocations.
 

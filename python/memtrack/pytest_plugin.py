@@ -242,6 +242,7 @@ class MemtrackPlugin:
         self.used = set()
         self.unavailable = None
         self.errors = {}
+        self.whole_run = False
         self.unchecked = 0
 
     # Where captures go.
@@ -275,9 +276,10 @@ class MemtrackPlugin:
         try:
             _lib.load()
         except RuntimeError as e:
-            # Under `memtrack run` (the whole run is recorded already) or without the
-            # library: tests with limits fail saying so, the others run unrecorded.
+            # Under `memtrack run` the whole run is recorded already: limits go unchecked (said
+            # at the end). Without a usable library, tests with limits fail with the reason.
             self.unavailable = str(e)
+            self.whole_run = _lib.preloaded_status() == _lib.STATUS_PRELOADED
             yield
             return
         path = self.capture_path(pyfuncitem.nodeid)
@@ -306,11 +308,13 @@ class MemtrackPlugin:
         limited = any(item.get_closest_marker(m) for m in _MARKERS)
         memory = False
         if result is None:
-            reason = self.errors.get(item.nodeid)
-            if limited and reason is None and self.unavailable is not None:
-                # Recorded as a whole (memtrack run) or no library: said once at the end.
+            if not limited:
+                return
+            if self.whole_run:
                 self.unchecked += 1
-            if not limited or reason is None:
+                return
+            reason = self.errors.get(item.nodeid, self.unavailable)
+            if reason is None:
                 return
             problems = ["%s: memtrack could not record the test: %s" % (item.nodeid, reason)]
         else:
@@ -372,7 +376,8 @@ class MemtrackPlugin:
                 _spec(spec),
                 figure(limit),
             )
-            problems.append(head + "\n" + self._stacks_text(item, result, "peak", "  top stacks at the peak:"))
+            stacks = self._stacks_text(item, result, "peak", "  top stacks at the peak:")
+            problems.append(head + "\n" + stacks)
         if self.fail_on_increase:
             key = "memtrack/peak/" + item.nodeid
             before = self.config.cache.get(key, None) if self.config.cache else None
@@ -400,7 +405,8 @@ class MemtrackPlugin:
                 _spec(spec),
                 figure(limit),
             )
-            return [head + "\n" + self._stacks_text(item, result, "leaks", "  top stacks left live:")]
+            stacks = self._stacks_text(item, result, "leaks", "  top stacks left live:")
+            return [head + "\n" + stacks]
         # Stack by stack: every stack the test left live (all frames, filter_fn sees them).
         rows = _cli.stacks(result.capture, "leaks", 1_000_000_000, python_only=not self.native)
         kept = []
