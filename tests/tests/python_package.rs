@@ -156,6 +156,14 @@ fn wheel_installs_into_a_fresh_venv_and_its_memtrack_runs_python() {
     let lib = venv.join("lib/memtrack/libmemtrack.so");
     assert!(exe.is_file(), "{} missing", exe.display());
     assert!(lib.is_file(), "{} missing", lib.display());
+    // The CLI itself, not a Python launcher script.
+    let head = std::fs::read(&exe).unwrap();
+    assert_eq!(
+        &head[..4],
+        b"\x7fELF",
+        "{} is not an executable",
+        exe.display()
+    );
 
     // The venv's command finds the venv's library by itself (../lib/memtrack/).
     let script = work.path("grow.py");
