@@ -41,8 +41,11 @@ def _installed_candidates():
 
         dist = metadata.distribution("memtrack")
         for f in dist.files or ():
-            if str(f).replace("\\", "/").endswith("lib/memtrack/" + LIBRARY_NAME):
-                found.append(os.path.abspath(str(dist.locate_file(f))))
+            # Entries are relative to site-packages (`../../memtrack/libmemtrack.so`).
+            if f.name == LIBRARY_NAME:
+                p = os.path.normpath(os.path.abspath(str(dist.locate_file(f))))
+                if p.endswith(os.path.join("lib", "memtrack", LIBRARY_NAME)):
+                    found.append(p)
     except Exception:  # no metadata (a source checkout on PYTHONPATH), or an odd RECORD
         pass
     prefixes = [sys.prefix, getattr(sys, "base_prefix", sys.prefix)]

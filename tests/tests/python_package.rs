@@ -195,12 +195,14 @@ fn wheel_installs_into_a_fresh_venv_and_its_memtrack_runs_python() {
     assert_eq!(top["line"], 2, "{rows}");
     assert_eq!(top["max_bytes"], 10_000_001, "{rows}");
 
-    // `import memtrack` from the venv: Tracker, the installed library, the plugin's entry point.
+    // `import memtrack` from the venv: Tracker, the installed library (found first through the
+    // wheel's RECORD), the CLI, the plugin's entry point.
     let mut cmd = Command::new(venv.join("bin/python"));
     cmd.arg("-c").arg(
         "import importlib.metadata as m, memtrack, memtrack._lib as l, memtrack._cli as c\n\
          print(memtrack.Tracker.__name__)\n\
          print(l.find_library())\n\
+         print(l._installed_candidates()[0])\n\
          print(c.find_cli())\n\
          print([e.value for e in m.entry_points(group='pytest11') if e.name == 'memtrack'])\n",
     );
@@ -208,7 +210,8 @@ fn wheel_installs_into_a_fresh_venv_and_its_memtrack_runs_python() {
     assert_eq!(
         text(&out.stdout),
         format!(
-            "Tracker\n{}\n{}\n['memtrack.pytest_plugin']\n",
+            "Tracker\n{}\n{}\n{}\n['memtrack.pytest_plugin']\n",
+            lib.display(),
             lib.display(),
             exe.display()
         )
