@@ -327,7 +327,10 @@ class MemtrackPlugin:
             report.outcome = "failed"
             report.longrepr = "\n\n".join(problems)
             if memory:
+                # On the call's report for the `M` status; on the item for --junitxml, which
+                # writes the properties of the teardown's report.
                 report.user_properties.append(("memtrack", "memory problems"))
+                item.user_properties.append(("memtrack", "memory problems"))
 
     def check(self, item, result):
         problems = []

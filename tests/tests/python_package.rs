@@ -481,6 +481,12 @@ fn pytest_plugin_limits_pass_and_fail_with_figures_and_stacks() {
         xml.contains("failures=\"2\"") && xml.contains("tests=\"7\""),
         "{xml}"
     );
+    assert_eq!(
+        xml.matches("<property name=\"memtrack\" value=\"memory problems\" />")
+            .count(),
+        2,
+        "{xml}"
+    );
 
     let cap = |test: &str| work.path(&format!("caps/test_limits.py-{test}.cap"));
     let alloc_line = line_of(&src, "return bytearray(n)");
