@@ -158,6 +158,14 @@ impl Reporter<'_> {
             }
             _ => view_words(view).to_string(),
         };
+        // What was allocated before a recording began in a running process is not in it.
+        let words = match subject.main_capture().attached.map(|a| a.how) {
+            Some(memtrack_format::AttachHow::Attach) => format!("{words}, recorded since attach"),
+            Some(memtrack_format::AttachHow::InProcess) => {
+                format!("{words}, recorded since memtrack_start")
+            }
+            None => words,
+        };
         let words = match &subject.main_capture().checkpoint {
             Some(c) => format!(
                 "{words}, aggregated (checkpoint {}{})",
