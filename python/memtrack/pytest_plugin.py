@@ -72,8 +72,8 @@ def _spec(spec):
 
 
 def figure(n):
-    """``32.0 MiB (33,554,432 bytes)``."""
-    return "%s (%s bytes)" % (mib(n), format(n, ","))
+    """``32.0 MiB (33,554,432 bytes)``; ``100.0 KiB (102,400 bytes)`` below a MiB."""
+    return "%s (%s bytes)" % (human(n), format(n, ","))
 
 
 _LABEL_RE = re.compile(r"^(.*) \((.*):(\d+)\)$")
