@@ -44,9 +44,12 @@ mv -f "$prefix/bin/.memtrack.new" "$prefix/bin/memtrack"
 install -m 755 "$target/libmemtrack.so" "$prefix/lib/memtrack/.libmemtrack.so.new"
 mv -f "$prefix/lib/memtrack/.libmemtrack.so.new" "$prefix/lib/memtrack/libmemtrack.so"
 
-# The Python region marks (`import memtrack`), which `memtrack run` puts on PYTHONPATH.
+# The Python package (`import memtrack`: region marks, Tracker), which `memtrack run` puts on
+# PYTHONPATH.
 mkdir -p "$prefix/lib/memtrack/python/memtrack"
-install -m 644 "$src/python/memtrack/__init__.py" "$prefix/lib/memtrack/python/memtrack/__init__.py"
+for f in "$src"/python/memtrack/*.py; do
+    install -m 644 "$f" "$prefix/lib/memtrack/python/memtrack/"
+done
 
 echo "installed $prefix/bin/memtrack, $prefix/lib/memtrack/libmemtrack.so and $prefix/lib/memtrack/python"
 case ":${PATH:-}:" in

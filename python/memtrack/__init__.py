@@ -9,9 +9,15 @@ a phase of start-up) whose memory ``memtrack regions`` reports.
     with memtrack.region("search"):
         ...
 
-Under ``memtrack run`` each begin and end is recorded in the calling thread's event stream, in
-order with its allocations (through ``memtrack_region_begin`` and ``memtrack_region_end``,
-which the preloaded libmemtrack.so exports; found with ``ctypes.CDLL(None)``). Without memtrack
+Recording from inside the program, without ``memtrack run``:
+
+    with memtrack.Tracker("out.cap"):
+        ...
+
+Under ``memtrack run`` (or inside a ``Tracker`` block) each begin and end is recorded in the
+calling thread's event stream, in order with its allocations (through
+``memtrack_region_begin`` and ``memtrack_region_end``, which libmemtrack.so exports; found
+with ``ctypes.CDLL(None)``, again once a ``Tracker`` has loaded the library). Without memtrack
 the marks do nothing.
 
 Threads: a region belongs to the thread that opened it, and counts that thread's allocations.
@@ -24,8 +30,11 @@ code that does not await when that matters, or run the step in a thread of its o
 import ctypes
 import functools
 import inspect
+import os
 
-__all__ = ["region", "trace", "enabled"]
+from . import _lib
+
+__all__ = ["region", "trace", "enabled", "Tracker"]
 
 
 def _exports():
@@ -45,9 +54,70 @@ def _exports():
 _begin, _end = _exports()
 
 
+def _refresh_exports():
+    """Looks the marks up again: a Tracker has just loaded the library into the process."""
+    global _begin, _end
+    if _begin is None:
+        _begin, _end = _exports()
+
+
 def enabled():
-    """True when this process runs under memtrack (the marks are recorded)."""
+    """True when this process runs under memtrack or a Tracker has loaded memtrack's library
+    (the marks are recorded while a recording is on)."""
     return _begin is not None
+
+
+class Tracker:
+    """Records what the process allocates inside the ``with`` block into the capture ``path``,
+    which every ``memtrack`` report reads::
+
+        with memtrack.Tracker("out.cap"):
+            build_index()
+
+    The block's allocations and frees are recorded with their stacks (Python and native
+    frames); frees of blocks made before the block are counted apart. ``overwrite`` replaces
+    an existing file (otherwise that is an error). ``python_allocators`` also records Python's
+    object allocator (pymalloc), so small objects count one by one rather than as the arenas
+    pymalloc maps. One recording at a time per process; under ``memtrack run`` the whole run is
+    already recorded, and entering a Tracker raises RuntimeError.
+    """
+
+    def __init__(self, path, *, overwrite=False, python_allocators=True):
+        self.path = os.path.abspath(os.fspath(path))
+        self.overwrite = bool(overwrite)
+        self.python_allocators = bool(python_allocators)
+        self._active = False
+        self._lib = None
+
+    def __enter__(self):
+        if self._active:
+            raise RuntimeError("this Tracker is already recording")
+        lib = _lib.load()
+        _refresh_exports()
+        flags = 0
+        if self.overwrite:
+            flags |= _lib.START_OVERWRITE
+        if self.python_allocators:
+            flags |= _lib.START_PYMALLOC
+        if lib.start(os.fsencode(self.path), flags, 0) != 0:
+            raise RuntimeError(
+                "memtrack cannot start recording into %s: %s" % (self.path, lib.error())
+            )
+        self._active = True
+        self._lib = lib
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._active:
+            self._active = False
+            lib = self._lib
+            # A failure to stop is reported unless the block is already raising.
+            if lib.stop() != 0 and exc_type is None:
+                raise RuntimeError("memtrack cannot stop recording: %s" % lib.error())
+        return False
+
+    def __repr__(self):
+        return "memtrack.Tracker(%r)" % (self.path,)
 
 
 class region:

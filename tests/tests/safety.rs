@@ -459,9 +459,13 @@ fn install_script_puts_a_working_memtrack_in_a_prefix() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(prefix.join("lib/memtrack/libmemtrack.so").is_file());
-    assert!(prefix
-        .join("lib/memtrack/python/memtrack/__init__.py")
-        .is_file());
+    // The whole package: __init__ imports its other modules.
+    for m in ["__init__.py", "_lib.py", "_cli.py", "pytest_plugin.py"] {
+        assert!(prefix
+            .join("lib/memtrack/python/memtrack")
+            .join(m)
+            .is_file());
+    }
     let installed = prefix.join("bin/memtrack");
     let exe = work.compile("reports.c");
     let run = Command::new(&installed)

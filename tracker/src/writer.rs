@@ -326,7 +326,7 @@ fn handle(w: &Writer, inbox: &impl Inbox, rss: &mut RssSampler, m: Msg) -> bool 
             if reason == EndReason::Detached {
                 // The hooks are gone and the state says so: threads that entered one just
                 // before finish their event within this time.
-                std::thread::sleep(std::time::Duration::from_millis(20));
+                std::thread::sleep(std::time::Duration::from_millis(5));
             }
             drain(w, inbox, rss);
             sweep(w, inbox, true);

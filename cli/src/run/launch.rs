@@ -126,7 +126,7 @@ pub fn find_preload() -> Result<PathBuf> {
     }
     let tried: Vec<String> = tried.iter().map(|p| p.display().to_string()).collect();
     bail!(
-        "libmemtrack.so (the library memtrack preloads into the command) not found; looked in {}. Install memtrack with `./install.sh [PREFIX]` from its source tree (it puts both in place), or build it with `cargo build --release` and run target/release/memtrack, or set MEMTRACK_PRELOAD=/path/to/libmemtrack.so",
+        "libmemtrack.so (the library memtrack preloads into the command) not found; looked in {}. Install memtrack with `./install.sh [PREFIX]` or `pip install .` from its source tree (both put the two in place), or build it with `cargo build --release` and run target/release/memtrack, or set MEMTRACK_PRELOAD=/path/to/libmemtrack.so",
         tried.join(", ")
     )
 }
