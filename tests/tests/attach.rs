@@ -931,3 +931,94 @@ fn refuses_a_process_that_is_not_dumpable_without_cap_sys_ptrace() {
         &format!("run memtrack as the process's user or as root (sudo memtrack attach {pid}); in a container, add the SYS_PTRACE capability (docker run --cap-add=SYS_PTRACE, or securityContext.capabilities.add: [SYS_PTRACE])"),
     );
 }
+
+/// The exact window: `attach_window` logs, for each call, whether it went through the hook
+/// (it calls through the value its GOT slot holds at that moment). The capture holds exactly
+/// the hooked calls: every allocation, its size, and the frees, matched or of earlier blocks.
+#[test]
+fn attach_records_exactly_the_calls_made_through_the_hooks() {
+    let work = Work::new("attach-window");
+    let lib = binaries().preload.clone();
+    let exe = work.compile("attach_window.c");
+    let log = work.path("calls.log");
+    let mut cmd = Command::new(&exe);
+    cmd.arg(&log).arg("5");
+    let t = start(cmd);
+    std::thread::sleep(Duration::from_millis(500));
+    let cap = work.path("window.cap");
+    let pid = t.pid().to_string();
+    let out = memtrack(
+        &lib,
+        &[
+            "attach",
+            &pid,
+            "-o",
+            cap.to_str().unwrap(),
+            "--duration",
+            "2",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let (rest, code) = t.finish();
+    assert_eq!(code, Some(3));
+
+    // The log: "m I SIZE HOOKED T_US" and "f I HOOKED T_US".
+    let text = std::fs::read_to_string(&log).unwrap();
+    let (mut hooked_allocs, mut hooked_bytes, mut all_bytes) = (0u64, 0u64, 0u64);
+    let (mut matched_frees, mut earlier_frees) = (0u64, 0u64);
+    let mut hooked_block = std::collections::HashMap::new();
+    let (mut first, mut last) = (u64::MAX, 0u64);
+    let mut after_detach = 0;
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        match f[0] {
+            "m" => {
+                let (size, hooked): (u64, bool) = (f[2].parse().unwrap(), f[3] == "1");
+                let t: u64 = f[4].parse().unwrap();
+                all_bytes += size;
+                hooked_block.insert(f[1].to_string(), hooked);
+                if hooked {
+                    hooked_allocs += 1;
+                    hooked_bytes += size;
+                    first = first.min(t);
+                    last = last.max(t);
+                } else if hooked_allocs > 0 {
+                    after_detach += 1;
+                }
+            }
+            "f" if f[2] == "1" => {
+                if hooked_block[f[1]] {
+                    matched_frees += 1;
+                } else {
+                    earlier_frees += 1;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(rest, format!("checksum {all_bytes}\n"));
+    assert!(hooked_allocs > 500, "{hooked_allocs} hooked calls");
+    assert!(
+        after_detach > 500,
+        "the slots were not put back: {after_detach} calls after"
+    );
+    let span = (last - first) as f64 / 1e6;
+    assert!((1.8..2.2).contains(&span), "hooked for {span} s");
+
+    let s = summary_json(&cap);
+    assert_eq!(json_u64(&s, "total_allocations"), hooked_allocs, "{s:#}");
+    assert_eq!(json_u64(&s, "total_bytes"), hooked_bytes, "{s:#}");
+    assert_eq!(json_u64(&s, "total_frees"), matched_frees, "{s:#}");
+    assert_eq!(
+        json_u64(&s["attached"], "frees_of_earlier_blocks"),
+        earlier_frees,
+        "{s:#}"
+    );
+    assert_eq!(json_u64(&s, "overlapping_allocations"), 0, "{s:#}");
+    assert_eq!(
+        json_u64(&s, "leaked_allocations"),
+        hooked_allocs - matched_frees,
+        "{s:#}"
+    );
+}

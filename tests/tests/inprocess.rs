@@ -61,7 +61,7 @@ fn two_sessions(flags: &[&str], expect_got: &str) {
         let c = w.path(&format!("c.cap.{k}"));
         let s = summary_json(&c);
         let size = 1000 + k;
-        let lib = if k == 1 { 2 * 4096 } else { 0 };
+        let lib = if k == 1 { 2 * 4096 } else { 0 } + 4321;
         assert_eq!(s["end_reason"], "detach", "{s:#}");
         assert_eq!(s["attached"]["how"], "in_process", "{s:#}");
         let peak = (10 * size).max(5 * size + 12 + lib);
@@ -69,12 +69,12 @@ fn two_sessions(flags: &[&str], expect_got: &str) {
         assert_eq!(json_u64(&s, "leaked_bytes"), 5 * size + 12 + lib, "{s:#}");
         assert_eq!(
             json_u64(&s, "leaked_allocations"),
-            6 + if k == 1 { 2 } else { 0 },
+            7 + if k == 1 { 2 } else { 0 },
             "{s:#}"
         );
         assert_eq!(
             json_u64(&s, "total_allocations"),
-            11 + if k == 1 { 2 } else { 0 }
+            12 + if k == 1 { 2 } else { 0 }
         );
         assert_eq!(json_u64(&s, "total_frees"), 5);
         assert_eq!(
@@ -107,6 +107,11 @@ fn two_sessions(flags: &[&str], expect_got: &str) {
 #[test]
 fn two_sessions_record_exactly_their_own_allocations() {
     two_sessions(&["-O1", "-Wl,-z,lazy,-z,norelro"], "rw-p");
+}
+
+#[test]
+fn a_non_pie_program_calls_through_its_canonical_plt_entries() {
+    two_sessions(&["-O1", "-no-pie", "-Wl,-z,lazy,-z,norelro"], "rw-p");
 }
 
 #[test]

@@ -21,9 +21,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// Hooked functions, in the order their slots are redirected: releasing functions first.
-pub const NAMES: [&CStr; 28] = [
+pub const NAMES: [&CStr; 27] = [
     c"free",
-    c"cfree",
     c"realloc",
     c"reallocarray",
     c"munmap",
@@ -51,6 +50,10 @@ pub const NAMES: [&CStr; 28] = [
     c"_Exit",
     c"abort",
 ];
+
+/// The releasing functions lead [`NAMES`]. (`cfree` is left out: glibc keeps it only for old
+/// binaries, and looking it up would fail.)
+const RELEASING: usize = 5;
 
 #[allow(clippy::declare_interior_mutable_const)]
 const ZERO: AtomicUsize = AtomicUsize::new(0);
@@ -139,6 +142,13 @@ pub(crate) struct Counts {
     pub skipped: usize,
 }
 
+/// The symbol lookups `patch_all` needs, made ahead (on the writer thread: see
+/// `inproc::writer_prepared`).
+pub(crate) fn prepare() {
+    resolve_originals();
+    resolve_hooks();
+}
+
 /// Redirects every loaded module's slots of the hooked functions (again: slots already
 /// redirected are kept; modules loaded since are added). Runs inside the guard.
 pub(crate) fn patch_all() -> Counts {
@@ -153,7 +163,7 @@ pub(crate) fn patch_all() -> Counts {
     let mut counts = Counts::default();
     let mut fresh = Vec::new();
     // Two passes over all modules: releasing functions everywhere first.
-    for pass in [0..6usize, 6..NAMES.len()] {
+    for pass in [0..RELEASING, RELEASING..NAMES.len()] {
         counts.modules = 0;
         with_modules(&mut |m| {
             counts.modules += 1;
@@ -230,12 +240,12 @@ pub(crate) fn restore_all() -> Counts {
     patched.scanned.clear();
     let mut order: Vec<Patch> = patched.slots.drain(..).collect();
     // Allocating functions first (false sorts before true).
-    order.sort_by_key(|p| p.name < 6);
+    order.sort_by_key(|p| p.name < RELEASING);
     let mut counts = Counts::default();
     for group in [false, true] {
         with_modules(&mut |m| {
             counts.modules += usize::from(!group);
-            for p in order.iter().filter(|p| (p.name < 6) == group) {
+            for p in order.iter().filter(|p| (p.name < RELEASING) == group) {
                 if p.module != m.bias || !m.contains(p.slot) {
                     continue;
                 }
@@ -260,9 +270,7 @@ pub(crate) fn restore_all() -> Counts {
 fn resolve_originals() {
     for (i, name) in NAMES.iter().enumerate() {
         if ORIGINALS[i].load(Ordering::Acquire) == 0 {
-            // SAFETY: dlsym with a valid NUL-terminated name.
-            let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
-            ORIGINALS[i].store(f as usize, Ordering::Release);
+            ORIGINALS[i].store(crate::real::process_definition(name), Ordering::Release);
         }
     }
 }

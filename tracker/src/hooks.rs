@@ -882,15 +882,13 @@ unsafe fn along_callers_path(name: *const c_char, ip: u64) -> Option<std::ffi::C
     }
     let _g = IgnoreAllocs::enter()?;
     let _errno = SaveErrno::new();
-    let dlopen = real_fn!(Real::Dlopen, crate::real::Dlopen)?;
-    let dlclose = real_fn!(Real::Dlclose, Dlclose)?;
-    // SAFETY: dlopen/dladdr/dlinfo with valid arguments; every handle taken is released.
+    // Loaded already (by that file name): the plain call finds it. Asked of the loader's list,
+    // not with a failing dlopen(RTLD_NOLOAD), whose error the program's dlerror() would see.
+    if loaded_by_file_name(bare.to_bytes()) {
+        return None;
+    }
+    // SAFETY: dladdr1/dlinfo with valid arguments; no handle is taken.
     unsafe {
-        let loaded = dlopen(name, libc::RTLD_LAZY | libc::RTLD_NOLOAD);
-        if !loaded.is_null() {
-            dlclose(loaded);
-            return None;
-        }
         // The caller's link map: glibc's dlopen handles are link maps, so dlinfo takes it as
         // one (no reference is taken or released).
         let mut info: libc::Dl_info = std::mem::zeroed();
@@ -908,6 +906,31 @@ unsafe fn along_callers_path(name: *const c_char, ip: u64) -> Option<std::ffi::C
         }
         search_path_hit(map, bare)
     }
+}
+
+/// A loaded module's file is named `name`.
+fn loaded_by_file_name(name: &[u8]) -> bool {
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut c_void,
+    ) -> c_int {
+        // SAFETY: `data` is the (name, found) pair below; `info` is valid for this call.
+        let (want, info) = unsafe { (&mut *(data as *mut (&[u8], bool)), &*info) };
+        if !info.dlpi_name.is_null() {
+            // SAFETY: a NUL-terminated string owned by the loader.
+            let path = unsafe { std::ffi::CStr::from_ptr(info.dlpi_name) }.to_bytes();
+            if path.rsplit(|&c| c == b'/').next() == Some(want.0) {
+                want.1 = true;
+                return 1;
+            }
+        }
+        0
+    }
+    let mut want = (name, false);
+    // SAFETY: the callback reads what the loader hands it and `want`.
+    unsafe { libc::dl_iterate_phdr(Some(visit), &mut want as *mut (&[u8], bool) as *mut c_void) };
+    want.1
 }
 
 /// The first `dir/name` that exists along `handle`'s search path.

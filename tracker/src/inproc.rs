@@ -43,6 +43,8 @@ static STOPPING: AtomicBool = AtomicBool::new(false);
 /// The writer stopped the recording (control word, duration) and no `memtrack_stop` has
 /// answered for it yet: the program's own stop then succeeds.
 static SELF_STOPPED: AtomicBool = AtomicBool::new(false);
+/// The writer thread of this recording made its symbol lookups.
+static PREPARED: AtomicBool = AtomicBool::new(false);
 /// The reason of the last failure, NUL-terminated.
 static LAST_ERROR: Mutex<[u8; 512]> = Mutex::new([0; 512]);
 
@@ -74,32 +76,57 @@ fn status() -> u32 {
     word(&STATUS).map_or(STATUS_NONE, |w| w.load(Ordering::Acquire))
 }
 
-/// Whether `libmemtrack.so` was preloaded (its `malloc` is the process's), decided by the
-/// constructor before any table is filled.
+/// Whether `libmemtrack.so` was preloaded, decided by the constructor before any table is
+/// filled: preloaded libraries come before the C library in the loader's list (the program's
+/// dependencies are loaded after `LD_PRELOAD`'s), a library loaded with `dlopen` after it. When
+/// in doubt, preloaded (the mode of `memtrack run`; a late start is then refused, never
+/// wrongly recorded).
 pub(crate) fn detect_preloaded() -> bool {
-    let mut own: libc::Dl_info = unsafe_zeroed();
-    let mut found: libc::Dl_info = unsafe_zeroed();
-    // SAFETY: dlsym/dladdr with valid arguments and out-pointers.
-    unsafe {
-        let m = libc::dlsym(libc::RTLD_DEFAULT, c"malloc".as_ptr());
-        if m.is_null()
-            || libc::dladdr(m, &mut found) == 0
-            || libc::dladdr(
-                detect_preloaded as *const () as *const libc::c_void,
-                &mut own,
-            ) == 0
-        {
-            return true;
-        }
+    struct Seen {
+        own: usize,
+        libc_first: Option<bool>,
     }
-    let preloaded = found.dli_fbase == own.dli_fbase;
-    LOADED_LATE.store(!preloaded, Ordering::Release);
-    preloaded
-}
-
-fn unsafe_zeroed() -> libc::Dl_info {
-    // SAFETY: Dl_info is plain data (pointers); all zeroes is a valid value.
-    unsafe { std::mem::zeroed() }
+    unsafe extern "C" fn visit(
+        info: *mut libc::dl_phdr_info,
+        _size: usize,
+        data: *mut libc::c_void,
+    ) -> libc::c_int {
+        // SAFETY: `data` is the `Seen` passed below; `info` is valid for this call.
+        let (seen, info) = unsafe { (&mut *(data as *mut Seen), &*info) };
+        if seen.libc_first.is_some() {
+            return 1;
+        }
+        let name = if info.dlpi_name.is_null() {
+            &b""[..]
+        } else {
+            // SAFETY: a NUL-terminated string owned by the loader.
+            unsafe { CStr::from_ptr(info.dlpi_name) }.to_bytes()
+        };
+        let file = name.rsplit(|&c| c == b'/').next().unwrap_or(name);
+        // SAFETY: the loader guarantees dlpi_phdr points to dlpi_phnum entries.
+        let phdrs = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum as usize) };
+        let ours = phdrs.iter().any(|ph| {
+            let start = (info.dlpi_addr as usize).wrapping_add(ph.p_vaddr as usize);
+            ph.p_type == libc::PT_LOAD
+                && seen.own >= start
+                && seen.own < start.wrapping_add(ph.p_memsz as usize)
+        });
+        if ours {
+            seen.libc_first = Some(false);
+        } else if file.starts_with(b"libc.so.") {
+            seen.libc_first = Some(true);
+        }
+        0
+    }
+    let mut seen = Seen {
+        own: detect_preloaded as *const () as usize,
+        libc_first: None,
+    };
+    // SAFETY: the callback reads only what the loader hands it and `seen`.
+    unsafe { libc::dl_iterate_phdr(Some(visit), &mut seen as *mut Seen as *mut libc::c_void) };
+    let late = seen.libc_first == Some(true);
+    LOADED_LATE.store(late, Ordering::Release);
+    !late
 }
 
 /// The library was loaded into a running process (its slots are redirected while recording).
@@ -214,8 +241,9 @@ pub unsafe fn start_with(
     }
     STOPPING.store(false, Ordering::Release);
     SELF_STOPPED.store(false, Ordering::Release);
-    crate::stack::prepare_late_session();
+    PREPARED.store(false, Ordering::Release);
     recorder::start_writer();
+    wait_prepared();
     static ATFORK: std::sync::Once = std::sync::Once::new();
     ATFORK.call_once(|| {
         // SAFETY: registers a handler that never unwinds.
@@ -232,6 +260,28 @@ pub unsafe fn start_with(
         crate::pymem::later(true);
     }
     0
+}
+
+/// Called by the writer thread once ready: the symbol lookups a recording needs before its
+/// first event (is this a Python interpreter? which functions do the slots hold?) are made
+/// there, because a lookup that fails leaves an error message in the calling thread, which
+/// that thread's program would read from its next `dlerror()` (and free, unrecorded).
+pub(crate) fn writer_prepared() {
+    if LOADED_LATE.load(Ordering::Acquire) {
+        got::prepare();
+    }
+    PREPARED.store(true, Ordering::Release);
+}
+
+/// Waits (at most 2 s) for [`writer_prepared`], so that the first events have their Python
+/// frames.
+fn wait_prepared() {
+    for _ in 0..20_000 {
+        if PREPARED.load(Ordering::Acquire) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(100));
+    }
 }
 
 /// The object allocator's wrappers were installed (by a pending call).

@@ -126,14 +126,15 @@ pub(crate) fn resolve() {
     resolve_with(libc::RTLD_NEXT);
 }
 
-/// Fills the table with the functions the process itself uses (`dlsym(RTLD_DEFAULT)`): the
+/// Fills the table with the functions the process itself uses ([`process_definition`]): the
 /// library was loaded into a running process, where the relocation slots it redirects were
 /// bound to these (the program's own allocator, if it exports one, else libc's).
 #[cold]
 pub(crate) fn resolve_default() {
-    resolve_with(libc::RTLD_DEFAULT);
+    resolve_with(std::ptr::null_mut());
 }
 
+/// `handle` null: each function's [`process_definition`]; else `dlsym(handle, ..)`.
 fn resolve_with(handle: *mut c_void) {
     if RESOLVE
         .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
@@ -142,11 +143,75 @@ fn resolve_with(handle: *mut c_void) {
         return;
     }
     for real in Real::ALL {
-        // SAFETY: dlsym with a valid NUL-terminated name.
-        let f = unsafe { libc::dlsym(handle, real.name().as_ptr()) };
-        TABLE[real as usize].store(f as usize, Ordering::Release);
+        let f = if handle.is_null() {
+            process_definition(real.name())
+        } else {
+            // SAFETY: dlsym with a valid NUL-terminated name.
+            unsafe { libc::dlsym(handle, real.name().as_ptr()) as usize }
+        };
+        TABLE[real as usize].store(f, Ordering::Release);
     }
     RESOLVE.store(2, Ordering::Release);
+}
+
+/// The definition of `name` the process's code calls: `dlsym(RTLD_DEFAULT)`, unless that is
+/// an address of the main program that is no symbol of its own, i.e. the canonical PLT entry a
+/// non-PIE program gives a function whose address it takes (calling that entry jumps through
+/// the program's own relocation slot, which recording redirects to the hook: the hook would
+/// call itself). Then the next definition after this library (libc's). Never this library's
+/// own function.
+pub(crate) fn process_definition(name: &CStr) -> usize {
+    // SAFETY: dlsym/dladdr with valid arguments and out-pointers.
+    unsafe {
+        let d = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr());
+        let next = || libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) as usize;
+        if d.is_null() {
+            return next();
+        }
+        let mut at: libc::Dl_info = std::mem::zeroed();
+        let mut own: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(d, &mut at) == 0
+            || libc::dladdr(process_definition as *const () as *const c_void, &mut own) == 0
+        {
+            return next();
+        }
+        if at.dli_fbase == own.dli_fbase {
+            return next();
+        }
+        let main = libc::dlopen(std::ptr::null(), libc::RTLD_LAZY);
+        let mut in_main = false;
+        if !main.is_null() {
+            let mut map: *mut c_void = std::ptr::null_mut();
+            // RTLD_DI_LINKMAP: the main program's link map, whose l_addr (its first field) is
+            // its load bias; the module of `d` is the main program when dladdr's base is the
+            // one of any address of it: compare with the address of its _DYNAMIC via the map.
+            if libc::dlinfo(
+                main,
+                libc::RTLD_DI_LINKMAP,
+                &mut map as *mut _ as *mut c_void,
+            ) == 0
+                && !map.is_null()
+            {
+                let lm = map as *const LinkMapHead;
+                let mut dynamic: libc::Dl_info = std::mem::zeroed();
+                in_main = libc::dladdr((*lm).l_ld as *const c_void, &mut dynamic) != 0
+                    && dynamic.dli_fbase == at.dli_fbase;
+            }
+            libc::dlclose(main);
+        }
+        if in_main && at.dli_saddr != d {
+            return next();
+        }
+        d as usize
+    }
+}
+
+/// The public head of glibc's `struct link_map`.
+#[repr(C)]
+struct LinkMapHead {
+    l_addr: usize,
+    l_name: *const c_char,
+    l_ld: *const c_void,
 }
 
 /// `Some(f)`, the real function as a typed pointer, or `None` while the table is being filled.

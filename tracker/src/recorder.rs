@@ -201,6 +201,7 @@ extern "C" fn writer_entry(arg: *mut libc::c_void) -> *mut libc::c_void {
     // SAFETY: `arg` is the Box made in `start_writer`, handed to this thread alone.
     let rx = unsafe { Box::from_raw(arg as *mut Receiver<Msg>) };
     stack::prepare_writer_thread();
+    crate::inproc::writer_prepared();
     if let Some(rec) = recorder() {
         let inbox = WriterInbox { rec, rx: Some(*rx) };
         writer::run(&rec.handoff.writer, &inbox);

@@ -564,10 +564,3 @@ pub(crate) fn prepare_writer_thread() {
     let _ = dl_find_object(false);
     python::detect();
 }
-
-/// A recording started in a running process: is it a Python interpreter? Asked on the
-/// starting thread, before any hook is reached, so that the first events have their Python
-/// frames (the writer thread would ask only once it runs).
-pub(crate) fn prepare_late_session() {
-    python::detect();
-}
