@@ -143,6 +143,20 @@ pub(crate) enum Cmd {
         /// the process, so a thread stopped inside malloc can deadlock it). `auto` is ptrace.
         #[arg(long, value_enum, default_value = "auto")]
         method: AttachMethod,
+        /// Record a sample of the allocations, on average one per SIZE bytes allocated, as
+        /// `memtrack run --sample-rate` does (for a busy production process). SIZE: 512KiB.
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        sample_rate: Option<u64>,
+        /// With `--sample-rate`: the seed of the sampling's random gaps.
+        #[arg(long, value_name = "N", requires = "sample_rate")]
+        sample_seed: Option<u64>,
+        /// Aggregated recording, as `memtrack run --aggregate`: per-stack figures and a
+        /// checkpoint every `--checkpoint-interval`, no event stream (for long recordings).
+        #[arg(long)]
+        aggregate: bool,
+        /// With `--aggregate`: time between checkpoints (`500ms`, `5s`, `2m`).
+        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration_ms, requires = "aggregate")]
+        checkpoint_interval: u64,
     },
     /// Stop the recording `memtrack attach` started in a process (the process keeps running;
     /// its capture is complete when this returns).

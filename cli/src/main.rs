@@ -130,7 +130,18 @@ fn dispatch(
             output,
             duration,
             method,
-        } => attach::cmd_attach(pid, output, duration, method),
+            sample_rate,
+            sample_seed,
+            aggregate,
+            checkpoint_interval,
+        } => {
+            let how = attach::How {
+                sample_rate: sample_rate.unwrap_or(0),
+                sample_seed_plus_one: sample_seed.map_or(0, |s| s.wrapping_add(1)),
+                checkpoint_interval_ms: if aggregate { checkpoint_interval } else { 0 },
+            };
+            attach::cmd_attach(pid, output, duration, method, how)
+        }
         Cmd::Detach { pid } => attach::cmd_detach(pid),
         Cmd::Live { file } => {
             live::live(&r.options, &file, None)?;

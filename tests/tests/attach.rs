@@ -937,6 +937,21 @@ fn refuses_a_process_that_is_not_dumpable_without_cap_sys_ptrace() {
 /// the hooked calls: every allocation, its size, and the frees, matched or of earlier blocks.
 #[test]
 fn attach_records_exactly_the_calls_made_through_the_hooks() {
+    let s = attach_to_the_window(&[]);
+    assert_eq!(s["aggregated"], serde_json::Value::Null, "{s:#}");
+}
+
+/// Aggregated by the tracker, the attached recording's figures are as exact.
+#[test]
+fn attach_aggregated_records_exactly_the_same() {
+    let s = attach_to_the_window(&["--aggregate", "--checkpoint-interval", "500ms"]);
+    assert_eq!(s["aggregated"], true, "{s:#}");
+    assert_eq!(s["checkpoint_final"], true, "{s:#}");
+}
+
+/// Attaches to `attach_window` for 2 s with `extra` arguments and checks the capture against
+/// the calls it logged; returns its summary.
+fn attach_to_the_window(extra: &[&str]) -> serde_json::Value {
     let work = Work::new("attach-window");
     let lib = binaries().preload.clone();
     let exe = work.compile("attach_window.c");
@@ -947,18 +962,16 @@ fn attach_records_exactly_the_calls_made_through_the_hooks() {
     std::thread::sleep(Duration::from_millis(500));
     let cap = work.path("window.cap");
     let pid = t.pid().to_string();
-    let out = memtrack(
-        &lib,
-        &[
-            "attach",
-            &pid,
-            "-o",
-            cap.to_str().unwrap(),
-            "--duration",
-            "2",
-        ],
-        &[],
-    );
+    let mut args = vec![
+        "attach",
+        &pid,
+        "-o",
+        cap.to_str().unwrap(),
+        "--duration",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let out = memtrack(&lib, &args, &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let (rest, code) = t.finish();
     assert_eq!(code, Some(3));
@@ -1015,10 +1028,54 @@ fn attach_records_exactly_the_calls_made_through_the_hooks() {
         earlier_frees,
         "{s:#}"
     );
-    assert_eq!(json_u64(&s, "overlapping_allocations"), 0, "{s:#}");
+    assert!(
+        s["overlapping_allocations"].is_null() || s["overlapping_allocations"] == 0,
+        "{s:#}"
+    );
     assert_eq!(
         json_u64(&s, "leaked_allocations"),
         hooked_allocs - matched_frees,
         "{s:#}"
     );
+    s
+}
+
+/// The sampling and aggregation options reach the library's `memtrack_start_with`.
+#[test]
+fn attach_passes_sampling_and_aggregation_to_the_library() {
+    let work = Work::new("attach-how");
+    let lib = stub(&work);
+    let exe = work.compile("attach_target.c");
+    let t = target(&exe, "sleep");
+    let log = work.path("how.log");
+    let pid = t.pid().to_string();
+    let out = memtrack(
+        &lib,
+        &[
+            "attach",
+            &pid,
+            "-o",
+            log.to_str().unwrap(),
+            "--duration",
+            "0.3",
+            "--sample-rate",
+            "64KiB",
+            "--sample-seed",
+            "3",
+            "--aggregate",
+            "--checkpoint-interval",
+            "2s",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .next()
+            .unwrap()
+            .ends_with(" rate=65536 seed=4 checkpoints=2000"),
+        "{text}"
+    );
+    drop(t);
 }

@@ -32,9 +32,9 @@ fn printed_string(out: &str, marker: &str) -> String {
         .unwrap_or_else(|| "no reason given".to_string())
 }
 
-/// Loads `lib` into process `pid` and calls `memtrack_start(out, ATTACHED, duration_ms)`
-/// through gdb. Returns once the process runs again.
-pub fn inject(pid: i32, lib: &Path, out: &Path, duration_ms: u64) -> Result<()> {
+/// Loads `lib` into process `pid` and calls `memtrack_start_with(out, ATTACHED, duration_ms,
+/// ..how)` through gdb. Returns once the process runs again.
+pub fn inject(pid: i32, lib: &Path, out: &Path, duration_ms: u64, how: super::How) -> Result<()> {
     let lib_name = lib
         .file_name()
         .and_then(|n| n.to_str())
@@ -46,7 +46,7 @@ pub fn inject(pid: i32, lib: &Path, out: &Path, duration_ms: u64) -> Result<()> 
            print (char *) dlerror()\n\
          else\n\
            sharedlibrary {lib_name}\n\
-           set $r = (int) memtrack_start({out}, {flags}, (unsigned long) {duration_ms})\n\
+           set $r = (int) memtrack_start_with({out}, {flags}, (unsigned long) {duration_ms}, (unsigned long) {rate}, (unsigned long) {seed}, (unsigned long) {ckpt})\n\
            if $r != 0\n\
              echo MEMTRACK_START_FAILED\\n\n\
              print (char *) memtrack_last_error()\n\
@@ -58,6 +58,9 @@ pub fn inject(pid: i32, lib: &Path, out: &Path, duration_ms: u64) -> Result<()> 
         lib = quoted(lib)?,
         out = quoted(out)?,
         flags = MEMTRACK_START_ATTACHED,
+        rate = how.sample_rate,
+        seed = how.sample_seed_plus_one,
+        ckpt = how.checkpoint_interval_ms,
     );
     let dir = std::env::temp_dir().join(format!("memtrack-gdb-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;

@@ -463,7 +463,7 @@ fn lib_symbols(elf: &Elf, path: &Path) -> Result<LibSymbols> {
         })
     };
     Ok(LibSymbols {
-        start: get("memtrack_start")?,
+        start: get("memtrack_start_with")?,
         last_error: get("memtrack_last_error")?,
         status: get("memtrack_status")?,
         control: get("memtrack_control")?,
@@ -501,6 +501,7 @@ fn inject(
     syms: &LibSymbols,
     out: &Path,
     duration_ms: u64,
+    how: How,
 ) -> Result<Injected> {
     let pid = t.pid;
     let (libc_mod, libc_elf) = &pre.libc;
@@ -644,7 +645,14 @@ fn inject(
             &mut h,
             "memtrack_start",
             m.base + syms.start,
-            &[out_at, MEMTRACK_START_ATTACHED, duration_ms],
+            &[
+                out_at,
+                MEMTRACK_START_ATTACHED,
+                duration_ms,
+                how.sample_rate,
+                how.sample_seed_plus_one,
+                how.checkpoint_interval_ms,
+            ],
             stack,
         )?;
         if r as u32 as i32 != 0 {
@@ -690,12 +698,22 @@ fn inject(
     Ok(injected)
 }
 
+/// How the attached recording records (`memtrack_start_with`'s options): all zero records
+/// every event.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct How {
+    pub sample_rate: u64,
+    pub sample_seed_plus_one: u64,
+    pub checkpoint_interval_ms: u64,
+}
+
 /// `memtrack attach PID`.
 pub fn cmd_attach(
     pid: i32,
     output: Option<PathBuf>,
     duration: Option<f64>,
     method: AttachMethod,
+    how: How,
 ) -> Result<u8> {
     let t = Target { pid };
     let lib = crate::run::find_preload()?;
@@ -741,10 +759,10 @@ pub fn cmd_attach(
     let injected = match method {
         // gdb is the weaker way (see gdb.rs): only when asked for.
         AttachMethod::Auto | AttachMethod::Ptrace => {
-            inject(t, &pre, &lib, &syms, &out, duration_ms)?
+            inject(t, &pre, &lib, &syms, &out, duration_ms, how)?
         }
         AttachMethod::Gdb => {
-            gdb::inject(pid, &lib, &out, duration_ms)?;
+            gdb::inject(pid, &lib, &out, duration_ms, how)?;
             if !alive(t, pre.start_time) {
                 bail!("process {pid} exited right after gdb detached (gdb stops every thread: an epoll_wait, for one, then fails with EINTR); its capture holds what was written, if anything");
             }
