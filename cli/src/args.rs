@@ -89,26 +89,8 @@ pub(crate) enum Cmd {
         /// capture's name with `.out` for `.cap`].
         #[arg(long, value_name = "FILE", requires = "live")]
         live_output: Option<PathBuf>,
-        /// Record a sample of the allocations: on average one per SIZE bytes allocated
-        /// (exponential gaps, as tcmalloc and jemalloc sample; a block much larger than SIZE
-        /// is always recorded). Reports then give estimates with their standard error.
-        /// Sets MEMTRACK_SAMPLE_RATE for the command. SIZE: 524288, 512KiB, 2MiB.
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        sample_rate: Option<u64>,
-        /// With `--sample-rate`: the seed of the sampling's random gaps, for reproducible
-        /// runs (MEMTRACK_SAMPLE_SEED). Default: from the clock.
-        #[arg(long, value_name = "N", requires = "sample_rate")]
-        sample_seed: Option<u64>,
-        /// Aggregated recording for long runs: no event stream; the tracker keeps per-stack
-        /// figures (live, allocated, at the peak) and writes a checkpoint every
-        /// `--checkpoint-interval` and at exit. The capture grows with stacks, not events, and a
-        /// killed process leaves its last checkpoint. Temporary allocations and exact `--at`
-        /// cannot be reported from it.
-        #[arg(long)]
-        aggregate: bool,
-        /// With `--aggregate`: time between checkpoints (`500ms`, `5s`, `2m`).
-        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration_ms, requires = "aggregate")]
-        checkpoint_interval: u64,
+        #[command(flatten)]
+        mode: RecordingMode,
         /// Budgets checked when the command has finished (see `memtrack check`).
         #[command(flatten)]
         limits: LimitArgs,
@@ -143,20 +125,10 @@ pub(crate) enum Cmd {
         /// the process, so a thread stopped inside malloc can deadlock it). `auto` is ptrace.
         #[arg(long, value_enum, default_value = "auto")]
         method: AttachMethod,
-        /// Record a sample of the allocations, on average one per SIZE bytes allocated, as
-        /// `memtrack run --sample-rate` does (for a busy production process). SIZE: 512KiB.
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
-        sample_rate: Option<u64>,
-        /// With `--sample-rate`: the seed of the sampling's random gaps.
-        #[arg(long, value_name = "N", requires = "sample_rate")]
-        sample_seed: Option<u64>,
-        /// Aggregated recording, as `memtrack run --aggregate`: per-stack figures and a
-        /// checkpoint every `--checkpoint-interval`, no event stream (for long recordings).
-        #[arg(long)]
-        aggregate: bool,
-        /// With `--aggregate`: time between checkpoints (`500ms`, `5s`, `2m`).
-        #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration_ms, requires = "aggregate")]
-        checkpoint_interval: u64,
+        /// As `memtrack run`'s: a sample, or aggregated figures (for a busy production process
+        /// or a long recording).
+        #[command(flatten)]
+        mode: RecordingMode,
     },
     /// Stop the recording `memtrack attach` started in a process (the process keeps running;
     /// its capture is complete when this returns).
@@ -821,4 +793,29 @@ mod tests {
         assert!(parse_size("1.5").is_err());
         assert!(parse_size("1e30TB").is_err());
     }
+}
+
+/// How a recording records (`run`, `attach`): every event, a sample, or aggregated figures.
+#[derive(clap::Args, Clone, Copy, Debug)]
+pub struct RecordingMode {
+    /// Record a sample of the allocations: on average one per SIZE bytes allocated
+    /// (exponential gaps, as tcmalloc and jemalloc sample; a block much larger than SIZE
+    /// is always recorded). Reports then give estimates with their standard error.
+    /// `run` sets MEMTRACK_SAMPLE_RATE for the command. SIZE: 524288, 512KiB, 2MiB.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub sample_rate: Option<u64>,
+    /// With `--sample-rate`: the seed of the sampling's random gaps, for reproducible
+    /// runs (MEMTRACK_SAMPLE_SEED). Default: from the clock.
+    #[arg(long, value_name = "N", requires = "sample_rate")]
+    pub sample_seed: Option<u64>,
+    /// Aggregated recording for long runs: no event stream; the tracker keeps per-stack
+    /// figures (live, allocated, at the peak) and writes a checkpoint every
+    /// `--checkpoint-interval` and at exit. The capture grows with stacks, not events, and a
+    /// killed process leaves its last checkpoint. Temporary allocations and exact `--at`
+    /// cannot be reported from it.
+    #[arg(long)]
+    pub aggregate: bool,
+    /// With `--aggregate`: time between checkpoints (`500ms`, `5s`, `2m`).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration_ms, requires = "aggregate")]
+    pub checkpoint_interval: u64,
 }

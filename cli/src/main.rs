@@ -106,17 +106,14 @@ fn dispatch(
             keep_all,
             live,
             live_output,
-            sample_rate,
-            sample_seed,
-            aggregate,
-            checkpoint_interval,
+            mode,
             limits,
             command,
         } => {
             let tree = run::RunTree {
-                sample_rate,
-                sample_seed,
-                aggregate: aggregate.then_some(checkpoint_interval),
+                sample_rate: mode.sample_rate,
+                sample_seed: mode.sample_seed,
+                aggregate: mode.aggregate.then_some(mode.checkpoint_interval),
                 follow_fork: !no_follow_fork,
                 keep_all,
                 live: live.then_some(run::Live {
@@ -130,15 +127,16 @@ fn dispatch(
             output,
             duration,
             method,
-            sample_rate,
-            sample_seed,
-            aggregate,
-            checkpoint_interval,
+            mode,
         } => {
             let how = attach::How {
-                sample_rate: sample_rate.unwrap_or(0),
-                sample_seed_plus_one: sample_seed.map_or(0, |s| s.wrapping_add(1)),
-                checkpoint_interval_ms: if aggregate { checkpoint_interval } else { 0 },
+                sample_rate: mode.sample_rate.unwrap_or(0),
+                sample_seed_plus_one: mode.sample_seed.map_or(0, |s| s.wrapping_add(1)),
+                checkpoint_interval_ms: if mode.aggregate {
+                    mode.checkpoint_interval
+                } else {
+                    0
+                },
             };
             attach::cmd_attach(pid, output, duration, method, how)
         }
