@@ -631,8 +631,9 @@ fn attach_records_a_running_loop_for_its_duration() {
     let total = assert_loop_window(&cap, 1.9..2.5);
     assert!(
         err.contains(&format!(
-            "memtrack: capture written to {}: {total} allocations",
-            cap.display()
+            "memtrack: capture written to {}: {} allocations",
+            cap.display(),
+            memtrack_reader::grouped(total)
         )),
         "{err}"
     );

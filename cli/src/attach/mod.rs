@@ -792,15 +792,18 @@ pub fn cmd_attach(
         ),
     }
     let ended = wait_recording(t, pre.start_time, &injected, duration_ms)?;
-    match ended {
-        Ended::Stopped => {}
-        Ended::Exited => eprintln!("memtrack: process {pid} exited while recording; the capture holds what it wrote until then"),
-    }
+    let at_end = match ended {
+        Ended::Stopped => "at the stop",
+        Ended::Exited => {
+            eprintln!("memtrack: process {pid} exited while recording; the capture holds what it wrote until then");
+            "at exit"
+        }
+    };
     match memtrack_reader::Capture::open(&readable).and_then(|c| c.summary()) {
         Ok(s) => eprintln!(
-            "memtrack: capture written to {}: {} allocations ({}) recorded, peak {}, {} live at the stop; report on it with: memtrack summary {}",
+            "memtrack: capture written to {}: {} allocations ({}) recorded, peak {}, {} live {at_end}; report on it with: memtrack summary {}",
             out.display(),
-            s.total_allocations,
+            memtrack_reader::grouped(s.total_allocations),
             memtrack_reader::human_bytes(s.total_bytes),
             memtrack_reader::human_bytes(s.peak_bytes),
             memtrack_reader::human_bytes(s.leaked_at_exit_bytes),
