@@ -856,7 +856,8 @@ pub unsafe fn attach_dlopen(name: *const c_char, flags: c_int, caller: Caller) -
             None => f(name, flags),
         }
     };
-    if !h.is_null() && lifecycle::is_recording() {
+    // Not while a stop is restoring the slots: patching now would leave hooks behind.
+    if !h.is_null() && lifecycle::is_recording() && !crate::inproc::stopping() {
         if let Some(_g) = IgnoreAllocs::enter() {
             let _errno = SaveErrno::new();
             crate::got::patch_all();

@@ -129,6 +129,11 @@ pub(crate) fn detect_preloaded() -> bool {
     !late
 }
 
+/// A stop of the recording has begun (its slots are being put back).
+pub(crate) fn stopping() -> bool {
+    STOPPING.load(Ordering::Acquire)
+}
+
 /// The library was loaded into a running process (its slots are redirected while recording).
 pub(crate) fn loaded_late() -> bool {
     LOADED_LATE.load(Ordering::Relaxed)

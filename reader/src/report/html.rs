@@ -115,6 +115,16 @@ pub fn report_with(r: &mut Reporter, subject: &Subject, row_budget: usize) -> Re
                 (recorded > 1).then(|| {
                     format!("one process of {recorded} recorded (memtrack report --pid PID shows another)")
                 }),
+                cap.attached.map(|a| {
+                    format!(
+                        "recorded since {} at {}: allocations made before are not included, and what is live at the end is what the recording allocated and had not freed when it stopped",
+                        match a.how {
+                            memtrack_format::AttachHow::Attach => "memtrack attach",
+                            memtrack_format::AttachHow::InProcess => "memtrack_start in the process",
+                        },
+                        crate::utc_time_text(cap.header.start_unix_ns)
+                    )
+                }),
                 cap.sample_rate().map(|rate| {
                     format!(
                         "heap figures are ESTIMATES from allocations sampled at {} (peak ± {}, leaks ± {}); temporary allocations are not meaningful",

@@ -96,9 +96,12 @@
       tile("Peak RSS", human(h.peak_rss_bytes), "at " + secs(h.peak_rss_time_seconds), exact(h.peak_rss_bytes));
     if (h.peak_mapped_bytes > 0)
       t += tile("Peak mapped", human(h.peak_mapped_bytes), "at " + secs(h.peak_mapped_time_seconds), exact(h.peak_mapped_bytes));
-    t += tile("Leaked", human(h.leaked_bytes), plural(h.leaked_allocations, "allocation") +
+    // A recording stopped in a running process: its live blocks are not leaks.
+    const stopped = h.end_reason === "detach";
+    t += tile(stopped ? "Live at stop" : "Leaked", human(h.leaked_bytes),
+      plural(h.leaked_allocations, "allocation") +
       (h.leaks_measured_at === "python_program_end" ? " (at Python's end)" : ""), exact(h.leaked_bytes),
-      h.leaked_bytes > 0 ? "bad" : "ok");
+      stopped ? "" : h.leaked_bytes > 0 ? "bad" : "ok");
     t += tile("Allocated", human(h.total_bytes), plural(h.total_allocations, "allocation"), exact(h.total_bytes));
     t += tile("Duration", secs(h.duration_seconds), h.threads + (h.threads === 1 ? " thread" : " threads"));
     t += tile("Capture", h.complete ? "complete" : "cut off",
