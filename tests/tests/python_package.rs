@@ -218,49 +218,12 @@ fn wheel_installs_into_a_fresh_venv_and_its_memtrack_runs_python() {
     );
 }
 
-/// The supported CPythons found for the in-process tests: `python3` (3.11; required in CI), and
-/// 3.12 and 3.13 as `python3.X` on the PATH or in pyenv's versions folder.
+/// The supported CPythons found for the in-process tests (see `memtrack_tests::pythons`).
 fn interpreters() -> Vec<PathBuf> {
-    let mut found: Vec<PathBuf> = python("ctypes").into_iter().collect();
-    let pyenv = std::env::var_os("PYENV_ROOT")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")));
-    for minor in ["3.12", "3.13"] {
-        let name = format!("python{minor}");
-        let mut candidates = vec![PathBuf::from(&name)];
-        if let Some(root) = &pyenv {
-            let mut dirs: Vec<PathBuf> = std::fs::read_dir(root.join("versions"))
-                .map(|d| d.flatten().map(|e| e.path()).collect())
-                .unwrap_or_default();
-            dirs.sort();
-            candidates.extend(
-                dirs.iter()
-                    .rev()
-                    .filter(|d| {
-                        d.file_name()
-                            .and_then(|n| n.to_str())
-                            .is_some_and(|n| n.starts_with(&format!("{minor}.")))
-                    })
-                    .map(|d| d.join("bin").join(&name)),
-            );
-        }
-        let version = |c: &PathBuf| {
-            Command::new(c)
-                .args(["-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|o| text(&o.stdout).trim().to_string())
-        };
-        match candidates
-            .into_iter()
-            .find(|c| version(c).as_deref() == Some(minor))
-        {
-            Some(c) => found.push(c),
-            None => eprintln!("no CPython {minor} found: not tested"),
-        }
-    }
-    found
+    memtrack_tests::pythons()
+        .into_iter()
+        .map(|p| p.program)
+        .collect()
 }
 
 /// `tracker_block.py CAP1 CAP2` from the source tree under each CPython found, the library and
