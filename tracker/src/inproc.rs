@@ -200,9 +200,11 @@ pub unsafe fn start_with(
         .to_string_lossy()
         .into_owned();
     if !LOADED_LATE.load(Ordering::Acquire) {
-        return fail(
-            "this process runs under `memtrack run` (libmemtrack.so is preloaded): it is recorded from its start already",
-        );
+        return fail(if lifecycle::is_recording() {
+            "this process runs under `memtrack run` (libmemtrack.so is preloaded): it is recorded from its start already"
+        } else {
+            "libmemtrack.so is preloaded in this process but `memtrack run` does not record it (a program its command started, with --no-follow-fork): record it with `memtrack run`, or run it without LD_PRELOAD"
+        });
     }
     if preloaded_elsewhere() {
         return fail(
