@@ -367,20 +367,27 @@ class MemtrackPlugin:
         lines.append(self._capture_line(result))
         return "\n".join(lines)
 
+    def _over(self, item, result, what, marker_name, spec, limit, view, title):
+        """``NODEID: WHAT is over MARKER(SPEC) = LIMIT`` and the top stacks of ``view``."""
+        head = "%s: %s is over %s(%s) = %s" % (
+            item.nodeid,
+            what,
+            marker_name,
+            _spec(spec),
+            figure(limit),
+        )
+        return head + "\n" + self._stacks_text(item, result, view, title)
+
     def check_memory(self, item, result, marker):
         spec = self._marker_arg(marker, "limit")
         limit = parse_size(spec)
         peak = result.summary()["peak_bytes"]
         problems = []
         if peak > limit:
-            head = "%s: peak %s is over limit_memory(%s) = %s" % (
-                item.nodeid,
-                figure(peak),
-                _spec(spec),
-                figure(limit),
+            problems.append(
+                self._over(item, result, "peak %s" % figure(peak), "limit_memory", spec, limit,
+                           "peak", "  top stacks at the peak:")
             )
-            stacks = self._stacks_text(item, result, "peak", "  top stacks at the peak:")
-            problems.append(head + "\n" + stacks)
         if self.fail_on_increase:
             key = "memtrack/peak/" + item.nodeid
             before = self.config.cache.get(key, None) if self.config.cache else None
@@ -402,14 +409,10 @@ class MemtrackPlugin:
             leaked = result.summary()["leaked_bytes"]
             if leaked <= limit:
                 return []
-            head = "%s: leaked %s live at its end is over limit_leaks(%s) = %s" % (
-                item.nodeid,
-                figure(leaked),
-                _spec(spec),
-                figure(limit),
-            )
-            stacks = self._stacks_text(item, result, "leaks", "  top stacks left live:")
-            return [head + "\n" + stacks]
+            return [
+                self._over(item, result, "leaked %s live at its end" % figure(leaked),
+                           "limit_leaks", spec, limit, "leaks", "  top stacks left live:")
+            ]
         # Stack by stack: every stack the test left live (all frames, filter_fn sees them).
         rows = _cli.stacks(result.capture, "leaks", 1_000_000_000, python_only=not self.native)
         kept = []

@@ -262,15 +262,20 @@ fn attach_to_a_busy_loop_keeps_its_registers() {
 
 /// `memtrack attach PID` without --duration, in the background; returns once the stub logged
 /// its start.
-fn attach_in_background(lib: &Path, pid: i32, log: &Path) -> Child {
-    let child = Command::new(&binaries().memtrack)
+/// `memtrack attach PID -o OUT` with `MEMTRACK_PRELOAD=lib`, running in the background.
+fn spawn_attach(lib: &Path, pid: i32, out: &Path) -> Child {
+    Command::new(&binaries().memtrack)
         .args(["attach", &pid.to_string(), "-o"])
-        .arg(log)
+        .arg(out)
         .env("MEMTRACK_PRELOAD", lib)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("memtrack attach");
+        .expect("memtrack attach")
+}
+
+fn attach_in_background(lib: &Path, pid: i32, log: &Path) -> Child {
+    let child = spawn_attach(lib, pid, log);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !std::fs::read_to_string(log).is_ok_and(|s| s.contains('\n')) {
         assert!(Instant::now() < deadline, "the stub never started");
@@ -585,6 +590,14 @@ fn refuses_without_ptrace_permission() {
 /// What a capture of `attach_loop.c` holds whatever the window: the loop keeps 64 blocks live
 /// (each freed 64 iterations after its allocation), so the 64 live at the attach are freed in
 /// the window as blocks made before it, and 64 recorded ones are live at the stop.
+/// Starts `attach_loop`, and lets it fill its ring of 64 blocks before an attach.
+fn loop_target(work: &Work) -> Started {
+    let exe = work.compile("attach_loop.c");
+    let t = start(Command::new(&exe));
+    std::thread::sleep(Duration::from_millis(300));
+    t
+}
+
 fn assert_loop_window(cap: &Path, seconds: std::ops::Range<f64>) -> u64 {
     let s = summary_json(cap);
     assert_eq!(s["attached"]["how"], "attach", "{s:#}");
@@ -609,10 +622,8 @@ fn assert_loop_window(cap: &Path, seconds: std::ops::Range<f64>) -> u64 {
 fn attach_records_a_running_loop_for_its_duration() {
     let work = Work::new("attach-e2e");
     let lib = binaries().preload.clone();
-    let exe = work.compile("attach_loop.c");
-    let t = start(Command::new(&exe));
+    let t = loop_target(&work);
     let pid = t.pid();
-    std::thread::sleep(Duration::from_millis(300));
     let cap = work.path("loop.cap");
     let out = memtrack(
         &lib,
@@ -646,18 +657,10 @@ fn attach_records_a_running_loop_for_its_duration() {
 fn detach_ends_a_recording_and_a_second_attach_records_again() {
     let work = Work::new("attach-e2e-detach");
     let lib = binaries().preload.clone();
-    let exe = work.compile("attach_loop.c");
-    let t = start(Command::new(&exe));
+    let t = loop_target(&work);
     let pid = t.pid();
-    // The ring of 64 blocks full before the attach.
-    std::thread::sleep(Duration::from_millis(300));
     let first = work.path("first.cap");
-    let attach = Command::new(&binaries().memtrack)
-        .args(["attach", &pid.to_string(), "-o"])
-        .arg(&first)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let attach = spawn_attach(&lib, pid, &first);
     std::thread::sleep(Duration::from_millis(1000));
     let again = memtrack(
         &lib,
@@ -702,19 +705,11 @@ fn detach_ends_a_recording_and_a_second_attach_records_again() {
 fn a_process_that_exits_while_recorded_leaves_a_complete_capture() {
     let work = Work::new("attach-e2e-exit");
     let lib = binaries().preload.clone();
-    let exe = work.compile("attach_loop.c");
-    let t = start(Command::new(&exe));
+    let t = loop_target(&work);
     let pid = t.pid();
-    std::thread::sleep(Duration::from_millis(300));
     let cap = work.path("exit.cap");
     // Without --duration: attach waits for the process, which ends after its 5 s.
-    let attach = Command::new(&binaries().memtrack)
-        .args(["attach", &pid.to_string(), "-o"])
-        .arg(&cap)
-        .env("MEMTRACK_PRELOAD", &lib)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let attach = spawn_attach(&lib, pid, &cap);
     let (rest, code) = t.finish();
     assert_eq!(rest, "done\n");
     assert_eq!(code, Some(3));
@@ -860,10 +855,8 @@ fn detach_without_permission_is_refused() {
 fn attach_with_gdb_records_the_loop_and_reports_refusals() {
     let work = Work::new("attach-gdb");
     let lib = binaries().preload.clone();
-    let exe = work.compile("attach_loop.c");
-    let t = start(Command::new(&exe));
+    let t = loop_target(&work);
     let pid = t.pid();
-    std::thread::sleep(Duration::from_millis(300));
     let cap = work.path("gdb.cap");
     let out = memtrack(
         &lib,
