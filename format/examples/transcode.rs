@@ -38,6 +38,11 @@ fn main() {
         std::process::exit(2);
     };
     let rounds: usize = args.get(2).and_then(|r| r.parse().ok()).unwrap_or(3);
+    // SPLIT=k cuts every chunk into k (what smaller thread buffers would hand over).
+    let split: usize = std::env::var("SPLIT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     let data = std::fs::read(path).unwrap_or_else(|e| {
         eprintln!("{path}: {e}");
         std::process::exit(2)
@@ -70,7 +75,26 @@ fn main() {
             }
             items.push(it);
         }
-        chunks.push(encode_stream(&h, &items));
+        if split <= 1 {
+            chunks.push(encode_stream(&h, &items));
+            continue;
+        }
+        let per = items.len().div_ceil(split);
+        for part in items.chunks(per) {
+            let first = part.iter().find_map(|it| match it {
+                Item::Event { seq, time, .. } => Some((*seq, *time)),
+                Item::Node { .. } => None,
+            });
+            let Some((base_seq, base_time)) = first else {
+                continue;
+            };
+            let ph = ChunkHeader {
+                tid: h.tid,
+                base_seq,
+                base_time,
+            };
+            chunks.push(encode_stream(&ph, part));
+        }
     }
     let stream_bytes: usize = chunks.iter().map(Vec::len).sum();
     println!(

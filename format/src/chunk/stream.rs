@@ -206,6 +206,23 @@ impl<'a> StreamDecoder<'a> {
         }
     }
 
+    /// Asks the CPU for the stream's bytes `ahead` bytes past the position: a chunk written
+    /// by another core is in that core's cache, and fetching it line by line as the decoder
+    /// reaches it would stall on every line.
+    #[inline(always)]
+    pub fn prefetch(&self, ahead: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(b) = self.c.rest().get(ahead) {
+            // SAFETY: a prefetch of a byte of the slice; it reads nothing the program sees.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(b as *const u8 as *const i8);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = ahead;
+    }
+
     #[inline]
     pub fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
         if self.c.remaining() >= FAR_FROM_END {
@@ -284,6 +301,115 @@ impl<'a> StreamDecoder<'a> {
     }
 }
 
+/// One item of the stream as its op and plain numbers, for a reader that matches on the op
+/// itself (the transcoder). Every field is a u64, so an item is stored and loaded in whole
+/// words: building an [`Item`] and copying it out, the compiler writes its tags byte by byte
+/// and reads them back as words, and each such read waits for the stores to drain.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RawItem {
+    /// The op byte ([`op`]).
+    pub op: u64,
+    /// A node's id; else the event's sequence number.
+    pub seq: u64,
+    /// A node's parent; else the event's time.
+    pub time: u64,
+    /// A node's ip; else the event's address (a mapping's, a range's start).
+    pub addr: u64,
+    /// The op's own fields in the stream's order: an allocation's size and stack; a region's
+    /// id; a mapping's size, stack and `file << 1 | shared`; an unmap's size; a remap's size,
+    /// stack, zigzag delta of the old address from the new one, and old size.
+    pub more: [u64; 4],
+}
+
+impl RawItem {
+    /// The item, as [`StreamDecoder::next_item`] gives it.
+    pub fn item(&self) -> Result<Item, FormatError> {
+        let opcode = self.op as u8;
+        let (seq, time, addr, m) = (self.seq, self.time, self.addr, self.more);
+        let kind = match opcode {
+            op::STACK_NODE => {
+                return Ok(Item::Node {
+                    id: seq,
+                    parent: time,
+                    ip: addr,
+                })
+            }
+            op::FREE => EventKind::Free { addr },
+            op::REALLOC_FREE => EventKind::ReallocFree { addr },
+            op::REALLOC_FAILED => EventKind::ReallocFailed,
+            op::REGION_BEGIN => EventKind::RegionBegin {
+                region: m[0] as u32,
+            },
+            op::REGION_END => EventKind::RegionEnd,
+            op::MAP => EventKind::Map {
+                addr,
+                size: m[0],
+                stack: m[1] as u32,
+                file: (m[2] >> 1).min(u32::MAX as u64) as u32,
+                shared: m[2] & 1 != 0,
+            },
+            op::UNMAP => EventKind::Unmap { addr, size: m[0] },
+            op::REMAP => EventKind::Remap {
+                old_addr: addr.wrapping_add(unzigzag(m[2])),
+                old_size: m[3],
+                addr,
+                size: m[0],
+                stack: m[1] as u32,
+            },
+            o => EventKind::Alloc {
+                kind: AllocKind::from_u8(o.wrapping_sub(op::ALLOC_BASE))
+                    .ok_or(FormatError::BadOp(o))?,
+                addr,
+                size: m[0],
+                // Stack ids are u32 (the trie's); a larger one is damage, kept as its low bits.
+                stack: m[1] as u32,
+            },
+        };
+        Ok(Item::Event { seq, time, kind })
+    }
+}
+
+impl StreamDecoder<'_> {
+    /// The next item into `out` as plain numbers (see [`RawItem`]); false after the chunk's
+    /// last. Checks what [`StreamDecoder::next_item`] checks.
+    #[inline(always)]
+    pub fn next_raw(&mut self, out: &mut RawItem) -> Result<bool, FormatError> {
+        if self.c.remaining() >= FAR_FROM_END {
+            self.raw::<true>(out)?;
+        } else if self.c.is_empty() {
+            return Ok(false);
+        } else {
+            self.raw::<false>(out)?;
+        }
+        Ok(true)
+    }
+
+    #[inline(always)]
+    fn raw<const FAR: bool>(&mut self, out: &mut RawItem) -> Result<(), FormatError> {
+        let opcode = self.c.u8()?;
+        out.op = opcode as u64;
+        if opcode == op::STACK_NODE {
+            out.seq = self.uv::<FAR>()?;
+            out.time = self.uv::<FAR>()?;
+            out.addr = self.uv::<FAR>()?;
+            return Ok(());
+        }
+        let fields = match opcode {
+            op::FREE | op::REALLOC_FREE | op::REALLOC_FAILED | op::REGION_END => 0,
+            op::REGION_BEGIN | op::UNMAP => 1,
+            op::MAP => 3,
+            op::REMAP => 4,
+            o if AllocKind::from_u8(o.wrapping_sub(op::ALLOC_BASE)).is_some() => 2,
+            o => return Err(FormatError::BadOp(o)),
+        };
+        (out.seq, out.time, out.addr) = self.head::<FAR>()?;
+        for k in 0..fields {
+            out.more[k] = self.uv::<FAR>()?;
+        }
+        Ok(())
+    }
+}
+
 /// Bytes left from which on an item of the stream encoding is read without bounds checks: its
 /// last varint starts at most 61 bytes in and is read as 8 bytes (see `StreamDecoder::uv`).
 const FAR_FROM_END: usize = 72;
@@ -291,6 +417,91 @@ const FAR_FROM_END: usize = 72;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `next_raw` gives every op as `next_item` does, near the chunk's end (bounds-checked
+    /// reads) and far from it, and refuses the same damage.
+    #[test]
+    fn raw_items_are_the_items() {
+        let header = ChunkHeader {
+            tid: 1,
+            base_seq: 7,
+            base_time: 3,
+        };
+        let kinds = [
+            EventKind::Alloc {
+                kind: AllocKind::Malloc,
+                addr: 0x7f00_0000_1000,
+                size: 5000,
+                stack: 9,
+            },
+            EventKind::Alloc {
+                kind: AllocKind::AlignedAlloc,
+                addr: 0x10,
+                size: 64,
+                stack: u32::MAX,
+            },
+            EventKind::Free {
+                addr: 0x7f00_0000_1000,
+            },
+            EventKind::ReallocFree { addr: 0x10 },
+            EventKind::ReallocFailed,
+            EventKind::RegionBegin {
+                region: 0xdead_beef,
+            },
+            EventKind::RegionEnd,
+            EventKind::Map {
+                addr: 0x7f10_0000_0000,
+                size: 1 << 21,
+                stack: 4,
+                file: 77,
+                shared: true,
+            },
+            EventKind::Unmap {
+                addr: 0x7f10_0000_0000,
+                size: 4096,
+            },
+            EventKind::Remap {
+                old_addr: 0x7f10_0000_1000,
+                old_size: 8192,
+                addr: 0x7f00_0000_0000,
+                size: 1 << 20,
+                stack: 2,
+            },
+        ];
+        let mut items = Vec::new();
+        for round in 0..20u64 {
+            items.push(Item::Node {
+                id: round + 1,
+                parent: round,
+                ip: 0x5555_0000_0000 + round,
+            });
+            for (i, &kind) in kinds.iter().enumerate() {
+                items.push(Item::Event {
+                    seq: 7 + round * 16 + i as u64,
+                    time: 3 + round,
+                    kind,
+                });
+            }
+        }
+        let b = encode_stream(&header, &items);
+        let mut c = Cursor::new(&b);
+        let h = ChunkHeader::decode(&mut c).unwrap();
+        let mut d = StreamDecoder::new(c.rest(), &h);
+        let mut raw = RawItem::default();
+        let mut back = Vec::new();
+        while d.next_raw(&mut raw).unwrap() {
+            back.push(raw.item().unwrap());
+        }
+        assert_eq!(back, items);
+        // An unknown op, far from the end and at it.
+        for tail in [vec![0x0b; 100], vec![0x0b]] {
+            let mut d = StreamDecoder::new(&tail, &h);
+            assert!(matches!(
+                d.next_raw(&mut raw),
+                Err(FormatError::BadOp(0x0b))
+            ));
+        }
+    }
 
     /// The bytes the tracker has always written for these events: a time below the previous
     /// one saturates (delta 0), a failed realloc keeps the address (delta 0).

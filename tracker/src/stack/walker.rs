@@ -63,6 +63,12 @@ struct Snapshot {
 /// Earlier walks kept besides the previous one.
 const RECENT: usize = 16;
 
+/// The key of a walk in `Walker::recent_keys`: its innermost frame's ip and sp.
+#[inline]
+fn key_of(frames: &[Frame]) -> (u64, u64) {
+    frames.last().map_or((0, 0), |f| (f.ip, f.sp))
+}
+
 /// Whether every (address, value) still holds. Eight words per step without a branch each:
 /// a deep stack's check is the walk's main cost.
 ///
@@ -130,6 +136,9 @@ pub struct Walker {
     above: AboveMemo,
     /// Walks before the previous one; `recent_next` is the slot to overwrite next.
     recent: [Snapshot; RECENT],
+    /// The (ip, sp) of each of `recent`'s innermost frames ((0, 0): none), side by side: the
+    /// search for a caller reads these few cache lines, not every snapshot's frames.
+    recent_keys: [(u64, u64); RECENT],
     recent_next: usize,
     /// Whether walks intern their frames. Off in a Python process, whose stacks are interned
     /// with the Python frames in place (see `stack::ThreadStacks::interleaved_stack`): the walk then
@@ -193,6 +202,7 @@ impl Walker {
             front_misses: 0,
             above: Default::default(),
             recent: Default::default(),
+            recent_keys: [(0, 0); RECENT],
             recent_next: 0,
             interning: true,
             ips: Vec::new(),
@@ -245,6 +255,7 @@ impl Walker {
             r.frames.clear();
             r.reads.clear();
         }
+        self.recent_keys = [(0, 0); RECENT];
         self.above.invalidate();
     }
 
@@ -323,17 +334,21 @@ impl Walker {
     #[inline]
     fn recent_hit(&mut self, caller: Caller) -> Option<Walk> {
         let same = |f: Option<&Frame>| f.is_some_and(|f| f.is(caller.ip, caller.sp, caller.bp));
-        let i = self.recent.iter().position(|r| {
-            same(r.frames.last())
-                // SAFETY: as in `reusable`: read by an earlier walk of this thread's stack, at
-                // or above the innermost frame's sp, which equals the current caller's, so
-                // still within the live stack.
-                && unsafe { words_hold(&r.reads) }
+        let i = (0..RECENT).find(|&i| {
+            self.recent_keys[i] == (caller.ip, caller.sp) && {
+                let r = &self.recent[i];
+                same(r.frames.last())
+                    // SAFETY: as in `reusable`: read by an earlier walk of this thread's
+                    // stack, at or above the innermost frame's sp, which equals the current
+                    // caller's, so still within the live stack.
+                    && unsafe { words_hold(&r.reads) }
+            }
         })?;
         let r = &mut self.recent[i];
         std::mem::swap(&mut self.frames, &mut r.frames);
         std::mem::swap(&mut self.reads, &mut r.reads);
         std::mem::swap(&mut self.complete, &mut r.complete);
+        self.recent_keys[i] = key_of(&r.frames);
         Some(self.previous())
     }
 
@@ -480,6 +495,7 @@ impl Walker {
         if !self.inner.is_empty() {
             // The previous walk is about to change: keep a copy of it.
             let r = &mut self.recent[self.recent_next];
+            self.recent_keys[self.recent_next] = key_of(&self.frames);
             self.recent_next = (self.recent_next + 1) % RECENT;
             r.frames.clear();
             r.frames.extend_from_slice(&self.frames);

@@ -4,9 +4,10 @@
 
 use super::{alloc_symbol, block_end, class, col, free_symbol, SMALL_BLOCK, UNKNOWN_SIZE};
 use crate::chunk::live::LiveSet;
+use crate::chunk::stream::RawItem;
 use crate::chunk::tokens::{BitWriter, Long, Short};
-use crate::{put_record, put_uvarint, record, zigzag, AllocKind, ChunkHeader, Cursor, EventKind};
-use crate::{FormatError, Item, StreamDecoder, StreamEncoder};
+use crate::{op, FormatError, Item, StreamDecoder, StreamEncoder};
+use crate::{put_record, put_uvarint, record, zigzag, AllocKind, ChunkHeader, Cursor};
 
 /// What the chunk so far says about an address: one entry of the transcoder's one table.
 #[derive(Clone, Copy, Default)]
@@ -28,6 +29,10 @@ struct Slot {
 const LIVE: u32 = 1;
 /// Items decoded ahead of the one transcoded (see `Transcoder::transcode`).
 const AHEAD: usize = 32;
+/// Bytes of the stream prefetched ahead of the decoder.
+const STREAM_AHEAD: usize = 512;
+/// The op of a ring slot past the chunk's last item (no op byte has this value).
+const END_OF_CHUNK: u64 = u64::MAX;
 const FREED: u32 = 2;
 const NO_END: u32 = u32::MAX;
 const NO_SIZE: u32 = u32::MAX;
@@ -129,16 +134,14 @@ impl AddrTable {
 
     /// Prefetches the slots an item will look up.
     #[inline(always)]
-    fn prefetch_item(&self, item: &Item) {
-        if let Item::Event { kind, .. } = item {
-            match *kind {
-                EventKind::Alloc { addr, size, .. } => {
-                    self.prefetch(addr);
-                    self.prefetch(block_end(addr, size));
-                }
-                EventKind::Free { addr } | EventKind::ReallocFree { addr } => self.prefetch(addr),
-                _ => {}
-            }
+    fn prefetch_raw(&self, item: &RawItem) {
+        let o = item.op as u8;
+        if o < op::FREE {
+            // An allocation: its address, and where the block ends.
+            self.prefetch(item.addr);
+            self.prefetch(block_end(item.addr, item.more[0]));
+        } else if o == op::FREE || o == op::REALLOC_FREE {
+            self.prefetch(item.addr);
         }
     }
 
@@ -277,34 +280,38 @@ impl Transcoder {
         // Items are decoded `AHEAD` of the one transcoded, and their slots prefetched: the
         // table is larger than the core's nearer caches and its lookups are random, so most
         // would otherwise wait for memory one after the other.
-        let mut ring = [None::<Item>; AHEAD];
+        let mut ring = [RawItem::default(); AHEAD];
+        let mut ended = false;
         for r in ring.iter_mut() {
-            *r = events.next_item()?;
-            if let Some(it) = r {
-                self.blocks.prefetch_item(it);
+            if !ended && events.next_raw(r)? {
+                self.blocks.prefetch_raw(r);
+            } else {
+                ended = true;
+                r.op = END_OF_CHUNK;
             }
         }
         let mut at = 0;
-        while let Some(item) = ring[at] {
-            let ahead = events.next_item()?;
-            if let Some(it) = &ahead {
-                self.blocks.prefetch_item(it);
+        loop {
+            let item = ring[at];
+            if item.op == END_OF_CHUNK {
+                break;
             }
-            ring[at] = ahead;
+            // The item `AHEAD` on takes this one's place (or the end's mark does).
+            if !ended {
+                events.prefetch(STREAM_AHEAD);
+                if events.next_raw(&mut ring[at])? {
+                    self.blocks.prefetch_raw(&ring[at]);
+                } else {
+                    ended = true;
+                    ring[at].op = END_OF_CHUNK;
+                }
+            }
             at = (at + 1) % AHEAD;
-            if let Item::Event { seq, time, kind } = item {
-                if kind.is_mapped() {
-                    maps.event(&mut self.mapped, seq, time, kind);
-                    continue;
-                }
-                if !kind.is_heap() {
-                    marks.event(&mut self.regions, seq, time, kind);
-                    continue;
-                }
-            }
-            n_ops += 1;
-            let (s, t, event) = match item {
-                Item::Node { id, parent, ip } => {
+            let o = item.op as u8;
+            match o {
+                op::STACK_NODE => {
+                    n_ops += 1;
+                    let (id, parent, ip) = (item.seq, item.time, item.addr);
                     cols.op(class::NODE);
                     cols.put(col::NODE, zigzag(id.wrapping_sub(node_prev)));
                     cols.put(col::NODE, id.wrapping_sub(parent));
@@ -313,36 +320,45 @@ impl Transcoder {
                     ip_prev = ip;
                     continue;
                 }
-                Item::Event { seq, time, kind } => (seq, time, kind),
-            };
+                op::MAP | op::UNMAP | op::REMAP | op::REGION_BEGIN | op::REGION_END => {
+                    if let Item::Event { seq, time, kind } = item.item()? {
+                        if kind.is_mapped() {
+                            maps.event(&mut self.mapped, seq, time, kind);
+                        } else {
+                            marks.event(&mut self.regions, seq, time, kind);
+                        }
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            n_ops += 1;
+            let (s, t, addr) = (item.seq, item.time, item.addr);
             // Each field in the order the decoder reads it: op, seq, time, address, kind, size,
             // stack.
-            cols.op(match event {
-                EventKind::Alloc {
-                    kind: AllocKind::Malloc,
-                    ..
-                } => class::MALLOC,
-                EventKind::Alloc { .. } => class::ALLOC_OTHER,
-                EventKind::Free { .. } => class::FREE,
-                EventKind::ReallocFree { .. } => class::REALLOC_FREE,
-                EventKind::ReallocFailed => class::REALLOC_FAILED,
-                EventKind::RegionBegin { .. }
-                | EventKind::RegionEnd
-                | EventKind::Map { .. }
-                | EventKind::Unmap { .. }
-                | EventKind::Remap { .. } => continue,
+            let kind = match o {
+                op::FREE => None,
+                op::REALLOC_FREE => None,
+                op::REALLOC_FAILED => None,
+                _ => Some(
+                    AllocKind::from_u8(o.wrapping_sub(op::ALLOC_BASE))
+                        .ok_or(FormatError::BadOp(o))?,
+                ),
+            };
+            cols.op(match (o, kind) {
+                (_, Some(AllocKind::Malloc)) => class::MALLOC,
+                (_, Some(_)) => class::ALLOC_OTHER,
+                (op::FREE, None) => class::FREE,
+                (op::REALLOC_FREE, None) => class::REALLOC_FREE,
+                _ => class::REALLOC_FAILED,
             });
             cols.put(col::SEQ, s.wrapping_sub(seq));
             cols.put(col::TIME, t.wrapping_sub(time));
             seq = s;
             time = t;
-            match event {
-                EventKind::Alloc {
-                    kind,
-                    addr,
-                    size,
-                    stack,
-                } => {
+            match (o, kind) {
+                (_, Some(kind)) => {
+                    let (size, stack) = (item.more[0], item.more[1] as u32);
                     let slot = self.blocks.entry(addr);
                     // Only a reused address (given as such) predicts the size.
                     let mut reused = UNKNOWN_SIZE;
@@ -389,7 +405,7 @@ impl Transcoder {
                     self.live.insert(acnt as usize);
                     acnt += 1;
                 }
-                EventKind::Free { addr } | EventKind::ReallocFree { addr } => {
+                (op::FREE | op::REALLOC_FREE, None) => {
                     let slot = self.blocks.entry(addr);
                     let given = slot.tag & 3 == LIVE
                         && cols.put_below(
@@ -417,12 +433,7 @@ impl Transcoder {
                     slot.num = fcnt;
                     slot.size = size;
                 }
-                EventKind::ReallocFailed
-                | EventKind::RegionBegin { .. }
-                | EventKind::RegionEnd
-                | EventKind::Map { .. }
-                | EventKind::Unmap { .. }
-                | EventKind::Remap { .. } => {}
+                _ => {}
             }
         }
         while cols.nops != 0 {
@@ -483,6 +494,7 @@ impl Transcoder {
 mod tests {
     use super::*;
     use crate::chunk::tests::{rank_items, stream_chunk};
+    use crate::EventKind;
 
     #[test]
     fn a_chunk_meeting_more_addresses_than_the_table_holds_round_trips() {
