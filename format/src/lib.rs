@@ -92,7 +92,8 @@ pub use region::RegionNameRecord;
 pub use rss::RssRecord;
 pub use sampling::SamplingRecord;
 pub use varint::{
-    push_uvarint_bytewise, put_bytes, put_ivarint, put_uvarint, read_uvarint, ByteSink,
+    push_uvarint_bytewise, put_bytes, put_ivarint, put_uvarint, read_uvarint, uvarint_word,
+    ByteSink,
 };
 pub(crate) use varint::{unzigzag, zigzag};
 
@@ -113,4 +114,6 @@ pub enum FormatError {
     BadOp(u8),
     #[error("a compressed events chunk does not decompress")]
     Compression,
+    #[error("an events chunk of {0} bytes is too large to transcode")]
+    TooLarge(usize),
 }

@@ -120,6 +120,29 @@ impl ByteSink for Tail<'_> {
             self.push_byte(b);
         }
     }
+
+    /// A varint in one store when 8 bytes are left (the room checked before each event
+    /// guarantees it): no loop whose trip count, the varint's length, varies from event to
+    /// event. One and two bytes (counts, sizes, stack ids) directly; longer ones (address
+    /// deltas) as a word from `uvarint_word`.
+    #[inline(always)]
+    fn push_uvarint(&mut self, v: u64) {
+        let Some(dst) = self.room.get_mut(self.n..self.n + 8) else {
+            return memtrack_format::push_uvarint_bytewise(self, v);
+        };
+        let (w, len) = if v < 0x80 {
+            (v, 1)
+        } else if v < 0x4000 {
+            ((v & 0x7f) | 0x80 | (v >> 7) << 8, 2)
+        } else {
+            match memtrack_format::uvarint_word(v) {
+                Some(x) => x,
+                None => return memtrack_format::push_uvarint_bytewise(self, v),
+            }
+        };
+        dst.copy_from_slice(&w.to_le_bytes());
+        self.n += len;
+    }
 }
 
 impl ByteSink for MapBuf {

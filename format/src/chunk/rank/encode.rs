@@ -9,33 +9,73 @@ use crate::chunk::tokens::{BitWriter, Long, Short};
 use crate::{op, FormatError, Item, StreamDecoder, StreamEncoder};
 use crate::{put_record, put_uvarint, record, zigzag, AllocKind, ChunkHeader, Cursor};
 
-/// What the chunk so far says about an address: one entry of the transcoder's one table.
+/// What the chunk so far says about an address: one entry of the transcoder's one table, 16
+/// bytes (a table of 64 k entries fits a core's 1 MiB L2). `meta` packs, from bit 0: the state
+/// (2 bits: `NEITHER`, `LIVE`, `FREED`), the table's generation when the entry was made (8),
+/// the block's size (11: a size only matters when it is at most `SMALL_BLOCK`, so larger and
+/// unknown sizes are `NO_SIZE`), `num` (21: `LIVE`, its allocation index; `FREED`, its free
+/// number) and `end_of` (21: the latest allocation of the chunk that ends at this address,
+/// `NO_END` for none). A chunk's counts stay below 2^21: see `MAX_PAYLOAD`.
 #[derive(Clone, Copy, Default)]
 struct Slot {
     key: u64,
-    /// The block's size, at most `u32::MAX` (`u32::MAX` also for a freed block the chunk did not
-    /// see allocated): a size only matters when it is at most `SMALL_BLOCK`.
-    size: u32,
-    /// `LIVE`: allocated in the chunk and not freed (its allocation index); `FREED`: freed in
-    /// the chunk and not reused (its free number).
-    num: u32,
-    /// The latest allocation of the chunk that ends at this address (`NO_END`: none).
-    end_of: u32,
-    /// The table's generation when the entry was made, shifted left 2, and the state
-    /// (`LIVE`, `FREED` or neither) in the low bits.
-    tag: u32,
+    meta: u64,
 }
 
-const LIVE: u32 = 1;
+const NEITHER: u64 = 0;
+const LIVE: u64 = 1;
+const FREED: u64 = 2;
+const GEN_SHIFT: u32 = 2;
+const GEN_MASK: u64 = 0xff;
+const SIZE_SHIFT: u32 = 10;
+const NO_SIZE: u64 = 0x7ff;
+const NUM_SHIFT: u32 = 21;
+const END_SHIFT: u32 = 42;
+const NUM_MASK: u64 = 0x1f_ffff;
+const NO_END: u32 = NUM_MASK as u32;
+/// The largest payload transcoded: an event takes at least 4 bytes of stream, so a chunk's
+/// allocation and free counts stay below `NUM_MASK`. The tracker's chunks are at most 320 KiB;
+/// a larger one is refused and kept as it is.
+const MAX_PAYLOAD: usize = 4 << 20;
+
+impl Slot {
+    #[inline(always)]
+    fn state(&self) -> u64 {
+        self.meta & 3
+    }
+    #[inline(always)]
+    fn size(&self) -> u64 {
+        (self.meta >> SIZE_SHIFT) & NO_SIZE
+    }
+    #[inline(always)]
+    fn num(&self) -> u32 {
+        ((self.meta >> NUM_SHIFT) & NUM_MASK) as u32
+    }
+    #[inline(always)]
+    fn end_of(&self) -> u32 {
+        ((self.meta >> END_SHIFT) & NUM_MASK) as u32
+    }
+    /// Sets the state, `num` and size (capped at `NO_SIZE`), keeping the generation and `end_of`.
+    #[inline(always)]
+    fn set(&mut self, state: u64, num: u32, size: u64) {
+        let keep = self.meta & ((GEN_MASK << GEN_SHIFT) | (NUM_MASK << END_SHIFT));
+        self.meta = keep
+            | state
+            | (size.min(NO_SIZE) << SIZE_SHIFT)
+            | ((num as u64 & NUM_MASK) << NUM_SHIFT);
+    }
+    #[inline(always)]
+    fn set_end_of(&mut self, a: u32) {
+        self.meta = (self.meta & !(NUM_MASK << END_SHIFT)) | ((a as u64 & NUM_MASK) << END_SHIFT);
+    }
+}
+
 /// Items decoded ahead of the one transcoded (see `Transcoder::transcode`).
 const AHEAD: usize = 32;
 /// Bytes of the stream prefetched ahead of the decoder.
 const STREAM_AHEAD: usize = 512;
 /// The op of a ring slot past the chunk's last item (no op byte has this value).
 const END_OF_CHUNK: u64 = u64::MAX;
-const FREED: u32 = 2;
-const NO_END: u32 = u32::MAX;
-const NO_SIZE: u32 = u32::MAX;
 
 /// Addresses the chunk has met (allocated, freed, or where a block ends), open addressing with
 /// linear probing. A lookup touches one place in memory (hashbrown's control bytes and buckets
@@ -43,8 +83,8 @@ const NO_SIZE: u32 = u32::MAX;
 /// larger than the core's L1 and L2 caches care to refill.
 struct AddrTable {
     slots: Vec<Slot>,
-    /// Generations start at 1: zeroed slots are free in every generation.
-    generation: u32,
+    /// Generations run from 1 to `GEN_MASK`: zeroed slots are free in every generation.
+    generation: u64,
     len: usize,
     /// The table doubles when `len` reaches this (three quarters full).
     grow_at: usize,
@@ -74,7 +114,7 @@ impl AddrTable {
     fn clear(&mut self) {
         self.len = 0;
         self.generation += 1;
-        if self.generation >= 1 << 30 {
+        if self.generation > GEN_MASK {
             self.slots.fill(Slot::default());
             self.generation = 1;
         }
@@ -95,16 +135,16 @@ impl AddrTable {
         let current = self.generation;
         let mut i = self.home(key);
         loop {
-            let tag = self.slots[i & mask].tag;
-            if tag >> 2 != current {
+            let meta = self.slots[i & mask].meta;
+            if (meta >> GEN_SHIFT) & GEN_MASK != current {
                 self.len += 1;
                 let s = &mut self.slots[i & mask];
                 *s = Slot {
                     key,
-                    size: NO_SIZE,
-                    num: 0,
-                    end_of: NO_END,
-                    tag: current << 2,
+                    meta: NEITHER
+                        | (current << GEN_SHIFT)
+                        | (NO_SIZE << SIZE_SHIFT)
+                        | ((NO_END as u64) << END_SHIFT),
                 };
                 return s;
             }
@@ -154,9 +194,10 @@ impl AddrTable {
         self.shift -= 1;
         self.grow_at = n / 4 * 3;
         let mask = self.slots.len() - 1;
-        for s in old.into_iter().filter(|s| s.tag >> 2 == current) {
+        let live = |s: &Slot| (s.meta >> GEN_SHIFT) & GEN_MASK == current;
+        for s in old.into_iter().filter(live) {
             let mut i = self.home(s.key);
-            while self.slots[i & mask].tag >> 2 == current {
+            while live(&self.slots[i & mask]) {
                 i = (i & mask) + 1;
             }
             self.slots[i & mask] = s;
@@ -261,6 +302,9 @@ impl Transcoder {
         level: i32,
         out: &mut Vec<u8>,
     ) -> Result<(), FormatError> {
+        if payload.len() > MAX_PAYLOAD {
+            return Err(FormatError::TooLarge(payload.len()));
+        }
         let mut c = Cursor::new(payload);
         let header = ChunkHeader::decode(&mut c)?;
         let mut events = StreamDecoder::new(c.rest(), &header);
@@ -362,22 +406,22 @@ impl Transcoder {
                     let slot = self.blocks.entry(addr);
                     // Only a reused address (given as such) predicts the size.
                     let mut reused = UNKNOWN_SIZE;
-                    let given = if slot.tag & 3 == FREED
+                    let given = if slot.state() == FREED
                         && cols.put_below(
                             col::ALLOC,
                             alloc_symbol::REUSED,
                             alloc_symbol::AFTER,
-                            (fcnt - slot.num + 1) as u64,
+                            (fcnt - slot.num() + 1) as u64,
                         ) {
-                        reused = slot.size as u64;
+                        reused = slot.size();
                         true
                     } else {
-                        slot.end_of != NO_END
+                        slot.end_of() != NO_END
                             && cols.put_below(
                                 col::ALLOC,
                                 alloc_symbol::AFTER,
                                 alloc_symbol::AFTER,
-                                (acnt - slot.end_of) as u64,
+                                (acnt - slot.end_of()) as u64,
                             )
                     };
                     if !given {
@@ -388,9 +432,7 @@ impl Transcoder {
                         );
                         new_addr = addr;
                     }
-                    slot.tag = (slot.tag & !3) | LIVE;
-                    slot.num = acnt;
-                    slot.size = size.min(NO_SIZE as u64) as u32;
+                    slot.set(LIVE, acnt, size);
                     if kind != AllocKind::Malloc {
                         cols.cols[col::KIND].push(kind as u8);
                     }
@@ -401,22 +443,22 @@ impl Transcoder {
                     }
                     cols.put(col::STACK, zigzag((stack as u64).wrapping_sub(stack_prev)));
                     stack_prev = stack as u64;
-                    self.blocks.entry(block_end(addr, size)).end_of = acnt;
+                    self.blocks.entry(block_end(addr, size)).set_end_of(acnt);
                     self.live.insert(acnt as usize);
                     acnt += 1;
                 }
                 (op::FREE | op::REALLOC_FREE, None) => {
                     let slot = self.blocks.entry(addr);
-                    let given = slot.tag & 3 == LIVE
+                    let given = slot.state() == LIVE
                         && cols.put_below(
                             col::FREE,
                             free_symbol::RANK,
                             free_symbol::OTHER,
-                            self.live.rank(slot.num as usize),
+                            self.live.rank(slot.num() as usize),
                         );
                     let size = if given {
-                        self.live.remove(slot.num as usize);
-                        slot.size
+                        self.live.remove(slot.num() as usize);
+                        slot.size()
                     } else {
                         // A block given otherwise stays live for the decoder, which cannot
                         // know it.
@@ -429,9 +471,7 @@ impl Transcoder {
                         NO_SIZE
                     };
                     fcnt += 1;
-                    slot.tag = (slot.tag & !3) | FREED;
-                    slot.num = fcnt;
-                    slot.size = size;
+                    slot.set(FREED, fcnt, size);
                 }
                 _ => {}
             }
@@ -562,7 +602,7 @@ mod tests {
         assert!(outs[0] == outs[2] && outs[1] == outs[2]);
         // Nor does the generation count's wrap (the table is then zeroed).
         let mut c = Transcoder::new();
-        c.blocks.generation = (1 << 30) - 2;
+        c.blocks.generation = GEN_MASK - 1;
         for _ in 0..3 {
             let mut out = Vec::new();
             c.transcode(&stream, 1, &mut out).unwrap();
