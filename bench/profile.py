@@ -5,6 +5,9 @@ Standard library only; needs perf. Not part of the tests.
 
     python3 bench/profile.py [--memtrack PATH] [--runs N] [WORKLOAD ...]
 
+The writer's stages (reading the stream, transcoding, zstd) are counted wherever they run: a
+program thread transcodes its own chunk when the writer falls behind.
+
 WORKLOAD is churn, churn-varied, xthreads or python (default: churn). --memtrack names another
 build's CLI (its libmemtrack.so beside it), for a before/after breakdown.
 """
@@ -13,7 +16,7 @@ import argparse, collections, json, os, re, shutil, subprocess, sys, tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "bench")
 
-WRITER = "writer thread"
+WRITER = "writer's work"
 PROGRAM = "program threads"
 
 # (thread side, stage) in the order the table prints them.
@@ -50,17 +53,26 @@ def compile_workloads():
             subprocess.run(["gcc", "-O2", "-g", *extra, "-o", os.path.join(BIN, name), src], check=True)
 
 
+def writer_work(sym, src):
+    """The writer's stages, wherever they run: a program thread transcodes its own chunk when
+    the writer's queue is long (`Writer::transcode_aside`)."""
+    if "zstd" in src or re.match(r"(ZSTD|HUF|FSE|HIST)_", sym):
+        return (WRITER, "zstd")
+    if "Transcoder::transcode" in sym or "chunk::stream::StreamDecoder" in sym:
+        if re.search(r"(chunk/stream|/cursor|/varint)\.rs$", src) or "StreamDecoder" in sym:
+            return (WRITER, "reading the stream chunk")
+        return (WRITER, "transcoding (rank encoding, tokens)")
+    return None
+
+
 def stage_of(comm, dso, sym, src):
     """The stage of one perf report row, or None for what the program itself spends."""
+    w = writer_work(sym, src)
+    if w is not None:
+        return w
     if comm.startswith("memtrack-w"):
         if dso.startswith("[kernel"):
             return (WRITER, "writes and other system time")
-        if "zstd" in src or re.match(r"(ZSTD|HUF|FSE|HIST)_", sym):
-            return (WRITER, "zstd")
-        if "Transcoder::transcode" in sym or "chunk::stream" in sym:
-            if re.search(r"(chunk/stream|/cursor|/varint)\.rs$", src) or "chunk::stream" in sym:
-                return (WRITER, "reading the stream chunk")
-            return (WRITER, "transcoding (rank encoding, tokens)")
         return (WRITER, "other (sweeps, copies, allocation)")
     if comm == "memtrack":
         return None  # the CLI waiting for the child: counted in the total, not per stage

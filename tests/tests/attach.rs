@@ -589,7 +589,8 @@ fn refuses_without_ptrace_permission() {
 
 /// What a capture of `attach_loop.c` holds whatever the window: the loop keeps 64 blocks live
 /// (each freed 64 iterations after its allocation), so the 64 live at the attach are freed in
-/// the window as blocks made before it, and 64 recorded ones are live at the stop.
+/// the window as blocks made before it, and 64 recorded ones (63 when the stop cuts an
+/// iteration between its free and its malloc) are live at the stop.
 /// Starts `attach_loop`, and lets it fill its ring of 64 blocks before an attach.
 fn loop_target(work: &Work) -> Started {
     let exe = work.compile("attach_loop.c");
@@ -605,9 +606,13 @@ fn assert_loop_window(cap: &Path, seconds: std::ops::Range<f64>) -> u64 {
     assert_eq!(s["end_reason"], "detach", "{s:#}");
     assert!(json_bool(&s, "complete"));
     let total = json_u64(&s, "total_allocations");
-    assert_eq!(json_u64(&s, "leaked_allocations"), 64);
+    // 64 live at the stop, or 63 when the stop came between an iteration's free and its
+    // malloc: the loop wakes from its 1 ms sleep on the same timer ticks as the writer that
+    // applies the stop, so that moment is not rare (seen twice in one run of the suite).
+    let leaked = json_u64(&s, "leaked_allocations");
+    assert!((63..=64).contains(&leaked), "{leaked} live at the stop");
     assert_eq!(json_u64(&s, "peak_allocations"), 64);
-    assert_eq!(json_u64(&s, "total_frees"), total - 64);
+    assert_eq!(json_u64(&s, "total_frees"), total - leaked);
     let d = s["duration_seconds"].as_f64().unwrap();
     assert!(seconds.contains(&d), "recorded for {d} s");
     // One allocation a millisecond at most.
