@@ -31,6 +31,21 @@ use block::ColumnBlock;
 use legacy::LegacyDecoder;
 use rank::decode::RankDecoder;
 
+/// Asks the CPU to bring the cache line holding `p` into the nearest cache, ahead of a read
+/// (the transcoder names its lookups and the stream some way ahead). Reads nothing the program
+/// sees; any address will do.
+#[inline(always)]
+pub(crate) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it neither faults nor changes memory, whatever `p` is.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// The column encodings a writer transcodes its chunks into, one per record type: fields in
 /// columns, each compressed with zstd on its own, every chunk still decoding on its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

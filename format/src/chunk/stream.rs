@@ -159,148 +159,6 @@ pub fn encode_stream(header: &ChunkHeader, items: &[Item]) -> Vec<u8> {
     b
 }
 
-/// Decoder of the stream encoding.
-pub struct StreamDecoder<'a> {
-    c: Cursor<'a>,
-    seq: u64,
-    time: u64,
-    addr: u64,
-}
-
-impl<'a> StreamDecoder<'a> {
-    /// `ops`: the payload after the chunk header.
-    pub fn new(ops: &'a [u8], header: &ChunkHeader) -> Self {
-        StreamDecoder {
-            c: Cursor::new(ops),
-            seq: header.base_seq,
-            time: header.base_time,
-            addr: 0,
-        }
-    }
-
-    /// The deltas every event starts with. The new values are returned in registers as well
-    /// as kept: a caller reading them back from `self` would wait on the stores just made
-    /// (store forwarding) on every event the transcoder reads.
-    #[inline(always)]
-    fn head<const FAR: bool>(&mut self) -> Result<(u64, u64, u64), FormatError> {
-        // Wrapping: damaged input must not panic.
-        let seq = self.seq.wrapping_add(self.uv::<FAR>()?);
-        let time = self.time.wrapping_add(self.uv::<FAR>()?);
-        let addr = self.addr.wrapping_add(unzigzag(self.uv::<FAR>()?));
-        self.seq = seq;
-        self.time = time;
-        self.addr = addr;
-        Ok((seq, time, addr))
-    }
-
-    /// A varint; `FAR`: the item began at least `FAR_FROM_END` bytes from the end.
-    #[inline(always)]
-    fn uv<const FAR: bool>(&mut self) -> Result<u64, FormatError> {
-        if FAR {
-            // SAFETY: an item is an opcode and at most seven varints of at most 10 bytes, so
-            // every varint of it starts within 61 bytes of the item's start, and 8 bytes from
-            // there are within the `FAR_FROM_END` bytes that were left.
-            unsafe { self.c.uvarint_unchecked() }
-        } else {
-            self.c.uvarint()
-        }
-    }
-
-    /// Asks the CPU for the stream's bytes `ahead` bytes past the position: a chunk written
-    /// by another core is in that core's cache, and fetching it line by line as the decoder
-    /// reaches it would stall on every line.
-    #[inline(always)]
-    pub fn prefetch(&self, ahead: usize) {
-        #[cfg(target_arch = "x86_64")]
-        if let Some(b) = self.c.rest().get(ahead) {
-            // SAFETY: a prefetch of a byte of the slice; it reads nothing the program sees.
-            unsafe {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                _mm_prefetch::<_MM_HINT_T0>(b as *const u8 as *const i8);
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = ahead;
-    }
-
-    #[inline]
-    pub fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
-        if self.c.remaining() >= FAR_FROM_END {
-            self.item::<true>().map(Some)
-        } else if self.c.is_empty() {
-            Ok(None)
-        } else {
-            self.item::<false>().map(Some)
-        }
-    }
-
-    #[inline(always)]
-    fn item<const FAR: bool>(&mut self) -> Result<Item, FormatError> {
-        let opcode = self.c.u8()?;
-        if opcode == op::STACK_NODE {
-            let id = self.uv::<FAR>()?;
-            let parent = self.uv::<FAR>()?;
-            let ip = self.uv::<FAR>()?;
-            return Ok(Item::Node { id, parent, ip });
-        }
-        if opcode > op::REALLOC_FAILED && !(op::REGION_BEGIN..=op::REMAP).contains(&opcode) {
-            return Err(FormatError::BadOp(opcode));
-        }
-        let (seq, time, addr) = self.head::<FAR>()?;
-        let kind = match opcode {
-            op::FREE => EventKind::Free { addr },
-            op::REGION_BEGIN => EventKind::RegionBegin {
-                region: self.uv::<FAR>()? as u32,
-            },
-            op::REGION_END => EventKind::RegionEnd,
-            op::MAP => {
-                let size = self.uv::<FAR>()?;
-                let stack = self.uv::<FAR>()? as u32;
-                let how = self.uv::<FAR>()?;
-                EventKind::Map {
-                    addr,
-                    size,
-                    stack,
-                    file: (how >> 1).min(u32::MAX as u64) as u32,
-                    shared: how & 1 != 0,
-                }
-            }
-            op::UNMAP => EventKind::Unmap {
-                addr,
-                size: self.uv::<FAR>()?,
-            },
-            op::REMAP => {
-                let size = self.uv::<FAR>()?;
-                let stack = self.uv::<FAR>()? as u32;
-                let old_addr = addr.wrapping_add(unzigzag(self.uv::<FAR>()?));
-                let old_size = self.uv::<FAR>()?;
-                EventKind::Remap {
-                    old_addr,
-                    old_size,
-                    addr,
-                    size,
-                    stack,
-                }
-            }
-            op::REALLOC_FREE => EventKind::ReallocFree { addr },
-            op::REALLOC_FAILED => EventKind::ReallocFailed,
-            o => {
-                let alloc = AllocKind::from_u8(o - op::ALLOC_BASE).ok_or(FormatError::BadOp(o))?;
-                let size = self.uv::<FAR>()?;
-                // Stack ids are u32 (the trie's); a larger one is damage, kept as its low bits.
-                let stack = self.uv::<FAR>()? as u32;
-                EventKind::Alloc {
-                    kind: alloc,
-                    addr,
-                    size,
-                    stack,
-                }
-            }
-        };
-        Ok(Item::Event { seq, time, kind })
-    }
-}
-
 /// One item of the stream as its op and plain numbers, for a reader that matches on the op
 /// itself (the transcoder). Every field is a u64, so an item is stored and loaded in whole
 /// words: building an [`Item`] and copying it out, the compiler writes its tags byte by byte
@@ -369,7 +227,72 @@ impl RawItem {
     }
 }
 
-impl StreamDecoder<'_> {
+/// Decoder of the stream encoding.
+pub struct StreamDecoder<'a> {
+    c: Cursor<'a>,
+    seq: u64,
+    time: u64,
+    addr: u64,
+}
+
+impl<'a> StreamDecoder<'a> {
+    /// `ops`: the payload after the chunk header.
+    pub fn new(ops: &'a [u8], header: &ChunkHeader) -> Self {
+        StreamDecoder {
+            c: Cursor::new(ops),
+            seq: header.base_seq,
+            time: header.base_time,
+            addr: 0,
+        }
+    }
+
+    /// The deltas every event starts with. The new values are returned in registers as well
+    /// as kept: a caller reading them back from `self` would wait on the stores just made
+    /// (store forwarding) on every event the transcoder reads.
+    #[inline(always)]
+    fn head<const FAR: bool>(&mut self) -> Result<(u64, u64, u64), FormatError> {
+        // Wrapping: damaged input must not panic.
+        let seq = self.seq.wrapping_add(self.uv::<FAR>()?);
+        let time = self.time.wrapping_add(self.uv::<FAR>()?);
+        let addr = self.addr.wrapping_add(unzigzag(self.uv::<FAR>()?));
+        self.seq = seq;
+        self.time = time;
+        self.addr = addr;
+        Ok((seq, time, addr))
+    }
+
+    /// A varint; `FAR`: the item began at least `FAR_FROM_END` bytes from the end.
+    #[inline(always)]
+    fn uv<const FAR: bool>(&mut self) -> Result<u64, FormatError> {
+        if FAR {
+            // SAFETY: an item is an opcode and at most seven varints of at most 10 bytes, so
+            // every varint of it starts within 61 bytes of the item's start, and 8 bytes from
+            // there are within the `FAR_FROM_END` bytes that were left.
+            unsafe { self.c.uvarint_unchecked() }
+        } else {
+            self.c.uvarint()
+        }
+    }
+
+    /// Asks the CPU for the stream's bytes `ahead` bytes past the position: a chunk written
+    /// by another core is in that core's cache, and fetching it line by line as the decoder
+    /// reaches it would stall on every line.
+    #[inline(always)]
+    pub fn prefetch(&self, ahead: usize) {
+        if let Some(b) = self.c.rest().get(ahead) {
+            super::prefetch(b);
+        }
+    }
+
+    #[inline]
+    pub fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
+        let mut raw = RawItem::default();
+        if !self.next_raw(&mut raw)? {
+            return Ok(None);
+        }
+        raw.item().map(Some)
+    }
+
     /// The next item into `out` as plain numbers (see [`RawItem`]); false after the chunk's
     /// last. Checks what [`StreamDecoder::next_item`] checks.
     #[inline(always)]

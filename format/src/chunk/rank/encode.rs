@@ -159,17 +159,8 @@ impl AddrTable {
     /// addresses of items some way ahead, so their lookups find the slots there.
     #[inline(always)]
     fn prefetch(&self, key: u64) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let i = self.home(key) & (self.slots.len() - 1);
-            // SAFETY: `i` is within the table; a prefetch reads nothing the program sees.
-            unsafe {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                _mm_prefetch::<_MM_HINT_T0>(self.slots.as_ptr().add(i) as *const i8);
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = key;
+        let i = self.home(key) & (self.slots.len() - 1);
+        crate::chunk::prefetch(self.slots.as_ptr().wrapping_add(i));
     }
 
     /// Prefetches the slots an item will look up.
