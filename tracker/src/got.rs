@@ -20,12 +20,16 @@ use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// Hooked functions, in the order their slots are redirected: releasing functions first.
+/// Hooked functions, in the order their slots are redirected: the functions that only release
+/// (`free`, `munmap`) first, then those that release and hand out (`realloc`, `reallocarray`,
+/// `mremap`), then the rest; restored in the reverse order. So while slots change, a block a
+/// hook recorded is never released through a slot that is not hooked (the next block at its
+/// address would be recorded over it), and a release may only miss blocks not recorded.
 pub const NAMES: [&CStr; 27] = [
     c"free",
+    c"munmap",
     c"realloc",
     c"reallocarray",
-    c"munmap",
     c"mremap",
     c"malloc",
     c"calloc",
@@ -51,9 +55,20 @@ pub const NAMES: [&CStr; 27] = [
     c"abort",
 ];
 
-/// The releasing functions lead [`NAMES`]. (`cfree` is left out: glibc keeps it only for old
-/// binaries, and looking it up would fail.)
+/// The releasing functions lead [`NAMES`], those that only release first. (`cfree` is left
+/// out: glibc keeps it only for old binaries, and looking it up would fail.)
+const RELEASING_ONLY: usize = 2;
 const RELEASING: usize = 5;
+
+/// The order in which a name's slots are redirected (restored in the reverse order): 0 for
+/// the functions that only release, 1 for those that release and hand out, 2 for the rest.
+fn tier(name: usize) -> usize {
+    match name {
+        n if n < RELEASING_ONLY => 0,
+        n if n < RELEASING => 1,
+        _ => 2,
+    }
+}
 
 #[allow(clippy::declare_interior_mutable_const)]
 const ZERO: AtomicUsize = AtomicUsize::new(0);
@@ -162,8 +177,12 @@ pub(crate) fn patch_all() -> Counts {
     let patched = &mut *patched;
     let mut counts = Counts::default();
     let mut fresh = Vec::new();
-    // Two passes over all modules: releasing functions everywhere first.
-    for pass in [0..RELEASING, RELEASING..NAMES.len()] {
+    // One pass over all modules per tier, in `NAMES`' order (see there).
+    for pass in [
+        0..RELEASING_ONLY,
+        RELEASING_ONLY..RELEASING,
+        RELEASING..NAMES.len(),
+    ] {
         counts.modules = 0;
         with_modules(&mut |m| {
             counts.modules += 1;
@@ -231,21 +250,20 @@ pub(crate) fn forget_unloaded() {
         .retain(|p| loaded.iter().any(|&(b, _)| b == p.module));
 }
 
-/// Puts back every redirected slot that still holds its hook, allocating functions first, in
-/// modules still loaded. Runs inside the guard.
+/// Puts back every redirected slot that still holds its hook, in modules still loaded: the
+/// tiers of [`NAMES`] in the reverse order (functions that only hand out first, `free` and
+/// `munmap` last). Runs inside the guard.
 pub(crate) fn restore_all() -> Counts {
     let Ok(mut patched) = PATCHES.lock() else {
         return Counts::default();
     };
     patched.scanned.clear();
-    let mut order: Vec<Patch> = patched.slots.drain(..).collect();
-    // Allocating functions first (false sorts before true).
-    order.sort_by_key(|p| p.name < RELEASING);
+    let order: Vec<Patch> = patched.slots.drain(..).collect();
     let mut counts = Counts::default();
-    for group in [false, true] {
+    for t in [2, 1, 0] {
         with_modules(&mut |m| {
-            counts.modules += usize::from(!group);
-            for p in order.iter().filter(|p| (p.name < RELEASING) == group) {
+            counts.modules += usize::from(t == 2);
+            for p in order.iter().filter(|p| tier(p.name) == t) {
                 if p.module != m.bias || !m.contains(p.slot) {
                     continue;
                 }
