@@ -564,26 +564,44 @@ fn refuses_a_process_recorded_by_memtrack_run() {
     );
 }
 
-#[test]
-fn refuses_without_ptrace_permission() {
-    let work = Work::new("attach-eperm");
+/// A refusal for want of ptrace permission, checked as root only: the target started in
+/// `mode`, memtrack run through `wrapper`; `reason` is given the target's pid.
+fn assert_ptrace_refused(name: &str, mode: &str, wrapper: &[&str], reason: impl Fn(i32) -> String) {
+    let work = Work::new(name);
     let lib = stub(&work);
     let exe = work.compile("attach_target.c");
-    // The test runs as root: the fixture is root's, memtrack runs as nobody.
     // SAFETY: getuid cannot fail.
     if unsafe { libc::getuid() } != 0 {
         eprintln!("not root: the permission refusal is checked only as root");
         return;
     }
-    // nobody must be able to reach the library and the binary.
-    let t = target(&exe, "wait");
+    let t = target(&exe, mode);
     let pid = t.pid();
     assert_refused(
         &lib,
         pid,
-        &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
-        "ptrace is not permitted: the process runs as uid 0, memtrack as uid 65534 without CAP_SYS_PTRACE",
+        wrapper,
+        &reason(pid),
         &format!("run memtrack as the process's user or as root (sudo memtrack attach {pid}); in a container, add the SYS_PTRACE capability (docker run --cap-add=SYS_PTRACE, or securityContext.capabilities.add: [SYS_PTRACE])"),
+    );
+}
+
+#[test]
+fn refuses_without_ptrace_permission() {
+    // The fixture is root's and memtrack runs as nobody, who must be able to reach the library
+    // and the binary.
+    assert_ptrace_refused(
+        "attach-eperm",
+        "wait",
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+        |_| {
+            "ptrace is not permitted: the process runs as uid 0, memtrack as uid 65534 without CAP_SYS_PTRACE".to_string()
+        },
     );
 }
 
@@ -911,23 +929,14 @@ fn attach_with_gdb_records_the_loop_and_reports_refusals() {
 
 #[test]
 fn refuses_a_process_that_is_not_dumpable_without_cap_sys_ptrace() {
-    let work = Work::new("attach-nodump");
-    let lib = stub(&work);
-    let exe = work.compile("attach_target.c");
-    // SAFETY: getuid cannot fail.
-    if unsafe { libc::getuid() } != 0 {
-        eprintln!("not root: the permission refusal is checked only as root");
-        return;
-    }
     // Same user (root), but memtrack runs without CAP_SYS_PTRACE.
-    let t = target(&exe, "nodump");
-    let pid = t.pid();
-    assert_refused(
-        &lib,
-        pid,
+    assert_ptrace_refused(
+        "attach-nodump",
+        "nodump",
         &["setpriv", "--bounding-set=-sys_ptrace"],
-        &format!("ptrace is not permitted (/proc/{pid}/exe is unreadable to memtrack: a process that is not dumpable, such as a set-user-ID one, needs CAP_SYS_PTRACE)"),
-        &format!("run memtrack as the process's user or as root (sudo memtrack attach {pid}); in a container, add the SYS_PTRACE capability (docker run --cap-add=SYS_PTRACE, or securityContext.capabilities.add: [SYS_PTRACE])"),
+        |pid| {
+            format!("ptrace is not permitted (/proc/{pid}/exe is unreadable to memtrack: a process that is not dumpable, such as a set-user-ID one, needs CAP_SYS_PTRACE)")
+        },
     );
 }
 

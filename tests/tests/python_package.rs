@@ -388,6 +388,29 @@ fn bytes_after(line: &str, word: &str) -> u64 {
 }
 
 /// The failure text of `test` in pytest's output: its FAILURES section.
+/// The failure text of `test` and its first line, `test_limits.py::TEST: WHAT N ...`, whose
+/// figure N must be `key` of the test's capture, and lie within 256 KiB above `least` (the
+/// test's own block; the rest is its small objects).
+fn failure_figure<'a>(
+    stdout: &'a str,
+    test: &str,
+    what: &str,
+    cap: &Path,
+    key: &str,
+    least: u64,
+) -> (&'a str, &'a str) {
+    let text = failure_of(stdout, test);
+    let start = format!("test_limits.py::{test}: {what} ");
+    let head = text
+        .lines()
+        .find(|l| l.starts_with(&start))
+        .unwrap_or_else(|| panic!("{text}"));
+    let n = bytes_after(head, &format!("{what} "));
+    assert_eq!(n, json_u64(&summary_json(cap), key));
+    assert!((least..least + (256 << 10)).contains(&n), "{head}");
+    (text, head)
+}
+
 fn failure_of<'a>(stdout: &'a str, test: &str) -> &'a str {
     let head = format!("_ {test} _");
     let start = stdout
@@ -455,19 +478,13 @@ fn pytest_plugin_limits_pass_and_fail_with_figures_and_stacks() {
     let alloc_line = line_of(&src, "return bytearray(n)");
 
     // limit_memory over: 32 MiB + 1 byte, plus the test's small objects.
-    let text_over = failure_of(&stdout, "test_peak_over");
-    let head = text_over
-        .lines()
-        .find(|l| l.starts_with("test_limits.py::test_peak_over: peak "))
-        .unwrap_or_else(|| panic!("{text_over}"));
-    let peak = bytes_after(head, "peak ");
-    assert_eq!(
-        peak,
-        json_u64(&summary_json(&cap("test_peak_over")), "peak_bytes")
-    );
-    assert!(
-        ((32 << 20) + 1..(32 << 20) + 1 + (256 << 10)).contains(&peak),
-        "{head}"
+    let (text_over, head) = failure_figure(
+        &stdout,
+        "test_peak_over",
+        "peak",
+        &cap("test_peak_over"),
+        "peak_bytes",
+        (32 << 20) + 1,
     );
     assert!(
         head.starts_with("test_limits.py::test_peak_over: peak 32.0 MiB (")
@@ -490,19 +507,13 @@ fn pytest_plugin_limits_pass_and_fail_with_figures_and_stacks() {
     );
 
     // limit_leaks over: 2 MiB + 1 byte kept by the module's list.
-    let text_leak = failure_of(&stdout, "test_leak_over");
-    let head = text_leak
-        .lines()
-        .find(|l| l.starts_with("test_limits.py::test_leak_over: leaked "))
-        .unwrap_or_else(|| panic!("{text_leak}"));
-    let leaked = bytes_after(head, "leaked ");
-    assert_eq!(
-        leaked,
-        json_u64(&summary_json(&cap("test_leak_over")), "leaked_bytes")
-    );
-    assert!(
-        ((2 << 20) + 1..(2 << 20) + 1 + (256 << 10)).contains(&leaked),
-        "{head}"
+    let (text_leak, head) = failure_figure(
+        &stdout,
+        "test_leak_over",
+        "leaked",
+        &cap("test_leak_over"),
+        "leaked_bytes",
+        (2 << 20) + 1,
     );
     assert!(
         head.ends_with(
