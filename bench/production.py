@@ -11,49 +11,16 @@ Three tables:
 import argparse
 import json, os, statistics, subprocess, sys, tempfile, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REL = os.path.join(ROOT, "target", "release")
-MEMTRACK = os.path.join(REL, "memtrack")
-BIN = os.path.join(ROOT, "target", "bench")
-MEMRAY_VERSION = "1.20.0"
+# The paths, the timing and Memray's virtual environment are bench/run.py's.
+from run import BIN, MEMTRACK, MEMRAY_VERSION, ROOT, memray_python, sh, timed
+
 RATES = [("64 KiB", "64KiB", 64 << 10), ("512 KiB", "512KiB", 512 << 10), ("2 MiB", "2MiB", 2 << 20)]
-
-
-def sh(cmd, **kw):
-    return subprocess.run(cmd, check=True, **kw)
 
 
 def compile_workloads():
     os.makedirs(BIN, exist_ok=True)
     for name, extra in [("churn", []), ("xthreads", ["-pthread"]), ("bigheap", [])]:
         sh(["gcc", "-O2", "-g", *extra, "-o", os.path.join(BIN, name), os.path.join(ROOT, "bench", name + ".c")])
-
-
-def timed(cmd, env):
-    """Runs cmd under /usr/bin/time: (wall seconds, CPU seconds user + sys, max RSS in KiB of
-    the largest process)."""
-    with tempfile.NamedTemporaryFile("r") as tf:
-        full = ["/usr/bin/time", "-f", "%e %U %S %M", "-o", tf.name, *cmd]
-        t0 = time.perf_counter()
-        r = subprocess.run(full, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wall = time.perf_counter() - t0
-        if r.returncode != 0:
-            sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr.decode(errors='replace')}")
-        f = tf.read().split()
-        return wall, float(f[-3]) + float(f[-2]), int(f[-1])
-
-
-def memray_python():
-    venv = os.path.join(ROOT, "target", "bench-venv")
-    py = os.path.join(venv, "bin", "python")
-    if not os.path.exists(os.path.join(venv, "bin", "memray")):
-        try:
-            sh(["python3", "-m", "venv", venv])
-            sh([py, "-m", "pip", "install", "-q", f"memray=={MEMRAY_VERSION}"])
-        except subprocess.CalledProcessError as e:
-            print(f"memray could not be installed ({e}): its rows are left out", file=sys.stderr)
-            return None
-    return py
 
 
 def summary(cap):
