@@ -106,11 +106,13 @@ fn dispatch(
             keep_all,
             live,
             live_output,
+            encoding,
             mode,
             limits,
             command,
         } => {
             let tree = run::RunTree {
+                fast: encoding == args::Encoding::Fast,
                 sample_rate: mode.sample_rate,
                 sample_seed: mode.sample_seed,
                 aggregate: mode.aggregate.then_some(mode.checkpoint_interval),
@@ -141,6 +143,7 @@ fn dispatch(
             attach::cmd_attach(pid, output, duration, method, how)
         }
         Cmd::Detach { pid } => attach::cmd_detach(pid),
+        Cmd::Compact { files, output } => compact(&files, output.as_deref()),
         Cmd::Live { file } => {
             live::live(&r.options, &file, None)?;
             Ok(0)
@@ -380,6 +383,48 @@ fn graph_to(
 
 /// `memtrack check` (and the budgets of `memtrack run`): the report to `out`, the verdict as
 /// the exit code.
+/// `memtrack compact`: each capture in turn; one line per capture on standard error.
+fn compact(files: &[PathBuf], output: Option<&Path>) -> Result<u8> {
+    if output.is_some() && files.len() > 1 {
+        bail!("-o/--output takes one capture, not {}", files.len());
+    }
+    if let Some(out) = output.filter(|o| o.exists()) {
+        bail!(
+            "{} exists; choose another -o (compact never writes over a file it did not make)",
+            out.display()
+        );
+    }
+    for file in files {
+        let started = std::time::Instant::now();
+        let done = memtrack_reader::compact_file(file, output)?;
+        let shown = output.unwrap_or(file).display();
+        if done.chunks == 0 {
+            eprintln!(
+                "memtrack: {}: already compact ({}), left as it was",
+                file.display(),
+                human_bytes(done.bytes_before)
+            );
+            continue;
+        }
+        eprintln!(
+            "memtrack: {shown}: {} -> {} ({} chunks transcoded, {:.1} s){}",
+            human_bytes(done.bytes_before),
+            human_bytes(done.bytes_after),
+            done.chunks,
+            started.elapsed().as_secs_f64(),
+            if done.torn_bytes > 0 {
+                format!(
+                    "; the unfinished last record ({} bytes, unreadable) was left out",
+                    done.torn_bytes
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(0)
+}
+
 fn check(
     r: &mut Reporter,
     file: &Path,

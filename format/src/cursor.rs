@@ -15,6 +15,13 @@ impl<'a> Cursor<'a> {
     pub fn new(data: &'a [u8]) -> Self {
         Cursor { data, pos: 0 }
     }
+    /// A cursor at `pos` (at most `data.len()`).
+    pub(crate) fn at(data: &'a [u8], pos: usize) -> Self {
+        Cursor {
+            data,
+            pos: pos.min(data.len()),
+        }
+    }
     pub fn pos(&self) -> usize {
         self.pos
     }

@@ -6,7 +6,7 @@ use crate::{put_bytes, put_uvarint, Cursor, FormatError};
 /// First eight bytes of every capture.
 pub const MAGIC: &[u8; 8] = b"MEMTRACK";
 /// Format version written by this crate. Readers accept every version up to this one.
-pub const FORMAT_VERSION: u16 = 4;
+pub const FORMAT_VERSION: u16 = 5;
 /// Size of the fixed part of the header: magic, version (u16 LE), header body length (u32 LE).
 pub const FIXED_HEADER_LEN: usize = 14;
 

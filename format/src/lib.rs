@@ -76,7 +76,8 @@ mod varint;
 pub use attach::{AttachHow, AttachRecord};
 pub use checkpoint::{Checkpoint, SeriesPoint, StackFigures};
 pub use chunk::{
-    encode_stream, op, ColumnDecoder, ColumnEncoding, StreamDecoder, StreamEncoder, Transcoder,
+    encode_stream, expand_fast, op, ColumnDecoder, ColumnEncoding, FastEncoder, StreamDecoder,
+    StreamEncoder, Transcoder,
 };
 pub use cursor::Cursor;
 pub use event::{AllocKind, ChunkHeader, EventKind, Item};

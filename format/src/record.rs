@@ -71,3 +71,8 @@ pub const CHECKPOINT: u8 = 17;
 /// [`crate::AttachRecord`]. Written once, right after the header. Blocks allocated before it are
 /// not in the capture; frees of them are expected. Old readers skip it.
 pub const ATTACH: u8 = 18;
+/// A chunk of one thread's events in the stream encoding with its ops in one zstd frame: the
+/// chunk header as in [`EVENTS`], the ops' length (uvarint), the zstd frame. Written instead of
+/// [`EVENTS_R`] by the fast encoding ([`crate::FastEncoder`]; format version 5), and turned
+/// into `EVENTS_R` by `memtrack compact`.
+pub const EVENTS_S: u8 = 19;

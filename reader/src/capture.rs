@@ -314,6 +314,7 @@ impl Capture {
                 | record::EVENTS_Z
                 | record::EVENTS_T
                 | record::EVENTS_R
+                | record::EVENTS_S
                 | record::REGIONS
                 | record::MAPPED => {
                     let visible =

@@ -49,6 +49,7 @@
 
 mod capture;
 mod check;
+mod compact;
 mod diff;
 mod export;
 mod family;
@@ -70,6 +71,7 @@ mod window;
 
 pub use capture::{Capture, Checkpoints, ChunkRef, Event, ReadError, Warning};
 pub use check::{Budget, Contributor, LimitResult, ProcessShare};
+pub use compact::{compact_file, Compacted};
 pub use diff::{Diff, DiffRow, DiffSampling, DiffSide, DiffStack};
 pub use export::JsonExport;
 pub use family::{

@@ -14,7 +14,8 @@ use crate::mapbuf::MapBuf;
 use crate::rss::RssSampler;
 use crossbeam_channel::TryRecvError;
 use memtrack_format::{
-    frame_in_place, record, ByteSink, EndReason, EndRecord, RssRecord, Transcoder, MAX_FRAME_PREFIX,
+    frame_in_place, record, ByteSink, EndReason, EndRecord, FastEncoder, RssRecord, Transcoder,
+    MAX_FRAME_PREFIX,
 };
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -88,14 +89,14 @@ pub(crate) trait Inbox {
     }
 }
 
-/// The capture and the transcoders that turn chunks into its compact encoding.
+/// The capture and the encoders that turn chunks into what the file holds.
 pub(crate) struct Writer {
     file: CaptureFile,
     /// Used by the writer thread only (or by `finish` when no writer was ever started).
-    transcoder: Mutex<Transcoder>,
+    transcoder: Mutex<Encoder>,
     /// The same, for a program thread that transcodes its own chunk while the writer is
     /// behind (see `handoff::Handoff::hand_off`).
-    helper: Mutex<Transcoder>,
+    helper: Mutex<Encoder>,
     /// Aggregated recording: events are applied here and checkpoints written instead.
     agg: Option<Mutex<Aggregator>>,
     /// Clock units between checkpoints.
@@ -114,8 +115,8 @@ impl Writer {
     pub(crate) fn new(file: CaptureFile, first_seq: u64) -> Self {
         Writer {
             file,
-            transcoder: Mutex::new(Transcoder::new()),
-            helper: Mutex::new(Transcoder::new()),
+            transcoder: Mutex::new(Encoder::from_env()),
+            helper: Mutex::new(Encoder::from_env()),
             agg: crate::aggregate::from_env()
                 .map(|rate| Mutex::new(Aggregator::new(first_seq, rate))),
             interval: crate::aggregate::interval(),
@@ -261,10 +262,35 @@ impl Writer {
     }
 }
 
-/// The compact encoding (a framed record) of an `EVENTS` payload (None: not transcodable).
-fn transcode(c: &mut Transcoder, payload: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(payload.len() / 3);
-    c.transcode(payload, 1, &mut out).ok()?;
+/// How chunks are encoded for the file: the rank encoding (`EVENTS_R`, the default), or with
+/// `MEMTRACK_ENCODING=fast` the stream compressed at a low zstd level (`EVENTS_S`), which costs
+/// the writer a third of the CPU per event for about three times the bytes (`memtrack compact`
+/// transcodes it later).
+enum Encoder {
+    Rank(Box<Transcoder>),
+    Fast(FastEncoder),
+}
+
+/// zstd's level for `EVENTS_S`: its fastest strategy, still several times smaller than the
+/// stream (see bench/RESULTS.md).
+const FAST_LEVEL: i32 = -5;
+
+impl Encoder {
+    fn from_env() -> Self {
+        match crate::env::getenv(c"MEMTRACK_ENCODING").map(|v| v.to_bytes()) {
+            Some(b"fast") => Encoder::Fast(FastEncoder::new()),
+            _ => Encoder::Rank(Box::default()),
+        }
+    }
+}
+
+/// The encoded chunk (a framed record) of an `EVENTS` payload (None: not encodable).
+fn transcode(c: &mut Encoder, payload: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(payload.len() / 2);
+    match c {
+        Encoder::Rank(t) => t.transcode(payload, 1, &mut out).ok()?,
+        Encoder::Fast(f) => f.encode(payload, FAST_LEVEL, &mut out).ok()?,
+    }
     Some(out)
 }
 

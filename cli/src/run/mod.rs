@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 /// Which processes of the tree `memtrack run` records, and what it keeps of them.
 pub(crate) struct RunTree {
+    /// `--encoding fast` (`MEMTRACK_ENCODING`).
+    pub(crate) fast: bool,
     /// `--aggregate`: checkpoints every this many milliseconds instead of events.
     pub(crate) aggregate: Option<u64>,
     /// Every process the command starts records (the default; `--no-follow-fork` turns it off).
@@ -179,6 +181,11 @@ pub(crate) fn cmd_run(
         Some(seed) => cmd.env("MEMTRACK_SAMPLE_SEED", seed.to_string()),
         None => cmd.env_remove("MEMTRACK_SAMPLE_SEED"),
     };
+    if tree.fast {
+        cmd.env("MEMTRACK_ENCODING", "fast");
+    } else {
+        cmd.env_remove("MEMTRACK_ENCODING");
+    }
     match tree.aggregate {
         Some(ms) => cmd
             .env("MEMTRACK_AGGREGATE", "1")

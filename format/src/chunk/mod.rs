@@ -6,6 +6,8 @@
 //! - [`rank`]: `EVENTS_R` (format version 4). [`rank::encode`] is the transcoder, stream in,
 //!   rank out; [`rank::decode`] its decoder.
 //! - [`legacy`]: `EVENTS_Z` (version 2) and `EVENTS_T` (version 3), decoded only.
+//! - [`fast`]: `EVENTS_S` (version 5), the stream with its ops in one zstd frame: what the
+//!   writer writes with the fast encoding instead of transcoding.
 //! - [`block`], [`tokens`], [`live`]: what the column encodings share: the decompressed column
 //!   block and the reads from it, numbers split into tokens and extra bits, and the live set
 //!   behind the rank encoding's frees.
@@ -14,6 +16,7 @@
 //! history from empty.
 
 mod block;
+mod fast;
 mod legacy;
 mod live;
 mod rank;
@@ -23,6 +26,7 @@ mod tokens;
 #[cfg(test)]
 pub(crate) mod tests;
 
+pub use fast::{expand_fast, FastEncoder};
 pub use rank::encode::Transcoder;
 pub use stream::{encode_stream, op, StreamDecoder, StreamEncoder};
 
@@ -30,6 +34,7 @@ use crate::{ChunkHeader, Cursor, FormatError, Item};
 use block::ColumnBlock;
 use legacy::LegacyDecoder;
 use rank::decode::RankDecoder;
+use stream::OwnedStream;
 
 /// Asks the CPU to bring the cache line holding `p` into the nearest cache, ahead of a read
 /// (the transcoder names its lookups and the stream some way ahead). Reads nothing the program
@@ -46,8 +51,9 @@ pub(crate) fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
-/// The column encodings a writer transcodes its chunks into, one per record type: fields in
-/// columns, each compressed with zstd on its own, every chunk still decoding on its own.
+/// The compressed encodings of events chunks, one per record type, every chunk decoding on its
+/// own: the column encodings a writer transcodes its chunks into (fields in columns, each
+/// compressed with zstd on its own), and the zstd-compressed stream of the fast encoding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ColumnEncoding {
     /// `EVENTS_Z` (format version 2): varint columns, four address fields sharing one.
@@ -57,6 +63,9 @@ pub enum ColumnEncoding {
     /// `EVENTS_R` (format version 4): `EVENTS_T`'s tokens; frees by rank among live blocks,
     /// three ops to a byte, addresses after block ends, sizes relative to the reused block.
     Rank,
+    /// `EVENTS_S` (format version 5): the stream encoding, its ops in one zstd frame (the fast
+    /// encoding: no transcoding).
+    ZstdStream,
 }
 
 impl ColumnEncoding {
@@ -66,21 +75,22 @@ impl ColumnEncoding {
             crate::record::EVENTS_Z => Some(ColumnEncoding::Varint),
             crate::record::EVENTS_T => Some(ColumnEncoding::Token),
             crate::record::EVENTS_R => Some(ColumnEncoding::Rank),
+            crate::record::EVENTS_S => Some(ColumnEncoding::ZstdStream),
             _ => None,
         }
     }
 }
 
-/// Decoder of the column encodings: the chunk's decompressed columns, and the decoder of its
+/// Decoder of the compressed encodings: the chunk's decompressed bytes, and the decoder of its
 /// encoding reading items from them.
 pub struct ColumnDecoder {
-    block: ColumnBlock,
     items: Items,
 }
 
 enum Items {
-    Legacy(LegacyDecoder),
-    Rank(RankDecoder),
+    Legacy(ColumnBlock, LegacyDecoder),
+    Rank(ColumnBlock, RankDecoder),
+    Stream(OwnedStream),
 }
 
 impl ColumnDecoder {
@@ -91,28 +101,37 @@ impl ColumnDecoder {
         encoding: ColumnEncoding,
     ) -> Result<Self, FormatError> {
         let mut c = Cursor::new(data);
-        let (block, left) = match encoding {
-            ColumnEncoding::Varint => {
-                ColumnBlock::varint(&mut c, &legacy::VARINT_COLUMNS, legacy::VARINT_COLUMN_COUNT)?
-            }
-            ColumnEncoding::Token => ColumnBlock::tokens(&mut c, legacy::field::COUNT)?,
-            ColumnEncoding::Rank => ColumnBlock::tokens(&mut c, rank::col::COUNT)?,
-        };
         let items = match encoding {
-            ColumnEncoding::Varint | ColumnEncoding::Token => {
-                Items::Legacy(LegacyDecoder::new(header, left))
+            ColumnEncoding::Varint => {
+                let (block, left) = ColumnBlock::varint(
+                    &mut c,
+                    &legacy::VARINT_COLUMNS,
+                    legacy::VARINT_COLUMN_COUNT,
+                )?;
+                Items::Legacy(block, LegacyDecoder::new(header, left))
             }
-            ColumnEncoding::Rank => Items::Rank(RankDecoder::new(header, left)),
+            ColumnEncoding::Token => {
+                let (block, left) = ColumnBlock::tokens(&mut c, legacy::field::COUNT)?;
+                Items::Legacy(block, LegacyDecoder::new(header, left))
+            }
+            ColumnEncoding::Rank => {
+                let (block, left) = ColumnBlock::tokens(&mut c, rank::col::COUNT)?;
+                Items::Rank(block, RankDecoder::new(header, left))
+            }
+            ColumnEncoding::ZstdStream => {
+                Items::Stream(OwnedStream::new(fast::decompress_ops(data)?, header))
+            }
         };
-        Ok(ColumnDecoder { block, items })
+        Ok(ColumnDecoder { items })
     }
 
     /// The next item, `None` after the chunk's last.
     #[inline]
     pub fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
         match &mut self.items {
-            Items::Rank(d) => d.next_item(&mut self.block),
-            Items::Legacy(d) => d.next_item(&mut self.block),
+            Items::Rank(b, d) => d.next_item(b),
+            Items::Legacy(b, d) => d.next_item(b),
+            Items::Stream(s) => s.next_item(),
         }
     }
 }

@@ -333,6 +333,39 @@ impl<'a> StreamDecoder<'a> {
     }
 }
 
+/// A stream decoder over bytes it owns: a decompressed `EVENTS_S` chunk.
+pub(crate) struct OwnedStream {
+    ops: Vec<u8>,
+    pos: usize,
+    seq: u64,
+    time: u64,
+    addr: u64,
+}
+
+impl OwnedStream {
+    pub(crate) fn new(ops: Vec<u8>, header: &ChunkHeader) -> Self {
+        OwnedStream {
+            ops,
+            pos: 0,
+            seq: header.base_seq,
+            time: header.base_time,
+            addr: 0,
+        }
+    }
+
+    pub(crate) fn next_item(&mut self) -> Result<Option<Item>, FormatError> {
+        let mut d = StreamDecoder {
+            c: Cursor::at(&self.ops, self.pos),
+            seq: self.seq,
+            time: self.time,
+            addr: self.addr,
+        };
+        let item = d.next_item();
+        (self.pos, self.seq, self.time, self.addr) = (d.c.pos(), d.seq, d.time, d.addr);
+        item
+    }
+}
+
 /// Bytes left from which on an item of the stream encoding is read without bounds checks: its
 /// last varint starts at most 61 bytes in and is read as 8 bytes (see `StreamDecoder::uv`).
 const FAR_FROM_END: usize = 72;

@@ -1,7 +1,7 @@
 //! Tests of whole chunks: through the stream codec, the transcoder and the column decoders.
 
 use super::tokens::{Long, Short};
-use super::{ColumnDecoder, ColumnEncoding, StreamDecoder, Transcoder};
+use super::{expand_fast, ColumnDecoder, ColumnEncoding, FastEncoder, StreamDecoder, Transcoder};
 use crate::{encode_stream, AllocKind, ChunkHeader, Cursor, EventKind, Item};
 
 pub(crate) fn stream_chunk(header: ChunkHeader, items: &[Item]) -> Vec<u8> {
@@ -89,6 +89,34 @@ fn rank_round_trips_every_op() {
     let (h2, back) = rank_items(&out);
     assert_eq!(h2, header);
     assert_eq!(back, items);
+
+    // The fast encoding keeps the stream itself: every op back, and the payload for the
+    // transcoder byte for byte.
+    let mut fast = Vec::new();
+    FastEncoder::new().encode(&stream, -5, &mut fast).unwrap();
+    let (h3, back) = fast_items(&fast);
+    assert_eq!(h3, header);
+    assert_eq!(back, items);
+    let crate::Next::Record(r) = crate::next_record(&fast, 0) else {
+        panic!("not a record")
+    };
+    assert_eq!(expand_fast(r.payload).unwrap(), stream);
+}
+
+/// The header and items of a framed `EVENTS_S` record.
+fn fast_items(record: &[u8]) -> (ChunkHeader, Vec<Item>) {
+    let crate::Next::Record(r) = crate::next_record(record, 0) else {
+        panic!("not a record")
+    };
+    assert_eq!(r.kind, crate::record::EVENTS_S);
+    let mut c = Cursor::new(r.payload);
+    let h = ChunkHeader::decode(&mut c).unwrap();
+    let mut z = ColumnDecoder::new(c.rest(), &h, ColumnEncoding::ZstdStream).unwrap();
+    let mut items = Vec::new();
+    while let Some(it) = z.next_item().unwrap() {
+        items.push(it);
+    }
+    (h, items)
 }
 
 #[test]
@@ -207,7 +235,7 @@ fn stream_items_read_the_same_far_from_the_end_and_near_it() {
 }
 
 #[test]
-fn damaged_rank_chunks_are_errors_not_panics() {
+fn damaged_rank_and_fast_chunks_are_errors_not_panics() {
     let header = ChunkHeader {
         tid: 1,
         base_seq: 1,
@@ -231,27 +259,54 @@ fn damaged_rank_chunks_are_errors_not_panics() {
             },
         })
         .collect();
-    let mut out = Vec::new();
+    let mut rank = Vec::new();
     Transcoder::new()
-        .transcode(&stream_chunk(header, &items), 1, &mut out)
+        .transcode(&stream_chunk(header, &items), 1, &mut rank)
         .unwrap();
-    for i in 0..out.len() {
-        for flip in [0x01u8, 0x80, 0xff] {
-            let mut d = out.clone();
-            d[i] ^= flip;
-            if let crate::Next::Record(r) = crate::next_record(&d, 0) {
-                let mut c = Cursor::new(r.payload);
-                if let Ok(h) = ChunkHeader::decode(&mut c) {
-                    if let Ok(mut z) = ColumnDecoder::new(c.rest(), &h, ColumnEncoding::Rank) {
-                        for _ in 0..1000 {
-                            match z.next_item() {
-                                Ok(Some(_)) => {}
-                                _ => break,
-                            }
+    let mut fast = Vec::new();
+    FastEncoder::new()
+        .encode(&stream_chunk(header, &items), -5, &mut fast)
+        .unwrap();
+    for (out, encoding) in [
+        (rank, ColumnEncoding::Rank),
+        (fast, ColumnEncoding::ZstdStream),
+    ] {
+        damage_never_panics(&out, encoding);
+    }
+}
+
+/// Every byte of a framed chunk flipped three ways, and the chunk cut at every byte: decoding
+/// gives errors, never a panic.
+fn damage_never_panics(out: &[u8], encoding: ColumnEncoding) {
+    let decode_all = |d: &[u8]| {
+        if let crate::Next::Record(r) = crate::next_record(d, 0) {
+            let mut c = Cursor::new(r.payload);
+            if let Ok(h) = ChunkHeader::decode(&mut c) {
+                if let Ok(mut z) = ColumnDecoder::new(c.rest(), &h, encoding) {
+                    for _ in 0..1000 {
+                        match z.next_item() {
+                            Ok(Some(_)) => {}
+                            _ => break,
                         }
                     }
                 }
             }
+        }
+    };
+    let crate::Next::Record(r) = crate::next_record(out, 0) else {
+        panic!("not a record")
+    };
+    for cut in 0..r.payload.len() {
+        // Framed again, so that the cut payload itself is decoded.
+        let mut d = Vec::new();
+        crate::put_record(&mut d, r.kind, &r.payload[..cut]);
+        decode_all(&d);
+    }
+    for i in 0..out.len() {
+        for flip in [0x01u8, 0x80, 0xff] {
+            let mut d = out.to_vec();
+            d[i] ^= flip;
+            decode_all(&d);
         }
     }
 }

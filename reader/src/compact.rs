@@ -1,0 +1,156 @@
+//! `memtrack compact`: rewrites the fast encoding's chunks (`EVENTS_S`) in the compact rank
+//! encoding (`EVENTS_R`), after the run, when CPU is no longer the service's. The transcoder is
+//! the writer's own, so the result holds the records a run in the compact encoding would have
+//! written; every other record is copied as it is.
+//!
+//! The new file is written beside the capture and renamed over it (or written to another path),
+//! so a failure leaves the capture untouched. A capture still being written (its process has it
+//! open) is refused: its later records would be lost.
+
+use crate::capture::ReadError;
+use memtrack_format::{expand_fast, next_record, record, Header, Next, Transcoder};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// What compacting one capture did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Compacted {
+    /// Chunks rewritten in the rank encoding.
+    pub chunks: u64,
+    /// Chunks that were already compact (or could not be transcoded and were kept).
+    pub kept_chunks: u64,
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+    /// Bytes of a torn tail (an unfinished last record) that were not copied: no reader can
+    /// use them.
+    pub torn_bytes: u64,
+}
+
+/// Compacts `path` into `out` (None: in place).
+pub fn compact_file(path: &Path, out: Option<&Path>) -> Result<Compacted, ReadError> {
+    let io = |error: std::io::Error| ReadError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let data = std::fs::read(path).map_err(io)?;
+    let (header, start) = match Header::decode(&data) {
+        Ok(h) => h,
+        Err(memtrack_format::FormatError::BadMagic) => {
+            return Err(ReadError::NotACapture {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(memtrack_format::FormatError::Truncated) => {
+            return Err(ReadError::TruncatedHeader {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(error) => {
+            return Err(ReadError::Format {
+                path: path.to_path_buf(),
+                error,
+            })
+        }
+    };
+    if let Some(pid) = still_written(path, &header) {
+        return Err(io(std::io::Error::other(format!(
+            "process {pid} is still writing this capture; compact it once the process has exited"
+        ))));
+    }
+    let mut buf = Vec::with_capacity(data.len() / 2);
+    buf.extend_from_slice(&data[..start]);
+    let mut done = Compacted {
+        chunks: 0,
+        kept_chunks: 0,
+        bytes_before: data.len() as u64,
+        bytes_after: 0,
+        torn_bytes: 0,
+    };
+    let mut transcoder = Transcoder::new();
+    let mut off = start;
+    loop {
+        match next_record(&data, off) {
+            Next::Record(r) => {
+                let end = r.payload.as_ptr() as usize - data.as_ptr() as usize + r.payload.len();
+                let raw = &data[off..end];
+                match r.kind {
+                    record::EVENTS_S => {
+                        let before = buf.len();
+                        let ok = expand_fast(r.payload)
+                            .and_then(|stream| transcoder.transcode(&stream, 1, &mut buf));
+                        match ok {
+                            Ok(()) => done.chunks += 1,
+                            Err(_) => {
+                                // Damaged: kept as it is, for the reader to report.
+                                buf.truncate(before);
+                                buf.extend_from_slice(raw);
+                                done.kept_chunks += 1;
+                            }
+                        }
+                    }
+                    record::EVENTS | record::EVENTS_Z | record::EVENTS_T | record::EVENTS_R => {
+                        buf.extend_from_slice(raw);
+                        done.kept_chunks += 1;
+                    }
+                    _ => buf.extend_from_slice(raw),
+                }
+                off = end;
+            }
+            Next::End => break,
+            Next::Torn { offset } => {
+                // A zero fill is no record at all.
+                if data[offset..].iter().any(|&b| b != 0) {
+                    done.torn_bytes = (data.len() - offset) as u64;
+                }
+                break;
+            }
+        }
+    }
+    done.bytes_after = buf.len() as u64;
+    let target = out.unwrap_or(path);
+    write_replacing(target, &buf, path).map_err(|error| ReadError::Io {
+        path: target.to_path_buf(),
+        error,
+    })?;
+    Ok(done)
+}
+
+/// Writes `bytes` to a new file beside `target` and renames it over `target`, with the
+/// permissions of `like` (captures are private to their user).
+fn write_replacing(target: &Path, bytes: &[u8], like: &Path) -> std::io::Result<()> {
+    let tmp = temp_beside(target);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        if let Ok(meta) = std::fs::metadata(like) {
+            f.set_permissions(meta.permissions())?;
+        }
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, target)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn temp_beside(target: &Path) -> PathBuf {
+    let mut name = target.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".compact-{}.tmp", std::process::id()));
+    target.with_file_name(name)
+}
+
+/// The process still writing `path`: the capture's own process (or, after an exec, the same
+/// pid) with the file open.
+fn still_written(path: &Path, header: &Header) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", header.pid)).ok()?;
+    fds.flatten()
+        .filter_map(|fd| std::fs::metadata(fd.path()).ok())
+        .any(|m| m.dev() == meta.dev() && m.ino() == meta.ino())
+        .then_some(header.pid)
+}
