@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 pub struct Compacted {
     /// Chunks rewritten in the rank encoding.
     pub chunks: u64,
-    /// Chunks that were already compact (or could not be transcoded and were kept).
+    /// Chunks kept as they were: already compact, smaller as they were, or damaged.
     pub kept_chunks: u64,
     pub bytes_before: u64,
     pub bytes_after: u64,
@@ -26,7 +26,7 @@ pub struct Compacted {
     pub torn_bytes: u64,
 }
 
-/// Compacts `path` into `out` (None: in place).
+/// Compacts `path` into `out` (None: in place, and only when some chunk got smaller).
 pub fn compact_file(path: &Path, out: Option<&Path>) -> Result<Compacted, ReadError> {
     let io = |error: std::io::Error| ReadError::Io {
         path: path.to_path_buf(),
@@ -79,9 +79,11 @@ pub fn compact_file(path: &Path, out: Option<&Path>) -> Result<Compacted, ReadEr
                         let ok = expand_fast(r.payload)
                             .and_then(|stream| transcoder.transcode(&stream, 1, &mut buf));
                         match ok {
-                            Ok(()) => done.chunks += 1,
-                            Err(_) => {
-                                // Damaged: kept as it is, for the reader to report.
+                            // A chunk of a few events packs smaller as it was (the rank
+                            // encoding spends some bytes per column).
+                            Ok(()) if buf.len() - before < raw.len() => done.chunks += 1,
+                            // Damaged ones are kept too, for the reader to report.
+                            _ => {
                                 buf.truncate(before);
                                 buf.extend_from_slice(raw);
                                 done.kept_chunks += 1;
@@ -107,6 +109,11 @@ pub fn compact_file(path: &Path, out: Option<&Path>) -> Result<Compacted, ReadEr
         }
     }
     done.bytes_after = buf.len() as u64;
+    if done.chunks == 0 && out.is_none() {
+        // Nothing changed: the capture is left untouched.
+        done.bytes_after = done.bytes_before;
+        return Ok(done);
+    }
     let target = out.unwrap_or(path);
     write_replacing(target, &buf, path).map_err(|error| ReadError::Io {
         path: target.to_path_buf(),

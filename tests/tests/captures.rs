@@ -10,7 +10,7 @@ fn kept(name: &str) -> PathBuf {
         .join(name)
 }
 
-const ALL_KEPT: [&str; 12] = [
+const ALL_KEPT: [&str; 15] = [
     "v1-every-function.cap",
     "v1-threads.cap",
     "v1-exec-chain.cap",
@@ -23,6 +23,9 @@ const ALL_KEPT: [&str; 12] = [
     "v4-every-function.cap",
     "v4-threads.cap",
     "v4-exec-chain.cap",
+    "v5-every-function.cap",
+    "v5-threads.cap",
+    "v5-exec-chain.cap",
 ];
 
 fn figures(cap: &Capture) -> Figures {
@@ -64,7 +67,7 @@ fn kept_cases() -> Vec<(&'static str, Figures, usize)> {
 
 #[test]
 fn captures_of_every_format_version_still_read_exactly() {
-    for version in [1u16, 2, 3, 4] {
+    for version in [1u16, 2, 3, 4, 5] {
         for (name, expected, threads) in kept_cases() {
             let name = name.replacen("v1", &format!("v{version}"), 1);
             check_kept(&name, version, expected, threads);
@@ -77,12 +80,13 @@ fn check_kept(name: &str, version: u16, expected: Figures, threads: usize) {
         let cap = Capture::open(kept(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(cap.header.version, version, "{name}");
         // Version 1 writes only stream chunks, 2 only EVENTS_Z, 3 only EVENTS_T, 4 only
-        // EVENTS_R.
+        // EVENTS_R; the version 5 captures kept were recorded with the fast encoding (EVENTS_S).
         let encoding = match version {
             1 => None,
             2 => Some(ColumnEncoding::Varint),
             3 => Some(ColumnEncoding::Token),
-            _ => Some(ColumnEncoding::Rank),
+            4 => Some(ColumnEncoding::Rank),
+            _ => Some(ColumnEncoding::ZstdStream),
         };
         assert!(!cap.chunks.is_empty(), "{name}");
         assert!(cap.chunks.iter().all(|c| c.compact == encoding), "{name}");
@@ -250,4 +254,120 @@ fn a_kept_python_capture_keeps_its_python_frames() {
         (Some(3), 100_057, 2)
     );
     assert!(hold[0].file.as_deref().unwrap().ends_with("kept_python.py"));
+}
+
+fn compact(path: &std::path::Path) -> String {
+    let out = memtrack_ok(|c| {
+        c.arg("compact").arg(path);
+    });
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `memtrack compact` on the kept fast captures: every figure the same, every chunk `EVENTS_R`
+/// unless it was smaller as it was (a chunk of a few events), never a larger file; a second
+/// compaction leaves the file as it is.
+#[test]
+fn compacting_a_fast_capture_keeps_every_figure() {
+    let work = Work::new("compact");
+    for (name, expected, threads) in kept_cases() {
+        let name = name.replacen("v1", "v5", 1);
+        let path = work.path(&name);
+        std::fs::copy(kept(&name), &path).unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        compact(&path);
+        let after = std::fs::metadata(&path).unwrap().len();
+        assert!(after <= before, "{name}: {before} -> {after} bytes");
+        let cap = Capture::open(&path).unwrap();
+        assert!(cap.complete(), "{name}");
+        assert_eq!(cap.threads, threads, "{name}");
+        assert_eq!(figures(&cap), expected, "{name}");
+        let said = compact(&path);
+        assert!(said.contains("already compact"), "{name}: {said}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), after, "{name}");
+    }
+}
+
+/// A fast capture cut short (the process killed) compacts to the figures of what it holds, up
+/// to its last complete record.
+#[test]
+fn a_cut_fast_capture_compacts_to_what_it_holds() {
+    let work = Work::new("compact_cut");
+    let full = std::fs::read(kept("v5-threads.cap")).unwrap();
+    let mut compacted_some = false;
+    for cut in (full.len() / 3..full.len()).step_by(19) {
+        let path = work.path("cut.cap");
+        std::fs::write(&path, &full[..cut]).unwrap();
+        let Ok(cap) = Capture::open(&path) else {
+            continue;
+        };
+        let want = figures(&cap);
+        let out = memtrack_ok(|c| {
+            c.arg("compact").arg(&path);
+        });
+        let said = String::from_utf8_lossy(&out.stderr);
+        let cap = Capture::open(&path).unwrap();
+        assert_eq!(figures(&cap), want, "cut at {cut}: {said}");
+        assert!(!cap.complete(), "cut at {cut}");
+        compacted_some |= said.contains("chunks transcoded");
+    }
+    assert!(compacted_some);
+}
+
+/// `memtrack run --encoding fast` writes EVENTS_S chunks only, with the exact figures; `memtrack
+/// compact` then makes every chunk `EVENTS_R`, the same figures, in a file under half the size.
+#[test]
+fn a_fast_run_records_the_same_figures_and_compacts() {
+    let work = Work::new("fast_run");
+    let exe = work.compile("flat_heap.c");
+    let path = work.path("fast.cap");
+    memtrack_ok(|c| {
+        c.args(["run", "--encoding", "fast", "-o"])
+            .arg(&path)
+            .arg("--")
+            .arg(&exe)
+            .arg("200000")
+            .current_dir(work.dir());
+    });
+    // flat_heap.c: 65,536 blocks of 1,024 bytes, 200,000 replacements, everything freed.
+    let truth = Figures {
+        peak_bytes: 67_108_864,
+        peak_allocations: 65_536,
+        leaked_bytes: 0,
+        leaked_allocations: 0,
+        total_allocations: 265_536,
+        total_bytes: 265_536 * 1024,
+        total_frees: 265_536,
+    };
+    let cap = Capture::open(&path).unwrap();
+    assert!(cap.chunks.len() > 1);
+    assert!(cap
+        .chunks
+        .iter()
+        .all(|c| c.compact == Some(ColumnEncoding::ZstdStream)));
+    assert_eq!(figures(&cap), truth);
+    let before = std::fs::metadata(&path).unwrap().len();
+    let said = compact(&path);
+    assert!(said.contains("chunks transcoded"), "{said}");
+    let after = std::fs::metadata(&path).unwrap().len();
+    // Random frees of 65,536 blocks carry 16 bits each in any encoding: smaller, not by much.
+    assert!(after < before, "{before} -> {after} bytes");
+    let cap = Capture::open(&path).unwrap();
+    // The replacements' chunks transcode; the start's few events and the final frees in
+    // order (which zstd packs better than the rank encoding's address deltas) stay as they were.
+    let rank = cap
+        .chunks
+        .iter()
+        .filter(|c| c.compact == Some(ColumnEncoding::Rank))
+        .count();
+    assert!(
+        rank * 2 > cap.chunks.len(),
+        "{rank} of {}",
+        cap.chunks.len()
+    );
+    assert_eq!(figures(&cap), truth);
+    assert_eq!(
+        Figures::from_json(&summary_json(&path)),
+        truth,
+        "through the command line"
+    );
 }
