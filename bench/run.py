@@ -21,8 +21,10 @@ NOTES_MARK = "<!-- bench/run.py writes everything above this line and keeps the 
 MEMRAY_VERSION = "1.20.0"
 PY_SCRIPT = [os.path.join(ROOT, "bench", "py_alloc.py"), "300000"]
 BEFORE = "memtrack (before)"
+FAST = "memtrack `--encoding fast`"
+COMPACTED = "fast, then `memtrack compact`"
 MEMRAY_NATIVE, MEMRAY_PY = "Memray `--native`", "Memray (Python frames)"
-TOOLS = ["memtrack", BEFORE, "heaptrack", MEMRAY_NATIVE, MEMRAY_PY]  # column order
+TOOLS = ["memtrack", FAST, BEFORE, "heaptrack", MEMRAY_NATIVE, MEMRAY_PY]  # column order
 # Issue 25's limits on memtrack's ratio to plain: (workload, 0 wall / 1 CPU, limit).
 TARGETS = [("churn", 1, 2.0), ("churn", 0, 1.5), ("xthreads", 1, 2.5), ("python", 1, 2.5)]
 
@@ -91,6 +93,9 @@ def tools_for(cmd, work, peers, full=True):
     for i, (label, exe) in enumerate(peers.memtracks):
         cap = os.path.join(work, f"memtrack-{i}.cap")
         tools.append((label, [exe, "run", "--force", "-o", cap, "--", *cmd], cap))
+        if label == "memtrack" and full:
+            fast = os.path.join(work, "memtrack-fast.cap")
+            tools.append((FAST, [exe, "run", "--encoding", "fast", "--force", "-o", fast, "--", *cmd], fast))
     if full and peers.heaptrack:
         hp = os.path.join(work, "heaptrack")
         tools.append(("heaptrack", ["heaptrack", "-o", hp, *cmd], hp))
@@ -149,6 +154,12 @@ def run_workload(name, cmd, env_extra, runs, work, peers, full=True):
         "sizes": {label: os.path.getsize(f) for label, f in files.items() if f},
         "events": {label: events_of(exe, files[label]) for label, exe in peers.memtracks},
     }
+    if files.get(FAST):
+        # The fast capture compacted afterwards: its size, and the time compacting takes.
+        compacted = files[FAST] + ".compacted"
+        clear(compacted)
+        res["compact_s"] = timed([MEMTRACK, "compact", files[FAST], "-o", compacted])[0]
+        res["sizes"][COMPACTED] = os.path.getsize(compacted)
     # The readers: median of 3 summaries (and their max RSS), 3 flamegraphs of the peak view.
     summaries = [timed([MEMTRACK, "summary", cap]) for _ in range(3)]
     res["summary_s"] = median([s[0] for s in summaries])
@@ -366,7 +377,7 @@ def report(results, args, memray):
         s = r["samples"]
         out.append(f"| {r['name']} | {plain_s(s, 1):.2f} s | "
                    + " | ".join(cell(ratios(s, l, 1), spread=True) for l in labels) + " |")
-    out += targets(results, [l for l in ("memtrack", BEFORE) if l in labels])
+    out += targets(results, [l for l in ("memtrack", FAST, BEFORE) if l in labels])
     out += captures(results, labels)
     out += readers(results, labels)
     return out
@@ -387,6 +398,8 @@ def targets(results, labels):
 
 
 def captures(results, labels):
+    if FAST in labels:
+        labels = [*labels[:labels.index(FAST) + 1], COMPACTED, *labels[labels.index(FAST) + 1:]]
     caps = [l for l in labels if any(l in r["sizes"] for r in results)]
     flag = "heaptrack" in caps
     head = [f"{l}: bytes/event (capture)" for l in caps]
@@ -407,6 +420,12 @@ def captures(results, labels):
     out += ["", "Each capture is the last round's. heaptrack's is its zstd-compressed file; heaptrack's and Memray's "
                 "bytes/event divide by memtrack's event count for the same workload (each memtrack build counts its "
                 "own events)."]
+    timed_compact = [r for r in results if "compact_s" in r]
+    if timed_compact:
+        out += ["", "`memtrack compact` of the fast capture (one core, after the run): "
+                + "; ".join(f"{r['name']} {r['compact_s']:.2f} s "
+                            f"({r['compact_s'] * 1e9 / max(r['events']['memtrack'], 1):.0f} ns/event)"
+                            for r in timed_compact) + "."]
     return out
 
 

@@ -6,8 +6,8 @@
 //!     cargo run --release -p memtrack-format --example transcode -- CAPTURE [ROUNDS]
 
 use memtrack_format::{
-    encode_stream, next_record, record, ChunkHeader, ColumnDecoder, ColumnEncoding, Cursor, Header,
-    Item, Next, Transcoder,
+    encode_stream, next_record, record, ChunkHeader, ColumnDecoder, ColumnEncoding, Cursor,
+    FastEncoder, Header, Item, Next, Transcoder,
 };
 use std::time::Instant;
 
@@ -132,27 +132,30 @@ fn main() {
         best * 1e9 / events as f64,
         out_bytes as f64 / rounds as f64 / events as f64
     );
-    // The other end of the trade-off: the stream encoding as the threads wrote it, only
-    // compressed, at a few zstd levels.
-    let levels: &[i32] = if std::env::var_os("ONLY_RANK").is_some() {
-        &[]
-    } else {
-        &[-5, -1, 1, 3]
+    // The other end of the trade-off: the fast encoding (`EVENTS_S`), the stream as the threads
+    // wrote it compressed at a low zstd level, at the levels in LEVELS (comma-separated).
+    let levels: Vec<i32> = match std::env::var("LEVELS") {
+        Ok(v) => v.split(',').filter_map(|l| l.trim().parse().ok()).collect(),
+        Err(_) if std::env::var_os("ONLY_RANK").is_some() => Vec::new(),
+        Err(_) => vec![-7, -5, -3, -1, 1, 3],
     };
-    for &level in levels {
-        let mut z = zstd::bulk::Compressor::new(level).expect("zstd");
+    for level in levels {
+        let mut f = FastEncoder::new();
         let mut best = f64::MAX;
         let mut bytes = 0;
+        let mut out = Vec::new();
         for _ in 0..rounds {
             let c0 = cpu_seconds();
             bytes = 0;
             for ch in &chunks {
-                bytes += z.compress(ch).expect("compress").len();
+                out.clear();
+                f.encode(ch, level, &mut out).expect("compress");
+                bytes += out.len();
             }
             best = best.min(cpu_seconds() - c0);
         }
         println!(
-            "stream + zstd level {level}: {:.1} ns/event, {:.3} B/event",
+            "fast encoding, zstd level {level}: {:.1} ns/event, {:.3} B/event",
             best * 1e9 / events as f64,
             bytes as f64 / events as f64
         );

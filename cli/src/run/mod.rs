@@ -305,6 +305,10 @@ pub(crate) fn cmd_run(
         }
         process_tree::report_unrecorded(&cap, &unrecorded.unwrap_or_default());
         eprintln!("memtrack: report on it with: memtrack summary {shown}   (or flamegraph, table, tree, stats, plot)");
+        if tree.fast {
+            let all = if tree.follow_fork { "*" } else { "" };
+            eprintln!("memtrack: recorded in the fast encoding; once the service is idle, `memtrack compact {shown}{all}` rewrites it in the compact one (smaller, same figures)");
+        }
         if let Some(log) = &log {
             eprintln!(
                 "memtrack: the command's output is in {}",
