@@ -383,7 +383,8 @@ fn graph_to(
 
 /// `memtrack check` (and the budgets of `memtrack run`): the report to `out`, the verdict as
 /// the exit code.
-/// `memtrack compact`: each capture in turn; one line per capture on standard error.
+/// `memtrack compact`: each capture in turn, one line each on standard error; a capture that
+/// cannot be compacted is named and the others still are (exit 2 at the end).
 fn compact(files: &[PathBuf], output: Option<&Path>) -> Result<u8> {
     if output.is_some() && files.len() > 1 {
         bail!("-o/--output takes one capture, not {}", files.len());
@@ -394,9 +395,18 @@ fn compact(files: &[PathBuf], output: Option<&Path>) -> Result<u8> {
             out.display()
         );
     }
+    let mut failed = 0;
     for file in files {
         let started = std::time::Instant::now();
-        let done = memtrack_reader::compact_file(file, output)?;
+        let done = match memtrack_reader::compact_file(file, output) {
+            Ok(done) => done,
+            Err(e) if files.len() > 1 => {
+                eprintln!("memtrack: error: {e}");
+                failed += 1;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let shown = output.unwrap_or(file).display();
         if done.chunks == 0 {
             eprintln!(
@@ -406,20 +416,26 @@ fn compact(files: &[PathBuf], output: Option<&Path>) -> Result<u8> {
             );
             continue;
         }
+        let torn = if done.torn_bytes > 0 {
+            format!(
+                "; the unfinished last record ({} bytes, unreadable) was left out",
+                done.torn_bytes
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
-            "memtrack: {shown}: {} -> {} ({} chunks transcoded, {:.1} s){}",
+            "memtrack: {shown}: {} -> {} ({} chunks transcoded, {:.1} s){torn}",
             human_bytes(done.bytes_before),
             human_bytes(done.bytes_after),
             done.chunks,
             started.elapsed().as_secs_f64(),
-            if done.torn_bytes > 0 {
-                format!(
-                    "; the unfinished last record ({} bytes, unreadable) was left out",
-                    done.torn_bytes
-                )
-            } else {
-                String::new()
-            }
+        );
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} captures could not be compacted",
+            files.len()
         );
     }
     Ok(0)
