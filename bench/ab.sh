@@ -3,9 +3,11 @@
 # MEMTRACK_OUTPUT), interleaved, and prints the median wall and CPU (user + system) time of each.
 # For judging a change to the tracker on this noisy machine: copy target/release/libmemtrack.so
 # aside before and after the change, then compare the copies in one run.
-#   bench/ab.sh [-n RUNS] LIB.so [LIB.so ...] -- PROGRAM [ARGS...]
-# Example:
+#   bench/ab.sh [-n RUNS] LIB.so[,VAR=VALUE...] [...] -- PROGRAM [ARGS...]
+# Each library may carry environment settings of its own (the same library twice compares them).
+# Examples:
 #   bench/ab.sh -n 11 /tmp/before.so /tmp/after.so -- target/bench/xthreads 1000000
+#   bench/ab.sh target/release/libmemtrack.so target/release/libmemtrack.so,MEMTRACK_ENCODING=fast -- target/bench/churn 6800000
 set -euo pipefail
 runs=9
 if [ "${1:-}" = "-n" ]; then
@@ -14,11 +16,13 @@ if [ "${1:-}" = "-n" ]; then
 fi
 libs=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
-    libs+=("$(realpath "$1")")
+    lib=${1%%,*}
+    settings=${1#"$lib"}
+    libs+=("$(realpath "$lib")$settings")
     shift
 done
 [ "${1:-}" = "--" ] && [ $# -ge 2 ] && [ ${#libs[@]} -ge 1 ] || {
-    echo "usage: bench/ab.sh [-n RUNS] LIB.so [LIB.so ...] -- PROGRAM [ARGS...]" >&2
+    echo "usage: bench/ab.sh [-n RUNS] LIB.so[,VAR=VALUE...] [...] -- PROGRAM [ARGS...]" >&2
     exit 2
 }
 shift
@@ -31,8 +35,9 @@ for i in $(seq "$runs"); do
             /usr/bin/time -f "%e %U %S" -a -o "$work/$k" "$@" >/dev/null
         else
             rm -f "$work/cap"
+            IFS=, read -r -a parts <<< "${names[$k]}"
             /usr/bin/time -f "%e %U %S" -a -o "$work/$k" \
-                env MEMTRACK_OUTPUT="$work/cap" LD_PRELOAD="${names[$k]}" "$@" >/dev/null
+                env MEMTRACK_OUTPUT="$work/cap" "${parts[@]:1}" LD_PRELOAD="${parts[0]}" "$@" >/dev/null
         fi
     done
 done

@@ -26,14 +26,25 @@ pub struct Compacted {
     pub torn_bytes: u64,
 }
 
-/// Compacts `path` into `out` (None: in place, and only when some chunk got smaller).
+/// Compacts `path` into `out` (None: in place, and only when some chunk got smaller). The
+/// capture is mapped, not read into memory, and the new file is written as it goes: a capture of
+/// many gigabytes takes the memory of one chunk.
 pub fn compact_file(path: &Path, out: Option<&Path>) -> Result<Compacted, ReadError> {
     let io = |error: std::io::Error| ReadError::Io {
         path: path.to_path_buf(),
         error,
     };
-    let data = std::fs::read(path).map_err(io)?;
-    let (header, start) = match Header::decode(&data) {
+    let file = std::fs::File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let map = if len == 0 {
+        None
+    } else {
+        // SAFETY: mapped read-only; a capture still being written is refused below before any
+        // byte past the header is read, and a writer only ever appends.
+        Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
+    };
+    let data: &[u8] = map.as_deref().unwrap_or(&[]);
+    let (header, start) = match Header::decode(data) {
         Ok(h) => h,
         Err(memtrack_format::FormatError::BadMagic) => {
             return Err(ReadError::NotACapture {
@@ -57,8 +68,6 @@ pub fn compact_file(path: &Path, out: Option<&Path>) -> Result<Compacted, ReadEr
             "process {pid} is still writing this capture; compact it once the process has exited"
         ))));
     }
-    let mut buf = Vec::with_capacity(data.len() / 2);
-    buf.extend_from_slice(&data[..start]);
     let mut done = Compacted {
         chunks: 0,
         kept_chunks: 0,
@@ -66,82 +75,84 @@ pub fn compact_file(path: &Path, out: Option<&Path>) -> Result<Compacted, ReadEr
         bytes_after: 0,
         torn_bytes: 0,
     };
-    let mut transcoder = Transcoder::new();
-    let mut off = start;
-    loop {
-        match next_record(&data, off) {
-            Next::Record(r) => {
-                let end = r.payload.as_ptr() as usize - data.as_ptr() as usize + r.payload.len();
-                let raw = &data[off..end];
-                match r.kind {
-                    record::EVENTS_S => {
-                        let before = buf.len();
-                        let ok = expand_fast(r.payload)
-                            .and_then(|stream| transcoder.transcode(&stream, 1, &mut buf));
-                        match ok {
-                            // A chunk of a few events packs smaller as it was (the rank
-                            // encoding spends some bytes per column).
-                            Ok(()) if buf.len() - before < raw.len() => done.chunks += 1,
-                            // Damaged ones are kept too, for the reader to report.
-                            _ => {
-                                buf.truncate(before);
-                                buf.extend_from_slice(raw);
-                                done.kept_chunks += 1;
-                            }
-                        }
-                    }
-                    record::EVENTS | record::EVENTS_Z | record::EVENTS_T | record::EVENTS_R => {
-                        buf.extend_from_slice(raw);
-                        done.kept_chunks += 1;
-                    }
-                    _ => buf.extend_from_slice(raw),
-                }
-                off = end;
-            }
-            Next::End => break,
-            Next::Torn { offset } => {
-                // A zero fill is no record at all.
-                if data[offset..].iter().any(|&b| b != 0) {
-                    done.torn_bytes = (data.len() - offset) as u64;
-                }
-                break;
-            }
-        }
-    }
-    done.bytes_after = buf.len() as u64;
-    if done.chunks == 0 && out.is_none() {
-        // Nothing changed: the capture is left untouched.
-        done.bytes_after = done.bytes_before;
-        return Ok(done);
-    }
     let target = out.unwrap_or(path);
-    write_replacing(target, &buf, path).map_err(|error| ReadError::Io {
+    let tmp = temp_beside(target);
+    let out_err = |error: std::io::Error| ReadError::Io {
         path: target.to_path_buf(),
         error,
-    })?;
-    Ok(done)
-}
-
-/// Writes `bytes` to a new file beside `target` and renames it over `target`, with the
-/// permissions of `like` (captures are private to their user).
-fn write_replacing(target: &Path, bytes: &[u8], like: &Path) -> std::io::Result<()> {
-    let tmp = temp_beside(target);
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
+    };
+    let mut w = std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&tmp)?;
-        if let Ok(meta) = std::fs::metadata(like) {
-            f.set_permissions(meta.permissions())?;
+            .open(&tmp)
+            .map_err(out_err)?,
+    );
+    let result = (|| -> std::io::Result<()> {
+        w.write_all(&data[..start])?;
+        done.bytes_after = start as u64;
+        let mut transcoder = Transcoder::new();
+        let mut chunk = Vec::new();
+        let mut off = start;
+        loop {
+            match next_record(data, off) {
+                Next::Record(r) => {
+                    let end = r.payload.as_ptr() as usize - data.as_ptr() as usize + r.payload.len();
+                    let raw = &data[off..end];
+                    chunk.clear();
+                    let transcoded = r.kind == record::EVENTS_S
+                        && expand_fast(r.payload)
+                            .and_then(|stream| transcoder.transcode(&stream, 1, &mut chunk))
+                            .is_ok()
+                        // A chunk of a few events packs smaller as it was (the rank encoding
+                        // spends some bytes per column).
+                        && chunk.len() < raw.len();
+                    let bytes = if transcoded { &chunk[..] } else { raw };
+                    if transcoded {
+                        done.chunks += 1;
+                    } else if is_events(r.kind) {
+                        // Already compact, smaller as it was, or damaged (kept for the reader
+                        // to report).
+                        done.kept_chunks += 1;
+                    }
+                    w.write_all(bytes)?;
+                    done.bytes_after += bytes.len() as u64;
+                    off = end;
+                }
+                Next::End => break,
+                Next::Torn { offset } => {
+                    // A zero fill is no record at all.
+                    if data[offset..].iter().any(|&b| b != 0) {
+                        done.torn_bytes = (data.len() - offset) as u64;
+                    }
+                    break;
+                }
+            }
         }
-        f.write_all(bytes)?;
+        if done.chunks == 0 && out.is_none() {
+            // Nothing would change: the capture is left untouched.
+            return Ok(());
+        }
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.set_permissions(file.metadata()?.permissions())?;
         f.sync_all()?;
         std::fs::rename(&tmp, target)
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if done.chunks == 0 && out.is_none() {
+        done.bytes_after = done.bytes_before;
     }
-    result
+    // After a rename there is no temporary file left; otherwise it goes.
+    let _ = std::fs::remove_file(&tmp);
+    result.map_err(out_err)?;
+    Ok(done)
+}
+
+fn is_events(kind: u8) -> bool {
+    matches!(
+        kind,
+        record::EVENTS | record::EVENTS_Z | record::EVENTS_T | record::EVENTS_R | record::EVENTS_S
+    )
 }
 
 fn temp_beside(target: &Path) -> PathBuf {
