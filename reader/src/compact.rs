@@ -98,7 +98,8 @@ pub fn compact_file(path: &Path, out: Option<&Path>) -> Result<Compacted, ReadEr
         loop {
             match next_record(data, off) {
                 Next::Record(r) => {
-                    let end = r.payload.as_ptr() as usize - data.as_ptr() as usize + r.payload.len();
+                    let end =
+                        r.payload.as_ptr() as usize - data.as_ptr() as usize + r.payload.len();
                     let raw = &data[off..end];
                     chunk.clear();
                     let transcoded = r.kind == record::EVENTS_S

@@ -100,9 +100,15 @@ fn grows_in_steps(work: &Work, capture: &Path) {
 #[test]
 fn a_capture_followed_as_it_grows_matches_a_full_read_of_each_prefix() {
     let work = Work::new("live-follow");
-    // Stored captures: threads, an exec chain, a Python program.
+    // Stored captures: threads, an exec chain, a Python program; the fast encoding's too.
     let stored = workspace_root().join("tests/captures");
-    for name in ["v4-threads.cap", "v4-exec-chain.cap", "v3-python.cap"] {
+    for name in [
+        "v4-threads.cap",
+        "v4-exec-chain.cap",
+        "v3-python.cap",
+        "v5-threads.cap",
+        "v5-exec-chain.cap",
+    ] {
         grows_in_steps(&work, &stored.join(name));
     }
     // A fresh one of five threads freeing each other's blocks, in many chunks.
