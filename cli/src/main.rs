@@ -106,13 +106,12 @@ fn dispatch(
             keep_all,
             live,
             live_output,
-            encoding,
             mode,
             limits,
             command,
         } => {
             let tree = run::RunTree {
-                fast: encoding == args::Encoding::Fast,
+                fast: mode.encoding == args::Encoding::Fast,
                 sample_rate: mode.sample_rate,
                 sample_seed: mode.sample_seed,
                 aggregate: mode.aggregate.then_some(mode.checkpoint_interval),
@@ -139,6 +138,7 @@ fn dispatch(
                 } else {
                     0
                 },
+                fast: mode.encoding == args::Encoding::Fast,
             };
             attach::cmd_attach(pid, output, duration, method, how)
         }

@@ -676,6 +676,42 @@ fn attach_records_a_running_loop_for_its_duration() {
     assert_eq!(code, Some(3));
 }
 
+/// `--encoding fast` reaches the library (`START_FAST`): every chunk is `EVENTS_S`, with the
+/// loop's exact window as in the compact encoding.
+#[test]
+fn attach_records_in_the_fast_encoding() {
+    let work = Work::new("attach-e2e-fast");
+    let lib = binaries().preload.clone();
+    let t = loop_target(&work);
+    let pid = t.pid();
+    let cap = work.path("loop.cap");
+    let out = memtrack(
+        &lib,
+        &[
+            "attach",
+            &pid.to_string(),
+            "-o",
+            cap.to_str().unwrap(),
+            "--duration",
+            "1",
+            "--encoding",
+            "fast",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_loop_window(&cap, 0.9..1.5);
+    let c = open_capture(&cap);
+    assert!(!c.chunks.is_empty());
+    assert!(c
+        .chunks
+        .iter()
+        .all(|ch| ch.compact == Some(memtrack_reader::ColumnEncoding::ZstdStream)));
+    let (rest, code) = t.finish();
+    assert_eq!(rest, "done\n");
+    assert_eq!(code, Some(3));
+}
+
 #[test]
 fn detach_ends_a_recording_and_a_second_attach_records_again() {
     let work = Work::new("attach-e2e-detach");

@@ -22,6 +22,8 @@ use std::sync::Mutex;
 pub const START_OVERWRITE: u32 = 1;
 pub const START_ATTACHED: u32 = 2;
 pub const START_PYMALLOC: u32 = 4;
+/// Record in the fast encoding (`EVENTS_S`), as `MEMTRACK_ENCODING=fast` does.
+pub const START_FAST: u32 = 8;
 
 /// `memtrack_status` values.
 pub const STATUS_NONE: u32 = 0;
@@ -326,6 +328,7 @@ fn open(path: &str, flags: u32, _g: &IgnoreAllocs) -> Result<(), String> {
         unsafe { libc::close(fd) };
         return Err(format!("cannot write {path}"));
     }
+    crate::writer::set_fast(flags & START_FAST != 0);
     let cfg = Config {
         fd,
         skip_own_module: true,

@@ -271,15 +271,25 @@ enum Encoder {
     Fast(FastEncoder),
 }
 
+/// The fast encoding asked for by the session's start (`memtrack_start_with`'s `START_FAST`:
+/// `memtrack attach --encoding fast`), beside the environment's `MEMTRACK_ENCODING`.
+static FAST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub(crate) fn set_fast(on: bool) {
+    FAST.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// zstd's level for `EVENTS_S`: its fastest strategy, still several times smaller than the
 /// stream (see bench/RESULTS.md).
 const FAST_LEVEL: i32 = -5;
 
 impl Encoder {
     fn from_env() -> Self {
-        match crate::env::getenv(c"MEMTRACK_ENCODING").map(|v| v.to_bytes()) {
-            Some(b"fast") => Encoder::Fast(FastEncoder::new()),
-            _ => Encoder::Rank(Box::default()),
+        let env = crate::env::getenv(c"MEMTRACK_ENCODING").map(|v| v.to_bytes());
+        if env == Some(b"fast") || FAST.load(std::sync::atomic::Ordering::Relaxed) {
+            Encoder::Fast(FastEncoder::new())
+        } else {
+            Encoder::Rank(Box::default())
         }
     }
 }

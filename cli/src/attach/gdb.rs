@@ -3,7 +3,7 @@
 //! wherever each one happens to be (no safe point), and materialises the string arguments by
 //! calling `malloc` in the process, which can deadlock a thread stopped inside the allocator.
 
-use super::{not_permitted, refuse, ATTACH, MEMTRACK_START_ATTACHED};
+use super::{not_permitted, refuse, ATTACH};
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::process::Command;
@@ -57,7 +57,7 @@ pub fn inject(pid: i32, lib: &Path, out: &Path, duration_ms: u64, how: super::Ho
          detach\n",
         lib = quoted(lib)?,
         out = quoted(out)?,
-        flags = MEMTRACK_START_ATTACHED,
+        flags = how.start_flags(),
         rate = how.sample_rate,
         seed = how.sample_seed_plus_one,
         ckpt = how.checkpoint_interval_ms,

@@ -25,6 +25,8 @@ const RTLD_GLOBAL: u64 = 0x100;
 /// glibc's private flag of `__libc_dlopen_mode` (before 2.34): the caller is not libdl.
 const RTLD_DLOPEN_INTERNAL: u64 = 0x8000_0000;
 const MEMTRACK_START_ATTACHED: u64 = 2;
+/// `START_FAST`: the fast encoding (`--encoding fast`).
+const MEMTRACK_START_FAST: u64 = 8;
 const STATUS_RECORDING: u32 = 1;
 const STATUS_STOPPED: u32 = 2;
 const STATUS_PRELOADED: u32 = 3;
@@ -647,7 +649,7 @@ fn inject(
             m.base + syms.start,
             &[
                 out_at,
-                MEMTRACK_START_ATTACHED,
+                how.start_flags(),
                 duration_ms,
                 how.sample_rate,
                 how.sample_seed_plus_one,
@@ -705,6 +707,15 @@ pub struct How {
     pub sample_rate: u64,
     pub sample_seed_plus_one: u64,
     pub checkpoint_interval_ms: u64,
+    /// `--encoding fast`.
+    pub fast: bool,
+}
+
+impl How {
+    /// The flags of `memtrack_start_with`.
+    fn start_flags(&self) -> u64 {
+        MEMTRACK_START_ATTACHED | if self.fast { MEMTRACK_START_FAST } else { 0 }
+    }
 }
 
 /// `memtrack attach PID`.
