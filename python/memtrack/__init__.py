@@ -78,14 +78,19 @@ class Tracker:
     frames); frees of blocks made before the block are counted apart. ``overwrite`` replaces
     an existing file (otherwise that is an error). ``python_allocators`` also records Python's
     object allocator (pymalloc), so small objects count one by one rather than as the arenas
-    pymalloc maps. One recording at a time per process; under ``memtrack run`` the whole run is
-    already recorded, and entering a Tracker raises RuntimeError.
+    pymalloc maps. ``encoding="fast"`` records as ``memtrack run --encoding fast`` does: less CPU,
+    a larger capture (``memtrack compact`` makes it compact later). One recording at a time per
+    process; under ``memtrack run`` the whole run is already recorded, and entering a Tracker
+    raises RuntimeError.
     """
 
-    def __init__(self, path, *, overwrite=False, python_allocators=True):
+    def __init__(self, path, *, overwrite=False, python_allocators=True, encoding="compact"):
+        if encoding not in ("compact", "fast"):
+            raise ValueError("encoding must be 'compact' or 'fast', not %r" % (encoding,))
         self.path = os.path.abspath(os.fspath(path))
         self.overwrite = bool(overwrite)
         self.python_allocators = bool(python_allocators)
+        self.encoding = encoding
         self._active = False
         self._lib = None
 
@@ -99,6 +104,8 @@ class Tracker:
             flags |= _lib.START_OVERWRITE
         if self.python_allocators:
             flags |= _lib.START_PYMALLOC
+        if self.encoding == "fast":
+            flags |= _lib.START_FAST
         if lib.start(os.fsencode(self.path), flags, 0) != 0:
             raise RuntimeError(
                 "memtrack cannot start recording into %s: %s" % (self.path, lib.error())

@@ -17,6 +17,7 @@ LIBRARY_NAME = "libmemtrack.so"
 # memtrack_start flags (issue24-abi.md).
 START_OVERWRITE = 1
 START_PYMALLOC = 4
+START_FAST = 8
 
 # memtrack_status values.
 STATUS_NONE = 0

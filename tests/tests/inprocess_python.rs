@@ -59,6 +59,11 @@ fn objects_recorded_by(py: &Py, mode: &str) {
     assert_eq!(row["file"], "inproc_py.py");
     let s = memtrack_tests::summary_json(&cap);
     assert_eq!(s["aggregated"] == true, mode == "aggregate", "{s:#}");
+    let fast = memtrack_tests::open_capture(&cap)
+        .chunks
+        .iter()
+        .any(|c| c.compact == Some(memtrack_reader::ColumnEncoding::ZstdStream));
+    assert_eq!(fast, mode == "fast");
     assert_eq!(s["end_reason"], "detach", "{s:#}");
 }
 
@@ -75,4 +80,10 @@ fn objects_through_a_pending_call() {
 #[test]
 fn objects_aggregated() {
     objects_recorded("aggregate");
+}
+
+/// `memtrack.Tracker(encoding="fast")`'s flag: the same objects, in `EVENTS_S` chunks.
+#[test]
+fn objects_in_the_fast_encoding() {
+    objects_recorded("fast");
 }
