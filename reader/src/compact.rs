@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 pub struct Compacted {
     /// Chunks rewritten in the rank encoding.
     pub chunks: u64,
-    /// Chunks kept as they were: already compact, smaller as they were, or damaged.
+    /// Chunks kept as they were: already compact, or damaged.
     pub kept_chunks: u64,
     pub bytes_before: u64,
     pub bytes_after: u64,
@@ -26,7 +26,7 @@ pub struct Compacted {
     pub torn_bytes: u64,
 }
 
-/// Compacts `path` into `out` (None: in place, and only when some chunk got smaller). The
+/// Compacts `path` into `out` (None: in place, and only when it holds a fast chunk). The
 /// capture is mapped, not read into memory, and the new file is written as it goes: a capture of
 /// many gigabytes takes the memory of one chunk.
 pub fn compact_file(path: &Path, out: Option<&Path>) -> Result<Compacted, ReadError> {
@@ -102,19 +102,18 @@ pub fn compact_file(path: &Path, out: Option<&Path>) -> Result<Compacted, ReadEr
                         r.payload.as_ptr() as usize - data.as_ptr() as usize + r.payload.len();
                     let raw = &data[off..end];
                     chunk.clear();
+                    // Every fast chunk, even one the rank encoding makes larger (a few events):
+                    // the result is then exactly what a compact run writes, and a capture
+                    // holding an `EVENTS_S` chunk is one that was not compacted.
                     let transcoded = r.kind == record::EVENTS_S
                         && expand_fast(r.payload)
                             .and_then(|stream| transcoder.transcode(&stream, 1, &mut chunk))
-                            .is_ok()
-                        // A chunk of a few events packs smaller as it was (the rank encoding
-                        // spends some bytes per column).
-                        && chunk.len() < raw.len();
+                            .is_ok();
                     let bytes = if transcoded { &chunk[..] } else { raw };
                     if transcoded {
                         done.chunks += 1;
                     } else if is_events(r.kind) {
-                        // Already compact, smaller as it was, or damaged (kept for the reader
-                        // to report).
+                        // Already compact, or damaged (kept for the reader to report).
                         done.kept_chunks += 1;
                     }
                     w.write_all(bytes)?;

@@ -52,6 +52,7 @@ pub fn summary(
     if json {
         let mut v = serde_json::to_value(&s)?;
         v["capture"] = serde_json::Value::String(shown_file.display().to_string());
+        v["encoding"] = if fast_chunks(cap) { "fast" } else { "compact" }.into();
         if let Some(a) = &cap.attached {
             v["attached"] = serde_json::json!({
                 "how": match a.how {
@@ -535,6 +536,15 @@ fn print_summary(
             }
         }
     }
+    if fast_chunks(cap) && !live {
+        let len = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+        writeln!(
+            out,
+            "  encoding:       fast ({}): `memtrack compact {}` rewrites it in the compact encoding, same figures",
+            crate::human_bytes(len),
+            file.display()
+        )?;
+    }
     let approx = if s.sampled { "≈ " } else { "" };
     writeln!(
         out,
@@ -685,4 +695,12 @@ fn print_summary(
         }
     }
     Ok(())
+}
+
+/// Whether the capture holds chunks in the fast encoding (`memtrack run --encoding fast`, not
+/// yet compacted).
+fn fast_chunks(cap: &crate::Capture) -> bool {
+    cap.chunks
+        .iter()
+        .any(|c| c.compact == Some(memtrack_format::ColumnEncoding::ZstdStream))
 }
