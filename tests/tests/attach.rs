@@ -641,27 +641,42 @@ fn assert_loop_window(cap: &Path, seconds: std::ops::Range<f64>) -> u64 {
     total
 }
 
+/// `memtrack attach PID -o CAPTURE --duration SECONDS EXTRA...`, which must succeed.
+fn attach_ok(pid: i32, cap: &Path, seconds: &str, extra: &[&str]) -> Output {
+    let pid = pid.to_string();
+    let mut args = vec![
+        "attach",
+        &pid,
+        "-o",
+        cap.to_str().unwrap(),
+        "--duration",
+        seconds,
+    ];
+    args.extend_from_slice(extra);
+    let out = memtrack(&binaries().preload, &args, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    out
+}
+
+/// [`attach_ok`] on a fresh loop target. Returns the target, still running, the capture and
+/// the command's output.
+fn attach_loop(
+    work: &Work,
+    capture: &str,
+    seconds: &str,
+    extra: &[&str],
+) -> (Started, PathBuf, Output) {
+    let t = loop_target(work);
+    let cap = work.path(capture);
+    let out = attach_ok(t.pid(), &cap, seconds, extra);
+    (t, cap, out)
+}
+
 #[test]
 fn attach_records_a_running_loop_for_its_duration() {
     let work = Work::new("attach-e2e");
-    let lib = binaries().preload.clone();
-    let t = loop_target(&work);
-    let pid = t.pid();
-    let cap = work.path("loop.cap");
-    let out = memtrack(
-        &lib,
-        &[
-            "attach",
-            &pid.to_string(),
-            "-o",
-            cap.to_str().unwrap(),
-            "--duration",
-            "2",
-        ],
-        &[],
-    );
+    let (t, cap, out) = attach_loop(&work, "loop.cap", "2", &[]);
     let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(0), "{err}");
     let total = assert_loop_window(&cap, 1.9..2.5);
     assert!(
         err.contains(&format!(
@@ -681,25 +696,7 @@ fn attach_records_a_running_loop_for_its_duration() {
 #[test]
 fn attach_records_in_the_fast_encoding() {
     let work = Work::new("attach-e2e-fast");
-    let lib = binaries().preload.clone();
-    let t = loop_target(&work);
-    let pid = t.pid();
-    let cap = work.path("loop.cap");
-    let out = memtrack(
-        &lib,
-        &[
-            "attach",
-            &pid.to_string(),
-            "-o",
-            cap.to_str().unwrap(),
-            "--duration",
-            "1",
-            "--encoding",
-            "fast",
-        ],
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let (t, cap, _) = attach_loop(&work, "loop.cap", "1", &["--encoding", "fast"]);
     assert_loop_window(&cap, 0.9..1.5);
     let c = open_capture(&cap);
     assert!(!c.chunks.is_empty());
@@ -913,25 +910,7 @@ fn detach_without_permission_is_refused() {
 #[test]
 fn attach_with_gdb_records_the_loop_and_reports_refusals() {
     let work = Work::new("attach-gdb");
-    let lib = binaries().preload.clone();
-    let t = loop_target(&work);
-    let pid = t.pid();
-    let cap = work.path("gdb.cap");
-    let out = memtrack(
-        &lib,
-        &[
-            "attach",
-            &pid.to_string(),
-            "-o",
-            cap.to_str().unwrap(),
-            "--duration",
-            "1",
-            "--method",
-            "gdb",
-        ],
-        &[],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let (t, cap, _) = attach_loop(&work, "gdb.cap", "1", &["--method", "gdb"]);
     assert_loop_window(&cap, 0.9..1.5);
     let (rest, code) = t.finish();
     assert_eq!(rest, "done\n");
@@ -997,7 +976,6 @@ fn attach_aggregated_records_exactly_the_same() {
 /// the calls it logged; returns its summary.
 fn attach_to_the_window(extra: &[&str]) -> serde_json::Value {
     let work = Work::new("attach-window");
-    let lib = binaries().preload.clone();
     let exe = work.compile("attach_window.c");
     let log = work.path("calls.log");
     let mut cmd = Command::new(&exe);
@@ -1005,18 +983,7 @@ fn attach_to_the_window(extra: &[&str]) -> serde_json::Value {
     let t = start(cmd);
     std::thread::sleep(Duration::from_millis(500));
     let cap = work.path("window.cap");
-    let pid = t.pid().to_string();
-    let mut args = vec![
-        "attach",
-        &pid,
-        "-o",
-        cap.to_str().unwrap(),
-        "--duration",
-        "2",
-    ];
-    args.extend_from_slice(extra);
-    let out = memtrack(&lib, &args, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    attach_ok(t.pid(), &cap, "2", extra);
     let (rest, code) = t.finish();
     assert_eq!(code, Some(3));
 
