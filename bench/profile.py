@@ -3,7 +3,7 @@
 function and source file, and each stage's CPU time divided by the capture's event count.
 Standard library only; needs perf. Not part of the tests.
 
-    python3 bench/profile.py [--memtrack PATH] [--runs N] [WORKLOAD ...]
+    python3 bench/profile.py [--memtrack PATH] [--runs N] [--encoding compact|fast] [WORKLOAD ...]
 
 The writer's stages (reading the stream, transcoding, zstd) are counted wherever they run: a
 program thread transcodes its own chunk when the writer falls behind.
@@ -56,7 +56,8 @@ def compile_workloads():
 def writer_work(sym, src):
     """The writer's stages, wherever they run: a program thread transcodes its own chunk when
     the writer's queue is long (`Writer::transcode_aside`)."""
-    if "zstd" in src or re.match(r"(ZSTD|HUF|FSE|HIST)_", sym):
+    if "zstd" in src or re.match(r"(ZSTD|HUF|FSE|HIST)_", sym) or "FastEncoder" in sym:
+        # The fast encoding's framing around zstd counts as zstd.
         return (WRITER, "zstd")
     if "Transcoder::transcode" in sym or "chunk::stream::StreamDecoder" in sym:
         if re.search(r"(chunk/stream|/cursor|/varint)\.rs$", src) or "StreamDecoder" in sym:
@@ -92,12 +93,12 @@ def stage_of(comm, dso, sym, src):
     return (PROGRAM, "hook entry, thread state, guard")
 
 
-def profile(memtrack, name, cmd, env_extra, work):
+def profile(memtrack, name, cmd, env_extra, work, encoding):
     cap = os.path.join(work, f"{name}.cap")
     data = os.path.join(work, f"{name}.perf")
     env = dict(os.environ, **env_extra)
     subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-F", "4000", "-o", data, "--",
-                    memtrack, "run", "--force", "-o", cap, "--", *cmd],
+                    memtrack, "run", "--force", "--encoding", encoding, "-o", cap, "--", *cmd],
                    env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     events = json.loads(subprocess.run([memtrack, "summary", "--json", cap], check=True,
                                        capture_output=True).stdout)["events"]
@@ -130,6 +131,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--memtrack", default=os.path.join(ROOT, "target", "release", "memtrack"))
     ap.add_argument("--runs", type=int, default=3, help="profiles per workload; the median of each stage")
+    ap.add_argument("--encoding", choices=["compact", "fast"], default="compact",
+                    help="memtrack run --encoding (the build must know the option)")
     ap.add_argument("workloads", nargs="*", default=["churn"])
     args = ap.parse_args()
     if not shutil.which("perf"):
@@ -141,11 +144,12 @@ def main():
         runs = []
         with tempfile.TemporaryDirectory(prefix="memtrack-profile-") as work:
             for _ in range(args.runs):
-                runs.append(profile(args.memtrack, name, cmd, env, work))
+                runs.append(profile(args.memtrack, name, cmd, env, work, args.encoding))
         events = runs[0][0]
         med = lambda xs: sorted(xs)[len(xs) // 2]
         ns = lambda v: v / events
-        print(f"\n### {name}: {events:,} events, {args.memtrack} (median of {args.runs} profiles)\n")
+        print(f"\n### {name}: {events:,} events, {args.memtrack} --encoding {args.encoding} "
+              f"(median of {args.runs} profiles)\n")
         print("| thread | stage | ns/event |")
         print("|---|---|---:|")
         side_sum = collections.Counter()
