@@ -15,7 +15,7 @@ const MAX_OPS: u64 = 1 << 26;
 /// Compresses stream chunks into `EVENTS_S` records (the writer thread keeps one).
 #[derive(Default)]
 pub struct FastEncoder {
-    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    zstd: super::CachedCompressor,
     packed: Vec<u8>,
     payload: Vec<u8>,
 }
@@ -36,13 +36,7 @@ impl FastEncoder {
         let mut c = Cursor::new(payload);
         ChunkHeader::decode(&mut c)?;
         let (header, ops) = payload.split_at(c.pos());
-        if self.zstd.as_ref().map(|z| z.0) != Some(level) {
-            let z = zstd::bulk::Compressor::new(level).map_err(|_| FormatError::Compression)?;
-            self.zstd = Some((level, z));
-        }
-        let Some((_, z)) = self.zstd.as_mut() else {
-            return Err(FormatError::Compression);
-        };
+        let z = super::compressor(&mut self.zstd, level)?;
         self.packed.clear();
         self.packed
             .reserve(zstd::zstd_safe::compress_bound(ops.len()));

@@ -51,6 +51,25 @@ pub(crate) fn prefetch<T>(p: *const T) {
     let _ = p;
 }
 
+/// A zstd compressor kept between chunks, made again only when the level changes (the
+/// transcoder and the fast encoder each keep one).
+pub(crate) type CachedCompressor = Option<(i32, zstd::bulk::Compressor<'static>)>;
+
+/// The compressor of `cache` at `level`, made when missing or at another level.
+pub(crate) fn compressor(
+    cache: &mut CachedCompressor,
+    level: i32,
+) -> Result<&mut zstd::bulk::Compressor<'static>, FormatError> {
+    if cache.as_ref().map(|z| z.0) != Some(level) {
+        let z = zstd::bulk::Compressor::new(level).map_err(|_| FormatError::Compression)?;
+        *cache = Some((level, z));
+    }
+    cache
+        .as_mut()
+        .map(|(_, z)| z)
+        .ok_or(FormatError::Compression)
+}
+
 /// The compressed encodings of events chunks, one per record type, every chunk decoding on its
 /// own: the column encodings a writer transcodes its chunks into (fields in columns, each
 /// compressed with zstd on its own), and the zstd-compressed stream of the fast encoding.

@@ -10,13 +10,18 @@ pub(crate) fn stream_chunk(header: ChunkHeader, items: &[Item]) -> Vec<u8> {
 
 /// The header and items of a framed `EVENTS_R` record.
 pub(crate) fn rank_items(record: &[u8]) -> (ChunkHeader, Vec<Item>) {
+    compressed_items(record, ColumnEncoding::Rank)
+}
+
+/// The header and items of a framed record of a compressed encoding, which must be `encoding`.
+fn compressed_items(record: &[u8], encoding: ColumnEncoding) -> (ChunkHeader, Vec<Item>) {
     let crate::Next::Record(r) = crate::next_record(record, 0) else {
         panic!("not a record")
     };
-    assert_eq!(r.kind, crate::record::EVENTS_R);
+    assert_eq!(ColumnEncoding::of_record(r.kind), Some(encoding));
     let mut c = Cursor::new(r.payload);
     let h = ChunkHeader::decode(&mut c).unwrap();
-    let mut z = ColumnDecoder::new(c.rest(), &h, ColumnEncoding::Rank).unwrap();
+    let mut z = ColumnDecoder::new(c.rest(), &h, encoding).unwrap();
     let mut items = Vec::new();
     while let Some(it) = z.next_item().unwrap() {
         items.push(it);
@@ -94,29 +99,13 @@ fn rank_round_trips_every_op() {
     // transcoder byte for byte.
     let mut fast = Vec::new();
     FastEncoder::new().encode(&stream, -5, &mut fast).unwrap();
-    let (h3, back) = fast_items(&fast);
+    let (h3, back) = compressed_items(&fast, ColumnEncoding::ZstdStream);
     assert_eq!(h3, header);
     assert_eq!(back, items);
     let crate::Next::Record(r) = crate::next_record(&fast, 0) else {
         panic!("not a record")
     };
     assert_eq!(expand_fast(r.payload).unwrap(), stream);
-}
-
-/// The header and items of a framed `EVENTS_S` record.
-fn fast_items(record: &[u8]) -> (ChunkHeader, Vec<Item>) {
-    let crate::Next::Record(r) = crate::next_record(record, 0) else {
-        panic!("not a record")
-    };
-    assert_eq!(r.kind, crate::record::EVENTS_S);
-    let mut c = Cursor::new(r.payload);
-    let h = ChunkHeader::decode(&mut c).unwrap();
-    let mut z = ColumnDecoder::new(c.rest(), &h, ColumnEncoding::ZstdStream).unwrap();
-    let mut items = Vec::new();
-    while let Some(it) = z.next_item().unwrap() {
-        items.push(it);
-    }
-    (h, items)
 }
 
 #[test]

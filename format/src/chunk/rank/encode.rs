@@ -270,7 +270,7 @@ pub struct Transcoder {
     live: LiveSet,
     block: Vec<u8>,
     packed: Vec<u8>,
-    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    zstd: crate::chunk::CachedCompressor,
     /// The chunk's region marks, in the stream encoding: they leave as a `REGIONS` record.
     regions: Vec<u8>,
     /// The chunk's mapped-memory events, in the stream encoding: they leave as a `MAPPED`
@@ -473,13 +473,7 @@ impl Transcoder {
         }
         cols.bits.finish();
         // Each column is compressed on its own, so each gets an entropy table fitted to it.
-        if self.zstd.as_ref().map(|z| z.0) != Some(level) {
-            let z = zstd::bulk::Compressor::new(level).map_err(|_| FormatError::Compression)?;
-            self.zstd = Some((level, z));
-        }
-        let Some((_, z)) = self.zstd.as_mut() else {
-            return Err(FormatError::Compression);
-        };
+        let z = crate::chunk::compressor(&mut self.zstd, level)?;
         let mut payload = Vec::with_capacity(cols.bits.out.len() + 4096);
         header.encode(&mut payload);
         put_uvarint(&mut payload, n_ops);
