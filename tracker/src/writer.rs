@@ -113,10 +113,11 @@ const COMPACT_AT: u64 = 256 * 1024;
 impl Writer {
     /// `first_seq`: the number this image's first event takes.
     pub(crate) fn new(file: CaptureFile, first_seq: u64) -> Self {
+        let fast = Encoder::fast_wanted();
         Writer {
             file,
-            transcoder: Mutex::new(Encoder::from_env()),
-            helper: Mutex::new(Encoder::from_env()),
+            transcoder: Mutex::new(Encoder::new(fast)),
+            helper: Mutex::new(Encoder::new(fast)),
             agg: crate::aggregate::from_env()
                 .map(|rate| Mutex::new(Aggregator::new(first_seq, rate))),
             interval: crate::aggregate::interval(),
@@ -264,7 +265,7 @@ impl Writer {
 
 /// How chunks are encoded for the file: the rank encoding (`EVENTS_R`, the default), or with
 /// `MEMTRACK_ENCODING=fast` the stream compressed at a low zstd level (`EVENTS_S`), which costs
-/// the writer a third of the CPU per event for about three times the bytes (`memtrack compact`
+/// the writer under half the CPU per event for 2.5 to 3.4 times the bytes (`memtrack compact`
 /// transcodes it later).
 enum Encoder {
     Rank(Box<Transcoder>),
@@ -273,20 +274,25 @@ enum Encoder {
 
 /// The fast encoding asked for by the session's start (`memtrack_start_with`'s `START_FAST`:
 /// `memtrack attach --encoding fast`), beside the environment's `MEMTRACK_ENCODING`.
-static FAST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static FAST: AtomicBool = AtomicBool::new(false);
 
 pub(crate) fn set_fast(on: bool) {
-    FAST.store(on, std::sync::atomic::Ordering::Relaxed);
+    FAST.store(on, Ordering::Relaxed);
 }
 
-/// zstd's level for `EVENTS_S`: its fastest strategy, still several times smaller than the
-/// stream (see bench/RESULTS.md).
+/// zstd's level for `EVENTS_S`: under half the rank encoding's CPU per event, and lower levels
+/// save little more (see bench/RESULTS.md).
 const FAST_LEVEL: i32 = -5;
 
 impl Encoder {
-    fn from_env() -> Self {
-        let env = crate::env::getenv(c"MEMTRACK_ENCODING").map(|v| v.to_bytes());
-        if env == Some(b"fast") || FAST.load(std::sync::atomic::Ordering::Relaxed) {
+    /// `MEMTRACK_ENCODING=fast`, or the session's start asked for it.
+    fn fast_wanted() -> bool {
+        crate::env::getenv(c"MEMTRACK_ENCODING").is_some_and(|v| v.to_bytes() == b"fast")
+            || FAST.load(Ordering::Relaxed)
+    }
+
+    fn new(fast: bool) -> Self {
+        if fast {
             Encoder::Fast(FastEncoder::new())
         } else {
             Encoder::Rank(Box::default())
