@@ -29,6 +29,18 @@ pub enum ReadError {
     Format { path: PathBuf, error: FormatError },
 }
 
+impl ReadError {
+    /// The error of a header that did not decode: not a capture, cut off inside the header, or
+    /// another format error.
+    pub(crate) fn of_header(path: PathBuf, error: FormatError) -> ReadError {
+        match error {
+            FormatError::BadMagic => ReadError::NotACapture { path },
+            FormatError::Truncated => ReadError::TruncatedHeader { path },
+            error => ReadError::Format { path, error },
+        }
+    }
+}
+
 /// Something odd that did not stop the read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Warning {
@@ -192,9 +204,7 @@ impl Capture {
         let data: &[u8] = map.as_deref().unwrap_or(&[]);
         let (header, first) = match Header::decode(data) {
             Ok(h) => h,
-            Err(FormatError::BadMagic) => return Err(ReadError::NotACapture { path }),
-            Err(FormatError::Truncated) => return Err(ReadError::TruncatedHeader { path }),
-            Err(error) => return Err(ReadError::Format { path, error }),
+            Err(e) => return Err(ReadError::of_header(path, e)),
         };
         let mut cap = Capture::unmapped(path, header);
         cap.index(&file, data.len(), first);

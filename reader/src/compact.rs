@@ -44,25 +44,8 @@ pub fn compact_file(path: &Path, out: Option<&Path>) -> Result<Compacted, ReadEr
         Some(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
     };
     let data: &[u8] = map.as_deref().unwrap_or(&[]);
-    let (header, start) = match Header::decode(data) {
-        Ok(h) => h,
-        Err(memtrack_format::FormatError::BadMagic) => {
-            return Err(ReadError::NotACapture {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(memtrack_format::FormatError::Truncated) => {
-            return Err(ReadError::TruncatedHeader {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(error) => {
-            return Err(ReadError::Format {
-                path: path.to_path_buf(),
-                error,
-            })
-        }
-    };
+    let (header, start) =
+        Header::decode(data).map_err(|e| ReadError::of_header(path.to_path_buf(), e))?;
     if let Some(pid) = still_written(path, &header) {
         return Err(io(std::io::Error::other(format!(
             "process {pid} is still writing this capture; compact it once the process has exited"

@@ -178,13 +178,7 @@ impl Follower {
         head.truncate(n);
         let (header, first) = match Header::decode(&head) {
             Ok(h) => h,
-            Err(memtrack_format::FormatError::BadMagic) => {
-                return Err(ReadError::NotACapture { path })
-            }
-            Err(memtrack_format::FormatError::Truncated) => {
-                return Err(ReadError::TruncatedHeader { path })
-            }
-            Err(error) => return Err(ReadError::Format { path, error }),
+            Err(e) => return Err(ReadError::of_header(path, e)),
         };
         let units_per_second = (1_000_000_000 / header.clock_unit_ns.max(1)).max(1);
         Ok(Follower {
